@@ -1,0 +1,164 @@
+"""A Llama-style GPT in plain PyTorch: no parallel code here, it is applied from outside.
+
+Token embedding -> N x [RMSNorm -> causal self-attention with RoPE (optionally
+grouped-query) -> residual, RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> logits.
+Layers live in a ModuleDict keyed by their index so that a pipeline stage that keeps
+only some of them keeps the original parameter names, which keeps checkpoints
+independent of the parallel layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    """The shape of a GPT, every field resolved (no 'derive this' placeholders)."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_hidden: int
+    vocab_size: int
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+def llama_ffn_hidden(d_model: int, multiple_of: int) -> int:
+    """Llama's SwiGLU width: 2/3 of 4*d (same parameters as a 4*d GELU MLP), rounded up."""
+    hidden = int(2 * 4 * d_model / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, shape (max_seq_len, head_dim / 2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x (batch, heads, seq, head_dim) by the position angles."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, shape: GPTShape):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = shape.n_heads, shape.n_kv_heads, shape.head_dim
+        self.wq = nn.Linear(shape.d_model, shape.n_heads * shape.head_dim, bias=False)
+        self.wk = nn.Linear(shape.d_model, shape.n_kv_heads * shape.head_dim, bias=False)
+        self.wv = nn.Linear(shape.d_model, shape.n_kv_heads * shape.head_dim, bias=False)
+        self.wo = nn.Linear(shape.n_heads * shape.head_dim, shape.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # -1 instead of the head count: under tensor parallelism each rank holds a share.
+        q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, shape: GPTShape):
+        super().__init__()
+        self.w1 = nn.Linear(shape.d_model, shape.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(shape.d_model, shape.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(shape.ffn_hidden, shape.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, shape: GPTShape):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(shape.d_model, eps=shape.norm_eps)
+        self.attention = Attention(shape)
+        self.ffn_norm = nn.RMSNorm(shape.d_model, eps=shape.norm_eps)
+        self.feed_forward = FeedForward(shape)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, shape: GPTShape):
+        super().__init__()
+        self.shape = shape
+        self.tok_embeddings = nn.Embedding(shape.vocab_size, shape.d_model)
+        self.layers = nn.ModuleDict({str(i): Block(shape) for i in range(shape.n_layers)})
+        self.norm = nn.RMSNorm(shape.d_model, eps=shape.norm_eps)
+        self.output = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
+        if shape.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(shape.head_dim, shape.max_seq_len, shape.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for weights; the projections into the residual stream are
+        scaled by 1/sqrt(2 * n_layers) (GPT-2) so the residual variance does not grow
+        with depth."""
+        std = self.shape.init_std
+        for name, param in self.named_parameters():
+            if param.dim() < 2:
+                continue  # RMSNorm gains stay at 1
+            scale = 1 / math.sqrt(2 * self.shape.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1
+            nn.init.normal_(param, mean=0.0, std=std * scale)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for token ids (batch, seq)."""
+        seq = tokens.shape[1]
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            x = layer(x, cos, sin)
+        return self.output(self.norm(x))
+
+    def num_params(self) -> int:
+        """Distinct parameters (a tied output head counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12*L*d*T.
+
+        N counts the weights of every matmul, the output head included even when tied
+        (it is a matmul either way), and not the embedding lookup, which is no matmul.
+        The attention term counts the full (not causal-halved) score matrix.
+        """
+        matmul_params = sum(
+            m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)
+        )
+        return 6 * matmul_params + 12 * self.shape.n_layers * self.shape.d_model * seq_len
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss; computed in float32 whatever the autocast dtype."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))

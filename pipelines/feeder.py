@@ -1,0 +1,139 @@
+"""The DataFeeder: one Ray actor that turns the token stream into each step's global batch.
+
+Batches are numbered by optimizer step and cut from the stream in order, so the batch of
+step s does not depend on how many replicas read it: each data-parallel rank takes its
+contiguous slice. A background thread keeps `prefetch_steps` batches ready so training
+never waits on tokenization, and remembers the cursor where each batch begins, which is
+what a checkpoint of that step stores.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+
+import numpy as np
+
+from raytron.pipelines.packing import Cursor, Packer
+from raytron.pipelines.stream import TRAIN, VALIDATION, StreamSpec, token_docs
+
+
+class DataFeeder:
+    def __init__(self, spec: StreamSpec, seq_len: int, global_batch: int,
+                 prefetch_steps: int, val_sequences: int):
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        self.spec = spec
+        self.seq_len = seq_len
+        self.global_batch = global_batch
+        self.prefetch_steps = prefetch_steps
+        self.val_sequences = val_sequences
+        self.condition = threading.Condition()
+        self.ready: OrderedDict[int, tuple[Cursor, np.ndarray]] = OrderedDict()
+        self.wanted = 0  # highest step a worker asked for
+        self.generation = 0  # bumped by seek(); an older producer thread stops
+        self.error: BaseException | None = None
+        self.skipped: dict[str, int] = {}
+        self.produced_tokens = 0
+        self.busy_seconds = 0.0
+        self.validation_set: np.ndarray | None = None
+        self.validation_lock = threading.Lock()
+
+    def seek(self, step: int, cursor: dict) -> None:
+        """Serve batches from `step` on, reading from `cursor` (a checkpoint's, or the start)."""
+        with self.condition:
+            self.generation += 1
+            self.ready.clear()
+            self.error = None
+            self.wanted = step
+            self.condition.notify_all()
+        thread = threading.Thread(
+            target=self.produce, args=(self.generation, step, Cursor(**cursor)), daemon=True
+        )
+        thread.start()
+
+    def produce(self, generation: int, step: int, cursor: Cursor) -> None:
+        docs = token_docs(self.spec, cursor, TRAIN, self.skipped)
+        packer = Packer(docs, self.seq_len, first_offset=cursor.offset)
+        try:
+            while True:
+                with self.condition:
+                    self.condition.wait_for(
+                        lambda: generation != self.generation
+                        or step < self.wanted + self.prefetch_steps
+                    )
+                    if generation != self.generation:
+                        return
+                started = time.perf_counter()
+                start = packer.cursor()
+                batch = np.stack([packer.next_sequence() for _ in range(self.global_batch)])
+                with self.condition:
+                    if generation != self.generation:
+                        return
+                    self.busy_seconds += time.perf_counter() - started
+                    self.produced_tokens += batch.size
+                    self.ready[step] = (start, batch)
+                    self.condition.notify_all()
+                step += 1
+        except BaseException as error:  # handed to the workers, who fail with it
+            with self.condition:
+                if generation == self.generation:
+                    self.error = error
+                    self.condition.notify_all()
+        finally:
+            docs.close()
+
+    def wait_for(self, step: int) -> tuple[Cursor, np.ndarray]:
+        with self.condition:
+            self.wanted = max(self.wanted, step)
+            self.condition.notify_all()
+            self.condition.wait_for(lambda: step in self.ready or self.error is not None)
+            if self.error is not None:
+                raise RuntimeError(f"the data pipeline failed: {self.error}") from self.error
+            for old in [s for s in self.ready if s < self.wanted - 2]:
+                del self.ready[old]
+            return self.ready[step]
+
+    def batch(self, step: int, dp_rank: int, dp_size: int) -> np.ndarray:
+        """The slice of step `step`'s global batch that replica `dp_rank` of `dp_size` trains on."""
+        _, batch = self.wait_for(step)
+        share = len(batch) // dp_size
+        return batch[dp_rank * share : (dp_rank + 1) * share]
+
+    def cursor(self, step: int) -> dict:
+        """Where the batch of `step` begins in the corpus: what a checkpoint at `step` stores."""
+        return self.wait_for(step)[0].to_dict()
+
+    def validation(self, dp_rank: int, dp_size: int) -> np.ndarray:
+        """This replica's share of the held-out sequences (the same ones at every evaluation)."""
+        with self.validation_lock:
+            if self.validation_set is None:
+                self.validation_set = self.build_validation_set()
+        share = len(self.validation_set) // dp_size
+        return self.validation_set[dp_rank * share : (dp_rank + 1) * share]
+
+    def build_validation_set(self) -> np.ndarray:
+        docs = token_docs(self.spec, Cursor(), VALIDATION, {}, epochs=1)
+        packer = Packer(docs, self.seq_len)
+        sequences = []
+        try:
+            while len(sequences) < self.val_sequences:
+                sequences.append(packer.next_sequence())
+        except StopIteration:
+            pass
+        finally:
+            docs.close()
+        return np.stack(sequences) if sequences else np.zeros((0, self.seq_len + 1), np.int32)
+
+    def stats(self) -> dict[str, float]:
+        """Skipped records by reason and the pipeline's throughput, for logs and MLflow."""
+        with self.condition:
+            rate = self.produced_tokens / self.busy_seconds if self.busy_seconds else 0.0
+            stats = {f"data/skipped_{reason}": count for reason, count in self.skipped.items()}
+            stats["data/pipeline_tokens_per_s"] = rate
+            return stats

@@ -1,0 +1,152 @@
+"""Where documents come from: expanding a source path into files and reading their records.
+
+A record that cannot be a training document (bad bytes, bad JSON, no text) is yielded
+with a reason instead of a text, so that callers count and skip it and every record
+keeps a stable index within its file: the data cursor counts records, not good ones.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_CORPORA = ("python-reference",)
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+
+# Reasons a record is skipped; each becomes a counter in logs and MLflow.
+INVALID_UTF8 = "invalid_utf8"
+MALFORMED_JSON = "malformed_json"
+MISSING_FIELD = "missing_field"
+EMPTY = "empty"
+UNREADABLE = "unreadable"
+
+
+class SourceError(ValueError):
+    """A source path that cannot be read; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Record:
+    index: int  # position of the record in its file, bad records included
+    text: str | None  # None when the record is skipped
+    reason: str = ""  # why it was skipped
+
+
+def list_files(path: str) -> list[str]:
+    """The files of a source, in a stable order: a file, a folder (recursively), a glob."""
+    if path.startswith(EMBEDDED_PREFIX):
+        if path.removeprefix(EMBEDDED_PREFIX) not in EMBEDDED_CORPORA:
+            names = ", ".join(EMBEDDED_PREFIX + name for name in EMBEDDED_CORPORA)
+            raise SourceError(f"'{path}' is no embedded corpus. Fix: use one of {names}.")
+        return [path]
+    if any(char in path for char in "*?["):
+        files = sorted(p for p in glob.glob(os.path.expanduser(path), recursive=True)
+                       if os.path.isfile(p))
+    else:
+        files = list_with_pyarrow(path)
+    if not files:
+        raise SourceError(
+            f"'{path}' matches no file. Fix: give an existing file, folder or glob "
+            "(relative paths are taken from the current directory)."
+        )
+    return files
+
+
+def list_with_pyarrow(path: str) -> list[str]:
+    filesystem, inner = filesystem_and_path(path)
+    info = filesystem.get_file_info(inner)
+    if info.type == pafs.FileType.File:
+        return [path if "://" in path else inner]
+    if info.type != pafs.FileType.Directory:
+        return []
+    selector = pafs.FileSelector(inner, recursive=True)
+    infos = filesystem.get_file_info(selector)
+    names = sorted(i.path for i in infos if i.type == pafs.FileType.File
+                   and not Path(i.path).name.startswith("."))
+    scheme = path.split("://", 1)[0] + "://" if "://" in path else ""
+    return [scheme + name for name in names]
+
+
+def filesystem_and_path(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def file_format(path: str, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    return "jsonl" if path.endswith(JSONL_SUFFIXES) else "text"
+
+
+def read_records(path: str, fmt: str, text_field: str, start: int = 0) -> Iterator[Record]:
+    """Records of one file from index `start` on; unreadable files yield one skipped record."""
+    if path.startswith(EMBEDDED_PREFIX):
+        yield from embedded_records(start)
+        return
+    try:
+        filesystem, inner = filesystem_and_path(path)
+        with filesystem.open_input_stream(inner, compression="detect") as stream:
+            raw = stream.read()
+    except OSError:
+        yield Record(0, None, UNREADABLE)
+        return
+    if file_format(path, fmt) == "jsonl":
+        yield from jsonl_records(raw, text_field, start)
+    elif start == 0:
+        yield text_record(0, raw)
+
+
+def text_record(index: int, raw: bytes) -> Record:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return Record(index, None, INVALID_UTF8)
+    return Record(index, text) if text.strip() else Record(index, None, EMPTY)
+
+
+def jsonl_records(raw: bytes, text_field: str, start: int) -> Iterator[Record]:
+    lines = (line for line in raw.split(b"\n") if line.strip())
+    for index, line in enumerate(lines):
+        if index < start:
+            continue
+        try:
+            value = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            yield Record(index, None, INVALID_UTF8)
+            continue
+        except json.JSONDecodeError:
+            yield Record(index, None, MALFORMED_JSON)
+            continue
+        text = value.get(text_field) if isinstance(value, dict) else None
+        if not isinstance(text, str):
+            yield Record(index, None, MISSING_FIELD)
+        elif not text.strip():
+            yield Record(index, None, EMPTY)
+        else:
+            yield Record(index, text)
+
+
+def embedded_records(start: int) -> Iterator[Record]:
+    """The Python language reference that every CPython ships (~460 KB of English)."""
+    from pydoc_data.topics import topics
+
+    for index, key in enumerate(sorted(topics)):
+        if index >= start:
+            yield Record(index, topics[key])
+
+
+def is_validation(text: str, share: float) -> bool:
+    """Stable split by content hash, so a document never moves between train and validation."""
+    if share <= 0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < share

@@ -1,0 +1,92 @@
+"""`raytron`: the command line. Every command validates the config before touching Ray."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from raytron.platform.config import ConfigError, RaytronConfig, load_config, preset_names, to_yaml
+
+EXIT_CONFIG_ERROR = 2
+
+CONFIG_HELP = """\
+CONFIG is a YAML file or the name of a shipped preset ({presets}); the default is
+'tiny'. OVERRIDES are key=value pairs applied after it, e.g.
+
+  train.steps=1000 train.lr=3e-4 model.n_layers=8 run.name=longer
+  data.sources='[{{path: ../corpus, format: text}}]'   (files, folders or globs)
+  data.sources.0.path=notes.jsonl data.sources.0.text_field=body
+
+`raytron config` prints every key with its current value."""
+
+TRAIN_EPILOG = """\
+The run lives in <run.root>/<run.name> (default runs/<preset>): resolved config,
+tokenizer.json, checkpoints/ and the id of its MLflow run. Running the same command
+again resumes from its last committed checkpoint with the same data order, so the
+losses continue exactly as if the run had never stopped.
+
+Ray: joins cluster.address or $RAY_ADDRESS when set (e.g. under `ray job submit`),
+otherwise starts a local Ray. Tracking: tracking.uri or $MLFLOW_TRACKING_URI, otherwise
+a SQLite store at <run.root>/mlflow.db; view it with
+  mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
+
+Exit status: 0 finished (or already finished), 1 training failed, 2 invalid config."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    config_help = CONFIG_HELP.format(presets=", ".join(preset_names()))
+    parser = argparse.ArgumentParser(
+        prog="raytron",
+        description="Train GPT-style language models on Ray with 3D parallelism, "
+        "checkpoints that resume exactly, and MLflow tracking.",
+        epilog="Run `raytron COMMAND --help` for the options of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, summary, epilog in (
+        ("train", "train a model, or resume its run from the last checkpoint",
+         config_help + "\n\n" + TRAIN_EPILOG),
+        ("config", "print the resolved config (after validation) as YAML", config_help),
+    ):
+        command = commands.add_parser(name, help=summary, description=summary, epilog=epilog,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_argument("config", nargs="?", default=None, metavar="CONFIG",
+                             help="preset name or YAML file (default: tiny)")
+        command.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                             help="config overrides, applied in order")
+    return parser
+
+
+def split_config_argument(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`raytron train lr=1` has no CONFIG: argparse put the first override there."""
+    if config is not None and "=" in config:
+        return None, [config, *overrides]
+    return config, overrides
+
+
+def resolve(config_arg: str | None, overrides: list[str]) -> RaytronConfig:
+    from raytron.platform.validate import validate
+
+    config = load_config(config_arg, overrides)
+    validate(config)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config_arg, overrides = split_config_argument(args.config, args.overrides)
+    try:
+        config = resolve(config_arg, overrides)
+        if args.command == "config":
+            print(to_yaml(config), end="")
+            return 0
+        from raytron.platform.controller import train
+
+        return train(config)
+    except ConfigError as error:
+        print(f"raytron: invalid config:\n{error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""What a person watching a run sees: a progress bar and one readable line per log step."""
+
+from __future__ import annotations
+
+import math
+
+from tqdm import tqdm
+
+
+def format_step(step: int, total: int, m: dict[str, float]) -> str:
+    width = len(str(total))
+    parts = [f"step {step:>{width}}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
+             f"grad {m['grad_norm']:.2f}", f"{m['tokens_per_s'] / 1e3:.1f}k tok/s",
+             f"MFU {100 * m['mfu']:.1f}%", f"{1e3 * m['step_time_s']:.0f} ms/step",
+             f"wait {1e3 * m['input_wait_s']:.1f} ms"]
+    skipped = sum(v for k, v in m.items() if k.startswith("data/skipped_"))
+    if skipped:
+        parts.append(f"skipped {skipped:.0f} records")
+    return " | ".join(parts)
+
+
+def format_validation(step: int, total: int, m: dict[str, float]) -> str:
+    return (f"step {step:>{len(str(total))}}/{total} | val loss {m['val_loss']:.4f} | "
+            f"val perplexity {m['val_perplexity']:.2f}")
+
+
+class Console:
+    def __init__(self, total: int, start: int):
+        self.total = total
+        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                        desc="training", disable=None)  # no bar when output is no terminal
+
+    def show(self, records: list[tuple[int, dict]]) -> None:
+        for step, metrics in records:
+            if "loss" in metrics:
+                self.bar.write(format_step(step, self.total, metrics))
+                if math.isfinite(metrics["loss"]):
+                    self.bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            if "val_loss" in metrics:
+                self.bar.write(format_validation(step, self.total, metrics))
+            if "checkpoint_step" in metrics:
+                self.bar.write(f"checkpoint committed at step {step}")
+            if not self.bar.disable:
+                self.bar.update(max(0, step - self.bar.n))
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,201 @@
+"""The controller: prepares a run, starts or joins Ray, and runs the worker group.
+
+Everything that can be wrong with a run (config, paths, tokenizer, a different model
+in the run directory) is checked here before any Ray resource is taken. Then it
+starts the Tracker and the DataFeeder actors and a Ray Train `TorchTrainer` whose
+workers run `worker.train_loop`, and draws the progress from the tracker's records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from raytron.pipelines.stream import StreamSpec, corpus_files, local_texts
+from raytron.pipelines.tokenizer import capped, eos_id, load, train_bpe
+from raytron.platform.checkpoint import CheckpointStore
+from raytron.platform.config import ConfigError, RaytronConfig, flatten, to_dict, to_yaml
+from raytron.platform.console import Console
+from raytron.platform.shapes import resolve_model
+from raytron.platform.tracking import RunTracking, local_artifact_location, tracking_uri
+
+CONFIG_FILE = "config.yaml"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one run keeps its files; absolute, since Ray workers run elsewhere."""
+
+    root: Path  # all runs, and the local MLflow store
+    dir: Path  # this run: config, tokenizer, MLflow run id
+    checkpoints: Path
+
+    @classmethod
+    def of(cls, config: RaytronConfig) -> RunPaths:
+        root = Path(config.run.root).expanduser().absolute()
+        return cls(root, root / config.run.name,
+                   Path(config.checkpoint.dir).expanduser().absolute())
+
+
+def prepare(config: RaytronConfig) -> tuple[RaytronConfig, RunPaths, StreamSpec]:
+    """Resolve the model against the tokenizer and check the run directory, before Ray."""
+    paths = RunPaths.of(config)
+    files = corpus_files(config.data.sources)
+    tokenizer_path = paths.dir / TOKENIZER_FILE
+    if tokenizer_path.is_file():
+        tokenizer = load(tokenizer_path)
+    elif config.data.tokenizer:
+        tokenizer = load(config.data.tokenizer)
+    else:
+        print(f"Training a {config.data.vocab_size}-token byte-level BPE tokenizer on the corpus")
+        texts = capped(local_texts(files, config.data.val_share),
+                       config.data.tokenizer_sample_mb * 2**20)
+        tokenizer = train_bpe(texts, config.data.vocab_size)
+    vocab = tokenizer.get_vocab_size()
+    if config.model.vocab_size is not None and config.model.vocab_size < vocab:
+        raise ConfigError([
+            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+            f"{vocab} tokens. Fix: leave model.vocab_size unset or raise it to {vocab} or more."
+        ])
+    config = dataclasses.replace(config, model=resolve_model(config.model, vocab))
+    check_same_model(config, paths)
+    paths.dir.mkdir(parents=True, exist_ok=True)
+    if not tokenizer_path.is_file():
+        tokenizer.save(str(tokenizer_path))
+    spec = StreamSpec(files, tokenizer.to_str(), eos_id(tokenizer), config.train.seed,
+                      config.data.val_share, config.data.tokenizer_workers)
+    return config, paths, spec
+
+
+def check_same_model(config: RaytronConfig, paths: RunPaths) -> None:
+    """Resuming needs the same model and sequence length; anything else may change."""
+    saved_file = paths.dir / CONFIG_FILE
+    if not saved_file.is_file():
+        return
+    saved = flatten(OmegaConf.to_container(OmegaConf.load(saved_file)))
+    current = flatten(to_dict(config))
+    keys = [k for k in current if k.startswith("model.") or k == "data.seq_len"]
+    changed = [f"{k}: {saved.get(k)} -> {current[k]}" for k in keys if saved.get(k) != current[k]]
+    if changed:
+        raise ConfigError([
+            f"{paths.dir} holds a run of a different model ({'; '.join(changed)}), which its "
+            f"checkpoints cannot load into. Fix: choose a new run.name, or delete {paths.dir}."
+        ])
+
+
+def train(config: RaytronConfig) -> int:
+    """Run (or resume) a training run; returns the process exit code."""
+    config, paths, spec = prepare(config)
+    store = CheckpointStore(paths.checkpoints, config.checkpoint.keep_last)
+    resumed_step = store.latest() or 0
+    if resumed_step >= config.train.steps:
+        print(f"{paths.dir} already finished {resumed_step} steps (train.steps="
+              f"{config.train.steps}). Raise train.steps to train on, or pick a new run.name.")
+        return 0
+    (paths.dir / CONFIG_FILE).write_text(to_yaml(config))
+    uri = tracking_uri(config.tracking.uri, paths.root)
+    tracking = RunTracking(uri, config.tracking.experiment,
+                           local_artifact_location(uri, paths.root, config.tracking.experiment))
+    run_id, reopened = tracking.open(paths.dir, config.tracking.run_name,
+                                     flatten(to_dict(config)))
+    for name in (CONFIG_FILE, TOKENIZER_FILE):
+        tracking.log_artifact(run_id, paths.dir / name)
+    if resumed_step:
+        tracking.set_tag(run_id, "raytron.resumed_from_step", str(resumed_step))
+    print(describe_start(config, paths, uri, run_id, resumed_step, reopened))
+    try:
+        run_worker_group(config, paths, spec, uri, run_id, resumed_step)
+    except Exception as error:
+        tracking.finish(run_id, "FAILED")
+        print(f"\nTraining failed: {error}\nThe last committed checkpoint is kept in "
+              f"{paths.checkpoints}; run the same command again to resume from it.")
+        return 1
+    tracking.finish(run_id, "FINISHED")
+    print(f"Finished {config.train.steps} steps. Checkpoints: {paths.checkpoints}\n"
+          f"MLflow run {run_id} in {uri}")
+    return 0
+
+
+def describe_start(config: RaytronConfig, paths: RunPaths, uri: str, run_id: str,
+                   resumed_step: int, reopened: bool) -> str:
+    what = f"Resuming from step {resumed_step}" if resumed_step else "Starting"
+    mlflow = f"MLflow run {run_id} ({'reopened' if reopened else 'new'}) in {uri}"
+    p = config.parallel
+    return (f"{what} run '{config.run.name}' in {paths.dir}\n{mlflow}\n"
+            f"Layout pp={p.pp} dp={p.dp} tp={p.tp} on {config.cluster.workers} worker(s)")
+
+
+def start_ray(config: RaytronConfig) -> None:
+    """Join `cluster.address` / $RAY_ADDRESS, or start a local Ray sized for the run."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    needed = (config.cluster.workers * config.cluster.cpus_per_worker
+              + config.data.tokenizer_workers + 1)
+    ray.init(num_cpus=config.cluster.num_cpus or max(os.cpu_count() or 1, needed))
+
+
+def run_worker_group(config: RaytronConfig, paths: RunPaths, spec: StreamSpec, uri: str,
+                     run_id: str, resumed_step: int) -> None:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raytron.pipelines.feeder import DataFeeder
+    from raytron.platform.tracking import Tracker
+    from raytron.platform.worker import train_loop
+
+    start_ray(config)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    tracker = ray.remote(Tracker).options(num_cpus=0, scheduling_strategy=here).remote(uri, run_id)
+    feeder = ray.remote(DataFeeder).options(num_cpus=0, max_concurrency=64).remote(
+        spec, config.data.seq_len, config.train.global_batch, config.data.prefetch_steps,
+        config.data.val_sequences,
+    )
+    gpus = config.cluster.gpus_per_worker
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config, "checkpoint_dir": str(paths.checkpoints),
+                           "feeder": feeder, "tracker": tracker},
+        scaling_config=ScalingConfig(
+            num_workers=config.cluster.workers, use_gpu=gpus > 0,
+            resources_per_worker={"CPU": config.cluster.cpus_per_worker,
+                                  **({"GPU": gpus} if gpus else {})},
+        ),
+        run_config=RunConfig(name=config.run.name, storage_path=str(paths.dir / "ray_train"),
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+    console = Console(config.train.steps, resumed_step)
+    stop = threading.Event()
+    poller = threading.Thread(target=poll, args=(tracker, console, stop), daemon=True)
+    poller.start()
+    try:
+        trainer.fit()
+    finally:
+        stop.set()
+        poller.join()
+        console.show(ray.get(tracker.drain.remote()))
+        console.close()
+        for actor in (feeder, tracker):
+            ray.kill(actor)
+
+
+def poll(tracker, console: Console, stop: threading.Event, every: float = 0.5) -> None:
+    import ray
+
+    while not stop.wait(every):
+        console.show(ray.get(tracker.drain.remote()))

@@ -1,0 +1,118 @@
+"""MLflow tracking: one MLflow run per training run, kept across restarts and resumes.
+
+The controller opens (or reopens) the run and logs params and artifacts. Metrics go
+through a small `Tracker` actor pinned to the controller's node: workers on any node
+can reach it, while the default SQLite store is a file only the head node sees. The
+controller drains the same records to draw its progress bar and log lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+RUN_ID_FILE = "mlflow_run_id"
+STORE_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+
+
+def quiet_mlflow() -> None:
+    """The SQLite store logs its schema migrations at INFO on first use; nobody needs them."""
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def tracking_uri(configured: str | None, runs_root: Path) -> str:
+    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else one SQLite store for all local runs."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or (
+        f"sqlite:///{runs_root / STORE_FILE}"
+    )
+
+
+def local_artifact_location(uri: str, runs_root: Path, experiment: str) -> str | None:
+    """Artifacts of the default local store go beside it, not into ./mlruns of the cwd."""
+    return str(runs_root / ARTIFACTS_DIR / experiment) if uri.startswith("sqlite:") else None
+
+
+class RunTracking:
+    """The controller's side: the MLflow run of one training run."""
+
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None):
+        quiet_mlflow()
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        self.uri = uri
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = (
+            found.experiment_id if found
+            else self.client.create_experiment(experiment, artifact_location=artifact_location)
+        )
+
+    def open(self, run_dir: Path, run_name: str, params: dict) -> tuple[str, bool]:
+        """The run id stored in `run_dir` (reopened), or a new run; True when reopened."""
+        id_file = run_dir / RUN_ID_FILE
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+            try:
+                run = self.client.get_run(run_id)
+            except Exception:  # deleted from this store, or another store: start afresh
+                run = None
+            if run is not None:
+                self.client.update_run(run_id, status="RUNNING")
+                changed = {k: v for k, v in params.items()
+                           if k in run.data.params and run.data.params[k] != str(v)}
+                if changed:
+                    summary = "; ".join(
+                        f"{k}: {run.data.params[k]} -> {v}" for k, v in sorted(changed.items())
+                    )
+                    self.client.set_tag(run_id, "raytron.resumed_with", summary[:5000])
+                return run_id, True
+        run_id = self.client.create_run(self.experiment_id, run_name=run_name).info.run_id
+        self.log_params(run_id, params)
+        id_file.write_text(run_id)
+        return run_id, False
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params a call
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_artifact(self, run_id: str, path: Path) -> None:
+        self.client.log_artifact(run_id, str(path))
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
+
+    def finish(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=status)
+
+
+class Tracker:
+    """Ray actor: receives metric records from workers, writes them to MLflow, and keeps
+    them for the controller's console until it drains them."""
+
+    def __init__(self, uri: str, run_id: str):
+        quiet_mlflow()
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id = run_id
+        self.pending: list[tuple[int, dict]] = []
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
+        self.pending.append((step, metrics))
+
+    def drain(self) -> list[tuple[int, dict]]:
+        records, self.pending = self.pending, []
+        return records

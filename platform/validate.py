@@ -1,0 +1,200 @@
+"""Rules a config must satisfy before any Ray resource is taken.
+
+Each rule names the key, the value and the fix, and all problems are reported at once,
+so that a user fixes a config in one round instead of one error per launch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raytron.pipelines.sources import SourceError, list_files
+from raytron.platform.config import ConfigError, RaytronConfig
+
+PRECISIONS = ("auto", "bf16", "fp32")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble")
+FORMATS = ("auto", "text", "jsonl")
+
+
+def validate(config: RaytronConfig, check_paths: bool = True) -> None:
+    """Raise `ConfigError` listing every problem of `config`."""
+    problems = (
+        model_problems(config)
+        + parallel_problems(config)
+        + train_problems(config)
+        + data_problems(config, check_paths)
+        + checkpoint_problems(config)
+    )
+    if problems:
+        raise ConfigError(problems)
+
+
+def positive(config: RaytronConfig, *keys: str) -> list[str]:
+    problems = []
+    for key in keys:
+        value = lookup(config, key)
+        if value is not None and value <= 0:
+            problems.append(f"{key}={value} must be positive. Fix: set {key} to 1 or more.")
+    return problems
+
+
+def lookup(config: RaytronConfig, key: str):
+    node = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def model_problems(config: RaytronConfig) -> list[str]:
+    m, tp = config.model, config.parallel.tp
+    problems = positive(
+        config, "model.n_layers", "model.d_model", "model.n_heads", "model.n_kv_heads",
+        "model.ffn_hidden", "model.vocab_size", "model.vocab_multiple_of", "model.max_seq_len",
+    )
+    if problems:
+        return problems
+    if m.d_model % m.n_heads:
+        problems.append(
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}. "
+            f"Fix: pick n_heads among the divisors of d_model (e.g. {nearest_divisor(m.d_model, m.n_heads)})."
+        )
+    elif (m.d_model // m.n_heads) % 2:
+        problems.append(
+            f"head size model.d_model/model.n_heads={m.d_model // m.n_heads} is odd; rotary "
+            "embeddings need an even head size. Fix: change model.n_heads or model.d_model."
+        )
+    kv_heads = m.n_kv_heads or m.n_heads
+    if m.n_heads % kv_heads:
+        problems.append(
+            f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={kv_heads}. "
+            f"Fix: set n_kv_heads to a divisor of n_heads (e.g. {nearest_divisor(m.n_heads, kv_heads)})."
+        )
+    if m.n_heads % tp or kv_heads % tp:
+        problems.append(
+            f"model.n_heads={m.n_heads} and model.n_kv_heads={kv_heads} must both be divisible by "
+            f"parallel.tp={tp}. Fix: lower parallel.tp or raise the head counts."
+        )
+    if m.n_layers < config.parallel.pp:
+        problems.append(
+            f"model.n_layers={m.n_layers} is fewer than parallel.pp={config.parallel.pp} stages. "
+            "Fix: lower parallel.pp."
+        )
+    if m.init_std <= 0:
+        problems.append(f"model.init_std={m.init_std} must be positive. Fix: use e.g. 0.02.")
+    return problems
+
+
+def parallel_problems(config: RaytronConfig) -> list[str]:
+    p, c = config.parallel, config.cluster
+    problems = positive(config, "parallel.pp", "parallel.dp", "parallel.tp",
+                        "parallel.microbatches", "cluster.workers", "cluster.cpus_per_worker")
+    if problems:
+        return problems
+    if p.schedule not in SCHEDULES:
+        problems.append(
+            f"parallel.schedule='{p.schedule}' is unknown. Fix: use one of {', '.join(SCHEDULES)}."
+        )
+    if p.pp * p.dp * p.tp != c.workers:
+        problems.append(
+            f"parallel.pp*dp*tp = {p.pp}*{p.dp}*{p.tp} = {p.pp * p.dp * p.tp} differs from "
+            f"cluster.workers={c.workers}. Fix: set cluster.workers={p.pp * p.dp * p.tp} "
+            "or change the layout."
+        )
+    if p.pp > 1 or p.tp > 1:
+        problems.append(
+            f"parallel.pp={p.pp}, parallel.tp={p.tp}: pipeline and tensor parallelism are not "
+            "available in this version (only data parallelism is). Fix: set parallel.pp=1 "
+            "parallel.tp=1."
+        )
+    if c.gpus_per_worker is not None and c.gpus_per_worker < 0:
+        problems.append(
+            f"cluster.gpus_per_worker={c.gpus_per_worker} is negative. Fix: use 0, 1 or leave it "
+            "unset to use GPUs when the cluster has them."
+        )
+    return problems
+
+
+def train_problems(config: RaytronConfig) -> list[str]:
+    t, dp = config.train, config.parallel.dp
+    problems = positive(config, "train.global_batch", "train.micro_batch", "train.steps",
+                        "train.lr", "train.log_interval")
+    if problems:
+        return problems
+    if t.global_batch % (t.micro_batch * dp):
+        step = t.micro_batch * dp
+        problems.append(
+            f"train.global_batch={t.global_batch} is not divisible by train.micro_batch * "
+            f"parallel.dp = {t.micro_batch}*{dp} = {step}. Fix: set train.global_batch to a "
+            f"multiple of {step} (e.g. {max(step, round(t.global_batch / step) * step)})."
+        )
+    if not 0 <= t.min_lr <= t.lr:
+        problems.append(
+            f"train.min_lr={t.min_lr} must lie between 0 and train.lr={t.lr}. "
+            f"Fix: set train.min_lr to e.g. {t.lr / 10:g}."
+        )
+    if not 0 <= t.warmup_steps < t.steps:
+        problems.append(
+            f"train.warmup_steps={t.warmup_steps} must be at least 0 and below train.steps="
+            f"{t.steps}. Fix: set train.warmup_steps to e.g. {t.steps // 10}."
+        )
+    for key in ("beta1", "beta2"):
+        value = getattr(t, key)
+        if not 0 <= value < 1:
+            problems.append(f"train.{key}={value} must lie in [0, 1). Fix: use e.g. 0.9 or 0.95.")
+    for key in ("weight_decay", "grad_clip", "eval_interval"):
+        if getattr(t, key) < 0:
+            problems.append(f"train.{key}={getattr(t, key)} is negative. Fix: use 0 or more.")
+    if t.precision not in PRECISIONS:
+        problems.append(
+            f"train.precision='{t.precision}' is unknown. Fix: use one of {', '.join(PRECISIONS)}."
+        )
+    if t.peak_flops is not None and t.peak_flops <= 0:
+        problems.append(
+            f"train.peak_flops={t.peak_flops} must be positive. Fix: give the device's peak "
+            "FLOP/s (e.g. 989e12 for an H100 in bf16) or leave it unset."
+        )
+    return problems
+
+
+def data_problems(config: RaytronConfig, check_paths: bool) -> list[str]:
+    d = config.data
+    problems = positive(config, "data.seq_len", "data.val_sequences", "data.tokenizer_workers",
+                        "data.prefetch_steps", "data.tokenizer_sample_mb")
+    if not d.sources:
+        problems.append("data.sources is empty. Fix: give at least one source with a path.")
+    if not 0 <= d.val_share < 1:
+        problems.append(
+            f"data.val_share={d.val_share} must lie in [0, 1). Fix: use e.g. 0.05 (0 disables "
+            "validation)."
+        )
+    if d.tokenizer is None and d.vocab_size < 512:
+        problems.append(
+            f"data.vocab_size={d.vocab_size} is too small for a byte-level BPE tokenizer "
+            "(256 byte tokens come first). Fix: use 512 or more."
+        )
+    for index, source in enumerate(d.sources):
+        key = f"data.sources.{index}"
+        if source.format not in FORMATS:
+            problems.append(
+                f"{key}.format='{source.format}' is unknown. Fix: use one of {', '.join(FORMATS)}."
+            )
+        elif check_paths:
+            try:
+                list_files(source.path)
+            except SourceError as error:
+                problems.append(f"{key}.path: {error}")
+    if check_paths and d.tokenizer is not None and not Path(d.tokenizer).is_file():
+        problems.append(
+            f"data.tokenizer='{d.tokenizer}' is not a file. Fix: give the path of a "
+            "tokenizer.json, or leave it unset to train one on the corpus."
+        )
+    return problems
+
+
+def checkpoint_problems(config: RaytronConfig) -> list[str]:
+    return positive(config, "checkpoint.interval", "checkpoint.keep_last")
+
+
+def nearest_divisor(number: int, wanted: int) -> int:
+    divisors = [d for d in range(1, number + 1) if number % d == 0]
+    return min(divisors, key=lambda d: abs(d - wanted))
