@@ -36,6 +36,7 @@ class DataFeeder:
         self.condition = threading.Condition()
         self.ready: OrderedDict[int, tuple[Cursor, np.ndarray]] = OrderedDict()
         self.wanted = 0  # highest step a worker asked for
+        self.next_step = 0  # the step the producer makes next
         self.generation = 0  # bumped by seek(); an older producer thread stops
         self.error: BaseException | None = None
         self.skipped: dict[str, int] = {}
@@ -50,7 +51,7 @@ class DataFeeder:
             self.generation += 1
             self.ready.clear()
             self.error = None
-            self.wanted = step
+            self.wanted = self.next_step = step
             self.condition.notify_all()
         thread = threading.Thread(
             target=self.produce, args=(self.generation, step, Cursor(**cursor)), daemon=True
@@ -78,6 +79,7 @@ class DataFeeder:
                     self.busy_seconds += time.perf_counter() - started
                     self.produced_tokens += batch.size
                     self.ready[step] = (start, batch)
+                    self.next_step = step + 1
                     self.condition.notify_all()
                 step += 1
         except BaseException as error:  # handed to the workers, who fail with it
@@ -92,9 +94,16 @@ class DataFeeder:
         with self.condition:
             self.wanted = max(self.wanted, step)
             self.condition.notify_all()
-            self.condition.wait_for(lambda: step in self.ready or self.error is not None)
+            self.condition.wait_for(
+                lambda: step in self.ready or step < self.next_step or self.error is not None
+            )
             if self.error is not None:
                 raise RuntimeError(f"the data pipeline failed: {self.error}") from self.error
+            if step not in self.ready:
+                raise ValueError(
+                    f"the batch of step {step} is no longer held (steps {min(self.ready)} to "
+                    f"{max(self.ready)} are); seek() to re-read from a checkpoint's cursor"
+                )
             for old in [s for s in self.ready if s < self.wanted - 2]:
                 del self.ready[old]
             return self.ready[step]

@@ -60,6 +60,9 @@ class CheckpointStore:
              scheduler, meta: dict) -> None:
         """Collective: every rank writes its shards, then rank 0 commits and prunes."""
         folder = self.folder(step)
+        if rank() == 0 and folder.exists():  # the leftover of a save that crashed
+            shutil.rmtree(folder)
+        barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state, "scheduler": scheduler.state_dict()}
         dcp.save(state, checkpoint_id=str(folder))

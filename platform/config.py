@@ -13,7 +13,12 @@ from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 import raytron.configs
 
@@ -201,7 +206,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
 def describe_omegaconf_error(error: OmegaConfBaseException, where: str) -> str:
     key = getattr(error, "full_key", None) or "?"
     where = f" ({where})" if where else ""
-    if isinstance(error, ConfigKeyError):
+    if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
         section = key.rsplit(".", 1)[0] if "." in key else ""
         known = known_keys(section)
         return (

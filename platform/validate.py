@@ -132,16 +132,11 @@ def train_problems(config: RaytronConfig) -> list[str]:
             f"train.min_lr={t.min_lr} must lie between 0 and train.lr={t.lr}. "
             f"Fix: set train.min_lr to e.g. {t.lr / 10:g}."
         )
-    if not 0 <= t.warmup_steps < t.steps:
-        problems.append(
-            f"train.warmup_steps={t.warmup_steps} must be at least 0 and below train.steps="
-            f"{t.steps}. Fix: set train.warmup_steps to e.g. {t.steps // 10}."
-        )
     for key in ("beta1", "beta2"):
         value = getattr(t, key)
         if not 0 <= value < 1:
             problems.append(f"train.{key}={value} must lie in [0, 1). Fix: use e.g. 0.9 or 0.95.")
-    for key in ("weight_decay", "grad_clip", "eval_interval"):
+    for key in ("weight_decay", "grad_clip", "eval_interval", "warmup_steps"):
         if getattr(t, key) < 0:
             problems.append(f"train.{key}={getattr(t, key)} is negative. Fix: use 0 or more.")
     if t.precision not in PRECISIONS:

@@ -1,0 +1,84 @@
+"""Checkpoints: DCP round trip, atomic commit, retention, and a crash in the middle of a save."""
+
+import pytest
+import torch
+
+from raytron.model.gpt import GPT, GPTShape, cross_entropy
+from raytron.platform import checkpoint
+from raytron.platform.checkpoint import COMMIT_MARKER, CheckpointStore
+from raytron.platform.config import TrainConfig
+from raytron.platform.optim import build_optimizer, build_scheduler, lr_at
+
+TRAIN = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, steps=10)
+
+
+def trainer(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTShape(2, 16, 2, 1, 32, 50, 8))
+    optimizer = build_optimizer(model, TRAIN, fused=False)
+    return model, optimizer, build_scheduler(optimizer, TRAIN)
+
+
+def step(model, optimizer, scheduler, seed):
+    tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(seed))
+    cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+
+
+def test_round_trip_restores_the_exact_training_state(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=2)
+    model, optimizer, scheduler = trainer()
+    for s in range(3):
+        step(model, optimizer, scheduler, s)
+    store.save(3, model, optimizer, scheduler, {"cursor": {"epoch": 1}})
+    for s in range(3, 5):
+        step(model, optimizer, scheduler, s)
+
+    restored = trainer(seed=99)
+    meta = store.load(3, *restored)
+    assert meta == {"step": 3, "cursor": {"epoch": 1}}
+    assert restored[2].last_epoch == 3
+    for s in range(3, 5):
+        step(*restored, s)
+    for (name, a), b in zip(model.state_dict().items(), restored[0].state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert restored[1].param_groups[0]["lr"] == pytest.approx(TRAIN.lr * lr_at(5, TRAIN) / TRAIN.lr)
+
+
+def test_only_committed_checkpoints_count_and_old_ones_go(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=2)
+    model, optimizer, scheduler = trainer()
+    for s in (10, 20, 30):
+        store.save(s, model, optimizer, scheduler, {})
+    assert store.committed_steps() == [20, 30]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000020", "step_00000030"]
+    half_written = store.folder(40)
+    half_written.mkdir()
+    (half_written / "__0_0.distcp").write_bytes(b"partial")
+    assert store.latest() == 30
+
+
+def test_a_crash_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path, keep_last=1)
+    model, optimizer, scheduler = trainer()
+    store.save(1, model, optimizer, scheduler, {})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step(model, optimizer, scheduler, 0)
+
+    def crash(path, text):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(checkpoint, "write_atomically", crash)
+    with pytest.raises(OSError):
+        store.save(2, model, optimizer, scheduler, {})
+    monkeypatch.undo()
+    assert store.latest() == 1 and not (store.folder(2) / COMMIT_MARKER).exists()
+    fresh = trainer(seed=5)
+    store.load(1, *fresh)
+    for name, value in fresh[0].state_dict().items():
+        torch.testing.assert_close(value, before[name], msg=name)
+    store.save(2, model, optimizer, scheduler, {})  # the next save cleans the leftover
+    assert store.committed_steps() == [2]

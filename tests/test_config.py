@@ -1,0 +1,97 @@
+"""Config: presets, overrides, and every invalid case rejected with its key and fix."""
+
+import pytest
+
+from raytron.platform.cli import EXIT_CONFIG_ERROR, main
+from raytron.platform.config import ConfigError, flatten, load_config, preset_names, to_dict
+from raytron.platform.validate import validate
+
+
+@pytest.mark.parametrize("preset", ["tiny", "gpt2-124m", "llama-1b"])
+def test_presets_load_and_validate(preset):
+    config = load_config(preset)
+    validate(config)
+    assert config.run.name == preset
+    assert config.checkpoint.dir == f"runs/{preset}/checkpoints"
+
+
+def test_presets_are_listed():
+    assert {"tiny", "gpt2-124m", "llama-1b"} <= set(preset_names())
+
+
+def test_overrides_apply_in_order_and_parse_types():
+    config = load_config("tiny", ["train.steps=7", "train.lr=1e-4", "train.steps=9",
+                                  "data.sources=[{path: a.jsonl, text_field: body}]",
+                                  "model.n_kv_heads=null"])
+    assert config.train.steps == 9 and config.train.lr == 1e-4
+    assert config.data.sources[0].path == "a.jsonl"
+    assert config.data.sources[0].text_field == "body" and config.data.sources[0].format == "auto"
+    assert config.model.n_kv_heads is None
+
+
+def test_flatten_names_every_leaf():
+    flat = flatten(to_dict(load_config("tiny")))
+    assert flat["train.lr"] == 3e-3 and flat["data.sources.0.path"].startswith("embedded:")
+
+
+def run_cli(capsys, *args):
+    code = main(["config", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["train.lrr=1"], ["train.lrr: unknown key", "train.lr"]),
+    (["tiny.yaml.nope"], ["neither a YAML file nor a preset"]),
+    (["train.steps=many"], ["train.steps", "could not be converted"]),
+    (["model.n_heads=3"], ["model.d_model=128 is not divisible by model.n_heads=3"]),
+    (["model.n_kv_heads=3"], ["model.n_heads=4 is not divisible by model.n_kv_heads=3"]),
+    (["train.global_batch=20"], ["train.global_batch=20 is not divisible by",
+                                 "multiple of 8"]),
+    (["parallel.dp=4"], ["cluster.workers=4", "train.global_batch=16 is not divisible"]),
+    (["data.sources.0.path=/no/such/corpus"], ["data.sources.0.path", "matches no file"]),
+    (["data.tokenizer=/no/tokenizer.json"], ["data.tokenizer", "is not a file"]),
+    (["train.precision=fp8"], ["train.precision='fp8' is unknown"]),
+    (["parallel.schedule=zigzag"], ["parallel.schedule='zigzag' is unknown"]),
+    (["train.warmup_steps=-1"], ["train.warmup_steps=-1 is negative"]),
+    (["data.val_share=1.5"], ["data.val_share=1.5"]),
+    (["checkpoint.keep_last=0"], ["checkpoint.keep_last=0 must be positive"]),
+    (["tiny", "train.steps"], ["is not key=value"]),
+])
+def test_invalid_config_is_rejected_with_key_and_fix(capsys, args, expected):
+    code, err = run_cli(capsys, *args)
+    assert code == EXIT_CONFIG_ERROR
+    for text in expected:
+        assert text in err
+    assert "Fix:" in err or "fix" in err
+
+
+def test_all_problems_are_reported_at_once():
+    config = load_config("tiny", ["model.n_heads=3", "train.global_batch=20"])
+    with pytest.raises(ConfigError) as error:
+        validate(config)
+    assert len(error.value.problems) >= 2
+    assert "model.n_heads=3" in str(error.value) and "train.global_batch=20" in str(error.value)
+
+
+def test_cli_rejects_before_ray_starts(capsys):
+    import ray
+
+    assert main(["train", "model.n_heads=3"]) == EXIT_CONFIG_ERROR
+    assert not ray.is_initialized()
+
+
+def test_config_prints_resolved_yaml(capsys):
+    assert main(["config", "tiny", "run.name=x", "train.steps=5"]) == 0
+    out = capsys.readouterr().out
+    assert "name: x" in out and "steps: 5" in out and "dir: runs/x/checkpoints" in out
+
+
+def test_help_is_complete(capsys):
+    for argv in (["--help"], ["train", "--help"], ["config", "--help"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("train", "config", "KEY=VALUE", "tiny", "gpt2-124m", "RAY_ADDRESS",
+                 "MLFLOW_TRACKING_URI", "mlflow ui", "Exit status"):
+        assert text in out

@@ -1,0 +1,78 @@
+"""The GPT itself: shapes, causality, grouped-query attention, tying, counts."""
+
+import pytest
+import torch
+
+from raytron.model.gpt import GPT, GPTShape, cross_entropy, llama_ffn_hidden
+
+
+def shape(**changes) -> GPTShape:
+    base = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=4, ffn_hidden=64,
+                vocab_size=97, max_seq_len=16)
+    return GPTShape(**{**base, **changes})
+
+
+def model(**changes) -> GPT:
+    torch.manual_seed(0)
+    return GPT(shape(**changes))
+
+
+def test_logits_shape_and_finite_loss():
+    gpt = model()
+    tokens = torch.randint(0, 97, (3, 16))
+    logits = gpt(tokens)
+    assert logits.shape == (3, 16, 97)
+    loss = cross_entropy(logits[:, :-1], tokens[:, 1:])
+    assert torch.isfinite(loss) and abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5
+
+
+def test_future_tokens_change_nothing():
+    gpt = model()
+    tokens = torch.randint(0, 97, (2, 16))
+    changed = tokens.clone()
+    changed[:, 10:] = torch.randint(0, 97, (2, 6))
+    before, after = gpt(tokens), gpt(changed)
+    torch.testing.assert_close(before[:, :10], after[:, :10])
+    assert not torch.allclose(before[:, 10:], after[:, 10:])
+
+
+def test_grouped_query_attention_equals_heads_sharing_keys_and_values():
+    """GQA with 2 KV heads == multi-head attention whose K/V heads are repeated copies."""
+    gqa = model(n_kv_heads=2)
+    mha = model(n_kv_heads=4)
+    state = gqa.state_dict()
+    head_dim = 32 // 4
+    for name, weight in state.items():
+        if name.endswith(("wk.weight", "wv.weight")):
+            heads = weight.view(2, head_dim, 32)
+            state[name] = heads.repeat_interleave(2, dim=0).reshape(4 * head_dim, 32)
+    mha.load_state_dict(state)
+    tokens = torch.randint(0, 97, (2, 16))
+    torch.testing.assert_close(gqa(tokens), mha(tokens), rtol=1e-5, atol=1e-5)
+    assert gqa.layers["0"].attention.wk.weight.shape == (2 * head_dim, 32)
+
+
+def test_tied_output_shares_the_embedding():
+    tied, untied = model(tie_embeddings=True), model(tie_embeddings=False)
+    assert tied.output.weight is tied.tok_embeddings.weight
+    assert untied.output.weight is not untied.tok_embeddings.weight
+    assert untied.num_params() - tied.num_params() == 97 * 32
+
+
+def test_parameter_count_by_hand():
+    # per layer: q,o 32x32 each; k,v 32x32 each (4 KV heads); 3 MLP mats 32x64; 2 norms of 32
+    per_layer = 4 * 32 * 32 + 3 * 32 * 64 + 2 * 32
+    expected = 97 * 32 + 2 * per_layer + 32  # tied embedding/head + layers + final norm
+    assert model().num_params() == expected
+
+
+def test_flops_per_token_by_hand():
+    seq = 16
+    matmuls = 2 * (4 * 32 * 32 + 3 * 32 * 64) + 97 * 32  # the (tied) head is a matmul too
+    expected = 6 * matmuls + 12 * 2 * 32 * seq
+    assert model().flops_per_token(seq) == expected
+
+
+@pytest.mark.parametrize(("d_model", "expected"), [(4096, 11008), (128, 384), (2048, 5632)])
+def test_llama_mlp_width(d_model, expected):
+    assert llama_ffn_hidden(d_model, 256 if d_model > 128 else 64) == expected

@@ -1,0 +1,40 @@
+"""Packing: every token is a target once, and a cursor resumes the exact continuation."""
+
+import numpy as np
+
+from raytron.pipelines.packing import Cursor, Packer, TokenDoc
+
+
+def documents(start: Cursor = Cursor(), n_files=3, docs_per_file=4):
+    """Documents of varied lengths whose tokens encode their position."""
+    for epoch in range(start.epoch, 3):
+        for file in range(n_files):
+            for doc in range(docs_per_file):
+                if (epoch, file, doc) < (start.epoch, start.file, start.doc):
+                    continue
+                length = 1 + (7 * file + 5 * doc + epoch) % 23
+                tokens = np.arange(length, dtype=np.int32) + 1000 * (epoch * 100 + file * 10 + doc)
+                yield TokenDoc(epoch, file, doc, tokens)
+
+
+def test_sequences_overlap_by_one_token_and_cover_the_stream():
+    stream = np.concatenate([d.tokens for d in documents()])
+    packer = Packer(documents(), seq_len=8)
+    sequences = [packer.next_sequence() for _ in range(20)]
+    assert all(len(s) == 9 for s in sequences)
+    for i, sequence in enumerate(sequences):
+        np.testing.assert_array_equal(sequence, stream[8 * i : 8 * i + 9])
+
+
+def test_resume_from_any_cursor_gives_the_same_sequences():
+    reference = Packer(documents(), seq_len=8)
+    cursors, expected = [], []
+    for _ in range(30):
+        cursors.append(reference.cursor())
+        expected.append(reference.next_sequence())
+    for index in (0, 1, 7, 13, 29):
+        cursor = cursors[index]
+        resumed = Packer(documents(cursor), seq_len=8, first_offset=cursor.offset)
+        for want in expected[index:]:
+            np.testing.assert_array_equal(resumed.next_sequence(), want)
+    assert any(c.offset > 0 for c in cursors) and any(c.epoch > 0 for c in cursors)

@@ -1,0 +1,98 @@
+"""`raytron train` end to end on Ray: it learns, commits checkpoints, tracks in MLflow, and a
+run killed after a checkpoint resumes with exactly the losses of an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raytron.platform.checkpoint import COMMIT_MARKER
+
+SMALL = ["model.n_layers=2", "data.seq_len=64", "train.global_batch=8", "train.micro_batch=4",
+         "train.steps=24", "train.warmup_steps=4", "train.log_interval=1",
+         "train.eval_interval=12", "checkpoint.interval=6", "cluster.cpus_per_worker=1"]
+
+
+def command(root: Path, name: str) -> list[str]:
+    return [sys.executable, "-m", "raytron.platform.cli", "train", "tiny",
+            f"run.root={root}", f"run.name={name}", *SMALL]
+
+
+def run_to_end(root: Path, name: str) -> str:
+    result = subprocess.run(command(root, name), capture_output=True, text=True, timeout=600,
+                            cwd=root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def run_and_kill_after_first_checkpoint(root: Path, name: str) -> None:
+    marker = root / name / "checkpoints" / "step_00000006" / COMMIT_MARKER
+    process = subprocess.Popen(command(root, name), cwd=root, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
+    process.wait()
+    assert marker.exists(), "the run never committed its first checkpoint"
+
+
+def loss_history(root: Path, name: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run_id = (root / name / "mlflow_run_id").read_text().strip()
+    return client, client.get_run(run_id), client.get_metric_history(run_id, "loss")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    whole = run_to_end(root, "whole")
+    run_and_kill_after_first_checkpoint(root, "killed")
+    resumed = run_to_end(root, "killed")
+    return root, whole, resumed
+
+
+def test_the_run_learns_checkpoints_and_is_tracked(runs):
+    root, output, _ = runs
+    assert "step 24/24" in output and "Finished 24 steps" in output
+    client, run, history = loss_history(root, "whole")
+    losses = {m.step: m.value for m in history}
+    assert sorted(losses) == list(range(1, 25))
+    assert losses[24] < losses[1] - 0.7, losses
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "24" and run.data.params["model.n_layers"] == "2"
+    for metric in ("lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s", "val_loss",
+                   "val_perplexity"):
+        assert metric in run.data.metrics, metric
+    assert 0 < run.data.metrics["mfu"] < 1
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "tokenizer.json"} <= artifacts
+    committed = sorted(p.parent.name for p in (root / "whole" / "checkpoints").glob("*/" + COMMIT_MARKER))
+    assert committed == ["step_00000018", "step_00000024"]  # keep_last=2
+
+
+def test_a_killed_run_resumes_with_the_uninterrupted_losses(runs):
+    root, _, resumed_output = runs
+    resumed_from = int(resumed_output.split("Resuming from step ")[1].split()[0])
+    assert resumed_from in (6, 12, 18)
+    _, _, whole = loss_history(root, "whole")
+    _, run, killed = loss_history(root, "killed")
+    expected = {m.step: m.value for m in whole}
+    seen_steps = {m.step for m in killed}
+    assert seen_steps == set(expected)
+    for metric in killed:  # before the kill, and again after the resume: always the same
+        assert metric.value == pytest.approx(expected[metric.step], rel=1e-5, abs=1e-6), metric
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["raytron.resumed_from_step"] == str(resumed_from)
+
+
+def test_running_a_finished_run_again_changes_nothing(runs):
+    root, _, _ = runs
+    output = run_to_end(root, "whole")
+    assert "already finished 24 steps" in output
