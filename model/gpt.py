@@ -62,7 +62,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, shape: GPTShape):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = shape.n_heads, shape.n_kv_heads, shape.head_dim
+        self.n_heads, self.n_kv_heads = shape.n_heads, shape.n_kv_heads
+        self.head_dim = shape.head_dim
         self.wq = nn.Linear(shape.d_model, shape.n_heads * shape.head_dim, bias=False)
         self.wk = nn.Linear(shape.d_model, shape.n_kv_heads * shape.head_dim, bias=False)
         self.wv = nn.Linear(shape.d_model, shape.n_kv_heads * shape.head_dim, bias=False)
@@ -130,7 +131,8 @@ class GPT(nn.Module):
         for name, param in self.named_parameters():
             if param.dim() < 2:
                 continue  # RMSNorm gains stay at 1
-            scale = 1 / math.sqrt(2 * self.shape.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1
+            residual = name.endswith(("wo.weight", "w2.weight"))
+            scale = 1 / math.sqrt(2 * self.shape.n_layers) if residual else 1
             nn.init.normal_(param, mean=0.0, std=std * scale)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

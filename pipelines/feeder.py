@@ -9,6 +9,7 @@ what a checkpoint of that step stores.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -24,6 +25,7 @@ class DataFeeder:
                  prefetch_steps: int, val_sequences: int):
         import ray.data
 
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset chatter
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
@@ -65,7 +67,7 @@ class DataFeeder:
             while True:
                 with self.condition:
                     self.condition.wait_for(
-                        lambda: generation != self.generation
+                        lambda step=step: generation != self.generation
                         or step < self.wanted + self.prefetch_steps
                     )
                     if generation != self.generation:

@@ -112,6 +112,11 @@ def train(config: RaytronConfig) -> int:
     print(describe_start(config, paths, uri, run_id, resumed_step, reopened))
     try:
         run_worker_group(config, paths, spec, uri, run_id, resumed_step)
+    except KeyboardInterrupt:
+        tracking.finish(run_id, "KILLED")
+        print(f"\nInterrupted. Run the same command again to resume from the last committed "
+              f"checkpoint in {paths.checkpoints}.")
+        return 130
     except Exception as error:
         tracking.finish(run_id, "FAILED")
         print(f"\nTraining failed: {error}\nThe last committed checkpoint is kept in "

@@ -56,7 +56,8 @@ def model_problems(config: RaytronConfig) -> list[str]:
     if m.d_model % m.n_heads:
         problems.append(
             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}. "
-            f"Fix: pick n_heads among the divisors of d_model (e.g. {nearest_divisor(m.d_model, m.n_heads)})."
+            "Fix: pick n_heads among the divisors of d_model "
+            f"(e.g. {nearest_divisor(m.d_model, m.n_heads)})."
         )
     elif (m.d_model // m.n_heads) % 2:
         problems.append(
@@ -67,7 +68,8 @@ def model_problems(config: RaytronConfig) -> list[str]:
     if m.n_heads % kv_heads:
         problems.append(
             f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={kv_heads}. "
-            f"Fix: set n_kv_heads to a divisor of n_heads (e.g. {nearest_divisor(m.n_heads, kv_heads)})."
+            "Fix: set n_kv_heads to a divisor of n_heads "
+            f"(e.g. {nearest_divisor(m.n_heads, kv_heads)})."
         )
     if m.n_heads % tp or kv_heads % tp:
         problems.append(

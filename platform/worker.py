@@ -117,7 +117,8 @@ class WorkerLoop:
         total = torch.zeros((), device=self.device)
         for index, micro in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
+            accumulate_only = not last and self.ddp is not self.model
+            sync = self.ddp.no_sync() if accumulate_only else contextlib.nullcontext()
             with sync, self.autocast_context():
                 loss = cross_entropy(self.ddp(micro[:, :-1]), micro[:, 1:]) / len(micro_batches)
                 loss.backward()

@@ -1,11 +1,9 @@
 """The Ray Data pipeline and the DataFeeder: order, slicing, exact resume, held-out data."""
 
-import json
 
 import numpy as np
 import pytest
 
-from conftest import CORPUS
 from raytron.pipelines.feeder import DataFeeder
 from raytron.pipelines.packing import Cursor
 from raytron.pipelines.stream import (
@@ -18,6 +16,8 @@ from raytron.pipelines.stream import (
 )
 from raytron.pipelines.tokenizer import eos_id, train_bpe
 from raytron.platform.config import SourceConfig
+
+from conftest import CORPUS
 
 SEQ_LEN, GLOBAL_BATCH = 32, 8
 

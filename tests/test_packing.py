@@ -4,8 +4,10 @@ import numpy as np
 
 from raytron.pipelines.packing import Cursor, Packer, TokenDoc
 
+START = Cursor()
 
-def documents(start: Cursor = Cursor(), n_files=3, docs_per_file=4):
+
+def documents(start: Cursor = START, n_files=3, docs_per_file=4):
     """Documents of varied lengths whose tokens encode their position."""
     for epoch in range(start.epoch, 3):
         for file in range(n_files):

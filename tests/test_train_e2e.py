@@ -73,7 +73,8 @@ def test_the_run_learns_checkpoints_and_is_tracked(runs):
     assert 0 < run.data.metrics["mfu"] < 1
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "tokenizer.json"} <= artifacts
-    committed = sorted(p.parent.name for p in (root / "whole" / "checkpoints").glob("*/" + COMMIT_MARKER))
+    checkpoints = root / "whole" / "checkpoints"
+    committed = sorted(p.parent.name for p in checkpoints.glob("*/" + COMMIT_MARKER))
     assert committed == ["step_00000018", "step_00000024"]  # keep_last=2
 
 
