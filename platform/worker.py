@@ -10,7 +10,6 @@ worker group picks up from the checkpoint exactly where the last one committed.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from raytron.platform.config import RaytronConfig
 from raytron.platform.hardware import autocast_dtype, peak_flops, training_device
 from raytron.platform.optim import build_optimizer, build_scheduler
 from raytron.platform.shapes import gpt_shape
+from raytron.platform.step import StepParts, train_step
 
 
 @dataclass
@@ -51,15 +51,17 @@ class WorkerLoop:
         self.rank, self.dp_rank, self.dp_size = rank, rank, world
         torch.set_num_threads(self.config.cluster.cpus_per_worker)
         self.device = training_device(local_rank)
-        self.autocast = autocast_dtype(self.config.train.precision, self.device)
         self.peak_flops = peak_flops(self.device, self.config.train.peak_flops)
         torch.manual_seed(self.config.train.seed)
         self.model = GPT(gpt_shape(self.config.model)).to(self.device)
         self.flops_per_token = self.model.flops_per_token(self.config.data.seq_len)
-        self.ddp = parallelize(self.model, self.device)
+        self.wrapped = parallelize(self.model, self.device)
         self.optimizer = build_optimizer(self.model, self.config.train,
                                          fused=self.device.type == "cuda")
         self.scheduler = build_scheduler(self.optimizer, self.config.train)
+        self.parts = StepParts(self.model, self.wrapped, self.optimizer, self.scheduler,
+                               autocast_dtype(self.config.train.precision, self.device),
+                               self.dp_size)
         self.store = CheckpointStore(args.checkpoint_dir, self.config.checkpoint.keep_last)
         self.validation: torch.Tensor | None = None
 
@@ -97,7 +99,7 @@ class WorkerLoop:
     def resume(self) -> tuple[int, dict]:
         """Load the latest committed checkpoint, if any, and point the feeder at its cursor."""
         latest = self.store.latest()
-        meta = (self.store.load(latest, self.ddp, self.optimizer, self.scheduler)
+        meta = (self.store.load(latest, self.wrapped, self.optimizer, self.scheduler)
                 if latest is not None else {})
         step = meta.get("step", 0)
         if self.rank == 0:
@@ -108,39 +110,13 @@ class WorkerLoop:
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step over this replica's slice; returns mean loss, grad norm, wait."""
-        train = self.config.train
         started = time.perf_counter()
         batch = ray.get(self.args.feeder.batch.remote(step, self.dp_rank, self.dp_size))
         wait = time.perf_counter() - started
         tokens = torch.from_numpy(batch.astype(np.int64)).to(self.device, non_blocking=True)
-        micro_batches = tokens.split(train.micro_batch)
-        total = torch.zeros((), device=self.device)
-        for index, micro in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            accumulate_only = not last and self.ddp is not self.model
-            sync = self.ddp.no_sync() if accumulate_only else contextlib.nullcontext()
-            with sync, self.autocast_context():
-                loss = cross_entropy(self.ddp(micro[:, :-1]), micro[:, 1:]) / len(micro_batches)
-                loss.backward()
-            total += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), train.grad_clip if train.grad_clip > 0 else math.inf
-        )
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return self.mean_over_replicas(total), grad_norm, wait
-
-    def autocast_context(self):
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast)
-
-    def mean_over_replicas(self, value: torch.Tensor) -> torch.Tensor:
-        if self.dp_size > 1:
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            value /= self.dp_size
-        return value
+        loss, grad_norm = train_step(self.parts, tokens, self.config.train.micro_batch,
+                                     self.config.train.grad_clip)
+        return loss, grad_norm, wait
 
     @torch.no_grad()
     def evaluate(self, step: int) -> None:
@@ -154,17 +130,17 @@ class WorkerLoop:
         total = torch.zeros((), device=self.device)
         micro_batches = self.validation.split(self.config.train.micro_batch)
         for micro in micro_batches:
-            with self.autocast_context():
+            with self.parts.autocast_context(self.device):
                 total += cross_entropy(self.model(micro[:, :-1]), micro[:, 1:]) * len(micro)
         self.model.train()
-        loss = self.mean_over_replicas(total / len(self.validation)).item()
+        loss = self.parts.mean_over_replicas(total / len(self.validation)).item()
         self.report(step, {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))})
 
     def save(self, step: int, tokens_seen: int) -> None:
         cursor = ray.get(self.args.feeder.cursor.remote(step))
         meta = {"cursor": cursor, "tokens_seen": tokens_seen,
                 "layout": {"pp": 1, "dp": self.dp_size, "tp": 1}, "time": time.time()}
-        self.store.save(step, self.ddp, self.optimizer, self.scheduler, meta)
+        self.store.save(step, self.wrapped, self.optimizer, self.scheduler, meta)
         self.report(step, {"checkpoint_step": step})
 
     def report(self, step: int, metrics: dict[str, float], with_data_stats: bool = False) -> None:
