@@ -1,6 +1,8 @@
 """The Ray Data pipeline and the DataFeeder: order, slicing, exact resume, held-out data."""
 
 
+import json
+
 import numpy as np
 import pytest
 
@@ -17,22 +19,24 @@ from raytron.pipelines.stream import (
 from raytron.pipelines.tokenizer import eos_id, train_bpe
 from raytron.platform.config import SourceConfig
 
-from conftest import CORPUS
-
 SEQ_LEN, GLOBAL_BATCH = 32, 8
 
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory):
-    """Slices of real text in several files, and a JSONL file with bad records among good."""
+    """Slices of real text (the Python reference) in several text files, and a JSONL file
+    with bad records among good ones."""
+    from pydoc_data.topics import topics
+
+    texts = [topics[key] for key in sorted(topics)]
     folder = tmp_path_factory.mktemp("corpus")
-    plays = sorted((CORPUS / "shakespeare").glob("*.txt"))[:4]
-    for play in plays:
-        (folder / play.name).write_text(play.read_text()[:3000])
+    for index, text in enumerate(texts[:4]):
+        (folder / f"topic{index}.txt").write_text(text[:3000])
     (folder / "empty.txt").write_text("")
-    fortunes = (CORPUS / "fortunes" / "fortunes.jsonl").read_text().splitlines()[:200]
-    lines = fortunes[:100] + ['{"text": "cut', '{"source": "no text"}'] + fortunes[100:]
-    (folder / "fortunes.jsonl").write_bytes("\n".join(lines).encode() + b'\n{"text": "\xff"}\n')
+    paragraphs = [p for text in texts[4:] for p in text.split("\n\n") if p.strip()][:200]
+    records = [json.dumps({"text": p}) for p in paragraphs]
+    lines = records[:100] + ['{"text": "cut', '{"source": "no text"}'] + records[100:]
+    (folder / "paragraphs.jsonl").write_bytes("\n".join(lines).encode() + b'\n{"text": "\xff"}\n')
     files = corpus_files([SourceConfig(path=str(folder))])
     tokenizer = train_bpe(local_texts(files, 0.1), 512, show_progress=False)
     return StreamSpec(files, tokenizer.to_str(), eos_id(tokenizer), seed=7, val_share=0.1,
