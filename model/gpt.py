@@ -4,11 +4,13 @@ Token embedding -> N x [RMSNorm -> causal self-attention with RoPE (optionally
 grouped-query) -> residual, RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> logits.
 Layers live in a ModuleDict keyed by their index so that a pipeline stage that keeps
 only some of them keeps the original parameter names, which keeps checkpoints
-independent of the parallel layout.
+independent of the parallel layout. A stage may also lack the embedding (its input is
+then hidden states) or the final norm and head (it returns hidden states).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -70,11 +72,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(shape.n_heads * shape.head_dim, shape.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`cos`, `sin`: the rotary tables of all positions; the first `seq` are used."""
         batch, seq, _ = x.shape
         # -1 instead of the head count: under tensor parallelism each rank holds a share.
         q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:seq], sin[:seq]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
@@ -109,40 +113,51 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, shape: GPTShape):
+    def __init__(self, shape: GPTShape, seed: int = 0):
         super().__init__()
         self.shape = shape
-        self.tok_embeddings = nn.Embedding(shape.vocab_size, shape.d_model)
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(shape.vocab_size, shape.d_model)
         self.layers = nn.ModuleDict({str(i): Block(shape) for i in range(shape.n_layers)})
-        self.norm = nn.RMSNorm(shape.d_model, eps=shape.norm_eps)
-        self.output = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
+        self.norm: nn.RMSNorm | None = nn.RMSNorm(shape.d_model, eps=shape.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
         if shape.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(shape.head_dim, shape.max_seq_len, shape.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights()
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_weights(seed)
 
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int) -> None:
         """Normal(0, init_std) for weights; the projections into the residual stream are
         scaled by 1/sqrt(2 * n_layers) (GPT-2) so the residual variance does not grow
-        with depth."""
+        with depth. Each parameter draws from its own generator, seeded by `seed` and its
+        name, so any part of the model (a pipeline stage built alone, on its own device)
+        gets the values the whole model would have: the layout never changes the init."""
         std = self.shape.init_std
         for name, param in self.named_parameters():
-            if param.dim() < 2:
-                continue  # RMSNorm gains stay at 1
-            residual = name.endswith(("wo.weight", "w2.weight"))
-            scale = 1 / math.sqrt(2 * self.shape.n_layers) if residual else 1
-            nn.init.normal_(param, mean=0.0, std=std * scale)
+            if param.is_meta:
+                continue  # built on the meta device: initialized once materialized
+            with torch.no_grad():
+                if param.dim() < 2:
+                    param.fill_(1.0)  # RMSNorm gains
+                    continue
+                residual = name.endswith(("wo.weight", "w2.weight"))
+                scale = 1 / math.sqrt(2 * self.shape.n_layers) if residual else 1
+                values = torch.empty(param.shape).normal_(
+                    0.0, std * scale, generator=torch.Generator().manual_seed(name_seed(seed, name))
+                )
+                param.copy_(values)
+        cos, sin = rope_tables(self.shape.head_dim, self.shape.max_seq_len, self.shape.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (batch, seq, vocab) for token ids (batch, seq)."""
-        seq = tokens.shape[1]
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        x = self.tok_embeddings(tokens)
+        """Logits (batch, seq, vocab) for token ids (batch, seq); a stage without the
+        embedding takes hidden states, one without the head returns them."""
+        x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
-            x = layer(x, cos, sin)
-        return self.output(self.norm(x))
+            x = layer(x, self.rope_cos, self.rope_sin)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.output(x) if self.output is not None else x
 
     def num_params(self) -> int:
         """Distinct parameters (a tied output head counts once)."""
@@ -159,6 +174,11 @@ class GPT(nn.Module):
             m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)
         )
         return 6 * matmul_params + 12 * self.shape.n_layers * self.shape.d_model * seq_len
+
+
+def name_seed(seed: int, name: str) -> int:
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & (2**63 - 1)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

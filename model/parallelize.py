@@ -1,20 +1,116 @@
-"""Applies parallelism to a plain GPT from outside it; the model file knows nothing of it.
+"""Applies parallelism to a plain GPT (or a pipeline stage of it) from outside.
 
-This version applies data parallelism (DDP) over all ranks; pipeline and tensor
-parallelism join here, in the order pipeline split -> tensor/sequence parallel ->
-activation checkpointing -> data parallel.
+In this order: tensor + sequence parallelism on the `tp` mesh, activation
+checkpointing, then data parallelism with FSDP2 on the data-parallel mesh. The
+pipeline split happens before (`pipeline.py`); the model file knows none of this.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from raytron.model.gpt import GPT
+
+DP_SHARD_MODES = ("full", "grad-op", "none")
 
 
-def parallelize(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """`model` replicated over the world with gradients averaged; unchanged on one rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return model
-    device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+@dataclass(frozen=True)
+class ParallelOptions:
+    sequence_parallel: bool = True
+    loss_parallel: bool = True  # keep the logits sharded over the vocabulary for the loss
+    activation_checkpointing: int = 0  # checkpoint every k-th layer; 0: none, 1: all
+    dp_shard: str = "full"  # full (ZeRO-3) | grad-op (ZeRO-2) | none (DDP)
+    param_dtype: torch.dtype | None = None  # FSDP all-gathers in this dtype (bf16 on GPU)
+
+
+def parallelize(model: GPT, tp_mesh: DeviceMesh | None, dp_mesh: DeviceMesh | None,
+                options: ParallelOptions) -> GPT:
+    """`model` with every requested parallelism applied in place; meshes of size 1 are
+    skipped."""
+    if tp_mesh is not None and tp_mesh.size() > 1:
+        apply_tensor_parallel(model, tp_mesh, options)
+    if options.activation_checkpointing:
+        apply_activation_checkpointing(model, options.activation_checkpointing)
+    if dp_mesh is not None and dp_mesh.size() > 1:
+        apply_data_parallel(model, dp_mesh, options)
+    return model
+
+
+def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, options: ParallelOptions) -> None:
+    """Megatron's split: q/k/v and MLP up/gate column-parallel, the output projections
+    row-parallel; vocab-parallel embedding and head. With sequence parallelism the
+    norms and residual stream are sharded along the sequence between the blocks."""
+    sp = options.sequence_parallel
+    between = Shard(1) if sp else Replicate()  # layout of the residual stream
+    top_plan = {}
+    if model.tok_embeddings is not None:
+        top_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(),
+                                                     output_layouts=between)
+    if model.norm is not None and sp:
+        top_plan["norm"] = SequenceParallel()
+    if model.output is not None:
+        top_plan["output"] = ColwiseParallel(
+            input_layouts=between,
+            output_layouts=Shard(-1) if options.loss_parallel else Replicate(),
+            use_local_output=not options.loss_parallel,
+        )
+    parallelize_module(model, tp_mesh, top_plan)
+    for block in model.layers.values():
+        plan = {
+            "attention": PrepareModuleInput(input_layouts=(between, None, None),
+                                            desired_input_layouts=(Replicate(), None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=between),
+            "feed_forward": PrepareModuleInput(input_layouts=(between,),
+                                               desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=between),
+        }
+        if sp:
+            plan["attention_norm"] = SequenceParallel()
+            plan["ffn_norm"] = SequenceParallel()
+        parallelize_module(block, tp_mesh, plan)
+
+
+def apply_activation_checkpointing(model: GPT, every: int) -> None:
+    """Recompute every `every`-th block in the backward pass instead of storing its
+    activations (the checkpoint wrapper keeps parameter names for checkpoints)."""
+    for index, name in enumerate(list(model.layers)):
+        if index % every == 0:
+            model.layers[name] = checkpoint_wrapper(model.layers[name], preserve_rng_state=False)
+
+
+def apply_data_parallel(model: GPT, dp_mesh: DeviceMesh, options: ParallelOptions) -> None:
+    """FSDP2 over `dp_mesh` (2-D: replicate x shard): each block is its own unit so its
+    all-gather overlaps the previous block's compute; the root holds the rest.
+
+    `full` frees gathered weights after the forward (ZeRO-3); `grad-op` keeps them
+    until the backward (ZeRO-2: only gradients and optimizer state stay sharded);
+    `none` uses a shard dimension of 1, which is DDP: replicas all-reduce gradients.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=options.param_dtype, reduce_dtype=torch.float32)
+    reshard = options.dp_shard == "full"
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
+
+
+def model_parameters(parts: list[nn.Module]) -> list[nn.Parameter]:
+    return [p for part in parts for p in part.parameters()]

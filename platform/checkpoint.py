@@ -3,8 +3,10 @@
 A checkpoint is a folder `step_<step>` that every rank writes its shards into; it
 exists only once rank 0 has written the commit marker, after every rank finished.
 A crash at any moment therefore leaves the previous committed checkpoint as the
-latest. Model and optimizer state are saved under the model's parameter names
-(`get_state_dict`), which is what lets a checkpoint load into another layout.
+latest. Model and optimizer state are saved under the model's parameter names (the
+optimizer state flattened to `state.<param>.<key>`), as DTensors where they are
+sharded; DCP reshards on load, which is what lets a checkpoint load into any layout.
+A rank holding several pipeline stages saves and loads them together.
 """
 
 from __future__ import annotations
@@ -19,11 +21,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 COMMIT_MARKER = "COMMITTED"
 META_FILE = "meta.json"
 PREFIX = "step_"
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)  # keyed by parameter name
 
 
 def step_of(folder: Path) -> int | None:
@@ -56,15 +65,14 @@ class CheckpointStore:
     def meta(self, step: int) -> dict:
         return json.loads((self.folder(step) / META_FILE).read_text())
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler, meta: dict) -> None:
+    def save(self, step: int, parts: list[torch.nn.Module],
+             optimizers: list[torch.optim.Optimizer], scheduler, meta: dict) -> None:
         """Collective: every rank writes its shards, then rank 0 commits and prunes."""
         folder = self.folder(step)
         if rank() == 0 and folder.exists():  # the leftover of a save that crashed
             shutil.rmtree(folder)
         barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state, "scheduler": scheduler.state_dict()}
+        state, _ = training_state(parts, optimizers, scheduler)
         dcp.save(state, checkpoint_id=str(folder))
         torch.save(rng_state(), folder / f"rng_rank{rank()}.pt")
         barrier()
@@ -74,16 +82,19 @@ class CheckpointStore:
             self.prune(keep=step)
         barrier()
 
-    def load(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler) -> dict:
-        """Collective: restore model, optimizer, scheduler and this rank's RNG; returns meta."""
+    def load(self, step: int, parts: list[torch.nn.Module],
+             optimizers: list[torch.optim.Optimizer], schedulers: list) -> dict:
+        """Collective: restore model, optimizer, schedulers and this rank's RNG; returns meta."""
         folder = self.folder(step)
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state, "scheduler": scheduler.state_dict()}
+        state, keys = training_state(parts, optimizers, schedulers[0])
         dcp.load(state, checkpoint_id=str(folder))
-        set_state_dict(model, optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        scheduler.load_state_dict(state["scheduler"])
+        for part, optimizer, (model_keys, optim_keys) in zip(parts, optimizers, keys,
+                                                            strict=True):
+            set_model_state_dict(part, {k: state["model"][k] for k in model_keys})
+            set_optimizer_state_dict(part, optimizer,
+                                     {k: state["optim"][k] for k in optim_keys}, options=FLAT)
+        for scheduler in schedulers:
+            scheduler.load_state_dict(state["scheduler"])
         rng_file = folder / f"rng_rank{rank()}.pt"
         if rng_file.is_file():  # a rank that did not exist in the saving layout keeps its seed
             set_rng_state(torch.load(rng_file, weights_only=False))
@@ -99,6 +110,22 @@ class CheckpointStore:
                 continue
             (folder / COMMIT_MARKER).unlink(missing_ok=True)  # uncommit first, then delete
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def training_state(parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer],
+                   scheduler) -> tuple[dict, list[tuple[list[str], list[str]]]]:
+    """The state dict DCP saves and loads, and which of its keys belong to which part."""
+    model_state: dict = {}
+    optim_state: dict = {}
+    keys = []
+    for part, optimizer in zip(parts, optimizers, strict=True):
+        part_model = get_model_state_dict(part)
+        part_optim = get_optimizer_state_dict(part, optimizer, options=FLAT)
+        model_state.update(part_model)
+        optim_state.update(part_optim)
+        keys.append((list(part_model), list(part_optim)))
+    state = {"model": model_state, "optim": optim_state, "scheduler": scheduler.state_dict()}
+    return state, keys
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -65,11 +65,11 @@ def split_config_argument(config: str | None, overrides: list[str]) -> tuple[str
 
 
 def resolve(config_arg: str | None, overrides: list[str]) -> RaytronConfig:
-    from raytron.platform.validate import validate
+    from raytron.platform.validate import resolve_layout, validate
 
     config = load_config(config_arg, overrides)
     validate(config)
-    return config
+    return resolve_layout(config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,11 +50,16 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    pp: int = 1  # pipeline stages
-    dp: int = 1  # data-parallel replicas
-    tp: int = 1  # tensor-parallel ranks per stage
-    microbatches: int | None = None  # per pipeline schedule call; None: all accumulation steps
+    pp: int = 1  # pipeline-parallel ranks
+    dp: int | str = 1  # data-parallel replicas; auto: cluster.workers / (pp * tp)
+    tp: int = 1  # tensor-parallel ranks per pipeline stage, on one node
+    dp_shard: str = "full"  # full (FSDP, ZeRO-3) | grad-op (ZeRO-2) | none (DDP)
+    sequence_parallel: bool = True  # shard norms and the residual stream over tp
+    loss_parallel: bool = True  # loss from vocab-sharded logits, never gathered
     schedule: str = "1f1b"  # gpipe | 1f1b | interleaved-1f1b | zero-bubble
+    microbatches: int | None = None  # per schedule call; None: a replica's whole batch
+    virtual_stages: int = 2  # stages per pipeline rank, for interleaved-1f1b
+    layers_per_stage: list[int] | None = None  # uneven split; None: as even as possible
 
 
 @dataclass
@@ -74,6 +79,7 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 100  # 0 disables validation
     peak_flops: float | None = None  # per device, for MFU; None: known GPU table or measured
+    activation_checkpointing: int | str = "none"  # none | full | k: recompute every k-th layer
 
 
 @dataclass

@@ -6,10 +6,14 @@ so that a user fixes a config in one round instead of one error per launch.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+from raytron.model.parallelize import DP_SHARD_MODES
+from raytron.model.pipeline import stages_per_rank
 from raytron.pipelines.sources import SourceError, list_files
 from raytron.platform.config import ConfigError, RaytronConfig
+from raytron.platform.layout import resolve_dp
 
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble")
@@ -76,48 +80,137 @@ def model_problems(config: RaytronConfig) -> list[str]:
             f"model.n_heads={m.n_heads} and model.n_kv_heads={kv_heads} must both be divisible by "
             f"parallel.tp={tp}. Fix: lower parallel.tp or raise the head counts."
         )
-    if m.n_layers < config.parallel.pp:
-        problems.append(
-            f"model.n_layers={m.n_layers} is fewer than parallel.pp={config.parallel.pp} stages. "
-            "Fix: lower parallel.pp."
-        )
     if m.init_std <= 0:
         problems.append(f"model.init_std={m.init_std} must be positive. Fix: use e.g. 0.02.")
     return problems
 
 
 def parallel_problems(config: RaytronConfig) -> list[str]:
-    p, c = config.parallel, config.cluster
-    problems = positive(config, "parallel.pp", "parallel.dp", "parallel.tp",
-                        "parallel.microbatches", "cluster.workers", "cluster.cpus_per_worker")
+    p, c, m = config.parallel, config.cluster, config.model
+    problems = positive(config, "parallel.pp", "parallel.tp", "parallel.microbatches",
+                        "parallel.virtual_stages", "cluster.workers", "cluster.cpus_per_worker")
+    if not (p.dp == "auto" or (isinstance(p.dp, int) and p.dp >= 1)):
+        problems.append(f"parallel.dp={p.dp!r} must be a positive number or auto. Fix: set "
+                        "parallel.dp=auto to use every worker, or e.g. parallel.dp=2.")
     if problems:
         return problems
     if p.schedule not in SCHEDULES:
         problems.append(
             f"parallel.schedule='{p.schedule}' is unknown. Fix: use one of {', '.join(SCHEDULES)}."
         )
-    if p.pp * p.dp * p.tp != c.workers:
+    if p.dp_shard not in DP_SHARD_MODES:
+        problems.append(f"parallel.dp_shard='{p.dp_shard}' is unknown. Fix: use one of "
+                        f"{', '.join(DP_SHARD_MODES)}.")
+    if p.pp * dp_of(config) * p.tp != c.workers:
         problems.append(
-            f"parallel.pp*dp*tp = {p.pp}*{p.dp}*{p.tp} = {p.pp * p.dp * p.tp} differs from "
-            f"cluster.workers={c.workers}. Fix: set cluster.workers={p.pp * p.dp * p.tp} "
-            "or change the layout."
+            f"parallel.pp*dp*tp = {p.pp}*{p.dp}*{p.tp} = {p.pp * dp_of(config) * p.tp} differs "
+            f"from cluster.workers={c.workers}. Fix: set cluster.workers="
+            f"{p.pp * dp_of(config) * p.tp}, change the layout, or set parallel.dp=auto."
         )
-    if p.pp > 1 or p.tp > 1:
-        problems.append(
-            f"parallel.pp={p.pp}, parallel.tp={p.tp}: pipeline and tensor parallelism are not "
-            "available in this version (only data parallelism is). Fix: set parallel.pp=1 "
-            "parallel.tp=1."
-        )
+    if p.tp > 1:
+        problems += tensor_parallel_problems(config)
+    if p.pp > 1:
+        problems += pipeline_problems(config)
     if c.gpus_per_worker is not None and c.gpus_per_worker < 0:
         problems.append(
             f"cluster.gpus_per_worker={c.gpus_per_worker} is negative. Fix: use 0, 1 or leave it "
             "unset to use GPUs when the cluster has them."
         )
+    if m.n_layers < stage_count(config):
+        problems.append(
+            f"model.n_layers={m.n_layers} is fewer than the {stage_count(config)} pipeline "
+            "stages. Fix: lower parallel.pp (or parallel.virtual_stages)."
+        )
     return problems
 
 
+def dp_of(config: RaytronConfig) -> int:
+    """The resolved dp, or 1 while the layout itself is invalid (reported elsewhere)."""
+    p = config.parallel
+    if min(p.pp, p.tp) < 1 or not (p.dp == "auto" or isinstance(p.dp, int) and p.dp >= 1):
+        return 1
+    return max(1, resolve_dp(p.dp, config.cluster.workers, p.pp, p.tp))
+
+
+def stage_count(config: RaytronConfig) -> int:
+    return config.parallel.pp * stages_per_rank(config.parallel.schedule,
+                                                config.parallel.virtual_stages)
+
+
+def tensor_parallel_problems(config: RaytronConfig) -> list[str]:
+    m, tp, problems = config.model, config.parallel.tp, []
+    for key in ("ffn_hidden", "vocab_size"):
+        value = getattr(m, key)
+        if value is not None and value % tp:
+            problems.append(f"model.{key}={value} is not divisible by parallel.tp={tp}. "
+                            f"Fix: use a multiple of {tp}.")
+    if m.vocab_size is None and m.vocab_multiple_of % tp:
+        problems.append(f"model.vocab_multiple_of={m.vocab_multiple_of} is not divisible by "
+                        f"parallel.tp={tp}; the padded vocabulary must split over tp. "
+                        f"Fix: use a multiple of {tp} (e.g. {tp * 64}).")
+    if m.ffn_hidden is None and m.ffn_multiple_of % tp:
+        problems.append(f"model.ffn_multiple_of={m.ffn_multiple_of} is not divisible by "
+                        f"parallel.tp={tp}. Fix: use a multiple of {tp}.")
+    if config.parallel.sequence_parallel and config.data.seq_len % tp:
+        problems.append(f"data.seq_len={config.data.seq_len} is not divisible by parallel.tp="
+                        f"{tp}, which sequence parallelism splits it over. Fix: use a multiple "
+                        f"of {tp}, or parallel.sequence_parallel=false.")
+    return problems
+
+
+def pipeline_problems(config: RaytronConfig) -> list[str]:
+    p, t, problems = config.parallel, config.train, []
+    if config.model.tie_embeddings:
+        problems.append("model.tie_embeddings=true cannot be split over pipeline stages (the "
+                        "embedding lives on the first, the head on the last). Fix: set "
+                        "model.tie_embeddings=false.")
+    micro_batches = t.global_batch // max(1, t.micro_batch * dp_of(config))
+    per_call = p.microbatches or micro_batches
+    if micro_batches % per_call:
+        problems.append(
+            f"parallel.microbatches={per_call} does not divide the {micro_batches} micro-"
+            f"batches of a replica's step (train.global_batch / (train.micro_batch * dp)). "
+            "Fix: pick a divisor, or leave parallel.microbatches unset."
+        )
+    if p.schedule in ("1f1b", "interleaved-1f1b") and per_call < p.pp:
+        problems.append(
+            f"{p.schedule} needs at least parallel.pp={p.pp} micro-batches per schedule call, "
+            f"got {per_call}. Fix: raise train.global_batch or lower train.micro_batch."
+        )
+    if p.schedule == "interleaved-1f1b" and per_call % p.pp:
+        problems.append(f"interleaved-1f1b needs the micro-batches per call ({per_call}) to be "
+                        f"a multiple of parallel.pp={p.pp}. Fix: change parallel.microbatches.")
+    if p.schedule == "interleaved-1f1b" and p.virtual_stages < 2:
+        problems.append("interleaved-1f1b needs parallel.virtual_stages >= 2. Fix: set "
+                        "parallel.virtual_stages=2, or use parallel.schedule=1f1b.")
+    if p.layers_per_stage is not None and (
+        len(p.layers_per_stage) != stage_count(config)
+        or sum(p.layers_per_stage) != config.model.n_layers
+        or min(p.layers_per_stage) < 1
+    ):
+        problems.append(
+            f"parallel.layers_per_stage={list(p.layers_per_stage)} must list "
+            f"{stage_count(config)} positive counts (one per stage) summing to model.n_layers="
+            f"{config.model.n_layers}. Fix: correct it, or leave it unset for an even split."
+        )
+    return problems
+
+
+def resolve_layout(config: RaytronConfig) -> RaytronConfig:
+    """`parallel.dp=auto` replaced by the replicas cluster.workers allow."""
+    p = config.parallel
+    if p.dp != "auto":
+        return config
+    if config.cluster.workers % (p.pp * p.tp):
+        raise ConfigError([
+            f"parallel.dp=auto: cluster.workers={config.cluster.workers} is not a multiple of "
+            f"parallel.pp*tp = {p.pp * p.tp}. Fix: use a multiple of {p.pp * p.tp} workers."
+        ])
+    return dataclasses.replace(config, parallel=dataclasses.replace(p, dp=dp_of(config)))
+
+
 def train_problems(config: RaytronConfig) -> list[str]:
-    t, dp = config.train, config.parallel.dp
+    t, dp = config.train, dp_of(config)
     problems = positive(config, "train.global_batch", "train.micro_batch", "train.steps",
                         "train.lr", "train.log_interval")
     if problems:
@@ -144,6 +237,12 @@ def train_problems(config: RaytronConfig) -> list[str]:
     if t.precision not in PRECISIONS:
         problems.append(
             f"train.precision='{t.precision}' is unknown. Fix: use one of {', '.join(PRECISIONS)}."
+        )
+    if not (t.activation_checkpointing in ("none", "full")
+            or isinstance(t.activation_checkpointing, int) and t.activation_checkpointing >= 1):
+        problems.append(
+            f"train.activation_checkpointing={t.activation_checkpointing!r} is unknown. Fix: use "
+            "none, full, or k >= 1 to recompute every k-th layer."
         )
     if t.peak_flops is not None and t.peak_flops <= 0:
         problems.append(

@@ -1,0 +1,96 @@
+"""Runs the Trainer in any (pp, dp, tp) layout on spawned gloo processes, or in one plain
+process, on the same tiny model and data, so that tests can compare the two."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from raytron.platform.checkpoint import CheckpointStore
+from raytron.platform.config import load_config
+from raytron.platform.layout import Layout, build_mesh
+from raytron.platform.shapes import resolve_model
+from raytron.platform.trainer import Trainer
+
+BASE = ["model.n_layers=4", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.ffn_hidden=64", "model.vocab_size=128", "model.tie_embeddings=false",
+        "data.seq_len=16", "train.global_batch=8", "train.micro_batch=2", "train.steps=6",
+        "train.warmup_steps=1", "train.lr=1e-2", "train.min_lr=1e-3", "train.grad_clip=0.5",
+        "data.val_sequences=8"]
+
+
+def config(overrides: list[str]):
+    loaded = load_config("tiny", BASE + overrides)
+    workers = loaded.parallel.pp * int(loaded.parallel.dp) * loaded.parallel.tp
+    loaded = dataclasses.replace(loaded, cluster=dataclasses.replace(loaded.cluster,
+                                                                     workers=workers))
+    return dataclasses.replace(loaded, model=resolve_model(loaded.model, 128))
+
+
+def batch(step: int, cfg) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, 128, (cfg.train.global_batch, cfg.data.seq_len + 1),
+                         generator=generator)
+
+
+def train(overrides: list[str], start: int, stop: int, checkpoints: Path | None,
+          resume: bool) -> dict:
+    """Steps [start, stop) of the run; loads the checkpoint at `start` when `resume`,
+    saves one at `stop` when `checkpoints` is given. Returns losses, norms, val loss."""
+    cfg = config(overrides)
+    p = cfg.parallel
+    layout = Layout(p.pp, int(p.dp), p.tp, p.dp_shard)
+    trainer = Trainer(cfg, layout, torch.device("cpu"), build_mesh(layout, "cpu"))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    dp_rank = layout.coordinates(rank)["dp"]
+    share = cfg.train.global_batch // layout.dp
+    store = CheckpointStore(checkpoints, keep_last=10) if checkpoints else None
+    if resume:
+        store.load(start, trainer.parts, trainer.optimizers, trainer.schedulers)
+    losses, norms = [], []
+    for step in range(start, stop):
+        loss, norm = trainer.train_step(batch(step, cfg)[dp_rank * share:(dp_rank + 1) * share])
+        losses.append(loss.item())
+        norms.append(norm.item())
+    held_out = batch(-1, cfg)[: cfg.data.val_sequences]
+    rows = held_out[dp_rank * (len(held_out) // layout.dp):][: len(held_out) // layout.dp]
+    val = trainer.evaluate(rows).item()
+    if store:
+        store.save(stop, trainer.parts, trainer.optimizers, trainer.schedulers[0], {})
+    return {"losses": losses, "norms": norms, "val_loss": val}
+
+
+def rank_main(rank: int, world: int, store: str, out: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        result = train(*args)
+        if rank == 0:
+            Path(out).write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_parallel(tmp_path: Path, overrides: list[str], start: int = 0, stop: int = 6,
+                 checkpoints: Path | None = None, resume: bool = False) -> dict:
+    """`train` on as many spawned gloo ranks as the layout in `overrides` needs."""
+    cfg = config(overrides)
+    world = cfg.parallel.pp * int(cfg.parallel.dp) * cfg.parallel.tp
+    out = tmp_path / f"result-{os.getpid()}-{len(list(tmp_path.iterdir()))}.json"
+    store = tmp_path / f"store-{out.stem}"
+    mp.spawn(rank_main, args=(world, str(store), str(out),
+                              (overrides, start, stop, checkpoints, resume)), nprocs=world)
+    return json.loads(out.read_text())
+
+
+def run_single(overrides: list[str] = (), start: int = 0, stop: int = 6,
+               checkpoints: Path | None = None, resume: bool = False) -> dict:
+    """The reference: the same run in this process, no process group, no parallelism."""
+    return train(list(overrides), start, stop, checkpoints, resume)
