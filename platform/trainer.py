@@ -112,8 +112,8 @@ class Trainer:
 
     def train_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on this replica's slice (sequences of seq_len + 1; every
-        rank of the replica passes it, each stage uses what it needs). Returns the mean loss over all replicas and
-        the global gradient norm before clipping."""
+        rank of the replica passes it, each stage uses what it needs). Returns the mean
+        loss over all replicas and the global gradient norm before clipping."""
         if self.schedule is None:
             loss = self.accumulate(tokens)
         else:

@@ -94,3 +94,12 @@ def run_single(overrides: list[str] = (), start: int = 0, stop: int = 6,
                checkpoints: Path | None = None, resume: bool = False) -> dict:
     """The reference: the same run in this process, no process group, no parallelism."""
     return train(list(overrides), start, stop, checkpoints, resume)
+
+
+def final_parameters(checkpoints: Path, step: int) -> dict[str, torch.Tensor]:
+    """The model parameters of a checkpoint of any layout, loaded into one process."""
+    cfg = config([])
+    trainer = Trainer(cfg, Layout(), torch.device("cpu"), None)
+    CheckpointStore(checkpoints, keep_last=10).load(step, trainer.parts, trainer.optimizers,
+                                                    trainer.schedulers)
+    return {k: v.detach().clone() for k, v in trainer.parts[0].state_dict().items()}

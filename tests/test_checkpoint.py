@@ -13,8 +13,7 @@ TRAIN = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, steps=10)
 
 
 def trainer(seed=0):
-    torch.manual_seed(seed)
-    model = GPT(GPTShape(2, 16, 2, 1, 32, 50, 8))
+    model = GPT(GPTShape(2, 16, 2, 1, 32, 50, 8), seed=seed)
     optimizer = build_optimizer(model, TRAIN, fused=False)
     return model, optimizer, build_scheduler(optimizer, TRAIN)
 
@@ -32,12 +31,12 @@ def test_round_trip_restores_the_exact_training_state(tmp_path):
     model, optimizer, scheduler = trainer()
     for s in range(3):
         step(model, optimizer, scheduler, s)
-    store.save(3, model, optimizer, scheduler, {"cursor": {"epoch": 1}})
+    store.save(3, [model], [optimizer], scheduler, {"cursor": {"epoch": 1}})
     for s in range(3, 5):
         step(model, optimizer, scheduler, s)
 
     restored = trainer(seed=99)
-    meta = store.load(3, *restored)
+    meta = store.load(3, [restored[0]], [restored[1]], [restored[2]])
     assert meta == {"step": 3, "cursor": {"epoch": 1}}
     assert restored[2].last_epoch == 3
     for s in range(3, 5):
@@ -52,7 +51,7 @@ def test_only_committed_checkpoints_count_and_old_ones_go(tmp_path):
     store = CheckpointStore(tmp_path, keep_last=2)
     model, optimizer, scheduler = trainer()
     for s in (10, 20, 30):
-        store.save(s, model, optimizer, scheduler, {})
+        store.save(s, [model], [optimizer], scheduler, {})
     assert store.committed_steps() == [20, 30]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000020", "step_00000030"]
     half_written = store.folder(40)
@@ -64,7 +63,7 @@ def test_only_committed_checkpoints_count_and_old_ones_go(tmp_path):
 def test_a_crash_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     store = CheckpointStore(tmp_path, keep_last=1)
     model, optimizer, scheduler = trainer()
-    store.save(1, model, optimizer, scheduler, {})
+    store.save(1, [model], [optimizer], scheduler, {})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     step(model, optimizer, scheduler, 0)
 
@@ -73,12 +72,12 @@ def test_a_crash_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
 
     monkeypatch.setattr(checkpoint, "write_atomically", crash)
     with pytest.raises(OSError):
-        store.save(2, model, optimizer, scheduler, {})
+        store.save(2, [model], [optimizer], scheduler, {})
     monkeypatch.undo()
     assert store.latest() == 1 and not (store.folder(2) / COMMIT_MARKER).exists()
     fresh = trainer(seed=5)
-    store.load(1, *fresh)
+    store.load(1, [fresh[0]], [fresh[1]], [fresh[2]])
     for name, value in fresh[0].state_dict().items():
         torch.testing.assert_close(value, before[name], msg=name)
-    store.save(2, model, optimizer, scheduler, {})  # the next save cleans the leftover
+    store.save(2, [model], [optimizer], scheduler, {})  # the next save cleans the leftover
     assert store.committed_steps() == [2]

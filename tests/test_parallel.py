@@ -1,0 +1,65 @@
+"""Every parallel layout against the single-process run of the same model, data and seed:
+losses, gradient norms, validation loss and final parameters, on gloo process groups.
+The final parameters are compared by loading each layout's checkpoint into one process,
+which also proves checkpoints load across layouts."""
+
+import pytest
+import torch
+
+from parallel_harness import final_parameters, run_parallel, run_single
+
+LAYOUTS = {
+    "dp2-fsdp": ["parallel.dp=2"],
+    "dp2-zero2": ["parallel.dp=2", "parallel.dp_shard=grad-op"],
+    "dp2-ddp": ["parallel.dp=2", "parallel.dp_shard=none"],
+    "tp2-sp": ["parallel.tp=2"],
+    "tp2-no-sp-gathered-loss": ["parallel.tp=2", "parallel.sequence_parallel=false",
+                                "parallel.loss_parallel=false"],
+    "pp2-gpipe": ["parallel.pp=2", "parallel.schedule=gpipe"],
+    "pp2-1f1b-two-calls": ["parallel.pp=2", "parallel.microbatches=2"],
+    "pp2-interleaved": ["parallel.pp=2", "parallel.schedule=interleaved-1f1b"],
+    "pp2-zero-bubble": ["parallel.pp=2", "parallel.schedule=zero-bubble"],
+    "pp2-uneven": ["parallel.pp=2", "parallel.layers_per_stage=[3,1]"],
+    "dp2-tp2-recompute": ["parallel.dp=2", "parallel.tp=2", "train.activation_checkpointing=2"],
+    "pp2-dp2-tp2": ["parallel.pp=2", "parallel.dp=2", "parallel.tp=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    checkpoints = tmp_path_factory.mktemp("reference")
+    result = run_single([], checkpoints=checkpoints)
+    return result, final_parameters(checkpoints, 6)
+
+
+def assert_same_run(got: dict, want: dict) -> None:
+    assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
+    assert got["norms"] == pytest.approx(want["norms"], rel=1e-4)
+    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout_matches_one_process(tmp_path, reference, name):
+    want, want_params = reference
+    checkpoints = tmp_path / "checkpoints"
+    got = run_parallel(tmp_path, LAYOUTS[name], checkpoints=checkpoints)
+    assert_same_run(got, want)
+    got_params = final_parameters(checkpoints, 6)
+    assert got_params.keys() == want_params.keys()
+    for key, value in want_params.items():
+        torch.testing.assert_close(got_params[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_checkpoint_resumes_in_any_layout(tmp_path, reference):
+    """pp2 x dp2 x tp2 trains 3 steps; 1x1x1 and 1x2x1 each resume for 3 more: both must
+    continue exactly like the uninterrupted single-process run."""
+    want, _ = reference
+    checkpoints = tmp_path / "checkpoints"
+    first = run_parallel(tmp_path, LAYOUTS["pp2-dp2-tp2"], stop=3, checkpoints=checkpoints)
+    assert first["losses"] == pytest.approx(want["losses"][:3], rel=1e-5)
+    single = run_single([], start=3, stop=6, checkpoints=checkpoints, resume=True)
+    assert single["losses"] == pytest.approx(want["losses"][3:], rel=1e-5)
+    replicas = run_parallel(tmp_path, ["parallel.dp=2"], start=3, stop=6,
+                            checkpoints=checkpoints, resume=True)
+    assert replicas["losses"] == pytest.approx(want["losses"][3:], rel=1e-5)
+    assert replicas["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
