@@ -64,11 +64,16 @@ def stage_layers(n_layers: int, n_stages: int, layers_per_stage: list[int] | Non
 
 
 def cut_stage(model: GPT, stage: int, n_stages: int, layers: range) -> GPT:
-    """A copy of `model` (best on the meta device) holding only stage `stage`."""
-    part = copy.deepcopy(model)
-    for name in list(part.layers):
-        if int(name) not in layers:
-            del part.layers[name]
+    """A copy of `model` (best on the meta device) holding only stage `stage`; only the
+    stage's own layers are copied."""
+    all_layers, model.layers = model.layers, torch.nn.ModuleDict()
+    try:
+        part = copy.deepcopy(model)
+    finally:
+        model.layers = all_layers
+    part.layers = torch.nn.ModuleDict(
+        {name: copy.deepcopy(layer) for name, layer in all_layers.items() if int(name) in layers}
+    )
     if stage != 0:
         part.tok_embeddings = None
     if stage != n_stages - 1:

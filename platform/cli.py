@@ -33,6 +33,13 @@ a SQLite store at <run.root>/mlflow.db; view it with
 Exit status: 0 finished (or already finished), 1 training failed, 2 invalid config."""
 
 
+PLAN_EPILOG = """\
+Memory per device is estimated for each pipeline rank: fp32 weights, gradients and AdamW
+state (sharded over dp as parallel.dp_shard says) and the activations of the
+micro-batches in flight, with and without recomputation. With cluster.device_memory_gb
+set, a layout that does not fit is refused (exit status 2), here and by `raytron train`."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     config_help = CONFIG_HELP.format(presets=", ".join(preset_names()))
     parser = argparse.ArgumentParser(
@@ -47,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "train a model, or resume its run from the last checkpoint",
          config_help + "\n\n" + TRAIN_EPILOG),
         ("config", "print the resolved config (after validation) as YAML", config_help),
+        ("plan", "print the layout, parameters and memory per device, pipeline bubble and "
+         "FLOPs of a config, without starting anything", config_help + "\n\n" + PLAN_EPILOG),
     ):
         command = commands.add_parser(name, help=summary, description=summary, epilog=epilog,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +81,24 @@ def resolve(config_arg: str | None, overrides: list[str]) -> RaytronConfig:
     return resolve_layout(config)
 
 
+def refuse_if_too_big(config: RaytronConfig) -> None:
+    if config.cluster.device_memory_gb is None:
+        return
+    from raytron.model.estimates import GB
+    from raytron.platform.plan import make_plan
+
+    plan = make_plan(config)
+    if not plan.fits():
+        busiest = plan.busiest
+        raise ConfigError([
+            f"cluster.device_memory_gb={config.cluster.device_memory_gb:g}: pipeline rank "
+            f"{busiest.pp_rank} needs about {busiest.memory.total / GB:.1f} GB per device. Fix: "
+            "raise parallel.tp or parallel.pp, shard with parallel.dp_shard=full, recompute "
+            "with train.activation_checkpointing=full, or lower train.micro_batch "
+            "(`raytron plan` shows where the memory goes)."
+        ])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config_arg, overrides = split_config_argument(args.config, args.overrides)
@@ -80,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(to_yaml(config), end="")
             return 0
+        if args.command == "plan":
+            from raytron.platform.plan import describe, make_plan
+
+            plan = make_plan(config)
+            print(describe(plan))
+            return 0 if plan.fits() else EXIT_CONFIG_ERROR
+        refuse_if_too_big(config)
         from raytron.platform.controller import train
 
         return train(config)

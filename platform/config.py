@@ -123,6 +123,7 @@ class ClusterConfig:
     cpus_per_worker: int = 1  # also the torch threads of each worker
     gpus_per_worker: int | None = None  # None: 1 when the cluster has GPUs, else 0
     num_cpus: int | None = None  # CPUs of a locally started Ray; None: enough for the run
+    device_memory_gb: float | None = None  # refuse layouts whose estimate exceeds it
 
 
 @dataclass

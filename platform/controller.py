@@ -9,7 +9,6 @@ workers run `worker.train_loop`, and draws the progress from the tracker's recor
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,13 @@ from raytron.pipelines.tokenizer import capped, eos_id, load, train_bpe
 from raytron.platform.checkpoint import CheckpointStore
 from raytron.platform.config import ConfigError, RaytronConfig, flatten, to_dict, to_yaml
 from raytron.platform.console import Console
+from raytron.platform.placement import (
+    check_tensor_parallel_fits_a_node,
+    cluster_address,
+    node_resources,
+    start_ray,
+    worker_gpus,
+)
 from raytron.platform.shapes import resolve_model
 from raytron.platform.tracking import RunTracking, local_artifact_location, tracking_uri
 
@@ -98,6 +104,8 @@ def train(config: RaytronConfig) -> int:
         print(f"{paths.dir} already finished {resumed_step} steps (train.steps="
               f"{config.train.steps}). Raise train.steps to train on, or pick a new run.name.")
         return 0
+    nodes = node_resources(config)
+    check_tensor_parallel_fits_a_node(config, nodes)
     config = with_measured_cpu_peak(config)
     (paths.dir / CONFIG_FILE).write_text(to_yaml(config))
     uri = tracking_uri(config.tracking.uri, paths.root)
@@ -111,7 +119,8 @@ def train(config: RaytronConfig) -> int:
         tracking.set_tag(run_id, "raytron.resumed_from_step", str(resumed_step))
     print(describe_start(config, paths, uri, run_id, resumed_step, reopened))
     try:
-        run_worker_group(config, paths, spec, uri, run_id, resumed_step)
+        run_worker_group(config, paths, spec, uri, run_id, resumed_step,
+                         worker_gpus(config, nodes))
     except KeyboardInterrupt:
         tracking.finish(run_id, "KILLED")
         print(f"\nInterrupted. Run the same command again to resume from the last committed "
@@ -131,7 +140,7 @@ def train(config: RaytronConfig) -> int:
 def with_measured_cpu_peak(config: RaytronConfig) -> RaytronConfig:
     """On a local CPU-only run, measure the matmul peak (for MFU) here, before Ray and its
     actors start: measured inside a busy worker it comes out low and MFU above 100%."""
-    if config.train.peak_flops or config.cluster.address or os.environ.get("RAY_ADDRESS"):
+    if config.train.peak_flops or cluster_address(config):
         return config
     import torch
 
@@ -155,23 +164,8 @@ def describe_start(config: RaytronConfig, paths: RunPaths, uri: str, run_id: str
             f"Layout pp={p.pp} dp={p.dp} tp={p.tp} on {config.cluster.workers} worker(s)")
 
 
-def start_ray(config: RaytronConfig) -> None:
-    """Join `cluster.address` / $RAY_ADDRESS, or start a local Ray sized for the run."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = config.cluster.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    needed = (config.cluster.workers * config.cluster.cpus_per_worker
-              + config.data.tokenizer_workers + 1)
-    ray.init(num_cpus=config.cluster.num_cpus or max(os.cpu_count() or 1, needed))
-
-
 def run_worker_group(config: RaytronConfig, paths: RunPaths, spec: StreamSpec, uri: str,
-                     run_id: str, resumed_step: int) -> None:
+                     run_id: str, resumed_step: int, gpus: float) -> None:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -188,9 +182,6 @@ def run_worker_group(config: RaytronConfig, paths: RunPaths, spec: StreamSpec, u
         spec, config.data.seq_len, config.train.global_batch, config.data.prefetch_steps,
         config.data.val_sequences,
     )
-    gpus = config.cluster.gpus_per_worker
-    if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config, "checkpoint_dir": str(paths.checkpoints),

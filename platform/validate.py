@@ -101,7 +101,12 @@ def parallel_problems(config: RaytronConfig) -> list[str]:
     if p.dp_shard not in DP_SHARD_MODES:
         problems.append(f"parallel.dp_shard='{p.dp_shard}' is unknown. Fix: use one of "
                         f"{', '.join(DP_SHARD_MODES)}.")
-    if p.pp * dp_of(config) * p.tp != c.workers:
+    if p.dp == "auto" and c.workers % (p.pp * p.tp):
+        problems.append(
+            f"parallel.dp=auto: cluster.workers={c.workers} is not a multiple of parallel.pp*tp "
+            f"= {p.pp * p.tp}. Fix: use a multiple of {p.pp * p.tp} workers."
+        )
+    elif p.pp * dp_of(config) * p.tp != c.workers:
         problems.append(
             f"parallel.pp*dp*tp = {p.pp}*{p.dp}*{p.tp} = {p.pp * dp_of(config) * p.tp} differs "
             f"from cluster.workers={c.workers}. Fix: set cluster.workers="
@@ -197,15 +202,10 @@ def pipeline_problems(config: RaytronConfig) -> list[str]:
 
 
 def resolve_layout(config: RaytronConfig) -> RaytronConfig:
-    """`parallel.dp=auto` replaced by the replicas cluster.workers allow."""
+    """`parallel.dp=auto` replaced by the replicas cluster.workers allow (after `validate`)."""
     p = config.parallel
     if p.dp != "auto":
         return config
-    if config.cluster.workers % (p.pp * p.tp):
-        raise ConfigError([
-            f"parallel.dp=auto: cluster.workers={config.cluster.workers} is not a multiple of "
-            f"parallel.pp*tp = {p.pp * p.tp}. Fix: use a multiple of {p.pp * p.tp} workers."
-        ])
     return dataclasses.replace(config, parallel=dataclasses.replace(p, dp=dp_of(config)))
 
 

@@ -95,3 +95,40 @@ def test_help_is_complete(capsys):
     for text in ("train", "config", "KEY=VALUE", "tiny", "gpt2-124m", "RAY_ADDRESS",
                  "MLFLOW_TRACKING_URI", "mlflow ui", "Exit status"):
         assert text in out
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["parallel.tp=3", "cluster.workers=3"], ["must both be divisible by parallel.tp=3"]),
+    (["parallel.tp=2", "model.n_kv_heads=1", "cluster.workers=2"],
+     ["model.n_kv_heads=1 must both be divisible by parallel.tp=2"]),
+    (["parallel.pp=2", "parallel.schedule=interleaved-1f1b", "parallel.virtual_stages=4",
+      "model.tie_embeddings=false", "cluster.workers=2"],
+     ["model.n_layers=4 is fewer than the 8 pipeline stages"]),
+    (["parallel.pp=2", "parallel.tp=2", "parallel.dp=auto", "cluster.workers=6",
+      "model.tie_embeddings=false"], ["cluster.workers=6 is not a multiple of parallel.pp*tp"]),
+    (["parallel.dp=2", "cluster.workers=2", "train.global_batch=24"],
+     ["train.global_batch=24 is not divisible by train.micro_batch * parallel.dp"]),
+    (["parallel.pp=2", "cluster.workers=2"], ["tie_embeddings=true cannot be split"]),
+    (["parallel.pp=4", "cluster.workers=4", "model.tie_embeddings=false"],
+     ["1f1b needs at least parallel.pp=4 micro-batches per schedule call, got 2"]),
+    (["parallel.dp_shard=zero9"], ["parallel.dp_shard='zero9' is unknown"]),
+    (["parallel.dp=many"], ["parallel.dp='many' must be a positive number or auto"]),
+    (["train.activation_checkpointing=some"], ["train.activation_checkpointing='some'"]),
+    (["parallel.pp=2", "cluster.workers=2", "model.tie_embeddings=false",
+      "parallel.layers_per_stage=[3,3]"], ["parallel.layers_per_stage=[3, 3] must list 2"]),
+    (["cluster.device_memory_gb=0.01"], ["needs about", "GB per device"]),
+])
+def test_wrong_layouts_are_refused_before_ray(capsys, args, expected):
+    import ray
+
+    assert main(["train", "tiny", *args]) == EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err
+    for text in expected:
+        assert text in err
+    assert not ray.is_initialized()
+
+
+def test_dp_auto_takes_every_worker(capsys):
+    assert main(["config", "tiny", "parallel.dp=auto", "cluster.workers=4",
+                 "train.global_batch=32"]) == 0
+    assert "dp: 4" in capsys.readouterr().out

@@ -50,16 +50,20 @@ def test_layout_matches_one_process(tmp_path, reference, name):
         torch.testing.assert_close(got_params[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_a_checkpoint_resumes_in_any_layout(tmp_path, reference):
-    """pp2 x dp2 x tp2 trains 3 steps; 1x1x1 and 1x2x1 each resume for 3 more: both must
+@pytest.mark.parametrize("resume_as", [["parallel.tp=2"], ["parallel.pp=2"], []],
+                         ids=["1x1x2", "2x1x1", "1x1x1"])
+def test_a_1x2x2_checkpoint_resumes_in_other_layouts(tmp_path, reference, resume_as):
+    """1x2x2 trains 3 steps and checkpoints; another layout resumes for 3 more and must
     continue exactly like the uninterrupted single-process run."""
     want, _ = reference
     checkpoints = tmp_path / "checkpoints"
-    first = run_parallel(tmp_path, LAYOUTS["pp2-dp2-tp2"], stop=3, checkpoints=checkpoints)
+    first = run_parallel(tmp_path, ["parallel.dp=2", "parallel.tp=2"], stop=3,
+                         checkpoints=checkpoints)
     assert first["losses"] == pytest.approx(want["losses"][:3], rel=1e-5)
-    single = run_single([], start=3, stop=6, checkpoints=checkpoints, resume=True)
-    assert single["losses"] == pytest.approx(want["losses"][3:], rel=1e-5)
-    replicas = run_parallel(tmp_path, ["parallel.dp=2"], start=3, stop=6,
-                            checkpoints=checkpoints, resume=True)
-    assert replicas["losses"] == pytest.approx(want["losses"][3:], rel=1e-5)
-    assert replicas["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    if resume_as:
+        resumed = run_parallel(tmp_path, resume_as, start=3, stop=6, checkpoints=checkpoints,
+                               resume=True)
+    else:
+        resumed = run_single([], start=3, stop=6, checkpoints=checkpoints, resume=True)
+    assert resumed["losses"] == pytest.approx(want["losses"][3:], rel=1e-5)
+    assert resumed["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)

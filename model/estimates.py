@@ -1,0 +1,99 @@
+"""Memory of a GPT stage under a (pp, dp, tp) layout, estimated from its shape.
+
+What `raytron plan` prints, and what refuses a layout that cannot fit. Memory is an
+estimate (a lower bound: allocator slack, communication buffers and temporaries are
+not counted) per device; parameter counts come from the model itself (on the meta
+device), FLOPs from `GPT.flops_per_token`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raytron.model.gpt import GPTShape
+
+GB = 1e9
+OPTIMIZER_BYTES = 8  # AdamW: two fp32 moments per parameter
+MASTER_BYTES = 4  # fp32 parameters
+GRADIENT_BYTES = 4  # fp32 gradients (FSDP reduces in fp32)
+
+
+def activation_bytes_per_layer(shape: GPTShape, micro_batch: int, seq_len: int, tp: int,
+                               sequence_parallel: bool, dtype_bytes: int) -> float:
+    """Activations one block keeps for its backward, for one micro-batch, per device.
+
+    Per token: the two norm inputs and outputs (4d), q and the attention output (2d),
+    k and v (2*kv), the four d_ff-wide MLP tensors (4f) in the compute dtype, plus q and
+    k before rotation in fp32 (d + kv). Attention itself (SDPA, flash or memory-efficient)
+    keeps no seq x seq matrix. Tensor parallelism divides the sharded tensors by tp, and
+    sequence parallelism the rest too.
+    """
+    d, f, kv = shape.d_model, shape.ffn_hidden, shape.n_kv_heads * shape.head_dim
+    sharded = (2 * d + 2 * kv + 4 * f) * dtype_bytes + (d + kv) * 4
+    replicated = 4 * d * dtype_bytes
+    per_token = sharded / tp + replicated / (tp if sequence_parallel else 1)
+    return per_token * micro_batch * seq_len
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    params: int  # on the device's stage, before tensor parallelism
+    weights: float  # bytes per device
+    gradients: float
+    optimizer: float
+    activations: float  # as configured (with the chosen recomputation)
+    activations_no_recompute: float
+    activations_full_recompute: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def in_flight_microbatches(schedule: str, pp: int, pp_rank: int, microbatches: int,
+                           virtual_stages: int) -> float:
+    """Micro-batches whose activations a pipeline rank holds at its peak: all of them in
+    GPipe; pp - rank in 1F1B (the first rank holds most); scaled by 1 + (p-1)/(p*v) when
+    interleaved (Narayanan et al. 2021); pp on every rank of the zero-bubble V, whose two
+    stages per rank balance it."""
+    if pp == 1:
+        return 1
+    if schedule == "gpipe":
+        return microbatches
+    if schedule == "zero-bubble":
+        return min(pp, microbatches)
+    held = min(pp - pp_rank, microbatches)
+    if schedule == "interleaved-1f1b":
+        return held * (1 + (pp - 1) / (pp * virtual_stages))
+    return held
+
+
+def memory_plan(shape: GPTShape, params: int, stage_layers: int, last: bool, *, dp: int,
+                tp: int, dp_shard: str, sequence_parallel: bool, micro_batch: int,
+                seq_len: int, in_flight: float, recompute_every: int,
+                compute_bytes: int) -> MemoryPlan:
+    """Memory per device of a stage of `params` parameters: fp32 master weights,
+    gradients and AdamW state, sharded over dp as `dp_shard` says, plus the
+    activations of the micro-batches in flight."""
+    per_device = params / tp
+    sharded = dp if dp_shard in ("full", "grad-op") else 1
+    weights = per_device * MASTER_BYTES / sharded
+    if dp_shard == "grad-op" and dp > 1:  # ZeRO-2: gathered weights stay from forward to backward
+        weights += per_device * compute_bytes
+    gradients = per_device * GRADIENT_BYTES / sharded
+    optimizer = per_device * OPTIMIZER_BYTES / sharded
+    layer = activation_bytes_per_layer(shape, micro_batch, seq_len, tp, sequence_parallel,
+                                       compute_bytes)
+    block_input = micro_batch * seq_len * shape.d_model * compute_bytes / (
+        tp if sequence_parallel else 1)
+    logits = micro_batch * seq_len * shape.vocab_size * 4 * 2 / tp if last else 0
+    no_recompute = in_flight * stage_layers * layer + logits
+    full = in_flight * stage_layers * block_input + layer + logits  # + one layer recomputed
+    if recompute_every:
+        kept = stage_layers - -(-stage_layers // recompute_every)  # layers not recomputed
+        recomputed = stage_layers - kept
+        chosen = in_flight * (kept * layer + recomputed * block_input) + layer + logits
+    else:
+        chosen = no_recompute
+    return MemoryPlan(params, weights, gradients, optimizer, chosen, no_recompute, full)
+

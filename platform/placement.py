@@ -1,0 +1,71 @@
+"""Where workers go: the Ray cluster to use, and whether a layout can be placed on it.
+
+A tensor-parallel group all-reduces in every layer and must sit on one node, so a
+layout whose tp exceeds the workers one node can host is refused before any worker
+starts; for a local run that is known before Ray itself starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+from raytron.platform.config import ConfigError, RaytronConfig
+
+
+def cluster_address(config: RaytronConfig) -> str | None:
+    return config.cluster.address or os.environ.get("RAY_ADDRESS")
+
+
+def local_cpus(config: RaytronConfig) -> int:
+    """CPUs of a locally started Ray: the machine's, or enough for every actor of the run."""
+    c = config.cluster
+    needed = c.workers * c.cpus_per_worker + config.data.tokenizer_workers + 1
+    return c.num_cpus or max(os.cpu_count() or 1, needed)
+
+
+def start_ray(config: RaytronConfig) -> None:
+    """Join `cluster.address` / $RAY_ADDRESS, or start a local Ray sized for the run."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cluster_address(config)
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=local_cpus(config))
+
+
+def node_resources(config: RaytronConfig) -> list[dict[str, float]]:
+    """Resources per node: this machine's for a local run (Ray not started yet), the
+    alive nodes' of the cluster otherwise (joining takes no resources)."""
+    if cluster_address(config) is None:
+        import torch
+
+        return [{"CPU": local_cpus(config), "GPU": torch.cuda.device_count()}]
+    import ray
+
+    start_ray(config)
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def worker_gpus(config: RaytronConfig, nodes: list[dict[str, float]]) -> float:
+    """`cluster.gpus_per_worker`, or 1 when the cluster has GPUs and it is unset."""
+    if config.cluster.gpus_per_worker is not None:
+        return config.cluster.gpus_per_worker
+    return 1 if any(node.get("GPU", 0) > 0 for node in nodes) else 0
+
+
+def check_tensor_parallel_fits_a_node(config: RaytronConfig,
+                                      nodes: list[dict[str, float]]) -> None:
+    gpus = worker_gpus(config, nodes)
+    kind, need = ("GPU", gpus) if gpus else ("CPU", config.cluster.cpus_per_worker)
+    largest = max((int(node.get(kind, 0) // need) for node in nodes), default=0)
+    tp = config.parallel.tp
+    if tp > largest:
+        raise ConfigError([
+            f"parallel.tp={tp} is larger than the {largest} workers the largest node can host "
+            f"({kind} per worker: {need:g}); a tensor-parallel group must share a node. Fix: "
+            f"lower parallel.tp to {max(1, largest)} or less and raise parallel.pp or dp "
+            "instead, or use nodes with more devices."
+        ])

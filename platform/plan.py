@@ -1,0 +1,170 @@
+"""`raytron plan`: what a layout costs, computed without Ray, devices or weights.
+
+The model is built on the meta device (no memory), cut into the stages the layout
+asks for, and counted; memory per device comes from `model.estimates`, the pipeline
+bubble from the schedule's formula, FLOPs from the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raytron.model.estimates import GB, MemoryPlan, in_flight_microbatches, memory_plan
+from raytron.model.gpt import GPT
+from raytron.model.pipeline import (
+    bubble_fraction,
+    cut_stage,
+    rank_stages,
+    stage_layers,
+    stages_per_rank,
+)
+from raytron.platform.config import RaytronConfig
+from raytron.platform.shapes import gpt_shape, resolve_model
+from raytron.platform.trainer import activation_checkpoint_every
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    pp_rank: int
+    stages: list[int]
+    layers: int
+    memory: MemoryPlan
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: RaytronConfig
+    total_params: int
+    ranks: list[RankPlan]
+    microbatches: int  # per schedule call
+    bubble: float
+    flops_per_step: float
+
+    @property
+    def busiest(self) -> RankPlan:
+        return max(self.ranks, key=lambda r: r.memory.total)
+
+    def fits(self) -> bool:
+        limit = self.config.cluster.device_memory_gb
+        return limit is None or self.busiest.memory.total <= limit * GB
+
+
+def tokenizer_vocab(config: RaytronConfig) -> int:
+    """The vocabulary the run will have: a given tokenizer's, else data.vocab_size."""
+    if config.data.tokenizer and Path(config.data.tokenizer).is_file():
+        from raytron.pipelines.tokenizer import load
+
+        return load(config.data.tokenizer).get_vocab_size()
+    return config.data.vocab_size
+
+
+def make_plan(config: RaytronConfig) -> Plan:
+    config = dataclasses.replace(config, model=resolve_model(config.model,
+                                                             tokenizer_vocab(config)))
+    p, t, seq = config.parallel, config.train, config.data.seq_len
+    dp = int(p.dp)
+    shape = gpt_shape(config.model)
+    with torch.device("meta"):
+        whole = GPT(shape)
+    n_stages = p.pp * stages_per_rank(p.schedule, p.virtual_stages) if p.pp > 1 else 1
+    ranges = stage_layers(shape.n_layers, n_stages, p.layers_per_stage if p.pp > 1 else None)
+    counts = [sum(x.numel() for x in cut_stage(whole, s, n_stages, ranges[s]).parameters())
+              for s in range(n_stages)] if n_stages > 1 else [whole.num_params()]
+    microbatches = t.global_batch // (t.micro_batch * dp)
+    per_call = p.microbatches or microbatches
+    compute_bytes = 4 if t.precision == "fp32" else 2
+    ranks = []
+    for pp_rank in range(p.pp):
+        stages = rank_stages(p.schedule, pp_rank, p.pp, p.virtual_stages) if p.pp > 1 else [0]
+        layers = sum(len(ranges[s]) for s in stages)
+        memory = memory_plan(
+            shape, sum(counts[s] for s in stages), layers, n_stages - 1 in stages, dp=dp,
+            tp=p.tp, dp_shard=p.dp_shard, sequence_parallel=p.sequence_parallel,
+            micro_batch=t.micro_batch, seq_len=seq,
+            in_flight=in_flight_microbatches(p.schedule, p.pp, pp_rank, per_call,
+                                             p.virtual_stages),
+            recompute_every=activation_checkpoint_every(t.activation_checkpointing),
+            compute_bytes=compute_bytes,
+        )
+        ranks.append(RankPlan(pp_rank, stages, layers, memory))
+    return Plan(config, whole.num_params(), ranks, per_call,
+                bubble_fraction(p.schedule, p.pp, per_call, p.virtual_stages),
+                whole.flops_per_token(seq) * t.global_batch * seq)
+
+
+def human(count: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return f"{count:.0f}"
+
+
+def rank_groups(ranks: list[RankPlan]) -> list[tuple[int, int]]:
+    """Runs of consecutive pipeline ranks with the same row (the middle of a long pipe)."""
+    def row(r: RankPlan) -> tuple:
+        m = r.memory
+        return (r.layers, m.params, round(m.total / 1e6))
+
+    groups: list[tuple[int, int]] = []
+    for index, rank in enumerate(ranks):
+        if groups and row(ranks[groups[-1][0]]) == row(rank):
+            groups[-1] = (groups[-1][0], index)
+        else:
+            groups.append((index, index))
+    return groups
+
+
+def describe(plan: Plan) -> str:
+    c = plan.config
+    p, t = c.parallel, c.train
+    world = p.pp * int(p.dp) * p.tp
+    m = plan.busiest.memory
+    recompute = t.activation_checkpointing
+    lines = [
+        f"layout      pp={p.pp} dp={p.dp} tp={p.tp} on {world} devices; schedule {p.schedule}"
+        + (f" (v={p.virtual_stages})" if p.schedule == "interleaved-1f1b" else "")
+        + f"; data parallel {p.dp_shard}; sequence parallel "
+        + ("on" if p.sequence_parallel else "off"),
+        f"model       {human(plan.total_params)} parameters; {c.model.n_layers} layers x "
+        f"{c.model.d_model} wide, {c.model.n_heads} heads ({c.model.n_kv_heads} KV), "
+        f"vocabulary {c.model.vocab_size}, sequence {c.data.seq_len}",
+        f"batch       {t.global_batch} sequences per step = {t.global_batch // int(p.dp)} per "
+        f"replica in micro-batches of {t.micro_batch}"
+        + (f"; {plan.microbatches} per schedule call" if p.pp > 1 else ""),
+        "",
+        "pipeline rank  stages     layers  parameters  weights  grads  optimizer  "
+        "activations  total (GB per device)",
+    ]
+    for first, last in rank_groups(plan.ranks):
+        rank, r = plan.ranks[first], plan.ranks[first].memory
+        ranks = str(first) if first == last else f"{first}-{last}"
+        stages = ",".join(map(str, rank.stages)) if first == last else "..."
+        lines.append(
+            f"{ranks:>13}  {stages:<9}  {rank.layers:>6}  "
+            f"{human(r.params):>10}  {r.weights / GB:>7.2f}  {r.gradients / GB:>5.2f}  "
+            f"{r.optimizer / GB:>9.2f}  {r.activations / GB:>11.2f}  {r.total / GB:>6.2f}"
+        )
+    lines += [
+        "",
+        f"activations of pipeline rank {plan.busiest.pp_rank} (GB): "
+        f"{m.activations_no_recompute / GB:.2f} storing all, "
+        f"{m.activations_full_recompute / GB:.2f} recomputing every layer, "
+        f"{m.activations / GB:.2f} as configured (train.activation_checkpointing={recompute})",
+        f"bubble      {100 * plan.bubble:.1f}% of a step idle in the pipeline "
+        f"({plan.microbatches} micro-batches over {p.pp} stages)",
+        f"compute     {plan.flops_per_step:.3g} model FLOPs per step",
+    ]
+    if t.peak_flops:
+        ideal = plan.flops_per_step / (world * t.peak_flops)
+        lines.append(f"            {ideal:.2f} s per step at 100% of {t.peak_flops / 1e12:.0f} "
+                     f"TFLOP/s per device; {ideal / (1 - plan.bubble):.2f} s with the bubble")
+    limit = c.cluster.device_memory_gb
+    if limit is not None:
+        verdict = "fits" if plan.fits() else "DOES NOT FIT"
+        lines.append(f"memory      busiest device needs {m.total / GB:.1f} GB of {limit:g} GB: "
+                     f"{verdict}")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""`raytron plan`, the memory estimates and the placement checks."""
+
+import pytest
+
+from raytron.model.estimates import GB, in_flight_microbatches
+from raytron.model.pipeline import bubble_fraction, stage_layers
+from raytron.platform.cli import EXIT_CONFIG_ERROR, main
+from raytron.platform.config import ConfigError, load_config
+from raytron.platform.placement import check_tensor_parallel_fits_a_node
+from raytron.platform.plan import make_plan
+from raytron.platform.validate import resolve_layout
+
+
+def test_mt_nlg_530b_plan_is_plausible():
+    plan = make_plan(resolve_layout(load_config("mt-nlg-530b")))
+    assert 528e9 < plan.total_params < 533e9  # the paper's 530B
+    first = plan.ranks[0].memory
+    # 16 bytes per parameter (fp32 master, gradient, two Adam moments) over tp=8:
+    assert first.params / 8 * 16 == pytest.approx(first.weights + first.gradients
+                                                  + first.optimizer)
+    assert 25 * GB < plan.busiest.memory.total < 40 * GB
+    assert first.activations_no_recompute > 15 * GB > first.activations_full_recompute
+    assert plan.bubble == pytest.approx(34 / (240 + 34))
+    # 6N + attention per token over 1920 x 2048 tokens: about 1.27e19
+    assert plan.flops_per_step == pytest.approx(1.27e19, rel=0.02)
+    assert plan.fits()
+
+
+def test_plan_refuses_what_does_not_fit(capsys):
+    assert main(["plan", "llama-1b", "cluster.device_memory_gb=8"]) == EXIT_CONFIG_ERROR
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert main(["plan", "tiny"]) == 0
+    out = capsys.readouterr().out
+    for text in ("layout", "parameters", "weights", "activations", "bubble", "FLOPs"):
+        assert text in out
+
+
+def test_stage_split_and_bubble_formulas():
+    assert [len(r) for r in stage_layers(10, 4)] == [3, 3, 2, 2]
+    assert [list(r) for r in stage_layers(4, 2, [3, 1])] == [[0, 1, 2], [3]]
+    assert bubble_fraction("1f1b", 4, 12) == pytest.approx(3 / 15)
+    assert bubble_fraction("interleaved-1f1b", 4, 12, 2) == pytest.approx(3 / 27)
+    assert bubble_fraction("zero-bubble", 4, 8) == 0
+    assert bubble_fraction("gpipe", 1, 8) == 0
+    assert in_flight_microbatches("1f1b", 4, 0, 16, 1) == 4
+    assert in_flight_microbatches("1f1b", 4, 3, 16, 1) == 1
+    assert in_flight_microbatches("gpipe", 4, 3, 16, 1) == 16
+
+
+def test_tensor_parallel_must_fit_one_node():
+    config = load_config("tiny", ["parallel.tp=8", "cluster.workers=8", "model.n_heads=8",
+                                  "model.n_kv_heads=8", "cluster.gpus_per_worker=1"])
+    with pytest.raises(ConfigError, match="parallel.tp=8 is larger than the 4 workers"):
+        check_tensor_parallel_fits_a_node(config, [{"CPU": 64, "GPU": 4}, {"CPU": 64, "GPU": 4}])
+    check_tensor_parallel_fits_a_node(config, [{"CPU": 64, "GPU": 8}])
