@@ -13,6 +13,8 @@ def format_step(step: int, total: int, m: dict[str, float]) -> str:
              f"grad {m['grad_norm']:.2f}", f"{m['tokens_per_s'] / 1e3:.1f}k tok/s",
              f"MFU {100 * m['mfu']:.1f}%", f"{1e3 * m['step_time_s']:.0f} ms/step",
              f"wait {1e3 * m['input_wait_s']:.1f} ms"]
+    if "pipeline/idle" in m:
+        parts.append(f"pipeline idle {100 * m['pipeline/idle']:.0f}%")
     skipped = sum(v for k, v in m.items() if k.startswith("data/skipped_"))
     if skipped:
         parts.append(f"skipped {skipped:.0f} records")

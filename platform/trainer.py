@@ -10,6 +10,7 @@ all micro-batches of all replicas, so the math does not depend on the layout.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 import torch.distributed as dist
@@ -72,9 +73,12 @@ class Trainer:
         self.last = n_stages - 1 in self.stage_ids
         self.schedule = None
         self.n_stages = n_stages
+        self.busy = BusyTimer(device)
         if layout.pp > 1:
             stages = [PipelineStage(part, stage, n_stages, device, group=mesh["pp"].get_group())
                       for part, stage in zip(self.parts, self.stage_ids, strict=True)]
+            for stage in stages:
+                self.busy.watch(stage)
             scale = 1 / self.micro_batches  # the step's gradient: mean over its micro-batches
             self.schedule = build_schedule(stages, p.schedule, per_call,
                                            lambda out, target: cross_entropy(out, target) * scale)
@@ -140,6 +144,7 @@ class Trainer:
         """Schedule calls of `call_size` sequences; only the last stage sees losses."""
         calls = self.micro_batches * self.config.train.micro_batch // self.call_size
         total = torch.zeros((), device=self.device)
+        self.busy.start()
         for call in range(calls):
             self.sync_gradients(call == calls - 1)
             losses: list[torch.Tensor] = []
@@ -148,7 +153,17 @@ class Trainer:
                                    **self.stage_targets(tokens, call))
             if self.last:  # losses come scaled by 1/micro-batches: their sum is the mean
                 total += torch.stack([local_value(x).detach() for x in losses]).sum()
+        self.busy.stop()
         return self.sum_over_stages(total)
+
+    def idle_shares(self) -> list[float]:
+        """Share of the last step each pipeline rank spent waiting (the measured bubble),
+        for this rank's pipeline; empty without a pipeline."""
+        if self.schedule is None:
+            return []
+        shares: list[float | None] = [None] * self.layout.pp
+        dist.all_gather_object(shares, self.busy.idle_share(), group=self.mesh["pp"].get_group())
+        return shares
 
     def stage_inputs(self, tokens: torch.Tensor, call: int) -> tuple:
         if not self.first:
@@ -230,6 +245,48 @@ class Trainer:
     @property
     def lr(self) -> float:
         return self.optimizers[0].param_groups[0]["lr"]
+
+
+class BusyTimer:
+    """Time a pipeline rank computes (forward and backward chunks of its stages) within
+    a step; the rest of the step it waits on other stages. Synchronizes the GPU around
+    each chunk, which costs a little overlap, for a measurement that means something."""
+
+    CHUNK_METHODS = ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.busy = self.started = self.elapsed = 0.0
+
+    def watch(self, stage: PipelineStage) -> None:
+        for name in self.CHUNK_METHODS:
+            setattr(stage, name, self.timed(getattr(stage, name)))
+
+    def timed(self, method):
+        def run(*args, **kwargs):
+            self.synchronize()
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.synchronize()
+                self.busy += time.perf_counter() - started
+        return run
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        self.synchronize()
+        self.busy, self.started = 0.0, time.perf_counter()
+
+    def stop(self) -> None:
+        self.synchronize()
+        self.elapsed = time.perf_counter() - self.started
+
+    def idle_share(self) -> float:
+        return max(0.0, 1 - self.busy / self.elapsed) if self.elapsed else 0.0
 
 
 def local_value(value: torch.Tensor) -> torch.Tensor:

@@ -91,13 +91,22 @@ class WorkerLoop:
                     "tokens_per_s": tokens_per_step / step_time,
                     "mfu": self.flops_per_token * tokens_per_step
                     / (step_time * self.layout.world * self.peak_flops),
-                    "tokens_seen": tokens_seen,
+                    "tokens_seen": tokens_seen, **self.bubble_metrics(),
                 }, with_data_stats=True)
                 window_started, window_wait, window_steps = time.perf_counter(), 0.0, 0
             if train.eval_interval and (step % train.eval_interval == 0 or step == train.steps):
                 self.evaluate(step)
             if step % self.config.checkpoint.interval == 0 or step == train.steps:
                 self.save(step, tokens_seen)
+
+    def bubble_metrics(self) -> dict[str, float]:
+        """The measured idle share of each pipeline rank in the last step (collective over
+        the pipeline group: every rank calls it at the same steps)."""
+        shares = self.trainer.idle_shares()
+        metrics = {f"pipeline/idle_stage{rank}": share for rank, share in enumerate(shares)}
+        if shares:
+            metrics["pipeline/idle"] = sum(shares) / len(shares)
+        return metrics
 
     def resume(self) -> tuple[int, dict]:
         """Load the latest committed checkpoint, if any, and point the feeder at its cursor."""

@@ -4,16 +4,14 @@ process, on the same tiny model and data, so that tests can compare the two."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from raytron.platform.checkpoint import CheckpointStore
 from raytron.platform.config import load_config
+from raytron.platform.gloo import run_on_gloo
 from raytron.platform.layout import Layout, build_mesh
 from raytron.platform.shapes import resolve_model
 from raytron.platform.trainer import Trainer
@@ -58,36 +56,21 @@ def train(overrides: list[str], start: int, stop: int, checkpoints: Path | None,
         loss, norm = trainer.train_step(batch(step, cfg)[dp_rank * share:(dp_rank + 1) * share])
         losses.append(loss.item())
         norms.append(norm.item())
+    idle = trainer.idle_shares()
     held_out = batch(-1, cfg)[: cfg.data.val_sequences]
     rows = held_out[dp_rank * (len(held_out) // layout.dp):][: len(held_out) // layout.dp]
     val = trainer.evaluate(rows).item()
     if store:
         store.save(stop, trainer.parts, trainer.optimizers, trainer.schedulers[0], {})
-    return {"losses": losses, "norms": norms, "val_loss": val}
+    return {"losses": losses, "norms": norms, "val_loss": val, "idle": idle}
 
 
-def rank_main(rank: int, world: int, store: str, out: str, args: tuple) -> None:
-    torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        result = train(*args)
-        if rank == 0:
-            Path(out).write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
-
-
-def run_parallel(tmp_path: Path, overrides: list[str], start: int = 0, stop: int = 6,
+def run_parallel(overrides: list[str], start: int = 0, stop: int = 6,
                  checkpoints: Path | None = None, resume: bool = False) -> dict:
     """`train` on as many spawned gloo ranks as the layout in `overrides` needs."""
     cfg = config(overrides)
     world = cfg.parallel.pp * int(cfg.parallel.dp) * cfg.parallel.tp
-    out = tmp_path / f"result-{os.getpid()}-{len(list(tmp_path.iterdir()))}.json"
-    store = tmp_path / f"store-{out.stem}"
-    mp.spawn(rank_main, args=(world, str(store), str(out),
-                              (overrides, start, stop, checkpoints, resume)), nprocs=world)
-    return json.loads(out.read_text())
+    return run_on_gloo(world, train, overrides, start, stop, checkpoints, resume)
 
 
 def run_single(overrides: list[str] = (), start: int = 0, stop: int = 6,

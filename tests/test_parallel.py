@@ -42,8 +42,10 @@ def assert_same_run(got: dict, want: dict) -> None:
 def test_layout_matches_one_process(tmp_path, reference, name):
     want, want_params = reference
     checkpoints = tmp_path / "checkpoints"
-    got = run_parallel(tmp_path, LAYOUTS[name], checkpoints=checkpoints)
+    got = run_parallel(LAYOUTS[name], checkpoints=checkpoints)
     assert_same_run(got, want)
+    pp = 2 if any(o.startswith("parallel.pp=") for o in LAYOUTS[name]) else 0
+    assert len(got["idle"]) == pp and all(0 <= share < 1 for share in got["idle"])
     got_params = final_parameters(checkpoints, 6)
     assert got_params.keys() == want_params.keys()
     for key, value in want_params.items():
@@ -57,11 +59,11 @@ def test_a_1x2x2_checkpoint_resumes_in_other_layouts(tmp_path, reference, resume
     continue exactly like the uninterrupted single-process run."""
     want, _ = reference
     checkpoints = tmp_path / "checkpoints"
-    first = run_parallel(tmp_path, ["parallel.dp=2", "parallel.tp=2"], stop=3,
+    first = run_parallel(["parallel.dp=2", "parallel.tp=2"], stop=3,
                          checkpoints=checkpoints)
     assert first["losses"] == pytest.approx(want["losses"][:3], rel=1e-5)
     if resume_as:
-        resumed = run_parallel(tmp_path, resume_as, start=3, stop=6, checkpoints=checkpoints,
+        resumed = run_parallel(resume_as, start=3, stop=6, checkpoints=checkpoints,
                                resume=True)
     else:
         resumed = run_single([], start=3, stop=6, checkpoints=checkpoints, resume=True)

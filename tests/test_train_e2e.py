@@ -17,14 +17,14 @@ SMALL = ["model.n_layers=2", "data.seq_len=64", "train.global_batch=8", "train.m
          "train.eval_interval=12", "checkpoint.interval=6", "cluster.cpus_per_worker=1"]
 
 
-def command(root: Path, name: str) -> list[str]:
+def command(root: Path, name: str, extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "raytron.platform.cli", "train", "tiny",
-            f"run.root={root}", f"run.name={name}", *SMALL]
+            f"run.root={root}", f"run.name={name}", *SMALL, *extra]
 
 
-def run_to_end(root: Path, name: str) -> str:
-    result = subprocess.run(command(root, name), capture_output=True, text=True, timeout=600,
-                            cwd=root)
+def run_to_end(root: Path, name: str, extra: tuple[str, ...] = ()) -> str:
+    result = subprocess.run(command(root, name, extra), capture_output=True, text=True,
+                            timeout=600, cwd=root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -97,3 +97,17 @@ def test_running_a_finished_run_again_changes_nothing(runs):
     root, _, _ = runs
     output = run_to_end(root, "whole")
     assert "already finished 24 steps" in output
+
+
+def test_four_workers_as_dp2_tp2_train_like_one(runs):
+    """The same run on four Ray workers (2 replicas x 2 tensor-parallel ranks) gives the
+    losses of the one-worker run: the data, the seed and the math ignore the layout."""
+    root, _, _ = runs
+    run_to_end(root, "dp2tp2", ("parallel.dp=2", "parallel.tp=2", "cluster.workers=4"))
+    _, _, whole = loss_history(root, "whole")
+    _, run, parallel = loss_history(root, "dp2tp2")
+    expected = {m.step: m.value for m in whole}
+    assert {m.step for m in parallel} == set(expected)
+    for metric in parallel:
+        assert metric.value == pytest.approx(expected[metric.step], rel=1e-4), metric
+    assert run.data.metrics["layout/dp"] == 2 and run.data.metrics["layout/tp"] == 2

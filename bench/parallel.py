@@ -1,0 +1,172 @@
+"""Throughput of raytron's parallel layouts on this machine, one thread per rank.
+
+    python bench/parallel.py            # ~6 minutes on 2 cores; writes docs/benchmarks.md
+
+1. Platform overhead: tokens/s of `raytron train` (1x1x1, Ray, DataFeeder, MLflow) over
+   tokens/s of a bare PyTorch loop over the same model and batch shapes in one process.
+2. Pipeline efficiency: tokens/s of pp=2 with m micro-batches over 2x tokens/s of pp=1,
+   beside the 1F1B bound m/(m+1).
+3. tp=2 and dp=2 tokens/s over 1x1x1 tokens/s, with the same two cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import machine, markdown_table, write_section  # noqa: E402
+
+from raytron.model.gpt import GPT, cross_entropy  # noqa: E402
+from raytron.platform.config import load_config  # noqa: E402
+from raytron.platform.gloo import run_on_gloo  # noqa: E402
+from raytron.platform.layout import Layout, build_mesh  # noqa: E402
+from raytron.platform.optim import build_optimizer  # noqa: E402
+from raytron.platform.shapes import gpt_shape, resolve_model  # noqa: E402
+from raytron.platform.trainer import Trainer  # noqa: E402
+
+MODEL = ["model.n_layers=8", "model.d_model=256", "model.n_heads=8", "model.n_kv_heads=8",
+         "model.ffn_hidden=768", "model.vocab_size=2048", "model.tie_embeddings=false",
+         "data.seq_len=128", "train.micro_batch=4"]
+WARMUP, STEPS = 2, 6
+
+
+def config(overrides: list[str]):
+    loaded = load_config("tiny", MODEL + overrides)
+    return dataclasses.replace(loaded, model=resolve_model(loaded.model, 2048))
+
+
+def batches(cfg, count: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 2048, (cfg.train.global_batch, cfg.data.seq_len + 1),
+                          generator=generator) for _ in range(count)]
+
+
+def trainer_tokens_per_s(overrides: list[str]) -> float:
+    """Steady tokens/s of the Trainer in the layout of `overrides` (run on every rank)."""
+    cfg = config(overrides)
+    p = cfg.parallel
+    layout = Layout(p.pp, int(p.dp), p.tp, p.dp_shard)
+    trainer = Trainer(cfg, layout, torch.device("cpu"), build_mesh(layout, "cpu"))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    dp_rank, share = layout.coordinates(rank)["dp"], cfg.train.global_batch // layout.dp
+    times = []
+    for tokens in batches(cfg, WARMUP + STEPS):
+        started = time.perf_counter()
+        trainer.train_step(tokens[dp_rank * share : (dp_rank + 1) * share])
+        times.append(time.perf_counter() - started)
+    return cfg.train.global_batch * cfg.data.seq_len / statistics.median(times[WARMUP:])
+
+
+def layout_tokens_per_s(overrides: list[str]) -> float:
+    cfg = config(overrides)
+    world = cfg.parallel.pp * int(cfg.parallel.dp) * cfg.parallel.tp
+    if world == 1:
+        torch.set_num_threads(1)
+        return trainer_tokens_per_s(overrides)
+    return run_on_gloo(world, trainer_tokens_per_s, overrides)
+
+
+def bare_loop_tokens_per_s(overrides: list[str]) -> float:
+    """The same model and batch shapes in a plain PyTorch loop: no Ray, no raytron."""
+    torch.set_num_threads(1)
+    cfg = config(overrides)
+    model = GPT(gpt_shape(cfg.model), seed=cfg.train.seed)
+    optimizer = build_optimizer(model, cfg.train, fused=False)
+    times = []
+    for tokens in batches(cfg, WARMUP + STEPS):
+        started = time.perf_counter()
+        micro = tokens.split(cfg.train.micro_batch)
+        for chunk in micro:
+            (cross_entropy(model(chunk[:, :-1]), chunk[:, 1:]) / len(micro)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    return cfg.train.global_batch * cfg.data.seq_len / statistics.median(times[WARMUP:])
+
+
+def raytron_train_tokens_per_s(overrides: list[str]) -> float:
+    """`raytron train` on the embedded corpus; the median tokens/s it logged after warm-up."""
+    from mlflow import MlflowClient
+
+    steps = 3 * (WARMUP + STEPS)
+    with tempfile.TemporaryDirectory() as root:
+        command = [sys.executable, "-m", "raytron.platform.cli", "train", "tiny", *MODEL,
+                   *overrides, f"run.root={root}", "run.name=bench", f"train.steps={steps}",
+                   "train.log_interval=1", "train.eval_interval=0",
+                   f"checkpoint.interval={steps}", "cluster.cpus_per_worker=1"]
+        subprocess.run(command, check=True, capture_output=True, cwd=root)
+        client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+        run_id = Path(root, "bench", "mlflow_run_id").read_text().strip()
+        history = client.get_metric_history(run_id, "tokens_per_s")
+        return statistics.median(m.value for m in history if m.step > WARMUP)
+
+
+def ratio_row(name: str, value: float, base: float, bound: str = "") -> list[str]:
+    return [name, f"{value:,.0f}", f"{value / base:.2f}", bound]
+
+
+def main() -> None:
+    batch = ["train.global_batch=16"]
+    bare = bare_loop_tokens_per_s(batch)
+    platform = raytron_train_tokens_per_s(batch)
+    overhead = [ratio_row("bare PyTorch loop, 1 process (baseline)", bare, bare),
+                ratio_row("`raytron train`, 1x1x1 on Ray", platform, bare, ">= 0.95")]
+
+    single = {}
+    pipeline = []
+    for m in (2, 4, 8):
+        batch_m = [f"train.global_batch={4 * m}"]
+        single[m] = layout_tokens_per_s(batch_m)
+        pp2 = layout_tokens_per_s(batch_m + ["parallel.pp=2"])
+        pipeline.append([f"pp=2, m={m}", f"{single[m]:,.0f}", f"{pp2:,.0f}",
+                         f"{pp2 / (2 * single[m]):.2f}", f"{m / (m + 1):.2f}"])
+
+    one = single[4]
+    layouts = [ratio_row("1x1x1 (baseline)", one, one)]
+    for name, overrides in (("tp=2", ["parallel.tp=2"]), ("dp=2 (FSDP)", ["parallel.dp=2"]),
+                            ("dp=2 (DDP)", ["parallel.dp=2", "parallel.dp_shard=none"])):
+        layouts.append(ratio_row(name, layout_tokens_per_s(["train.global_batch=16"]
+                                                           + overrides), one, "2.00 ideal"))
+
+    tables = {
+        "overhead": markdown_table(["run", "tokens/s", "ratio", "target"], overhead),
+        "pipeline": markdown_table(["layout", "pp=1 tokens/s", "pp=2 tokens/s",
+                                    "efficiency", "1F1B bound m/(m+1)"], pipeline),
+        "layouts": markdown_table(["layout (global batch 16)", "tokens/s", "÷ 1x1x1",
+                                   "ideal"], layouts),
+    }
+    model = json.dumps(MODEL)
+    body = f"""## Parallel layouts (`bench/parallel.py`)
+
+`python bench/parallel.py` on {machine()}; one thread per rank, gloo between ranks;
+model {model} (~{config([]).model.n_layers}-layer, 7M parameters), AdamW, median of
+{STEPS} steps after {WARMUP} of warm-up.
+
+Platform overhead (global batch 16):
+
+{tables['overhead']}
+
+Pipeline efficiency (1F1B, micro-batch 4, global batch 4m):
+
+{tables['pipeline']}
+
+Tensor and data parallelism against one rank:
+
+{tables['layouts']}
+"""
+    print(body)
+    write_section("parallel", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Run a function on a local group of CPU processes joined by gloo: the cheap way to
+exercise any layout without Ray or devices (tests, benchmarks, debugging a layout)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _rank_main(rank: int, world: int, folder: str, fn: Callable, args: tuple,
+               threads: int) -> None:
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
+                            world_size=world)
+    try:
+        result = fn(*args)
+        if rank == 0:
+            Path(folder, "result.pkl").write_bytes(pickle.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo(world: int, fn: Callable, *args, threads: int = 1):
+    """`fn(*args)` on `world` spawned ranks with a gloo process group; returns rank 0's
+    result. `fn` must be importable (a module-level function)."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_rank_main, args=(world, folder, fn, args, threads), nprocs=world)
+        return pickle.loads(Path(folder, "result.pkl").read_bytes())
