@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import subprocess
 import sys
@@ -136,7 +135,7 @@ def main() -> None:
     for name, overrides in (("tp=2", ["parallel.tp=2"]), ("dp=2 (FSDP)", ["parallel.dp=2"]),
                             ("dp=2 (DDP)", ["parallel.dp=2", "parallel.dp_shard=none"])):
         layouts.append(ratio_row(name, layout_tokens_per_s(["train.global_batch=16"]
-                                                           + overrides), one, "2.00 ideal"))
+                                                           + overrides), one, "2.00"))
 
     tables = {
         "overhead": markdown_table(["run", "tokens/s", "ratio", "target"], overhead),
@@ -145,12 +144,13 @@ def main() -> None:
         "layouts": markdown_table(["layout (global batch 16)", "tokens/s", "÷ 1x1x1",
                                    "ideal"], layouts),
     }
-    model = json.dumps(MODEL)
+    with torch.device("meta"):
+        params = GPT(gpt_shape(config([]).model)).num_params()
     body = f"""## Parallel layouts (`bench/parallel.py`)
 
-`python bench/parallel.py` on {machine()}; one thread per rank, gloo between ranks;
-model {model} (~{config([]).model.n_layers}-layer, 7M parameters), AdamW, median of
-{STEPS} steps after {WARMUP} of warm-up.
+`python bench/parallel.py` on {machine()}; one thread per rank, gloo between ranks.
+Model: {params / 1e6:.1f}M parameters (`{' '.join(MODEL)}`), AdamW, fp32; each figure is
+the median of {STEPS} steps after {WARMUP} of warm-up.
 
 Platform overhead (global batch 16):
 

@@ -13,7 +13,10 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = """# Benchmarks
 
 Each section is written by the benchmark named in it, with the command that produced it;
-ratios are against a baseline measured in the same run, on the same machine.
+ratios are against a baseline measured in the same run, on the same machine. On the
+shared 2-core machines of this project the absolute figures move by 10-25% between
+runs (the same bench measured the bare loop at 680 and at 502 tokens/s); the ratios
+move less.
 """
 
 
