@@ -40,7 +40,13 @@ class WorkerArgs:
 def train_loop(args: dict) -> None:
     """Ray Train's `train_loop_per_worker`."""
     context = ray.train.get_context()
-    WorkerLoop(WorkerArgs(**args), context.get_world_rank(), context.get_local_rank()).run()
+    worker_args = WorkerArgs(**args)
+    rank = context.get_world_rank()
+    try:
+        WorkerLoop(worker_args, rank, context.get_local_rank()).run()
+    except Exception as error:  # name the rank and its place in the mesh
+        where = layout_of(worker_args.config).describe(rank)
+        raise RuntimeError(f"{where}: {type(error).__name__}: {error}") from error
 
 
 def layout_of(config: RaytronConfig) -> Layout:
