@@ -16,8 +16,9 @@ from collections import OrderedDict
 
 import numpy as np
 
+from raytron.pipelines.mixture import MixtureReader
 from raytron.pipelines.packing import Cursor, Packer
-from raytron.pipelines.stream import TRAIN, VALIDATION, StreamSpec, token_docs
+from raytron.pipelines.stream import ALL, VALIDATION, StreamSpec, token_docs
 
 
 class DataFeeder:
@@ -36,12 +37,13 @@ class DataFeeder:
         self.prefetch_steps = prefetch_steps
         self.val_sequences = val_sequences
         self.condition = threading.Condition()
-        self.ready: OrderedDict[int, tuple[Cursor, np.ndarray]] = OrderedDict()
+        self.ready: OrderedDict[int, tuple[dict, np.ndarray]] = OrderedDict()
         self.wanted = 0  # highest step a worker asked for
         self.next_step = 0  # the step the producer makes next
         self.generation = 0  # bumped by seek(); an older producer thread stops
         self.error: BaseException | None = None
         self.skipped: dict[str, int] = {}
+        self.taken: list[int] = [0] * len(spec.sources)
         self.produced_tokens = 0
         self.busy_seconds = 0.0
         self.validation_set: np.ndarray | None = None
@@ -55,14 +57,16 @@ class DataFeeder:
             self.error = None
             self.wanted = self.next_step = step
             self.condition.notify_all()
-        thread = threading.Thread(
-            target=self.produce, args=(self.generation, step, Cursor(**cursor)), daemon=True
-        )
+        thread = threading.Thread(target=self.produce, args=(self.generation, step, cursor),
+                                  daemon=True)
         thread.start()
 
-    def produce(self, generation: int, step: int, cursor: Cursor) -> None:
-        docs = token_docs(self.spec, cursor, TRAIN, self.skipped)
-        packer = Packer(docs, self.seq_len, first_offset=cursor.offset)
+    def produce(self, generation: int, step: int, cursor: dict) -> None:
+        try:
+            reader = MixtureReader(self.spec, self.seq_len, cursor, self.skipped)
+        except BaseException as error:
+            self.fail(generation, error)
+            return
         try:
             while True:
                 with self.condition:
@@ -73,26 +77,31 @@ class DataFeeder:
                     if generation != self.generation:
                         return
                 started = time.perf_counter()
-                start = packer.cursor()
-                batch = np.stack([packer.next_sequence() for _ in range(self.global_batch)])
+                start = reader.cursor()
+                batch = np.stack([reader.next_sequence() for _ in range(self.global_batch)])
                 with self.condition:
                     if generation != self.generation:
                         return
                     self.busy_seconds += time.perf_counter() - started
                     self.produced_tokens += batch.size
                     self.ready[step] = (start, batch)
+                    self.taken = list(reader.taken)
                     self.next_step = step + 1
                     self.condition.notify_all()
                 step += 1
-        except BaseException as error:  # handed to the workers, who fail with it
-            with self.condition:
-                if generation == self.generation:
-                    self.error = error
-                    self.condition.notify_all()
+        except BaseException as error:
+            self.fail(generation, error)
         finally:
-            docs.close()
+            reader.close()
 
-    def wait_for(self, step: int) -> tuple[Cursor, np.ndarray]:
+    def fail(self, generation: int, error: BaseException) -> None:
+        """Hand the error to the workers, who fail with it."""
+        with self.condition:
+            if generation == self.generation:
+                self.error = error
+                self.condition.notify_all()
+
+    def wait_for(self, step: int) -> tuple[dict, np.ndarray]:
         with self.condition:
             self.wanted = max(self.wanted, step)
             self.condition.notify_all()
@@ -118,7 +127,7 @@ class DataFeeder:
 
     def cursor(self, step: int) -> dict:
         """Where the batch of `step` begins in the corpus: what a checkpoint at `step` stores."""
-        return self.wait_for(step)[0].to_dict()
+        return self.wait_for(step)[0]
 
     def validation(self, dp_rank: int, dp_size: int) -> np.ndarray:
         """This replica's share of the held-out sequences (the same ones at every evaluation)."""
@@ -129,22 +138,35 @@ class DataFeeder:
         return self.validation_set[dp_rank * share : (dp_rank + 1) * share]
 
     def build_validation_set(self) -> np.ndarray:
-        docs = token_docs(self.spec, Cursor(), VALIDATION, {}, epochs=1)
-        packer = Packer(docs, self.seq_len)
-        sequences = []
-        try:
-            while len(sequences) < self.val_sequences:
-                sequences.append(packer.next_sequence())
-        except StopIteration:
-            pass
-        finally:
-            docs.close()
-        return np.stack(sequences) if sequences else np.zeros((0, self.seq_len + 1), np.int32)
+        """One epoch of each validation source (the held-out documents of the training
+        sources, or `data.validation_sources`), each its weight's share of the set."""
+        separate = bool(self.spec.validation)
+        sources = self.spec.validation if separate else self.spec.sources
+        total = sum(s.weight for s in sources)
+        sequences: list[np.ndarray] = []
+        for index, source in enumerate(sources):
+            wanted = round(self.val_sequences * source.weight / total)
+            docs = token_docs(self.spec, source, index, Cursor(), ALL if separate else VALIDATION,
+                              {}, epochs=1)
+            packer = Packer(docs, self.seq_len)
+            try:
+                for _ in range(wanted):
+                    sequences.append(packer.next_sequence())
+            except StopIteration:
+                pass
+            finally:
+                docs.close()
+        if not sequences:
+            return np.zeros((0, self.seq_len + 1), np.int32)
+        return np.stack(sequences[: self.val_sequences])
 
     def stats(self) -> dict[str, float]:
         """Skipped records by reason and the pipeline's throughput, for logs and MLflow."""
         with self.condition:
             rate = self.produced_tokens / self.busy_seconds if self.busy_seconds else 0.0
             stats = {f"data/skipped_{reason}": count for reason, count in self.skipped.items()}
+            total = sum(self.taken) or 1
+            for index, taken in enumerate(self.taken):
+                stats[f"data/source{index}_share"] = taken / total
             stats["data/pipeline_tokens_per_s"] = rate
             return stats

@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ import pyarrow.fs as pafs
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_CORPORA = ("python-reference",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+COMPRESSION_SUFFIXES = (".gz", ".zst", ".zstd", ".bz2", ".lz4")
+PARAGRAPH_BREAK = re.compile(rb"\r?\n[ \t]*\r?\n")
 
 # Reasons a record is skipped; each becomes a counter in logs and MLflow.
 INVALID_UTF8 = "invalid_utf8"
@@ -27,6 +30,7 @@ MALFORMED_JSON = "malformed_json"
 MISSING_FIELD = "missing_field"
 EMPTY = "empty"
 UNREADABLE = "unreadable"
+OVERSIZED = "oversized"  # longer than data.max_document_mb: likely not prose
 
 
 class SourceError(ValueError):
@@ -82,30 +86,58 @@ def filesystem_and_path(path: str) -> tuple[pafs.FileSystem, str]:
 
 
 def file_format(path: str, declared: str) -> str:
+    """`text`, `jsonl` or `parquet`: as declared, or by extension (after .gz/.zst/...)."""
     if declared != "auto":
         return declared
-    return "jsonl" if path.endswith(JSONL_SUFFIXES) else "text"
+    name = path.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        name = name.removesuffix(suffix)
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return "parquet" if name.endswith(".parquet") else "text"
 
 
-def read_records(path: str, fmt: str, text_field: str, start: int = 0) -> Iterator[Record]:
-    """Records of one file from index `start` on; unreadable files yield one skipped record."""
-    if path.startswith(EMBEDDED_PREFIX):
+@dataclass(frozen=True)
+class CorpusFile:
+    """One file of a source and how to read it."""
+
+    path: str
+    format: str = "auto"
+    text_field: str = "text"
+    document: str = "file"  # text files: one document per file, or per paragraph
+    max_document_bytes: int = 64 * 2**20
+
+
+def read_records(file: CorpusFile, start: int = 0) -> Iterator[Record]:
+    """Records of one file from index `start` on; an unreadable file yields one skipped
+    record. Compressed files (.gz, .zst, .bz2, .lz4) are decompressed on the fly."""
+    if file.path.startswith(EMBEDDED_PREFIX):
         yield from embedded_records(start)
         return
     try:
-        filesystem, inner = filesystem_and_path(path)
+        filesystem, inner = filesystem_and_path(file.path)
         with filesystem.open_input_stream(inner, compression="detect") as stream:
             raw = stream.read()
-    except OSError:
+    except (OSError, ValueError):
         yield Record(0, None, UNREADABLE)
         return
-    if file_format(path, fmt) == "jsonl":
-        yield from jsonl_records(raw, text_field, start)
-    elif start == 0:
-        yield text_record(0, raw)
+    fmt = file_format(file.path, file.format)
+    if fmt == "jsonl":
+        records = jsonl_records(raw, file.text_field, start, file.max_document_bytes)
+    elif fmt == "parquet":
+        records = parquet_records(raw, file.text_field, start, file.max_document_bytes)
+    elif file.document == "paragraph":
+        blocks = [b.strip() for b in PARAGRAPH_BREAK.split(raw) if b.strip()] or [b""]
+        records = (text_record(i, block, file.max_document_bytes)  # an empty file: one
+                   for i, block in enumerate(blocks) if i >= start)  # empty record
+    else:
+        records = iter([text_record(0, raw, file.max_document_bytes)] if start == 0 else [])
+    yield from records
 
 
-def text_record(index: int, raw: bytes) -> Record:
+def text_record(index: int, raw: bytes, max_bytes: int) -> Record:
+    if len(raw) > max_bytes:
+        return Record(index, None, OVERSIZED)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -113,10 +145,24 @@ def text_record(index: int, raw: bytes) -> Record:
     return Record(index, text) if text.strip() else Record(index, None, EMPTY)
 
 
-def jsonl_records(raw: bytes, text_field: str, start: int) -> Iterator[Record]:
+def field_record(index: int, value, max_bytes: int) -> Record:
+    """A record from a JSON object or a Parquet cell: a non-empty string, or a reason."""
+    if not isinstance(value, str):
+        return Record(index, None, MISSING_FIELD)
+    if not value.strip():
+        return Record(index, None, EMPTY)
+    if len(value) > max_bytes:  # characters: at least as many bytes
+        return Record(index, None, OVERSIZED)
+    return Record(index, value)
+
+
+def jsonl_records(raw: bytes, text_field: str, start: int, max_bytes: int) -> Iterator[Record]:
     lines = (line for line in raw.split(b"\n") if line.strip())
     for index, line in enumerate(lines):
         if index < start:
+            continue
+        if len(line) > max_bytes:
+            yield Record(index, None, OVERSIZED)
             continue
         try:
             value = json.loads(line.decode("utf-8"))
@@ -126,13 +172,27 @@ def jsonl_records(raw: bytes, text_field: str, start: int) -> Iterator[Record]:
         except json.JSONDecodeError:
             yield Record(index, None, MALFORMED_JSON)
             continue
-        text = value.get(text_field) if isinstance(value, dict) else None
-        if not isinstance(text, str):
-            yield Record(index, None, MISSING_FIELD)
-        elif not text.strip():
-            yield Record(index, None, EMPTY)
-        else:
-            yield Record(index, text)
+        yield field_record(index, value.get(text_field) if isinstance(value, dict) else None,
+                           max_bytes)
+
+
+def parquet_records(raw: bytes, text_field: str, start: int, max_bytes: int
+                    ) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(pa.BufferReader(raw))
+    except (pa.ArrowException, OSError):
+        yield Record(0, None, UNREADABLE)
+        return
+    rows = table.metadata.num_rows
+    if text_field not in table.schema_arrow.names:
+        yield from (Record(i, None, MISSING_FIELD) for i in range(start, rows))
+        return
+    values = table.read(columns=[text_field]).column(0).to_pylist()
+    for index in range(start, rows):
+        yield field_record(index, values[index], max_bytes)
 
 
 def embedded_records(start: int) -> Iterator[Record]:

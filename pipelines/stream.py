@@ -1,57 +1,81 @@
-"""The Ray Data pipeline: files -> records -> tokens, in a deterministic order.
+"""The Ray Data pipeline: files -> records -> tokens, per source, in a deterministic order.
 
-One Ray Data task reads each file, a pool of tokenizer actors encodes the documents,
-and `preserve_order` keeps the output in file order and record order, so that the
-same config and seed always give the same documents in the same order. Reading
-starts at a cursor's file and record: nothing before it is read or tokenized again.
+Each source is its own stream. A pool of tokenizer actors reads each file (one task a
+file, several files at once) and encodes its documents; `preserve_order` keeps the
+output in file order and record order, and the file order of each epoch is a
+permutation seeded by (seed, source, epoch), so the same config and seed always give
+the same documents in the same order. Reading starts at a cursor's file and record:
+nothing before it is read or tokenized again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from raytron.pipelines.packing import Cursor, TokenDoc
-from raytron.pipelines.sources import is_validation, list_files, read_records
+from raytron.pipelines.sources import CorpusFile, is_validation, list_files, read_records
 
-TRAIN, VALIDATION = "train", "validation"
+# Which records of a source a stream keeps: those not held out, the held-out ones, all.
+TRAIN, VALIDATION, ALL = "train", "validation", "all"
 
 
 @dataclass(frozen=True)
-class CorpusFile:
-    path: str
-    format: str
-    text_field: str
+class SourceSpec:
+    """The files of one source, its share of the training tokens and its epoch limit."""
+
+    files: list[CorpusFile]
+    weight: float = 1.0
+    epochs: int | None = None  # None: repeat forever
 
 
-def corpus_files(sources) -> list[CorpusFile]:
-    """Every file of every source (anything with path, format and text_field)."""
-    return [
-        CorpusFile(path, source.format, source.text_field)
-        for source in sources
-        for path in list_files(source.path)
-    ]
+def source_spec(source, max_document_bytes: int) -> SourceSpec:
+    """From a `SourceConfig` (path, format, text_field, document, weight, epochs)."""
+    files = [CorpusFile(path, source.format, source.text_field, source.document,
+                        max_document_bytes) for path in list_files(source.path)]
+    return SourceSpec(files, source.weight, source.epochs)
 
 
-def epoch_order(n_files: int, seed: int, epoch: int) -> list[int]:
-    """The file order of an epoch: a permutation seeded by (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n_files).tolist()
+@dataclass
+class StreamSpec:
+    """Everything the pipeline needs besides cursors; picklable for the feeder actor."""
+
+    sources: list[SourceSpec]
+    tokenizer_json: str
+    eos: int
+    seed: int
+    val_share: float  # held out of `sources` by content hash, unless `validation` is given
+    tokenizer_workers: int = 1
+    validation: list[SourceSpec] = field(default_factory=list)
+
+    @property
+    def training_keeps(self) -> str:
+        return ALL if self.validation or self.val_share <= 0 else TRAIN
+
+    def weights(self) -> list[float]:
+        total = sum(s.weight for s in self.sources)
+        return [s.weight / total for s in self.sources]
 
 
-def split_records(file: CorpusFile, start: int, split: str, val_share: float):
-    """(record index, text, skip reason) of one file's records that belong to `split`.
+def epoch_order(n_files: int, seed: int, source: int, epoch: int) -> list[int]:
+    """The file order of an epoch: a permutation seeded by (seed, source, epoch)."""
+    return np.random.default_rng([seed, source, epoch]).permutation(n_files).tolist()
 
-    Skipped records are kept (with their reason) only in the training split, so
-    that each bad record is counted once.
+
+def kept_records(file: CorpusFile, start: int, keep: str, val_share: float):
+    """(record index, text, skip reason) of one file's records that `keep` selects.
+
+    Skipped records are reported (with their reason) by every stream but a validation
+    stream over training sources, so that each bad record is counted once.
     """
-    for record in read_records(file.path, file.format, file.text_field, start):
+    for record in read_records(file, start):
         if record.text is None:
-            if split == TRAIN:
+            if keep != VALIDATION:
                 yield record.index, None, record.reason
-        elif is_validation(record.text, val_share) == (split == VALIDATION):
+        elif keep == ALL or is_validation(record.text, val_share) == (keep == VALIDATION):
             yield record.index, record.text, ""
 
 
@@ -59,17 +83,16 @@ RECORD_SCHEMA = pa.schema([("epoch", pa.int64()), ("position", pa.int64()), ("do
                            ("text", pa.large_string()), ("reason", pa.string())])
 
 
-def read_files(batch: dict, split: str, val_share: float) -> pa.Table:
-    """Ray Data UDF: a batch of file rows -> one row per record of `split`."""
+def read_files(batch: dict, files: list[CorpusFile], keep: str, val_share: float) -> pa.Table:
+    """Ray Data UDF: a batch of (epoch, position, file, start) rows -> one row a record."""
     rows: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
-    for epoch, position, path, fmt, field, start in zip(
-        batch["epoch"], batch["position"], batch["path"], batch["format"],
-        batch["text_field"], batch["start"], strict=True,
-    ):
-        file = CorpusFile(str(path), str(fmt), str(field))
-        for index, text, reason in split_records(file, int(start), split, val_share):
+    for epoch, position, index, start in zip(batch["epoch"], batch["position"], batch["file"],
+                                             batch["start"], strict=True):
+        for record, text, reason in kept_records(files[int(index)], int(start), keep,
+                                                 val_share):
             for name, value in zip(RECORD_SCHEMA.names,
-                                   (int(epoch), int(position), index, text, reason), strict=True):
+                                   (int(epoch), int(position), record, text, reason),
+                                   strict=True):
                 rows[name].append(value)
     return pa.table(rows, schema=RECORD_SCHEMA)
 
@@ -95,60 +118,54 @@ class Tokenize:
         )
 
 
-@dataclass
-class StreamSpec:
-    """Everything the pipeline needs besides the cursor; picklable for the feeder actor."""
-
-    files: list[CorpusFile]
-    tokenizer_json: str
-    eos: int
-    seed: int
-    val_share: float
-    tokenizer_workers: int
-
-    def epochs_per_dataset(self) -> int:
-        """Whole epochs per Ray Data execution, so that small corpora don't pay its start-up
-        (~2 s) every epoch: at least MIN_FILES_PER_DATASET files each, without tokenizing
-        far more than a run may need."""
-        return max(1, -(-MIN_FILES_PER_DATASET // len(self.files)))
-
-
 MIN_FILES_PER_DATASET = 8
 
 
-def stream_dataset(spec: StreamSpec, cursor: Cursor, split: str, epochs: int):
+def epochs_per_dataset(source: SourceSpec) -> int:
+    """Whole epochs per Ray Data execution, so that small corpora don't pay its start-up
+    (~2 s) every epoch: at least MIN_FILES_PER_DATASET files each, without tokenizing
+    far more than a run may need."""
+    return max(1, -(-MIN_FILES_PER_DATASET // len(source.files)))
+
+
+def stream_dataset(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cursor,
+                   keep: str, epochs: int):
     """A Ray Dataset of the records of `epochs` epochs from `cursor`'s file and record on."""
     import ray.data
 
     items = [
-        {"epoch": epoch, "position": position, "path": spec.files[index].path,
-         "format": spec.files[index].format, "text_field": spec.files[index].text_field,
+        {"epoch": epoch, "position": position, "file": file,
          "start": cursor.doc if (epoch, position) == (cursor.epoch, cursor.file) else 0}
         for epoch in range(cursor.epoch, cursor.epoch + epochs)
-        for position, index in enumerate(epoch_order(len(spec.files), spec.seed, epoch))
+        for position, file in enumerate(epoch_order(len(source.files), spec.seed, index, epoch))
         if (epoch, position) >= (cursor.epoch, cursor.file)
     ]
+    # Ray Data fuses the read into the tokenizer actors; batch_size=None hands each
+    # call one file's records, where a fixed size would first bundle many files.
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(read_files, batch_size=1, batch_format="numpy",
-                     fn_kwargs={"split": split, "val_share": spec.val_share})
+                     fn_kwargs={"files": source.files, "keep": keep,
+                                "val_share": spec.val_share})
         .map_batches(Tokenize, batch_size=None, batch_format="pyarrow",
                      fn_constructor_args=(spec.tokenizer_json, spec.eos),
                      compute=ray.data.ActorPoolStrategy(size=spec.tokenizer_workers))
     )
 
 
-def token_docs(spec: StreamSpec, cursor: Cursor, split: str, skipped: dict[str, int],
-               epochs: int | None = None) -> Iterator[TokenDoc]:
-    """Documents of `split` from `cursor` on, epoch after epoch (or `epochs` of them).
-
-    Skipped records add to `skipped` by reason.
-    """
-    end = None if epochs is None else cursor.epoch + epochs
+def token_docs(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cursor, keep: str,
+               skipped: dict[str, int], epochs: int | None = None) -> Iterator[TokenDoc]:
+    """Documents of one source from `cursor` on, epoch after epoch, until the source's
+    epoch limit or `epochs` more; skipped records add to `skipped` by reason."""
+    limits = [n for n in (source.epochs, None if epochs is None else cursor.epoch + epochs)
+              if n is not None]
+    end = min(limits) if limits else None
     while end is None or cursor.epoch < end:
-        span = spec.epochs_per_dataset() if end is None else end - cursor.epoch
+        span = epochs_per_dataset(source)
+        if end is not None:
+            span = min(span, end - cursor.epoch)
         found = False
-        for batch in stream_dataset(spec, cursor, split, span).iter_batches(
+        for batch in stream_dataset(spec, source, index, cursor, keep, span).iter_batches(
             batch_size=None, batch_format="pyarrow"
         ):
             tokens = batch.column("tokens").combine_chunks()
@@ -164,18 +181,28 @@ def token_docs(spec: StreamSpec, cursor: Cursor, split: str, skipped: dict[str, 
                 found = True
                 yield TokenDoc(epoch, position, doc, values[offsets[row] : offsets[row + 1]])
         if not found and cursor == Cursor(cursor.epoch):
-            if split == VALIDATION:
+            if keep == VALIDATION:
                 return
             raise ValueError(
-                "the corpus has no usable training document (all records were skipped or "
-                "held out for validation). Fix: check data.sources and data.val_share."
+                f"source {index} ({source.files[0].path}...) has no usable document (all "
+                "records were skipped or held out for validation). Fix: check data.sources "
+                "and data.val_share."
             )
         cursor = Cursor(cursor.epoch + span)
 
 
-def local_texts(files: list[CorpusFile], val_share: float) -> Iterator[str]:
-    """Training texts in file order, read in this process: the tokenizer trainer's input."""
-    for file in files:
-        for _, text, _ in split_records(file, 0, TRAIN, val_share):
+def local_texts(source: SourceSpec, keep: str, val_share: float) -> Iterator[str]:
+    """A source's texts in file order, read in this process (the tokenizer trainer's)."""
+    for file in source.files:
+        for _, text, _ in kept_records(file, 0, keep, val_share):
             if text is not None:
                 yield text
+
+
+def tokenizer_sample(spec: StreamSpec, max_bytes: int) -> Iterator[str]:
+    """Training texts of every source, each up to its weight's share of `max_bytes`."""
+    from raytron.pipelines.tokenizer import capped
+
+    for source, weight in zip(spec.sources, spec.weights(), strict=True):
+        yield from capped(local_texts(source, spec.training_keeps, spec.val_share),
+                          int(max_bytes * weight))

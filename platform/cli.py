@@ -59,11 +59,29 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         command = commands.add_parser(name, help=summary, description=summary, epilog=epilog,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
-        command.add_argument("config", nargs="?", default=None, metavar="CONFIG",
-                             help="preset name or YAML file (default: tiny)")
-        command.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                             help="config overrides, applied in order")
+        add_config_arguments(command)
+    tokenizer = commands.add_parser(
+        "tokenizer", help="tokenizer tools", description="Tokenizer tools.")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", metavar="ACTION",
+                                                  required=True)
+    train_tokenizer = tokenizer_commands.add_parser(
+        "train", help="train a byte-level BPE tokenizer on a config's sources",
+        description="Train a byte-level BPE tokenizer (data.vocab_size tokens, EOS "
+        "<|endoftext|>) on up to data.tokenizer_sample_mb of the training documents of "
+        "data.sources, each source contributing its weight's share; held-out validation "
+        "documents are left out. Reuse it with data.tokenizer=PATH.",
+        epilog=config_help, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(train_tokenizer)
+    train_tokenizer.add_argument("--output", default="tokenizer.json", metavar="PATH",
+                                 help="where to write the tokenizer (default: tokenizer.json)")
     return parser
+
+
+def add_config_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("config", nargs="?", default=None, metavar="CONFIG",
+                         help="preset name or YAML file (default: tiny)")
+    command.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                         help="config overrides, applied in order")
 
 
 def split_config_argument(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -99,6 +117,16 @@ def refuse_if_too_big(config: RaytronConfig) -> None:
         ])
 
 
+def train_tokenizer_command(config: RaytronConfig, output: str) -> int:
+    from raytron.platform.corpus import stream_spec, train_tokenizer
+
+    tokenizer = train_tokenizer(config, stream_spec(config))
+    tokenizer.save(output)
+    print(f"Saved a {tokenizer.get_vocab_size()}-token tokenizer to {output}. "
+          f"Use it with data.tokenizer={output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config_arg, overrides = split_config_argument(args.config, args.overrides)
@@ -107,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(to_yaml(config), end="")
             return 0
+        if args.command == "tokenizer":
+            return train_tokenizer_command(config, args.output)
         if args.command == "plan":
             from raytron.platform.plan import describe, make_plan
 

@@ -84,14 +84,18 @@ class TrainConfig:
 
 @dataclass
 class SourceConfig:
-    path: str = EMBEDDED_CORPUS  # file, folder, glob, or the embedded Python reference
-    format: str = "auto"  # auto (by extension) | text | jsonl
-    text_field: str = "text"  # JSONL field holding the document
+    path: str = EMBEDDED_CORPUS  # file, folder, glob, s3://, gs://, or the embedded reference
+    format: str = "auto"  # auto (by extension) | text | jsonl | parquet
+    text_field: str = "text"  # JSONL / Parquet field holding the document
+    document: str = "file"  # text files: one document per file | per paragraph
+    weight: float = 1.0  # share of the training tokens, relative to the other sources
+    epochs: int | None = None  # passes over this source; None: repeat it forever
 
 
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    validation_sources: list[SourceConfig] = field(default_factory=list)  # else val_share
     tokenizer: str | None = None  # a tokenizer.json; None trains a byte-level BPE on the corpus
     vocab_size: int = 4096  # size of the BPE tokenizer trained when none is given
     tokenizer_sample_mb: int = 200  # corpus bytes the BPE tokenizer is trained on, at most
@@ -100,6 +104,7 @@ class DataConfig:
     val_sequences: int = 64  # held-out sequences scored at each validation
     tokenizer_workers: int = 1  # Ray actors tokenizing in parallel
     prefetch_steps: int = 4  # global batches prepared ahead of training
+    max_document_mb: int = 64  # longer records are skipped as `oversized`
 
 
 @dataclass

@@ -15,11 +15,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from raytron.pipelines.stream import StreamSpec, corpus_files, local_texts
-from raytron.pipelines.tokenizer import capped, eos_id, load, train_bpe
+from raytron.pipelines.stream import StreamSpec
+from raytron.pipelines.tokenizer import load
 from raytron.platform.checkpoint import CheckpointStore
 from raytron.platform.config import ConfigError, RaytronConfig, flatten, to_dict, to_yaml
 from raytron.platform.console import Console
+from raytron.platform.corpus import stream_spec, train_tokenizer, with_tokenizer
 from raytron.platform.placement import (
     check_tensor_parallel_fits_a_node,
     cluster_address,
@@ -52,7 +53,7 @@ class RunPaths:
 def prepare(config: RaytronConfig) -> tuple[RaytronConfig, RunPaths, StreamSpec]:
     """Resolve the model against the tokenizer and check the run directory, before Ray."""
     paths = RunPaths.of(config)
-    files = corpus_files(config.data.sources)
+    spec = stream_spec(config)
     tokenizer_path = paths.dir / TOKENIZER_FILE
     if tokenizer_path.is_file():
         tokenizer = load(tokenizer_path)
@@ -60,9 +61,7 @@ def prepare(config: RaytronConfig) -> tuple[RaytronConfig, RunPaths, StreamSpec]
         tokenizer = load(config.data.tokenizer)
     else:
         print(f"Training a {config.data.vocab_size}-token byte-level BPE tokenizer on the corpus")
-        texts = capped(local_texts(files, config.data.val_share),
-                       config.data.tokenizer_sample_mb * 2**20)
-        tokenizer = train_bpe(texts, config.data.vocab_size)
+        tokenizer = train_tokenizer(config, spec)
     vocab = tokenizer.get_vocab_size()
     if config.model.vocab_size is not None and config.model.vocab_size < vocab:
         raise ConfigError([
@@ -74,9 +73,7 @@ def prepare(config: RaytronConfig) -> tuple[RaytronConfig, RunPaths, StreamSpec]
     paths.dir.mkdir(parents=True, exist_ok=True)
     if not tokenizer_path.is_file():
         tokenizer.save(str(tokenizer_path))
-    spec = StreamSpec(files, tokenizer.to_str(), eos_id(tokenizer), config.train.seed,
-                      config.data.val_share, config.data.tokenizer_workers)
-    return config, paths, spec
+    return config, paths, with_tokenizer(spec, tokenizer)
 
 
 def check_same_model(config: RaytronConfig, paths: RunPaths) -> None:

@@ -17,7 +17,8 @@ from raytron.platform.layout import resolve_dp
 
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble")
-FORMATS = ("auto", "text", "jsonl")
+FORMATS = ("auto", "text", "jsonl", "parquet")
+DOCUMENTS = ("file", "paragraph")
 
 
 def validate(config: RaytronConfig, check_paths: bool = True) -> None:
@@ -255,7 +256,7 @@ def train_problems(config: RaytronConfig) -> list[str]:
 def data_problems(config: RaytronConfig, check_paths: bool) -> list[str]:
     d = config.data
     problems = positive(config, "data.seq_len", "data.val_sequences", "data.tokenizer_workers",
-                        "data.prefetch_steps", "data.tokenizer_sample_mb")
+                        "data.prefetch_steps", "data.tokenizer_sample_mb", "data.max_document_mb")
     if not d.sources:
         problems.append("data.sources is empty. Fix: give at least one source with a path.")
     if not 0 <= d.val_share < 1:
@@ -268,22 +269,37 @@ def data_problems(config: RaytronConfig, check_paths: bool) -> list[str]:
             f"data.vocab_size={d.vocab_size} is too small for a byte-level BPE tokenizer "
             "(256 byte tokens come first). Fix: use 512 or more."
         )
-    for index, source in enumerate(d.sources):
-        key = f"data.sources.{index}"
-        if source.format not in FORMATS:
-            problems.append(
-                f"{key}.format='{source.format}' is unknown. Fix: use one of {', '.join(FORMATS)}."
-            )
-        elif check_paths:
-            try:
-                list_files(source.path)
-            except SourceError as error:
-                problems.append(f"{key}.path: {error}")
+    for group in ("sources", "validation_sources"):
+        for index, source in enumerate(getattr(d, group)):
+            problems += source_problems(f"data.{group}.{index}", source, check_paths)
     if check_paths and d.tokenizer is not None and not Path(d.tokenizer).is_file():
         problems.append(
             f"data.tokenizer='{d.tokenizer}' is not a file. Fix: give the path of a "
             "tokenizer.json, or leave it unset to train one on the corpus."
         )
+    return problems
+
+
+def source_problems(key: str, source, check_paths: bool) -> list[str]:
+    problems = []
+    if source.format not in FORMATS:
+        problems.append(
+            f"{key}.format='{source.format}' is unknown. Fix: use one of {', '.join(FORMATS)}."
+        )
+    if source.document not in DOCUMENTS:
+        problems.append(f"{key}.document='{source.document}' is unknown. Fix: use one of "
+                        f"{', '.join(DOCUMENTS)}.")
+    if not source.weight > 0:
+        problems.append(f"{key}.weight={source.weight} must be positive. Fix: give each source "
+                        "a positive weight (they are normalized to shares).")
+    if source.epochs is not None and source.epochs < 1:
+        problems.append(f"{key}.epochs={source.epochs} must be 1 or more. Fix: use a positive "
+                        "number, or leave it unset to repeat the source forever.")
+    if check_paths and not problems:
+        try:
+            list_files(source.path)
+        except SourceError as error:
+            problems.append(f"{key}.path: {error}")
     return problems
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO.parent / "shared" / "corpus"  # real text for tests: never copied into the repo
 
 
 @pytest.fixture(scope="session")

@@ -1,51 +1,60 @@
-"""The Ray Data pipeline and the DataFeeder: order, slicing, exact resume, held-out data."""
-
+"""The Ray Data pipeline and the DataFeeder: order, slicing, mixtures, exact resume,
+held-out data, bad records."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 
 from raytron.pipelines.feeder import DataFeeder
 from raytron.pipelines.packing import Cursor
-from raytron.pipelines.stream import (
-    TRAIN,
-    VALIDATION,
-    StreamSpec,
-    corpus_files,
-    local_texts,
-    token_docs,
-)
-from raytron.pipelines.tokenizer import eos_id, train_bpe
-from raytron.platform.config import SourceConfig
+from raytron.pipelines.stream import ALL, TRAIN, VALIDATION, local_texts, token_docs
+from raytron.pipelines.tokenizer import train_bpe
+from raytron.platform.config import load_config
+from raytron.platform.corpus import stream_spec, with_tokenizer
+
+from conftest import CORPUS
 
 SEQ_LEN, GLOBAL_BATCH = 32, 8
 
 
+def make_spec(sources: str, *overrides: str, vocab: int = 512, sample: int = 2**20):
+    config = load_config("tiny", [f"data.sources={sources}", "data.val_share=0.1",
+                                  "train.seed=7", *overrides])
+    spec = stream_spec(config)
+    texts = (t for source in spec.sources for t in local_texts(source, ALL, 0.0))
+    sample_texts = []
+    for text in texts:
+        sample_texts.append(text)
+        if sum(map(len, sample_texts)) > sample:
+            break
+    return with_tokenizer(spec, train_bpe(sample_texts, vocab, show_progress=False))
+
+
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory):
-    """Slices of real text (the Python reference) in several text files, and a JSONL file
-    with bad records among good ones."""
+    """A two-source mixture (weights 2:1): text files of the Python reference, one
+    document per paragraph, and a JSONL file with bad records among good ones."""
     from pydoc_data.topics import topics
 
     texts = [topics[key] for key in sorted(topics)]
     folder = tmp_path_factory.mktemp("corpus")
+    (folder / "text").mkdir()
     for index, text in enumerate(texts[:4]):
-        (folder / f"topic{index}.txt").write_text(text[:3000])
-    (folder / "empty.txt").write_text("")
+        (folder / "text" / f"topic{index}.txt").write_text(text[:3000])
+    (folder / "text" / "empty.txt").write_text("")
     paragraphs = [p for text in texts[4:] for p in text.split("\n\n") if p.strip()][:200]
-    records = [json.dumps({"text": p}) for p in paragraphs]
-    lines = records[:100] + ['{"text": "cut', '{"source": "no text"}'] + records[100:]
-    (folder / "paragraphs.jsonl").write_bytes("\n".join(lines).encode() + b'\n{"text": "\xff"}\n')
-    files = corpus_files([SourceConfig(path=str(folder))])
-    tokenizer = train_bpe(local_texts(files, 0.1), 512, show_progress=False)
-    return StreamSpec(files, tokenizer.to_str(), eos_id(tokenizer), seed=7, val_share=0.1,
-                      tokenizer_workers=1)
+    records = [json.dumps({"text": p}).encode() for p in paragraphs]
+    bad = [b'{"text": "cut', b'{"source": "no text"}', b'{"text": "\xff"}']
+    (folder / "paragraphs.jsonl").write_bytes(b"\n".join(records[:20] + bad + records[20:]))
+    return make_spec(f"[{{path: {folder / 'text'}, document: paragraph, weight: 2}}, "
+                     f"{{path: {folder / 'paragraphs.jsonl'}, weight: 1}}]")
 
 
-def new_feeder(ray, spec):
+def new_feeder(ray, spec, val_sequences=16):
     return ray.remote(DataFeeder).options(num_cpus=0, max_concurrency=8).remote(
-        spec, SEQ_LEN, GLOBAL_BATCH, 3, 16)
+        spec, SEQ_LEN, GLOBAL_BATCH, 3, val_sequences)
 
 
 def batches(ray, feeder, steps, dp=1, cursors=None):
@@ -53,7 +62,7 @@ def batches(ray, feeder, steps, dp=1, cursors=None):
     result = []
     for step in steps:
         if cursors is not None:
-            cursors[step] = Cursor(**ray.get(feeder.cursor.remote(step)))
+            cursors[step] = ray.get(feeder.cursor.remote(step))
         result.append(np.concatenate(ray.get([feeder.batch.remote(step, r, dp)
                                               for r in range(dp)])))
     return result
@@ -63,7 +72,7 @@ def test_order_is_deterministic_sliced_by_replica_and_resumes_exactly(ray_sessio
     ray = ray_session
     first, second = new_feeder(ray, spec), new_feeder(ray, spec)
     ray.get([first.seek.remote(0, {}), second.seek.remote(0, {})])
-    steps = range(120)  # more than one epoch of this corpus
+    steps = range(100)  # more than one epoch of both sources
     cursors = {}
     reference = batches(ray, first, steps, cursors=cursors)
     assert all(b.shape == (GLOBAL_BATCH, SEQ_LEN + 1) for b in reference)
@@ -71,22 +80,23 @@ def test_order_is_deterministic_sliced_by_replica_and_resumes_exactly(ray_sessio
     for want, got in zip(reference, again, strict=True):
         np.testing.assert_array_equal(want, got)
 
-    assert any(c.offset > 0 for c in cursors.values()), "no cursor inside a document"
-    assert any(c.epoch > 0 for c in cursors.values()), "no cursor in a later epoch"
+    positions = [Cursor(**p) for c in cursors.values() for p in c["sources"]]
+    assert any(c.offset > 0 for c in positions), "no cursor inside a document"
+    assert any(c.doc > 0 and c.offset > 0 for c in positions), "no cursor inside a file"
+    assert any(c.epoch > 0 for c in positions), "no cursor in a later epoch"
     with pytest.raises(ray.exceptions.RayTaskError, match="no longer held"):
         ray.get(first.batch.remote(3, 0, 1))
-    for step in (5, 17, 33, 100):
-        cursor = cursors[step]
-        ray.get(second.seek.remote(step, cursor.to_dict()))
-        resumed = batches(ray, second, range(step, step + 4), dp=4)
+    for step in (5, 17, 33, 90):  # resume, each time read by a different number of replicas
+        ray.get(second.seek.remote(step, cursors[step]))
+        resumed = batches(ray, second, range(step, step + 4), dp=4 if step % 2 else 1)
         for want, got in zip(reference[step : step + 4], resumed, strict=True):
             np.testing.assert_array_equal(want, got)
 
     stats = ray.get(first.stats.remote())
-    assert stats["data/skipped_empty"] >= 1
-    assert stats["data/skipped_malformed_json"] >= 1
-    assert stats["data/skipped_missing_field"] >= 1
-    assert stats["data/skipped_invalid_utf8"] >= 1
+    for reason in ("empty", "malformed_json", "missing_field", "invalid_utf8"):
+        assert stats[f"data/skipped_{reason}"] >= 1, reason
+    assert stats["data/source0_share"] == pytest.approx(2 / 3, abs=0.01)
+    assert stats["data/source1_share"] == pytest.approx(1 / 3, abs=0.01)
     validation = ray.get(first.validation.remote(0, 1))
     assert validation.shape == (16, SEQ_LEN + 1)
     halves = ray.get([first.validation.remote(r, 2) for r in range(2)])
@@ -94,8 +104,49 @@ def test_order_is_deterministic_sliced_by_replica_and_resumes_exactly(ray_sessio
 
 
 def test_validation_documents_never_reach_training(ray_session, spec):
-    train = {(d.file, d.doc) for d in token_docs(spec, Cursor(), TRAIN, {}, epochs=1)}
-    held_out = {(d.file, d.doc) for d in token_docs(spec, Cursor(), VALIDATION, {}, epochs=1)}
-    assert held_out and train and not train & held_out
-    good = sum(1 for _ in local_texts(spec.files, 0.0))
-    assert len(train) + len(held_out) == good
+    for index, source in enumerate(spec.sources):
+        train = {(d.file, d.doc) for d in token_docs(spec, source, index, Cursor(), TRAIN, {},
+                                                     epochs=1)}
+        held_out = {(d.file, d.doc) for d in token_docs(spec, source, index, Cursor(),
+                                                        VALIDATION, {}, epochs=1)}
+        assert held_out and train and not train & held_out
+        assert len(train) + len(held_out) == sum(1 for _ in local_texts(source, ALL, 0.0))
+
+
+def test_shakespeare_and_fortunes_blend_by_weight(ray_session):
+    """The two corpora of ../shared/corpus at 3:1; token shares within 2% over 200
+    sequences, and a one-epoch limit that retires a source without stopping the run."""
+    if not CORPUS.is_dir():
+        pytest.skip(f"the shared corpus is not at {CORPUS}")
+    ray = ray_session
+    spec = make_spec(f"[{{path: {CORPUS / 'shakespeare'}, weight: 3}}, "
+                     f"{{path: {CORPUS / 'fortunes' / 'fortunes.jsonl'}, weight: 1}}]",
+                     vocab=1024, sample=2 * 2**20)
+    feeder = new_feeder(ray, spec)
+    ray.get(feeder.seek.remote(0, {}))
+    batches(ray, feeder, range(200 // GLOBAL_BATCH))
+    stats = ray.get(feeder.stats.remote())
+    assert stats["data/source0_share"] == pytest.approx(0.75, abs=0.02)
+    assert stats["data/source1_share"] == pytest.approx(0.25, abs=0.02)
+
+
+def test_an_epoch_limit_retires_a_source_and_the_end_is_a_clear_error(ray_session, spec):
+    ray = ray_session
+    topic = next(f.path for f in spec.sources[0].files if "topic" in f.path)
+    limited = make_spec(f"[{{path: {topic}, epochs: 1}}, "
+                        f"{{path: {spec.sources[1].files[0].path}, weight: 3}}]")
+    feeder = new_feeder(ray, limited)
+    ray.get(feeder.seek.remote(0, {}))
+    one_epoch = sum(len(d.tokens) for d in token_docs(limited, limited.sources[0], 0, Cursor(),
+                                                      TRAIN, {}, epochs=1))
+    steps = math.ceil(4 * one_epoch / (GLOBAL_BATCH * SEQ_LEN)) + 2  # past source 0's end
+    batches(ray, feeder, range(steps))
+    final = ray.get(feeder.cursor.remote(steps))
+    assert final["sources"][0] is None and final["sources"][1] is not None
+    assert final["taken"][0] <= one_epoch // SEQ_LEN  # nothing after its epoch
+
+    both_limited = make_spec(f"[{{path: {topic}, epochs: 1}}]")
+    exhausted = new_feeder(ray, both_limited)
+    ray.get(exhausted.seek.remote(0, {}))
+    with pytest.raises(ray.exceptions.RayTaskError, match="every source reached its epoch"):
+        batches(ray, exhausted, range(1000))

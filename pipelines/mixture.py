@@ -1,0 +1,82 @@
+"""Blending sources into one stream of training sequences (Megatron's blended datasets).
+
+Each source has its own document stream and packer; the next sequence comes from the
+source whose share of the sequences so far lags its weight the most, so the shares
+track the weights to within one sequence at every point, deterministically. A source
+that reaches its epoch limit leaves the blend; the others fill its place. The cursor
+holds each source's position and the per-source counts, so a resumed run continues
+the exact same blend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from raytron.pipelines.packing import Cursor, Packer
+from raytron.pipelines.stream import StreamSpec, token_docs
+
+
+class DataExhausted(RuntimeError):
+    """Every source reached its epoch limit before the run's last step."""
+
+
+def choose_source(weights: list[float], taken: list[int], active: list[bool]) -> int:
+    """The active source furthest below its weight's share after one more sequence."""
+    total = sum(taken) + 1
+    deficits = [w * total - t if a else -np.inf
+                for w, t, a in zip(weights, taken, active, strict=True)]
+    return int(np.argmax(deficits))  # ties go to the first source
+
+
+class MixtureReader:
+    def __init__(self, spec: StreamSpec, seq_len: int, cursor: dict, skipped: dict[str, int]):
+        count = len(spec.sources)
+        positions = cursor.get("sources") or [{}] * count
+        self.taken = list(cursor.get("taken") or [0] * count)
+        self.weights = spec.weights()
+        self.streams, self.packers = [], []
+        for index, (source, position) in enumerate(zip(spec.sources, positions, strict=True)):
+            if position is None:  # exhausted before the checkpoint
+                self.streams.append(None)
+                self.packers.append(None)
+                continue
+            start = Cursor(**position)
+            docs = token_docs(spec, source, index, start, spec.training_keeps, skipped)
+            self.streams.append(docs)
+            self.packers.append(Packer(docs, seq_len, first_offset=start.offset))
+
+    def cursor(self) -> dict:
+        """Where the next sequence of every source begins, and the counts so far."""
+        positions = []
+        for index, packer in enumerate(self.packers):
+            try:
+                positions.append(packer.cursor().to_dict() if packer else None)
+            except StopIteration:
+                self.retire(index)
+                positions.append(None)
+        return {"sources": positions, "taken": list(self.taken)}
+
+    def next_sequence(self) -> np.ndarray:
+        while any(self.packers):
+            index = choose_source(self.weights, self.taken, [p is not None for p in self.packers])
+            try:
+                sequence = self.packers[index].next_sequence()
+            except StopIteration:
+                self.retire(index)
+                continue
+            self.taken[index] += 1
+            return sequence
+        raise DataExhausted(
+            "every source reached its epoch limit (data.sources.<i>.epochs) before "
+            "train.steps. Fix: raise the limits, leave one source unlimited, or lower "
+            "train.steps."
+        )
+
+    def retire(self, index: int) -> None:
+        self.streams[index].close()
+        self.streams[index] = self.packers[index] = None
+
+    def close(self) -> None:
+        for stream in self.streams:
+            if stream is not None:
+                stream.close()
