@@ -11,16 +11,18 @@ A rank holding several pipeline stages saves and loads them together.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from fsspec.implementations.local import LocalFileSystem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -35,59 +37,71 @@ PREFIX = "step_"
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)  # keyed by parameter name
 
 
-def step_of(folder: Path) -> int | None:
-    suffix = folder.name.removeprefix(PREFIX)
-    return int(suffix) if folder.name.startswith(PREFIX) and suffix.isdigit() else None
+def step_of(folder: str) -> int | None:
+    name = folder.rstrip("/").rsplit("/", 1)[-1]
+    suffix = name.removeprefix(PREFIX)
+    return int(suffix) if name.startswith(PREFIX) and suffix.isdigit() else None
 
 
 class CheckpointStore:
-    """The checkpoints of one run, in one folder."""
+    """The checkpoints of one run, in one folder: a local path or an fsspec URI
+    (`s3://bucket/run`, `gs://...`; needs s3fs / gcsfs, e.g. `pip install raytron[s3]`)."""
 
     def __init__(self, directory: str | Path, keep_last: int):
-        self.directory = Path(directory)
+        self.fs, self.root = fsspec.core.url_to_fs(str(directory))
+        self.local = isinstance(self.fs, LocalFileSystem)
         self.keep_last = keep_last
 
-    def folder(self, step: int) -> Path:
-        return self.directory / f"{PREFIX}{step:08d}"
+    def folder(self, step: int) -> str:
+        return f"{self.root}/{PREFIX}{step:08d}"
+
+    def checkpoint_id(self, step: int) -> str:
+        """What DCP writes to: a path, or a URI DCP hands to fsspec."""
+        folder = self.folder(step)
+        return folder if self.local else self.fs.unstrip_protocol(folder)
 
     def committed_steps(self) -> list[int]:
-        if not self.directory.is_dir():
+        if not self.fs.isdir(self.root):
             return []
-        return sorted(
-            step for folder in self.directory.iterdir()
-            if (step := step_of(folder)) is not None and (folder / COMMIT_MARKER).is_file()
-        )
+        steps = []
+        for folder in self.fs.ls(self.root, detail=False):
+            step = step_of(folder)
+            if step is not None and self.fs.exists(f"{folder}/{COMMIT_MARKER}"):
+                steps.append(step)
+        return sorted(steps)
 
     def latest(self) -> int | None:
         steps = self.committed_steps()
         return steps[-1] if steps else None
 
     def meta(self, step: int) -> dict:
-        return json.loads((self.folder(step) / META_FILE).read_text())
+        return json.loads(self.fs.cat_file(f"{self.folder(step)}/{META_FILE}"))
 
     def save(self, step: int, parts: list[torch.nn.Module],
              optimizers: list[torch.optim.Optimizer], scheduler, meta: dict) -> None:
         """Collective: every rank writes its shards, then rank 0 commits and prunes."""
         folder = self.folder(step)
-        if rank() == 0 and folder.exists():  # the leftover of a save that crashed
-            shutil.rmtree(folder)
+        if rank() == 0 and self.fs.exists(folder):  # the leftover of a save that crashed
+            self.fs.rm(folder, recursive=True)
         barrier()
         state, _ = training_state(parts, optimizers, scheduler)
-        dcp.save(state, checkpoint_id=str(folder))
-        torch.save(rng_state(), folder / f"rng_rank{rank()}.pt")
+        dcp.save(state, checkpoint_id=self.checkpoint_id(step))
+        buffer = io.BytesIO()
+        torch.save(rng_state(), buffer)
+        self.fs.pipe_file(f"{folder}/rng_rank{rank()}.pt", buffer.getvalue())
         barrier()
         if rank() == 0:
-            write_atomically(folder / META_FILE, json.dumps({"step": step, **meta}, indent=2))
-            write_atomically(folder / COMMIT_MARKER, "")
+            write_atomically(self.fs, f"{folder}/{META_FILE}",
+                             json.dumps({"step": step, **meta}, indent=2))
+            write_atomically(self.fs, f"{folder}/{COMMIT_MARKER}", "")
             self.prune(keep=step)
         barrier()
 
     def load(self, step: int, parts: list[torch.nn.Module],
              optimizers: list[torch.optim.Optimizer], schedulers: list) -> dict:
         """Collective: restore model, optimizer, schedulers and this rank's RNG; returns meta."""
-        folder = self.folder(step)
         state, keys = training_state(parts, optimizers, schedulers[0])
-        dcp.load(state, checkpoint_id=str(folder))
+        dcp.load(state, checkpoint_id=self.checkpoint_id(step))
         for part, optimizer, (model_keys, optim_keys) in zip(parts, optimizers, keys,
                                                             strict=True):
             set_model_state_dict(part, {k: state["model"][k] for k in model_keys})
@@ -95,21 +109,22 @@ class CheckpointStore:
                                      {k: state["optim"][k] for k in optim_keys}, options=FLAT)
         for scheduler in schedulers:
             scheduler.load_state_dict(state["scheduler"])
-        rng_file = folder / f"rng_rank{rank()}.pt"
-        if rng_file.is_file():  # a rank that did not exist in the saving layout keeps its seed
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        rng_file = f"{self.folder(step)}/rng_rank{rank()}.pt"
+        if self.fs.exists(rng_file):  # a rank new to this layout keeps its seed
+            set_rng_state(torch.load(io.BytesIO(self.fs.cat_file(rng_file)), weights_only=False))
         return self.meta(step)
 
     def prune(self, keep: int) -> None:
         """Delete committed checkpoints beyond `keep_last` and leftovers of failed saves."""
-        committed = self.committed_steps()
-        survivors = set(committed[-self.keep_last :]) | {keep}
-        for folder in self.directory.iterdir():
+        survivors = set(self.committed_steps()[-self.keep_last :]) | {keep}
+        for folder in self.fs.ls(self.root, detail=False):
             step = step_of(folder)
             if step is None or step in survivors:
                 continue
-            (folder / COMMIT_MARKER).unlink(missing_ok=True)  # uncommit first, then delete
-            shutil.rmtree(folder, ignore_errors=True)
+            marker = f"{folder}/{COMMIT_MARKER}"
+            if self.fs.exists(marker):
+                self.fs.rm(marker)  # uncommit first, then delete
+            self.fs.rm(folder, recursive=True)
 
 
 def training_state(parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer],
@@ -128,8 +143,13 @@ def training_state(parts: list[torch.nn.Module], optimizers: list[torch.optim.Op
     return state, keys
 
 
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
+def write_atomically(fs, path: str, text: str) -> None:
+    """Local: write a temporary file, fsync, rename. Object storage: one PUT, which is
+    atomic by itself."""
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, text.encode())
+        return
+    temporary = f"{path}.tmp"
     with open(temporary, "w") as handle:
         handle.write(text)
         handle.flush()

@@ -41,13 +41,15 @@ class RunPaths:
 
     root: Path  # all runs, and the local MLflow store
     dir: Path  # this run: config, tokenizer, MLflow run id
-    checkpoints: Path
+    checkpoints: str  # an absolute path, or an object-storage URI
 
     @classmethod
     def of(cls, config: RaytronConfig) -> RunPaths:
         root = Path(config.run.root).expanduser().absolute()
-        return cls(root, root / config.run.name,
-                   Path(config.checkpoint.dir).expanduser().absolute())
+        checkpoints = config.checkpoint.dir
+        if "://" not in checkpoints:
+            checkpoints = str(Path(checkpoints).expanduser().absolute())
+        return cls(root, root / config.run.name, checkpoints)
 
 
 def prepare(config: RaytronConfig) -> tuple[RaytronConfig, RunPaths, StreamSpec]:

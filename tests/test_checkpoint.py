@@ -1,5 +1,7 @@
 """Checkpoints: DCP round trip, atomic commit, retention, and a crash in the middle of a save."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -54,7 +56,7 @@ def test_only_committed_checkpoints_count_and_old_ones_go(tmp_path):
         store.save(s, [model], [optimizer], scheduler, {})
     assert store.committed_steps() == [20, 30]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000020", "step_00000030"]
-    half_written = store.folder(40)
+    half_written = Path(store.folder(40))
     half_written.mkdir()
     (half_written / "__0_0.distcp").write_bytes(b"partial")
     assert store.latest() == 30
@@ -67,14 +69,14 @@ def test_a_crash_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     before = {k: v.clone() for k, v in model.state_dict().items()}
     step(model, optimizer, scheduler, 0)
 
-    def crash(path, text):
+    def crash(*args):
         raise OSError("disk gone")
 
     monkeypatch.setattr(checkpoint, "write_atomically", crash)
     with pytest.raises(OSError):
         store.save(2, [model], [optimizer], scheduler, {})
     monkeypatch.undo()
-    assert store.latest() == 1 and not (store.folder(2) / COMMIT_MARKER).exists()
+    assert store.latest() == 1 and not (Path(store.folder(2)) / COMMIT_MARKER).exists()
     fresh = trainer(seed=5)
     store.load(1, [fresh[0]], [fresh[1]], [fresh[2]])
     for name, value in fresh[0].state_dict().items():
