@@ -73,6 +73,7 @@ class WorkerLoop:
                 self.config.data.seq_len)
         self.store = CheckpointStore(args.checkpoint_dir, self.config.checkpoint.keep_last)
         self.validation: torch.Tensor | None = None
+        self.pending: tuple[int, Any] | None = None  # the next step's batch, requested early
 
     def run(self) -> None:
         train = self.config.train
@@ -128,11 +129,24 @@ class WorkerLoop:
             dist.barrier()
         return step, meta
 
+    def request(self, step: int):
+        """An object reference to this replica's slice of step `step`'s batch."""
+        return self.args.feeder.batch.remote(step, self.dp_rank, self.layout.dp)
+
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One optimizer step over this replica's slice; returns mean loss, grad norm, wait."""
+        """One optimizer step over this replica's slice; returns mean loss, grad norm, wait.
+
+        The next step's batch is requested before this step computes, so that it is in
+        this worker's object store when needed: the wait is then the feeder falling
+        behind, not a round trip to it."""
+        pending_step, reference = self.pending or (None, None)
+        if pending_step != step:
+            reference = self.request(step)
         started = time.perf_counter()
-        batch = ray.get(self.args.feeder.batch.remote(step, self.dp_rank, self.layout.dp))
+        batch = ray.get(reference)
         wait = time.perf_counter() - started
+        self.pending = (step + 1, self.request(step + 1)) if step + 1 < self.config.train.steps \
+            else None
         tokens = torch.from_numpy(batch.astype(np.int64)).to(self.device, non_blocking=True)
         loss, grad_norm = self.trainer.train_step(tokens)
         return loss, grad_norm, wait
