@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from itertools import islice
 
 import numpy as np
 
@@ -22,6 +23,8 @@ class Cursor:
     file: int = 0  # position of the file in the epoch's file order
     doc: int = 0  # record index within that file
     offset: int = 0  # tokens of that document (EOS included) already consumed
+    window: int = 0  # with a shuffle window: the window (epoch/file/doc: where it starts)
+    skip: int = 0  # ... and how many of its shuffled documents come before this one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -33,6 +36,10 @@ class TokenDoc:
     file: int
     doc: int
     tokens: np.ndarray  # the document's ids followed by EOS
+    resume: Cursor | None = None  # where a stream restarts to yield this document first
+
+    def position(self) -> Cursor:
+        return self.resume or Cursor(self.epoch, self.file, self.doc)
 
 
 class Packer:
@@ -47,8 +54,7 @@ class Packer:
     def cursor(self) -> Cursor:
         """Where the next sequence starts."""
         self.fill(1)
-        head = self.pending[0]
-        return Cursor(head.epoch, head.file, head.doc, self.offset)
+        return replace(self.pending[0].position(), offset=self.offset)
 
     def next_sequence(self) -> np.ndarray:
         self.fill(self.seq_len + 1)
@@ -80,3 +86,23 @@ class Packer:
             tokens -= rest
             self.pending.popleft()
             self.offset = 0
+
+
+def shuffled(docs: Iterator[TokenDoc], window: int, seed: int, source: int, start: Cursor
+             ) -> Iterator[TokenDoc]:
+    """Documents shuffled within consecutive windows of `window` documents, each by its
+    own seeded permutation. `docs` must start at `start`'s window; its first `start.skip`
+    shuffled documents are skipped. Every document carries the cursor that restarts the
+    stream right at it, so a resumed run re-reads one window at most."""
+    index, skip = start.window, start.skip
+    try:
+        while batch := list(islice(docs, window)):
+            first = batch[0]
+            order = np.random.default_rng([seed, source, index, 1]).permutation(len(batch))
+            for rank, position in enumerate(order[skip:], start=skip):
+                doc = batch[position]
+                doc.resume = Cursor(first.epoch, first.file, first.doc, window=index, skip=rank)
+                yield doc
+            index, skip = index + 1, 0
+    finally:
+        docs.close()

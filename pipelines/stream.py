@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from raytron.pipelines.packing import Cursor, TokenDoc
+from raytron.pipelines.packing import Cursor, TokenDoc, shuffled
 from raytron.pipelines.sources import CorpusFile, is_validation, list_files, read_records
 
 # Which records of a source a stream keeps: those not held out, the held-out ones, all.
@@ -50,6 +50,7 @@ class StreamSpec:
     val_share: float  # held out of `sources` by content hash, unless `validation` is given
     tokenizer_workers: int = 1
     validation: list[SourceSpec] = field(default_factory=list)
+    shuffle_window: int = 0  # documents shuffled together; 0: stream order
 
     @property
     def training_keeps(self) -> str:
@@ -156,7 +157,17 @@ def stream_dataset(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cur
 def token_docs(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cursor, keep: str,
                skipped: dict[str, int], epochs: int | None = None) -> Iterator[TokenDoc]:
     """Documents of one source from `cursor` on, epoch after epoch, until the source's
-    epoch limit or `epochs` more; skipped records add to `skipped` by reason."""
+    epoch limit or `epochs` more, shuffled within `spec.shuffle_window` documents when
+    training; skipped records add to `skipped` by reason."""
+    docs = ordered_docs(spec, source, index, cursor, keep, skipped, epochs)
+    if spec.shuffle_window > 1 and keep != VALIDATION:
+        return shuffled(docs, spec.shuffle_window, spec.seed, index, cursor)
+    return docs
+
+
+def ordered_docs(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cursor, keep: str,
+                 skipped: dict[str, int], epochs: int | None) -> Iterator[TokenDoc]:
+    """Documents in file order (see `token_docs`)."""
     limits = [n for n in (source.epochs, None if epochs is None else cursor.epoch + epochs)
               if n is not None]
     end = min(limits) if limits else None
@@ -180,7 +191,7 @@ def token_docs(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cursor,
                     continue
                 found = True
                 yield TokenDoc(epoch, position, doc, values[offsets[row] : offsets[row + 1]])
-        if not found and cursor == Cursor(cursor.epoch):
+        if not found and (cursor.file, cursor.doc) == (0, 0):
             if keep == VALIDATION:
                 return
             raise ValueError(

@@ -105,6 +105,7 @@ class DataConfig:
     tokenizer_workers: int = 1  # Ray actors tokenizing in parallel
     prefetch_steps: int = 4  # global batches prepared ahead of training
     max_document_mb: int = 64  # longer records are skipped as `oversized`
+    shuffle_window: int = 0  # shuffle training documents within windows of this many; 0: off
 
 
 @dataclass

@@ -26,6 +26,7 @@ def stream_spec(config: RaytronConfig, tokenizer: Tokenizer | None = None) -> St
         val_share=d.val_share,
         tokenizer_workers=d.tokenizer_workers,
         validation=[source_spec(s, max_bytes) for s in d.validation_sources],
+        shuffle_window=d.shuffle_window,
     )
 
 

@@ -259,6 +259,9 @@ def data_problems(config: RaytronConfig, check_paths: bool) -> list[str]:
                         "data.prefetch_steps", "data.tokenizer_sample_mb", "data.max_document_mb")
     if not d.sources:
         problems.append("data.sources is empty. Fix: give at least one source with a path.")
+    if d.shuffle_window < 0:
+        problems.append(f"data.shuffle_window={d.shuffle_window} is negative. Fix: use 0 (no "
+                        "shuffle) or the number of documents to shuffle together.")
     if not 0 <= d.val_share < 1:
         problems.append(
             f"data.val_share={d.val_share} must lie in [0, 1). Fix: use e.g. 0.05 (0 disables "

@@ -35,7 +35,8 @@ def make_spec(sources: str, *overrides: str, vocab: int = 512, sample: int = 2**
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory):
     """A two-source mixture (weights 2:1): text files of the Python reference, one
-    document per paragraph, and a JSONL file with bad records among good ones."""
+    document per paragraph, and a JSONL file with bad records among good ones; documents
+    shuffled within windows of 4."""
     from pydoc_data.topics import topics
 
     texts = [topics[key] for key in sorted(topics)]
@@ -49,7 +50,8 @@ def spec(tmp_path_factory):
     bad = [b'{"text": "cut', b'{"source": "no text"}', b'{"text": "\xff"}']
     (folder / "paragraphs.jsonl").write_bytes(b"\n".join(records[:20] + bad + records[20:]))
     return make_spec(f"[{{path: {folder / 'text'}, document: paragraph, weight: 2}}, "
-                     f"{{path: {folder / 'paragraphs.jsonl'}, weight: 1}}]")
+                     f"{{path: {folder / 'paragraphs.jsonl'}, weight: 1}}]",
+                     "data.shuffle_window=4")
 
 
 def new_feeder(ray, spec, val_sequences=16):
@@ -81,6 +83,7 @@ def test_order_is_deterministic_sliced_by_replica_and_resumes_exactly(ray_sessio
         np.testing.assert_array_equal(want, got)
 
     positions = [Cursor(**p) for c in cursors.values() for p in c["sources"]]
+    assert any(c.skip > 0 for c in positions), "no cursor inside a shuffle window"
     assert any(c.offset > 0 for c in positions), "no cursor inside a document"
     assert any(c.doc > 0 and c.offset > 0 for c in positions), "no cursor inside a file"
     assert any(c.epoch > 0 for c in positions), "no cursor in a later epoch"

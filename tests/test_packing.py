@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from raytron.pipelines.packing import Cursor, Packer, TokenDoc
+from raytron.pipelines.packing import Cursor, Packer, TokenDoc, shuffled
 
 START = Cursor()
 
@@ -40,3 +40,26 @@ def test_resume_from_any_cursor_gives_the_same_sequences():
         for want in expected[index:]:
             np.testing.assert_array_equal(resumed.next_sequence(), want)
     assert any(c.offset > 0 for c in cursors) and any(c.epoch > 0 for c in cursors)
+
+
+def test_a_shuffle_window_permutes_documents_and_resumes_exactly():
+    plain = [(d.epoch, d.file, d.doc) for d in documents()]
+    mixed = [(d.epoch, d.file, d.doc) for d in shuffled(documents(), 5, 7, 0, START)]
+    assert mixed != plain and sorted(mixed) == sorted(plain)
+    for window in range(0, len(plain), 5):  # each window holds the same documents
+        assert sorted(mixed[window : window + 5]) == plain[window : window + 5]
+
+    def stream(cursor: Cursor) -> Packer:
+        docs = shuffled(documents(cursor), 5, 7, 0, cursor)
+        return Packer(docs, seq_len=8, first_offset=cursor.offset)
+
+    reference = stream(START)
+    cursors, expected = [], []
+    for _ in range(30):
+        cursors.append(reference.cursor())
+        expected.append(reference.next_sequence())
+    assert any(c.skip > 0 for c in cursors) and any(c.offset > 0 for c in cursors)
+    for index in (1, 6, 13, 22, 29):
+        resumed = stream(cursors[index])
+        for want in expected[index:]:
+            np.testing.assert_array_equal(resumed.next_sequence(), want)
