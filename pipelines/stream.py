@@ -51,6 +51,8 @@ class StreamSpec:
     tokenizer_workers: int = 1
     validation: list[SourceSpec] = field(default_factory=list)
     shuffle_window: int = 0  # documents shuffled together; 0: stream order
+    add_bos: bool = False  # data.bos
+    bos: int | None = None  # the tokenizer's BOS id, when add_bos
 
     @property
     def training_keeps(self) -> str:
@@ -101,11 +103,12 @@ def read_files(batch: dict, files: list[CorpusFile], keep: str, val_share: float
 class Tokenize:
     """Ray Data actor UDF: loads the tokenizer once, then encodes batches of documents."""
 
-    def __init__(self, tokenizer_json: str, eos: int):
+    def __init__(self, tokenizer_json: str, eos: int, bos: int | None):
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.eos = eos
+        self.bos = [] if bos is None else [bos]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column("text").to_pylist()
@@ -113,7 +116,7 @@ class Tokenize:
         encoded = self.tokenizer.encode_batch([texts[i] for i in good], add_special_tokens=False)
         tokens: list[list[int]] = [[] for _ in texts]
         for i, encoding in zip(good, encoded, strict=True):
-            tokens[i] = encoding.ids + [self.eos]
+            tokens[i] = self.bos + encoding.ids + [self.eos]
         return batch.drop_columns(["text"]).append_column(
             "tokens", pa.array(tokens, type=pa.list_(pa.int32()))
         )
@@ -149,7 +152,7 @@ def stream_dataset(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cur
                      fn_kwargs={"files": source.files, "keep": keep,
                                 "val_share": spec.val_share})
         .map_batches(Tokenize, batch_size=None, batch_format="pyarrow",
-                     fn_constructor_args=(spec.tokenizer_json, spec.eos),
+                     fn_constructor_args=(spec.tokenizer_json, spec.eos, spec.bos),
                      compute=ray.data.ActorPoolStrategy(size=spec.tokenizer_workers))
     )
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS = "<|endoftext|>"
+BOS = "<|begin_of_text|>"
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = True) -> Tokenizer:
@@ -17,7 +18,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS],
+        special_tokens=[EOS, BOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
@@ -38,6 +39,18 @@ def eos_id(tokenizer: Tokenizer) -> int:
     raise ValueError(
         f"the tokenizer has none of the end-of-document tokens {EOS}, </s>, "
         "<|end_of_text|>, <eos>; add one as a special token"
+    )
+
+
+def bos_id(tokenizer: Tokenizer) -> int:
+    """The beginning-of-document token, for `data.bos=true`."""
+    for token in (BOS, "<s>", "<bos>"):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    raise ValueError(
+        f"data.bos=true, but the tokenizer has none of {BOS}, <s>, <bos>. Fix: use a tokenizer "
+        "with a BOS token (raytron's own have one), or set data.bos=false."
     )
 
 

@@ -102,10 +102,11 @@ class DataConfig:
     seq_len: int = 128
     val_share: float = 0.05  # share of documents held out for validation (by content hash)
     val_sequences: int = 64  # held-out sequences scored at each validation
-    tokenizer_workers: int = 1  # Ray actors tokenizing in parallel
+    tokenizer_workers: int | str = "auto"  # Ray actors tokenizing; auto: the CPUs left free
     prefetch_steps: int = 4  # global batches prepared ahead of training
     max_document_mb: int = 64  # longer records are skipped as `oversized`
     shuffle_window: int = 0  # shuffle training documents within windows of this many; 0: off
+    bos: bool = False  # put the tokenizer's BOS before every document (EOS always ends one)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from raytron.platform.placement import (
     cluster_address,
     node_resources,
     start_ray,
+    with_tokenizer_workers,
     worker_gpus,
 )
 from raytron.platform.shapes import resolve_model
@@ -75,7 +76,10 @@ def prepare(config: RaytronConfig) -> tuple[RaytronConfig, RunPaths, StreamSpec]
     paths.dir.mkdir(parents=True, exist_ok=True)
     if not tokenizer_path.is_file():
         tokenizer.save(str(tokenizer_path))
-    return config, paths, with_tokenizer(spec, tokenizer)
+    try:
+        return config, paths, with_tokenizer(spec, tokenizer)
+    except ValueError as error:  # the tokenizer lacks an EOS, or the BOS asked for
+        raise ConfigError([f"data.tokenizer: {error}"]) from None
 
 
 def check_same_model(config: RaytronConfig, paths: RunPaths) -> None:
@@ -96,6 +100,9 @@ def check_same_model(config: RaytronConfig, paths: RunPaths) -> None:
 
 def train(config: RaytronConfig) -> int:
     """Run (or resume) a training run; returns the process exit code."""
+    nodes = node_resources(config)
+    check_tensor_parallel_fits_a_node(config, nodes)
+    config = with_tokenizer_workers(config, nodes)
     config, paths, spec = prepare(config)
     store = CheckpointStore(paths.checkpoints, config.checkpoint.keep_last)
     resumed_step = store.latest() or 0
@@ -103,8 +110,6 @@ def train(config: RaytronConfig) -> int:
         print(f"{paths.dir} already finished {resumed_step} steps (train.steps="
               f"{config.train.steps}). Raise train.steps to train on, or pick a new run.name.")
         return 0
-    nodes = node_resources(config)
-    check_tensor_parallel_fits_a_node(config, nodes)
     config = with_measured_cpu_peak(config)
     (paths.dir / CONFIG_FILE).write_text(to_yaml(config))
     uri = tracking_uri(config.tracking.uri, paths.root)

@@ -11,17 +11,21 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from raytron.pipelines.stream import StreamSpec, source_spec, tokenizer_sample
-from raytron.pipelines.tokenizer import eos_id, train_bpe
+from raytron.pipelines.tokenizer import bos_id, eos_id, train_bpe
 from raytron.platform.config import RaytronConfig
+from raytron.platform.placement import with_tokenizer_workers
 
 
 def stream_spec(config: RaytronConfig, tokenizer: Tokenizer | None = None) -> StreamSpec:
-    d = config.data
+    """The stream of `config`'s sources; `data.tokenizer_workers=auto`, when the controller
+    has not resolved it against the cluster, counts this machine's free CPUs."""
+    d = with_tokenizer_workers(config, []).data
     max_bytes = d.max_document_mb * 2**20
     return StreamSpec(
         sources=[source_spec(s, max_bytes) for s in d.sources],
         tokenizer_json=tokenizer.to_str() if tokenizer else "",
         eos=eos_id(tokenizer) if tokenizer else -1,
+        add_bos=d.bos,
         seed=config.train.seed,
         val_share=d.val_share,
         tokenizer_workers=d.tokenizer_workers,
@@ -31,7 +35,11 @@ def stream_spec(config: RaytronConfig, tokenizer: Tokenizer | None = None) -> St
 
 
 def with_tokenizer(spec: StreamSpec, tokenizer: Tokenizer) -> StreamSpec:
-    return dataclasses.replace(spec, tokenizer_json=tokenizer.to_str(), eos=eos_id(tokenizer))
+    """`spec` encoding with `tokenizer`: EOS after every document, BOS before it when
+    `data.bos` asked for one."""
+    bos = bos_id(tokenizer) if spec.add_bos else None
+    return dataclasses.replace(spec, tokenizer_json=tokenizer.to_str(), eos=eos_id(tokenizer),
+                               bos=bos)
 
 
 def train_tokenizer(config: RaytronConfig, spec: StreamSpec,

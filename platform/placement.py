@@ -7,6 +7,7 @@ starts; for a local run that is known before Ray itself starts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from raytron.platform.config import ConfigError, RaytronConfig
@@ -19,8 +20,27 @@ def cluster_address(config: RaytronConfig) -> str | None:
 def local_cpus(config: RaytronConfig) -> int:
     """CPUs of a locally started Ray: the machine's, or enough for every actor of the run."""
     c = config.cluster
-    needed = c.workers * c.cpus_per_worker + config.data.tokenizer_workers + 1
+    tokenizers = config.data.tokenizer_workers if config.data.tokenizer_workers != "auto" else 1
+    needed = c.workers * c.cpus_per_worker + tokenizers + 1
     return c.num_cpus or max(os.cpu_count() or 1, needed)
+
+
+MAX_AUTO_TOKENIZERS = 8
+
+
+def with_tokenizer_workers(config: RaytronConfig, nodes: list[dict[str, float]]
+                           ) -> RaytronConfig:
+    """`data.tokenizer_workers=auto`: the CPUs the workers leave free (at least 1, at most
+    8; this machine's for a local run, the cluster's otherwise)."""
+    if config.data.tokenizer_workers != "auto":
+        return config
+    c = config.cluster
+    total = (os.cpu_count() or 1) if cluster_address(config) is None else sum(
+        node.get("CPU", 0) for node in nodes)
+    free = int(total - c.workers * c.cpus_per_worker)
+    workers = max(1, min(MAX_AUTO_TOKENIZERS, free))
+    return dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                tokenizer_workers=workers))
 
 
 def start_ray(config: RaytronConfig) -> None:

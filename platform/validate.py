@@ -255,8 +255,12 @@ def train_problems(config: RaytronConfig) -> list[str]:
 
 def data_problems(config: RaytronConfig, check_paths: bool) -> list[str]:
     d = config.data
-    problems = positive(config, "data.seq_len", "data.val_sequences", "data.tokenizer_workers",
-                        "data.prefetch_steps", "data.tokenizer_sample_mb", "data.max_document_mb")
+    problems = positive(config, "data.seq_len", "data.val_sequences", "data.prefetch_steps",
+                        "data.tokenizer_sample_mb", "data.max_document_mb")
+    workers = d.tokenizer_workers
+    if not (workers == "auto" or isinstance(workers, int) and workers >= 1):
+        problems.append(f"data.tokenizer_workers={workers!r} must be a positive number or auto. "
+                        "Fix: use e.g. 2, or auto to use the CPUs the training workers leave.")
     if not d.sources:
         problems.append("data.sources is empty. Fix: give at least one source with a path.")
     if d.shuffle_window < 0:

@@ -132,3 +132,16 @@ def test_dp_auto_takes_every_worker(capsys):
     assert main(["config", "tiny", "parallel.dp=auto", "cluster.workers=4",
                  "train.global_batch=32"]) == 0
     assert "dp: 4" in capsys.readouterr().out
+
+
+def test_tokenizer_train_command_writes_a_reusable_tokenizer(tmp_path, capsys):
+    from raytron.pipelines.tokenizer import BOS, EOS, load
+
+    output = tmp_path / "tokenizer.json"
+    assert main(["tokenizer", "train", "tiny", "data.vocab_size=600", "--output",
+                 str(output)]) == 0
+    tokenizer = load(output)
+    assert tokenizer.get_vocab_size() == 600
+    assert tokenizer.token_to_id(EOS) is not None and tokenizer.token_to_id(BOS) is not None
+    assert f"data.tokenizer={output}" in capsys.readouterr().out
+    assert main(["config", "tiny", f"data.tokenizer={output}"]) == 0

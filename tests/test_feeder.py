@@ -1,6 +1,7 @@
 """The Ray Data pipeline and the DataFeeder: order, slicing, mixtures, exact resume,
 held-out data, bad records."""
 
+import dataclasses
 import json
 import math
 
@@ -72,7 +73,8 @@ def batches(ray, feeder, steps, dp=1, cursors=None):
 
 def test_order_is_deterministic_sliced_by_replica_and_resumes_exactly(ray_session, spec):
     ray = ray_session
-    first, second = new_feeder(ray, spec), new_feeder(ray, spec)
+    first = new_feeder(ray, spec)
+    second = new_feeder(ray, dataclasses.replace(spec, tokenizer_workers=2))  # same batches
     ray.get([first.seek.remote(0, {}), second.seek.remote(0, {})])
     steps = range(100)  # more than one epoch of both sources
     cursors = {}
@@ -148,8 +150,30 @@ def test_an_epoch_limit_retires_a_source_and_the_end_is_a_clear_error(ray_sessio
     assert final["sources"][0] is None and final["sources"][1] is not None
     assert final["taken"][0] <= one_epoch // SEQ_LEN  # nothing after its epoch
 
+    separate = make_spec(f"[{{path: {spec.sources[1].files[0].path}}}]",
+                         f"data.validation_sources=[{{path: {topic}}}]")
+    assert separate.training_keeps == ALL  # with separate validation, nothing is held out
+    held_out = ray.get(new_feeder(ray, separate, val_sequences=4).validation.remote(0, 1))
+    topic_tokens = next(token_docs(separate, separate.validation[0], 0, Cursor(), ALL, {})).tokens
+    np.testing.assert_array_equal(held_out[0], topic_tokens[: SEQ_LEN + 1])
+
     both_limited = make_spec(f"[{{path: {topic}, epochs: 1}}]")
     exhausted = new_feeder(ray, both_limited)
     ray.get(exhausted.seek.remote(0, {}))
     with pytest.raises(ray.exceptions.RayTaskError, match="every source reached its epoch"):
         batches(ray, exhausted, range(1000))
+
+
+def test_documents_get_bos_and_eos():
+    import pyarrow as pa
+
+    from raytron.pipelines.stream import Tokenize
+    from raytron.pipelines.tokenizer import BOS, EOS
+
+    tokenizer = train_bpe(["some text to learn from"] * 20, 300, show_progress=False)
+    bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
+    batch = pa.table({"text": ["some text", None]})
+    with_bos = Tokenize(tokenizer.to_str(), eos, bos)(batch).column("tokens").to_pylist()
+    plain = Tokenize(tokenizer.to_str(), eos, None)(batch).column("tokens").to_pylist()
+    assert with_bos[0] == [bos, *plain[0]] and plain[0][-1] == eos and len(plain[0]) > 2
+    assert with_bos[1] == plain[1] == []  # a skipped record stays empty
