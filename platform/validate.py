@@ -43,6 +43,12 @@ def positive(config: RaytronConfig, *keys: str) -> list[str]:
     return problems
 
 
+def one_of(key: str, value, choices: tuple[str, ...]) -> list[str]:
+    if value in choices:
+        return []
+    return [f"{key}='{value}' is unknown. Fix: use one of {', '.join(choices)}."]
+
+
 def lookup(config: RaytronConfig, key: str):
     node = config
     for part in key.split("."):
@@ -95,13 +101,8 @@ def parallel_problems(config: RaytronConfig) -> list[str]:
                         "parallel.dp=auto to use every worker, or e.g. parallel.dp=2.")
     if problems:
         return problems
-    if p.schedule not in SCHEDULES:
-        problems.append(
-            f"parallel.schedule='{p.schedule}' is unknown. Fix: use one of {', '.join(SCHEDULES)}."
-        )
-    if p.dp_shard not in DP_SHARD_MODES:
-        problems.append(f"parallel.dp_shard='{p.dp_shard}' is unknown. Fix: use one of "
-                        f"{', '.join(DP_SHARD_MODES)}.")
+    problems += one_of("parallel.schedule", p.schedule, SCHEDULES)
+    problems += one_of("parallel.dp_shard", p.dp_shard, DP_SHARD_MODES)
     if p.dp == "auto" and c.workers % (p.pp * p.tp):
         problems.append(
             f"parallel.dp=auto: cluster.workers={c.workers} is not a multiple of parallel.pp*tp "
@@ -235,10 +236,7 @@ def train_problems(config: RaytronConfig) -> list[str]:
     for key in ("weight_decay", "grad_clip", "eval_interval", "warmup_steps"):
         if getattr(t, key) < 0:
             problems.append(f"train.{key}={getattr(t, key)} is negative. Fix: use 0 or more.")
-    if t.precision not in PRECISIONS:
-        problems.append(
-            f"train.precision='{t.precision}' is unknown. Fix: use one of {', '.join(PRECISIONS)}."
-        )
+    problems += one_of("train.precision", t.precision, PRECISIONS)
     if not (t.activation_checkpointing in ("none", "full")
             or isinstance(t.activation_checkpointing, int) and t.activation_checkpointing >= 1):
         problems.append(
@@ -288,14 +286,8 @@ def data_problems(config: RaytronConfig, check_paths: bool) -> list[str]:
 
 
 def source_problems(key: str, source, check_paths: bool) -> list[str]:
-    problems = []
-    if source.format not in FORMATS:
-        problems.append(
-            f"{key}.format='{source.format}' is unknown. Fix: use one of {', '.join(FORMATS)}."
-        )
-    if source.document not in DOCUMENTS:
-        problems.append(f"{key}.document='{source.document}' is unknown. Fix: use one of "
-                        f"{', '.join(DOCUMENTS)}.")
+    problems = one_of(f"{key}.format", source.format, FORMATS)
+    problems += one_of(f"{key}.document", source.document, DOCUMENTS)
     if not source.weight > 0:
         problems.append(f"{key}.weight={source.weight} must be positive. Fix: give each source "
                         "a positive weight (they are normalized to shares).")
