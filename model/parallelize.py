@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -110,7 +109,3 @@ def apply_data_parallel(model: GPT, dp_mesh: DeviceMesh, options: ParallelOption
     for block in model.layers.values():
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
-
-
-def model_parameters(parts: list[nn.Module]) -> list[nn.Parameter]:
-    return [p for part in parts for p in part.parameters()]
