@@ -15,6 +15,7 @@ import io
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import fsspec
@@ -78,8 +79,10 @@ class CheckpointStore:
         return json.loads(self.fs.cat_file(f"{self.folder(step)}/{META_FILE}"))
 
     def save(self, step: int, parts: list[torch.nn.Module],
-             optimizers: list[torch.optim.Optimizer], scheduler, meta: dict) -> None:
-        """Collective: every rank writes its shards, then rank 0 commits and prunes."""
+             optimizers: list[torch.optim.Optimizer], scheduler, meta: dict,
+             before_commit: Callable[[], None] | None = None) -> None:
+        """Collective: every rank writes its shards, then rank 0 commits and prunes.
+        `before_commit` runs on every rank between the two (fault drills use it)."""
         folder = self.folder(step)
         if rank() == 0 and self.fs.exists(folder):  # the leftover of a save that crashed
             self.fs.rm(folder, recursive=True)
@@ -89,6 +92,8 @@ class CheckpointStore:
         buffer = io.BytesIO()
         torch.save(rng_state(), buffer)
         self.fs.pipe_file(f"{folder}/rng_rank{rank()}.pt", buffer.getvalue())
+        if before_commit is not None:
+            before_commit()
         barrier()
         if rank() == 0:
             write_atomically(self.fs, f"{folder}/{META_FILE}",

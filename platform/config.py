@@ -134,6 +134,14 @@ class ClusterConfig:
 
 
 @dataclass
+class FaultsConfig:
+    max_restarts: int = 3  # worker-group restarts from the last checkpoint before the run fails
+    restart_backoff_s: float = 2.0  # wait before a restart; doubles each time, at most 60 s
+    hang_timeout_s: float = 600.0  # a rank without progress this long is failed (watchdog)
+    inject: list[str] = field(default_factory=list)  # drills: "kill rank 1 at step 7", ...
+
+
+@dataclass
 class RaytronConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -143,6 +151,7 @@ class RaytronConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
 class ConfigError(ValueError):

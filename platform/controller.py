@@ -9,7 +9,9 @@ workers run `worker.train_loop`, and draws the progress from the tracker's recor
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from raytron.platform.checkpoint import CheckpointStore
 from raytron.platform.config import ConfigError, RaytronConfig, flatten, to_dict, to_yaml
 from raytron.platform.console import Console
 from raytron.platform.corpus import stream_spec, train_tokenizer, with_tokenizer
+from raytron.platform.layout import Layout
 from raytron.platform.placement import (
     check_tensor_parallel_fits_a_node,
     cluster_address,
@@ -123,7 +126,7 @@ def train(config: RaytronConfig) -> int:
         tracking.set_tag(run_id, "raytron.resumed_from_step", str(resumed_step))
     print(describe_start(config, paths, uri, run_id, resumed_step, reopened))
     try:
-        run_worker_group(config, paths, spec, uri, run_id, resumed_step,
+        run_worker_group(config, paths, spec, tracking, run_id, resumed_step,
                          worker_gpus(config, nodes))
     except KeyboardInterrupt:
         tracking.finish(run_id, "KILLED")
@@ -168,28 +171,78 @@ def describe_start(config: RaytronConfig, paths: RunPaths, uri: str, run_id: str
             f"Layout pp={p.pp} dp={p.dp} tp={p.tp} on {config.cluster.workers} worker(s)")
 
 
-def run_worker_group(config: RaytronConfig, paths: RunPaths, spec: StreamSpec, uri: str,
-                     run_id: str, resumed_step: int, gpus: float) -> None:
+class RunFailed(RuntimeError):
+    """The worker group failed more than faults.max_restarts times."""
+
+
+def run_worker_group(config: RaytronConfig, paths: RunPaths, spec: StreamSpec,
+                     tracking: RunTracking, run_id: str, resumed_step: int, gpus: float) -> None:
+    """Run the worker group to the end, restarting it from the last committed checkpoint
+    after each failure, up to faults.max_restarts times with doubling back-off."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from raytron.pipelines.feeder import DataFeeder
     from raytron.platform.tracking import Tracker
-    from raytron.platform.worker import train_loop
+    from raytron.platform.worker import layout_of
 
     start_ray(config)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    tracker = ray.remote(Tracker).options(num_cpus=0, scheduling_strategy=here).remote(uri, run_id)
+    tracker = ray.remote(Tracker).options(num_cpus=0, scheduling_strategy=here).remote(
+        tracking.uri, run_id)
     feeder = ray.remote(DataFeeder).options(num_cpus=0, max_concurrency=64).remote(
         spec, config.data.seq_len, config.train.global_batch, config.data.prefetch_steps,
         config.data.val_sequences,
     )
-    trainer = TorchTrainer(
+    store = CheckpointStore(paths.checkpoints, config.checkpoint.keep_last)
+    layout = layout_of(config)
+    console = Console(config.train.steps, resumed_step)
+    stop = threading.Event()
+    poller = threading.Thread(target=poll, args=(tracker, console, stop), daemon=True)
+    poller.start()
+    failures: list[str] = []
+    try:
+        while True:
+            try:
+                worker_group(config, paths, gpus, feeder, tracker).fit()
+                return
+            except Exception as error:  # the group failed: restart it, or give up
+                step = store.latest() or 0
+                failures.append(f"failure {len(failures) + 1}: {failure_gist(error, layout)} "
+                                f"(last committed checkpoint: step {step})")
+                tracking.record_failure(run_id, len(failures), step, failures[-1])
+                if len(failures) > config.faults.max_restarts:
+                    raise RunFailed(
+                        f"the worker group failed {len(failures)} times, more than "
+                        f"faults.max_restarts={config.faults.max_restarts}:\n  "
+                        + "\n  ".join(failures)) from error
+                backoff = min(60.0, config.faults.restart_backoff_s * 2 ** (len(failures) - 1))
+                console.bar.write(f"{failures[-1]}\nrestarting from step {step} in "
+                                  f"{backoff:g} s ({len(failures)}/{config.faults.max_restarts})")
+                time.sleep(backoff)
+    finally:
+        stop.set()
+        poller.join()
+        console.show(ray.get(tracker.drain.remote()))
+        console.close()
+        for actor in (feeder, tracker):
+            ray.kill(actor)
+
+
+def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, feeder, tracker):
+    """A Ray Train `TorchTrainer`: one worker per device, each running `train_loop`. Ray
+    Train does not restart it (the controller does, from raytron's commit marker); its
+    collectives time out shortly after the watchdog would have fired."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raytron.platform.worker import train_loop
+
+    return TorchTrainer(
         train_loop,
         train_loop_config={"config": config, "checkpoint_dir": str(paths.checkpoints),
                            "feeder": feeder, "tracker": tracker},
+        torch_config=TorchConfig(timeout_s=int(config.faults.hang_timeout_s) + 60),
         scaling_config=ScalingConfig(
             num_workers=config.cluster.workers, use_gpu=gpus > 0,
             resources_per_worker={"CPU": config.cluster.cpus_per_worker,
@@ -198,19 +251,25 @@ def run_worker_group(config: RaytronConfig, paths: RunPaths, spec: StreamSpec, u
         run_config=RunConfig(name=config.run.name, storage_path=str(paths.dir / "ray_train"),
                              failure_config=FailureConfig(max_failures=0)),
     )
-    console = Console(config.train.steps, resumed_step)
-    stop = threading.Event()
-    poller = threading.Thread(target=poll, args=(tracker, console, stop), daemon=True)
-    poller.start()
-    try:
-        trainer.fit()
-    finally:
-        stop.set()
-        poller.join()
-        console.show(ray.get(tracker.drain.remote()))
-        console.close()
-        for actor in (feeder, tracker):
-            ray.kill(actor)
+
+
+RANK_SNIPPET = re.compile(r"^\[Rank (\d+) Error Snippet\]:", re.M)
+GIST = re.compile(r"(Error|Exception)\b.*: |health check failed|died|killed|timed out", re.I)
+
+
+def failure_gist(error: BaseException, layout: Layout) -> str:
+    """One line per failed rank, with its mesh coordinates, from Ray Train's error."""
+    text = str(error)
+    pieces = RANK_SNIPPET.split(text)
+    if len(pieces) < 3:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return (lines[-1] if lines else type(error).__name__)[:300]
+    gists = []
+    for rank, snippet in zip(pieces[1::2], pieces[2::2], strict=True):
+        lines = [line.strip() for line in snippet.splitlines() if GIST.search(line)]
+        gist = lines[-1] if lines else "failed (see its worker log)"
+        gists.append(f"{layout.describe(int(rank))}: {gist[:300]}")
+    return "; ".join(gists)
 
 
 def poll(tracker, console: Console, stop: threading.Event, every: float = 0.5) -> None:

@@ -88,6 +88,14 @@ class RunTracking:
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)
 
+    def record_failure(self, run_id: str, count: int, step: int, summary: str) -> None:
+        """A failure of the worker group: the `restarts` metric and an event tag."""
+        from mlflow.entities import Metric
+
+        self.client.log_batch(run_id, metrics=[
+            Metric("restarts", count, int(time.time() * 1000), step)])
+        self.client.set_tag(run_id, f"raytron.event.failure_{count}", summary[:5000])
+
     def finish(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
 

@@ -13,6 +13,7 @@ from raytron.model.parallelize import DP_SHARD_MODES
 from raytron.model.pipeline import stages_per_rank
 from raytron.pipelines.sources import SourceError, list_files
 from raytron.platform.config import ConfigError, RaytronConfig
+from raytron.platform.faults import parse_injections
 from raytron.platform.layout import resolve_dp
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -29,6 +30,7 @@ def validate(config: RaytronConfig, check_paths: bool = True) -> None:
         + train_problems(config)
         + data_problems(config, check_paths)
         + checkpoint_problems(config)
+        + fault_problems(config)
     )
     if problems:
         raise ConfigError(problems)
@@ -304,6 +306,24 @@ def source_problems(key: str, source, check_paths: bool) -> list[str]:
 
 def checkpoint_problems(config: RaytronConfig) -> list[str]:
     return positive(config, "checkpoint.interval", "checkpoint.keep_last")
+
+
+def fault_problems(config: RaytronConfig) -> list[str]:
+    f = config.faults
+    problems = positive(config, "faults.hang_timeout_s")
+    if f.max_restarts < 0 or f.restart_backoff_s < 0:
+        problems.append(f"faults.max_restarts={f.max_restarts} and faults.restart_backoff_s="
+                        f"{f.restart_backoff_s} cannot be negative. Fix: use 0 or more.")
+    try:
+        injections = parse_injections(f.inject)
+    except ValueError as error:
+        return problems + [str(error)]
+    for injection in injections:
+        if injection.rank >= config.cluster.workers:
+            problems.append(f"faults.inject.{injection.index}: rank {injection.rank} does not "
+                            f"exist with cluster.workers={config.cluster.workers}. Fix: use a "
+                            f"rank below {config.cluster.workers}.")
+    return problems
 
 
 def nearest_divisor(number: int, wanted: int) -> int:

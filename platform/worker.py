@@ -23,6 +23,7 @@ import torch.distributed as dist
 from raytron.model.gpt import GPT
 from raytron.platform.checkpoint import CheckpointStore
 from raytron.platform.config import RaytronConfig
+from raytron.platform.faults import FaultInjector, Watchdog
 from raytron.platform.hardware import peak_flops, training_device
 from raytron.platform.layout import Layout, build_mesh, check_tensor_parallel_on_one_node
 from raytron.platform.shapes import gpt_shape
@@ -72,12 +73,15 @@ class WorkerLoop:
             self.flops_per_token = GPT(gpt_shape(self.config.model)).flops_per_token(
                 self.config.data.seq_len)
         self.store = CheckpointStore(args.checkpoint_dir, self.config.checkpoint.keep_last)
+        self.injector = FaultInjector(self.config.faults.inject, rank, self.store.fs,
+                                      self.store.root, self.layout.describe(rank))
         self.validation: torch.Tensor | None = None
         self.pending: tuple[int, Any] | None = None  # the next step's batch, requested early
 
     def run(self) -> None:
         train = self.config.train
         step, meta = self.resume()
+        watchdog = Watchdog(self.config.faults.hang_timeout_s, self.layout.describe(self.rank))
         first_step = step + 1  # logged too, so every (re)start shows where it begins
         tokens_seen = meta.get("tokens_seen", 0)
         tokens_per_step = train.global_batch * self.config.data.seq_len
@@ -85,8 +89,10 @@ class WorkerLoop:
                            "layout/tp": self.layout.tp, "layout/workers": self.layout.world})
         window_started, window_wait, window_steps = time.perf_counter(), 0.0, 0
         while step < train.steps:
+            self.injector.at_step(step + 1)
             loss, grad_norm, wait = self.train_step(step)
             step += 1
+            watchdog.beat()
             tokens_seen += tokens_per_step
             window_wait += wait
             window_steps += 1
@@ -105,6 +111,7 @@ class WorkerLoop:
                 self.evaluate(step)
             if step % self.config.checkpoint.interval == 0 or step == train.steps:
                 self.save(step, tokens_seen)
+            watchdog.beat()
 
     def bubble_metrics(self) -> dict[str, float]:
         """The measured idle share of each pipeline rank in the last step (collective over
@@ -167,7 +174,8 @@ class WorkerLoop:
                 "layout": {"pp": self.layout.pp, "dp": self.layout.dp, "tp": self.layout.tp},
                 "time": time.time()}
         self.store.save(step, self.trainer.parts, self.trainer.optimizers,
-                        self.trainer.schedulers[0], meta)
+                        self.trainer.schedulers[0], meta,
+                        before_commit=lambda: self.injector.at_step(step, during_checkpoint=True))
         self.report(step, {"checkpoint_step": step})
 
     def report(self, step: int, metrics: dict[str, float], with_data_stats: bool = False) -> None:

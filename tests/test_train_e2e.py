@@ -26,7 +26,7 @@ def run_to_end(root: Path, name: str, extra: tuple[str, ...] = ()) -> str:
     result = subprocess.run(command(root, name, extra), capture_output=True, text=True,
                             timeout=600, cwd=root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    return result.stdout + result.stderr
 
 
 def run_and_kill_after_first_checkpoint(root: Path, name: str) -> None:
@@ -99,15 +99,43 @@ def test_running_a_finished_run_again_changes_nothing(runs):
     assert "already finished 24 steps" in output
 
 
-def test_four_workers_as_dp2_tp2_train_like_one(runs):
-    """The same run on four Ray workers (2 replicas x 2 tensor-parallel ranks) gives the
-    losses of the one-worker run: the data, the seed and the math ignore the layout."""
-    root, _, _ = runs
-    run_to_end(root, "dp2tp2", ("parallel.dp=2", "parallel.tp=2", "cluster.workers=4"))
+def assert_losses_match(root: Path, name: str, rel: float = 1e-4) -> dict:
+    """Every loss `name` logged (before and after any restart) equals the one-worker run's."""
     _, _, whole = loss_history(root, "whole")
-    _, run, parallel = loss_history(root, "dp2tp2")
+    _, run, other = loss_history(root, name)
     expected = {m.step: m.value for m in whole}
-    assert {m.step for m in parallel} == set(expected)
-    for metric in parallel:
-        assert metric.value == pytest.approx(expected[metric.step], rel=1e-4), metric
+    assert {m.step for m in other} == set(expected)
+    for metric in other:
+        assert metric.value == pytest.approx(expected[metric.step], rel=rel), metric
+    return run
+
+
+def test_failures_in_a_four_worker_run_restart_it_and_change_nothing(runs):
+    """dp2 x tp2 on four Ray workers, with a killed rank, a hung rank caught by the
+    watchdog and a rank failing inside a checkpoint save: three restarts from the last
+    committed checkpoint, and the losses of the uninterrupted one-worker run."""
+    root, _, _ = runs
+    drills = ("faults.inject=[kill rank 1 at step 4, hang rank 2 at step 9, "
+              "raise in rank 3 during checkpoint at step 12]")
+    output = run_to_end(root, "faulty", ("parallel.dp=2", "parallel.tp=2", "cluster.workers=4",
+                                         drills, "faults.hang_timeout_s=15",
+                                         "faults.restart_backoff_s=0.5"))
+    assert output.count("restarting from step") == 3
+    assert "rank 2 (pp=0, dp=1, tp=0)" in output  # failures name ranks and coordinates
+    run = assert_losses_match(root, "faulty")
+    assert run.data.metrics["restarts"] == 3 and run.info.status == "FINISHED"
     assert run.data.metrics["layout/dp"] == 2 and run.data.metrics["layout/tp"] == 2
+    assert sum(tag.startswith("raytron.event.failure_") for tag in run.data.tags) == 3
+
+
+def test_too_many_failures_fail_the_run_and_keep_the_checkpoint(runs):
+    root, _, _ = runs
+    limited = command(root, "limited", ("faults.max_restarts=0",
+                                        "faults.inject=[kill rank 0 at step 8]"))
+    result = subprocess.run(limited, capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "failed 1 times, more than faults.max_restarts=0" in result.stdout
+    assert "last committed checkpoint: step 6" in result.stdout
+    run_to_end(root, "limited", ("faults.max_restarts=0",  # the drill fired once: resumes
+                                 "faults.inject=[kill rank 0 at step 8]"))
+    assert assert_losses_match(root, "limited").info.status == "FINISHED"
