@@ -118,7 +118,7 @@ def test_failures_in_a_four_worker_run_restart_it_and_change_nothing(runs):
     drills = ("faults.inject=[kill rank 1 at step 4, hang rank 2 at step 9, "
               "raise in rank 3 during checkpoint at step 12]")
     output = run_to_end(root, "faulty", ("parallel.dp=2", "parallel.tp=2", "cluster.workers=4",
-                                         drills, "faults.hang_timeout_s=15",
+                                         drills, "faults.hang_timeout_s=10",
                                          "faults.restart_backoff_s=0.5"))
     assert output.count("restarting from step") == 3
     assert "rank 2 (pp=0, dp=1, tp=0)" in output  # failures name ranks and coordinates
