@@ -15,6 +15,7 @@ import io
 import json
 import os
 import random
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fsspec.implementations.local import LocalFileSystem
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -118,6 +120,21 @@ class CheckpointStore:
         if self.fs.exists(rng_file):  # a rank new to this layout keeps its seed
             set_rng_state(torch.load(io.BytesIO(self.fs.cat_file(rng_file)), weights_only=False))
         return self.meta(step)
+
+    def load_latest(self, parts: list[torch.nn.Module],
+                    optimizers: list[torch.optim.Optimizer], schedulers: list) -> dict:
+        """Collective: load the newest committed checkpoint that reads back whole; a
+        corrupted or incomplete one is skipped with a warning. {} when there is none.
+        DCP raises on every rank when any rank fails to read, so ranks agree."""
+        for step in reversed(self.committed_steps()):
+            try:
+                return self.load(step, parts, optimizers, schedulers)
+            except (Exception, CheckpointException) as error:  # damaged: take the one before
+                if rank() == 0:
+                    warnings.warn(f"checkpoint step {step} in {self.root} cannot be loaded "
+                                  f"({type(error).__name__}: {str(error)[:200]}); trying the "
+                                  "previous one", stacklevel=2)
+        return {}
 
     def prune(self, keep: int) -> None:
         """Delete committed checkpoints beyond `keep_last` and leftovers of failed saves."""

@@ -123,12 +123,10 @@ class WorkerLoop:
         return metrics
 
     def resume(self) -> tuple[int, dict]:
-        """Load the latest committed checkpoint, if any, and point the feeder at its cursor."""
-        latest = self.store.latest()
-        meta = {}
-        if latest is not None:
-            meta = self.store.load(latest, self.trainer.parts, self.trainer.optimizers,
-                                   self.trainer.schedulers)
+        """Load the latest readable committed checkpoint, if any, and point the feeder at
+        its cursor."""
+        meta = self.store.load_latest(self.trainer.parts, self.trainer.optimizers,
+                                      self.trainer.schedulers)
         step = meta.get("step", 0)
         if self.rank == 0:
             ray.get(self.args.feeder.seek.remote(step, meta.get("cursor", {})))

@@ -83,3 +83,19 @@ def test_a_crash_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
         torch.testing.assert_close(value, before[name], msg=name)
     store.save(2, [model], [optimizer], scheduler, {})  # the next save cleans the leftover
     assert store.committed_steps() == [2]
+
+
+def test_a_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=3)
+    model, optimizer, scheduler = trainer()
+    store.save(1, [model], [optimizer], scheduler, {"cursor": {"epoch": 1}})
+    step(model, optimizer, scheduler, 0)
+    store.save(2, [model], [optimizer], scheduler, {"cursor": {"epoch": 2}})
+    for shard in Path(store.folder(2)).glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a dying disk
+    fresh = trainer(seed=8)
+    with pytest.warns(UserWarning, match="checkpoint step 2 .* cannot be loaded"):
+        meta = store.load_latest([fresh[0]], [fresh[1]], [fresh[2]])
+    assert meta["step"] == 1 and meta["cursor"] == {"epoch": 1}
+    assert CheckpointStore(tmp_path / "empty", keep_last=1).load_latest(
+        [fresh[0]], [fresh[1]], [fresh[2]]) == {}
