@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         "documents are left out. Reuse it with data.tokenizer=PATH.",
         epilog=config_help, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(train_tokenizer)
+    status = commands.add_parser(
+        "status", help="where a run stands: step, layout, checkpoints, restarts, failures",
+        description="Read a run directory (<run.root>/<run.name>), its checkpoints and its "
+        "MLflow run, and print its state, step, layout, committed checkpoints, restarts "
+        "and failures. Starts nothing.")
+    status.add_argument("run_dir", metavar="RUN_DIR", help="e.g. runs/tiny")
     train_tokenizer.add_argument("--output", default="tokenizer.json", metavar="PATH",
                                  help="where to write the tokenizer (default: tokenizer.json)")
     return parser
@@ -129,6 +135,15 @@ def train_tokenizer_command(config: RaytronConfig, output: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "status":
+        from raytron.platform.status import describe_run
+
+        try:
+            print(describe_run(args.run_dir))
+            return 0
+        except ConfigError as error:
+            print(f"raytron: {error}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     config_arg, overrides = split_config_argument(args.config, args.overrides)
     try:
         config = resolve(config_arg, overrides)

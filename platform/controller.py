@@ -113,9 +113,9 @@ def train(config: RaytronConfig) -> int:
         print(f"{paths.dir} already finished {resumed_step} steps (train.steps="
               f"{config.train.steps}). Raise train.steps to train on, or pick a new run.name.")
         return 0
-    config = with_measured_cpu_peak(config)
-    (paths.dir / CONFIG_FILE).write_text(to_yaml(config))
     uri = tracking_uri(config.tracking.uri, paths.root)
+    config = with_measured_cpu_peak(with_absolute_locations(config, paths, uri))
+    (paths.dir / CONFIG_FILE).write_text(to_yaml(config))
     tracking = RunTracking(uri, config.tracking.experiment,
                            local_artifact_location(uri, paths.root, config.tracking.experiment))
     run_id, reopened = tracking.open(paths.dir, config.tracking.run_name,
@@ -142,6 +142,16 @@ def train(config: RaytronConfig) -> int:
     print(f"Finished {config.train.steps} steps. Checkpoints: {paths.checkpoints}\n"
           f"MLflow run {run_id} in {uri}")
     return 0
+
+
+def with_absolute_locations(config: RaytronConfig, paths: RunPaths, uri: str) -> RaytronConfig:
+    """The saved config names where things are, whatever the directory it ran from."""
+    return dataclasses.replace(
+        config,
+        run=dataclasses.replace(config.run, root=str(paths.root)),
+        checkpoint=dataclasses.replace(config.checkpoint, dir=paths.checkpoints),
+        tracking=dataclasses.replace(config.tracking, uri=uri),
+    )
 
 
 def with_measured_cpu_peak(config: RaytronConfig) -> RaytronConfig:

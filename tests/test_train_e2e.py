@@ -126,6 +126,11 @@ def test_failures_in_a_four_worker_run_restart_it_and_change_nothing(runs):
     assert run.data.metrics["restarts"] == 3 and run.info.status == "FINISHED"
     assert run.data.metrics["layout/dp"] == 2 and run.data.metrics["layout/tp"] == 2
     assert sum(tag.startswith("raytron.event.failure_") for tag in run.data.tags) == 3
+    status = subprocess.run([sys.executable, "-m", "raytron.platform.cli", "status",
+                             str(root / "faulty")], capture_output=True, text=True, timeout=120)
+    for text in ("FINISHED", "restarts     3", "checkpoint   step 24 of 24", "pp=1 dp=2 tp=2",
+                 "failure 3:"):
+        assert text in status.stdout, status.stdout
 
 
 def test_too_many_failures_fail_the_run_and_keep_the_checkpoint(runs):
