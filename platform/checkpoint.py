@@ -6,7 +6,10 @@ A crash at any moment therefore leaves the previous committed checkpoint as the
 latest. Model and optimizer state are saved under the model's parameter names (the
 optimizer state flattened to `state.<param>.<key>`), as DTensors where they are
 sharded; DCP reshards on load, which is what lets a checkpoint load into any layout.
-A rank holding several pipeline stages saves and loads them together.
+A rank holding several pipeline stages saves and loads them together. A save is a
+write and a commit: the write may go on in the background (`write(background=True)`,
+DCP's async save after copying the state) while training continues, and the commit
+follows once it is done.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import os
 import random
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -44,6 +49,18 @@ def step_of(folder: str) -> int | None:
     name = folder.rstrip("/").rsplit("/", 1)[-1]
     suffix = name.removeprefix(PREFIX)
     return int(suffix) if name.startswith(PREFIX) and suffix.isdigit() else None
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint whose shards are written, or being written, but not committed."""
+
+    step: int
+    meta: dict
+    future: Future | None = None  # the background write, if there is one
+
+    def written(self) -> bool:
+        return self.future is None or self.future.done()
 
 
 class CheckpointStore:
@@ -83,25 +100,48 @@ class CheckpointStore:
     def save(self, step: int, parts: list[torch.nn.Module],
              optimizers: list[torch.optim.Optimizer], scheduler, meta: dict,
              before_commit: Callable[[], None] | None = None) -> None:
-        """Collective: every rank writes its shards, then rank 0 commits and prunes.
-        `before_commit` runs on every rank between the two (fault drills use it)."""
+        """Collective: write and commit, synchronously."""
+        self.commit(self.write(step, parts, optimizers, scheduler, meta), before_commit)
+
+    def write(self, step: int, parts: list[torch.nn.Module],
+              optimizers: list[torch.optim.Optimizer], scheduler, meta: dict,
+              background: bool = False, group: dist.ProcessGroup | None = None
+              ) -> PendingSave:
+        """Collective: every rank writes its shards of `step`, not yet committed. In the
+        `background`, the write goes on in a thread once the state is copied (training may
+        then change the parameters), coordinating ranks on `group`: a gloo group of its
+        own, apart from the training's collectives."""
         folder = self.folder(step)
         if rank() == 0 and self.fs.exists(folder):  # the leftover of a save that crashed
             self.fs.rm(folder, recursive=True)
         barrier()
         state, _ = training_state(parts, optimizers, scheduler)
-        dcp.save(state, checkpoint_id=self.checkpoint_id(step))
+        future = None
+        if not background:
+            dcp.save(state, checkpoint_id=self.checkpoint_id(step))
+        else:
+            future = dcp.async_save(state, checkpoint_id=self.checkpoint_id(step),
+                                    process_group=group, no_dist=not dist.is_initialized())
         buffer = io.BytesIO()
         torch.save(rng_state(), buffer)
+        self.fs.makedirs(folder, exist_ok=True)  # a background write may not have yet
         self.fs.pipe_file(f"{folder}/rng_rank{rank()}.pt", buffer.getvalue())
+        return PendingSave(step, {"step": step, **meta}, future)
+
+    def commit(self, pending: PendingSave,
+               before_commit: Callable[[], None] | None = None) -> None:
+        """Collective: once every rank's write is done, rank 0 commits and prunes.
+        `before_commit` runs on every rank just before (fault drills use it)."""
+        if pending.future is not None:
+            pending.future.result()  # raises what the background write raised
         if before_commit is not None:
             before_commit()
         barrier()
         if rank() == 0:
-            write_atomically(self.fs, f"{folder}/{META_FILE}",
-                             json.dumps({"step": step, **meta}, indent=2))
+            folder = self.folder(pending.step)
+            write_atomically(self.fs, f"{folder}/{META_FILE}", json.dumps(pending.meta, indent=2))
             write_atomically(self.fs, f"{folder}/{COMMIT_MARKER}", "")
-            self.prune(keep=step)
+            self.prune(keep=pending.step)
         barrier()
 
     def load(self, step: int, parts: list[torch.nn.Module],

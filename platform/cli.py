@@ -26,7 +26,17 @@ again resumes from its last committed checkpoint with the same data order, so th
 losses continue exactly as if the run had never stopped.
 
 Ray: joins cluster.address or $RAY_ADDRESS when set (e.g. under `ray job submit`),
-otherwise starts a local Ray. Tracking: tracking.uri or $MLFLOW_TRACKING_URI, otherwise
+otherwise starts a local Ray.
+
+Failures: the worker group restarts from the last committed checkpoint up to
+faults.max_restarts times; faults.hang_timeout_s fails a rank without progress;
+faults.inject='[kill rank 1 at step 7]' runs a failure drill. Elastic: with
+parallel.dp=auto the run shrinks when capacity drops and grows back when it returns
+(faults.min_dp, faults.schedule_timeout_s, faults.capacity_check_s); a node Ray drains
+(preemption) is checkpointed away from first. checkpoint.async_save=true writes
+checkpoints in the background. `raytron status RUN_DIR` shows where a run stands.
+
+Tracking: tracking.uri or $MLFLOW_TRACKING_URI, otherwise
 a SQLite store at <run.root>/mlflow.db; view it with
   mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
 
@@ -97,12 +107,12 @@ def split_config_argument(config: str | None, overrides: list[str]) -> tuple[str
     return config, overrides
 
 
-def resolve(config_arg: str | None, overrides: list[str]) -> RaytronConfig:
-    from raytron.platform.validate import resolve_layout, validate
+def validated(config_arg: str | None, overrides: list[str]) -> RaytronConfig:
+    from raytron.platform.validate import validate
 
     config = load_config(config_arg, overrides)
     validate(config)
-    return resolve_layout(config)
+    return config
 
 
 def refuse_if_too_big(config: RaytronConfig) -> None:
@@ -146,22 +156,25 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG_ERROR
     config_arg, overrides = split_config_argument(args.config, args.overrides)
     try:
-        config = resolve(config_arg, overrides)
+        from raytron.platform.validate import resolve_layout
+
+        config = validated(config_arg, overrides)
+        resolved = resolve_layout(config)  # parallel.dp=auto: its largest value
         if args.command == "config":
-            print(to_yaml(config), end="")
+            print(to_yaml(resolved), end="")
             return 0
         if args.command == "tokenizer":
-            return train_tokenizer_command(config, args.output)
+            return train_tokenizer_command(resolved, args.output)
         if args.command == "plan":
             from raytron.platform.plan import describe, make_plan
 
-            plan = make_plan(config)
+            plan = make_plan(resolved)
             print(describe(plan))
             return 0 if plan.fits() else EXIT_CONFIG_ERROR
-        refuse_if_too_big(config)
+        refuse_if_too_big(resolved)
         from raytron.platform.controller import train
 
-        return train(config)
+        return train(config)  # an elastic run keeps dp=auto and sizes each launch
     except ConfigError as error:
         print(f"raytron: invalid config:\n{error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -114,6 +114,7 @@ class CheckpointConfig:
     dir: str = "${run.root}/${run.name}/checkpoints"
     interval: int = 100  # steps between checkpoints; one is always written at the end
     keep_last: int = 2
+    async_save: bool = False  # write shards in the background; committed at a later step
 
 
 @dataclass
@@ -131,6 +132,8 @@ class ClusterConfig:
     gpus_per_worker: int | None = None  # None: 1 when the cluster has GPUs, else 0
     num_cpus: int | None = None  # CPUs of a locally started Ray; None: enough for the run
     device_memory_gb: float | None = None  # refuse layouts whose estimate exceeds it
+    worker_resources: dict[str, float] = field(default_factory=dict)  # more Ray resources
+    # each worker asks for, e.g. {"trainer": 1} to keep workers on nodes that offer it
 
 
 @dataclass
@@ -139,6 +142,9 @@ class FaultsConfig:
     restart_backoff_s: float = 2.0  # wait before a restart; doubles each time, at most 60 s
     hang_timeout_s: float = 600.0  # a rank without progress this long is failed (watchdog)
     inject: list[str] = field(default_factory=list)  # drills: "kill rank 1 at step 7", ...
+    min_dp: int = 1  # with parallel.dp=auto: the fewest replicas the run goes on with
+    schedule_timeout_s: float = 60.0  # wait this long for the largest layout before a smaller
+    capacity_check_s: float = 30.0  # while smaller than it could be: look for capacity this often
 
 
 @dataclass

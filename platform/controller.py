@@ -176,9 +176,11 @@ def describe_start(config: RaytronConfig, paths: RunPaths, uri: str, run_id: str
                    resumed_step: int, reopened: bool) -> str:
     what = f"Resuming from step {resumed_step}" if resumed_step else "Starting"
     mlflow = f"MLflow run {run_id} ({'reopened' if reopened else 'new'}) in {uri}"
-    p = config.parallel
-    return (f"{what} run '{config.run.name}' in {paths.dir}\n{mlflow}\n"
-            f"Layout pp={p.pp} dp={p.dp} tp={p.tp} on {config.cluster.workers} worker(s)")
+    p, workers = config.parallel, config.cluster.workers
+    size = (f"dp=auto tp={p.tp} on up to {workers} worker(s), elastic: dp from "
+            f"{config.faults.min_dp} to {workers // (p.pp * p.tp)}") if p.dp == "auto" \
+        else f"dp={p.dp} tp={p.tp} on {workers} worker(s)"
+    return f"{what} run '{config.run.name}' in {paths.dir}\n{mlflow}\nLayout pp={p.pp} {size}"
 
 
 class RunFailed(RuntimeError):
@@ -187,59 +189,135 @@ class RunFailed(RuntimeError):
 
 def run_worker_group(config: RaytronConfig, paths: RunPaths, spec: StreamSpec,
                      tracking: RunTracking, run_id: str, resumed_step: int, gpus: float) -> None:
-    """Run the worker group to the end, restarting it from the last committed checkpoint
-    after each failure, up to faults.max_restarts times with doubling back-off."""
+    """Start the run's actors, then supervise worker groups until the run is done."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from raytron.pipelines.feeder import DataFeeder
+    from raytron.platform.coordination import Coordinator
     from raytron.platform.tracking import Tracker
-    from raytron.platform.worker import layout_of
 
     start_ray(config)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     tracker = ray.remote(Tracker).options(num_cpus=0, scheduling_strategy=here).remote(
         tracking.uri, run_id)
-    feeder = ray.remote(DataFeeder).options(num_cpus=0, max_concurrency=64).remote(
+    coordinator = ray.remote(Coordinator).options(num_cpus=0, scheduling_strategy=here).remote()
+    feeder = ray.remote(DataFeeder).options(  # beside the driver: outlives any worker node
+        num_cpus=0, max_concurrency=64, scheduling_strategy=here).remote(
         spec, config.data.seq_len, config.train.global_batch, config.data.prefetch_steps,
         config.data.val_sequences,
     )
-    store = CheckpointStore(paths.checkpoints, config.checkpoint.keep_last)
-    layout = layout_of(config)
     console = Console(config.train.steps, resumed_step)
     stop = threading.Event()
     poller = threading.Thread(target=poll, args=(tracker, console, stop), daemon=True)
     poller.start()
-    failures: list[str] = []
     try:
-        while True:
-            try:
-                worker_group(config, paths, gpus, feeder, tracker).fit()
-                return
-            except Exception as error:  # the group failed: restart it, or give up
-                step = store.latest() or 0
-                failures.append(f"failure {len(failures) + 1}: {failure_gist(error, layout)} "
-                                f"(last committed checkpoint: step {step})")
-                tracking.record_failure(run_id, len(failures), step, failures[-1])
-                if len(failures) > config.faults.max_restarts:
-                    raise RunFailed(
-                        f"the worker group failed {len(failures)} times, more than "
-                        f"faults.max_restarts={config.faults.max_restarts}:\n  "
-                        + "\n  ".join(failures)) from error
-                backoff = min(60.0, config.faults.restart_backoff_s * 2 ** (len(failures) - 1))
-                console.bar.write(f"{failures[-1]}\nrestarting from step {step} in "
-                                  f"{backoff:g} s ({len(failures)}/{config.faults.max_restarts})")
-                time.sleep(backoff)
+        Supervisor(config, paths, tracking, run_id, gpus, console,
+                   {"feeder": feeder, "tracker": tracker, "coordinator": coordinator}).run()
     finally:
         stop.set()
         poller.join()
         console.show(ray.get(tracker.drain.remote()))
         console.close()
-        for actor in (feeder, tracker):
+        for actor in (feeder, tracker, coordinator):
             ray.kill(actor)
 
 
-def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, feeder, tracker):
+class Supervisor:
+    """Runs worker groups until the run is done. After a failure it relaunches from the
+    last committed checkpoint, up to faults.max_restarts times with doubling back-off;
+    after a requested stop (a resize, a preemption notice) it relaunches without counting
+    a failure. An elastic run (parallel.dp=auto) relaunches at the largest dp that fits."""
+
+    def __init__(self, config: RaytronConfig, paths: RunPaths, tracking: RunTracking,
+                 run_id: str, gpus: float, console: Console, actors: dict):
+        from raytron.platform.capacity import Sizing
+
+        self.config, self.paths, self.tracking, self.run_id = config, paths, tracking, run_id
+        self.gpus, self.console, self.actors = gpus, console, actors
+        self.store = CheckpointStore(paths.checkpoints, config.checkpoint.keep_last)
+        self.elastic = config.parallel.dp == "auto"
+        self.sizing = Sizing.of(config, gpus)
+        self.failures: list[str] = []
+        self.resizes = 0
+        self.dp: int | None = None
+
+    def run(self) -> None:
+        import ray
+
+        from raytron.platform.coordination import LaunchWatcher
+        from raytron.platform.worker import layout_of
+
+        while True:
+            launch = self.next_launch()
+            if launch is None:
+                continue
+            coordinator = self.actors["coordinator"]
+            ray.get(coordinator.reset.remote())
+            grow = self.elastic and launch.parallel.dp < self.sizing.max_dp
+            watcher = LaunchWatcher(
+                coordinator, launch.cluster.workers, self.config.faults.capacity_check_s,
+                (lambda dp=launch.parallel.dp: self.sizing.room_to_grow(dp)) if grow else None)
+            try:
+                worker_group(launch, self.paths, self.gpus, self.actors).fit()
+            except Exception as error:  # the group failed: restart it, or give up
+                self.failed(failure_gist(error, layout_of(launch)), error)
+                continue
+            finally:
+                watcher.stop()
+            step = self.store.latest() or 0
+            if step >= self.config.train.steps:
+                return
+            reason = ray.get(coordinator.stop_reason.remote()) or "the worker group ended early"
+            self.console.bar.write(f"stopped at step {step}: {reason}; relaunching")
+            self.tracking.record_event(self.run_id, "stop", step, f"at step {step}: {reason}")
+
+    def next_launch(self) -> RaytronConfig | None:
+        """The config of the next worker group; None after a failure to find room."""
+        if not self.elastic:
+            return self.config
+        f = self.config.faults
+        dp = self.sizing.largest_placeable(f.schedule_timeout_s)
+        if dp is None:
+            self.failed(f"no room for dp={f.min_dp} (faults.min_dp) or more with pp="
+                        f"{self.sizing.pp}, tp={self.sizing.tp} within "
+                        f"faults.schedule_timeout_s={f.schedule_timeout_s:g}")
+            return None
+        if self.dp is not None and dp != self.dp:
+            self.resizes += 1
+            step = self.store.latest() or 0
+            text = f"dp {self.dp} -> {dp} at step {step} (pp={self.sizing.pp}, tp={self.sizing.tp})"
+            self.console.bar.write(f"resizing: {text}")
+            self.tracking.record_event(self.run_id, "resize", step, text, count=self.resizes)
+        self.dp = dp
+        return with_dp(self.config, dp)
+
+    def failed(self, gist: str, error: BaseException | None = None) -> None:
+        """Count a failure: give up past faults.max_restarts, else back off."""
+        f = self.config.faults
+        step = self.store.latest() or 0
+        self.failures.append(f"failure {len(self.failures) + 1}: {gist} "
+                             f"(last committed checkpoint: step {step})")
+        self.tracking.record_failure(self.run_id, len(self.failures), step, self.failures[-1])
+        if len(self.failures) > f.max_restarts:
+            raise RunFailed(f"the worker group failed {len(self.failures)} times, more than "
+                            f"faults.max_restarts={f.max_restarts}:\n  "
+                            + "\n  ".join(self.failures)) from error
+        backoff = min(60.0, f.restart_backoff_s * 2 ** (len(self.failures) - 1))
+        self.console.bar.write(f"{self.failures[-1]}\nrestarting from step {step} in "
+                               f"{backoff:g} s ({len(self.failures)}/{f.max_restarts})")
+        time.sleep(backoff)
+
+
+def with_dp(config: RaytronConfig, dp: int) -> RaytronConfig:
+    """An elastic run's config at one size."""
+    p = config.parallel
+    return dataclasses.replace(
+        config, parallel=dataclasses.replace(p, dp=dp),
+        cluster=dataclasses.replace(config.cluster, workers=p.pp * dp * p.tp))
+
+
+def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, actors: dict):
     """A Ray Train `TorchTrainer`: one worker per device, each running `train_loop`. Ray
     Train does not restart it (the controller does, from raytron's commit marker); its
     collectives time out shortly after the watchdog would have fired."""
@@ -251,12 +329,13 @@ def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, feeder, tr
     return TorchTrainer(
         train_loop,
         train_loop_config={"config": config, "checkpoint_dir": str(paths.checkpoints),
-                           "feeder": feeder, "tracker": tracker},
+                           "launched_at": time.time(), **actors},
         torch_config=TorchConfig(timeout_s=int(config.faults.hang_timeout_s) + 60),
         scaling_config=ScalingConfig(
             num_workers=config.cluster.workers, use_gpu=gpus > 0,
             resources_per_worker={"CPU": config.cluster.cpus_per_worker,
-                                  **({"GPU": gpus} if gpus else {})},
+                                  **({"GPU": gpus} if gpus else {}),
+                                  **config.cluster.worker_resources},
         ),
         run_config=RunConfig(name=config.run.name, storage_path=str(paths.dir / "ray_train"),
                              failure_config=FailureConfig(max_failures=0)),

@@ -9,6 +9,11 @@ again):
     raise in rank R at step S                the rank raises an exception
     raise in rank R during checkpoint at step S   ... after writing its shards, before
                                                   the checkpoint is committed
+    lose the node of rank R at step S        the node's raylet dies, and every worker on it
+    lose a node at step S                    ... the node of the last rank
+
+Losing a node needs a cluster of several nodes (`cluster.address`), and never takes
+the head node, which would take the whole cluster with it.
 
 The watchdog fails a rank that has not finished a step for `faults.hang_timeout_s`,
 much sooner than the 30-minute default of a stuck collective.
@@ -25,23 +30,26 @@ import time
 from dataclasses import dataclass
 
 ENTRY = re.compile(
-    r"^\s*(?P<kind>kill|hang|raise in) rank (?P<rank>\d+)"
-    r"(?P<checkpoint> during checkpoint)? at step (?P<step>\d+)\s*$"
+    r"^\s*(?:(?P<kind>kill|hang|raise in) rank (?P<rank>\d+)(?P<checkpoint> during checkpoint)?"
+    r"|lose (?:a node|the node of rank (?P<node_rank>\d+))) at step (?P<step>\d+)\s*$"
 )
+LAST_RANK = -1
 FIRED_DIR = "faults"
 
 
 @dataclass(frozen=True)
 class Injection:
     index: int  # position in faults.inject: names its marker
-    kind: str  # kill | hang | raise
-    rank: int
+    kind: str  # kill | hang | raise | lose
+    rank: int  # LAST_RANK: the last rank of the layout
     step: int
     during_checkpoint: bool = False
 
     def describe(self) -> str:
         where = " during the checkpoint" if self.during_checkpoint else ""
-        return f"injected {self.kind} of rank {self.rank}{where} at step {self.step}"
+        rank = "the last rank" if self.rank == LAST_RANK else f"rank {self.rank}"
+        what = f"loss of the node of {rank}" if self.kind == "lose" else f"{self.kind} of {rank}"
+        return f"injected {what}{where} at step {self.step}"
 
 
 def parse_injections(entries: list[str]) -> list[Injection]:
@@ -52,9 +60,13 @@ def parse_injections(entries: list[str]) -> list[Injection]:
         if not match or (match["checkpoint"] and match["kind"] != "raise in"):
             raise ValueError(
                 f"faults.inject.{index}='{entry}' is not a drill. Fix: write e.g. 'kill rank 1 "
-                "at step 7', 'hang rank 0 at step 5', 'raise in rank 2 at step 3' or 'raise in "
-                "rank 0 during checkpoint at step 10'."
+                "at step 7', 'hang rank 0 at step 5', 'raise in rank 2 at step 3', 'raise in "
+                "rank 0 during checkpoint at step 10' or 'lose a node at step 12'."
             )
+        if match["kind"] is None:
+            rank = LAST_RANK if match["node_rank"] is None else int(match["node_rank"])
+            parsed.append(Injection(index, "lose", rank, int(match["step"])))
+            continue
         kind = "raise" if match["kind"] == "raise in" else match["kind"]
         parsed.append(Injection(index, kind, int(match["rank"]), int(match["step"]),
                                 bool(match["checkpoint"])))
@@ -64,8 +76,10 @@ def parse_injections(entries: list[str]) -> list[Injection]:
 class FaultInjector:
     """A rank's drills; `fs`/`root` hold the markers (where the checkpoints are)."""
 
-    def __init__(self, entries: list[str], rank: int, fs, root: str, describe_rank: str):
-        self.pending = [i for i in parse_injections(entries) if i.rank == rank]
+    def __init__(self, entries: list[str], rank: int, world: int, fs, root: str,
+                 describe_rank: str):
+        self.pending = [i for i in parse_injections(entries)
+                        if rank == (world - 1 if i.rank == LAST_RANK else i.rank)]
         self.fs, self.folder = fs, f"{root}/{FIRED_DIR}"
         self.describe_rank = describe_rank
 
@@ -82,12 +96,29 @@ class FaultInjector:
         self.fs.pipe_file(marker, injection.describe().encode())
         print(f"raytron: {self.describe_rank}: {injection.describe()}", file=sys.stderr,
               flush=True)
+        if injection.kind == "lose":
+            lose_this_node()
         if injection.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if injection.kind == "hang":
             while True:
                 time.sleep(3600)
         raise RuntimeError(injection.describe())
+
+
+def lose_this_node() -> None:
+    """Kill this node's raylet (a Ray worker's parent), which takes every Ray process on
+    the node with it, as when a machine goes away."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    head = any(node["NodeID"] == node_id and "node:__internal_head__" in node["Resources"]
+               for node in ray.nodes())
+    if head:
+        raise RuntimeError("the drill would lose the head node, and the whole cluster with "
+                           "it; it loses a node only where workers run apart from the head")
+    os.kill(os.getppid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Watchdog:

@@ -53,7 +53,7 @@ def start_ray(config: RaytronConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=local_cpus(config))
+        ray.init(address="local", num_cpus=local_cpus(config))  # never a `ray start` one
 
 
 def node_resources(config: RaytronConfig) -> list[dict[str, float]]:

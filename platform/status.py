@@ -57,12 +57,17 @@ def mlflow_lines(folder: Path, uri: str) -> list[str]:
         return [f"mlflow       run {run_id} not found in {uri}"]
     metrics, tags = run.data.metrics, run.data.tags
     lines = [f"state        {run.info.status} (MLflow run {run.info.run_id} in {uri})"]
+    if "layout/dp" in metrics:
+        lines.append("last layout  " + " ".join(
+            f"{dim}={int(metrics[f'layout/{dim}'])}" for dim in ("pp", "dp", "tp")))
     if "loss" in metrics:
         history = client.get_metric_history(run.info.run_id, "loss")
         last = max(history, key=lambda m: (m.step, m.timestamp))
         val = f"; val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
         lines.append(f"progress     step {last.step}, loss {last.value:.4f}{val}")
     lines.append(f"restarts     {int(metrics.get('restarts', 0))}")
-    failures = sorted((k, v) for k, v in tags.items() if k.startswith("raytron.event.failure_"))
-    lines += [f"  {value}" for _, value in failures]
+    events = sorted(v for k, v in tags.items() if k.startswith("raytron.event."))
+    if events:
+        lines.append("events")
+        lines += [f"  {event}" for event in events]  # each starts with its time
     return lines

@@ -90,11 +90,22 @@ class RunTracking:
 
     def record_failure(self, run_id: str, count: int, step: int, summary: str) -> None:
         """A failure of the worker group: the `restarts` metric and an event tag."""
+        self.record_event(run_id, "failure", step, summary, count, metric="restarts")
+
+    def record_event(self, run_id: str, kind: str, step: int, text: str,
+                     count: int | None = None, metric: str | None = None) -> None:
+        """Tag `raytron.event.<kind>_<count>` (the time, then `text`); `count` defaults to
+        the number of such events so far, and is also logged as `metric` if given."""
         from mlflow.entities import Metric
 
-        self.client.log_batch(run_id, metrics=[
-            Metric("restarts", count, int(time.time() * 1000), step)])
-        self.client.set_tag(run_id, f"raytron.event.failure_{count}", summary[:5000])
+        if count is None:
+            tags = self.client.get_run(run_id).data.tags
+            count = 1 + sum(key.startswith(f"raytron.event.{kind}_") for key in tags)
+        if metric is not None:
+            self.client.log_batch(run_id, metrics=[
+                Metric(metric, count, int(time.time() * 1000), step)])
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.client.set_tag(run_id, f"raytron.event.{kind}_{count}", f"{stamp} {text}"[:5000])
 
     def finish(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)

@@ -15,6 +15,7 @@ from raytron.pipelines.sources import SourceError, list_files
 from raytron.platform.config import ConfigError, RaytronConfig
 from raytron.platform.faults import parse_injections
 from raytron.platform.layout import resolve_dp
+from raytron.platform.placement import cluster_address
 
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble")
@@ -310,7 +311,15 @@ def checkpoint_problems(config: RaytronConfig) -> list[str]:
 
 def fault_problems(config: RaytronConfig) -> list[str]:
     f = config.faults
-    problems = positive(config, "faults.hang_timeout_s")
+    problems = positive(config, "faults.hang_timeout_s", "faults.min_dp",
+                        "faults.schedule_timeout_s", "faults.capacity_check_s")
+    if f.min_dp > 1 and config.parallel.dp != "auto":
+        problems.append(f"faults.min_dp={f.min_dp} applies only to elastic runs. Fix: set "
+                        "parallel.dp=auto, or leave faults.min_dp at 1.")
+    elif config.parallel.dp == "auto" and f.min_dp > dp_of(config):
+        problems.append(f"faults.min_dp={f.min_dp} exceeds the {dp_of(config)} replicas "
+                        f"cluster.workers={config.cluster.workers} allow. Fix: lower "
+                        "faults.min_dp or raise cluster.workers.")
     if f.max_restarts < 0 or f.restart_backoff_s < 0:
         problems.append(f"faults.max_restarts={f.max_restarts} and faults.restart_backoff_s="
                         f"{f.restart_backoff_s} cannot be negative. Fix: use 0 or more.")
@@ -319,6 +328,11 @@ def fault_problems(config: RaytronConfig) -> list[str]:
     except ValueError as error:
         return problems + [str(error)]
     for injection in injections:
+        if injection.kind == "lose" and cluster_address(config) is None:
+            problems.append(f"faults.inject.{injection.index}: losing a node needs a cluster "
+                            "of several nodes, and a local run has one. Fix: set "
+                            "cluster.address (or $RAY_ADDRESS), or drill with 'kill rank R "
+                            "at step S' instead.")
         if injection.rank >= config.cluster.workers:
             problems.append(f"faults.inject.{injection.index}: rank {injection.rank} does not "
                             f"exist with cluster.workers={config.cluster.workers}. Fix: use a "

@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 from raytron.model.gpt import GPT
-from raytron.platform.checkpoint import CheckpointStore
+from raytron.platform.checkpoint import CheckpointStore, PendingSave
 from raytron.platform.config import RaytronConfig
+from raytron.platform.coordination import StepBoundary
 from raytron.platform.faults import FaultInjector, Watchdog
 from raytron.platform.hardware import peak_flops, training_device
 from raytron.platform.layout import Layout, build_mesh, check_tensor_parallel_on_one_node
@@ -36,6 +37,8 @@ class WorkerArgs:
     checkpoint_dir: str  # absolute: workers run in a directory of Ray's choosing
     feeder: Any  # DataFeeder actor handle
     tracker: Any  # Tracker actor handle
+    coordinator: Any  # Coordinator actor handle: requests to stop at a step boundary
+    launched_at: float  # when the controller launched this worker group (time.time())
 
 
 def train_loop(args: dict) -> None:
@@ -57,6 +60,7 @@ def layout_of(config: RaytronConfig) -> Layout:
 
 class WorkerLoop:
     def __init__(self, args: WorkerArgs, rank: int, local_rank: int):
+        self.entered = time.time()
         self.args, self.config = args, args.config
         self.rank = rank
         self.layout = layout_of(self.config)
@@ -73,14 +77,32 @@ class WorkerLoop:
             self.flops_per_token = GPT(gpt_shape(self.config.model)).flops_per_token(
                 self.config.data.seq_len)
         self.store = CheckpointStore(args.checkpoint_dir, self.config.checkpoint.keep_last)
-        self.injector = FaultInjector(self.config.faults.inject, rank, self.store.fs,
-                                      self.store.root, self.layout.describe(rank))
+        self.injector = FaultInjector(self.config.faults.inject, rank, self.layout.world,
+                                      self.store.fs, self.store.root, self.layout.describe(rank))
         self.validation: torch.Tensor | None = None
         self.pending: tuple[int, Any] | None = None  # the next step's batch, requested early
+        args.coordinator.join.remote(rank, ray.get_runtime_context().get_node_id())
+        self.boundary = StepBoundary(args.coordinator, rank)
+        self.background_group = dist.new_group(backend="gloo") \
+            if self.config.checkpoint.async_save and dist.is_initialized() else None
+        self.unsaved: PendingSave | None = None  # written in the background, not committed
+        self.committed_step = 0
 
     def run(self) -> None:
+        try:
+            self.train()
+        finally:
+            self.boundary.close()
+
+    def train(self) -> None:
         train = self.config.train
+        loading = time.time()
         step, meta = self.resume()
+        loaded = time.time()
+        startup = {"startup/group_s": self.entered - self.args.launched_at,  # Ray, processes
+                   "startup/build_s": loading - self.entered,  # mesh, model, optimizer
+                   "startup/load_s": loaded - loading}  # the checkpoint
+        self.committed_step = step
         watchdog = Watchdog(self.config.faults.hang_timeout_s, self.layout.describe(self.rank))
         first_step = step + 1  # logged too, so every (re)start shows where it begins
         tokens_seen = meta.get("tokens_seen", 0)
@@ -92,6 +114,9 @@ class WorkerLoop:
             self.injector.at_step(step + 1)
             loss, grad_norm, wait = self.train_step(step)
             step += 1
+            if step == first_step:  # how long this group took to get going, in parts
+                self.report(step, {**startup, "startup/first_step_s": time.time() - loaded,
+                                   "startup/s": time.time() - self.args.launched_at})
             watchdog.beat()
             tokens_seen += tokens_per_step
             window_wait += wait
@@ -111,7 +136,24 @@ class WorkerLoop:
                 self.evaluate(step)
             if step % self.config.checkpoint.interval == 0 or step == train.steps:
                 self.save(step, tokens_seen)
+            decision = self.boundary.agree(self.unsaved is not None and self.unsaved.written())
+            if decision.commit and self.unsaved is not None:
+                self.commit()
+            if decision.stop and step < train.steps:
+                self.stop(step, tokens_seen)
+                return
             watchdog.beat()
+        if self.unsaved is not None:
+            self.commit()
+
+    def stop(self, step: int, tokens_seen: int) -> None:
+        """Asked to stop (the run resizes, or a node is being preempted): make sure `step`
+        is committed, so that the next worker group loses nothing."""
+        if self.unsaved is not None:
+            self.commit()
+        if self.committed_step != step:
+            self.save(step, tokens_seen, background=False)
+        self.report(step, {"stopped_at_step": step})
 
     def bubble_metrics(self) -> dict[str, float]:
         """The measured idle share of each pipeline rank in the last step (collective over
@@ -166,15 +208,30 @@ class WorkerLoop:
         loss = self.trainer.evaluate(self.validation).item()
         self.report(step, {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))})
 
-    def save(self, step: int, tokens_seen: int) -> None:
+    def save(self, step: int, tokens_seen: int, background: bool = True) -> None:
+        """Write `step`'s checkpoint; commit it now, or (checkpoint.async_save) once the
+        background write is done. `checkpoint_save_s` is the time training stood still."""
+        started = time.perf_counter()
+        if self.unsaved is not None:  # the last background write is still going: wait
+            self.commit()
         cursor = ray.get(self.args.feeder.cursor.remote(step))
         meta = {"cursor": cursor, "tokens_seen": tokens_seen,
                 "layout": {"pp": self.layout.pp, "dp": self.layout.dp, "tp": self.layout.tp},
                 "time": time.time()}
-        self.store.save(step, self.trainer.parts, self.trainer.optimizers,
-                        self.trainer.schedulers[0], meta,
-                        before_commit=lambda: self.injector.at_step(step, during_checkpoint=True))
-        self.report(step, {"checkpoint_step": step})
+        background = background and self.config.checkpoint.async_save
+        self.unsaved = self.store.write(step, self.trainer.parts, self.trainer.optimizers,
+                                        self.trainer.schedulers[0], meta, background,
+                                        self.background_group)
+        if not background:
+            self.commit()
+        self.report(step, {"checkpoint_save_s": time.perf_counter() - started})
+
+    def commit(self) -> None:
+        pending, self.unsaved = self.unsaved, None
+        self.store.commit(pending, before_commit=lambda: self.injector.at_step(
+            pending.step, during_checkpoint=True))
+        self.committed_step = pending.step
+        self.report(pending.step, {"checkpoint_step": pending.step})
 
     def report(self, step: int, metrics: dict[str, float], with_data_stats: bool = False) -> None:
         if self.rank != 0:

@@ -99,3 +99,20 @@ def test_a_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert meta["step"] == 1 and meta["cursor"] == {"epoch": 1}
     assert CheckpointStore(tmp_path / "empty", keep_last=1).load_latest(
         [fresh[0]], [fresh[1]], [fresh[2]]) == {}
+
+
+def test_a_background_save_holds_the_state_of_its_step_and_commits_later(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=2)
+    model, optimizer, scheduler = trainer()
+    store.save(1, [model], [optimizer], scheduler, {})
+    step(model, optimizer, scheduler, 0)
+    at_step_2 = {k: v.clone() for k, v in model.state_dict().items()}
+    pending = store.write(2, [model], [optimizer], scheduler, {"cursor": 2}, background=True)
+    step(model, optimizer, scheduler, 1)  # training goes on while the shards are written
+    assert store.latest() == 1  # written is not committed: a crash now resumes from 1
+    store.commit(pending)
+    assert store.latest() == 2 and pending.written()
+    fresh = trainer(seed=3)
+    assert store.load(2, [fresh[0]], [fresh[1]], [fresh[2]])["cursor"] == 2
+    for name, value in fresh[0].state_dict().items():
+        torch.testing.assert_close(value, at_step_2[name], rtol=0, atol=0, msg=name)

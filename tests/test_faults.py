@@ -2,28 +2,52 @@
 
 import pytest
 
+from raytron.platform.capacity import Sizing
 from raytron.platform.cli import EXIT_CONFIG_ERROR, main
 from raytron.platform.controller import failure_gist
-from raytron.platform.faults import Injection, parse_injections
+from raytron.platform.faults import LAST_RANK, Injection, parse_injections
 from raytron.platform.layout import Layout
 
 
 def test_drills_parse():
     assert parse_injections(["kill rank 3 at step 7", "hang rank 1 at step 5",
                              "raise in rank 0 at step 2",
-                             "raise in rank 0 during checkpoint at step 10"]) == [
+                             "raise in rank 0 during checkpoint at step 10",
+                             "lose a node at step 12", "lose the node of rank 2 at step 3"]) == [
         Injection(0, "kill", 3, 7), Injection(1, "hang", 1, 5), Injection(2, "raise", 0, 2),
-        Injection(3, "raise", 0, 10, during_checkpoint=True)]
+        Injection(3, "raise", 0, 10, during_checkpoint=True),
+        Injection(4, "lose", LAST_RANK, 12), Injection(5, "lose", 2, 3)]
 
 
 @pytest.mark.parametrize(("entry", "expected"), [
     ("explode rank 1 at step 2", "is not a drill"),
     ("kill rank 1 during checkpoint at step 2", "is not a drill"),
     ("kill rank 7 at step 2", "rank 7 does not exist with cluster.workers=1"),
+    ("lose a node at step 2", "losing a node needs a cluster of several nodes"),
 ])
-def test_bad_drills_are_config_errors(capsys, entry, expected):
+def test_bad_drills_are_config_errors(capsys, monkeypatch, entry, expected):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["config", "tiny", f"faults.inject=[{entry}]"]) == EXIT_CONFIG_ERROR
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["faults.min_dp=2"], "faults.min_dp=2 applies only to elastic runs"),
+    (["parallel.dp=auto", "cluster.workers=2", "faults.min_dp=3"],
+     "faults.min_dp=3 exceeds the 2 replicas"),
+    (["faults.schedule_timeout_s=0"], "faults.schedule_timeout_s=0.0 must be positive"),
+])
+def test_bad_elastic_settings_are_config_errors(capsys, overrides, expected):
+    assert main(["config", "tiny", *overrides]) == EXIT_CONFIG_ERROR
+    assert expected in capsys.readouterr().err
+
+
+def test_an_elastic_run_takes_only_sizes_that_keep_the_global_batch():
+    sizing = Sizing(pp=1, tp=2, max_dp=4, min_dp=1, global_batch=8, micro_batch=2,
+                    group={"CPU": 2})
+    assert sizing.candidates() == [4, 2, 1]  # 3 replicas cannot split 8 sequences evenly
+    assert sizing.candidates(above=1) == [4, 2]
+    assert Sizing(1, 1, 6, 2, 24, 4, {"CPU": 1}).candidates() == [6, 3, 2]
 
 
 def test_failures_are_summarized_per_rank_with_coordinates():

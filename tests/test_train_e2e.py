@@ -9,8 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from raytron.platform.checkpoint import COMMIT_MARKER
+from raytron.platform.checkpoint import COMMIT_MARKER, CheckpointStore
+from raytron.platform.config import load_config
+from raytron.platform.layout import Layout
+from raytron.platform.trainer import Trainer
 
 SMALL = ["model.n_layers=2", "data.seq_len=64", "train.global_batch=8", "train.micro_batch=4",
          "train.steps=24", "train.warmup_steps=4", "train.log_interval=1",
@@ -50,16 +54,18 @@ def loss_history(root: Path, name: str):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    whole = run_to_end(root, "whole")
-    run_and_kill_after_first_checkpoint(root, "killed")
-    resumed = run_to_end(root, "killed")
-    return root, whole, resumed
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
 
 
-def test_the_run_learns_checkpoints_and_is_tracked(runs):
-    root, output, _ = runs
+@pytest.fixture(scope="module")
+def whole(root) -> str:
+    """The uninterrupted one-worker run every other run is compared with; its output."""
+    return run_to_end(root, "whole")
+
+
+def test_the_run_learns_checkpoints_and_is_tracked(root, whole):
+    output = whole
     assert "step 24/24" in output and "Finished 24 steps" in output
     client, run, history = loss_history(root, "whole")
     losses = {m.step: m.value for m in history}
@@ -78,8 +84,9 @@ def test_the_run_learns_checkpoints_and_is_tracked(runs):
     assert committed == ["step_00000018", "step_00000024"]  # keep_last=2
 
 
-def test_a_killed_run_resumes_with_the_uninterrupted_losses(runs):
-    root, _, resumed_output = runs
+def test_a_killed_run_resumes_with_the_uninterrupted_losses(root, whole):
+    run_and_kill_after_first_checkpoint(root, "killed")
+    resumed_output = run_to_end(root, "killed")
     resumed_from = int(resumed_output.split("Resuming from step ")[1].split()[0])
     assert resumed_from in (6, 12, 18)
     _, _, whole = loss_history(root, "whole")
@@ -93,8 +100,7 @@ def test_a_killed_run_resumes_with_the_uninterrupted_losses(runs):
     assert run.data.tags["raytron.resumed_from_step"] == str(resumed_from)
 
 
-def test_running_a_finished_run_again_changes_nothing(runs):
-    root, _, _ = runs
+def test_running_a_finished_run_again_changes_nothing(root, whole):
     output = run_to_end(root, "whole")
     assert "already finished 24 steps" in output
 
@@ -110,11 +116,10 @@ def assert_losses_match(root: Path, name: str, rel: float = 1e-4) -> dict:
     return run
 
 
-def test_failures_in_a_four_worker_run_restart_it_and_change_nothing(runs):
+def test_failures_in_a_four_worker_run_restart_it_and_change_nothing(root, whole):
     """dp2 x tp2 on four Ray workers, with a killed rank, a hung rank caught by the
     watchdog and a rank failing inside a checkpoint save: three restarts from the last
     committed checkpoint, and the losses of the uninterrupted one-worker run."""
-    root, _, _ = runs
     drills = ("faults.inject=[kill rank 1 at step 4, hang rank 2 at step 9, "
               "raise in rank 3 during checkpoint at step 12]")
     output = run_to_end(root, "faulty", ("parallel.dp=2", "parallel.tp=2", "cluster.workers=4",
@@ -133,14 +138,81 @@ def test_failures_in_a_four_worker_run_restart_it_and_change_nothing(runs):
         assert text in status.stdout, status.stdout
 
 
-def test_too_many_failures_fail_the_run_and_keep_the_checkpoint(runs):
-    root, _, _ = runs
+def test_too_many_failures_fail_the_run_and_keep_the_checkpoint(root, whole):
     limited = command(root, "limited", ("faults.max_restarts=0",
                                         "faults.inject=[kill rank 0 at step 8]"))
     result = subprocess.run(limited, capture_output=True, text=True, timeout=600, cwd=root)
     assert result.returncode == 1, result.stdout[-2000:]
     assert "failed 1 times, more than faults.max_restarts=0" in result.stdout
     assert "last committed checkpoint: step 6" in result.stdout
-    run_to_end(root, "limited", ("faults.max_restarts=0",  # the drill fired once: resumes
-                                 "faults.inject=[kill rank 0 at step 8]"))
-    assert assert_losses_match(root, "limited").info.status == "FINISHED"
+    config = load_config(str(root / "limited" / "config.yaml"))
+    trainer = Trainer(config, Layout(), torch.device("cpu"), None)
+    store = CheckpointStore(config.checkpoint.dir, config.checkpoint.keep_last)
+    assert store.load_latest(trainer.parts, trainer.optimizers, trainer.schedulers)["step"] == 6
+
+
+def drain(cluster, node) -> None:
+    """What Ray does before a node goes (`ray start` on SIGTERM, a spot interruption)."""
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    accepted, why = GcsClient(address=cluster.address).drain_node(
+        node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+        "preemption drill", int(time.time() * 1000) + 60_000)
+    assert accepted, why
+
+
+def test_an_elastic_run_shrinks_and_grows_with_its_nodes(root, whole):
+    """dp=auto on 4 workers (1x2x2) over two 2-worker nodes, with async checkpoints: losing a
+    node shrinks the run to 1x1x2, a node joining grows it back to 1x2x2, and a preemption
+    notice for a node (Ray draining it) checkpoints at once and shrinks it again. The losses
+    are those of the uninterrupted one-worker run."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "_system_config": {"health_check_period_ms": 1000,
+                                          "health_check_failure_threshold": 3}})
+    worker_node = {"num_cpus": 4, "resources": {"trainer": 2}}  # 2 workers per node
+    nodes = [cluster.add_node(**worker_node) for _ in range(2)]
+    process = subprocess.Popen(
+        command(root, "elastic", (
+            f"cluster.address={cluster.address}", "parallel.dp=auto", "parallel.tp=2",
+            "cluster.workers=4", "cluster.worker_resources={trainer: 1}",
+            "data.tokenizer_workers=1", "checkpoint.async_save=true",
+            "faults.inject=[lose a node at step 8]", "faults.schedule_timeout_s=3",
+            "faults.capacity_check_s=1", "faults.restart_backoff_s=0.5")),
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        added = grown = drained = False
+        for line in process.stdout:
+            lines.append(line)
+            if "resizing: dp 2 -> 1" in line and not added:
+                nodes.append(cluster.add_node(**worker_node))  # capacity returns
+                added = True
+            grown = grown or "resizing: dp 1 -> 2" in line
+            if grown and line.startswith("step ") and not drained:
+                drain(cluster, nodes[-1])  # the new node will be preempted: notice
+                drained = True
+        assert process.wait(timeout=60) == 0, "".join(lines)[-5000:]
+    finally:
+        process.kill()
+        cluster.shutdown()
+    output = "".join(lines)
+    resizes = [line.split("resizing: ")[1].split(" at")[0] for line in lines
+               if line.startswith("resizing: ")]
+    assert resizes == ["dp 2 -> 1", "dp 1 -> 2", "dp 2 -> 1"], output[-5000:]
+    assert "injected loss of the node of the last rank at step 8" in output
+    assert "is being preempted" in output
+    run = assert_losses_match(root, "elastic")
+    assert run.data.metrics["restarts"] == 1 and run.info.status == "FINISHED"
+    client, _, _ = loss_history(root, "elastic")
+    layouts = [int(m.value) for m in sorted(client.get_metric_history(run.info.run_id,
+                                                                       "layout/dp"),
+                                            key=lambda m: m.timestamp)]
+    assert layouts == [2, 1, 2, 1], layouts
+    assert sum(tag.startswith("raytron.event.resize_") for tag in run.data.tags) == 3
+    status = subprocess.run([sys.executable, "-m", "raytron.platform.cli", "status",
+                             str(root / "elastic")], capture_output=True, text=True, timeout=120)
+    for text in ("last layout  pp=1 dp=1 tp=2", "resize", "is being preempted"):
+        assert text in status.stdout, status.stdout

@@ -1,0 +1,143 @@
+"""What a failure costs: recovery time in parts, steps lost, and the checkpoint stall.
+
+    python bench/recovery.py     # ~10 minutes on 2 cores; writes docs/benchmarks.md
+
+For the tiny preset and a ~90M-parameter model (GPT-2 small's shape, a 4096-token
+vocabulary), two `raytron train` runs each:
+
+1. synchronous checkpoints and the drill `kill rank 0 at step K` between two
+   checkpoints: the time from the kill (the drill's marker) to the first completed
+   step of the restarted worker group, in parts (detection, back-off, Ray starting the
+   group, building model and optimizer, loading the checkpoint, the first step), read
+   from the run's MLflow metrics; and the steps lost;
+2. the same without the drill, with `checkpoint.async_save=true`: the training stall of
+   an async save, against the synchronous save of run 1 (the baseline).
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import machine, markdown_table, write_section  # noqa: E402
+
+SMALL_DATA = ["data.seq_len=128", "data.tokenizer_workers=1", "train.eval_interval=0",
+              "train.log_interval=1", "cluster.cpus_per_worker=2", "faults.restart_backoff_s=1"]
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    preset: str
+    overrides: tuple[str, ...]
+    steps: int
+    interval: int  # checkpoint.interval; the kill falls between two checkpoints
+
+    @property
+    def kill_step(self) -> int:
+        return self.interval + self.interval // 2 + 1
+
+
+MODELS = [
+    Model("tiny (1M)", "tiny", ("train.global_batch=8", "train.micro_batch=8"), 16, 4),
+    Model("~90M", "gpt2-124m", ("model.vocab_size=null", "data.vocab_size=4096",
+                                "train.global_batch=4", "train.micro_batch=4",
+                                "train.warmup_steps=1"), 6, 2),
+]
+PARTS = ["detection", "back-off", "group start", "build", "checkpoint load", "first step"]
+
+
+def train(root: Path, name: str, model: Model, extra: tuple[str, ...]):
+    """Run `raytron train` to the end; its MLflow client, run id and checkpoint folder."""
+    from mlflow import MlflowClient
+
+    subprocess.run([sys.executable, "-m", "raytron.platform.cli", "train", model.preset,
+                    f"run.root={root}", f"run.name={name}", f"train.steps={model.steps}",
+                    f"checkpoint.interval={model.interval}", *SMALL_DATA, *model.overrides,
+                    *extra], check=True, capture_output=True, cwd=root)
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    return client, (root / name / "mlflow_run_id").read_text().strip(), root / name / "checkpoints"
+
+
+def history(client, run_id: str, key: str) -> list:
+    return sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+
+
+def recovery(root: Path, model: Model) -> tuple[dict[str, float], int, float, float, float]:
+    """Parts of the recovery (s), steps lost, mean sync save stall (s), checkpoint MB, and
+    the median step time (s)."""
+    client, run_id, checkpoints = train(root, "sync", model,
+                                        (f"faults.inject=[kill rank 0 at step {model.kill_step}]",))
+    killed_at = (checkpoints / "faults" / "0").stat().st_mtime
+    detected = history(client, run_id, "restarts")[0]
+    last = history(client, run_id, "startup/s")[-1]  # the restarted group's first step
+    metrics = {key: history(client, run_id, f"startup/{key}")[-1].value
+               for key in ("group_s", "build_s", "load_s", "first_step_s")}
+    parts = {"detection": detected.timestamp / 1e3 - killed_at, "back-off": 1.0,
+             "group start": metrics["group_s"], "build": metrics["build_s"],
+             "checkpoint load": metrics["load_s"], "first step": metrics["first_step_s"]}
+    parts["total"] = last.timestamp / 1e3 - killed_at
+    lost = (model.kill_step - 1) - detected.step  # finished steps the restart does again
+    stalls = [m.value for m in history(client, run_id, "checkpoint_save_s")]
+    size = sum(f.stat().st_size for f in next(checkpoints.glob("step_*")).iterdir()) / 2**20
+    step_time = statistics.median(m.value for m in history(client, run_id, "step_time_s"))
+    return parts, lost, statistics.mean(stalls), size, step_time
+
+
+def async_stall(root: Path, model: Model) -> float:
+    client, run_id, _ = train(root, "async", model, ("checkpoint.async_save=true",))
+    return statistics.mean(m.value for m in history(client, run_id, "checkpoint_save_s"))
+
+
+def main() -> None:
+    recovery_rows, stall_rows = [], []
+    for model in MODELS:
+        with tempfile.TemporaryDirectory() as folder:
+            parts, lost, sync, size, step_time = recovery(Path(folder), model)
+            background = async_stall(Path(folder), model)
+        recovery_rows.append([model.name, *(f"{parts[p]:.1f}" for p in PARTS),
+                              f"**{parts['total']:.1f}**", str(lost)])
+        stall_rows.append([model.name, f"{size:,.0f}", f"{step_time:.2f}", f"{sync:.2f}",
+                           f"{background:.2f}", f"{background / sync:.2f}"])
+        print(recovery_rows[-1], stall_rows[-1], flush=True)
+    tiny, big = MODELS
+    body = f"""## Recovery (`bench/recovery.py`)
+
+`python bench/recovery.py` on {machine()}; one CPU worker (2 threads), local Ray,
+`faults.restart_backoff_s=1`. The drill `kill rank 0 at step K` SIGKILLs the worker
+between two checkpoints (tiny: interval {tiny.interval}, K={tiny.kill_step}; ~90M:
+interval {big.interval}, K={big.kill_step}). Seconds from the kill to the restarted
+group's first completed step:
+
+{markdown_table(["model", *PARTS, "total", "steps lost"], recovery_rows)}
+
+Detection is Ray noticing the dead actor and Ray Train failing the group (the
+controller records the failure); group start is Ray Train starting new worker
+processes and the process group; build is the mesh, model and optimizer; the rest of
+the total is tearing down the failed group. Steps lost are the finished steps after the
+last commit, which the restarted group computes again (on average half a
+`checkpoint.interval`; a preemption notice or a resize checkpoints first and loses none).
+
+Training stall per checkpoint, synchronous (baseline) against `checkpoint.async_save`:
+
+{markdown_table(["model", "checkpoint MB", "step s", "sync stall s", "async stall s",
+                 "async / sync"], stall_rows)}
+
+Anchors: Ray Train restarts the whole worker group from the last reported checkpoint
+too (`FailureConfig.max_failures`), so its recovery has the same parts; raytron adds
+the watchdog for hangs and its own commit marker. CheckFreq (Mohan et al., FAST '21)
+reports recovery in seconds to minutes instead of an epoch's work by checkpointing
+every few iterations with a snapshot-then-persist pipeline, the same split as
+`async_save` (copy the state, write it in the background, commit later).
+"""
+    print(body)
+    write_section("recovery", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""How many data-parallel replicas the cluster can host now, for an elastic run.
+
+With `parallel.dp=auto` the run's size follows the cluster: pp and tp stay fixed and dp
+is the largest value that (a) the free resources can place, (b) is at least
+`faults.min_dp` and at most cluster.workers / (pp * tp), and (c) divides the global batch
+into whole micro-batches per replica, so that the global batch, the data order and the
+LR schedule never change; only the gradient-accumulation steps per replica do.
+
+Capacity is asked of Ray itself: a placement group with one bundle per tensor-parallel
+group (a bundle sits on one node, as a tp group must). Waiting for it is also how an
+autoscaler learns what to add; the group is removed again before the workers start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raytron.platform.config import RaytronConfig
+
+QUICK_PROBE_S = 1.0  # capacity that is there now places within this
+
+
+@dataclass(frozen=True)
+class Sizing:
+    pp: int
+    tp: int
+    max_dp: int
+    min_dp: int
+    global_batch: int
+    micro_batch: int
+    group: dict[str, float]  # the resources of one tensor-parallel group
+
+    @classmethod
+    def of(cls, config: RaytronConfig, gpus: float) -> Sizing:
+        p, c = config.parallel, config.cluster
+        worker = {"CPU": c.cpus_per_worker, **({"GPU": gpus} if gpus else {}),
+                  **c.worker_resources}
+        return cls(p.pp, p.tp, c.workers // (p.pp * p.tp), config.faults.min_dp,
+                   config.train.global_batch, config.train.micro_batch,
+                   {name: amount * p.tp for name, amount in worker.items()})
+
+    def candidates(self, above: int = 0) -> list[int]:
+        """The dp values the run may take, largest first."""
+        lowest = max(self.min_dp, above + 1)
+        return [dp for dp in range(self.max_dp, lowest - 1, -1)
+                if self.global_batch % (self.micro_batch * dp) == 0]
+
+    def placeable(self, dp: int, wait_s: float) -> list[str]:
+        """The nodes (ids) on which `dp` replicas' worth of tensor-parallel groups can be
+        placed within `wait_s` seconds, beside whatever runs now; [] if they cannot."""
+        import ray
+        from ray.util.placement_group import (
+            placement_group,
+            placement_group_table,
+            remove_placement_group,
+        )
+
+        group = placement_group([dict(self.group)] * (dp * self.pp), strategy="PACK")
+        try:
+            ready, _ = ray.wait([group.ready()], timeout=wait_s)
+            if not ready:
+                return []
+            nodes = sorted(set(placement_group_table(group)["bundles_to_node_id"].values()))
+            return [] if set(nodes) & set(draining_nodes()) else nodes  # going away: no room
+        finally:
+            remove_placement_group(group)
+
+    def largest_placeable(self, wait_s: float) -> int | None:
+        """The largest dp that fits; the largest of all gets `wait_s` to appear (for an
+        autoscaler to add nodes), the smaller ones only a moment. None: not even min_dp."""
+        for index, dp in enumerate(self.candidates()):
+            if self.placeable(dp, wait_s if index == 0 else QUICK_PROBE_S):
+                return dp
+        return None
+
+    def room_to_grow(self, current_dp: int) -> str | None:
+        """What the largest dp above `current_dp` whose extra replicas fit beside the
+        running ones now is, and where; None when there is no room."""
+        for dp in self.candidates(above=current_dp):
+            nodes = self.placeable(dp - current_dp, QUICK_PROBE_S)
+            if nodes:
+                return f"dp={dp}, with room on node(s) {', '.join(n[:8] for n in nodes)}"
+        return None
+
+
+def draining_nodes() -> dict[str, int]:
+    """Nodes Ray is draining (node id -> deadline in ms, 0 if none): their preemption
+    notice. Read as Ray Data and Ray Train read it, from Ray's private state API."""
+    from ray._private.state import state
+
+    return state.get_draining_nodes()
