@@ -131,6 +131,7 @@ class ClusterConfig:
     cpus_per_worker: int = 1  # also the torch threads of each worker
     gpus_per_worker: int | None = None  # None: 1 when the cluster has GPUs, else 0
     num_cpus: int | None = None  # CPUs of a locally started Ray; None: enough for the run
+    dashboard: bool = True  # Ray's dashboard (http://127.0.0.1:8265) for a locally started Ray
     device_memory_gb: float | None = None  # refuse layouts whose estimate exceeds it
     worker_resources: dict[str, float] = field(default_factory=dict)  # more Ray resources
     # each worker asks for, e.g. {"trainer": 1} to keep workers on nodes that offer it

@@ -268,7 +268,10 @@ class Supervisor:
             step = self.store.latest() or 0
             if step >= self.config.train.steps:
                 return
-            reason = ray.get(coordinator.stop_reason.remote()) or "the worker group ended early"
+            reason = ray.get(coordinator.stop_reason.remote())
+            if reason is None:  # ended early, unasked: a failure, so that it cannot loop
+                self.failed(f"the worker group ended at step {step}, before train.steps")
+                continue
             self.console.bar.write(f"stopped at step {step}: {reason}; relaunching")
             self.tracking.record_event(self.run_id, "stop", step, f"at step {step}: {reason}")
 
@@ -296,9 +299,9 @@ class Supervisor:
         """Count a failure: give up past faults.max_restarts, else back off."""
         f = self.config.faults
         step = self.store.latest() or 0
-        self.failures.append(f"failure {len(self.failures) + 1}: {gist} "
-                             f"(last committed checkpoint: step {step})")
-        self.tracking.record_failure(self.run_id, len(self.failures), step, self.failures[-1])
+        what = f"{gist} (last committed checkpoint: step {step})"
+        self.failures.append(f"failure {len(self.failures) + 1}: {what}")
+        self.tracking.record_failure(self.run_id, len(self.failures), step, what)
         if len(self.failures) > f.max_restarts:
             raise RunFailed(f"the worker group failed {len(self.failures)} times, more than "
                             f"faults.max_restarts={f.max_restarts}:\n  "

@@ -53,7 +53,8 @@ def start_ray(config: RaytronConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(address="local", num_cpus=local_cpus(config))  # never a `ray start` one
+        ray.init(address="local", num_cpus=local_cpus(config),  # never a `ray start` one
+                 include_dashboard=config.cluster.dashboard)
 
 
 def node_resources(config: RaytronConfig) -> list[dict[str, float]]:

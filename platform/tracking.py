@@ -94,8 +94,8 @@ class RunTracking:
 
     def record_event(self, run_id: str, kind: str, step: int, text: str,
                      count: int | None = None, metric: str | None = None) -> None:
-        """Tag `raytron.event.<kind>_<count>` (the time, then `text`); `count` defaults to
-        the number of such events so far, and is also logged as `metric` if given."""
+        """Tag `raytron.event.<kind>_<count>`: "<time> <kind> <count>: <text>". `count`
+        defaults to the number of such events so far, and is logged as `metric` if given."""
         from mlflow.entities import Metric
 
         if count is None:
@@ -105,7 +105,8 @@ class RunTracking:
             self.client.log_batch(run_id, metrics=[
                 Metric(metric, count, int(time.time() * 1000), step)])
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.client.set_tag(run_id, f"raytron.event.{kind}_{count}", f"{stamp} {text}"[:5000])
+        self.client.set_tag(run_id, f"raytron.event.{kind}_{count}",
+                            f"{stamp} {kind} {count}: {text}"[:5000])
 
     def finish(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)

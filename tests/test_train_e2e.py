@@ -1,5 +1,6 @@
-"""`raytron train` end to end on Ray: it learns, commits checkpoints, tracks in MLflow, and a
-run killed after a checkpoint resumes with exactly the losses of an uninterrupted run."""
+"""`raytron train` end to end on Ray: it learns, commits checkpoints, tracks in MLflow; a
+run killed after a checkpoint resumes with exactly the losses of an uninterrupted run, and
+so do runs that survive failure drills, resize with their cluster and are preempted."""
 
 import os
 import signal
@@ -18,7 +19,8 @@ from raytron.platform.trainer import Trainer
 
 SMALL = ["model.n_layers=2", "data.seq_len=64", "train.global_batch=8", "train.micro_batch=4",
          "train.steps=24", "train.warmup_steps=4", "train.log_interval=1",
-         "train.eval_interval=12", "checkpoint.interval=6", "cluster.cpus_per_worker=1"]
+         "train.eval_interval=12", "checkpoint.interval=6", "cluster.cpus_per_worker=1",
+         "cluster.dashboard=false"]
 
 
 def command(root: Path, name: str, extra: tuple[str, ...] = ()) -> list[str]:
@@ -170,8 +172,8 @@ def test_an_elastic_run_shrinks_and_grows_with_its_nodes(root, whole):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "_system_config": {"health_check_period_ms": 1000,
-                                          "health_check_failure_threshold": 3}})
+        "num_cpus": 2, "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
     worker_node = {"num_cpus": 4, "resources": {"trainer": 2}}  # 2 workers per node
     nodes = [cluster.add_node(**worker_node) for _ in range(2)]
     process = subprocess.Popen(
