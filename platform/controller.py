@@ -327,13 +327,15 @@ def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, actors: di
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raytron.platform.faults import FIRST_STEP_GRACE_S
     from raytron.platform.worker import train_loop
 
     return TorchTrainer(
         train_loop,
         train_loop_config={"config": config, "checkpoint_dir": str(paths.checkpoints),
                            "launched_at": time.time(), **actors},
-        torch_config=TorchConfig(timeout_s=int(config.faults.hang_timeout_s) + 60),
+        torch_config=TorchConfig(
+            timeout_s=int(max(config.faults.hang_timeout_s, FIRST_STEP_GRACE_S)) + 60),
         scaling_config=ScalingConfig(
             num_workers=config.cluster.workers, use_gpu=gpus > 0,
             resources_per_worker={"CPU": config.cluster.cpus_per_worker,

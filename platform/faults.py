@@ -16,7 +16,8 @@ Losing a node needs a cluster of several nodes (`cluster.address`), and never ta
 the head node, which would take the whole cluster with it.
 
 The watchdog fails a rank that has not finished a step for `faults.hang_timeout_s`,
-much sooner than the 30-minute default of a stuck collective.
+much sooner than the 30-minute default of a stuck collective; the first step of a
+worker group gets at least two minutes.
 """
 
 from __future__ import annotations
@@ -121,23 +122,29 @@ def lose_this_node() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+FIRST_STEP_GRACE_S = 120.0  # the first step of a group warms up data, allocator, kernels
+
+
 class Watchdog:
-    """Kills its own process when the rank finishes no step for `timeout` seconds, so
-    that a hang becomes a failure the controller restarts from."""
+    """Kills its own process when the rank finishes no step for `timeout` seconds (the
+    first step of a worker group gets at least FIRST_STEP_GRACE_S), so that a hang
+    becomes a failure the controller restarts from."""
 
     def __init__(self, timeout: float, describe_rank: str):
         self.timeout, self.describe_rank = timeout, describe_rank
+        self.allowed = max(timeout, FIRST_STEP_GRACE_S)
         self.last = time.monotonic()
         threading.Thread(target=self.watch, daemon=True).start()
 
     def beat(self) -> None:
-        self.last = time.monotonic()
+        self.last, self.allowed = time.monotonic(), self.timeout
 
     def watch(self) -> None:
         while True:
             time.sleep(min(1.0, self.timeout / 10))
-            if time.monotonic() - self.last > self.timeout:
-                print(f"raytron: {self.describe_rank} made no progress for {self.timeout:g} s "
+            waited = time.monotonic() - self.last
+            if waited > self.allowed:
+                print(f"raytron: {self.describe_rank} made no progress for {waited:.0f} s "
                       "(faults.hang_timeout_s); failing it so the run restarts",
                       file=sys.stderr, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
