@@ -116,10 +116,11 @@ group's first completed step:
 
 {markdown_table(["model", *PARTS, "total", "steps lost"], recovery_rows)}
 
-Detection is Ray noticing the dead actor and Ray Train failing the group (the
-controller records the failure); group start is Ray Train starting new worker
-processes and the process group; build is the mesh, model and optimizer; the rest of
-the total is tearing down the failed group. Steps lost are the finished steps after the
+Detection runs from the kill until the controller holds the failure: Ray noticing the
+dead actor, Ray Train failing and tearing down the group. Group start is Ray Train
+starting its controller and new worker processes (Python, torch) and the process group,
+the largest part at this size; build is the mesh, model and optimizer; the first step
+includes the DataFeeder seeking to the checkpoint's cursor. Steps lost are the finished steps after the
 last commit, which the restarted group computes again (on average half a
 `checkpoint.interval`; a preemption notice or a resize checkpoints first and loses none).
 
