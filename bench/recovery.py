@@ -120,9 +120,10 @@ Detection runs from the kill until the controller holds the failure: Ray noticin
 dead actor, Ray Train failing and tearing down the group. Group start is Ray Train
 starting its controller and new worker processes (Python, torch) and the process group,
 the largest part at this size; build is the mesh, model and optimizer; the first step
-includes the DataFeeder seeking to the checkpoint's cursor. Steps lost are the finished steps after the
-last commit, which the restarted group computes again (on average half a
-`checkpoint.interval`; a preemption notice or a resize checkpoints first and loses none).
+includes the DataFeeder seeking to the checkpoint's cursor. Steps lost are the finished
+steps after the last commit, which the restarted group computes again (on average half
+a `checkpoint.interval`; a preemption notice or a resize checkpoints first and loses
+none).
 
 Training stall per checkpoint, synchronous (baseline) against `checkpoint.async_save`:
 
