@@ -239,7 +239,6 @@ class Supervisor:
         self.elastic = config.parallel.dp == "auto"
         self.sizing = Sizing.of(config, gpus)
         self.failures: list[str] = []
-        self.resizes = 0
         self.dp: int | None = None
 
     def run(self) -> None:
@@ -287,11 +286,10 @@ class Supervisor:
                         f"faults.schedule_timeout_s={f.schedule_timeout_s:g}")
             return None
         if self.dp is not None and dp != self.dp:
-            self.resizes += 1
             step = self.store.latest() or 0
             text = f"dp {self.dp} -> {dp} at step {step} (pp={self.sizing.pp}, tp={self.sizing.tp})"
             self.console.bar.write(f"resizing: {text}")
-            self.tracking.record_event(self.run_id, "resize", step, text, count=self.resizes)
+            self.tracking.record_event(self.run_id, "resize", step, text)
         self.dp = dp
         return with_dp(self.config, dp)
 
