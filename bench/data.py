@@ -24,8 +24,8 @@ from report import machine, markdown_table, write_section  # noqa: E402
 from raytron.pipelines.feeder import DataFeeder  # noqa: E402
 from raytron.pipelines.stream import ALL, local_texts  # noqa: E402
 from raytron.pipelines.tokenizer import train_bpe  # noqa: E402
-from raytron.platform.config import load_config  # noqa: E402
-from raytron.platform.corpus import stream_spec, with_tokenizer  # noqa: E402
+from raytron.platform.config.load import load_config  # noqa: E402
+from raytron.platform.control.corpus import stream_spec, with_tokenizer  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus" / "shakespeare"
 SEQ_LEN, GLOBAL_BATCH = 512, 32

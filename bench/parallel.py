@@ -22,15 +22,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # gloo.py
 from report import machine, markdown_table, write_section  # noqa: E402
 
 from raytron.model.gpt import GPT, cross_entropy  # noqa: E402
-from raytron.platform.config import load_config  # noqa: E402
-from raytron.platform.gloo import run_on_gloo  # noqa: E402
-from raytron.platform.layout import Layout, build_mesh  # noqa: E402
-from raytron.platform.optim import build_optimizer  # noqa: E402
-from raytron.platform.shapes import gpt_shape, resolve_model  # noqa: E402
-from raytron.platform.trainer import Trainer  # noqa: E402
+from raytron.platform.config.load import load_config  # noqa: E402
+from raytron.platform.config.resolve import gpt_shape, resolve_model  # noqa: E402
+from raytron.platform.worker.layout import Layout, build_mesh  # noqa: E402
+from raytron.platform.worker.optim import build_optimizer  # noqa: E402
+from raytron.platform.worker.trainer import Trainer  # noqa: E402
+
+from gloo import run_on_gloo  # noqa: E402
 
 MODEL = ["model.n_layers=8", "model.d_model=256", "model.n_heads=8", "model.n_kv_heads=8",
          "model.ffn_hidden=768", "model.vocab_size=2048", "model.tie_embeddings=false",

@@ -25,6 +25,7 @@ from raytron.model.gpt import GPT
 SINGLE_STAGE_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 MULTI_STAGE_SCHEDULES = {"interleaved-1f1b": ScheduleInterleaved1F1B,
                          "zero-bubble": ScheduleZBVZeroBubble}
+SCHEDULES = (*SINGLE_STAGE_SCHEDULES, *MULTI_STAGE_SCHEDULES)
 
 
 def stages_per_rank(schedule: str, virtual_stages: int) -> int:
@@ -50,14 +51,12 @@ def stage_owner(schedule: str, stage: int, pp: int) -> int:
 
 def stage_layers(n_layers: int, n_stages: int, layers_per_stage: list[int] | None = None
                  ) -> list[range]:
-    """Consecutive layer ranges per stage: as given, or as even as possible, the earlier
+    """Consecutive layer ranges per stage: as given (one count per stage, summing to
+    `n_layers`: the config's validation checks it), or as even as possible, the earlier
     stages taking the remainder (the last stage also carries the output head)."""
     if layers_per_stage is None:
         base, extra = divmod(n_layers, n_stages)
         layers_per_stage = [base + (1 if i < extra else 0) for i in range(n_stages)]
-    if len(layers_per_stage) != n_stages or sum(layers_per_stage) != n_layers:
-        raise ValueError(f"layers_per_stage {layers_per_stage} must have {n_stages} entries "
-                         f"summing to {n_layers}")
     starts = [sum(layers_per_stage[:i]) for i in range(n_stages)]
     return [range(start, start + count) for start, count in zip(starts, layers_per_stage,
                                                                 strict=True)]

@@ -20,8 +20,10 @@ import pyarrow.fs as pafs
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_CORPORA = ("python-reference",)
+FORMATS = ("auto", "text", "jsonl", "parquet")  # auto: by extension
+DOCUMENTS = ("file", "paragraph")  # what one document of a text file is
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-COMPRESSION_SUFFIXES = (".gz", ".zst", ".zstd", ".bz2", ".lz4")
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".lz4": "lz4"}
 PARAGRAPH_BREAK = re.compile(rb"\r?\n[ \t]*\r?\n")
 
 # Reasons a record is skipped; each becomes a counter in logs and MLflow.
@@ -51,11 +53,18 @@ def list_files(path: str) -> list[str]:
             names = ", ".join(EMBEDDED_PREFIX + name for name in EMBEDDED_CORPORA)
             raise SourceError(f"'{path}' is no embedded corpus. Fix: use one of {names}.")
         return [path]
-    if any(char in path for char in "*?["):
-        files = sorted(p for p in glob.glob(os.path.expanduser(path), recursive=True)
-                       if os.path.isfile(p))
-    else:
-        files = list_with_pyarrow(path)
+    if not path.strip():
+        raise SourceError("the path is empty. Fix: give a file, folder, glob or URI.")
+    try:
+        if any(char in path for char in "*?["):
+            files = sorted(os.path.abspath(p) for p in glob.glob(os.path.expanduser(path),
+                                                                  recursive=True)
+                           if os.path.isfile(p))
+        else:
+            files = list_with_pyarrow(path)
+    except (OSError, ValueError) as error:  # pyarrow's errors derive from these
+        raise SourceError(f"'{path}' cannot be listed ({error}). Fix: give an existing file, "
+                          "folder or glob, or an s3:// or gs:// URI.") from None
     if not files:
         raise SourceError(
             f"'{path}' matches no file. Fix: give an existing file, folder or glob "
@@ -90,7 +99,7 @@ def file_format(path: str, declared: str) -> str:
     if declared != "auto":
         return declared
     name = path.lower()
-    for suffix in COMPRESSION_SUFFIXES:
+    for suffix in COMPRESSIONS:
         name = name.removesuffix(suffix)
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
@@ -110,13 +119,13 @@ class CorpusFile:
 
 def read_records(file: CorpusFile, start: int = 0) -> Iterator[Record]:
     """Records of one file from index `start` on; an unreadable file yields one skipped
-    record. Compressed files (.gz, .zst, .bz2, .lz4) are decompressed on the fly."""
+    record. Compressed files (.gz, .zst or .zstd, .bz2, .lz4) are decompressed on the fly."""
     if file.path.startswith(EMBEDDED_PREFIX):
         yield from embedded_records(start)
         return
     try:
         filesystem, inner = filesystem_and_path(file.path)
-        with filesystem.open_input_stream(inner, compression="detect") as stream:
+        with filesystem.open_input_stream(inner, compression=compression(file.path)) as stream:
             raw = stream.read()
     except (OSError, ValueError):
         yield Record(0, None, UNREADABLE)
@@ -133,6 +142,13 @@ def read_records(file: CorpusFile, start: int = 0) -> Iterator[Record]:
     else:
         records = iter([text_record(0, raw, file.max_document_bytes)] if start == 0 else [])
     yield from records
+
+
+def compression(path: str) -> str | None:
+    """The codec of a compressed file, by its extension (pyarrow's own detection does not
+    know `.zstd`); None for a plain file."""
+    return next((codec for suffix, codec in COMPRESSIONS.items()
+                 if path.lower().endswith(suffix)), None)
 
 
 def text_record(index: int, raw: bytes, max_bytes: int) -> Record:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raytron.platform.config import ConfigError, RaytronConfig, load_config, preset_names, to_yaml
+from raytron.platform.config.load import load_config, preset_names, to_yaml
+from raytron.platform.config.redact import RedactingStream
+from raytron.platform.config.schema import ConfigError, RaytronConfig
 
 EXIT_CONFIG_ERROR = 2
 
@@ -108,33 +110,15 @@ def split_config_argument(config: str | None, overrides: list[str]) -> tuple[str
 
 
 def validated(config_arg: str | None, overrides: list[str]) -> RaytronConfig:
-    from raytron.platform.validate import validate
+    from raytron.platform.config.validate import validate
 
     config = load_config(config_arg, overrides)
     validate(config)
     return config
 
 
-def refuse_if_too_big(config: RaytronConfig) -> None:
-    if config.cluster.device_memory_gb is None:
-        return
-    from raytron.model.estimates import GB
-    from raytron.platform.plan import make_plan
-
-    plan = make_plan(config)
-    if not plan.fits():
-        busiest = plan.busiest
-        raise ConfigError([
-            f"cluster.device_memory_gb={config.cluster.device_memory_gb:g}: pipeline rank "
-            f"{busiest.pp_rank} needs about {busiest.memory.total / GB:.1f} GB per device. Fix: "
-            "raise parallel.tp or parallel.pp, shard with parallel.dp_shard=full, recompute "
-            "with train.activation_checkpointing=full, or lower train.micro_batch "
-            "(`raytron plan` shows where the memory goes)."
-        ])
-
-
 def train_tokenizer_command(config: RaytronConfig, output: str) -> int:
-    from raytron.platform.corpus import stream_spec, train_tokenizer
+    from raytron.platform.control.corpus import stream_spec, train_tokenizer
 
     tokenizer = train_tokenizer(config, stream_spec(config))
     tokenizer.save(output)
@@ -143,41 +127,53 @@ def train_tokenizer_command(config: RaytronConfig, output: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def plan_command(config: RaytronConfig) -> int:
+    from raytron.platform.config.plan import describe, make_plan
+    from raytron.platform.config.validate import memory_problems
+
+    print(describe(make_plan(config)))
+    problems = memory_problems(config)
+    if problems:
+        print(f"raytron: the layout does not fit:\n{ConfigError(problems)}", file=sys.stderr)
+    return EXIT_CONFIG_ERROR if problems else 0
+
+
+def run_command(args: argparse.Namespace) -> int:
     if args.command == "status":
-        from raytron.platform.status import describe_run
+        from raytron.platform.control.status import describe_run
 
-        try:
-            print(describe_run(args.run_dir))
-            return 0
-        except ConfigError as error:
-            print(f"raytron: {error}", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
-    config_arg, overrides = split_config_argument(args.config, args.overrides)
+        print(describe_run(args.run_dir))
+        return 0
+    from raytron.platform.config.validate import memory_problems, raise_problems, resolve_layout
+
+    config = validated(*split_config_argument(args.config, args.overrides))
+    resolved = resolve_layout(config)  # parallel.dp=auto: its largest value
+    if args.command == "config":
+        print(to_yaml(resolved), end="")
+        return 0
+    if args.command == "tokenizer":
+        return train_tokenizer_command(resolved, args.output)
+    if args.command == "plan":
+        return plan_command(resolved)
+    raise_problems(memory_problems(resolved))
+    from raytron.platform.control.run import train
+
+    return train(config)  # an elastic run keeps dp=auto and sizes each launch
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `raytron` command. Whatever it prints has credentials in URIs redacted."""
+    args = build_parser().parse_args(argv)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
     try:
-        from raytron.platform.validate import resolve_layout
-
-        config = validated(config_arg, overrides)
-        resolved = resolve_layout(config)  # parallel.dp=auto: its largest value
-        if args.command == "config":
-            print(to_yaml(resolved), end="")
-            return 0
-        if args.command == "tokenizer":
-            return train_tokenizer_command(resolved, args.output)
-        if args.command == "plan":
-            from raytron.platform.plan import describe, make_plan
-
-            plan = make_plan(resolved)
-            print(describe(plan))
-            return 0 if plan.fits() else EXIT_CONFIG_ERROR
-        refuse_if_too_big(resolved)
-        from raytron.platform.controller import train
-
-        return train(config)  # an elastic run keeps dp=auto and sizes each launch
+        return run_command(args)
     except ConfigError as error:
-        print(f"raytron: invalid config:\n{error}", file=sys.stderr)
+        what = "cannot read the run" if args.command == "status" else "invalid config"
+        print(f"raytron: {what}:\n{error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    finally:
+        sys.stdout, sys.stderr = streams
 
 
 if __name__ == "__main__":

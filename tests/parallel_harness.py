@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from raytron.platform.checkpoint import CheckpointStore
-from raytron.platform.config import load_config
-from raytron.platform.gloo import run_on_gloo
-from raytron.platform.layout import Layout, build_mesh
-from raytron.platform.shapes import resolve_model
-from raytron.platform.trainer import Trainer
+from raytron.platform.config.load import load_config
+from raytron.platform.config.resolve import resolve_model
+from raytron.platform.storage.checkpoint import CheckpointStore
+from raytron.platform.worker.layout import Layout, build_mesh
+from raytron.platform.worker.trainer import Trainer
+
+from gloo import run_on_gloo
 
 BASE = ["model.n_layers=4", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2",
         "model.ffn_hidden=64", "model.vocab_size=128", "model.tie_embeddings=false",
@@ -25,9 +26,6 @@ BASE = ["model.n_layers=4", "model.d_model=32", "model.n_heads=4", "model.n_kv_h
 
 def config(overrides: list[str]):
     loaded = load_config("tiny", BASE + overrides)
-    workers = loaded.parallel.pp * int(loaded.parallel.dp) * loaded.parallel.tp
-    loaded = dataclasses.replace(loaded, cluster=dataclasses.replace(loaded.cluster,
-                                                                     workers=workers))
     return dataclasses.replace(loaded, model=resolve_model(loaded.model, 128))
 
 
@@ -50,7 +48,8 @@ def train(overrides: list[str], start: int, stop: int, checkpoints: Path | None,
     share = cfg.train.global_batch // layout.dp
     store = CheckpointStore(checkpoints, keep_last=10) if checkpoints else None
     if resume:
-        store.load(start, trainer.parts, trainer.optimizers, trainer.schedulers)
+        store.load(start, trainer.parts, trainer.optimizers)
+        trainer.start_at(start)
     losses, norms = [], []
     for step in range(start, stop):
         loss, norm = trainer.train_step(batch(step, cfg)[dp_rank * share:(dp_rank + 1) * share])
@@ -61,7 +60,7 @@ def train(overrides: list[str], start: int, stop: int, checkpoints: Path | None,
     rows = held_out[dp_rank * (len(held_out) // layout.dp):][: len(held_out) // layout.dp]
     val = trainer.evaluate(rows).item()
     if store:
-        store.save(stop, trainer.parts, trainer.optimizers, trainer.schedulers[0], {})
+        store.save(stop, trainer.parts, trainer.optimizers, {})
     return {"losses": losses, "norms": norms, "val_loss": val, "idle": idle}
 
 
@@ -83,6 +82,5 @@ def final_parameters(checkpoints: Path, step: int) -> dict[str, torch.Tensor]:
     """The model parameters of a checkpoint of any layout, loaded into one process."""
     cfg = config([])
     trainer = Trainer(cfg, Layout(), torch.device("cpu"), None)
-    CheckpointStore(checkpoints, keep_last=10).load(step, trainer.parts, trainer.optimizers,
-                                                    trainer.schedulers)
+    CheckpointStore(checkpoints, keep_last=10).load(step, trainer.parts, trainer.optimizers)
     return {k: v.detach().clone() for k, v in trainer.parts[0].state_dict().items()}

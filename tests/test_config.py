@@ -3,8 +3,9 @@
 import pytest
 
 from raytron.platform.cli import EXIT_CONFIG_ERROR, main
-from raytron.platform.config import ConfigError, flatten, load_config, preset_names, to_dict
-from raytron.platform.validate import validate
+from raytron.platform.config.load import flatten, load_config, preset_names, to_dict
+from raytron.platform.config.schema import ConfigError
+from raytron.platform.config.validate import validate
 
 
 @pytest.mark.parametrize("preset", ["tiny", "gpt2-124m", "llama-1b"])
@@ -47,14 +48,21 @@ def run_cli(capsys, *args):
     (["model.n_kv_heads=3"], ["model.n_heads=4 is not divisible by model.n_kv_heads=3"]),
     (["train.global_batch=20"], ["train.global_batch=20 is not divisible by",
                                  "multiple of 8"]),
-    (["parallel.dp=4"], ["cluster.workers=4", "train.global_batch=16 is not divisible"]),
+    (["parallel.dp=4", "cluster.workers=2"], ["differs from cluster.workers=2",
+                                              "leave cluster.workers unset"]),
+    (["parallel.dp=4"], ["train.global_batch=16 is not divisible by train.micro_batch"]),
     (["data.sources.0.path=/no/such/corpus"], ["data.sources.0.path", "matches no file"]),
     (["data.tokenizer=/no/tokenizer.json"], ["data.tokenizer", "is not a file"]),
     (["train.precision=fp8"], ["train.precision='fp8' is unknown"]),
     (["parallel.schedule=zigzag"], ["parallel.schedule='zigzag' is unknown"]),
-    (["train.warmup_steps=-1"], ["train.warmup_steps=-1 is negative"]),
+    (["train.warmup_steps=-1"], ["train.warmup_steps=-1 must be a whole number of 0 or more"]),
+    (["train.lr=-1"], ["train.lr=-1.0 must be a finite number more than 0", "e.g. 0.001"]),
+    (["parallel.tp=0"], ["parallel.tp=0 must be a whole number of 1 or more"]),
+    (["model.ffn_multiple_of=0"], ["model.ffn_multiple_of=0 must be a whole number"]),
+    (["run.name=../../x"], ["run.name='../../x' must be one folder name"]),
+    (["tracking.experiment=a/b"], ["tracking.experiment='a/b' must be one folder name"]),
     (["data.val_share=1.5"], ["data.val_share=1.5"]),
-    (["checkpoint.keep_last=0"], ["checkpoint.keep_last=0 must be positive"]),
+    (["checkpoint.keep_last=0"], ["checkpoint.keep_last=0 must be a whole number of 1 or more"]),
     (["tiny", "train.steps"], ["is not key=value"]),
 ])
 def test_invalid_config_is_rejected_with_key_and_fix(capsys, args, expected):
@@ -109,10 +117,11 @@ def test_help_is_complete(capsys):
     (["parallel.dp=2", "cluster.workers=2", "train.global_batch=24"],
      ["train.global_batch=24 is not divisible by train.micro_batch * parallel.dp"]),
     (["parallel.pp=2", "cluster.workers=2"], ["tie_embeddings=true cannot be split"]),
-    (["parallel.pp=4", "cluster.workers=4", "model.tie_embeddings=false"],
-     ["1f1b needs at least parallel.pp=4 micro-batches per schedule call, got 2"]),
+    (["parallel.pp=4", "model.tie_embeddings=false", "train.micro_batch=8"],
+     ["1f1b needs at least parallel.pp=4 micro-batches per schedule call, got 2",
+      "Fix: set train.micro_batch=4"]),
     (["parallel.dp_shard=zero9"], ["parallel.dp_shard='zero9' is unknown"]),
-    (["parallel.dp=many"], ["parallel.dp='many' must be a positive number or auto"]),
+    (["parallel.dp=many"], ["parallel.dp='many' must be a whole number of 1 or more or auto"]),
     (["train.activation_checkpointing=some"], ["train.activation_checkpointing='some'"]),
     (["parallel.pp=2", "cluster.workers=2", "model.tie_embeddings=false",
       "parallel.layers_per_stage=[3,3]"], ["parallel.layers_per_stage=[3, 3] must list 2"]),

@@ -2,11 +2,11 @@
 
 import pytest
 
-from raytron.platform.capacity import Sizing
 from raytron.platform.cli import EXIT_CONFIG_ERROR, main
-from raytron.platform.controller import failure_gist
-from raytron.platform.faults import LAST_RANK, Injection, parse_injections
-from raytron.platform.layout import Layout
+from raytron.platform.control.capacity import Sizing
+from raytron.platform.control.ray_train import failure_gist
+from raytron.platform.worker.faults import LAST_RANK, Injection, parse_injections
+from raytron.platform.worker.layout import Layout
 
 
 def test_drills_parse():
@@ -35,7 +35,7 @@ def test_bad_drills_are_config_errors(capsys, monkeypatch, entry, expected):
     (["faults.min_dp=2"], "faults.min_dp=2 applies only to elastic runs"),
     (["parallel.dp=auto", "cluster.workers=2", "faults.min_dp=3"],
      "faults.min_dp=3 exceeds the 2 replicas"),
-    (["faults.schedule_timeout_s=0"], "faults.schedule_timeout_s=0.0 must be positive"),
+    (["faults.schedule_timeout_s=0"], "faults.schedule_timeout_s=0.0 must be a finite number"),
 ])
 def test_bad_elastic_settings_are_config_errors(capsys, overrides, expected):
     assert main(["config", "tiny", *overrides]) == EXIT_CONFIG_ERROR
@@ -51,12 +51,16 @@ def test_an_elastic_run_takes_only_sizes_that_keep_the_global_batch():
 
 
 def test_failures_are_summarized_per_rank_with_coordinates():
-    error = RuntimeError(
-        "Training failed due to worker errors:\n"
-        "[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n...\n"
-        "RuntimeError: Connection closed by peer [127.0.0.1]:1234\n"
-        "[Rank 3 Error Snippet]:\nA worker health check failed.\nWorker info: Worker(\n")
+    """From Ray Train's own error: rank -> exception, never its message's text."""
+    from ray.exceptions import RayActorError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    died = WorkerHealthCheckFailedError("A worker health check failed.\nWorker info: ...",
+                                        failure=RayActorError())
+    error = WorkerGroupError("ignored text", {
+        3: died, 0: RuntimeError("Connection closed by peer [127.0.0.1]:1234\nmore")})
     gist = failure_gist(error, Layout(1, 2, 2))
     assert gist == ("rank 0 (pp=0, dp=0, tp=0): RuntimeError: Connection closed by peer "
                     "[127.0.0.1]:1234; rank 3 (pp=0, dp=1, tp=1): A worker health check failed.")
-    assert failure_gist(RuntimeError("boom\nlast words"), Layout()) == "last words"
+    assert failure_gist(ValueError("boom\nlast words"), Layout()) == "ValueError: boom"

@@ -12,8 +12,8 @@ from raytron.pipelines.feeder import DataFeeder
 from raytron.pipelines.packing import Cursor
 from raytron.pipelines.stream import ALL, TRAIN, VALIDATION, local_texts, token_docs
 from raytron.pipelines.tokenizer import train_bpe
-from raytron.platform.config import load_config
-from raytron.platform.corpus import stream_spec, with_tokenizer
+from raytron.platform.config.load import load_config
+from raytron.platform.control.corpus import stream_spec, with_tokenizer
 
 from conftest import CORPUS
 

@@ -13,10 +13,11 @@ from raytron.pipelines.feeder import DataFeeder
 from raytron.pipelines.sources import CorpusFile, list_files, read_records
 from raytron.pipelines.stream import ALL, local_texts
 from raytron.pipelines.tokenizer import train_bpe
-from raytron.platform.checkpoint import CheckpointStore
-from raytron.platform.config import TrainConfig, load_config
-from raytron.platform.corpus import stream_spec, with_tokenizer
-from raytron.platform.optim import build_optimizer, build_scheduler
+from raytron.platform.config.load import load_config
+from raytron.platform.config.schema import TrainConfig
+from raytron.platform.control.corpus import stream_spec, with_tokenizer
+from raytron.platform.storage.checkpoint import CheckpointStore
+from raytron.platform.worker.optim import build_optimizer
 
 TEXTS = [f"Paragraph {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 7 + 1)
          for i in range(60)]
@@ -85,14 +86,13 @@ def test_checkpoints_commit_load_and_prune_on_s3(s3):
     train = TrainConfig(steps=10, warmup_steps=1)
     model = GPT(GPTShape(2, 16, 2, 1, 32, 50, 8), seed=3)
     optimizer = build_optimizer(model, train, fused=False)
-    scheduler = build_scheduler(optimizer, train)
     store = CheckpointStore("s3://checkpoints/run", keep_last=2)
     for step in (1, 2, 3):
-        store.save(step, [model], [optimizer], scheduler, {"cursor": {"epoch": step}})
+        store.save(step, [model], [optimizer], {"cursor": {"epoch": step}})
     assert store.committed_steps() == [2, 3] and store.latest() == 3
     fresh = GPT(GPTShape(2, 16, 2, 1, 32, 50, 8), seed=4)
     fresh_optimizer = build_optimizer(fresh, train, fused=False)
-    meta = store.load(3, [fresh], [fresh_optimizer], [build_scheduler(fresh_optimizer, train)])
+    meta = store.load(3, [fresh], [fresh_optimizer])
     assert meta["cursor"] == {"epoch": 3}
     for (name, want), got in zip(model.state_dict().items(), fresh.state_dict().values(),
                                  strict=True):

@@ -5,10 +5,9 @@ import pytest
 from raytron.model.estimates import GB, in_flight_microbatches
 from raytron.model.pipeline import bubble_fraction, stage_layers
 from raytron.platform.cli import EXIT_CONFIG_ERROR, main
-from raytron.platform.config import ConfigError, load_config
-from raytron.platform.placement import check_tensor_parallel_fits_a_node
-from raytron.platform.plan import make_plan
-from raytron.platform.validate import resolve_layout
+from raytron.platform.config.load import load_config
+from raytron.platform.config.plan import make_plan
+from raytron.platform.config.validate import placement_problems, resolve_layout
 
 
 def test_mt_nlg_530b_plan_is_plausible():
@@ -50,6 +49,6 @@ def test_stage_split_and_bubble_formulas():
 def test_tensor_parallel_must_fit_one_node():
     config = load_config("tiny", ["parallel.tp=8", "cluster.workers=8", "model.n_heads=8",
                                   "model.n_kv_heads=8", "cluster.gpus_per_worker=1"])
-    with pytest.raises(ConfigError, match="parallel.tp=8 is larger than the 4 workers"):
-        check_tensor_parallel_fits_a_node(config, [{"CPU": 64, "GPU": 4}, {"CPU": 64, "GPU": 4}])
-    check_tensor_parallel_fits_a_node(config, [{"CPU": 64, "GPU": 8}])
+    problems = placement_problems(config, [{"CPU": 64, "GPU": 4}, {"CPU": 64, "GPU": 4}], 1)
+    assert len(problems) == 1 and "parallel.tp=8 is larger than the 4 workers" in problems[0]
+    assert placement_problems(config, [{"CPU": 64, "GPU": 8}], 1) == []

@@ -3,7 +3,8 @@
 The controller opens (or reopens) the run and logs params and artifacts. Metrics go
 through a small `Tracker` actor pinned to the controller's node: workers on any node
 can reach it, while the default SQLite store is a file only the head node sees. The
-controller drains the same records to draw its progress bar and log lines.
+controller drains the same records to draw its progress bar and log lines. Every text
+that reaches MLflow has its credentials redacted (`config/redact.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import os
 import time
 from pathlib import Path
+
+from raytron.platform.config.redact import redact_text
 
 RUN_ID_FILE = "mlflow_run_id"
 STORE_FILE = "mlflow.db"
@@ -24,16 +27,17 @@ def quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def tracking_uri(configured: str | None, runs_root: Path) -> str:
+def tracking_uri(configured: str | None, runs_root: str | Path) -> str:
     """`tracking.uri`, else $MLFLOW_TRACKING_URI, else one SQLite store for all local runs."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or (
-        f"sqlite:///{runs_root / STORE_FILE}"
+        f"sqlite:///{Path(runs_root) / STORE_FILE}"
     )
 
 
-def local_artifact_location(uri: str, runs_root: Path, experiment: str) -> str | None:
+def local_artifact_location(uri: str, runs_root: str | Path, experiment: str) -> str | None:
     """Artifacts of the default local store go beside it, not into ./mlruns of the cwd."""
-    return str(runs_root / ARTIFACTS_DIR / experiment) if uri.startswith("sqlite:") else None
+    return str(Path(runs_root) / ARTIFACTS_DIR / experiment) if uri.startswith("sqlite:") \
+        else None
 
 
 class RunTracking:
@@ -61,14 +65,15 @@ class RunTracking:
             except Exception:  # deleted from this store, or another store: start afresh
                 run = None
             if run is not None:
-                self.client.update_run(run_id, status="RUNNING")
+                self.client.update_run(run_id, status="RUNNING", name=run_name)
                 changed = {k: v for k, v in params.items()
                            if k in run.data.params and run.data.params[k] != str(v)}
                 if changed:
                     summary = "; ".join(
                         f"{k}: {run.data.params[k]} -> {v}" for k, v in sorted(changed.items())
                     )
-                    self.client.set_tag(run_id, "raytron.resumed_with", summary[:5000])
+                    self.client.set_tag(run_id, "raytron.resumed_with",
+                                        redact_text(summary)[:5000])
                 return run_id, True
         run_id = self.client.create_run(self.experiment_id, run_name=run_name).info.run_id
         self.log_params(run_id, params)
@@ -86,27 +91,14 @@ class RunTracking:
         self.client.log_artifact(run_id, str(path))
 
     def set_tag(self, run_id: str, key: str, value: str) -> None:
-        self.client.set_tag(run_id, key, value)
+        self.client.set_tag(run_id, key, redact_text(value))
 
     def record_failure(self, run_id: str, count: int, step: int, summary: str) -> None:
         """A failure of the worker group: the `restarts` metric and an event tag."""
-        self.record_event(run_id, "failure", step, summary, count, metric="restarts")
+        record_event(self.client, run_id, "failure", step, summary, count, metric="restarts")
 
-    def record_event(self, run_id: str, kind: str, step: int, text: str,
-                     count: int | None = None, metric: str | None = None) -> None:
-        """Tag `raytron.event.<kind>_<count>`: "<time> <kind> <count>: <text>". `count`
-        defaults to the number of such events so far, and is logged as `metric` if given."""
-        from mlflow.entities import Metric
-
-        if count is None:
-            tags = self.client.get_run(run_id).data.tags
-            count = 1 + sum(key.startswith(f"raytron.event.{kind}_") for key in tags)
-        if metric is not None:
-            self.client.log_batch(run_id, metrics=[
-                Metric(metric, count, int(time.time() * 1000), step)])
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.client.set_tag(run_id, f"raytron.event.{kind}_{count}",
-                            f"{stamp} {kind} {count}: {text}"[:5000])
+    def record_event(self, run_id: str, kind: str, step: int, text: str) -> None:
+        record_event(self.client, run_id, kind, step, text)
 
     def finish(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
@@ -133,6 +125,35 @@ class Tracker:
         )
         self.pending.append((step, metrics))
 
+    def resumed(self, step: int, skipped: list[tuple[int, str]]) -> None:
+        """A worker group loaded the checkpoint of `step`, after skipping those that did not
+        load: the `raytron.resumed_from_step` tag, an event per skipped one, a console line."""
+        self.client.set_tag(self.run_id, "raytron.resumed_from_step", str(step))
+        for skipped_step, why in skipped:
+            record_event(self.client, self.run_id, "fallback", step,
+                         f"checkpoint step {skipped_step} cannot be loaded ({why}); "
+                         f"resumed from step {step}")
+        line = f"Resuming from step {step}" + "".join(
+            f"\n  checkpoint step {s} cannot be loaded ({why}); took the one before"
+            for s, why in skipped)
+        self.pending.append((step, {"event": line}))
+
     def drain(self) -> list[tuple[int, dict]]:
         records, self.pending = self.pending, []
         return records
+
+
+def record_event(client, run_id: str, kind: str, step: int, text: str,
+                 count: int | None = None, metric: str | None = None) -> None:
+    """Tag `raytron.event.<kind>_<count>`: "<time> <kind> <count>: <text>". `count`
+    defaults to the number of such events so far, and is logged as `metric` if given."""
+    from mlflow.entities import Metric
+
+    if count is None:
+        tags = client.get_run(run_id).data.tags
+        count = 1 + sum(key.startswith(f"raytron.event.{kind}_") for key in tags)
+    if metric is not None:
+        client.log_batch(run_id, metrics=[Metric(metric, count, int(time.time() * 1000), step)])
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    client.set_tag(run_id, f"raytron.event.{kind}_{count}",
+                   f"{stamp} {kind} {count}: {redact_text(text)}"[:5000])

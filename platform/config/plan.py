@@ -22,9 +22,8 @@ from raytron.model.pipeline import (
     stage_layers,
     stages_per_rank,
 )
-from raytron.platform.config import RaytronConfig
-from raytron.platform.shapes import gpt_shape, resolve_model
-from raytron.platform.trainer import activation_checkpoint_every
+from raytron.platform.config.resolve import gpt_shape, recompute_every, resolve_model
+from raytron.platform.config.schema import RaytronConfig
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def make_plan(config: RaytronConfig) -> Plan:
             micro_batch=t.micro_batch, seq_len=seq,
             in_flight=in_flight_microbatches(p.schedule, p.pp, pp_rank, per_call,
                                              p.virtual_stages),
-            recompute_every=activation_checkpoint_every(t.activation_checkpointing),
+            recompute_every=recompute_every(t.activation_checkpointing),
             compute_bytes=compute_bytes,
         )
         ranks.append(RankPlan(pp_rank, stages, layers, memory))

@@ -31,17 +31,11 @@ from raytron.model.pipeline import (
     stage_owner,
     stages_per_rank,
 )
-from raytron.platform.config import RaytronConfig
-from raytron.platform.hardware import autocast_dtype
-from raytron.platform.layout import Layout
-from raytron.platform.optim import build_optimizer, build_scheduler
-from raytron.platform.shapes import gpt_shape
-
-
-def activation_checkpoint_every(setting: int | str) -> int:
-    """`train.activation_checkpointing`: none -> 0, full -> 1, k -> every k-th layer."""
-    named = {"none": 0, "full": 1}
-    return named[setting] if setting in named else int(setting)
+from raytron.platform.config.resolve import gpt_shape, recompute_every
+from raytron.platform.config.schema import RaytronConfig
+from raytron.platform.worker.hardware import autocast_dtype
+from raytron.platform.worker.layout import Layout
+from raytron.platform.worker.optim import apply_hyperparameters, build_optimizer
 
 
 class Trainer:
@@ -56,7 +50,7 @@ class Trainer:
         self.parts, self.stage_ids, n_stages = self.build_parts()
         options = ParallelOptions(
             sequence_parallel=p.sequence_parallel, loss_parallel=p.loss_parallel,
-            activation_checkpointing=activation_checkpoint_every(train.activation_checkpointing),
+            activation_checkpointing=recompute_every(train.activation_checkpointing),
             dp_shard=p.dp_shard, param_dtype=self.autocast,
         )
         for part in self.parts:
@@ -64,7 +58,7 @@ class Trainer:
                         mesh["dp_replicate", "dp_shard"] if mesh else None, options)
         fused = device.type == "cuda"
         self.optimizers = [build_optimizer(part, train, fused=fused) for part in self.parts]
-        self.schedulers = [build_scheduler(o, train) for o in self.optimizers]
+        self.step = 0  # optimizer steps done: where the learning-rate schedule stands
         local = train.global_batch // layout.dp
         self.micro_batches = local // train.micro_batch
         per_call = p.microbatches or self.micro_batches
@@ -123,11 +117,18 @@ class Trainer:
         else:
             loss = self.pipeline_accumulate(tokens)
         grad_norm = self.clip_gradients(self.config.train.grad_clip)
-        for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
+        for optimizer in self.optimizers:
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+        self.start_at(self.step + 1)
         return self.mean_over_replicas(loss), grad_norm
+
+    def start_at(self, step: int) -> None:
+        """Continue after `step` optimizer steps (after loading a checkpoint, too), with the
+        config's hyperparameters and the learning rate its schedule gives there."""
+        self.step = step
+        for optimizer in self.optimizers:
+            apply_hyperparameters(optimizer, self.config.train, step)
 
     def accumulate(self, tokens: torch.Tensor) -> torch.Tensor:
         micro_batches = tokens.split(self.config.train.micro_batch)

@@ -1,24 +1,22 @@
-"""Stopping a running worker group at a step boundary, with a checkpoint, on request.
+"""Stopping a running worker group at a step boundary, with a checkpoint, on request:
+the controller's side.
 
 The controller asks the group to stop when the run can grow (capacity came back) or a
 node hosting workers is being preempted (Ray drains a node before it goes: `ray start`
 on SIGTERM, a KubeRay pod deletion, a spot interruption seen by the autoscaler). The
-request goes to a `Coordinator` actor; rank 0 polls it in the background and, between
-two steps, broadcasts one decision to every rank on a gloo group: stop now (after a
-checkpoint), and whether a background checkpoint write has finished and may be
-committed. Every rank thus acts at the same step, which a collective save needs.
+request goes to a `Coordinator` actor, which the workers' `StepBoundary`
+(`worker/boundary.py`) polls.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
+from raytron.platform.control.capacity import draining_nodes
 
-POLL_S = 0.5  # how often rank 0 looks for a request, and the controller for drains
+WATCH_S = 0.5  # how often the controller looks at the group's nodes and their drains
 
 
 class Coordinator:
@@ -45,41 +43,6 @@ class Coordinator:
         return self.reason
 
 
-@dataclass(frozen=True)
-class Decision:
-    commit: bool  # the background checkpoint write finished on every rank: commit it
-    stop: bool  # checkpoint (if this step has none) and end this worker group
-
-
-class StepBoundary:
-    """A rank's side: `agree` is collective, called by every rank after every step."""
-
-    def __init__(self, coordinator, rank: int):
-        self.rank, self.coordinator = rank, coordinator
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        self.reason: str | None = None
-        self.done = threading.Event()
-        if rank == 0:
-            threading.Thread(target=self.poll, daemon=True).start()
-
-    def poll(self) -> None:
-        import ray
-
-        while self.reason is None and not self.done.wait(POLL_S):
-            self.reason = ray.get(self.coordinator.stop_reason.remote())
-
-    def agree(self, write_finished: bool) -> Decision:
-        """Rank 0's view, the same on every rank. Rank 0's background write finishes
-        only after every rank's shards are written (DCP gathers them to finish)."""
-        flags = torch.tensor([int(write_finished), int(self.reason is not None)])
-        if self.group is not None:
-            dist.broadcast(flags, src=0, group=self.group)
-        return Decision(commit=bool(flags[0]), stop=bool(flags[1]))
-
-    def close(self) -> None:
-        self.done.set()
-
-
 class LaunchWatcher:
     """The controller's side, while one worker group runs: asks it to stop when a node
     that hosts its workers is draining, or (elastic runs below their largest size) when
@@ -95,12 +58,10 @@ class LaunchWatcher:
         self.thread.start()
 
     def watch(self) -> None:
-        import time
-
         import ray
 
         next_capacity_check = time.monotonic() + self.capacity_check_s
-        while not self.stopped.wait(POLL_S):
+        while not self.stopped.wait(WATCH_S):
             nodes = ray.get(self.coordinator.nodes.remote())
             reason = draining_reason(nodes)
             joined = sum(len(ranks) for ranks in nodes.values()) == self.world
@@ -121,10 +82,6 @@ class LaunchWatcher:
 def draining_reason(node_ranks: dict[str, list[int]]) -> str | None:
     """Why to stop, when Ray is draining a node that hosts some of `node_ranks`'s ranks
     (its preemption notice); None otherwise."""
-    import time
-
-    from raytron.platform.capacity import draining_nodes
-
     for node_id, deadline_ms in draining_nodes().items():
         if node_id in node_ranks:
             left = f", {max(0.0, deadline_ms / 1000 - time.time()):.0f} s left" \

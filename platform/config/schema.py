@@ -1,33 +1,20 @@
-"""The one typed config tree of a run, its presets and its command-line overrides.
+"""The one typed config tree of a run.
 
 Every knob lives here so that `raytron config` can print exactly what a run will do,
 and so that the whole tree can be logged as MLflow params and saved beside the
-checkpoints. Validation rules live in `validate.py`.
+checkpoints. Loading is `load.py`, the rules a config must satisfy `validate.py`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import (
-    ConfigAttributeError,
-    ConfigKeyError,
-    OmegaConfBaseException,
-    ValidationError,
-)
-
-import raytron.configs
 
 EMBEDDED_CORPUS = "embedded:python-reference"
 
 
 @dataclass
 class RunSection:
-    name: str = "tiny"  # run directory name and MLflow run name; same name = resume
+    name: str = "tiny"  # run directory (one folder name) and MLflow run name; same name = resume
     root: str = "runs"  # holds run directories and the local MLflow store
 
 
@@ -65,12 +52,13 @@ class ParallelConfig:
 @dataclass
 class TrainConfig:
     global_batch: int = 32  # sequences per optimizer step, summed over data-parallel replicas
-    micro_batch: int = 8  # sequences per forward/backward on one replica
+    micro_batch: int = 8  # sequences per forward/backward on one replica; unless you set it,
+    # lowered where a pipeline schedule needs more micro-batches than it gives
     steps: int = 300
     lr: float = 1e-3
     min_lr: float = 1e-4  # floor of the cosine decay
     warmup_steps: int = 20
-    weight_decay: float = 0.1  # not applied to norms, biases and embeddings
+    weight_decay: float = 0.1  # on matrices (embeddings included), not on norm gains
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -94,7 +82,7 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])  # or paths
     validation_sources: list[SourceConfig] = field(default_factory=list)  # else val_share
     tokenizer: str | None = None  # a tokenizer.json; None trains a byte-level BPE on the corpus
     vocab_size: int = 4096  # size of the BPE tokenizer trained when none is given
@@ -127,7 +115,7 @@ class TrackingConfig:
 @dataclass
 class ClusterConfig:
     address: str | None = None  # None: $RAY_ADDRESS, else start a local Ray
-    workers: int = 1  # one per device; must equal pp * dp * tp
+    workers: int | None = None  # one per device; None: pp * dp * tp (dp=auto: give it)
     cpus_per_worker: int = 1  # also the torch threads of each worker
     gpus_per_worker: int | None = None  # None: 1 when the cluster has GPUs, else 0
     num_cpus: int | None = None  # CPUs of a locally started Ray; None: enough for the run
@@ -142,6 +130,8 @@ class FaultsConfig:
     max_restarts: int = 3  # worker-group restarts from the last checkpoint before the run fails
     restart_backoff_s: float = 2.0  # wait before a restart; doubles each time, at most 60 s
     hang_timeout_s: float = 600.0  # a rank without progress this long is failed (watchdog)
+    checkpoint_timeout_s: float = 1800.0  # ... while it saves a checkpoint
+    eval_timeout_s: float = 1800.0  # ... while it runs validation
     inject: list[str] = field(default_factory=list)  # drills: "kill rank 1 at step 7", ...
     min_dp: int = 1  # with parallel.dp=auto: the fewest replicas the run goes on with
     schedule_timeout_s: float = 60.0  # wait this long for the largest layout before a smaller
@@ -169,114 +159,3 @@ class ConfigError(ValueError):
         super().__init__("\n".join(f"  - {p}" for p in problems))
 
 
-DEFAULT_PRESET = "tiny"
-
-
-def preset_dirs() -> list[Path]:
-    """Folders holding the shipped presets (configs/), in an editable or a regular install."""
-    return [Path(p) for p in raytron.configs.__path__ if Path(p).is_dir()]
-
-
-def preset_names() -> list[str]:
-    return sorted({p.stem for d in preset_dirs() for p in d.glob("*.yaml")})
-
-
-def find_config_file(name_or_path: str) -> Path:
-    """A YAML path as given, or the name of a shipped preset (`tiny`, `gpt2-124m`...)."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
-    for folder in preset_dirs():
-        candidate = folder / f"{path.stem if path.suffix else name_or_path}.yaml"
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(
-        [
-            f"config '{name_or_path}' is neither a YAML file nor a preset. "
-            f"Fix: pass a path to a .yaml file or one of: {', '.join(preset_names())}."
-        ]
-    )
-
-
-def load_config(name_or_path: str | None = None, overrides: list[str] | None = None):
-    """Merge schema defaults, a preset or YAML file, and `key=value` overrides.
-
-    Returns the resolved `RaytronConfig`; raises `ConfigError` naming the bad key.
-    """
-    path = find_config_file(name_or_path or DEFAULT_PRESET)
-    tree = OmegaConf.structured(RaytronConfig)
-    tree.run.name = path.stem  # a file that names its run overrides this below
-    try:
-        tree = OmegaConf.merge(tree, OmegaConf.load(path))
-    except OmegaConfBaseException as error:
-        raise ConfigError([describe_omegaconf_error(error, f"in {path}")]) from None
-    problems = []
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            problems.append(f"override '{item}' is not key=value. Fix: write e.g. train.steps=100.")
-            continue
-        try:
-            OmegaConf.update(tree, key.strip(), yaml.safe_load(value), merge=True)
-        except yaml.YAMLError:
-            problems.append(f"{key}: cannot parse '{value}'. Fix: quote it, e.g. {key}='...'.")
-        except OmegaConfBaseException as error:
-            problems.append(describe_omegaconf_error(error, f"in override '{item}'"))
-    if problems:
-        raise ConfigError(problems)
-    try:
-        OmegaConf.resolve(tree)
-        config = OmegaConf.to_object(tree)
-    except OmegaConfBaseException as error:
-        raise ConfigError([describe_omegaconf_error(error, "")]) from None
-    assert isinstance(config, RaytronConfig)
-    return config
-
-
-def describe_omegaconf_error(error: OmegaConfBaseException, where: str) -> str:
-    key = getattr(error, "full_key", None) or "?"
-    where = f" ({where})" if where else ""
-    if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
-        section = key.rsplit(".", 1)[0] if "." in key else ""
-        known = known_keys(section)
-        return (
-            f"{key}: unknown key{where}. Fix: use one of {', '.join(known)} "
-            "(`raytron config` prints them all)."
-        )
-    if isinstance(error, ValidationError):
-        return f"{key}: {error.msg}{where}. Fix: give a value of the type `raytron config` shows."
-    return f"{key}: {getattr(error, 'msg', str(error))}{where}."
-
-
-def known_keys(section: str) -> list[str]:
-    node: Any = OmegaConf.structured(RaytronConfig)
-    for part in [p for p in section.split(".") if p]:
-        if part.isdigit():
-            node = node[int(part)]
-        elif part in node:
-            node = node[part]
-        else:
-            break
-    prefix = f"{section}." if section else ""
-    return [f"{prefix}{k}" for k in node.keys()] if hasattr(node, "keys") else []
-
-
-def to_yaml(config: RaytronConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
-
-
-def to_dict(config: RaytronConfig) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(config))  # type: ignore[return-value]
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """`{"train": {"lr": 1e-3}}` -> `{"train.lr": 1e-3}`; lists get their index as a key."""
-    flat: dict[str, Any] = {}
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
-    for key, value in items:
-        name = f"{prefix}{key}"
-        if isinstance(value, (dict, list)) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat

@@ -21,14 +21,14 @@ import torch
 import torch.distributed as dist
 
 from raytron.model.gpt import GPT
-from raytron.platform.checkpoint import CheckpointStore, PendingSave
-from raytron.platform.config import RaytronConfig
-from raytron.platform.coordination import StepBoundary
-from raytron.platform.faults import FaultInjector, Watchdog
-from raytron.platform.hardware import peak_flops, training_device
-from raytron.platform.layout import Layout, build_mesh, check_tensor_parallel_on_one_node
-from raytron.platform.shapes import gpt_shape
-from raytron.platform.trainer import Trainer
+from raytron.platform.config.resolve import gpt_shape
+from raytron.platform.config.schema import RaytronConfig
+from raytron.platform.storage.checkpoint import CheckpointStore, PendingSave
+from raytron.platform.worker.boundary import StepBoundary
+from raytron.platform.worker.faults import FaultInjector, Watchdog
+from raytron.platform.worker.hardware import peak_flops, training_device
+from raytron.platform.worker.layout import Layout, build_mesh, check_tensor_parallel_on_one_node
+from raytron.platform.worker.trainer import Trainer
 
 
 @dataclass
@@ -42,15 +42,10 @@ class WorkerArgs:
 
 
 def train_loop(args: dict) -> None:
-    """Ray Train's `train_loop_per_worker`."""
+    """Ray Train's `train_loop_per_worker`. An exception reaches the controller as it is
+    (Ray Train's `WorkerGroupError.worker_failures`), which names the rank."""
     context = ray.train.get_context()
-    worker_args = WorkerArgs(**args)
-    rank = context.get_world_rank()
-    try:
-        WorkerLoop(worker_args, rank, context.get_local_rank()).run()
-    except Exception as error:  # name the rank and its place in the mesh
-        where = layout_of(worker_args.config).describe(rank)
-        raise RuntimeError(f"{where}: {type(error).__name__}: {error}") from error
+    WorkerLoop(WorkerArgs(**args), context.get_world_rank(), context.get_local_rank()).run()
 
 
 def layout_of(config: RaytronConfig) -> Layout:
@@ -87,15 +82,18 @@ class WorkerLoop:
             if self.config.checkpoint.async_save and dist.is_initialized() else None
         self.unsaved: PendingSave | None = None  # written in the background, not committed
         self.committed_step = 0
+        self.watchdog: Watchdog | None = None
 
     def run(self) -> None:
         try:
             self.train()
         finally:
             self.boundary.close()
+            if self.watchdog is not None:
+                self.watchdog.stop()
 
     def train(self) -> None:
-        train = self.config.train
+        train, faults = self.config.train, self.config.faults
         loading = time.time()
         step, meta = self.resume()
         loaded = time.time()
@@ -103,7 +101,8 @@ class WorkerLoop:
                    "startup/build_s": loading - self.entered,  # mesh, model, optimizer
                    "startup/load_s": loaded - loading}  # the checkpoint
         self.committed_step = step
-        watchdog = Watchdog(self.config.faults.hang_timeout_s, self.layout.describe(self.rank))
+        self.watchdog = watchdog = Watchdog(faults.hang_timeout_s,
+                                            self.layout.describe(self.rank))
         first_step = step + 1  # logged too, so every (re)start shows where it begins
         tokens_seen = meta.get("tokens_seen", 0)
         tokens_per_step = train.global_batch * self.config.data.seq_len
@@ -133,18 +132,30 @@ class WorkerLoop:
                 }, with_data_stats=True)
                 window_started, window_wait, window_steps = time.perf_counter(), 0.0, 0
             if train.eval_interval and (step % train.eval_interval == 0 or step == train.steps):
-                self.evaluate(step)
+                with watchdog.busy("was validating", faults.eval_timeout_s,
+                                   "faults.eval_timeout_s"):
+                    self.evaluate(step)
             if step % self.config.checkpoint.interval == 0 or step == train.steps:
-                self.save(step, tokens_seen)
+                with self.saving():
+                    self.save(step, tokens_seen)
             decision = self.boundary.agree(self.unsaved is not None and self.unsaved.written())
             if decision.commit and self.unsaved is not None:
-                self.commit()
+                with self.saving():
+                    self.commit()
             if decision.stop and step < train.steps:
-                self.stop(step, tokens_seen)
+                with self.saving():
+                    self.stop(step, tokens_seen)
                 return
             watchdog.beat()
         if self.unsaved is not None:
-            self.commit()
+            with self.saving():
+                self.commit()
+
+    def saving(self):
+        """The watchdog's budget for writing or committing a checkpoint."""
+        faults = self.config.faults
+        return self.watchdog.busy("was saving a checkpoint", faults.checkpoint_timeout_s,
+                                  "faults.checkpoint_timeout_s")
 
     def stop(self, step: int, tokens_seen: int) -> None:
         """Asked to stop (the run resizes, or a node is being preempted): make sure `step`
@@ -165,12 +176,14 @@ class WorkerLoop:
         return metrics
 
     def resume(self) -> tuple[int, dict]:
-        """Load the latest readable committed checkpoint, if any, and point the feeder at
-        its cursor."""
-        meta = self.store.load_latest(self.trainer.parts, self.trainer.optimizers,
-                                      self.trainer.schedulers)
-        step = meta.get("step", 0)
+        """Load the latest readable committed checkpoint, if any (`CheckpointUnreadable`
+        when there are some and none loads), and point the feeder at its cursor."""
+        resumed = self.store.load_latest(self.trainer.parts, self.trainer.optimizers)
+        step, meta = (resumed.step, resumed.meta) if resumed else (0, {})
+        self.trainer.start_at(step)
         if self.rank == 0:
+            if resumed:
+                ray.get(self.args.tracker.resumed.remote(step, resumed.skipped))
             ray.get(self.args.feeder.seek.remote(step, meta.get("cursor", {})))
         if dist.is_initialized():
             dist.barrier()
@@ -220,8 +233,7 @@ class WorkerLoop:
                 "time": time.time()}
         background = background and self.config.checkpoint.async_save
         self.unsaved = self.store.write(step, self.trainer.parts, self.trainer.optimizers,
-                                        self.trainer.schedulers[0], meta, background,
-                                        self.background_group)
+                                        meta, background, self.background_group)
         if not background:
             self.commit()
         self.report(step, {"checkpoint_save_s": time.perf_counter() - started})

@@ -17,11 +17,13 @@ the head node, which would take the whole cluster with it.
 
 The watchdog fails a rank that has not finished a step for `faults.hang_timeout_s`,
 much sooner than the 30-minute default of a stuck collective; the first step of a
-worker group gets at least two minutes.
+worker group gets at least two minutes, a checkpoint save `faults.checkpoint_timeout_s`
+and a validation `faults.eval_timeout_s`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -55,23 +57,24 @@ class Injection:
 
 def parse_injections(entries: list[str]) -> list[Injection]:
     """Parsed entries; raises ValueError naming the first that does not parse."""
-    parsed = []
-    for index, entry in enumerate(entries):
-        match = ENTRY.match(entry)
-        if not match or (match["checkpoint"] and match["kind"] != "raise in"):
-            raise ValueError(
-                f"faults.inject.{index}='{entry}' is not a drill. Fix: write e.g. 'kill rank 1 "
-                "at step 7', 'hang rank 0 at step 5', 'raise in rank 2 at step 3', 'raise in "
-                "rank 0 during checkpoint at step 10' or 'lose a node at step 12'."
-            )
-        if match["kind"] is None:
-            rank = LAST_RANK if match["node_rank"] is None else int(match["node_rank"])
-            parsed.append(Injection(index, "lose", rank, int(match["step"])))
-            continue
-        kind = "raise" if match["kind"] == "raise in" else match["kind"]
-        parsed.append(Injection(index, kind, int(match["rank"]), int(match["step"]),
-                                bool(match["checkpoint"])))
-    return parsed
+    return [parse_injection(index, entry) for index, entry in enumerate(entries)]
+
+
+def parse_injection(index: int, entry: str) -> Injection:
+    """Entry `index` of faults.inject; raises ValueError naming it when it does not parse."""
+    match = ENTRY.match(entry) if isinstance(entry, str) else None
+    if not match or (match["checkpoint"] and match["kind"] != "raise in"):
+        raise ValueError(
+            f"faults.inject.{index}={entry!r} is not a drill. Fix: write e.g. 'kill rank 1 "
+            "at step 7', 'hang rank 0 at step 5', 'raise in rank 2 at step 3', 'raise in "
+            "rank 0 during checkpoint at step 10' or 'lose a node at step 12'."
+        )
+    if match["kind"] is None:
+        rank = LAST_RANK if match["node_rank"] is None else int(match["node_rank"])
+        return Injection(index, "lose", rank, int(match["step"]))
+    kind = "raise" if match["kind"] == "raise in" else match["kind"]
+    return Injection(index, kind, int(match["rank"]), int(match["step"]),
+                     bool(match["checkpoint"]))
 
 
 class FaultInjector:
@@ -127,24 +130,43 @@ FIRST_STEP_GRACE_S = 120.0  # the first step of a group warms up data, allocator
 
 class Watchdog:
     """Kills its own process when the rank finishes no step for `timeout` seconds (the
-    first step of a worker group gets at least FIRST_STEP_GRACE_S), so that a hang
-    becomes a failure the controller restarts from."""
+    first step of a worker group gets at least FIRST_STEP_GRACE_S, a checkpoint save or a
+    validation the budget `busy` gives it), so that a hang becomes a failure the
+    controller restarts from. `stop` ends its thread."""
 
     def __init__(self, timeout: float, describe_rank: str):
         self.timeout, self.describe_rank = timeout, describe_rank
-        self.allowed = max(timeout, FIRST_STEP_GRACE_S)
+        self.allowed, self.doing = max(timeout, FIRST_STEP_GRACE_S), "made no progress"
+        self.setting = "faults.hang_timeout_s"
         self.last = time.monotonic()
-        threading.Thread(target=self.watch, daemon=True).start()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
 
     def beat(self) -> None:
         self.last, self.allowed = time.monotonic(), self.timeout
+        self.doing, self.setting = "made no progress", "faults.hang_timeout_s"
+
+    @contextlib.contextmanager
+    def busy(self, doing: str, budget: float, setting: str):
+        """Allow `budget` seconds for what the block does (`doing`, e.g. "was saving a
+        checkpoint"; `setting` names the budget's key)."""
+        self.last, self.allowed = time.monotonic(), budget
+        self.doing, self.setting = doing, setting
+        try:
+            yield
+        finally:
+            self.beat()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
 
     def watch(self) -> None:
-        while True:
-            time.sleep(min(1.0, self.timeout / 10))
+        while not self.stopped.wait(min(1.0, self.timeout / 10)):
             waited = time.monotonic() - self.last
             if waited > self.allowed:
-                print(f"raytron: {self.describe_rank} made no progress for {waited:.0f} s "
-                      "(faults.hang_timeout_s); failing it so the run restarts",
+                print(f"raytron: {self.describe_rank} {self.doing} for {waited:.0f} s "
+                      f"({self.setting}); failing it so the run restarts",
                       file=sys.stderr, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -34,6 +34,11 @@ class Console:
 
     def show(self, records: list[tuple[int, dict]]) -> None:
         for step, metrics in records:
+            if "event" in metrics:  # a line a worker group asked to show (e.g. its resume)
+                self.bar.write(metrics["event"])
+                if not self.bar.disable:
+                    self.bar.reset(total=self.total)
+                    self.bar.update(step)
             if "loss" in metrics:
                 self.bar.write(format_step(step, self.total, metrics))
                 if math.isfinite(metrics["loss"]):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raytron.platform.config import RaytronConfig
+from raytron.platform.config.schema import RaytronConfig
 
 QUICK_PROBE_S = 1.0  # capacity that is there now places within this
 

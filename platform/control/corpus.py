@@ -12,8 +12,8 @@ from tqdm import tqdm
 
 from raytron.pipelines.stream import StreamSpec, source_spec, tokenizer_sample
 from raytron.pipelines.tokenizer import bos_id, eos_id, train_bpe
-from raytron.platform.config import RaytronConfig
-from raytron.platform.placement import with_tokenizer_workers
+from raytron.platform.config.schema import RaytronConfig
+from raytron.platform.control.placement import with_tokenizer_workers
 
 
 def stream_spec(config: RaytronConfig, tokenizer: Tokenizer | None = None) -> StreamSpec:

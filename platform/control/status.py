@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from raytron.platform.checkpoint import CheckpointStore
-from raytron.platform.config import ConfigError
-from raytron.platform.controller import CONFIG_FILE
-from raytron.platform.tracking import RUN_ID_FILE, tracking_uri
+from raytron.platform.config.redact import MASK
+from raytron.platform.config.schema import ConfigError
+from raytron.platform.storage.checkpoint import CheckpointStore
+from raytron.platform.storage.run_dir import CONFIG_FILE
+from raytron.platform.storage.tracking import RUN_ID_FILE, tracking_uri
 
 
 def describe_run(run_dir: str) -> str:
@@ -19,36 +21,53 @@ def describe_run(run_dir: str) -> str:
         raise ConfigError([f"{run_dir} holds no raytron run (no {CONFIG_FILE}). Fix: give the "
                            "run directory, <run.root>/<run.name>, e.g. runs/tiny."])
     config = OmegaConf.load(folder / CONFIG_FILE)
-    store = CheckpointStore(config.checkpoint.dir, config.checkpoint.keep_last)
-    steps = store.committed_steps()
     p = config.parallel
     lines = [f"run          {config.run.name} ({folder.resolve()})",
              f"layout       pp={p.pp} dp={p.dp} tp={p.tp} on {config.cluster.workers} "
              f"worker(s), schedule {p.schedule}"]
-    if steps:
-        meta = store.meta(steps[-1])
-        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta.get("time", 0)))
-        layout = meta.get("layout", {})
-        lines.append(f"checkpoint   step {steps[-1]} of {config.train.steps}, saved {saved} by "
-                     f"pp={layout.get('pp')} dp={layout.get('dp')} tp={layout.get('tp')}; "
-                     f"committed: {', '.join(map(str, steps))} in {config.checkpoint.dir}")
-    else:
-        lines.append(f"checkpoint   none committed yet in {config.checkpoint.dir}")
-    lines += mlflow_lines(folder, tracking_uri(config.tracking.uri, folder.resolve().parent))
+    lines.append(checkpoint_line(config.checkpoint.dir, config.checkpoint.keep_last,
+                                 config.train.steps))
+    lines += mlflow_lines(folder, saved_tracking_uri(config.tracking.uri, folder))
     return "\n".join(lines)
 
 
-def mlflow_lines(folder: Path, uri: str) -> list[str]:
+def checkpoint_line(directory: str, keep_last: int, steps: int) -> str:
+    if MASK in directory:
+        return (f"checkpoint   {directory} holds credentials, which raytron does not save: "
+                "run the training command to resume from it")
+    store = CheckpointStore(directory, keep_last)
+    committed = store.committed_steps()
+    if not committed:
+        return f"checkpoint   none committed yet in {directory}"
+    meta = store.meta(committed[-1])
+    saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta.get("time", 0)))
+    layout = meta.get("layout", {})
+    return (f"checkpoint   step {committed[-1]} of {steps}, saved {saved} by "
+            f"pp={layout.get('pp')} dp={layout.get('dp')} tp={layout.get('tp')}; "
+            f"committed: {', '.join(map(str, committed))} in {directory}")
+
+
+def saved_tracking_uri(saved: str | None, folder: Path) -> str | None:
+    """The saved tracking URI; $MLFLOW_TRACKING_URI where the saved one had credentials
+    (redacted); None when neither can be used."""
+    if saved and MASK in saved:
+        return os.environ.get("MLFLOW_TRACKING_URI")
+    return tracking_uri(saved, folder.resolve().parent)
+
+
+def mlflow_lines(folder: Path, uri: str | None) -> list[str]:
     id_file = folder / RUN_ID_FILE
     if not id_file.is_file():
         return ["mlflow       no run recorded"]
+    if uri is None:
+        return ["mlflow       tracking.uri holds credentials, which raytron does not save: "
+                "set MLFLOW_TRACKING_URI to read the run's MLflow record"]
     from mlflow import MlflowClient
-
-    from raytron.platform.tracking import quiet_mlflow
-
-    quiet_mlflow()
     from mlflow.exceptions import MlflowException
 
+    from raytron.platform.storage.tracking import quiet_mlflow
+
+    quiet_mlflow()
     client = MlflowClient(tracking_uri=uri)
     run_id = id_file.read_text().strip()
     try:

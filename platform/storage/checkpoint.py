@@ -10,22 +10,22 @@ A rank holding several pipeline stages saves and loads them together. A save is 
 write and a commit: the write may go on in the background (`write(background=True)`,
 DCP's async save after copying the state) while training continues, and the commit
 follows once it is done.
+
+Only tensors are saved (no optimizer hyperparameters, no scheduler: those come from
+the config, so a change to them applies on resume); the step, cursor and RNG states
+are JSON. Loading unpickles nothing (`safe_reading`).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import random
-import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -39,9 +39,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from raytron.platform.storage.rng_state import parse_rng_state, rng_state_json, set_rng_state
+from raytron.platform.storage.safe_reading import TensorsOnlyPlanner, safe_reader
+
 COMMIT_MARKER = "COMMITTED"
 META_FILE = "meta.json"
 PREFIX = "step_"
+RNG_FILE = "rng_rank{rank}.json"
+PICKLED_RNG_FILE = "rng_rank{rank}.pt"  # written by raytron before 0.2: never loaded
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)  # keyed by parameter name
 
 
@@ -49,6 +54,19 @@ def step_of(folder: str) -> int | None:
     name = folder.rstrip("/").rsplit("/", 1)[-1]
     suffix = name.removeprefix(PREFIX)
     return int(suffix) if name.startswith(PREFIX) and suffix.isdigit() else None
+
+
+class CheckpointUnreadable(RuntimeError):
+    """Committed checkpoints exist and none of them loads: the run must not start over."""
+
+
+@dataclass
+class Resumed:
+    """What `load_latest` loaded: the step, its meta, and the newer checkpoints it skipped."""
+
+    step: int
+    meta: dict
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (step, why)
 
 
 @dataclass
@@ -98,13 +116,13 @@ class CheckpointStore:
         return json.loads(self.fs.cat_file(f"{self.folder(step)}/{META_FILE}"))
 
     def save(self, step: int, parts: list[torch.nn.Module],
-             optimizers: list[torch.optim.Optimizer], scheduler, meta: dict,
+             optimizers: list[torch.optim.Optimizer], meta: dict,
              before_commit: Callable[[], None] | None = None) -> None:
         """Collective: write and commit, synchronously."""
-        self.commit(self.write(step, parts, optimizers, scheduler, meta), before_commit)
+        self.commit(self.write(step, parts, optimizers, meta), before_commit)
 
     def write(self, step: int, parts: list[torch.nn.Module],
-              optimizers: list[torch.optim.Optimizer], scheduler, meta: dict,
+              optimizers: list[torch.optim.Optimizer], meta: dict,
               background: bool = False, group: dist.ProcessGroup | None = None
               ) -> PendingSave:
         """Collective: every rank writes its shards of `step`, not yet committed. In the
@@ -115,17 +133,15 @@ class CheckpointStore:
         if rank() == 0 and self.fs.exists(folder):  # the leftover of a save that crashed
             self.fs.rm(folder, recursive=True)
         barrier()
-        state, _ = training_state(parts, optimizers, scheduler)
+        state, _ = training_state(parts, optimizers)
         future = None
         if not background:
             dcp.save(state, checkpoint_id=self.checkpoint_id(step))
         else:
             future = dcp.async_save(state, checkpoint_id=self.checkpoint_id(step),
                                     process_group=group, no_dist=not dist.is_initialized())
-        buffer = io.BytesIO()
-        torch.save(rng_state(), buffer)
         self.fs.makedirs(folder, exist_ok=True)  # a background write may not have yet
-        self.fs.pipe_file(f"{folder}/rng_rank{rank()}.pt", buffer.getvalue())
+        self.fs.pipe_file(f"{folder}/{RNG_FILE.format(rank=rank())}", rng_state_json().encode())
         return PendingSave(step, {"step": step, **meta}, future)
 
     def commit(self, pending: PendingSave,
@@ -145,36 +161,70 @@ class CheckpointStore:
         barrier()
 
     def load(self, step: int, parts: list[torch.nn.Module],
-             optimizers: list[torch.optim.Optimizer], schedulers: list) -> dict:
-        """Collective: restore model, optimizer, schedulers and this rank's RNG; returns meta."""
-        state, keys = training_state(parts, optimizers, schedulers[0])
-        dcp.load(state, checkpoint_id=self.checkpoint_id(step))
-        for part, optimizer, (model_keys, optim_keys) in zip(parts, optimizers, keys,
-                                                            strict=True):
-            set_model_state_dict(part, {k: state["model"][k] for k in model_keys})
-            set_optimizer_state_dict(part, optimizer,
-                                     {k: state["optim"][k] for k in optim_keys}, options=FLAT)
-        for scheduler in schedulers:
-            scheduler.load_state_dict(state["scheduler"])
-        rng_file = f"{self.folder(step)}/rng_rank{rank()}.pt"
-        if self.fs.exists(rng_file):  # a rank new to this layout keeps its seed
-            set_rng_state(torch.load(io.BytesIO(self.fs.cat_file(rng_file)), weights_only=False))
-        return self.meta(step)
+             optimizers: list[torch.optim.Optimizer]) -> dict:
+        """Collective: restore model, optimizer state and this rank's RNG; returns meta.
+        Raises on every rank when any rank cannot read its part."""
+        meta = self.meta(step)
+        rng, problem = None, None
+        try:
+            rng = self.read_rng(step)
+        except ValueError as error:
+            problem = str(error)
+        problem = first_of_all_ranks(problem)
+        if problem:
+            raise ValueError(problem)
+        state, keys = training_state(parts, optimizers)
+        tensors = {"model": state["model"], "optim": state["optim"]}
+        dcp.load(tensors, storage_reader=safe_reader(self.checkpoint_id(step), self.local),
+                 planner=TensorsOnlyPlanner())
+        for part, optimizer, (model_keys, optim_keys, groups) in zip(parts, optimizers, keys,
+                                                                    strict=True):
+            set_model_state_dict(part, {k: tensors["model"][k] for k in model_keys})
+            loaded = {k: tensors["optim"][k] for k in optim_keys}
+            set_optimizer_state_dict(part, optimizer, {**loaded, **groups}, options=FLAT)
+        if rng is not None:
+            set_rng_state(rng)
+        return meta
+
+    def read_rng(self, step: int) -> dict | None:
+        """This rank's RNG state at `step`; None for a rank new to this layout, which keeps
+        its seed. ValueError for a file that is not raytron's JSON."""
+        folder = self.folder(step)
+        path = f"{folder}/{RNG_FILE.format(rank=rank())}"
+        if self.fs.exists(path):
+            try:
+                return parse_rng_state(self.fs.cat_file(path))
+            except ValueError as error:
+                raise ValueError(f"{path.rsplit('/', 1)[1]} is {error}") from None
+        pickled = f"{folder}/{PICKLED_RNG_FILE.format(rank=rank())}"
+        if self.fs.exists(pickled):
+            raise ValueError(
+                f"{pickled.rsplit('/', 1)[1]} is a pickle (an older raytron wrote it), and "
+                "loading it could run any code; raytron loads JSON only. To resume with fresh "
+                "random states, delete the rng_rank*.pt files of this checkpoint")
+        return None
 
     def load_latest(self, parts: list[torch.nn.Module],
-                    optimizers: list[torch.optim.Optimizer], schedulers: list) -> dict:
-        """Collective: load the newest committed checkpoint that reads back whole; a
-        corrupted or incomplete one is skipped with a warning. {} when there is none.
-        DCP raises on every rank when any rank fails to read, so ranks agree."""
+                    optimizers: list[torch.optim.Optimizer]) -> Resumed | None:
+        """Collective: load the newest committed checkpoint that reads back whole, skipping
+        damaged ones. None when nothing is committed; `CheckpointUnreadable`, naming each
+        checkpoint and why, when something is and none loads (DCP raises on every rank
+        when any rank fails to read, so ranks agree)."""
+        skipped: list[tuple[int, str]] = []
         for step in reversed(self.committed_steps()):
             try:
-                return self.load(step, parts, optimizers, schedulers)
+                return Resumed(step, self.load(step, parts, optimizers), skipped)
             except (Exception, CheckpointException) as error:  # damaged: take the one before
-                if rank() == 0:
-                    warnings.warn(f"checkpoint step {step} in {self.root} cannot be loaded "
-                                  f"({type(error).__name__}: {str(error)[:200]}); trying the "
-                                  "previous one", stacklevel=2)
-        return {}
+                skipped.append((step, reason(error)))
+        if not skipped:
+            return None
+        raise CheckpointUnreadable(
+            f"none of the {len(skipped)} committed checkpoint(s) in {self.root} can be "
+            "loaded:\n" + "\n".join(f"  step {step}: {why}" for step, why in skipped)
+            + "\nNothing was deleted or overwritten. Fix: if the model code or its parameter "
+            "names changed since they were written, run the version that wrote them, or "
+            "start a new run.name; delete a damaged step_<N> folder to resume from the one "
+            "before it.")
 
     def prune(self, keep: int) -> None:
         """Delete committed checkpoints beyond `keep_last` and leftovers of failed saves."""
@@ -189,20 +239,41 @@ class CheckpointStore:
             self.fs.rm(folder, recursive=True)
 
 
-def training_state(parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer],
-                   scheduler) -> tuple[dict, list[tuple[list[str], list[str]]]]:
-    """The state dict DCP saves and loads, and which of its keys belong to which part."""
+def training_state(parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]
+                   ) -> tuple[dict, list[tuple[list[str], list[str], dict]]]:
+    """The tensors DCP saves and loads, which of their keys belong to which part, and each
+    part's optimizer hyperparameters (param groups), which are not saved."""
     model_state: dict = {}
     optim_state: dict = {}
     keys = []
     for part, optimizer in zip(parts, optimizers, strict=True):
         part_model = get_model_state_dict(part)
         part_optim = get_optimizer_state_dict(part, optimizer, options=FLAT)
+        tensors = {k: v for k, v in part_optim.items() if isinstance(v, torch.Tensor)}
+        groups = {k: v for k, v in part_optim.items() if k not in tensors}
         model_state.update(part_model)
-        optim_state.update(part_optim)
-        keys.append((list(part_model), list(part_optim)))
-    state = {"model": model_state, "optim": optim_state, "scheduler": scheduler.state_dict()}
-    return state, keys
+        optim_state.update(tensors)
+        keys.append((list(part_model), list(tensors), groups))
+    return {"model": model_state, "optim": optim_state}, keys
+
+
+def reason(error: BaseException) -> str:
+    """One line: why a checkpoint did not load (DCP's own error lists each rank's)."""
+    if isinstance(error, CheckpointException):
+        causes = {f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                  for e, _ in error.failures.values()}
+        return "; ".join(sorted(causes))[:500]
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
+
+
+def first_of_all_ranks(problem: str | None) -> str | None:
+    """The first rank's problem, on every rank (collective): ranks then fail together."""
+    if not dist.is_initialized():
+        return problem
+    problems: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)
 
 
 def write_atomically(fs, path: str, text: str) -> None:
@@ -226,19 +297,3 @@ def rank() -> int:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -6,6 +6,8 @@ import time
 
 import torch
 
+PRECISIONS = ("auto", "bf16", "fp32")  # train.precision; auto: bf16 on GPUs, fp32 on CPUs
+
 # Dense bf16 peak FLOP/s by GPU name, from the vendors' data sheets (SXM parts).
 GPU_PEAK_BF16 = {
     "B200": 2.25e15,

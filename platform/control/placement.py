@@ -1,8 +1,6 @@
-"""Where workers go: the Ray cluster to use, and whether a layout can be placed on it.
-
-A tensor-parallel group all-reduces in every layer and must sit on one node, so a
-layout whose tp exceeds the workers one node can host is refused before any worker
-starts; for a local run that is known before Ray itself starts.
+"""Where workers go: the Ray cluster to use, what its nodes offer, and the CPUs left for
+tokenizing. What must fit a node (a tensor-parallel group) is a rule in
+`config/validate.py`; for a local run it is known before Ray itself starts.
 """
 
 from __future__ import annotations
@@ -10,11 +8,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from raytron.platform.config import ConfigError, RaytronConfig
-
-
-def cluster_address(config: RaytronConfig) -> str | None:
-    return config.cluster.address or os.environ.get("RAY_ADDRESS")
+from raytron.platform.config.resolve import cluster_address
+from raytron.platform.config.schema import RaytronConfig
 
 
 def local_cpus(config: RaytronConfig) -> int:
@@ -75,18 +70,3 @@ def worker_gpus(config: RaytronConfig, nodes: list[dict[str, float]]) -> float:
     if config.cluster.gpus_per_worker is not None:
         return config.cluster.gpus_per_worker
     return 1 if any(node.get("GPU", 0) > 0 for node in nodes) else 0
-
-
-def check_tensor_parallel_fits_a_node(config: RaytronConfig,
-                                      nodes: list[dict[str, float]]) -> None:
-    gpus = worker_gpus(config, nodes)
-    kind, need = ("GPU", gpus) if gpus else ("CPU", config.cluster.cpus_per_worker)
-    largest = max((int(node.get(kind, 0) // need) for node in nodes), default=0)
-    tp = config.parallel.tp
-    if tp > largest:
-        raise ConfigError([
-            f"parallel.tp={tp} is larger than the {largest} workers the largest node can host "
-            f"({kind} per worker: {need:g}); a tensor-parallel group must share a node. Fix: "
-            f"lower parallel.tp to {max(1, largest)} or less and raise parallel.pp or dp "
-            "instead, or use nodes with more devices."
-        ])

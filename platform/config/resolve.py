@@ -1,0 +1,110 @@
+"""Turning config values into what they stand for: the model shape, the data-parallel
+size, the recomputation interval, and the defaults derived from other keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from raytron.model.gpt import GPTShape, llama_ffn_hidden
+from raytron.model.pipeline import stages_per_rank
+from raytron.platform.config.schema import ModelConfig, RaytronConfig
+
+AUTO = "auto"
+RECOMPUTE_NAMED = {"none": 0, "full": 1}  # train.activation_checkpointing, besides k >= 1
+
+
+def resolve_model(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
+    """Fill the fields left to derive: vocabulary (padded), KV heads, MLP width."""
+    multiple = model.vocab_multiple_of
+    return dataclasses.replace(
+        model,
+        vocab_size=model.vocab_size or multiple * -(-tokenizer_vocab // multiple),
+        n_kv_heads=model.n_kv_heads or model.n_heads,
+        ffn_hidden=model.ffn_hidden or llama_ffn_hidden(model.d_model, model.ffn_multiple_of),
+    )
+
+
+def gpt_shape(model: ModelConfig) -> GPTShape:
+    """The shape of a resolved model section."""
+    fields = {f.name for f in dataclasses.fields(GPTShape)}
+    values = {k: v for k, v in dataclasses.asdict(model).items() if k in fields}
+    missing = [k for k, v in values.items() if v is None]
+    if missing:
+        raise ValueError(f"model fields {missing} are unresolved; call resolve_model first")
+    return GPTShape(**values)
+
+
+def recompute_every(setting: int | str) -> int:
+    """`train.activation_checkpointing`: none -> 0, full -> 1, k -> every k-th layer."""
+    return RECOMPUTE_NAMED[setting] if setting in RECOMPUTE_NAMED else int(setting)
+
+
+def resolve_dp(dp: int | str, workers: int, pp: int, tp: int) -> int:
+    """`parallel.dp`, with `auto` meaning as many replicas as the workers allow."""
+    return workers // (pp * tp) if dp == AUTO else int(dp)
+
+
+def cluster_address(config: RaytronConfig) -> str | None:
+    """The Ray cluster to join: `cluster.address`, else $RAY_ADDRESS; None: start one."""
+    return config.cluster.address or os.environ.get("RAY_ADDRESS")
+
+
+def is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def with_derived_defaults(config: RaytronConfig, explicit: set[str]) -> RaytronConfig:
+    """`cluster.workers` from the layout when unset; a micro-batch size that gives the
+    pipeline schedule the micro-batches it needs, unless the user set `train.micro_batch`.
+    Leaves invalid values alone: validation names them."""
+    p, c = config.parallel, config.cluster
+    if c.workers is None and all(is_count(v) for v in (p.pp, p.dp, p.tp)):
+        c = dataclasses.replace(c, workers=p.pp * p.dp * p.tp)
+    config = dataclasses.replace(config, cluster=c)
+    if "train.micro_batch" in explicit:
+        return config
+    micro = fitting_micro_batch(config)
+    if micro is None or micro == config.train.micro_batch:
+        return config
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, micro_batch=micro))
+
+
+def fitting_micro_batch(config: RaytronConfig) -> int | None:
+    """The largest micro-batch size up to `train.micro_batch` whose micro-batches per
+    schedule call suit the pipeline schedule; None when none does, or nothing to fit."""
+    p, t, c = config.parallel, config.train, config.cluster
+    counts = (p.pp, p.tp, t.global_batch, t.micro_batch, p.virtual_stages)
+    if not all(is_count(v) for v in counts) or p.pp == 1 or not is_count(c.workers):
+        return None
+    if not (p.dp == AUTO or is_count(p.dp)) or c.workers % (p.pp * p.tp):
+        return None
+    replica, rest = divmod(t.global_batch, max(1, resolve_dp(p.dp, c.workers, p.pp, p.tp)))
+    if rest or replica == 0 or (p.microbatches is not None and not is_count(p.microbatches)):
+        return None
+    for micro in range(min(t.micro_batch, replica), 0, -1):
+        if replica % micro == 0 and not schedule_shortfall(config, replica // micro):
+            return micro
+    return None
+
+
+def schedule_shortfall(config: RaytronConfig, micro_batches: int) -> str | None:
+    """What the pipeline schedule lacks with `micro_batches` per replica step; None: fine."""
+    p = config.parallel
+    per_call = p.microbatches or micro_batches
+    if micro_batches % per_call:
+        return (f"parallel.microbatches={per_call} does not divide the {micro_batches} "
+                "micro-batches of a replica's step (train.global_batch / (train.micro_batch "
+                "* dp))")
+    if p.schedule in ("1f1b", "interleaved-1f1b") and per_call < p.pp:
+        return (f"{p.schedule} needs at least parallel.pp={p.pp} micro-batches per schedule "
+                f"call, got {per_call}")
+    if p.schedule == "interleaved-1f1b" and per_call % p.pp:
+        return (f"interleaved-1f1b needs the micro-batches per call ({per_call}) to be a "
+                f"multiple of parallel.pp={p.pp}")
+    return None
+
+
+def stage_count(config: RaytronConfig) -> int:
+    return config.parallel.pp * stages_per_rank(config.parallel.schedule,
+                                                config.parallel.virtual_stages)

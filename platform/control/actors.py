@@ -1,0 +1,59 @@
+"""The actors a run keeps across its worker groups, beside the controller: the Tracker
+(metrics into MLflow, records for the console), the Coordinator (requests to stop at a
+step boundary) and the DataFeeder (the global batches). They live on the controller's
+node, which outlives any worker node."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+from raytron.pipelines.stream import StreamSpec
+from raytron.platform.config.schema import RaytronConfig
+from raytron.platform.control.console import Console
+from raytron.platform.control.placement import start_ray
+
+POLL_S = 0.5  # how often the console shows what the tracker received
+
+
+@contextlib.contextmanager
+def run_actors(config: RaytronConfig, spec: StreamSpec, tracking_uri: str, run_id: str,
+               console: Console) -> Iterator[dict]:
+    """Start (or join) Ray and the run's actors, show the tracker's records on `console`
+    while the block runs, and stop them all after it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raytron.pipelines.feeder import DataFeeder
+    from raytron.platform.control.coordination import Coordinator
+    from raytron.platform.storage.tracking import Tracker
+
+    start_ray(config)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    tracker = ray.remote(Tracker).options(num_cpus=0, scheduling_strategy=here).remote(
+        tracking_uri, run_id)
+    coordinator = ray.remote(Coordinator).options(num_cpus=0, scheduling_strategy=here).remote()
+    feeder = ray.remote(DataFeeder).options(
+        num_cpus=0, max_concurrency=64, scheduling_strategy=here).remote(
+        spec, config.data.seq_len, config.train.global_batch, config.data.prefetch_steps,
+        config.data.val_sequences,
+    )
+    stop = threading.Event()
+    poller = threading.Thread(target=show_records, args=(tracker, console, stop), daemon=True)
+    poller.start()
+    try:
+        yield {"feeder": feeder, "tracker": tracker, "coordinator": coordinator}
+    finally:
+        stop.set()
+        poller.join()
+        console.show(ray.get(tracker.drain.remote()))
+        for actor in (feeder, tracker, coordinator):
+            ray.kill(actor)
+
+
+def show_records(tracker, console: Console, stop: threading.Event) -> None:
+    import ray
+
+    while not stop.wait(POLL_S):
+        console.show(ray.get(tracker.drain.remote()))

@@ -1,0 +1,64 @@
+"""Ray Train, as the substrate of one worker group: a `TorchTrainer` with one worker per
+device, each running `worker.loop.train_loop`, and what its errors say about the ranks."""
+
+from __future__ import annotations
+
+import time
+
+from raytron.platform.config.schema import RaytronConfig
+from raytron.platform.storage.run_dir import RunPaths
+from raytron.platform.worker.layout import Layout
+
+
+def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, actors: dict):
+    """Ray Train does not restart it (the controller does, from raytron's commit marker);
+    its collectives time out shortly after the watchdog would have fired."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raytron.platform.worker.faults import FIRST_STEP_GRACE_S
+    from raytron.platform.worker.loop import train_loop
+
+    f = config.faults
+    longest_wait = max(f.hang_timeout_s, FIRST_STEP_GRACE_S, f.checkpoint_timeout_s,
+                       f.eval_timeout_s)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config, "checkpoint_dir": str(paths.checkpoints),
+                           "launched_at": time.time(), **actors},
+        torch_config=TorchConfig(timeout_s=int(longest_wait) + 60),
+        scaling_config=ScalingConfig(
+            num_workers=config.cluster.workers, use_gpu=gpus > 0,
+            resources_per_worker={"CPU": config.cluster.cpus_per_worker,
+                                  **({"GPU": gpus} if gpus else {}),
+                                  **config.cluster.worker_resources},
+        ),
+        run_config=RunConfig(name=config.run.name, storage_path=str(paths.dir / "ray_train"),
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+
+
+def rank_failures(error: BaseException) -> dict[int, BaseException]:
+    """rank -> its exception, from Ray Train's `WorkerGroupError`; {} for other errors."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    return dict(error.worker_failures) if isinstance(error, WorkerGroupError) else {}
+
+
+def failure_gist(error: BaseException, layout: Layout) -> str:
+    """One line per failed rank, with its mesh coordinates."""
+    failures = rank_failures(error)
+    if not failures:
+        return first_line(error)
+    return "; ".join(f"{layout.describe(rank)}: {first_line(failure)}"
+                     for rank, failure in sorted(failures.items()))
+
+
+def first_line(error: BaseException) -> str:
+    """The exception's type and the first line of its message (a dead worker's health
+    check failure says it died)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    name = type(error).__name__
+    return (text if name.startswith(("WorkerHealthCheck", "RayActorError"))
+            else f"{name}: {text}")[:300]

@@ -1,0 +1,84 @@
+"""`raytron train`: settle the run, open its MLflow run, start its actors and supervise
+its worker groups until it is done. Everything that can be wrong with a run is found
+while settling it, before any Ray resource is taken."""
+
+from __future__ import annotations
+
+from raytron.platform.config.load import flatten, to_dict, to_yaml
+from raytron.platform.config.redact import redacted
+from raytron.platform.config.schema import RaytronConfig
+from raytron.platform.control.actors import run_actors
+from raytron.platform.control.console import Console
+from raytron.platform.control.settle import SettledRun, settle
+from raytron.platform.control.supervisor import Supervisor
+from raytron.platform.storage.checkpoint import CheckpointUnreadable
+from raytron.platform.storage.tracking import RunTracking, local_artifact_location
+
+
+def train(config: RaytronConfig) -> int:
+    """Run (or resume) a training run; returns the process exit code (a `ConfigError`
+    propagates: the command line makes it exit status 2)."""
+    run = settle(config)
+    c, paths = run.config, run.paths
+    done = run.committed[-1] if run.committed else 0
+    if done >= c.train.steps:
+        print(f"{paths.dir} already finished {done} steps (train.steps={c.train.steps}). "
+              "Raise train.steps to train on, or pick a new run.name.")
+        return 0
+    paths.dir.mkdir(parents=True, exist_ok=True)
+    paths.config_file.write_text(to_yaml(redacted(c)))  # credentials never reach a file
+    run.tokenizer.save(str(paths.tokenizer_file))
+    tracking, run_id, reopened = open_tracking(run)
+    print(describe_start(run, run_id, reopened))
+    console = Console(c.train.steps, done)
+    status, code = "FINISHED", 0
+    message = (f"Finished {c.train.steps} steps. Checkpoints: {paths.checkpoints}\n"
+               f"MLflow run {run_id} in {tracking.uri}")
+    try:
+        with run_actors(c, run.spec, tracking.uri, run_id, console) as actors:
+            Supervisor(c, paths, tracking, run_id, run.gpus, console, actors).run()
+    except KeyboardInterrupt:
+        status, code = "KILLED", 130
+        message = (f"\nInterrupted. Run the same command again to resume from the last "
+                   f"committed checkpoint in {paths.checkpoints}.")
+    except CheckpointUnreadable as error:
+        status, code, message = "FAILED", 1, f"\nCannot resume run '{c.run.name}': {error}"
+    except Exception as error:
+        status, code = "FAILED", 1
+        message = (f"\nTraining failed: {error}\nThe last committed checkpoint is kept in "
+                   f"{paths.checkpoints}; run the same command again to resume from it.")
+    finally:
+        console.close()
+    tracking.finish(run_id, status)
+    print(message)
+    return code
+
+
+def open_tracking(run: SettledRun) -> tuple[RunTracking, str, bool]:
+    """The run's MLflow run (reopened when the run directory names one), with the
+    redacted config as params and the config file and tokenizer as artifacts."""
+    c, paths = run.config, run.paths
+    uri = c.tracking.uri
+    tracking = RunTracking(uri, c.tracking.experiment,
+                           local_artifact_location(uri, paths.root, c.tracking.experiment))
+    run_id, reopened = tracking.open(paths.dir, c.tracking.run_name,
+                                     flatten(to_dict(redacted(c))))
+    for path in (paths.config_file, paths.tokenizer_file):
+        tracking.log_artifact(run_id, path)
+    return tracking, run_id, reopened
+
+
+def describe_start(run: SettledRun, run_id: str, reopened: bool) -> str:
+    c, p, workers = run.config, run.config.parallel, run.config.cluster.workers
+    if run.committed:
+        lines = [f"Continuing run '{c.run.name}' in {run.paths.dir}: committed checkpoints "
+                 f"at step {', '.join(map(str, run.committed))}"]
+        lines += [f"  applied from the resumed step on: {change}" for change in run.applied]
+    else:
+        lines = [f"Starting run '{c.run.name}' in {run.paths.dir}"]
+    lines.append(f"MLflow run {run_id} ({'reopened' if reopened else 'new'}) in {c.tracking.uri}")
+    size = (f"dp=auto tp={p.tp} on up to {workers} worker(s), elastic: dp from "
+            f"{c.faults.min_dp} to {workers // (p.pp * p.tp)}") if p.dp == "auto" \
+        else f"dp={p.dp} tp={p.tp} on {workers} worker(s)"
+    lines.append(f"Layout pp={p.pp} {size}")
+    return "\n".join(lines)

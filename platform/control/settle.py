@@ -1,0 +1,125 @@
+"""Settling a run before any Ray resource is taken: one step from the validated config
+to the config the run will use, with everything that could be wrong checked.
+
+Settled are the tokenizer workers (from the CPUs the workers leave free), the model
+shape (from the tokenizer: the run's own when it resumes, else given or trained), the
+absolute locations (so that the saved config names where things are, whatever the
+directory a later command runs from) and, for a local CPU run, the measured matmul
+peak for MFU. Checked are the placement of a tensor-parallel group on a node, the
+vocabulary against the tokenizer, and, when the run resumes, every key a resumed run
+cannot change (`config/resume.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
+
+from raytron.pipelines.stream import StreamSpec
+from raytron.pipelines.tokenizer import load
+from raytron.platform.config.load import flatten, to_dict
+from raytron.platform.config.redact import redacted
+from raytron.platform.config.resolve import cluster_address, resolve_model
+from raytron.platform.config.resume import applied_changes, resume_problems
+from raytron.platform.config.schema import ConfigError, RaytronConfig
+from raytron.platform.config.validate import (
+    placement_problems,
+    raise_problems,
+    tokenizer_problems,
+)
+from raytron.platform.control.corpus import stream_spec, train_tokenizer, with_tokenizer
+from raytron.platform.control.placement import node_resources, with_tokenizer_workers, worker_gpus
+from raytron.platform.storage.checkpoint import CheckpointStore
+from raytron.platform.storage.run_dir import RunPaths, absolute
+from raytron.platform.storage.tracking import tracking_uri
+
+
+@dataclass(frozen=True)
+class SettledRun:
+    config: RaytronConfig  # what the run uses; saved (redacted) as config.yaml
+    paths: RunPaths
+    spec: StreamSpec  # the data stream, with the tokenizer
+    tokenizer: Tokenizer
+    gpus: float  # per worker
+    committed: list[int]  # committed checkpoint steps: the run resumes when there are any
+    applied: list[str]  # "key: old -> new" for each applied change since the last start
+
+
+def settle(config: RaytronConfig) -> SettledRun:
+    """Raises `ConfigError` for anything that would make the run fail or resume wrongly."""
+    nodes = node_resources(config)
+    gpus = worker_gpus(config, nodes)
+    raise_problems(placement_problems(config, nodes, gpus))
+    config = with_tokenizer_workers(config, nodes)
+    config = with_absolute_locations(config)
+    paths = RunPaths.of(config)
+    committed = CheckpointStore(paths.checkpoints, config.checkpoint.keep_last).committed_steps()
+    spec = stream_spec(config)
+    tokenizer = run_tokenizer(config, paths, spec, resuming=bool(committed))
+    raise_problems(tokenizer_problems(config, tokenizer.get_vocab_size()))
+    config = dataclasses.replace(config, model=resolve_model(config.model,
+                                                             tokenizer.get_vocab_size()))
+    saved = paths.saved_config()
+    applied: list[str] = []
+    if committed and saved is not None:
+        current = flatten(to_dict(redacted(config)))
+        raise_problems(resume_problems(saved, current, config.run.name, committed[-1]))
+        applied = applied_changes(saved, current)
+    try:
+        spec = with_tokenizer(spec, tokenizer)
+    except ValueError as error:  # the tokenizer lacks an EOS, or the BOS asked for
+        raise ConfigError([f"data.tokenizer: {error}"]) from None
+    return SettledRun(with_measured_cpu_peak(config), paths, spec, tokenizer, gpus, committed,
+                      applied)
+
+
+def run_tokenizer(config: RaytronConfig, paths: RunPaths, spec: StreamSpec,
+                  resuming: bool) -> Tokenizer:
+    """A resuming run's own tokenizer; otherwise `data.tokenizer`, or one trained now."""
+    if resuming and paths.tokenizer_file.is_file():
+        return load(paths.tokenizer_file)
+    if config.data.tokenizer:
+        return load(config.data.tokenizer)
+    print(f"Training a {config.data.vocab_size}-token byte-level BPE tokenizer on the corpus")
+    return train_tokenizer(config, spec)
+
+
+def with_absolute_locations(config: RaytronConfig) -> RaytronConfig:
+    """Run root, checkpoints, the tracking store, local sources and the tokenizer, as
+    absolute locations: Ray workers run in other directories, and so may a later command."""
+    root = absolute(config.run.root)
+    d = config.data
+
+    def sources(group: list) -> list:
+        return [dataclasses.replace(s, path=absolute(s.path)) for s in group]
+
+    return dataclasses.replace(
+        config,
+        run=dataclasses.replace(config.run, root=root),
+        checkpoint=dataclasses.replace(config.checkpoint, dir=absolute(config.checkpoint.dir)),
+        tracking=dataclasses.replace(config.tracking,
+                                     uri=tracking_uri(config.tracking.uri, root)),
+        data=dataclasses.replace(d, sources=sources(d.sources),
+                                 validation_sources=sources(d.validation_sources),
+                                 tokenizer=absolute(d.tokenizer) if d.tokenizer else None),
+    )
+
+
+def with_measured_cpu_peak(config: RaytronConfig) -> RaytronConfig:
+    """On a local CPU-only run, measure the matmul peak (for MFU) here, before Ray and its
+    actors start: measured inside a busy worker it comes out low and MFU above 100%."""
+    if config.train.peak_flops or cluster_address(config):
+        return config
+    import torch
+
+    from raytron.platform.worker.hardware import measured_matmul_flops
+
+    if torch.cuda.is_available():
+        return config
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.cluster.cpus_per_worker)
+    peak = measured_matmul_flops(torch.device("cpu"), torch.float32)
+    torch.set_num_threads(threads)
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, peak_flops=peak))

@@ -1,0 +1,122 @@
+"""Supervising a run's worker groups: relaunch after a failure (from the last committed
+checkpoint, with back-off, up to `faults.max_restarts`), after a requested stop (a
+resize, a preemption notice), and at the size the cluster has room for (elastic runs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from raytron.platform.config.schema import RaytronConfig
+from raytron.platform.control.console import Console
+from raytron.platform.control.ray_train import failure_gist, rank_failures, worker_group
+from raytron.platform.storage.checkpoint import CheckpointStore, CheckpointUnreadable
+from raytron.platform.storage.run_dir import RunPaths
+from raytron.platform.storage.tracking import RunTracking
+
+
+class RunFailed(RuntimeError):
+    """The worker group failed more than faults.max_restarts times."""
+
+
+class Supervisor:
+    """Runs worker groups until the run is done. After a failure it relaunches from the
+    last committed checkpoint, up to faults.max_restarts times with doubling back-off;
+    after a requested stop (a resize, a preemption notice) it relaunches without counting
+    a failure. An elastic run (parallel.dp=auto) relaunches at the largest dp that fits."""
+
+    def __init__(self, config: RaytronConfig, paths: RunPaths, tracking: RunTracking,
+                 run_id: str, gpus: float, console: Console, actors: dict):
+        from raytron.platform.control.capacity import Sizing
+
+        self.config, self.paths, self.tracking, self.run_id = config, paths, tracking, run_id
+        self.gpus, self.console, self.actors = gpus, console, actors
+        self.store = CheckpointStore(paths.checkpoints, config.checkpoint.keep_last)
+        self.elastic = config.parallel.dp == "auto"
+        self.sizing = Sizing.of(config, gpus)
+        self.failures: list[str] = []
+        self.dp: int | None = None
+
+    def run(self) -> None:
+        import ray
+
+        from raytron.platform.control.coordination import LaunchWatcher
+        from raytron.platform.worker.loop import layout_of
+
+        while True:
+            launch = self.next_launch()
+            if launch is None:
+                continue
+            coordinator = self.actors["coordinator"]
+            ray.get(coordinator.reset.remote())
+            grow = self.elastic and launch.parallel.dp < self.sizing.max_dp
+            watcher = LaunchWatcher(
+                coordinator, launch.cluster.workers, self.config.faults.capacity_check_s,
+                (lambda dp=launch.parallel.dp: self.sizing.room_to_grow(dp)) if grow else None)
+            try:
+                worker_group(launch, self.paths, self.gpus, self.actors).fit()
+            except Exception as error:  # the group failed: restart it, or give up
+                raise_if_unreadable(error)
+                self.failed(failure_gist(error, layout_of(launch)), error)
+                continue
+            finally:
+                watcher.stop()
+            step = self.store.latest() or 0
+            if step >= self.config.train.steps:
+                return
+            reason = ray.get(coordinator.stop_reason.remote())
+            if reason is None:  # ended early, unasked: a failure, so that it cannot loop
+                self.failed(f"the worker group ended at step {step}, before train.steps")
+                continue
+            self.console.bar.write(f"stopped at step {step}: {reason}; relaunching")
+            self.tracking.record_event(self.run_id, "stop", step, f"at step {step}: {reason}")
+
+    def next_launch(self) -> RaytronConfig | None:
+        """The config of the next worker group; None after a failure to find room."""
+        if not self.elastic:
+            return self.config
+        f = self.config.faults
+        dp = self.sizing.largest_placeable(f.schedule_timeout_s)
+        if dp is None:
+            self.failed(f"no room for dp={f.min_dp} (faults.min_dp) or more with pp="
+                        f"{self.sizing.pp}, tp={self.sizing.tp} within "
+                        f"faults.schedule_timeout_s={f.schedule_timeout_s:g}")
+            return None
+        if self.dp is not None and dp != self.dp:
+            step = self.store.latest() or 0
+            text = f"dp {self.dp} -> {dp} at step {step} (pp={self.sizing.pp}, tp={self.sizing.tp})"
+            self.console.bar.write(f"resizing: {text}")
+            self.tracking.record_event(self.run_id, "resize", step, text)
+        self.dp = dp
+        return with_dp(self.config, dp)
+
+    def failed(self, gist: str, error: BaseException | None = None) -> None:
+        """Count a failure: give up past faults.max_restarts, else back off."""
+        f = self.config.faults
+        step = self.store.latest() or 0
+        what = f"{gist} (last committed checkpoint: step {step})"
+        self.failures.append(f"failure {len(self.failures) + 1}: {what}")
+        self.tracking.record_failure(self.run_id, len(self.failures), step, what)
+        if len(self.failures) > f.max_restarts:
+            raise RunFailed(f"the worker group failed {len(self.failures)} times, more than "
+                            f"faults.max_restarts={f.max_restarts}:\n  "
+                            + "\n  ".join(self.failures)) from error
+        backoff = min(60.0, f.restart_backoff_s * 2 ** (len(self.failures) - 1))
+        self.console.bar.write(f"{self.failures[-1]}\nrestarting from step {step} in "
+                               f"{backoff:g} s ({len(self.failures)}/{f.max_restarts})")
+        time.sleep(backoff)
+
+
+def with_dp(config: RaytronConfig, dp: int) -> RaytronConfig:
+    """An elastic run's config at one size."""
+    p = config.parallel
+    return dataclasses.replace(
+        config, parallel=dataclasses.replace(p, dp=dp),
+        cluster=dataclasses.replace(config.cluster, workers=p.pp * dp * p.tp))
+
+
+def raise_if_unreadable(error: BaseException) -> None:
+    """No restart can help when the checkpoints cannot be loaded: end the run with why."""
+    for failure in rank_failures(error).values():
+        if isinstance(failure, CheckpointUnreadable):
+            raise failure from None

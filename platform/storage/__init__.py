@@ -1,0 +1,2 @@
+"""Storage and tracking: checkpoints (read without unpickling), the run directory and
+MLflow."""
