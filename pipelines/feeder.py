@@ -27,6 +27,7 @@ class DataFeeder:
         import ray.data
 
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset chatter
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "disabled"
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
@@ -42,8 +43,6 @@ class DataFeeder:
         self.next_step = 0  # the step the producer makes next
         self.generation = 0  # bumped by seek(); an older producer thread stops
         self.error: BaseException | None = None
-        self.skipped: dict[str, int] = {}
-        self.taken: list[int] = [0] * len(spec.sources)
         self.produced_tokens = 0
         self.busy_seconds = 0.0
         self.validation_set: np.ndarray | None = None
@@ -63,7 +62,7 @@ class DataFeeder:
 
     def produce(self, generation: int, step: int, cursor: dict) -> None:
         try:
-            reader = MixtureReader(self.spec, self.seq_len, cursor, self.skipped)
+            reader = MixtureReader(self.spec, self.seq_len, cursor)
         except BaseException as error:
             self.fail(generation, error)
             return
@@ -85,7 +84,6 @@ class DataFeeder:
                     self.busy_seconds += time.perf_counter() - started
                     self.produced_tokens += batch.size
                     self.ready[step] = (start, batch)
-                    self.taken = list(reader.taken)
                     self.next_step = step + 1
                     self.condition.notify_all()
                 step += 1
@@ -147,7 +145,7 @@ class DataFeeder:
         for index, source in enumerate(sources):
             wanted = round(self.val_sequences * source.weight / total)
             docs = token_docs(self.spec, source, index, Cursor(), ALL if separate else VALIDATION,
-                              {}, epochs=1)
+                              epochs=1)
             packer = Packer(docs, self.seq_len)
             try:
                 for _ in range(wanted):
@@ -161,12 +159,18 @@ class DataFeeder:
         return np.stack(sequences[: self.val_sequences])
 
     def stats(self) -> dict[str, float]:
-        """Skipped records by reason and the pipeline's throughput, for logs and MLflow."""
+        """Skipped records by reason, each source's share and the pipeline's throughput, up
+        to the last step a worker asked for (the counts a checkpoint there stores)."""
         with self.condition:
+            steps = [s for s in self.ready if s <= self.wanted]
+            cursor = self.ready[max(steps)][0] if steps else {}
             rate = self.produced_tokens / self.busy_seconds if self.busy_seconds else 0.0
-            stats = {f"data/skipped_{reason}": count for reason, count in self.skipped.items()}
-            total = sum(self.taken) or 1
-            for index, taken in enumerate(self.taken):
-                stats[f"data/source{index}_share"] = taken / total
-            stats["data/pipeline_tokens_per_s"] = rate
-            return stats
+        stats: dict[str, float] = {}
+        for counts in cursor.get("skipped", []):
+            for reason, count in counts.items():
+                stats[f"data/skipped_{reason}"] = stats.get(f"data/skipped_{reason}", 0) + count
+        taken = cursor.get("taken", [])
+        for index, count in enumerate(taken):
+            stats[f"data/source{index}_share"] = count / (sum(taken) or 1)
+        stats["data/pipeline_tokens_per_s"] = rate
+        return stats

@@ -29,10 +29,13 @@ def choose_source(weights: list[float], taken: list[int], active: list[bool]) ->
 
 
 class MixtureReader:
-    def __init__(self, spec: StreamSpec, seq_len: int, cursor: dict, skipped: dict[str, int]):
+    """The blended sequences of every source, from a cursor (a checkpoint's, or {})."""
+
+    def __init__(self, spec: StreamSpec, seq_len: int, cursor: dict):
         count = len(spec.sources)
         positions = cursor.get("sources") or [{}] * count
         self.taken = list(cursor.get("taken") or [0] * count)
+        self.skipped = [dict(s) for s in cursor.get("skipped") or [{}] * count]
         self.weights = spec.weights()
         self.streams, self.packers = [], []
         for index, (source, position) in enumerate(zip(spec.sources, positions, strict=True)):
@@ -41,12 +44,14 @@ class MixtureReader:
                 self.packers.append(None)
                 continue
             start = Cursor(**position)
-            docs = token_docs(spec, source, index, start, spec.training_keeps, skipped)
+            docs = token_docs(spec, source, index, start, spec.training_keeps)
             self.streams.append(docs)
-            self.packers.append(Packer(docs, seq_len, first_offset=start.offset))
+            self.packers.append(Packer(docs, seq_len, first_offset=start.offset,
+                                       skipped=self.skipped[index], resumed=bool(position)))
 
     def cursor(self) -> dict:
-        """Where the next sequence of every source begins, and the counts so far."""
+        """Where the next sequence of every source begins, the sequences taken from each,
+        and the records each skipped before it (by reason)."""
         positions = []
         for index, packer in enumerate(self.packers):
             try:
@@ -54,7 +59,10 @@ class MixtureReader:
             except StopIteration:
                 self.retire(index)
                 positions.append(None)
-        return {"sources": positions, "taken": list(self.taken)}
+            if self.packers[index] is not None:
+                self.skipped[index] = dict(self.packers[index].skipped)
+        return {"sources": positions, "taken": list(self.taken),
+                "skipped": [dict(s) for s in self.skipped]}
 
     def next_sequence(self) -> np.ndarray:
         while any(self.packers):
@@ -73,6 +81,7 @@ class MixtureReader:
         )
 
     def retire(self, index: int) -> None:
+        self.skipped[index] = dict(self.packers[index].skipped)
         self.streams[index].close()
         self.streams[index] = self.packers[index] = None
 

@@ -101,11 +101,19 @@ def read_files(batch: dict, files: list[CorpusFile], keep: str, val_share: float
 
 
 class Tokenize:
-    """Ray Data actor UDF: loads the tokenizer once, then encodes batches of documents."""
+    """Ray Data actor UDF: loads the tokenizer once, then encodes batches of documents.
 
-    def __init__(self, tokenizer_json: str, eos: int, bos: int | None):
+    The pipeline passes the tokenizer's JSON as a list holding an object reference to it:
+    a large constructor argument would otherwise sit in the object store, which Ray warns
+    about for actors that restart (a pool's do)."""
+
+    def __init__(self, tokenizer_json: str | list, eos: int, bos: int | None):
         from tokenizers import Tokenizer
 
+        if isinstance(tokenizer_json, list):
+            import ray
+
+            tokenizer_json = ray.get(tokenizer_json[0])
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.eos = eos
         self.bos = [] if bos is None else [bos]
@@ -152,28 +160,29 @@ def stream_dataset(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cur
                      fn_kwargs={"files": source.files, "keep": keep,
                                 "val_share": spec.val_share})
         .map_batches(Tokenize, batch_size=None, batch_format="pyarrow",
-                     fn_constructor_args=(spec.tokenizer_json, spec.eos, spec.bos),
+                     fn_constructor_args=([ray.put(spec.tokenizer_json)], spec.eos, spec.bos),
                      compute=ray.data.ActorPoolStrategy(size=spec.tokenizer_workers))
     )
 
 
 def token_docs(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cursor, keep: str,
-               skipped: dict[str, int], epochs: int | None = None) -> Iterator[TokenDoc]:
+               epochs: int | None = None) -> Iterator[TokenDoc]:
     """Documents of one source from `cursor` on, epoch after epoch, until the source's
     epoch limit or `epochs` more, shuffled within `spec.shuffle_window` documents when
-    training; skipped records add to `skipped` by reason."""
-    docs = ordered_docs(spec, source, index, cursor, keep, skipped, epochs)
+    training; each carries the records skipped since the document before it."""
+    docs = ordered_docs(spec, source, index, cursor, keep, epochs)
     if spec.shuffle_window > 1 and keep != VALIDATION:
         return shuffled(docs, spec.shuffle_window, spec.seed, index, cursor)
     return docs
 
 
 def ordered_docs(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cursor, keep: str,
-                 skipped: dict[str, int], epochs: int | None) -> Iterator[TokenDoc]:
+                 epochs: int | None) -> Iterator[TokenDoc]:
     """Documents in file order (see `token_docs`)."""
     limits = [n for n in (source.epochs, None if epochs is None else cursor.epoch + epochs)
               if n is not None]
     end = min(limits) if limits else None
+    skipped: dict[str, int] = {}
     while end is None or cursor.epoch < end:
         span = epochs_per_dataset(source)
         if end is not None:
@@ -193,7 +202,9 @@ def ordered_docs(spec: StreamSpec, source: SourceSpec, index: int, cursor: Curso
                     skipped[reason] = skipped.get(reason, 0) + 1
                     continue
                 found = True
-                yield TokenDoc(epoch, position, doc, values[offsets[row] : offsets[row + 1]])
+                yield TokenDoc(epoch, position, doc, values[offsets[row] : offsets[row + 1]],
+                               skipped=skipped)
+                skipped = {}
         if not found and (cursor.file, cursor.doc) == (0, 0):
             if keep == VALIDATION:
                 return

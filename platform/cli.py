@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from raytron.platform.config.load import load_config, preset_names, to_yaml
-from raytron.platform.config.redact import RedactingStream
 from raytron.platform.config.schema import ConfigError, RaytronConfig
+from raytron.platform.control.console import ConsoleStream
 
 EXIT_CONFIG_ERROR = 2
 
@@ -162,10 +162,10 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The `raytron` command. Whatever it prints has credentials in URIs redacted."""
+    """The `raytron` command. What it prints has credentials in URIs redacted."""
     args = build_parser().parse_args(argv)
     streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+    sys.stdout, sys.stderr = ConsoleStream(sys.stdout), ConsoleStream(sys.stderr)
     try:
         return run_command(args)
     except ConfigError as error:

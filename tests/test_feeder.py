@@ -96,6 +96,10 @@ def test_order_is_deterministic_sliced_by_replica_and_resumes_exactly(ray_sessio
         resumed = batches(ray, second, range(step, step + 4), dp=4 if step % 2 else 1)
         for want, got in zip(reference[step : step + 4], resumed, strict=True):
             np.testing.assert_array_equal(want, got)
+        # the same place, blend and skipped-record counts: none counted twice
+        assert ray.get(second.cursor.remote(step + 4)) == cursors[step + 4]
+    skipped = [sum(sum(c.values()) for c in cursors[s]["skipped"]) for s in steps]
+    assert skipped == sorted(skipped) and skipped[-1] > skipped[0]
 
     stats = ray.get(first.stats.remote())
     for reason in ("empty", "malformed_json", "missing_field", "invalid_utf8"):
@@ -110,10 +114,10 @@ def test_order_is_deterministic_sliced_by_replica_and_resumes_exactly(ray_sessio
 
 def test_validation_documents_never_reach_training(ray_session, spec):
     for index, source in enumerate(spec.sources):
-        train = {(d.file, d.doc) for d in token_docs(spec, source, index, Cursor(), TRAIN, {},
+        train = {(d.file, d.doc) for d in token_docs(spec, source, index, Cursor(), TRAIN,
                                                      epochs=1)}
         held_out = {(d.file, d.doc) for d in token_docs(spec, source, index, Cursor(),
-                                                        VALIDATION, {}, epochs=1)}
+                                                        VALIDATION, epochs=1)}
         assert held_out and train and not train & held_out
         assert len(train) + len(held_out) == sum(1 for _ in local_texts(source, ALL, 0.0))
 
@@ -143,7 +147,7 @@ def test_an_epoch_limit_retires_a_source_and_the_end_is_a_clear_error(ray_sessio
     feeder = new_feeder(ray, limited)
     ray.get(feeder.seek.remote(0, {}))
     one_epoch = sum(len(d.tokens) for d in token_docs(limited, limited.sources[0], 0, Cursor(),
-                                                      TRAIN, {}, epochs=1))
+                                                      TRAIN, epochs=1))
     steps = math.ceil(4 * one_epoch / (GLOBAL_BATCH * SEQ_LEN)) + 2  # past source 0's end
     batches(ray, feeder, range(steps))
     final = ray.get(feeder.cursor.remote(steps))
@@ -154,7 +158,7 @@ def test_an_epoch_limit_retires_a_source_and_the_end_is_a_clear_error(ray_sessio
                          f"data.validation_sources=[{{path: {topic}}}]")
     assert separate.training_keeps == ALL  # with separate validation, nothing is held out
     held_out = ray.get(new_feeder(ray, separate, val_sequences=4).validation.remote(0, 1))
-    topic_tokens = next(token_docs(separate, separate.validation[0], 0, Cursor(), ALL, {})).tokens
+    topic_tokens = next(token_docs(separate, separate.validation[0], 0, Cursor(), ALL)).tokens
     np.testing.assert_array_equal(held_out[0], topic_tokens[: SEQ_LEN + 1])
 
     both_limited = make_spec(f"[{{path: {topic}, epochs: 1}}]")

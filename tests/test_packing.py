@@ -8,7 +8,9 @@ START = Cursor()
 
 
 def documents(start: Cursor = START, n_files=3, docs_per_file=4):
-    """Documents of varied lengths whose tokens encode their position."""
+    """Documents of varied lengths whose tokens encode their position, with 0-2 bad
+    records before each; a stream read from `start` does not see those before its first."""
+    first = True
     for epoch in range(start.epoch, 3):
         for file in range(n_files):
             for doc in range(docs_per_file):
@@ -16,7 +18,9 @@ def documents(start: Cursor = START, n_files=3, docs_per_file=4):
                     continue
                 length = 1 + (7 * file + 5 * doc + epoch) % 23
                 tokens = np.arange(length, dtype=np.int32) + 1000 * (epoch * 100 + file * 10 + doc)
-                yield TokenDoc(epoch, file, doc, tokens)
+                bad = 0 if first else (epoch + file + 2 * doc) % 3
+                yield TokenDoc(epoch, file, doc, tokens, skipped={"bad": bad} if bad else {})
+                first = False
 
 
 def test_sequences_overlap_by_one_token_and_cover_the_stream():
@@ -63,3 +67,29 @@ def test_a_shuffle_window_permutes_documents_and_resumes_exactly():
         resumed = stream(cursors[index])
         for want in expected[index:]:
             np.testing.assert_array_equal(resumed.next_sequence(), want)
+
+
+def test_skipped_records_are_counted_once_across_any_resume():
+    """The count a cursor carries covers exactly the records before it: resumed there, a
+    packer counts each later bad record once, with or without a shuffle window."""
+    for window in (0, 5):
+        def stream(cursor: Cursor, counted: dict | None = None) -> Packer:
+            docs = documents(cursor)
+            if window:
+                docs = shuffled(docs, window, 7, 0, cursor)
+            return Packer(docs, seq_len=8, first_offset=cursor.offset, skipped=counted,
+                          resumed=counted is not None)
+
+        reference = stream(START)
+        cursors, counts = [], []
+        for _ in range(30):
+            cursors.append(reference.cursor())
+            counts.append(dict(reference.skipped))
+            reference.next_sequence()
+        assert counts[-1]["bad"] > counts[1]["bad"] > 0
+        for index in range(1, 30):
+            resumed = stream(cursors[index], counts[index])
+            for later in range(index, 30):
+                assert resumed.cursor() == cursors[later]
+                assert resumed.skipped == counts[later], (window, index, later)
+                resumed.next_sequence()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, TextIO
+from typing import Any
 
 MASK = "***"
 URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
@@ -48,17 +48,3 @@ def redacted(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: redacted(item) for key, item in value.items()}
     return value
-
-
-class RedactingStream:
-    """A text stream that redacts what is written to it: the console of `raytron`."""
-
-    def __init__(self, stream: TextIO):
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        self.stream.write(redact_text(text))
-        return len(text)
-
-    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding, ...
-        return getattr(self.stream, name)

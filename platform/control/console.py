@@ -1,10 +1,40 @@
-"""What a person watching a run sees: a progress bar and one readable line per log step."""
+"""What a person watching a run sees: a progress bar, one readable line per log step, and
+nothing that would leak a credential or mean nothing to them."""
 
 from __future__ import annotations
 
 import math
+from typing import Any, TextIO
 
 from tqdm import tqdm
+
+from raytron.platform.config.redact import redact_text
+
+# Lines of Ray's own (C++ and library) logging, forwarded from its workers, that say
+# nothing a raytron user can act on.
+RAY_NOISE = ("has constructor arguments in the object store",  # actors of Ray Train/Data
+             "Progress bars disabled. To enable")  # Ray Data, as raytron asks it to
+
+
+class ConsoleStream:
+    """The `raytron` command's stdout and stderr: credentials in URIs redacted, Ray's
+    noise dropped (a dropped line's newline too, which `print` writes separately)."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.dropped = False
+
+    def write(self, text: str) -> int:
+        if any(noise in text for noise in RAY_NOISE):
+            self.dropped = True
+            return len(text)
+        if not (self.dropped and text == "\n"):
+            self.stream.write(redact_text(text))
+        self.dropped = False
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding, ...
+        return getattr(self.stream, name)
 
 
 def format_step(step: int, total: int, m: dict[str, float]) -> str:
