@@ -38,7 +38,7 @@ def eos_id(tokenizer: Tokenizer) -> int:
             return token_id
     raise ValueError(
         f"the tokenizer has none of the end-of-document tokens {EOS}, </s>, "
-        "<|end_of_text|>, <eos>; add one as a special token"
+        "<|end_of_text|>, <eos>. Fix: add one as a special token, or use another tokenizer"
     )
 
 

@@ -137,6 +137,40 @@ def test_wrong_layouts_are_refused_before_ray(capsys, args, expected):
     assert not ray.is_initialized()
 
 
+def test_the_worker_count_follows_the_layout_unless_given(capsys):
+    assert load_config("tiny", ["parallel.dp=2"]).cluster.workers == 2
+    assert load_config("tiny", ["parallel.pp=2", "parallel.tp=2", "parallel.dp=2",
+                                "model.tie_embeddings=false"]).cluster.workers == 8
+    assert main(["config", "tiny", "parallel.dp=2", "cluster.workers=3"]) == EXIT_CONFIG_ERROR
+    assert "differs from cluster.workers=3" in capsys.readouterr().err
+
+
+def test_plain_paths_are_sources_with_default_settings(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("text")
+    (tmp_path / "more.jsonl").write_text('{"text": "more"}')
+    config = load_config("tiny", [
+        f"data.sources=[{tmp_path / 'corpus'}, {tmp_path / 'more.jsonl'}]",
+        f"data.validation_sources={tmp_path / 'more.jsonl'}"])
+    validate(config)
+    assert [s.path for s in config.data.sources] == [str(tmp_path / "corpus"),
+                                                     str(tmp_path / "more.jsonl")]
+    assert config.data.sources[1].weight == 1.0 and config.data.sources[1].format == "auto"
+    assert [s.path for s in config.data.validation_sources] == [str(tmp_path / "more.jsonl")]
+
+
+def test_a_pipeline_gets_a_micro_batch_that_suits_its_schedule(capsys):
+    """1f1b with pp=2 needs two micro-batches per replica: tiny's 8 sequences per replica
+    at dp=2 give one of 8, so the preset's micro-batch is lowered to 4; a micro-batch the
+    user gave is kept, and its error names the value that works."""
+    layout = ["parallel.pp=2", "parallel.dp=2", "model.tie_embeddings=false"]
+    assert load_config("tiny", layout).train.micro_batch == 4
+    assert load_config("tiny", ["parallel.pp=2", "model.tie_embeddings=false"]
+                       ).train.micro_batch == 8
+    assert main(["config", "tiny", *layout, "train.micro_batch=8"]) == EXIT_CONFIG_ERROR
+    assert "got 1. Fix: set train.micro_batch=4" in capsys.readouterr().err
+
+
 def test_dp_auto_takes_every_worker(capsys):
     assert main(["config", "tiny", "parallel.dp=auto", "cluster.workers=4",
                  "train.global_batch=32"]) == 0

@@ -64,3 +64,35 @@ def test_failures_are_summarized_per_rank_with_coordinates():
     assert gist == ("rank 0 (pp=0, dp=0, tp=0): RuntimeError: Connection closed by peer "
                     "[127.0.0.1]:1234; rank 3 (pp=0, dp=1, tp=1): A worker health check failed.")
     assert failure_gist(ValueError("boom\nlast words"), Layout()) == "ValueError: boom"
+
+
+WATCHED = """
+import sys, time
+from raytron.platform.worker.faults import Watchdog
+watchdog = Watchdog(0.5, "rank 0")
+watchdog.beat()
+if sys.argv[1] == "busy":
+    with watchdog.busy("was saving a checkpoint", 5.0, "faults.checkpoint_timeout_s"):
+        time.sleep(1.5)
+else:
+    time.sleep(1.5)
+watchdog.stop()
+print("thread alive:", watchdog.thread.is_alive())
+"""
+
+
+@pytest.mark.parametrize("phase", ["busy", "idle"])
+def test_the_watchdog_gives_saves_their_own_budget_and_stops_with_the_loop(phase):
+    """1.5 s without a step kills a rank with faults.hang_timeout_s=0.5, unless it is
+    saving a checkpoint with its own budget of 5 s; `stop` ends the watchdog's thread."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", WATCHED, phase], capture_output=True,
+                            text=True, timeout=60)
+    if phase == "busy":
+        assert result.returncode == 0, result.stderr
+        assert "thread alive: False" in result.stdout
+    else:
+        assert result.returncode == -9
+        assert "rank 0 made no progress for" in result.stderr

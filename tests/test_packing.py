@@ -73,7 +73,7 @@ def test_skipped_records_are_counted_once_across_any_resume():
     """The count a cursor carries covers exactly the records before it: resumed there, a
     packer counts each later bad record once, with or without a shuffle window."""
     for window in (0, 5):
-        def stream(cursor: Cursor, counted: dict | None = None) -> Packer:
+        def stream(cursor: Cursor, counted: dict | None = None, window: int = window) -> Packer:
             docs = documents(cursor)
             if window:
                 docs = shuffled(docs, window, 7, 0, cursor)

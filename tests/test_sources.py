@@ -113,8 +113,9 @@ def test_parquet_and_compressed_files_read_like_their_plain_equivalents(tmp_path
     plain = tmp_path / "docs.jsonl"
     plain.write_text("\n".join(json.dumps({"body": t}) for t in texts))
     (tmp_path / "docs.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes()))
-    with pa.CompressedOutputStream(str(tmp_path / "docs.jsonl.zst"), "zstd") as stream:
-        stream.write(plain.read_bytes())
+    for suffix in ("zst", "zstd"):
+        with pa.CompressedOutputStream(str(tmp_path / f"docs.jsonl.{suffix}"), "zstd") as stream:
+            stream.write(plain.read_bytes())
     (tmp_path / "book.txt").write_text("\n\n".join(texts))
     (tmp_path / "book.txt.gz").write_bytes(gzip.compress((tmp_path / "book.txt").read_bytes()))
     pq.write_table(pa.table({"body": texts + [None], "n": list(range(21))}),
@@ -126,6 +127,7 @@ def test_parquet_and_compressed_files_read_like_their_plain_equivalents(tmp_path
     assert read("docs.jsonl", text_field="body") == texts
     assert read("docs.jsonl.gz", text_field="body") == texts
     assert read("docs.jsonl.zst", text_field="body") == texts
+    assert read("docs.jsonl.zstd", text_field="body") == texts
     assert read("book.txt.gz", document="paragraph") == read("book.txt", document="paragraph")
     assert read("book.txt", document="paragraph") == [t.strip() for t in texts]
     assert read("docs.parquet", text_field="body") == texts + [None]

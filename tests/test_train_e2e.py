@@ -1,12 +1,17 @@
 """`raytron train` end to end on Ray: it learns, commits checkpoints, tracks in MLflow; a
 run killed after a checkpoint resumes with exactly the losses of an uninterrupted run, and
-so do runs that survive failure drills, resize with their cluster and are preempted."""
+so do runs that survive failure drills, resize with their cluster and are preempted. A
+resumed run applies a new schedule, refuses a new source list, never starts over when its
+checkpoints cannot be read, and keeps credentials out of everything it writes."""
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -86,9 +91,16 @@ def test_the_run_learns_checkpoints_and_is_tracked(root, whole):
     assert committed == ["step_00000018", "step_00000024"]  # keep_last=2
 
 
-def test_a_killed_run_resumes_with_the_uninterrupted_losses(root, whole):
+@pytest.fixture(scope="module")
+def killed(root, whole) -> str:
+    """A run killed after its first checkpoint, then run again to the end; the output of
+    the second run."""
     run_and_kill_after_first_checkpoint(root, "killed")
-    resumed_output = run_to_end(root, "killed")
+    return run_to_end(root, "killed")
+
+
+def test_a_killed_run_resumes_with_the_uninterrupted_losses(root, killed):
+    resumed_output = killed
     resumed_from = int(resumed_output.split("Resuming from step ")[1].split()[0])
     assert resumed_from in (6, 12, 18)
     _, _, whole = loss_history(root, "whole")
@@ -140,10 +152,18 @@ def test_failures_in_a_four_worker_run_restart_it_and_change_nothing(root, whole
         assert text in status.stdout, status.stdout
 
 
-def test_too_many_failures_fail_the_run_and_keep_the_checkpoint(root, whole):
-    limited = command(root, "limited", ("faults.max_restarts=0",
-                                        "faults.inject=[kill rank 0 at step 8]"))
-    result = subprocess.run(limited, capture_output=True, text=True, timeout=600, cwd=root)
+LIMITED = ("faults.max_restarts=0", "faults.inject=[kill rank 0 at step 8]")
+
+
+@pytest.fixture(scope="module")
+def limited(root) -> subprocess.CompletedProcess:
+    """A run that fails once with no restart allowed, its checkpoint at step 6 left."""
+    return subprocess.run(command(root, "limited", LIMITED), capture_output=True, text=True,
+                          timeout=600, cwd=root)
+
+
+def test_too_many_failures_fail_the_run_and_keep_the_checkpoint(root, limited):
+    result = limited
     assert result.returncode == 1, result.stdout[-2000:]
     assert "failed 1 times, more than faults.max_restarts=0" in result.stdout
     assert "last committed checkpoint: step 6" in result.stdout
@@ -151,6 +171,108 @@ def test_too_many_failures_fail_the_run_and_keep_the_checkpoint(root, whole):
     trainer = Trainer(config, Layout(), torch.device("cpu"), None)
     store = CheckpointStore(config.checkpoint.dir, config.checkpoint.keep_last)
     assert store.load_latest(trainer.parts, trainer.optimizers).step == 6
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_when_no_checkpoint_loads_the_run_fails_and_changes_nothing(root, limited):
+    """Every shard of the committed checkpoint damaged: exit 1 naming it and why, no
+    restart, no fresh start at step 0, nothing pruned or overwritten."""
+    checkpoints = root / "limited" / "checkpoints"
+    for shard in checkpoints.glob("step_*/*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:64])
+    before = snapshot(checkpoints)
+    result = subprocess.run(command(root, "limited", LIMITED), capture_output=True, text=True,
+                            timeout=600, cwd=root)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Cannot resume run 'limited': none of the 1 committed checkpoint(s)" in result.stdout
+    assert "step 6: " in result.stdout and "Nothing was deleted or overwritten" in result.stdout
+    assert "restarting" not in result.stdout and "step  1/24" not in result.stdout
+    assert snapshot(checkpoints) == before
+
+
+def test_a_changed_source_list_is_refused_before_anything_starts(root, whole, tmp_path):
+    """Resuming with a second source would change every batch from the checkpoint on."""
+    more = tmp_path / "more.jsonl"
+    more.write_text('{"text": "more text"}\n')
+    before = snapshot(root / "whole" / "checkpoints")
+    result = subprocess.run(command(root, "whole", (
+        f"data.sources=[embedded:python-reference, {more}]", "train.steps=30")),
+        capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"data.sources.1.path: None -> '{more}'" in result.stderr
+    assert "cannot resume from its checkpoint at step 24" in result.stderr
+    assert "run.name=whole-2" in result.stderr and "Traceback" not in result.stderr
+    assert "Ray" not in result.stdout + result.stderr  # refused before Ray started
+    assert snapshot(root / "whole" / "checkpoints") == before
+
+
+SECRET = "s3cret-pw-123"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """An MLflow tracking server with basic auth on 127.0.0.1: only the credentials in the
+    tracking URI get in. Yields its URI with the credentials."""
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": SECRET,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only"}
+    server = subprocess.Popen(
+        [shutil.which("mlflow") or "mlflow", "server", "--app-name", "basic-auth",
+         "--backend-store-uri", f"sqlite:///{folder / 'store.db'}", "--artifacts-destination",
+         str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None, "the MLflow server did not start"
+            time.sleep(1)
+    yield f"http://admin:{SECRET}@127.0.0.1:{port}"
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=60)
+
+
+def test_a_resume_applies_a_new_schedule_and_keeps_credentials_out(root, killed,
+                                                                    mlflow_server):
+    """The finished `killed` run goes on to step 30 with a new learning rate and schedule,
+    tracked on a server that needs the password in its URI: the lr logged after the
+    resume follows the new schedule, and the password is used but never written."""
+    from mlflow import MlflowClient
+
+    from raytron.platform.config.schema import TrainConfig
+    from raytron.platform.worker.optim import lr_at
+
+    output = run_to_end(root, "killed", ("train.steps=30", "train.lr=2e-3",
+                                         "train.min_lr=1e-4", "train.warmup_steps=2",
+                                         f"tracking.uri={mlflow_server}"))
+    assert SECRET not in output
+    assert "applied from the resumed step on: train.lr: 0.003 -> 0.002" in output
+    assert "Resuming from step 24" in output and "admin:***@127.0.0.1" in output
+    client = MlflowClient(mlflow_server)
+    run_id = (root / "killed" / "mlflow_run_id").read_text().strip()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    new = TrainConfig(lr=2e-3, min_lr=1e-4, warmup_steps=2, steps=30)
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "lr")}
+    assert sorted(logged) == list(range(25, 31))
+    for step, value in logged.items():  # logged after `step` steps: the next step's rate
+        assert value == pytest.approx(lr_at(step, new), rel=1e-6), step
+    assert run.data.params["tracking.uri"].startswith("http://admin:***@127.0.0.1")
+    assert not [k for k, v in run.data.params.items() if SECRET in v]
+    assert not [k for k, v in run.data.tags.items() if SECRET in v]
+    artifact = Path(client.download_artifacts(run_id, "config.yaml", str(root)))
+    for saved in (artifact, root / "killed" / "config.yaml"):
+        assert SECRET not in saved.read_text() and "admin:***@" in saved.read_text()
 
 
 def drain(cluster, node) -> None:

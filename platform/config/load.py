@@ -25,7 +25,8 @@ from raytron.platform.config.resolve import with_derived_defaults
 from raytron.platform.config.schema import ConfigError, RaytronConfig
 
 DEFAULT_PRESET = "tiny"
-SOURCE_LIST = re.compile(r"^data\.(validation_)?sources(\.\d+)?$")
+SOURCE_LIST = re.compile(r"^data\.(validation_)?sources$")
+SOURCE_ITEM = re.compile(r"^data\.(validation_)?sources\.\d+$")
 
 
 def preset_dirs() -> list[Path]:
@@ -102,9 +103,12 @@ def load_config(name_or_path: str | None = None,
 
 
 def with_source_dicts(key: str, value: Any) -> Any:
-    """`data.sources=[corpus/, more.jsonl]`: a plain path is a source with default settings."""
-    if SOURCE_LIST.match(key) and isinstance(value, str):
+    """`data.sources=[corpus/, more.jsonl]`: a plain path is a source with default settings
+    (and `data.sources=corpus/` a list of that one source)."""
+    if SOURCE_ITEM.match(key) and isinstance(value, str):
         return {"path": value}
+    if SOURCE_LIST.match(key) and isinstance(value, str):
+        return [{"path": value}]
     if SOURCE_LIST.match(key) and isinstance(value, list):
         return [{"path": item} if isinstance(item, str) else item for item in value]
     if isinstance(value, dict):
@@ -125,8 +129,9 @@ def describe_load_error(error: Exception, where: str) -> str:
     if not isinstance(error, OmegaConfBaseException):
         return f"cannot read the config{f' ({where})' if where else ''}: {error}. Fix: " \
                "write a YAML mapping of sections, as `raytron config` prints."
-    key = getattr(error, "full_key", None) or "?"
+    key = re.sub(r"\[(\d+)\]", r".\1", getattr(error, "full_key", None) or "?")
     where = f" ({where})" if where else ""
+    message = (getattr(error, "msg", None) or str(error)).strip().splitlines()[0]
     if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
         section = key.rsplit(".", 1)[0] if "." in key else ""
         known = known_keys(section)
@@ -135,8 +140,8 @@ def describe_load_error(error: Exception, where: str) -> str:
             "(`raytron config` prints them all)."
         )
     if isinstance(error, ValidationError):
-        return f"{key}: {error.msg}{where}. Fix: give a value of the type `raytron config` shows."
-    return f"{key}: {getattr(error, 'msg', str(error))}{where}. Fix: correct the value of {key}."
+        return f"{key}: {message}{where}. Fix: give a value of the type `raytron config` shows."
+    return f"{key}: {message}{where}. Fix: correct the value of {key}."
 
 
 def known_keys(section: str) -> list[str]:

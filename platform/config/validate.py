@@ -478,7 +478,28 @@ def data_problems(config: RaytronConfig, check_paths: bool) -> list[str]:
             f"data.tokenizer='{d.tokenizer}' is not a file. Fix: give the path of a "
             "tokenizer.json, or leave it unset to train one on the corpus."
         )
+    elif d.tokenizer is not None:
+        problems += tokenizer_file_problems(d.tokenizer, d.bos)
     return problems
+
+
+def tokenizer_file_problems(path: str, bos: bool) -> list[str]:
+    """A given tokenizer must load, end documents with an EOS, and have a BOS if asked."""
+    from raytron.pipelines.tokenizer import bos_id, eos_id, load
+
+    try:
+        tokenizer = load(path)
+    except Exception as error:  # tokenizers raises its own exception type
+        return [f"data.tokenizer='{path}' is not a Hugging Face tokenizer.json ({error}). "
+                "Fix: give a tokenizer.json (`raytron tokenizer train` writes one), or leave "
+                "it unset to train one on the corpus."]
+    try:
+        eos_id(tokenizer)
+        if bos:
+            bos_id(tokenizer)
+    except ValueError as error:
+        return [f"data.tokenizer='{path}': {str(error).rstrip('.')}."]
+    return []
 
 
 def is_file(path: str) -> bool:

@@ -1,0 +1,44 @@
+"""What may change when a run resumes: every key applied, refused or free."""
+
+from raytron.platform.config.load import flatten, load_config, to_dict
+from raytron.platform.config.resume import (
+    APPLIED,
+    REFUSED,
+    applied_changes,
+    kind_of,
+    resume_problems,
+)
+
+KEYS = flatten(to_dict(load_config("tiny")))
+
+
+def test_every_key_has_a_kind_and_the_issue_examples_are_right():
+    kinds = {key: kind_of(key) for key in KEYS}
+    assert set(kinds.values()) == {"applied", "refused", "free"}
+    for key in ("train.lr", "train.min_lr", "train.warmup_steps", "train.steps",
+                "train.weight_decay", "train.beta1", "train.beta2", "train.grad_clip"):
+        assert kinds[key] == "applied", key
+    for key in ("data.sources.0.path", "data.sources.0.weight", "train.seed",
+                "data.shuffle_window", "data.tokenizer", "data.vocab_size", "model.d_model",
+                "data.seq_len", "checkpoint.dir"):
+        assert kinds[key] == "refused", key
+    for key in ("parallel.pp", "parallel.dp", "parallel.tp", "parallel.schedule",
+                "cluster.workers", "train.micro_batch", "faults.max_restarts",
+                "checkpoint.keep_last"):
+        assert kinds[key] == "free", key
+    assert all(key in KEYS for key in APPLIED)
+    assert all(any(k == prefix or k.startswith(prefix) for k in KEYS) for prefix, _ in REFUSED)
+
+
+def test_a_changed_source_list_is_refused_with_both_values_and_the_fix():
+    saved = flatten(to_dict(load_config("tiny")))
+    current = flatten(to_dict(load_config("tiny", [
+        "data.sources=[embedded:python-reference, /data/more.jsonl]", "train.lr=1e-3",
+        "parallel.dp=2", "train.seed=7"])))
+    problems = resume_problems(saved, current, "tiny", 100)
+    assert len(problems) == 2
+    sources = next(p for p in problems if p.startswith("data.sources"))
+    assert "data.sources.1.path: None -> '/data/more.jsonl'" in sources
+    assert "at step 100" in sources and "Fix:" in sources and "run.name=tiny-2" in sources
+    assert any("train.seed: 1234 -> 7" in p for p in problems)
+    assert applied_changes(saved, current) == ["train.lr: 0.003 -> 0.001"]
