@@ -3,9 +3,9 @@
 import pytest
 
 from raytron.platform.cli import EXIT_CONFIG_ERROR, main
+from raytron.platform.config.drills import LAST_RANK, Injection, parse_injections
 from raytron.platform.control.capacity import Sizing
 from raytron.platform.control.ray_train import failure_gist
-from raytron.platform.worker.faults import LAST_RANK, Injection, parse_injections
 from raytron.platform.worker.layout import Layout
 
 

@@ -12,6 +12,7 @@ from raytron.platform.config.schema import ModelConfig, RaytronConfig
 
 AUTO = "auto"
 RECOMPUTE_NAMED = {"none": 0, "full": 1}  # train.activation_checkpointing, besides k >= 1
+PRECISIONS = ("auto", "bf16", "fp32")  # train.precision; auto: bf16 on GPUs, fp32 on CPUs
 
 
 def resolve_model(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:

@@ -19,9 +19,11 @@ from typing import Any
 from raytron.model.parallelize import DP_SHARD_MODES
 from raytron.model.pipeline import SCHEDULES
 from raytron.pipelines.sources import DOCUMENTS, FORMATS, SourceError, list_files
+from raytron.platform.config.drills import parse_injection, parse_injections
 from raytron.platform.config.load import flatten, to_dict
 from raytron.platform.config.resolve import (
     AUTO,
+    PRECISIONS,
     RECOMPUTE_NAMED,
     cluster_address,
     fitting_micro_batch,
@@ -30,8 +32,6 @@ from raytron.platform.config.resolve import (
     stage_count,
 )
 from raytron.platform.config.schema import ConfigError, RaytronConfig, SourceConfig
-from raytron.platform.worker.faults import parse_injection, parse_injections
-from raytron.platform.worker.hardware import PRECISIONS
 
 MAX_COUNT = 2**31 - 1  # any count: beyond it, no run is meant
 MAX_LAYERS = 4096  # a model beyond these sizes is a typo, and `raytron plan` would

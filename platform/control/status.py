@@ -89,4 +89,6 @@ def mlflow_lines(folder: Path, uri: str | None) -> list[str]:
     if events:
         lines.append("events")
         lines += [f"  {event}" for event in events]  # each starts with its time
+    if uri.startswith("sqlite:"):
+        lines.append(f"dashboard    mlflow ui --backend-store-uri {uri}")
     return lines

@@ -6,8 +6,6 @@ import time
 
 import torch
 
-PRECISIONS = ("auto", "bf16", "fp32")  # train.precision; auto: bf16 on GPUs, fp32 on CPUs
-
 # Dense bf16 peak FLOP/s by GPU name, from the vendors' data sheets (SXM parts).
 GPU_PEAK_BF16 = {
     "B200": 2.25e15,
@@ -28,7 +26,8 @@ def training_device(local_rank: int) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPUs (or when asked for), full fp32 otherwise."""
+    """`train.precision` (`config/resolve.PRECISIONS`): bf16 autocast on GPUs (or when
+    asked for), full fp32 otherwise."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
