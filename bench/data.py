@@ -1,6 +1,9 @@
 """Throughput of the data pipeline, and how long training waits for it.
 
-    python bench/data.py        # ~4 minutes on 2 cores; writes docs/benchmarks.md
+    python bench/data.py [CORPUS]   # ~4 minutes on 2 cores; writes docs/benchmarks.md
+
+CORPUS is a folder of text files; the default is the complete works of Shakespeare (39
+files, 4.6 MB) that this project's machines keep beside the repository.
 
 1. Tokens/s of the Ray Data pipeline (read -> tokenize in actors -> pack -> global
    batches, through the DataFeeder) on the Shakespeare corpus, over tokens/s of
@@ -76,7 +79,8 @@ def input_wait() -> tuple[float, float, float]:
 def main() -> None:
     import ray
 
-    config = load_config("tiny", [f"data.sources=[{{path: {CORPUS}}}]", "data.val_share=0"])
+    corpus = Path(sys.argv[1]) if len(sys.argv) > 1 else CORPUS
+    config = load_config("tiny", [f"data.sources=[{corpus}]", "data.val_share=0"])
     spec = stream_spec(config)
     texts = list(local_texts(spec.sources[0], ALL, 0.0))
     tokenizer = train_bpe(texts, 8192, show_progress=False)
@@ -87,17 +91,18 @@ def main() -> None:
              "1.00"]]
     for workers in (1, 2):
         spec_w = with_tokenizer(stream_spec(load_config("tiny", [
-            f"data.sources=[{{path: {CORPUS}}}]", "data.val_share=0",
+            f"data.sources=[{corpus}]", "data.val_share=0",
             f"data.tokenizer_workers={workers}"])), tokenizer)
         whole, steady = pipeline(spec_w, corpus_tokens)
         rows.append([f"raytron pipeline, {workers} tokenizer actor(s)", f"{steady:,.0f}",
                      f"{steady / reference:.2f}", f"{whole / reference:.2f}"])
     ray.shutdown()
     median_wait, worst_wait, step_time = input_wait()
+    megabytes = sum(len(t.encode()) for t in texts) / 1e6
     body = f"""## Data pipeline (`bench/data.py`)
 
-`python bench/data.py` on {machine()}. Corpus: `../shared/corpus/shakespeare` (39 files,
-4.6 MB, {corpus_tokens:,} tokens with an 8192-token BPE), one epoch, sequences of
+`python bench/data.py` on {machine()}. Corpus: `{corpus.name}/` ({len(texts)} files,
+{megabytes:.1f} MB, {corpus_tokens:,} tokens with an 8192-token BPE), one epoch, sequences of
 {SEQ_LEN}, global batches of {GLOBAL_BATCH}.
 
 {markdown_table(["reader", "tokens/s (after the first batch)", "ratio",

@@ -16,7 +16,8 @@ CONFIG is a YAML file or the name of a shipped preset ({presets}); the default i
 'tiny'. OVERRIDES are key=value pairs applied after it, e.g.
 
   train.steps=1000 train.lr=3e-4 model.n_layers=8 run.name=longer
-  data.sources='[{{path: ../corpus, format: text}}]'   (files, folders or globs)
+  data.sources='[corpus/, notes.jsonl]'   (files, folders, globs or URIs)
+  data.sources='[{{path: corpus/, document: paragraph, weight: 2}}]'
   data.sources.0.path=notes.jsonl data.sources.0.text_field=body
 
 `raytron config` prints every key with its current value."""
@@ -25,13 +26,24 @@ TRAIN_EPILOG = """\
 The run lives in <run.root>/<run.name> (default runs/<preset>): resolved config,
 tokenizer.json, checkpoints/ and the id of its MLflow run. Running the same command
 again resumes from its last committed checkpoint with the same data order, so the
-losses continue exactly as if the run had never stopped.
+losses continue exactly as if the run had never stopped. On resume, optimizer and
+schedule keys (train.lr, min_lr, warmup_steps, steps, weight_decay, beta1, beta2,
+grad_clip, global_batch) apply from the resumed step on; keys that decide the model or
+the data (model.*, data.seq_len, data.sources, train.seed, data.shuffle_window, the
+tokenizer...) are refused; the layout and everything else may change. A checkpoint that
+cannot be loaded is skipped for the one before; when none loads the run ends (exit 1)
+without touching them.
+
+cluster.workers follows the layout (pp * dp * tp) unless given. A pipeline's preset
+micro-batch is lowered to give its schedule enough micro-batches unless
+train.micro_batch is given.
 
 Ray: joins cluster.address or $RAY_ADDRESS when set (e.g. under `ray job submit`),
 otherwise starts a local Ray.
 
 Failures: the worker group restarts from the last committed checkpoint up to
-faults.max_restarts times; faults.hang_timeout_s fails a rank without progress;
+faults.max_restarts times; faults.hang_timeout_s fails a rank without progress
+(faults.checkpoint_timeout_s while it saves, faults.eval_timeout_s while it validates);
 faults.inject='[kill rank 1 at step 7]' runs a failure drill. Elastic: with
 parallel.dp=auto the run shrinks when capacity drops and grows back when it returns
 (faults.min_dp, faults.schedule_timeout_s, faults.capacity_check_s); a node Ray drains
@@ -41,8 +53,10 @@ checkpoints in the background. `raytron status RUN_DIR` shows where a run stands
 Tracking: tracking.uri or $MLFLOW_TRACKING_URI, otherwise
 a SQLite store at <run.root>/mlflow.db; view it with
   mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
+Credentials in URIs are used, and shown as user:***@ in everything raytron writes.
 
-Exit status: 0 finished (or already finished), 1 training failed, 2 invalid config."""
+Exit status: 0 finished (or already finished), 1 training failed or its checkpoints
+cannot be loaded, 2 invalid config (or a change a resumed run cannot take)."""
 
 
 PLAN_EPILOG = """\
