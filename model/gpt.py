@@ -120,11 +120,18 @@ class GPT(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(shape) for i in range(shape.n_layers)})
         self.norm: nn.RMSNorm | None = nn.RMSNorm(shape.d_model, eps=shape.norm_eps)
         self.output: nn.Linear | None = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
-        if shape.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.init_weights(seed)
+
+    def tie_weights(self) -> None:
+        """With `tie_embeddings` the head reads the embedding matrix. Whatever replaces the
+        parameters (materializing from the meta device, sharding) unties them: call this
+        again after it."""
+        if self.shape.tie_embeddings and self.tok_embeddings is not None \
+                and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
 
     def init_weights(self, seed: int) -> None:
         """Normal(0, init_std) for weights; the projections into the residual stream are

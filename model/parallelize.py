@@ -68,6 +68,7 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, options: ParallelOpti
             use_local_output=not options.loss_parallel,
         )
     parallelize_module(model, tp_mesh, top_plan)
+    model.tie_weights()  # both sharded along the vocabulary: one DTensor serves both
     for block in model.layers.values():
         plan = {
             "attention": PrepareModuleInput(input_layouts=(between, None, None),

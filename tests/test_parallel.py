@@ -69,3 +69,38 @@ def test_a_1x2x2_checkpoint_resumes_in_other_layouts(tmp_path, reference, resume
         resumed = run_single([], start=3, stop=6, checkpoints=checkpoints, resume=True)
     assert resumed["losses"] == pytest.approx(want["losses"][3:], rel=1e-5)
     assert resumed["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+
+
+TIED = ["model.tie_embeddings=true"]
+
+
+@pytest.fixture(scope="module")
+def tied_reference(reference):
+    result = run_single(TIED)
+    assert result["losses"][-1] != pytest.approx(reference[0]["losses"][-1], rel=1e-3)
+    return result
+
+
+@pytest.mark.parametrize("layout", [["parallel.dp=2"], ["parallel.tp=2"],
+                                    ["parallel.dp=2", "parallel.tp=2"]],
+                         ids=["dp2", "tp2", "dp2-tp2"])
+def test_tied_embeddings_stay_tied_in_every_layout(tied_reference, layout):
+    """One matrix for the embedding and the head, whatever shards it."""
+    assert_same_run(run_parallel(TIED + layout), tied_reference)
+
+
+def test_a_tied_model_trains_one_matrix():
+    import dataclasses
+
+    from raytron.platform.worker.layout import Layout
+    from raytron.platform.worker.trainer import Trainer
+
+    from parallel_harness import config
+
+    cfg = config(TIED)
+    part = Trainer(cfg, Layout(), torch.device("cpu"), None).parts[0]
+    assert part.output.weight is part.tok_embeddings.weight
+    untied = Trainer(dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, tie_embeddings=False)), Layout(), torch.device("cpu"), None).parts[0]
+    assert sum(p.numel() for p in untied.parameters()) - sum(
+        p.numel() for p in part.parameters()) == cfg.model.vocab_size * cfg.model.d_model

@@ -92,7 +92,8 @@ class Trainer:
                                     p.virtual_stages)
             parts = [cut_stage(whole, s, n_stages, ranges[s]) for s in stage_ids]
         for part in parts:
-            part.to_empty(device=self.device)
+            part.to_empty(device=self.device)  # one tensor per module: unties
+            part.tie_weights()
             part.init_weights(self.config.train.seed)
         return parts, stage_ids, n_stages
 
