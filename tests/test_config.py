@@ -73,6 +73,19 @@ def test_invalid_config_is_rejected_with_key_and_fix(capsys, args, expected):
     assert "Fix:" in err or "fix" in err
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("train: [1, 2\n", "while parsing a flow sequence"),
+    ("- a\n- b\n", "it holds a list, not a mapping"),
+    ("train:\n  lr: abc\n", "train.lr: Value 'abc'"),
+])
+def test_a_broken_yaml_file_is_a_config_error(tmp_path, capsys, text, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    assert main(["config", str(path)]) == EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert expected in err and "Fix:" in err
+
+
 def test_all_problems_are_reported_at_once():
     config = load_config("tiny", ["model.n_heads=3", "train.global_batch=20"])
     with pytest.raises(ConfigError) as error:
@@ -188,3 +201,10 @@ def test_tokenizer_train_command_writes_a_reusable_tokenizer(tmp_path, capsys):
     assert tokenizer.token_to_id(EOS) is not None and tokenizer.token_to_id(BOS) is not None
     assert f"data.tokenizer={output}" in capsys.readouterr().out
     assert main(["config", "tiny", f"data.tokenizer={output}"]) == 0
+
+
+@pytest.mark.parametrize("text", ["- x\n", "parallel: 3\n", "train: [1\n"])
+def test_status_of_a_directory_that_holds_no_run_config_is_an_error(tmp_path, capsys, text):
+    (tmp_path / "config.yaml").write_text(text)
+    assert main(["status", str(tmp_path)]) == EXIT_CONFIG_ERROR
+    assert "is not a raytron run's config" in capsys.readouterr().err

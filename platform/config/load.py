@@ -68,7 +68,10 @@ def load_config(name_or_path: str | None = None,
     tree.run.name = path.stem  # a file that names its run overrides this below
     explicit: set[str] = set()
     try:
-        from_file = with_source_dicts("", OmegaConf.to_container(OmegaConf.load(path)) or {})
+        from_file = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        if not isinstance(from_file, dict):
+            raise ValueError(f"it holds a {type(from_file).__name__}, not a mapping")
+        from_file = with_source_dicts("", from_file)
         tree = OmegaConf.merge(tree, from_file)
     except (OmegaConfBaseException, yaml.YAMLError, ValueError) as error:
         raise ConfigError([describe_load_error(error, f"in {path}")]) from None
@@ -127,7 +130,8 @@ def leaf_keys(key: str, value: Any) -> set[str]:
 
 def describe_load_error(error: Exception, where: str) -> str:
     if not isinstance(error, OmegaConfBaseException):
-        return f"cannot read the config{f' ({where})' if where else ''}: {error}. Fix: " \
+        text = " ".join(line.strip() for line in str(error).splitlines())
+        return f"cannot read the config{f' ({where})' if where else ''}: {text}. Fix: " \
                "write a YAML mapping of sections, as `raytron config` prints."
     key = re.sub(r"\[(\d+)\]", r".\1", getattr(error, "full_key", None) or "?")
     where = f" ({where})" if where else ""

@@ -6,10 +6,12 @@ import os
 import time
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from raytron.platform.config.redact import MASK
-from raytron.platform.config.schema import ConfigError
+from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.storage.checkpoint import CheckpointStore
 from raytron.platform.storage.run_dir import CONFIG_FILE
 from raytron.platform.storage.tracking import RUN_ID_FILE, tracking_uri
@@ -20,7 +22,13 @@ def describe_run(run_dir: str) -> str:
     if not (folder / CONFIG_FILE).is_file():
         raise ConfigError([f"{run_dir} holds no raytron run (no {CONFIG_FILE}). Fix: give the "
                            "run directory, <run.root>/<run.name>, e.g. runs/tiny."])
-    config = OmegaConf.load(folder / CONFIG_FILE)
+    try:  # through the schema: every key is there, older files get today's defaults
+        config = OmegaConf.merge(OmegaConf.structured(RaytronConfig),
+                                 OmegaConf.load(folder / CONFIG_FILE))
+    except (OmegaConfBaseException, yaml.YAMLError, TypeError) as error:
+        raise ConfigError([f"{folder / CONFIG_FILE} is not a raytron run's config "
+                           f"({str(error).splitlines()[0]}). Fix: give the directory of a "
+                           "run that `raytron train` started."]) from None
     p = config.parallel
     lines = [f"run          {config.run.name} ({folder.resolve()})",
              f"layout       pp={p.pp} dp={p.dp} tp={p.tp} on {config.cluster.workers} "
