@@ -94,7 +94,18 @@ def test_all_problems_are_reported_at_once():
     assert "model.n_heads=3" in str(error.value) and "train.global_batch=20" in str(error.value)
 
 
-def test_cli_rejects_before_ray_starts(capsys):
+@pytest.fixture
+def no_training(monkeypatch):
+    """A config these tests expect refused must never start a run in the test process."""
+    from raytron.platform.control import run
+
+    def refuse(config):
+        raise AssertionError(f"the config was accepted and training started: {config}")
+
+    monkeypatch.setattr(run, "train", refuse)
+
+
+def test_cli_rejects_before_ray_starts(capsys, no_training):
     import ray
 
     assert main(["train", "model.n_heads=3"]) == EXIT_CONFIG_ERROR
@@ -129,7 +140,7 @@ def test_help_is_complete(capsys):
       "model.tie_embeddings=false"], ["cluster.workers=6 is not a multiple of parallel.pp*tp"]),
     (["parallel.dp=2", "cluster.workers=2", "train.global_batch=24"],
      ["train.global_batch=24 is not divisible by train.micro_batch * parallel.dp"]),
-    (["parallel.pp=2", "cluster.workers=2"], ["tie_embeddings=true cannot be split"]),
+    (["parallel.pp=2", "model.tie_embeddings=true"], ["tie_embeddings=true cannot be split"]),
     (["parallel.pp=4", "model.tie_embeddings=false", "train.micro_batch=8"],
      ["1f1b needs at least parallel.pp=4 micro-batches per schedule call, got 2",
       "Fix: set train.micro_batch=4"]),
@@ -140,7 +151,7 @@ def test_help_is_complete(capsys):
       "parallel.layers_per_stage=[3,3]"], ["parallel.layers_per_stage=[3, 3] must list 2"]),
     (["cluster.device_memory_gb=0.01"], ["needs about", "GB per device"]),
 ])
-def test_wrong_layouts_are_refused_before_ray(capsys, args, expected):
+def test_wrong_layouts_are_refused_before_ray(capsys, no_training, args, expected):
     import ray
 
     assert main(["train", "tiny", *args]) == EXIT_CONFIG_ERROR
