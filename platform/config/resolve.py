@@ -51,8 +51,18 @@ def cluster_address(config: RaytronConfig) -> str | None:
     return config.cluster.address or os.environ.get("RAY_ADDRESS")
 
 
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return is_int(value) and value >= 1
+
+
+def dp_of(config: RaytronConfig) -> int:
+    """The resolved dp (at least 1), `auto` included."""
+    p = config.parallel
+    return max(1, resolve_dp(p.dp, config.cluster.workers or 0, p.pp, p.tp))
 
 
 def with_derived_defaults(config: RaytronConfig, explicit: set[str]) -> RaytronConfig:
@@ -80,7 +90,7 @@ def fitting_micro_batch(config: RaytronConfig) -> int | None:
         return None
     if not (p.dp == AUTO or is_count(p.dp)) or c.workers % (p.pp * p.tp):
         return None
-    replica, rest = divmod(t.global_batch, max(1, resolve_dp(p.dp, c.workers, p.pp, p.tp)))
+    replica, rest = divmod(t.global_batch, dp_of(config))
     if rest or replica == 0 or (p.microbatches is not None and not is_count(p.microbatches)):
         return None
     for micro in range(min(t.micro_batch, replica), 0, -1):

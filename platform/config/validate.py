@@ -26,8 +26,9 @@ from raytron.platform.config.resolve import (
     PRECISIONS,
     RECOMPUTE_NAMED,
     cluster_address,
+    dp_of,
     fitting_micro_batch,
-    resolve_dp,
+    is_int,
     schedule_shortfall,
     stage_count,
 )
@@ -51,8 +52,7 @@ def validate(config: RaytronConfig, check_paths: bool = True) -> None:
         problems = (model_problems(config) + parallel_problems(config)
                     + train_problems(config) + data_problems(config, check_paths)
                     + fault_problems(config))
-    if problems:
-        raise ConfigError(problems)
+    raise_problems(problems)
 
 
 # -- each value on its own ----------------------------------------------------------------
@@ -67,10 +67,6 @@ def default_of(key: str) -> Any:
 def example(key: str, fallback: Any) -> str:
     value = default_of(key)
     return f"{value:g}" if isinstance(value, float) else str(value if value else fallback)
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_number(value: Any) -> bool:
@@ -349,12 +345,6 @@ def model_problems(config: RaytronConfig) -> list[str]:
                         f"{config.data.seq_len}. Fix: leave model.max_seq_len unset (it follows "
                         "data.seq_len) or raise it.")
     return problems
-
-
-def dp_of(config: RaytronConfig) -> int:
-    """The resolved dp (at least 1)."""
-    p = config.parallel
-    return max(1, resolve_dp(p.dp, config.cluster.workers or 0, p.pp, p.tp))
 
 
 def parallel_problems(config: RaytronConfig) -> list[str]:

@@ -164,23 +164,21 @@ class CheckpointStore:
              optimizers: list[torch.optim.Optimizer]) -> dict:
         """Collective: restore model, optimizer state and this rank's RNG; returns meta.
         Raises on every rank when any rank cannot read its part."""
-        meta = self.meta(step)
-        rng, problem = None, None
-        try:
-            rng = self.read_rng(step)
-        except ValueError as error:
-            problem = str(error)
+        meta, rng, problem = {}, None, None
+        try:  # the JSON files each rank reads alone: ranks agree before DCP's collective load
+            meta, rng = self.meta(step), self.read_rng(step)
+        except (OSError, ValueError) as error:  # JSONDecodeError is a ValueError
+            problem = f"{type(error).__name__}: {error}"
         problem = first_of_all_ranks(problem)
         if problem:
             raise ValueError(problem)
         state, keys = training_state(parts, optimizers)
-        tensors = {"model": state["model"], "optim": state["optim"]}
-        dcp.load(tensors, storage_reader=safe_reader(self.checkpoint_id(step), self.local),
+        dcp.load(state, storage_reader=safe_reader(self.checkpoint_id(step), self.local),
                  planner=TensorsOnlyPlanner())
         for part, optimizer, (model_keys, optim_keys, groups) in zip(parts, optimizers, keys,
                                                                     strict=True):
-            set_model_state_dict(part, {k: tensors["model"][k] for k in model_keys})
-            loaded = {k: tensors["optim"][k] for k in optim_keys}
+            set_model_state_dict(part, {k: state["model"][k] for k in model_keys})
+            loaded = {k: state["optim"][k] for k in optim_keys}
             set_optimizer_state_dict(part, optimizer, {**loaded, **groups}, options=FLAT)
         if rng is not None:
             set_rng_state(rng)
