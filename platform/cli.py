@@ -145,8 +145,9 @@ def plan_command(config: RaytronConfig) -> int:
     from raytron.platform.config.plan import describe, make_plan
     from raytron.platform.config.validate import memory_problems
 
-    print(describe(make_plan(config)))
-    problems = memory_problems(config)
+    plan = make_plan(config)
+    print(describe(plan))
+    problems = [] if plan.fits() else memory_problems(config)
     if problems:
         print(f"raytron: the layout does not fit:\n{ConfigError(problems)}", file=sys.stderr)
     return EXIT_CONFIG_ERROR if problems else 0
