@@ -2,6 +2,8 @@
 
 Token embedding -> N x [RMSNorm -> causal self-attention with RoPE (optionally
 grouped-query) -> residual, RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> logits.
+Given a `KVCache` (generation), attention appends the new keys and values to it and
+attends over everything cached, each sequence at its own positions.
 Layers live in a ModuleDict keyed by their index so that a pipeline stage that keeps
 only some of them keeps the original parameter names, which keeps checkpoints
 independent of the parallel layout. A stage may also lack the embedding (its input is
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from raytron.model.kv_cache import KVCache, LayerCache
 
 
 @dataclass(frozen=True)
@@ -71,18 +75,24 @@ class Attention(nn.Module):
         self.wv = nn.Linear(shape.d_model, shape.n_kv_heads * shape.head_dim, bias=False)
         self.wo = nn.Linear(shape.n_heads * shape.head_dim, shape.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """`cos`, `sin`: the rotary tables of all positions; the first `seq` are used."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        """`cos`, `sin`: the rotary tables of all positions, of which the first `seq` are
+        used; with a cache, the tables of each sequence's new positions."""
         batch, seq, _ = x.shape
         # -1 instead of the head count: under tensor parallelism each rank holds a share.
         q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:seq], sin[:seq]
+        if cache is None:
+            cos, sin = cos[:seq], sin[:seq]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        gqa = self.n_kv_heads != self.n_heads
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v = cache.append(k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -107,8 +117,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(shape.d_model, eps=shape.norm_eps)
         self.feed_forward = FeedForward(shape)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -153,15 +164,23 @@ class GPT(nn.Module):
                     0.0, std * scale, generator=torch.Generator().manual_seed(name_seed(seed, name))
                 )
                 param.copy_(values)
+        self.init_rope()
+
+    def init_rope(self) -> None:
+        """The rotary tables, which are no parameters: computed, never loaded."""
         cos, sin = rope_tables(self.shape.head_dim, self.shape.max_seq_len, self.shape.rope_theta)
         self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab) for token ids (batch, seq); a stage without the
-        embedding takes hidden states, one without the head returns them."""
+        embedding takes hidden states, one without the head returns them. With a `cache`,
+        `tokens` continue each cached sequence (all of a prompt, then one at a time)."""
         x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            x = layer(x, self.rope_cos, self.rope_sin)
+        cos, sin = self.rope_cos, self.rope_sin
+        if cache is not None:
+            cos, sin = cache.advance(tokens.shape[1], cos, sin)
+        for index, layer in self.layers.items():
+            x = layer(x, cos, sin, None if cache is None else cache.layers[int(index)])
         if self.norm is not None:
             x = self.norm(x)
         return self.output(x) if self.output is not None else x

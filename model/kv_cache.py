@@ -1,0 +1,81 @@
+"""The keys and values of every token a model has seen, kept so that generating a token
+costs one position of compute instead of the whole sequence again.
+
+Buffers are allocated once per generation, (batch, kv_heads, max_len, head_dim) per
+layer, as in Meta's reference Llama. Each sequence of the batch has its own length, so
+prompts of different lengths decode together: a forward writes each sequence's new
+keys at that sequence's next positions and attends only over its own earlier ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerCache:
+    """One layer's buffers; `KVCache.advance` sets where the next keys go."""
+
+    def __init__(self, owner: KVCache, keys: torch.Tensor, values: torch.Tensor):
+        self.owner, self.keys, self.values = owner, keys, values
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (batch, kv_heads, new, head_dim) at the new positions; return the
+        keys and values of every position up to the furthest one written."""
+        index = self.owner.positions[:, None, :, None].expand_as(k)
+        self.keys.scatter_(2, index, k.to(self.keys.dtype))
+        self.values.scatter_(2, index, v.to(self.values.dtype))
+        span = self.owner.span
+        return self.keys[:, :, :span], self.values[:, :, :span]
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self.owner.mask
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.keys, self.values = self.keys[rows], self.values[rows]
+
+
+class KVCache:
+    def __init__(self, batch: int, max_len: int, n_layers: int, n_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.max_len = max_len
+        self.lengths = [0] * batch  # tokens cached per sequence
+        self.positions = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        self.span = 0
+        self.mask: torch.Tensor | None = None
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.layers = [LayerCache(self, torch.zeros(shape, dtype=dtype, device=device),
+                                  torch.zeros(shape, dtype=dtype, device=device))
+                       for _ in range(n_layers)]
+
+    def advance(self, new: int, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make room for `new` tokens of every sequence, at its next positions; returns
+        the rotary tables of those positions, (batch, 1, new, head_dim / 2)."""
+        end = max(self.lengths) + new
+        if end > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions; {end} are needed")
+        device = self.positions.device
+        starts = torch.tensor(self.lengths, device=device)
+        self.positions = starts[:, None] + torch.arange(new, device=device)
+        self.span = end
+        same = len(set(self.lengths)) == 1
+        if same and new == 1:
+            self.mask = None  # one new token each, at the same position: it sees them all
+        else:  # each query sees the keys at its own position and before
+            keys = torch.arange(end, device=device)
+            self.mask = keys[None, None, None, :] <= self.positions[:, None, :, None]
+        self.lengths = [length + new for length in self.lengths]
+        return cos[self.positions].unsqueeze(1), sin[self.positions].unsqueeze(1)
+
+    def set_lengths(self, lengths: list[int]) -> None:
+        """After a padded prefill: each sequence's real length, so that its next token
+        overwrites the padding's keys."""
+        self.lengths = list(lengths)
+
+    def keep(self, rows: list[int]) -> None:
+        """Only these sequences go on (the others have finished)."""
+        index = torch.tensor(rows, device=self.positions.device)
+        for layer in self.layers:
+            layer.keep(index)
+        self.lengths = [self.lengths[row] for row in rows]
