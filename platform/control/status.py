@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from raytron.platform.config.redact import MASK
-from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.storage.checkpoint import CheckpointStore
-from raytron.platform.storage.run_dir import CONFIG_FILE
-from raytron.platform.storage.tracking import RUN_ID_FILE, tracking_uri
+from raytron.platform.storage.run_dir import read_run_config
+from raytron.platform.storage.tracking import RUN_ID_FILE, saved_tracking_uri
 
 
 def describe_run(run_dir: str) -> str:
     folder = Path(run_dir)
-    if not (folder / CONFIG_FILE).is_file():
-        raise ConfigError([f"{run_dir} holds no raytron run (no {CONFIG_FILE}). Fix: give the "
-                           "run directory, <run.root>/<run.name>, e.g. runs/tiny."])
-    try:  # through the schema: every key is there, older files get today's defaults
-        config = OmegaConf.merge(OmegaConf.structured(RaytronConfig),
-                                 OmegaConf.load(folder / CONFIG_FILE))
-    except (OmegaConfBaseException, yaml.YAMLError, TypeError) as error:
-        raise ConfigError([f"{folder / CONFIG_FILE} is not a raytron run's config "
-                           f"({str(error).splitlines()[0]}). Fix: give the directory of a "
-                           "run that `raytron train` started."]) from None
+    config = read_run_config(folder)
     p = config.parallel
     lines = [f"run          {config.run.name} ({folder.resolve()})",
              f"layout       pp={p.pp} dp={p.dp} tp={p.tp} on {config.cluster.workers} "
@@ -53,14 +38,6 @@ def checkpoint_line(directory: str, keep_last: int, steps: int) -> str:
     return (f"checkpoint   step {committed[-1]} of {steps}, saved {saved} by "
             f"pp={layout.get('pp')} dp={layout.get('dp')} tp={layout.get('tp')}; "
             f"committed: {', '.join(map(str, committed))} in {directory}")
-
-
-def saved_tracking_uri(saved: str | None, folder: Path) -> str | None:
-    """The saved tracking URI; $MLFLOW_TRACKING_URI where the saved one had credentials
-    (redacted); None when neither can be used."""
-    if saved and MASK in saved:
-        return os.environ.get("MLFLOW_TRACKING_URI")
-    return tracking_uri(saved, folder.resolve().parent)
 
 
 def mlflow_lines(folder: Path, uri: str | None) -> list[str]:

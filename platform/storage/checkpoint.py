@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fsspec.implementations.local import LocalFileSystem
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -183,6 +185,23 @@ class CheckpointStore:
         if rng is not None:
             set_rng_state(rng)
         return meta
+
+    def read_model(self, step: int, names: Collection[str] | None = None
+                   ) -> dict[str, torch.Tensor]:
+        """The model's whole tensors at `step` (those in `names`, or all), read into this
+        process whatever layout wrote them, without a process group."""
+        metadata = safe_reader(self.checkpoint_id(step), self.local).read_metadata()
+        state = {}
+        for key, item in metadata.state_dict_metadata.items():
+            name = key.removeprefix("model.")
+            if key.startswith("model.") and isinstance(item, TensorStorageMetadata) \
+                    and (names is None or name in names):
+                state[name] = torch.empty(item.size, dtype=item.properties.dtype)
+        with warnings.catch_warnings():  # that it reads in one process, which it is meant to
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load({"model": state}, planner=TensorsOnlyPlanner(), no_dist=True,
+                     storage_reader=safe_reader(self.checkpoint_id(step), self.local))
+        return state
 
     def read_rng(self, step: int) -> dict | None:
         """This rank's RNG state at `step`; None for a rank new to this layout, which keeps

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from raytron.platform.config.load import flatten
-from raytron.platform.config.schema import RaytronConfig
+from raytron.platform.config.schema import ConfigError, RaytronConfig
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
@@ -47,3 +49,19 @@ def absolute(location: str) -> str:
     if "://" in location or location.startswith("embedded:"):
         return location
     return str(Path(location).expanduser().absolute())
+
+
+def read_run_config(folder: Path) -> RaytronConfig:
+    """The config a run directory saved, through the schema (older files get today's
+    defaults for keys they lack); ConfigError when `folder` holds no run."""
+    if not (folder / CONFIG_FILE).is_file():
+        raise ConfigError([f"{folder} holds no raytron run (no {CONFIG_FILE}). Fix: give the "
+                           "run directory, <run.root>/<run.name>, e.g. runs/tiny."])
+    try:
+        config = OmegaConf.merge(OmegaConf.structured(RaytronConfig),
+                                 OmegaConf.load(folder / CONFIG_FILE))
+        return OmegaConf.to_object(config)  # type: ignore[return-value]
+    except (OmegaConfBaseException, yaml.YAMLError, TypeError) as error:
+        raise ConfigError([f"{folder / CONFIG_FILE} is not a raytron run's config "
+                           f"({str(error).splitlines()[0]}). Fix: give the directory of a "
+                           "run that `raytron train` started."]) from None

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from raytron.platform.config.redact import redact_text
+from raytron.platform.config.redact import MASK, redact_text
 
 RUN_ID_FILE = "mlflow_run_id"
 STORE_FILE = "mlflow.db"
@@ -32,6 +32,14 @@ def tracking_uri(configured: str | None, runs_root: str | Path) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or (
         f"sqlite:///{Path(runs_root) / STORE_FILE}"
     )
+
+
+def saved_tracking_uri(saved: str | None, run_dir: Path) -> str | None:
+    """The tracking URI a run saved; $MLFLOW_TRACKING_URI where the saved one had
+    credentials (redacted); None when neither can be used."""
+    if saved and MASK in saved:
+        return os.environ.get("MLFLOW_TRACKING_URI")
+    return tracking_uri(saved, run_dir.resolve().parent)
 
 
 def local_artifact_location(uri: str, runs_root: str | Path, experiment: str) -> str | None:

@@ -1,0 +1,89 @@
+"""`raytron export`: a model as a Hugging Face folder that `transformers` loads with
+`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`, optionally
+logged to the run's MLflow run and registered in MLflow's model registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer, processors
+
+from raytron.model.hf import DTYPES, hf_config, to_hf
+from raytron.platform.config.schema import ConfigError
+from raytron.platform.models.sources import HF_CONFIG, ModelSource
+
+
+def export_hugging_face(source: ModelSource, out: Path, dtype: str = "float32",
+                        max_shard_size: str = "5GB") -> list[Path]:
+    """Write the folder; returns the files written. Refuses a folder that holds files."""
+    from huggingface_hub import save_torch_state_dict
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError([f"{out} exists and is not an empty folder; raytron does not "
+                           "overwrite it. Fix: give a new folder, or delete this one first."])
+    if source.tokenizer is None:
+        raise ConfigError([f"{source.path} has no tokenizer.json to export. Fix: export a "
+                           "raytron run, or a Hugging Face folder with tokenizer.json."])
+    out.mkdir(parents=True, exist_ok=True)
+    shape, tokenizer = source.shape, source.tokenizer
+    weights = {name: tensor.to(DTYPES[dtype]).contiguous()
+               for name, tensor in to_hf(source.read_weights(), shape).items()}
+    save_torch_state_dict(weights, out, max_shard_size=max_shard_size)
+    eos = source.end_ids[0]
+    bos = source.bos_id if source.bos_id is not None else bos_token(tokenizer)
+    write_json(out / HF_CONFIG, hf_config(shape, dtype, bos, eos, eos))
+    write_json(out / "generation_config.json", {
+        "bos_token_id": bos, "eos_token_id": source.end_ids if len(source.end_ids) > 1 else eos,
+        "pad_token_id": eos})
+    exported = Tokenizer.from_str(tokenizer.to_str())
+    if source.bos_id is not None:  # trained with BOS first: transformers adds it too
+        name = tokenizer.id_to_token(source.bos_id)
+        exported.post_processor = processors.TemplateProcessing(
+            single=f"{name} $A", pair=f"{name} $A {name} $B",
+            special_tokens=[(name, source.bos_id)])
+    exported.save(str(out / "tokenizer.json"))
+    write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None if bos is None else tokenizer.id_to_token(bos),
+        "eos_token": tokenizer.id_to_token(eos),
+        "pad_token": tokenizer.id_to_token(eos),
+        "model_max_length": shape.max_seq_len,
+        "clean_up_tokenization_spaces": False,  # decode gives back the text as trained
+    })
+    return sorted(out.iterdir())
+
+
+def bos_token(tokenizer: Tokenizer) -> int | None:
+    from raytron.pipelines.tokenizer import bos_id
+
+    try:
+        return bos_id(tokenizer)
+    except ValueError:
+        return None
+
+
+def write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def log_to_mlflow(folder: Path, uri: str, run_id: str, register: str | None) -> str:
+    """Log the exported folder to an MLflow run as a `transformers` model for text
+    generation (and register it under `register`); returns the model's URI. The run
+    keeps the status it had (a finished training run stays finished)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from raytron.platform.storage.tracking import quiet_mlflow
+
+    quiet_mlflow()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    status = client.get_run(run_id).info.status
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.transformers.log_model(
+            transformers_model=str(folder), name="model", task="text-generation",
+            registered_model_name=register)
+    if status != "RUNNING":
+        client.set_terminated(run_id, status=status)
+    return info.model_uri

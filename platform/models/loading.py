@@ -1,0 +1,94 @@
+"""A trained model in one process, ready to generate: on one GPU in bf16 when there is
+one, else on the CPU in fp32. Whatever layout wrote a checkpoint, its parameters have
+the same names and whole shapes here: no process group is needed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from raytron.model.generate import Generation, TextGenerator
+from raytron.model.gpt import GPT
+from raytron.model.sampling import Sampling
+from raytron.platform.config.schema import ConfigError
+from raytron.platform.models.sources import ModelSource, open_source
+
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    tokenizer: Tokenizer
+    source: ModelSource
+    generator: TextGenerator
+
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64,
+                 temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, greedy: bool = False, seed: int | None = None,
+                 stop: Sequence[str] = (), batch_size: int = 8,
+                 on_text: Callable[[int, str], None] | None = None) -> list[Generation]:
+        """Completions of each prompt: `.text`, `.tokens`, `.finish_reason`."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        sampling = Sampling(temperature, top_k, top_p, greedy)
+        return self.generator.generate(prompts, max_new_tokens, sampling, seed, stop,
+                                       batch_size, on_text)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(source: str | Path | ModelSource, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None) -> LoadedModel:
+    """The model at `source`: a run directory (its latest committed checkpoint), a
+    checkpoint folder or a Hugging Face Llama folder."""
+    source = source if isinstance(source, ModelSource) else open_source(source)
+    if source.tokenizer is None:
+        raise ConfigError([f"{source.path} has no tokenizer.json, which generation needs. "
+                           "Fix: save the tokenizer beside the model (a fast tokenizer's "
+                           "`save_pretrained` writes it)."])
+    device = torch.device(device) if device is not None else default_device()
+    model = build_model(source, device, dtype or default_dtype(device))
+    generator = TextGenerator(model, source.tokenizer, source.end_ids, source.bos_id)
+    return LoadedModel(model, source.tokenizer, source, generator)
+
+
+def build_model(source: ModelSource, device: torch.device, dtype: torch.dtype) -> GPT:
+    """The GPT of `source` with its weights, in evaluation mode."""
+    with torch.device("meta"):
+        model = GPT(source.shape)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    load_weights(model, source.read_weights(), source)
+    model.to(device=device, dtype=dtype)
+    model.init_rope()  # in float32 whatever the weights' dtype
+    return model.eval()
+
+
+def load_weights(model: GPT, weights: dict[str, torch.Tensor], source: ModelSource) -> None:
+    """Copy `weights` into `model` (or a pipeline stage of it): every parameter it has
+    must be there, but for a tied head, which reads the embedding."""
+    tied = source.shape.tie_embeddings and model.output is not None \
+        and model.tok_embeddings is not None
+    if tied:
+        weights = {name: w for name, w in weights.items() if name != "output.weight"}
+    wanted = set(model.state_dict()) - ({"output.weight"} if tied else set())
+    missing = sorted(wanted - set(weights))
+    if missing:
+        raise ConfigError([f"{source.describe()} lacks {', '.join(missing[:5])}"
+                           f"{' and more' if len(missing) > 5 else ''}. Fix: give a complete "
+                           "model of the same architecture."])
+    try:
+        with torch.no_grad():
+            model.load_state_dict({name: weights[name] for name in wanted}, strict=False)
+    except RuntimeError as error:
+        raise ConfigError([f"{source.describe()}: its weights do not fit its shape "
+                           f"({str(error).splitlines()[-1].strip()}). Fix: give a model whose "
+                           "config matches its weights."]) from None

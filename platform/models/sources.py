@@ -1,0 +1,169 @@
+"""Where a trained model comes from: a run directory (its latest committed checkpoint), one
+checkpoint folder of a run, or a Hugging Face Llama folder. Each gives the model's shape,
+its weights under raytron's names (whole tensors, whatever layout wrote them), its
+tokenizer and end tokens, and, for a run, where its MLflow run is.
+
+Nothing is unpickled: checkpoints are read through `storage/safe_reading.py`, Hugging
+Face weights only from safetensors files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from raytron.model.gpt import GPTShape
+from raytron.model.hf import from_hf, raytron_name, shape_from_hf_config
+from raytron.pipelines.tokenizer import bos_id, eos_id
+from raytron.platform.config.resolve import gpt_shape
+from raytron.platform.config.schema import ConfigError, RaytronConfig
+from raytron.platform.storage.checkpoint import COMMIT_MARKER, CheckpointStore, step_of
+from raytron.platform.storage.run_dir import CONFIG_FILE, TOKENIZER_FILE, read_run_config
+from raytron.platform.storage.tracking import RUN_ID_FILE, saved_tracking_uri
+
+RUN, CHECKPOINT, HUGGING_FACE = "run", "checkpoint", "huggingface"
+HF_CONFIG = "config.json"
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+@dataclass
+class ModelSource:
+    kind: str  # run | checkpoint | huggingface
+    path: Path
+    shape: GPTShape
+    tokenizer: Tokenizer | None  # None: a Hugging Face folder without tokenizer.json
+    end_ids: list[int]  # tokens that end a generation
+    bos_id: int | None  # put first in every prompt, as training put it before documents
+    step: int | None = None  # the checkpoint's step (raytron sources)
+    run_dir: Path | None = None
+    config: RaytronConfig | None = None  # the run's saved config (raytron sources)
+
+    def read_weights(self, names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+        """Whole tensors under raytron's names: those in `names`, or all."""
+        if self.kind == HUGGING_FACE:
+            return read_hf_weights(self.path, self.shape, names)
+        assert self.config is not None and self.step is not None
+        store = CheckpointStore(self.config.checkpoint.dir, self.config.checkpoint.keep_last)
+        return store.read_model(self.step, names)
+
+    def mlflow_run(self) -> tuple[str | None, str | None]:
+        """(tracking URI, MLflow run id) of a run's source; Nones when unknown."""
+        if self.run_dir is None or not (self.run_dir / RUN_ID_FILE).is_file():
+            return None, None
+        uri = saved_tracking_uri(self.config.tracking.uri if self.config else None,
+                                 self.run_dir)
+        return uri, (self.run_dir / RUN_ID_FILE).read_text().strip()
+
+    def describe(self) -> str:
+        where = f"step {self.step} of {self.run_dir}" if self.step is not None else self.path
+        return f"{self.kind} {where}"
+
+
+def open_source(path: str | Path) -> ModelSource:
+    """The model at `path`; ConfigError saying what to give instead when it holds none."""
+    folder = Path(path).expanduser()
+    if (folder / HF_CONFIG).is_file():
+        return hugging_face_source(folder)
+    if (folder / CONFIG_FILE).is_file():
+        config = read_run_config(folder)
+        store = CheckpointStore(config.checkpoint.dir, config.checkpoint.keep_last)
+        step = store.latest()
+        if step is None:
+            raise ConfigError([f"{path}: the run has no committed checkpoint yet in "
+                               f"{config.checkpoint.dir}. Fix: train it first (`raytron "
+                               "train`), or give a checkpoint folder or a Hugging Face folder."])
+        return run_source(folder, config, step, RUN)
+    step = step_of(str(folder))
+    if step is not None and folder.is_dir():
+        if not (folder / COMMIT_MARKER).is_file():
+            raise ConfigError([f"{path} is a checkpoint that was never committed (its save did "
+                               "not finish). Fix: give a committed one, or the run directory."])
+        for run_dir in (folder.parent.parent, folder.parent):
+            if (run_dir / CONFIG_FILE).is_file():
+                return run_source(run_dir, read_run_config(run_dir), step, CHECKPOINT, folder)
+        raise ConfigError([f"{path}: no {CONFIG_FILE} of its run found beside it. Fix: give "
+                           "the run directory (<run.root>/<run.name>), which holds the "
+                           "config and the tokenizer."])
+    raise ConfigError([f"{path} is no model: give a run directory (e.g. runs/tiny), one of "
+                       "its checkpoint folders (runs/tiny/checkpoints/step_00000200) or a "
+                       f"Hugging Face folder (with {HF_CONFIG} and safetensors weights)."])
+
+
+def run_source(run_dir: Path, config: RaytronConfig, step: int, kind: str,
+               folder: Path | None = None) -> ModelSource:
+    if folder is not None:  # a checkpoint folder is read where it is
+        config.checkpoint.dir = str(folder.resolve().parent)
+    tokenizer_file = run_dir / TOKENIZER_FILE
+    if not tokenizer_file.is_file():
+        raise ConfigError([f"{run_dir} has no {TOKENIZER_FILE}. Fix: give the directory of a "
+                           "run that `raytron train` started."])
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    return ModelSource(kind, folder or run_dir, gpt_shape(config.model), tokenizer,
+                       [eos_id(tokenizer)], bos_id(tokenizer) if config.data.bos else None,
+                       step, run_dir, config)
+
+
+def hugging_face_source(folder: Path) -> ModelSource:
+    config = read_json(folder / HF_CONFIG)
+    try:
+        shape = shape_from_hf_config(config)
+    except (KeyError, ValueError, TypeError) as error:
+        raise ConfigError([f"{folder}: {error}. Fix: give a Llama-architecture model folder."]
+                          ) from None
+    if not (folder / SAFETENSORS).is_file() and not (folder / SAFETENSORS_INDEX).is_file():
+        raise ConfigError([f"{folder} has no {SAFETENSORS} (nor {SAFETENSORS_INDEX}); raytron "
+                           "reads safetensors only, never pickled weights. Fix: save the model "
+                           "with `save_pretrained(..., safe_serialization=True)`."])
+    tokenizer = None
+    if (folder / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    generation = read_json(folder / "generation_config.json") \
+        if (folder / "generation_config.json").is_file() else {}
+    ends = generation.get("eos_token_id", config.get("eos_token_id"))
+    end_ids = [ends] if isinstance(ends, int) else list(ends or [])
+    if not end_ids and tokenizer is not None:
+        end_ids = [eos_id(tokenizer)]
+    return ModelSource(HUGGING_FACE, folder, shape, tokenizer, end_ids,
+                       added_bos(tokenizer, config.get("bos_token_id")))
+
+
+def added_bos(tokenizer: Tokenizer | None, bos: int | None) -> int | None:
+    """The BOS id when the tokenizer puts it before every text (its post-processor does)."""
+    if tokenizer is None or bos is None:
+        return None
+    with_special = tokenizer.encode("a", add_special_tokens=True).ids
+    return bos if with_special[:1] == [bos] else None
+
+
+def read_hf_weights(folder: Path, shape: GPTShape, names: Collection[str] | None
+                    ) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    if (folder / SAFETENSORS_INDEX).is_file():
+        files = sorted(set(read_json(folder / SAFETENSORS_INDEX)["weight_map"].values()))
+    else:
+        files = [SAFETENSORS]
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(folder / file), framework="pt") as tensors:
+            for key in tensors.keys():  # noqa: SIM118 (safe_open has keys(), no iteration)
+                ours = raytron_name(key)
+                if ours is not None and (names is None or ours in names):
+                    weights.update(from_hf({key: tensors.get_tensor(key)}, shape))
+    return weights
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError([f"{path} cannot be read ({error}). Fix: give a folder whose "
+                           f"{path.name} is valid JSON."]) from None
+    if not isinstance(value, dict):
+        raise ConfigError([f"{path} is not a JSON object. Fix: give a valid {path.name}."])
+    return value
