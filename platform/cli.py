@@ -10,6 +10,7 @@ from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.control.console import ConsoleStream
 
 EXIT_CONFIG_ERROR = 2
+MODEL_COMMANDS = ("generate", "eval", "export")
 
 CONFIG_HELP = """\
 CONFIG is a YAML file or the name of a shipped preset ({presets}); the default is
@@ -106,7 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_dir", metavar="RUN_DIR", help="e.g. runs/tiny")
     train_tokenizer.add_argument("--output", default="tokenizer.json", metavar="PATH",
                                  help="where to write the tokenizer (default: tokenizer.json)")
+    add_model_commands(commands)
     return parser
+
+
+def add_model_commands(commands) -> None:
+    """generate, eval, export: what is done with a trained model."""
+    from raytron.platform.models import commands as model_commands
+
+    for name, summary, epilog, add_arguments in (
+        ("generate", "generate text from a trained model, streamed token by token",
+         model_commands.GENERATE_EPILOG, model_commands.add_generate_arguments),
+        ("eval", "score a model on a corpus: mean negative log-likelihood and perplexity, "
+         "printed, written as JSON and logged to MLflow", None,
+         model_commands.add_eval_arguments),
+        ("export", "write a model as a Hugging Face folder that transformers loads",
+         model_commands.EXPORT_EPILOG, model_commands.add_export_arguments),
+    ):
+        command = commands.add_parser(name, help=summary, description=summary, epilog=epilog,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(command)
 
 
 def add_config_arguments(command: argparse.ArgumentParser) -> None:
@@ -154,6 +174,10 @@ def plan_command(config: RaytronConfig) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.command in MODEL_COMMANDS:
+        from raytron.platform.models import commands as model_commands
+
+        return getattr(model_commands, f"{args.command}_command")(args)
     if args.command == "status":
         from raytron.platform.control.status import describe_run
 
@@ -184,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_command(args)
     except ConfigError as error:
-        what = "cannot read the run" if args.command == "status" else "invalid config"
+        what = {"status": "cannot read the run", "generate": "cannot generate",
+                "eval": "cannot evaluate", "export": "cannot export"}.get(args.command,
+                                                                         "invalid config")
         print(f"raytron: {what}:\n{error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     finally:

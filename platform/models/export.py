@@ -5,6 +5,7 @@ logged to the run's MLflow run and registered in MLflow's model registry."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from tokenizers import Tokenizer, processors
@@ -67,6 +68,15 @@ def write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
 
 
+def model_requirements() -> list[str]:
+    """What loading the logged model takes, pinned as installed here. (MLflow would infer
+    them and add torchvision, which this model does not use and may not be installed.)"""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}"
+            for name in ("transformers", "torch", "safetensors", "tokenizers")]
+
+
 def log_to_mlflow(folder: Path, uri: str, run_id: str, register: str | None) -> str:
     """Log the exported folder to an MLflow run as a `transformers` model for text
     generation (and register it under `register`); returns the model's URI. The run
@@ -77,13 +87,15 @@ def log_to_mlflow(folder: Path, uri: str, run_id: str, register: str | None) -> 
     from raytron.platform.storage.tracking import quiet_mlflow
 
     quiet_mlflow()
+    # it looks a local folder up on the Hub for a model card and license, and warns
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     status = client.get_run(run_id).info.status
     with mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
-            transformers_model=str(folder), name="model", task="text-generation",
-            registered_model_name=register)
+            transformers_model=str(folder.resolve()), name="model", task="text-generation",
+            registered_model_name=register, pip_requirements=model_requirements())
     if status != "RUNNING":
         client.set_terminated(run_id, status=status)
     return info.model_uri
