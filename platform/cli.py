@@ -144,10 +144,15 @@ def split_config_argument(config: str | None, overrides: list[str]) -> tuple[str
 
 
 def validated(config_arg: str | None, overrides: list[str]) -> RaytronConfig:
+    """The config, checked; with model.init_from, in the shape of the weights it names."""
     from raytron.platform.config.validate import validate
+    from raytron.platform.models.initial import with_initial_model
 
     config = load_config(config_arg, overrides)
     validate(config)
+    if config.model.init_from:
+        config = with_initial_model(config)
+        validate(config)
     return config
 
 

@@ -33,6 +33,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    init_from: str | None = None  # start from these weights: a raytron run or checkpoint, or
+    # a Hugging Face Llama folder (its shape replaces the keys above; its tokenizer is used)
 
 
 @dataclass

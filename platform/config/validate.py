@@ -204,6 +204,7 @@ RULES: dict[str, Rule] = {
     "model.norm_eps": number(),
     "model.tie_embeddings": anything,  # a bool: OmegaConf checks the type
     "model.init_std": number(),
+    "model.init_from": text(optional=True),
     "parallel.pp": count(MAX_LAYERS),
     "parallel.dp": count_or((AUTO,), "set parallel.dp=auto to use every worker, or e.g. "
                                      "parallel.dp=2"),

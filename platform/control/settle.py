@@ -87,17 +87,21 @@ def run_tokenizer(config: RaytronConfig, paths: RunPaths, spec: StreamSpec,
 
 
 def with_absolute_locations(config: RaytronConfig) -> RaytronConfig:
-    """Run root, checkpoints, the tracking store, local sources and the tokenizer, as
-    absolute locations: Ray workers run in other directories, and so may a later command."""
+    """Run root, checkpoints, the tracking store, local sources, the tokenizer and the
+    initial weights, as absolute locations: Ray workers run in other directories, and so
+    may a later command."""
     root = absolute(config.run.root)
     d = config.data
 
     def sources(group: list) -> list:
         return [dataclasses.replace(s, path=absolute(s.path)) for s in group]
 
+    init_from = config.model.init_from
     return dataclasses.replace(
         config,
         run=dataclasses.replace(config.run, root=root),
+        model=dataclasses.replace(config.model,
+                                  init_from=absolute(init_from) if init_from else None),
         checkpoint=dataclasses.replace(config.checkpoint, dir=absolute(config.checkpoint.dir)),
         tracking=dataclasses.replace(config.tracking,
                                      uri=tracking_uri(config.tracking.uri, root)),

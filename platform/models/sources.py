@@ -89,8 +89,8 @@ def open_source(path: str | Path) -> ModelSource:
         raise ConfigError([f"{path}: no {CONFIG_FILE} of its run found beside it. Fix: give "
                            "the run directory (<run.root>/<run.name>), which holds the "
                            "config and the tokenizer."])
-    raise ConfigError([f"{path} is no model: give a run directory (e.g. runs/tiny), one of "
-                       "its checkpoint folders (runs/tiny/checkpoints/step_00000200) or a "
+    raise ConfigError([f"{path} is no model. Fix: give a run directory (e.g. runs/tiny), one "
+                       "of its checkpoint folders (runs/tiny/checkpoints/step_00000200) or a "
                        f"Hugging Face folder (with {HF_CONFIG} and safetensors weights)."])
 
 

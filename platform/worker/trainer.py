@@ -79,7 +79,8 @@ class Trainer:
 
     def build_parts(self) -> tuple[list[GPT], list[int], int]:
         """This rank's pipeline stages (the whole model without a pipeline), materialized
-        and initialized from the seed: the same values whatever the layout."""
+        and initialized from the seed, or from model.init_from: the same values whatever
+        the layout."""
         p = self.config.parallel
         with torch.device("meta"):
             whole = GPT(gpt_shape(self.config.model))
@@ -95,6 +96,10 @@ class Trainer:
             part.to_empty(device=self.device)  # one tensor per module: unties
             part.tie_weights()
             part.init_weights(self.config.train.seed)
+        if self.config.model.init_from:
+            from raytron.platform.models.initial import load_initial_weights
+
+            load_initial_weights(parts, self.config.model.init_from)
         return parts, stage_ids, n_stages
 
     def parameters(self) -> list[torch.nn.Parameter]:

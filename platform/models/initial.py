@@ -1,0 +1,54 @@
+"""`model.init_from`: a training run that starts from the weights of a raytron checkpoint
+or a Hugging Face Llama folder instead of random ones (with a fresh optimizer, at step 0).
+
+The model's shape comes from the source, as `from_pretrained` takes it from config.json:
+n_layers, d_model, n_heads, n_kv_heads, ffn_hidden, vocab_size, rope_theta, norm_eps and
+tie_embeddings replace the config's. Its tokenizer is the run's unless data.tokenizer
+names another. Every rank reads the whole tensors of the parameters it holds, before any
+sharding, so a source loads into any layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from raytron.model.gpt import GPT
+from raytron.platform.config.schema import ConfigError, RaytronConfig
+from raytron.platform.models.loading import load_weights
+from raytron.platform.models.sources import HUGGING_FACE, open_source
+from raytron.platform.storage.run_dir import TOKENIZER_FILE
+
+SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
+              "rope_theta", "norm_eps", "tie_embeddings")
+
+
+def with_initial_model(config: RaytronConfig) -> RaytronConfig:
+    """The config with the source's shape and, unless data.tokenizer is set, its tokenizer;
+    as it is without model.init_from. ConfigError when the source holds no model."""
+    if not config.model.init_from:
+        return config
+    try:
+        source = open_source(config.model.init_from)
+    except ConfigError as error:
+        raise ConfigError([f"model.init_from: {p}" for p in error.problems]) from None
+    shape = {key: getattr(source.shape, key) for key in SHAPE_KEYS}
+    data = config.data
+    if data.tokenizer is None:
+        if source.tokenizer is None:
+            raise ConfigError([f"model.init_from={config.model.init_from} has no "
+                               "tokenizer.json. Fix: set data.tokenizer to the model's "
+                               "tokenizer.json."])
+        folder = source.path if source.kind == HUGGING_FACE else source.run_dir
+        data = dataclasses.replace(data, tokenizer=str(folder / TOKENIZER_FILE))
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **shape),
+                               data=data)
+
+
+def load_initial_weights(parts: list[GPT], init_from: str) -> None:
+    """Overwrite the freshly initialized `parts` (this rank's pipeline stages, not yet
+    sharded) with the source's weights."""
+    source = open_source(init_from)
+    names = {name for part in parts for name in part.state_dict()}
+    weights = source.read_weights(names)
+    for part in parts:
+        load_weights(part, weights, source)
