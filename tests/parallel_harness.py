@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from raytron.platform.config.load import load_config
 from raytron.platform.config.resolve import resolve_model
+from raytron.platform.models.initial import with_initial_model
 from raytron.platform.storage.checkpoint import CheckpointStore
 from raytron.platform.worker.layout import Layout, build_mesh
 from raytron.platform.worker.trainer import Trainer
@@ -25,7 +26,7 @@ BASE = ["model.n_layers=4", "model.d_model=32", "model.n_heads=4", "model.n_kv_h
 
 
 def config(overrides: list[str]):
-    loaded = load_config("tiny", BASE + overrides)
+    loaded = with_initial_model(load_config("tiny", BASE + overrides))
     return dataclasses.replace(loaded, model=resolve_model(loaded.model, 128))
 
 

@@ -26,9 +26,14 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference_checkpoints(tmp_path_factory):
     checkpoints = tmp_path_factory.mktemp("reference")
-    result = run_single([], checkpoints=checkpoints)
+    return run_single([], checkpoints=checkpoints), checkpoints
+
+
+@pytest.fixture(scope="module")
+def reference(reference_checkpoints):
+    result, checkpoints = reference_checkpoints
     return result, final_parameters(checkpoints, 6)
 
 
@@ -104,3 +109,62 @@ def test_a_tied_model_trains_one_matrix():
         cfg.model, tie_embeddings=False)), Layout(), torch.device("cpu"), None).parts[0]
     assert sum(p.numel() for p in untied.parameters()) - sum(
         p.numel() for p in part.parameters()) == cfg.model.vocab_size * cfg.model.d_model
+
+
+def test_a_pp2_tp2_checkpoint_generates_what_the_1x1x1_checkpoint_does(tmp_path,
+                                                                      reference_checkpoints):
+    from raytron.model.generate import generate_ids
+    from raytron.model.gpt import GPT
+    from raytron.model.sampling import Sampling
+    from raytron.platform.config.resolve import gpt_shape
+    from raytron.platform.storage.checkpoint import CheckpointStore
+
+    from parallel_harness import config
+
+    run_parallel(["parallel.pp=2", "parallel.tp=2"], checkpoints=tmp_path)
+    prompts = [[5, 9, 77, 3], [100], list(range(20, 32))]
+    generated, logits = [], []
+    for checkpoints in (reference_checkpoints[1], tmp_path):
+        model = GPT(gpt_shape(config([]).model)).eval()
+        model.load_state_dict(CheckpointStore(checkpoints, keep_last=10).read_model(6))
+        generated.append(generate_ids(model, prompts, 12, Sampling(greedy=True)).ids)
+        with torch.no_grad():
+            logits.append(model(torch.tensor([prompts[2]])))
+    assert generated[0] == generated[1]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """A random transformers Llama in the harness's shape, as a Hugging Face folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model_runs import small_tokenizer
+
+    torch.manual_seed(5)
+    folder = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        initializer_range=0.1)).save_pretrained(folder)
+    small_tokenizer(300).save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_init_from_a_llama_starts_every_layout_from_its_weights(llama_folder):
+    """The first loss is transformers' loss on the first batch; pp2 x tp2 trains on from
+    there exactly as one process does."""
+    from transformers import AutoModelForCausalLM
+
+    from parallel_harness import batch, config
+
+    start = [f"model.init_from={llama_folder}", "model.n_layers=2", "model.d_model=64"]
+    cfg = config(start)
+    assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.n_kv_heads) == (4, 32, 2)
+    assert cfg.data.tokenizer == str(llama_folder / "tokenizer.json")
+    single = run_single(start)
+    first = batch(0, cfg)
+    with torch.no_grad():
+        hf_loss = AutoModelForCausalLM.from_pretrained(llama_folder)(first, labels=first).loss
+    assert single["losses"][0] == pytest.approx(hf_loss.item(), rel=1e-5)
+    assert_same_run(run_parallel(start + ["parallel.pp=2", "parallel.tp=2"]), single)

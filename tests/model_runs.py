@@ -1,0 +1,59 @@
+"""A raytron run directory as `raytron train` leaves it (config.yaml, tokenizer.json, a
+committed checkpoint, an MLflow run id), written without Ray, for the tests of what is
+done with a trained model."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from raytron.model.gpt import GPT, GPTShape
+from raytron.pipelines.sources import embedded_records
+from raytron.pipelines.tokenizer import train_bpe
+from raytron.platform.config.load import load_config, to_yaml
+from raytron.platform.storage.checkpoint import CheckpointStore
+from raytron.platform.storage.run_dir import CONFIG_FILE, TOKENIZER_FILE
+from raytron.platform.storage.tracking import RUN_ID_FILE
+
+
+def reference_texts(count: int = 60) -> list[str]:
+    """Real English: the Python language reference that CPython ships."""
+    return [record.text for record in embedded_records(0)][:count]
+
+
+def small_tokenizer(vocab_size: int = 512) -> Tokenizer:
+    return train_bpe(reference_texts(), vocab_size, show_progress=False)
+
+
+def small_model(vocab_size: int, **changes) -> GPT:
+    """Random weights, large enough that greedy decoding does not just repeat a token."""
+    base = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128,
+                vocab_size=vocab_size, max_seq_len=64, init_std=0.1, tie_embeddings=False)
+    return GPT(GPTShape(**{**base, **changes}), seed=11).eval()
+
+
+def write_run(root: Path, name: str, model: GPT, tokenizer: Tokenizer,
+              overrides: tuple[str, ...] = (), step: int = 10,
+              tracking: tuple[str, str] | None = None) -> Path:
+    """The run directory `root/name` of `model`, checkpointed at `step`; `tracking` is
+    (tracking URI, MLflow run id) of its MLflow run."""
+    shape = model.shape
+    config = load_config("tiny", [f"run.root={root}", f"run.name={name}",
+                                  f"data.seq_len={shape.max_seq_len}",
+                                  f"checkpoint.dir={root / name / 'checkpoints'}",
+                                  *([f"tracking.uri={tracking[0]}"] if tracking else []),
+                                  *overrides])
+    fields = {f.name: getattr(shape, f.name) for f in dataclasses.fields(GPTShape)}
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, **fields))
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    (run_dir / CONFIG_FILE).write_text(to_yaml(config))
+    tokenizer.save(str(run_dir / TOKENIZER_FILE))
+    if tracking:
+        (run_dir / RUN_ID_FILE).write_text(tracking[1])
+    optimizer = torch.optim.AdamW(model.parameters())
+    CheckpointStore(config.checkpoint.dir, keep_last=2).save(step, [model], [optimizer], {})
+    return run_dir
