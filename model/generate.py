@@ -25,6 +25,10 @@ STOP, LENGTH = "stop", "length"  # why a sequence ended: an end token or stop st
 SAMPLE = Sampling()  # temperature 1, no filtering
 
 
+class PromptError(ValueError):
+    """A prompt the model cannot continue: empty, or as long as its context."""
+
+
 @dataclass
 class Timing:
     """Wall-clock seconds of the prefill (up to the first token) and of the decode steps."""
@@ -70,7 +74,7 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
     context = model.shape.max_seq_len
     for row, prompt in enumerate(prompts):
         if not 0 < len(prompt) < context:
-            raise ValueError(f"prompt {row} has {len(prompt)} tokens; a prompt needs 1 to "
+            raise PromptError(f"prompt {row} has {len(prompt)} tokens; a prompt needs 1 to "
                              f"{context - 1} (the model's context is {context} tokens)")
     device = next(model.parameters()).device
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)

@@ -92,6 +92,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def generate_command(args: argparse.Namespace) -> int:
+    from raytron.model.generate import PromptError
     from raytron.platform.models.loading import load_model
 
     prompts = read_prompts(args)
@@ -113,8 +114,11 @@ def generate_command(args: argparse.Namespace) -> int:
         if len(batch) == 1:
             print(separator(start, len(prompts)) + batch[0], end="", flush=True)
         seed = None if args.seed is None else args.seed + start  # as the Python API seeds
-        generations = loaded.generate(batch, on_text=stream if len(batch) == 1 else None,
-                                      seed=seed, **options)
+        try:
+            generations = loaded.generate(batch, on_text=stream if len(batch) == 1 else None,
+                                          seed=seed, **options)
+        except PromptError as error:
+            raise ConfigError([f"{error}. Fix: shorten the prompt."]) from None
         for index, generation in enumerate(generations):
             if len(batch) > 1:
                 print(separator(start + index, len(prompts)) + generation.prompt
