@@ -4,6 +4,7 @@ so do runs that survive failure drills, resize with their cluster and are preemp
 resumed run applies a new schedule, refuses a new source list, never starts over when its
 checkpoints cannot be read, and keeps credentials out of everything it writes."""
 
+import json
 import os
 import shutil
 import signal
@@ -119,6 +120,33 @@ def test_a_killed_run_resumes_with_the_uninterrupted_losses(root, killed):
 def test_running_a_finished_run_again_changes_nothing(root, whole):
     output = run_to_end(root, "whole")
     assert "already finished 24 steps" in output
+
+
+def cli(root: Path, *argv: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "raytron.platform.cli", *argv],
+                            capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_a_trained_run_generates_evaluates_exports_and_starts_another(root, whole):
+    """The README's "Use the model" commands on a finished run, and a run started from its
+    export in another layout: it begins where the first one ended, not at random."""
+    generated = cli(root, "generate", "whole", "--prompt", "The ", "--greedy",
+                    "--max-new-tokens", "16")
+    assert generated.stdout.startswith("The ") and "tokens/s" in generated.stderr
+    cli(root, "eval", "whole", "--data", "embedded:python-reference", "--split", "held-out")
+    result = json.loads((root / "whole" / "eval" / "python-reference_step24.json").read_text())
+    client, run, history = loss_history(root, "whole")
+    first_loss = min(history, key=lambda m: m.step).value
+    assert result["loss"] < first_loss - 0.7
+    assert run.data.metrics["eval/python-reference/loss"] == pytest.approx(result["loss"])
+    cli(root, "export", "whole", "whole-hf")
+    output = run_to_end(root, "tuned", (f"model.init_from={root / 'whole-hf'}",
+                                        "parallel.dp=2", "train.steps=4"))
+    assert "Finished 4 steps" in output
+    _, _, tuned = loss_history(root, "tuned")
+    assert min(tuned, key=lambda m: m.step).value < first_loss - 0.7
 
 
 def assert_losses_match(root: Path, name: str, rel: float = 1e-4) -> dict:
