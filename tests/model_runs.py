@@ -4,7 +4,9 @@ done with a trained model."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 from pathlib import Path
 
 import torch
@@ -13,6 +15,7 @@ from tokenizers import Tokenizer
 from raytron.model.gpt import GPT, GPTShape
 from raytron.pipelines.sources import embedded_records
 from raytron.pipelines.tokenizer import train_bpe
+from raytron.platform.cli import main
 from raytron.platform.config.load import load_config, to_yaml
 from raytron.platform.storage.checkpoint import CheckpointStore
 from raytron.platform.storage.run_dir import CONFIG_FILE, TOKENIZER_FILE
@@ -57,3 +60,12 @@ def write_run(root: Path, name: str, model: GPT, tokenizer: Tokenizer,
     optimizer = torch.optim.AdamW(model.parameters())
     CheckpointStore(config.checkpoint.dir, keep_last=2).save(step, [model], [optimizer], {})
     return run_dir
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """`raytron ARGV` in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            contextlib.suppress(SystemExit):
+        return main(list(argv)), out.getvalue(), err.getvalue()
+    return 2, out.getvalue(), err.getvalue()  # argparse exits with 2 on a usage error

@@ -2,8 +2,6 @@
 and compute the same logits, tokens, greedy generations and perplexity; imported models
 compute what transformers computes; import then export gives back the same bytes."""
 
-import contextlib
-import io
 import json
 import math
 
@@ -12,20 +10,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from raytron.platform.cli import main
 from raytron.platform.models import load_model
 from raytron.platform.models.export import export_hugging_face
 from raytron.platform.models.sources import open_source
 
 from conftest import CORPUS
-from model_runs import reference_texts, small_model, small_tokenizer, write_run
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
+from model_runs import reference_texts, run_cli, small_model, small_tokenizer, write_run
 
 
 @pytest.fixture(scope="module")

@@ -1,23 +1,11 @@
 """`raytron generate` and `raytron eval` as a user meets them: sources, prompt files, stop
 strings, seeds, and bad input refused with exit 2 and a fix."""
 
-import contextlib
-import io
 import json
 
 import pytest
 
-from raytron.platform.cli import main
-
-from model_runs import small_model, small_tokenizer, write_run
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-            contextlib.suppress(SystemExit):
-        return main(list(argv)), out.getvalue(), err.getvalue()
-    return 2, out.getvalue(), err.getvalue()  # argparse exits with 2 on a usage error
+from model_runs import run_cli, small_model, small_tokenizer, write_run
 
 
 @pytest.fixture(scope="module")

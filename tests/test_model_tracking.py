@@ -1,23 +1,13 @@
 """What eval and export leave in MLflow: metrics on the run's MLflow run, and the exported
 model logged as a transformers model and registered, loadable by MLflow itself."""
 
-import contextlib
-import io
 
 import pytest
 from mlflow import MlflowClient
 
-from raytron.platform.cli import main
 from raytron.platform.models import load_model
 
-from model_runs import small_model, small_tokenizer, write_run
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
+from model_runs import run_cli, small_model, small_tokenizer, write_run
 
 
 @pytest.fixture(scope="module")
