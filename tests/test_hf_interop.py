@@ -79,7 +79,8 @@ def test_greedy_generation_equals_transformers_generate(exported):
     assert "tokens/s" in err
     theirs_tok = AutoTokenizer.from_pretrained(exported[1])
     ours = load_model(run_dir).generate(prompts, max_new_tokens=24, greedy=True)
-    assert all(len(set(g.tokens)) > 5 for g in ours)  # varied text, not one token repeated
+    if not hf.config.tie_word_embeddings:  # a random tied model repeats the last token
+        assert all(len(set(g.tokens)) > 5 for g in ours)
     for prompt, generation in zip(prompts, ours, strict=True):
         ids = theirs_tok(prompt, return_tensors="pt")["input_ids"]
         generated = hf.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
