@@ -70,3 +70,11 @@ def test_eval_of_the_held_out_documents_and_a_prompt_longer_than_the_context(run
     assert 0 < result["documents"] < 40 and result["split"] == "held-out"
     code, _, err = run_cli("generate", str(run_dir), "--prompt", "word " * 100)
     assert code == 2 and "the model's context is 64 tokens" in err
+
+
+def test_held_out_means_what_the_run_held_out_of_its_sources(tmp_path):
+    run_dir = write_run(tmp_path, "validated", small_model(512), small_tokenizer(),
+                        ("data.validation_sources=[embedded:python-reference]",))
+    code, _, err = run_cli("eval", str(run_dir), "--data", "embedded:python-reference",
+                           "--split", "held-out")
+    assert code == 2 and "data.validation_sources" in err and "Fix:" in err

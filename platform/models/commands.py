@@ -212,9 +212,8 @@ def eval_command(args: argparse.Namespace) -> int:
 
     sources = sources_of(args.data)
     source = open_source(args.source)
-    if args.split == HELD_OUT and source.config is None:
-        raise ConfigError(["--split held-out needs a raytron run or checkpoint as SOURCE (a "
-                           "Hugging Face folder held nothing out). Fix: use --split all."])
+    if args.split == HELD_OUT:
+        held_out_problem(source)
     seq_len = args.seq_len or source.shape.max_seq_len
     if seq_len > source.shape.max_seq_len:
         raise ConfigError([f"--seq-len {seq_len} is longer than the model's context "
@@ -243,6 +242,18 @@ def eval_command(args: argparse.Namespace) -> int:
         print("Not logged to MLflow: the run's tracking URI holds credentials raytron does "
               "not save. Fix: set MLFLOW_TRACKING_URI or --tracking-uri.", file=sys.stderr)
     return 0
+
+
+def held_out_problem(source) -> None:
+    """--split held-out means the documents the run held out of its sources by hash."""
+    data = source.config.data if source.config else None
+    if data is None or data.validation_sources or data.val_share <= 0:
+        why = ("a Hugging Face folder held nothing out" if data is None else
+               "the run validated on data.validation_sources and trained on all of its "
+               "sources" if data.validation_sources else "the run held nothing out "
+               "(data.val_share=0)")
+        raise ConfigError([f"--split held-out: {why}. Fix: use --split all (with the run's "
+                           "validation sources as --data, if it had any)."])
 
 
 def default_output(source, name: str) -> Path:
