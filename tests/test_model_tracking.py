@@ -2,10 +2,13 @@
 model logged as a transformers model and registered, loadable by MLflow itself."""
 
 
+import os
+
 import pytest
 from mlflow import MlflowClient
 
 from raytron.platform.models import load_model
+from raytron.platform.models.export import global_tracking_uri
 
 from model_runs import run_cli, small_model, small_tokenizer, write_run
 
@@ -42,14 +45,17 @@ def test_export_logs_and_registers_a_transformers_model(tracked_run, tmp_path):
     import mlflow
 
     run_dir, client, run_id = tracked_run
+    environment = os.environ.get("MLFLOW_TRACKING_URI")
     code, printed, err = run_cli("export", str(run_dir), str(tmp_path / "hf"),
                                  "--register", "tiny-test")
+    assert os.environ.get("MLFLOW_TRACKING_URI") == environment
     assert code == 0, err
     versions = client.search_model_versions("name='tiny-test'")
     assert [v.run_id for v in versions] == [run_id]
     assert client.get_run(run_id).info.status == "FINISHED"  # the finished run stays so
-    mlflow.set_tracking_uri(client.tracking_uri)
-    pipeline = mlflow.transformers.load_model("models:/tiny-test/1")
+    with global_tracking_uri(client.tracking_uri):
+        pipeline = mlflow.transformers.load_model("models:/tiny-test/1")
+    assert os.environ.get("MLFLOW_TRACKING_URI") == environment  # later runs log elsewhere
     prompt = "The import statement"
     theirs = pipeline(prompt, max_new_tokens=12, do_sample=False,
                       return_full_text=False)[0]["generated_text"]

@@ -4,8 +4,11 @@ logged to the run's MLflow run and registered in MLflow's model registry."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, processors
@@ -89,13 +92,27 @@ def log_to_mlflow(folder: Path, uri: str, run_id: str, register: str | None) -> 
     quiet_mlflow()
     # it looks a local folder up on the Hub for a model card and license, and warns
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     status = client.get_run(run_id).info.status
-    with mlflow.start_run(run_id=run_id):
+    with global_tracking_uri(uri), mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
             transformers_model=str(folder.resolve()), name="model", task="text-generation",
             registered_model_name=register, pip_requirements=model_requirements())
     if status != "RUNNING":
         client.set_terminated(run_id, status=status)
     return info.model_uri
+
+
+@contextlib.contextmanager
+def global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (`start_run`, `log_model`) reads one global tracking URI, which
+    `set_tracking_uri` also exports as $MLFLOW_TRACKING_URI for every later subprocess:
+    set it for the block only, and put back what was there."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
