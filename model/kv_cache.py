@@ -21,10 +21,14 @@ class LayerCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (batch, kv_heads, new, head_dim) at the new positions; return the
         keys and values of every position up to the furthest one written."""
-        index = self.owner.positions[:, None, :, None].expand_as(k)
-        self.keys.scatter_(2, index, k.to(self.keys.dtype))
-        self.values.scatter_(2, index, v.to(self.values.dtype))
-        span = self.owner.span
+        start, span = self.owner.start, self.owner.span
+        if start is not None:  # every sequence at the same positions: a plain copy
+            self.keys[:, :, start:span] = k
+            self.values[:, :, start:span] = v
+        else:
+            index = self.owner.positions[:, None, :, None].expand_as(k)
+            self.keys.scatter_(2, index, k.to(self.keys.dtype))
+            self.values.scatter_(2, index, v.to(self.values.dtype))
         return self.keys[:, :, :span], self.values[:, :, :span]
 
     @property
@@ -42,6 +46,7 @@ class KVCache:
         self.lengths = [0] * batch  # tokens cached per sequence
         self.positions = torch.zeros(batch, 0, dtype=torch.long, device=device)
         self.span = 0
+        self.start: int | None = None  # the first new position, when all sequences share it
         self.mask: torch.Tensor | None = None
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.layers = [LayerCache(self, torch.zeros(shape, dtype=dtype, device=device),
@@ -51,20 +56,22 @@ class KVCache:
     def advance(self, new: int, cos: torch.Tensor, sin: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Make room for `new` tokens of every sequence, at its next positions; returns
-        the rotary tables of those positions, (batch, 1, new, head_dim / 2)."""
+        the rotary tables of those positions, broadcastable to (batch, heads, new,
+        head_dim / 2)."""
         end = max(self.lengths) + new
         if end > self.max_len:
             raise ValueError(f"the cache holds {self.max_len} positions; {end} are needed")
         device = self.positions.device
+        self.span = end
+        self.start = self.lengths[0] if len(set(self.lengths)) == 1 else None
+        if self.start is not None and new == 1:
+            self.mask = None  # one new token each, at the same position: it sees them all
+            self.lengths = [end] * len(self.lengths)
+            return cos[self.start : end], sin[self.start : end]
         starts = torch.tensor(self.lengths, device=device)
         self.positions = starts[:, None] + torch.arange(new, device=device)
-        self.span = end
-        same = len(set(self.lengths)) == 1
-        if same and new == 1:
-            self.mask = None  # one new token each, at the same position: it sees them all
-        else:  # each query sees the keys at its own position and before
-            keys = torch.arange(end, device=device)
-            self.mask = keys[None, None, None, :] <= self.positions[:, None, :, None]
+        keys = torch.arange(end, device=device)  # each query sees its position and before
+        self.mask = keys[None, None, None, :] <= self.positions[:, None, :, None]
         self.lengths = [length + new for length in self.lengths]
         return cos[self.positions].unsqueeze(1), sin[self.positions].unsqueeze(1)
 
