@@ -59,6 +59,14 @@ class Generated:
     timing: Timing = field(default_factory=Timing)
 
 
+def check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
+    for number, prompt in enumerate(prompts, 1):
+        if not 0 < len(prompt) < context:
+            raise PromptError(f"prompt {number} of {len(prompts)} has {len(prompt)} tokens; a "
+                              f"prompt needs 1 to {context - 1} (the model's context is "
+                              f"{context} tokens)")
+
+
 @torch.inference_mode()
 def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling = SAMPLE, end_ids: Sequence[int] = (),
@@ -72,10 +80,7 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be 1 or more, not {max_new_tokens}")
     context = model.shape.max_seq_len
-    for row, prompt in enumerate(prompts):
-        if not 0 < len(prompt) < context:
-            raise PromptError(f"prompt {row} has {len(prompt)} tokens; a prompt needs 1 to "
-                             f"{context - 1} (the model's context is {context} tokens)")
+    check_prompts(prompts, context)
     device = next(model.parameters()).device
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     lengths = [len(prompt) for prompt in prompts]
@@ -156,6 +161,7 @@ class TextGenerator:
         """Completions of `prompts`, `batch_size` decoded together. `on_text(index, text)`
         receives each prompt's new text as it is generated."""
         encoded = [self.encode(prompt) for prompt in prompts]
+        check_prompts(encoded, self.model.shape.max_seq_len)  # all, before any is generated
         generations: list[Generation] = []
         self.timing = Timing()
         for start in range(0, len(prompts), batch_size):

@@ -71,7 +71,7 @@ def test_generation_stops_at_the_models_context():
     result = generate_ids(gpt, [list(range(1, 11)), [3]], 100, GREEDY)
     assert [len(ids) for ids in result.ids] == [6, 15]
     assert result.finish_reasons == [LENGTH, LENGTH]
-    with pytest.raises(ValueError, match="prompt 0 has 16 tokens"):
+    with pytest.raises(ValueError, match="prompt 1 of 1 has 16 tokens"):
         generate_ids(gpt, [list(range(16))], 5, GREEDY)
 
 

@@ -68,8 +68,9 @@ def test_eval_of_the_held_out_documents_and_a_prompt_longer_than_the_context(run
     assert code == 0, err
     result = json.loads((tmp_path / "r.json").read_text())
     assert 0 < result["documents"] < 40 and result["split"] == "held-out"
-    code, _, err = run_cli("generate", str(run_dir), "--prompt", "word " * 100)
-    assert code == 2 and "the model's context is 64 tokens" in err
+    code, out, err = run_cli("generate", str(run_dir), "--prompt", "x", "--prompt", "word " * 100)
+    assert code == 2 and "prompt 2 of 2 has" in err and "the model's context is 64" in err
+    assert out == ""  # refused before anything was generated
 
 
 def test_held_out_means_what_the_run_held_out_of_its_sources(tmp_path):

@@ -92,7 +92,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from raytron.model.generate import PromptError
+    from raytron.model.generate import PromptError, check_prompts
     from raytron.platform.models.loading import load_model
 
     prompts = read_prompts(args)
@@ -105,6 +105,11 @@ def generate_command(args: argparse.Namespace) -> int:
                    top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, stop=stop,
                    batch_size=args.batch_size)
 
+    try:  # every prompt, before any output
+        check_prompts([loaded.generator.encode(p) for p in prompts], loaded.model.shape.max_seq_len)
+    except PromptError as error:
+        raise ConfigError([f"{error}. Fix: shorten the prompt."]) from None
+
     def stream(_: int, text: str) -> None:
         print(text, end="", flush=True)
 
@@ -114,11 +119,8 @@ def generate_command(args: argparse.Namespace) -> int:
         if len(batch) == 1:
             print(separator(start, len(prompts)) + batch[0], end="", flush=True)
         seed = None if args.seed is None else args.seed + start  # as the Python API seeds
-        try:
-            generations = loaded.generate(batch, on_text=stream if len(batch) == 1 else None,
-                                          seed=seed, **options)
-        except PromptError as error:
-            raise ConfigError([f"{error}. Fix: shorten the prompt."]) from None
+        generations = loaded.generate(batch, on_text=stream if len(batch) == 1 else None,
+                                      seed=seed, **options)
         for index, generation in enumerate(generations):
             if len(batch) > 1:
                 print(separator(start + index, len(prompts)) + generation.prompt
