@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -162,14 +163,13 @@ def add_eval_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--output", metavar="FILE",
                          help="where to write the result as JSON (default: "
                               "RUN_DIR/eval/NAME_step<N>.json for a run, else eval_NAME.json)")
-    add_mlflow_arguments(command, "log the metrics to")
+    add_mlflow_arguments(command)
     add_device_argument(command)
 
 
-def add_mlflow_arguments(command: argparse.ArgumentParser, what: str) -> None:
+def add_mlflow_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--run-id", metavar="ID",
-                         help=f"MLflow run to {what.split(' ', 1)[0]} to (default: the SOURCE "
-                              "run's own)")
+                         help="MLflow run to log to (default: the SOURCE run's own)")
     command.add_argument("--tracking-uri", metavar="URI",
                          help="MLflow tracking URI (default: the run's, or "
                               "$MLFLOW_TRACKING_URI)")
@@ -274,11 +274,12 @@ def add_export_arguments(command: argparse.ArgumentParser) -> None:
                               "model.safetensors.index.json (default 5GB; e.g. 500MB)")
     command.add_argument("--mlflow", action="store_true",
                          help="log the folder to the run's MLflow run as a transformers model "
-                              "(task text-generation); needs `pip install transformers`")
+                              "(task text-generation); needs the hf extra: pip install "
+                              "'raytron[hf]'")
     command.add_argument("--register", metavar="NAME",
                          help="also register it in the MLflow model registry as NAME "
                               "(implies --mlflow)")
-    add_mlflow_arguments(command, "log the model to")
+    add_mlflow_arguments(command)
 
 
 EXPORT_EPILOG = """\
@@ -304,6 +305,9 @@ def export_command(args: argparse.Namespace) -> int:
                "the run's tracking URI holds credentials, which raytron does not save")
         raise ConfigError([f"--mlflow: {why}. Fix: give --run-id ID and --tracking-uri URI "
                            "(or set MLFLOW_TRACKING_URI)."])
+    if to_mlflow and importlib.util.find_spec("transformers") is None:
+        raise ConfigError(["--mlflow logs a transformers model, and transformers is not "
+                           "installed. Fix: pip install 'raytron[hf]'."])
     out = Path(args.out)
     files = export_hugging_face(source, out, args.dtype, args.max_shard_size)
     print(f"Exported {source.describe()} to {out}: {', '.join(f.name for f in files[:6])}"
