@@ -32,7 +32,7 @@ REPEATS = 5
 SHAPES = {  # name: (shape, prompt tokens, new tokens)
     "tiny (1.3M)": (GPTShape(n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, ffn_hidden=384,
                              vocab_size=2048, max_seq_len=256, tie_embeddings=False), 32, 128),
-    "gpt2-124m shape (85M)": (GPTShape(n_layers=12, d_model=768, n_heads=12, n_kv_heads=12,
+    "gpt2-124m shape (88M)": (GPTShape(n_layers=12, d_model=768, n_heads=12, n_kv_heads=12,
                                        ffn_hidden=2048, vocab_size=4096, max_seq_len=512),
                               64, 64),
 }
@@ -111,7 +111,7 @@ both (raytron's GPT and its export as `LlamaForCausalLM`); prompts of random tok
 all of one length; every sequence generates all its new tokens. Decode speed is
 (batch x (new - 1)) / (time for all new tokens - time for the first): the steps after
 the prefill. Target: raytron at least 1.5x transformers' decode tokens/s on CPU.
-A decode step of the 85M model reads all its weights (340 MB in fp32) whatever the
+A decode step of the 88M model reads all its weights (352 MB in fp32) whatever the
 framework, which caps both near the same speed at batch 1; the difference lies in
 what each step costs beyond the matmuls, which weighs most on small models.
 
