@@ -1,0 +1,1 @@
+"""Serving a model with Ray Serve behind an OpenAI-compatible API."""

@@ -1,0 +1,131 @@
+"""`raytron serve`'s Ray Serve application: a model behind OpenAI's completion routes.
+
+Each replica loads the model once; concurrent requests are gathered by `serve.batch`
+and decoded together (requests with the same sampling settings share one batch).
+"""
+
+
+import asyncio
+import json
+import time
+import uuid
+from collections import defaultdict
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from raytron.platform.serving.requests import BadRequest, Job, ParsedRequest, parse
+
+api = FastAPI(title="raytron")
+
+
+def error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": None}}, status_code=status)
+
+
+@serve.deployment(max_ongoing_requests=64)
+@serve.ingress(api)
+class ModelServer:
+    def __init__(self, source: str, name: str, api_key: str | None = None,
+                 max_batch_size: int = 8):
+        from raytron.platform.models.loading import load_model
+
+        self.loaded = load_model(source)
+        self.name, self.api_key = name, api_key
+        self.context = self.loaded.model.shape.max_seq_len
+        self.created = int(time.time())
+        self.generate_batch.set_max_batch_size(max_batch_size)
+
+    def refused(self, request: Request) -> "JSONResponse | None":
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return error(401, "a valid API key is needed: Authorization: Bearer KEY",
+                         "authentication_error")
+        return None
+
+    async def parsed(self, request: Request, chat: bool) -> ParsedRequest:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest("the body is not valid JSON") from None
+        parsed = parse(body, self.name, self.context, chat)
+        from raytron.model.generate import PromptError, check_prompts
+
+        try:
+            check_prompts([self.loaded.generator.encode(p) for p in parsed.prompts],
+                          self.context)
+        except PromptError as problem:
+            raise BadRequest(str(problem), "messages" if chat else "prompt") from None
+        return parsed
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        return self.refused(request) or {"object": "list", "data": [
+            {"id": self.name, "object": "model", "created": self.created,
+             "owned_by": "raytron"}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self.answer(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self.answer(request, chat=True)
+
+    async def answer(self, request: Request, chat: bool):
+        refusal = self.refused(request)
+        if refusal:
+            return refusal
+        try:
+            parsed = await self.parsed(request, chat)
+        except BadRequest as problem:
+            return JSONResponse(problem.body(), status_code=400)
+        if parsed.stream:
+            return error(400, "stream is not supported yet", "invalid_request_error", "stream")
+        results = await asyncio.gather(*(self.generate_batch(job) for job in parsed.jobs))
+        return self.response(parsed, results)
+
+    def response(self, parsed: ParsedRequest, results: list) -> dict:
+        choices = []
+        for index, generation in enumerate(results):
+            choice = {"index": index, "finish_reason": generation.finish_reason,
+                      "logprobs": None}
+            if parsed.chat:
+                choice["message"] = {"role": "assistant", "content": generation.text}
+            else:
+                choice["text"] = generation.text
+            choices.append(choice)
+        prompt_tokens = sum(g.prompt_tokens for g in results)
+        completion_tokens = sum(len(g.tokens) for g in results)
+        return {"id": f"{'chatcmpl' if parsed.chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion" if parsed.chat else "text_completion",
+                "created": int(time.time()), "model": self.name, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def generate_batch(self, jobs: list[Job]) -> list:
+        """Jobs that sample alike decode together; results in the order of `jobs`."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, job in enumerate(jobs):
+            groups[(job.sampling, job.stop, job.max_tokens, job.seed)].append(index)
+        results: list = [None] * len(jobs)
+        for (sampling, stop, max_tokens, seed), indices in groups.items():
+            generations = self.loaded.generator.generate(
+                [jobs[i].prompt for i in indices], max_tokens, sampling, seed, stop,
+                batch_size=len(indices))
+            for index, generation in zip(indices, generations, strict=True):
+                results[index] = generation
+        return results
+
+
+def build_app(source: str, name: str, api_key: str | None = None, max_batch_size: int = 8,
+              replicas: int = 1):
+    """The application, for `serve.run`, `serve run` and a KubeRay RayService."""
+    return ModelServer.options(num_replicas=replicas).bind(source, name, api_key,
+                                                           max_batch_size)
