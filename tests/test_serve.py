@@ -69,6 +69,24 @@ def test_chat_completions_use_the_chat_template(client, local):
     assert response.choices[0].message.content == expected[0].text
 
 
+def test_streams_carry_the_same_text_and_end_with_a_reason(client, local):
+    expected = local.generate("The import", 12, greedy=True)[0]
+    pieces, reasons = [], []
+    for chunk in client.completions.create(model="small", prompt="The import", max_tokens=12,
+                                           temperature=0, stream=True):
+        pieces.append(chunk.choices[0].text)
+        reasons.append(chunk.choices[0].finish_reason)
+    assert "".join(pieces) == expected.text and len(pieces) > 3
+    assert reasons[-1] == expected.finish_reason and set(reasons[:-1]) == {None}
+    chat = [{"role": "user", "content": "hi"}]
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in
+                       client.chat.completions.create(model="small", messages=chat,
+                                                      max_tokens=8, temperature=0,
+                                                      stream=True))
+    assert streamed == local.generate(render(chat, add_generation_prompt=True), 8,
+                                      greedy=True)[0].text
+
+
 @pytest.mark.parametrize("request_body", [
     {"model": "other", "prompt": "a"},
     {"model": "small", "prompt": ""},

@@ -12,7 +12,7 @@ import uuid
 from collections import defaultdict
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from raytron.platform.serving.requests import BadRequest, Job, ParsedRequest, parse
@@ -23,6 +23,12 @@ api = FastAPI(title="raytron")
 def error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param,
                                    "code": None}}, status_code=status)
+
+
+def sse(value: dict) -> str:
+    """A server-sent event. (Defined before the deployment: Ray Serve pickles the class
+    where it is decorated, with only the names defined by then.)"""
+    return f"data: {json.dumps(value)}\n\n"
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -86,9 +92,45 @@ class ModelServer:
         except BadRequest as problem:
             return JSONResponse(problem.body(), status_code=400)
         if parsed.stream:
-            return error(400, "stream is not supported yet", "invalid_request_error", "stream")
+            return StreamingResponse(self.events(parsed), media_type="text/event-stream")
         results = await asyncio.gather(*(self.generate_batch(job) for job in parsed.jobs))
         return self.response(parsed, results)
+
+    async def events(self, parsed: ParsedRequest):
+        """Server-sent events: a chunk for each piece of text as it is generated, one with
+        each choice's finish reason, then `[DONE]`. A streamed request decodes its own
+        prompts together, apart from the batched requests."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        job = parsed.jobs[0]  # the jobs of one request differ only in prompt and seed
+
+        def on_text(index: int, text: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (index, text))
+
+        def generate() -> list:
+            try:
+                return self.loaded.generator.generate(
+                    [j.prompt for j in parsed.jobs], job.max_tokens, job.sampling, job.seed,
+                    job.stop, batch_size=len(parsed.jobs), on_text=on_text)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        finished = loop.run_in_executor(None, generate)
+        head = {"id": f"{'chatcmpl' if parsed.chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion.chunk" if parsed.chat else "text_completion",
+                "created": int(time.time()), "model": self.name}
+        while (item := await queue.get()) is not None:
+            yield sse({**head, "choices": [self.chunk(parsed.chat, *item, None)]})
+        for index, generation in enumerate(await finished):
+            yield sse({**head, "choices": [self.chunk(parsed.chat, index, "",
+                                                      generation.finish_reason)]})
+        yield "data: [DONE]\n\n"
+
+    @staticmethod
+    def chunk(chat: bool, index: int, text: str, finish_reason: str | None) -> dict:
+        if chat:
+            delta = {"role": "assistant", "content": text} if text else {}
+            return {"index": index, "delta": delta, "finish_reason": finish_reason}
+        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
 
     def response(self, parsed: ParsedRequest, results: list) -> dict:
         choices = []
