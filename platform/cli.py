@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 def add_model_commands(commands) -> None:
     """generate, eval, export: what is done with a trained model."""
     from raytron.platform.models import commands as model_commands
+    from raytron.platform.serving import command as serve_command
 
     for name, summary, epilog, add_arguments in (
         ("generate", "generate text from a trained model, streamed token by token",
@@ -124,6 +125,8 @@ def add_model_commands(commands) -> None:
          model_commands.add_eval_arguments),
         ("export", "write a model as a Hugging Face folder that transformers loads",
          model_commands.EXPORT_EPILOG, model_commands.add_export_arguments),
+        ("serve", "serve a model behind an OpenAI-compatible API on Ray Serve",
+         serve_command.SERVE_EPILOG, serve_command.add_serve_arguments),
     ):
         command = commands.add_parser(name, help=summary, description=summary, epilog=epilog,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,6 +183,10 @@ def plan_command(config: RaytronConfig) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from raytron.platform.serving.command import serve_command
+
+        return serve_command(args)
     if args.command in MODEL_COMMANDS:
         from raytron.platform.models import commands as model_commands
 
@@ -215,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(args)
     except ConfigError as error:
         what = {"status": "cannot read the run", "generate": "cannot generate",
-                "eval": "cannot evaluate", "export": "cannot export"}.get(args.command,
+                "eval": "cannot evaluate", "export": "cannot export",
+                "serve": "cannot serve"}.get(args.command,
                                                                          "invalid config")
         print(f"raytron: {what}:\n{error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -14,7 +14,7 @@ from openai import AuthenticationError, BadRequestError, OpenAI
 from raytron.pipelines.chat import render
 from raytron.platform.models import load_model
 
-from model_runs import small_model, small_tokenizer, write_run
+from model_runs import run_cli, small_model, small_tokenizer, write_run
 
 KEY = "test-key"
 
@@ -128,3 +128,32 @@ def test_concurrent_requests_decode_together_and_give_what_each_gives_alone(clie
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         texts = list(pool.map(complete, prompts))
     assert texts == [g.text for g in local.generate(prompts, 10, greedy=True, batch_size=1)]
+
+
+def test_raytron_serve_runs_in_the_foreground_and_stops_on_ctrl_c(served, tmp_path):
+    import queue
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    code, _, err = run_cli("serve", str(tmp_path), "--port", "1")
+    assert code == 2 and "is no model" in err  # refused before Ray starts
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "raytron.platform.cli", "serve",
+                                str(served[0]), "--name", "cli", "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout],
+                     daemon=True).start()
+    output = []
+    try:
+        while not output or "Ctrl-C stops it" not in output[-1]:
+            output.append(lines.get(timeout=180))  # the command says when it is ready
+        cli = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert cli.completions.create(model="cli", prompt="A class", max_tokens=4).choices
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    assert process.returncode == 0, "".join(output)
+    assert any(f"at http://127.0.0.1:{port}/v1" in line for line in output)
