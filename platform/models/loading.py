@@ -16,6 +16,7 @@ from raytron.model.gpt import GPT
 from raytron.model.sampling import Sampling
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.models.sources import ModelSource, open_source
+from raytron.platform.worker.hardware import autocast_dtype
 
 
 @dataclass
@@ -42,7 +43,8 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """As training computes by default: bf16 on a GPU, fp32 on the CPU."""
+    return autocast_dtype("auto", device) or torch.float32
 
 
 def load_model(source: str | Path | ModelSource, device: str | torch.device | None = None,

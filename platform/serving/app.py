@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from raytron.model.generate import PromptError, check_prompts
 from raytron.platform.serving.requests import BadRequest, Job, ParsedRequest, parse
 
 api = FastAPI(title="raytron")
@@ -56,8 +57,6 @@ class ModelServer:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise BadRequest("the body is not valid JSON") from None
         parsed = parse(body, self.name, self.context, chat)
-        from raytron.model.generate import PromptError, check_prompts
-
         try:
             check_prompts([self.loaded.generator.encode(p) for p in parsed.prompts],
                           self.context)
