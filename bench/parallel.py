@@ -26,11 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # glo
 from report import machine, markdown_table, write_section  # noqa: E402
 
 from raytron.model.gpt import GPT, cross_entropy  # noqa: E402
+from raytron.pipelines.packing import Batch  # noqa: E402
 from raytron.platform.config.load import load_config  # noqa: E402
 from raytron.platform.config.resolve import gpt_shape, resolve_model  # noqa: E402
 from raytron.platform.worker.layout import Layout, build_mesh  # noqa: E402
 from raytron.platform.worker.optim import build_optimizer  # noqa: E402
-from raytron.platform.worker.trainer import Trainer  # noqa: E402
+from raytron.platform.worker.trainer import Sequences, Trainer  # noqa: E402
 
 from gloo import run_on_gloo  # noqa: E402
 
@@ -62,7 +63,9 @@ def trainer_tokens_per_s(overrides: list[str]) -> float:
     times = []
     for tokens in batches(cfg, WARMUP + STEPS):
         started = time.perf_counter()
-        trainer.train_step(tokens[dp_rank * share : (dp_rank + 1) * share])
+        trainer.train_step(Sequences.of(
+            Batch.of(list(tokens.numpy())).rows(dp_rank * share, (dp_rank + 1) * share),
+            torch.device("cpu")))
         times.append(time.perf_counter() - started)
     return cfg.train.global_batch * cfg.data.seq_len / statistics.median(times[WARMUP:])
 

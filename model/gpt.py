@@ -76,21 +76,21 @@ class Attention(nn.Module):
         self.wo = nn.Linear(shape.n_heads * shape.head_dim, shape.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerCache | None = None) -> torch.Tensor:
-        """`cos`, `sin`: the rotary tables of all positions, of which the first `seq` are
-        used; with a cache, the tables of each sequence's new positions."""
+                mask: torch.Tensor | None = None, cache: LayerCache | None = None
+                ) -> torch.Tensor:
+        """`cos`, `sin`: rotary tables whose last `seq` rows (dim -2) are the positions
+        of x, or which start with them; `mask`: which keys each query sees (None: causal)."""
         batch, seq, _ = x.shape
         # -1 instead of the head count: under tensor parallelism each rank holds a share.
         q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        if cache is None:
-            cos, sin = cos[:seq], sin[:seq]
+        cos, sin = cos[..., :seq, :], sin[..., :seq, :]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if cache is None else cache.mask, is_causal=cache is None,
+            q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
             enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -117,8 +117,9 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(shape)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
+                mask: torch.Tensor | None = None, cache: LayerCache | None = None
+                ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -170,16 +171,23 @@ class GPT(nn.Module):
         cos, sin = rope_tables(self.shape.head_dim, self.shape.max_seq_len, self.shape.rope_theta)
         self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab) for token ids (batch, seq); a stage without the
         embedding takes hidden states, one without the head returns them. With a `cache`,
-        `tokens` continue each cached sequence (all of a prompt, then one at a time)."""
+        `tokens` continue each cached sequence (all of a prompt, then one at a time).
+        With `positions` (batch, seq), each token's position in its own sample of a
+        packed sequence: a sample starts at 0 and attends only within itself."""
         x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        cos, sin = self.rope_cos, self.rope_sin
+        cos, sin, mask = self.rope_cos, self.rope_sin, None
         if cache is not None:
             cos, sin = cache.advance(tokens.shape[1], cos, sin)
+            mask = cache.mask
+        elif positions is not None:
+            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+            mask = document_mask(positions)
         for index, layer in self.layers.items():
-            x = layer(x, cos, sin, None if cache is None else cache.layers[int(index)])
+            x = layer(x, cos, sin, mask, None if cache is None else cache.layers[int(index)])
         if self.norm is not None:
             x = self.norm(x)
         return self.output(x) if self.output is not None else x
@@ -206,6 +214,21 @@ def name_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest, "big") & (2**63 - 1)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss; computed in float32 whatever the autocast dtype."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+def document_mask(positions: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq): each query sees the keys of its own sample up to itself; a
+    sample begins where the position is 0."""
+    samples = (positions == 0).cumsum(dim=1)
+    seq = positions.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=positions.device).tril()
+    return (causal & (samples[:, :, None] == samples[:, None, :])).unsqueeze(1)
+
+
+IGNORE = -100  # a target id that is no target: the loss skips it
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+                  ) -> torch.Tensor:
+    """Next-token loss over the targets that are not IGNORE; in float32 whatever the
+    autocast dtype."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1),
+                           ignore_index=IGNORE, reduction=reduction)

@@ -71,10 +71,10 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, options: ParallelOpti
     model.tie_weights()  # both sharded along the vocabulary: one DTensor serves both
     for block in model.layers.values():
         plan = {
-            # inputs: x, the rotary tables, and the KV cache (None in training)
-            "attention": PrepareModuleInput(input_layouts=(between, None, None, None),
+            # inputs: x, the rotary tables, the attention mask, the KV cache (None here)
+            "attention": PrepareModuleInput(input_layouts=(between, None, None, None, None),
                                             desired_input_layouts=(Replicate(), None, None,
-                                                                   None)),
+                                                                   None, None)),
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),

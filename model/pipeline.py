@@ -96,10 +96,11 @@ def build_schedule(stages: list[PipelineStage], schedule: str, n_microbatches: i
 @torch.no_grad()
 def forward_only(parts: dict[int, torch.nn.Module], n_stages: int, owner: Callable[[int], int],
                  pp_rank: int, group, tokens: torch.Tensor, hidden_shape: tuple[int, ...],
-                 loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+                 kwargs: dict) -> torch.Tensor | None:
     """Run one batch through all stages without a schedule (evaluation): each rank runs
-    the stages it hosts and passes hidden states on. Returns `loss_fn(logits)` on the
-    rank hosting the last stage, None elsewhere. Works for every stage placement."""
+    the stages it hosts (each given `kwargs`) and passes hidden states on. Returns the
+    logits on the rank hosting the last stage, None elsewhere. Works for every stage
+    placement."""
     hidden = tokens
     for stage in range(n_stages):
         here = owner(stage)
@@ -108,9 +109,9 @@ def forward_only(parts: dict[int, torch.nn.Module], n_stages: int, owner: Callab
         if stage > 0 and owner(stage - 1) != pp_rank:
             hidden = torch.empty(hidden_shape, device=tokens.device)
             torch.distributed.recv(hidden, group=group, group_src=owner(stage - 1))
-        hidden = parts[stage](hidden)
+        hidden = parts[stage](hidden, **kwargs)
         if stage == n_stages - 1:
-            return loss_fn(hidden)
+            return hidden
         if owner(stage + 1) != pp_rank:
             torch.distributed.send(hidden.float().contiguous(), group=group,
                                    group_dst=owner(stage + 1))

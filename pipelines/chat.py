@@ -12,6 +12,7 @@ turns as a prefix of the whole, as chat templates do.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -111,3 +112,19 @@ def encode_prompt_completion(tokenizer: Tokenizer, prompt: str, completion: str,
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     completion_ids = tokenizer.encode(completion, add_special_tokens=False).ids + [end_id]
     return prompt_ids + completion_ids, [False] * len(prompt_ids) + [True] * len(completion_ids)
+
+
+def encode_sample(tokenizer: Tokenizer, sample_format: str, text: str, eos: int,
+                  bos: int | None = None) -> tuple[list[int], list[bool]]:
+    """A fine-tuning record as the reader hands it (JSON text: a chat's messages, or its
+    prompt and completion), with BOS first when given; ChatError when it is no sample."""
+    from raytron.pipelines.sources import CHAT
+
+    value = json.loads(text)
+    if sample_format == CHAT:
+        ids, mask = encode_chat(tokenizer, value)
+    else:
+        ids, mask = encode_prompt_completion(tokenizer, value["prompt"], value["completion"], eos)
+    if bos is None:
+        return ids, mask
+    return [bos, *ids], [False, *mask]

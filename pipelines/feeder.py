@@ -17,7 +17,7 @@ from collections import OrderedDict
 import numpy as np
 
 from raytron.pipelines.mixture import MixtureReader
-from raytron.pipelines.packing import Cursor, Packer
+from raytron.pipelines.packing import Batch, Cursor
 from raytron.pipelines.stream import ALL, VALIDATION, StreamSpec, token_docs
 
 
@@ -38,14 +38,14 @@ class DataFeeder:
         self.prefetch_steps = prefetch_steps
         self.val_sequences = val_sequences
         self.condition = threading.Condition()
-        self.ready: OrderedDict[int, tuple[dict, np.ndarray]] = OrderedDict()
+        self.ready: OrderedDict[int, tuple[dict, Batch]] = OrderedDict()
         self.wanted = 0  # highest step a worker asked for
         self.next_step = 0  # the step the producer makes next
         self.generation = 0  # bumped by seek(); an older producer thread stops
         self.error: BaseException | None = None
         self.produced_tokens = 0
         self.busy_seconds = 0.0
-        self.validation_set: np.ndarray | None = None
+        self.validation_set: Batch | None = None
         self.validation_lock = threading.Lock()
 
     def seek(self, step: int, cursor: dict) -> None:
@@ -77,12 +77,13 @@ class DataFeeder:
                         return
                 started = time.perf_counter()
                 start = reader.cursor()
-                batch = np.stack([reader.next_sequence() for _ in range(self.global_batch)])
+                batch = Batch.of([reader.next_sequence() for _ in range(self.global_batch)],
+                                 self.spec.document_mask)
                 with self.condition:
                     if generation != self.generation:
                         return
                     self.busy_seconds += time.perf_counter() - started
-                    self.produced_tokens += batch.size
+                    self.produced_tokens += batch.tokens.size
                     self.ready[step] = (start, batch)
                     self.next_step = step + 1
                     self.condition.notify_all()
@@ -99,7 +100,7 @@ class DataFeeder:
                 self.error = error
                 self.condition.notify_all()
 
-    def wait_for(self, step: int) -> tuple[dict, np.ndarray]:
+    def wait_for(self, step: int) -> tuple[dict, Batch]:
         with self.condition:
             self.wanted = max(self.wanted, step)
             self.condition.notify_all()
@@ -117,36 +118,36 @@ class DataFeeder:
                 del self.ready[old]
             return self.ready[step]
 
-    def batch(self, step: int, dp_rank: int, dp_size: int) -> np.ndarray:
+    def batch(self, step: int, dp_rank: int, dp_size: int) -> Batch:
         """The slice of step `step`'s global batch that replica `dp_rank` of `dp_size` trains on."""
         _, batch = self.wait_for(step)
         share = len(batch) // dp_size
-        return batch[dp_rank * share : (dp_rank + 1) * share]
+        return batch.rows(dp_rank * share, (dp_rank + 1) * share)
 
     def cursor(self, step: int) -> dict:
         """Where the batch of `step` begins in the corpus: what a checkpoint at `step` stores."""
         return self.wait_for(step)[0]
 
-    def validation(self, dp_rank: int, dp_size: int) -> np.ndarray:
+    def validation(self, dp_rank: int, dp_size: int) -> Batch:
         """This replica's share of the held-out sequences (the same ones at every evaluation)."""
         with self.validation_lock:
             if self.validation_set is None:
                 self.validation_set = self.build_validation_set()
         share = len(self.validation_set) // dp_size
-        return self.validation_set[dp_rank * share : (dp_rank + 1) * share]
+        return self.validation_set.rows(dp_rank * share, (dp_rank + 1) * share)
 
-    def build_validation_set(self) -> np.ndarray:
+    def build_validation_set(self) -> Batch:
         """One epoch of each validation source (the held-out documents of the training
         sources, or `data.validation_sources`), each its weight's share of the set."""
         separate = bool(self.spec.validation)
         sources = self.spec.validation if separate else self.spec.sources
         total = sum(s.weight for s in sources)
-        sequences: list[np.ndarray] = []
+        sequences: list = []
         for index, source in enumerate(sources):
             wanted = round(self.val_sequences * source.weight / total)
             docs = token_docs(self.spec, source, index, Cursor(), ALL if separate else VALIDATION,
                               epochs=1)
-            packer = Packer(docs, self.seq_len)
+            packer = self.spec.packer(docs, self.seq_len)
             try:
                 for _ in range(wanted):
                     sequences.append(packer.next_sequence())
@@ -155,8 +156,8 @@ class DataFeeder:
             finally:
                 docs.close()
         if not sequences:
-            return np.zeros((0, self.seq_len + 1), np.int32)
-        return np.stack(sequences[: self.val_sequences])
+            return Batch(np.zeros((0, self.seq_len + 1), np.int32))
+        return Batch.of(sequences[: self.val_sequences], self.spec.document_mask)
 
     def stats(self) -> dict[str, float]:
         """Skipped records by reason, each source's share and the pipeline's throughput, up

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from raytron.pipelines.packing import Cursor, Packer
+from raytron.pipelines.packing import Cursor, Packed
 from raytron.pipelines.stream import StreamSpec, token_docs
 
 
@@ -46,8 +46,8 @@ class MixtureReader:
             start = Cursor(**position)
             docs = token_docs(spec, source, index, start, spec.training_keeps)
             self.streams.append(docs)
-            self.packers.append(Packer(docs, seq_len, first_offset=start.offset,
-                                       skipped=self.skipped[index], resumed=bool(position)))
+            self.packers.append(spec.packer(docs, seq_len, start if position else None,
+                                            self.skipped[index]))
 
     def cursor(self) -> dict:
         """Where the next sequence of every source begins, the sequences taken from each,
@@ -64,7 +64,7 @@ class MixtureReader:
         return {"sources": positions, "taken": list(self.taken),
                 "skipped": [dict(s) for s in self.skipped]}
 
-    def next_sequence(self) -> np.ndarray:
+    def next_sequence(self) -> np.ndarray | Packed:
         while any(self.packers):
             index = choose_source(self.weights, self.taken, [p is not None for p in self.packers])
             try:

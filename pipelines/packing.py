@@ -41,6 +41,7 @@ class TokenDoc:
     file: int
     doc: int
     tokens: np.ndarray  # the document's ids followed by EOS
+    targets: np.ndarray | None = None  # fine-tuning samples: which tokens are learned
     resume: Cursor | None = None  # where a stream restarts to yield this document first
     skipped: dict[str, int] = field(default_factory=dict)  # records skipped just before it
 
@@ -104,9 +105,121 @@ class Packer:
     def count_head(self) -> None:
         """Count the records skipped before the first pending document, once."""
         if self.pending and not self.head_counted:
-            for reason, count in self.pending[0].skipped.items():
-                self.skipped[reason] = self.skipped.get(reason, 0) + count
+            add_counts(self.skipped, self.pending[0].skipped)
             self.head_counted = True
+
+
+TOO_LONG = "too_long"  # a sample longer than a sequence, dropped (data.overlong=drop)
+
+
+@dataclass
+class Packed:
+    """One sequence of whole samples: its tokens, which of them are learned (each from
+    the token before it), and each token's position within its own sample."""
+
+    tokens: np.ndarray
+    targets: np.ndarray
+    positions: np.ndarray
+
+
+class SamplePacker:
+    """Whole samples into sequences of `seq_len + 1` tokens, for fine-tuning: a sample is
+    never split between sequences (its answer would lose its prompt), the rest of a
+    sequence is padding that is never learned, and the first token of a sample is never
+    learned from the sample before it. A longer sample is dropped and counted as
+    `too_long`, or with `truncate` cut to the sequence. Skipped records are counted as
+    `Packer` counts them: a resumed packer has counted those before its first sample."""
+
+    def __init__(self, docs: Iterator[TokenDoc], seq_len: int, pad: int, truncate: bool = False,
+                 skipped: dict[str, int] | None = None, resumed: bool = False):
+        self.docs = docs
+        self.length = seq_len + 1
+        self.pad = pad
+        self.truncate = truncate
+        self.pending: TokenDoc | None = None  # read, not yet packed
+        self.skipped = dict(skipped or {})
+        self.counted = resumed  # the next document's skipped records are in `skipped`
+
+    def cursor(self) -> Cursor:
+        """Where the next sequence starts: its first sample."""
+        return self.peek().position()
+
+    def peek(self) -> TokenDoc:
+        while self.pending is None:
+            doc = next(self.docs)  # StopIteration ends the packer
+            if not self.counted:
+                add_counts(self.skipped, doc.skipped)
+            self.counted = False
+            if len(doc.tokens) > self.length and not self.truncate:
+                add_counts(self.skipped, {TOO_LONG: 1})
+                continue
+            self.pending = doc
+        return self.pending
+
+    def next_sequence(self) -> Packed:
+        tokens, targets, positions, used = [], [], [], 0
+        while used < self.length:
+            try:
+                doc = self.peek()
+            except StopIteration:
+                if used:
+                    break
+                raise
+            size = min(len(doc.tokens), self.length)
+            if used + size > self.length:
+                break
+            learned = np.ones(size, bool) if doc.targets is None else doc.targets[:size].copy()
+            learned[0] = False
+            tokens.append(doc.tokens[:size])
+            targets.append(learned)
+            positions.append(np.arange(size))
+            used += size
+            self.pending = None
+        padding = self.length - used
+        tokens.append(np.full(padding, self.pad))
+        targets.append(np.zeros(padding, bool))
+        positions.append(np.arange(padding))
+        return Packed(np.concatenate(tokens).astype(np.int32), np.concatenate(targets),
+                      np.concatenate(positions).astype(np.int32))
+
+
+def add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
+    for reason, count in counts.items():
+        total[reason] = total.get(reason, 0) + count
+
+
+@dataclass
+class Batch:
+    """Sequences of `seq_len + 1` tokens as the feeder hands them out. Fine-tuning adds
+    which tokens are learned and, with document masking, each token's position in its
+    sample; `target_count` counts the learned tokens of the whole global batch, which
+    the loss divides by so that it does not depend on how the batch is split."""
+
+    tokens: np.ndarray  # (rows, seq_len + 1)
+    targets: np.ndarray | None = None  # (rows, seq_len + 1) bool; None: every token but the first
+    positions: np.ndarray | None = None  # (rows, seq_len + 1); None: 0, 1, ... along the row
+    target_count: int = 0
+
+    @classmethod
+    def of(cls, sequences: list, document_mask: bool = True) -> Batch:
+        """The batch of `Packer` (token arrays) or `SamplePacker` (`Packed`) sequences."""
+        if not sequences or not isinstance(sequences[0], Packed):
+            tokens = np.stack(sequences) if sequences else np.zeros((0, 1), np.int32)
+            return cls(tokens, target_count=tokens.shape[0] * (tokens.shape[1] - 1))
+        targets = np.stack([s.targets for s in sequences])
+        return cls(np.stack([s.tokens for s in sequences]), targets,
+                   np.stack([s.positions for s in sequences]) if document_mask else None,
+                   int(targets[:, 1:].sum()))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def rows(self, start: int, stop: int) -> Batch:
+        """Some rows; `target_count` stays the whole batch's."""
+        return Batch(self.tokens[start:stop],
+                     None if self.targets is None else self.targets[start:stop],
+                     None if self.positions is None else self.positions[start:stop],
+                     self.target_count)
 
 
 def shuffled(docs: Iterator[TokenDoc], window: int, seed: int, source: int, start: Cursor
@@ -124,8 +237,7 @@ def shuffled(docs: Iterator[TokenDoc], window: int, seed: int, source: int, star
             order = np.random.default_rng([seed, source, index, 1]).permutation(len(batch))
             window_skipped: dict[str, int] = {}
             for doc in batch:
-                for reason, count in doc.skipped.items():
-                    window_skipped[reason] = window_skipped.get(reason, 0) + count
+                add_counts(window_skipped, doc.skipped)
                 doc.skipped = {}
             batch[order[0]].skipped = window_skipped
             for rank, position in enumerate(order[skip:], start=skip):

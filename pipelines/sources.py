@@ -20,7 +20,9 @@ import pyarrow.fs as pafs
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_CORPORA = ("python-reference",)
-FORMATS = ("auto", "text", "jsonl", "parquet")  # auto: by extension
+CHAT, PROMPT_COMPLETION = "chat", "prompt_completion"
+SAMPLE_FORMATS = (CHAT, PROMPT_COMPLETION)  # fine-tuning samples, in JSONL or Parquet files
+FORMATS = ("auto", "text", "jsonl", "parquet", *SAMPLE_FORMATS)  # auto: by extension
 DOCUMENTS = ("file", "paragraph")  # what one document of a text file is
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".lz4": "lz4"}
@@ -33,6 +35,7 @@ MISSING_FIELD = "missing_field"
 EMPTY = "empty"
 UNREADABLE = "unreadable"
 OVERSIZED = "oversized"  # longer than data.max_document_mb: likely not prose
+INVALID_SAMPLE = "invalid_sample"  # a chat or prompt-completion sample raytron cannot learn from
 
 
 class SourceError(ValueError):
@@ -95,15 +98,16 @@ def filesystem_and_path(path: str) -> tuple[pafs.FileSystem, str]:
 
 
 def file_format(path: str, declared: str) -> str:
-    """`text`, `jsonl` or `parquet`: as declared, or by extension (after .gz/.zst/...)."""
-    if declared != "auto":
+    """`text`, `jsonl` or `parquet`: as declared, or by extension (after .gz/.zst/...);
+    fine-tuning samples are in Parquet files by their extension, else in JSONL."""
+    if declared not in ("auto", *SAMPLE_FORMATS):
         return declared
     name = path.lower()
     for suffix in COMPRESSIONS:
         name = name.removesuffix(suffix)
-    if name.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    return "parquet" if name.endswith(".parquet") else "text"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "jsonl" if name.endswith(JSONL_SUFFIXES) or declared != "auto" else "text"
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,31 @@ class CorpusFile:
     text_field: str = "text"
     document: str = "file"  # text files: one document per file, or per paragraph
     max_document_bytes: int = 64 * 2**20
+    messages_field: str = "messages"  # format chat
+    prompt_field: str = "prompt"  # format prompt_completion
+    completion_field: str = "completion"
+
+    @property
+    def fields(self) -> list[str]:
+        """The fields of a JSON object or Parquet row that make one record."""
+        if self.format == CHAT:
+            return [self.messages_field]
+        if self.format == PROMPT_COMPLETION:
+            return [self.prompt_field, self.completion_field]
+        return [self.text_field]
+
+    def value(self, row: dict):
+        """A row's record: its text field, or a fine-tuning sample as JSON text (which the
+        tokenizer stage decodes); None when a field is missing or of the wrong type."""
+        if self.format == CHAT:
+            messages = row.get(self.messages_field)
+            return json.dumps(messages) if isinstance(messages, list) and messages else None
+        if self.format == PROMPT_COMPLETION:
+            prompt, completion = row.get(self.prompt_field), row.get(self.completion_field)
+            if isinstance(prompt, str) and isinstance(completion, str):
+                return json.dumps({"prompt": prompt, "completion": completion})
+            return None
+        return row.get(self.text_field)
 
 
 def read_records(file: CorpusFile, start: int = 0) -> Iterator[Record]:
@@ -132,9 +161,9 @@ def read_records(file: CorpusFile, start: int = 0) -> Iterator[Record]:
         return
     fmt = file_format(file.path, file.format)
     if fmt == "jsonl":
-        records = jsonl_records(raw, file.text_field, start, file.max_document_bytes)
+        records = jsonl_records(raw, file, start)
     elif fmt == "parquet":
-        records = parquet_records(raw, file.text_field, start, file.max_document_bytes)
+        records = parquet_records(raw, file, start)
     elif file.document == "paragraph":
         blocks = [b.strip() for b in PARAGRAPH_BREAK.split(raw) if b.strip()] or [b""]
         records = (text_record(i, block, file.max_document_bytes)  # an empty file: one
@@ -172,12 +201,12 @@ def field_record(index: int, value, max_bytes: int) -> Record:
     return Record(index, value)
 
 
-def jsonl_records(raw: bytes, text_field: str, start: int, max_bytes: int) -> Iterator[Record]:
+def jsonl_records(raw: bytes, file: CorpusFile, start: int) -> Iterator[Record]:
     lines = (line for line in raw.split(b"\n") if line.strip())
     for index, line in enumerate(lines):
         if index < start:
             continue
-        if len(line) > max_bytes:
+        if len(line) > file.max_document_bytes:
             yield Record(index, None, OVERSIZED)
             continue
         try:
@@ -188,12 +217,11 @@ def jsonl_records(raw: bytes, text_field: str, start: int, max_bytes: int) -> It
         except json.JSONDecodeError:
             yield Record(index, None, MALFORMED_JSON)
             continue
-        yield field_record(index, value.get(text_field) if isinstance(value, dict) else None,
-                           max_bytes)
+        yield field_record(index, file.value(value) if isinstance(value, dict) else None,
+                           file.max_document_bytes)
 
 
-def parquet_records(raw: bytes, text_field: str, start: int, max_bytes: int
-                    ) -> Iterator[Record]:
+def parquet_records(raw: bytes, file: CorpusFile, start: int) -> Iterator[Record]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -203,12 +231,12 @@ def parquet_records(raw: bytes, text_field: str, start: int, max_bytes: int
         yield Record(0, None, UNREADABLE)
         return
     rows = table.metadata.num_rows
-    if text_field not in table.schema_arrow.names:
+    if any(name not in table.schema_arrow.names for name in file.fields):
         yield from (Record(i, None, MISSING_FIELD) for i in range(start, rows))
         return
-    values = table.read(columns=[text_field]).column(0).to_pylist()
-    for index in range(start, rows):
-        yield field_record(index, values[index], max_bytes)
+    values = table.read(columns=file.fields).slice(start).to_pylist()
+    for index, row in enumerate(values, start=start):
+        yield field_record(index, file.value(row), file.max_document_bytes)
 
 
 def embedded_records(start: int) -> Iterator[Record]:

@@ -16,8 +16,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from raytron.pipelines.packing import Cursor, TokenDoc, shuffled
-from raytron.pipelines.sources import CorpusFile, is_validation, list_files, read_records
+from raytron.pipelines.chat import ChatError, encode_sample
+from raytron.pipelines.packing import Cursor, Packer, SamplePacker, TokenDoc, shuffled
+from raytron.pipelines.sources import (
+    INVALID_SAMPLE,
+    SAMPLE_FORMATS,
+    CorpusFile,
+    is_validation,
+    list_files,
+    read_records,
+)
 
 # Which records of a source a stream keeps: those not held out, the held-out ones, all.
 TRAIN, VALIDATION, ALL = "train", "validation", "all"
@@ -32,10 +40,17 @@ class SourceSpec:
     epochs: int | None = None  # None: repeat forever
 
 
+def sample_format(source: SourceSpec) -> str | None:
+    """chat or prompt_completion for a source of fine-tuning samples; None for documents."""
+    declared = source.files[0].format
+    return declared if declared in SAMPLE_FORMATS else None
+
+
 def source_spec(source, max_document_bytes: int) -> SourceSpec:
-    """From a `SourceConfig` (path, format, text_field, document, weight, epochs)."""
+    """From a `SourceConfig` (path, format, its fields, document, weight, epochs)."""
     files = [CorpusFile(path, source.format, source.text_field, source.document,
-                        max_document_bytes) for path in list_files(source.path)]
+                        max_document_bytes, source.messages_field, source.prompt_field,
+                        source.completion_field) for path in list_files(source.path)]
     return SourceSpec(files, source.weight, source.epochs)
 
 
@@ -53,6 +68,17 @@ class StreamSpec:
     shuffle_window: int = 0  # documents shuffled together; 0: stream order
     add_bos: bool = False  # data.bos
     bos: int | None = None  # the tokenizer's BOS id, when add_bos
+    samples: bool = False  # data.packing: whole samples per sequence (else cut the stream)
+    document_mask: bool = True  # data.document_mask, with samples
+    truncate: bool = False  # data.overlong=truncate, with samples
+
+    def packer(self, docs: Iterator[TokenDoc], seq_len: int, start: Cursor | None = None,
+               skipped: dict[str, int] | None = None) -> Packer | SamplePacker:
+        """Packs `docs`, which begin at `start` (a checkpoint's cursor; None: the start)."""
+        resumed = start is not None
+        if self.samples:
+            return SamplePacker(docs, seq_len, self.eos, self.truncate, skipped, resumed)
+        return Packer(docs, seq_len, 0 if start is None else start.offset, skipped, resumed)
 
     @property
     def training_keeps(self) -> str:
@@ -101,13 +127,15 @@ def read_files(batch: dict, files: list[CorpusFile], keep: str, val_share: float
 
 
 class Tokenize:
-    """Ray Data actor UDF: loads the tokenizer once, then encodes batches of documents.
+    """Ray Data actor UDF: loads the tokenizer once, then encodes batches of documents, or
+    of fine-tuning samples (with which of their tokens are learned, `targets`).
 
     The pipeline passes the tokenizer's JSON as a list holding an object reference to it:
     a large constructor argument would otherwise sit in the object store, which Ray warns
     about for actors that restart (a pool's do)."""
 
-    def __init__(self, tokenizer_json: str | list, eos: int, bos: int | None):
+    def __init__(self, tokenizer_json: str | list, eos: int, bos: int | None,
+                 sample_format: str | None = None):
         from tokenizers import Tokenizer
 
         if isinstance(tokenizer_json, list):
@@ -116,18 +144,33 @@ class Tokenize:
             tokenizer_json = ray.get(tokenizer_json[0])
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.eos = eos
-        self.bos = [] if bos is None else [bos]
+        self.bos = bos
+        self.sample_format = sample_format  # None: plain documents
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column("text").to_pylist()
         good = [i for i, text in enumerate(texts) if text is not None]
-        encoded = self.tokenizer.encode_batch([texts[i] for i in good], add_special_tokens=False)
         tokens: list[list[int]] = [[] for _ in texts]
-        for i, encoding in zip(good, encoded, strict=True):
-            tokens[i] = self.bos + encoding.ids + [self.eos]
-        return batch.drop_columns(["text"]).append_column(
-            "tokens", pa.array(tokens, type=pa.list_(pa.int32()))
-        )
+        if self.sample_format is None:
+            encoded = self.tokenizer.encode_batch([texts[i] for i in good],
+                                                  add_special_tokens=False)
+            start = [] if self.bos is None else [self.bos]
+            for i, encoding in zip(good, encoded, strict=True):
+                tokens[i] = start + encoding.ids + [self.eos]
+            return batch.drop_columns(["text"]).append_column(
+                "tokens", pa.array(tokens, type=pa.list_(pa.int32())))
+        targets: list[list[bool]] = [[] for _ in texts]
+        reasons = batch.column("reason").to_pylist()
+        for i in good:
+            try:
+                tokens[i], targets[i] = encode_sample(self.tokenizer, self.sample_format,
+                                                      texts[i], self.eos, self.bos)
+            except ChatError:
+                reasons[i] = INVALID_SAMPLE
+        return (batch.drop_columns(["text", "reason"])
+                .append_column("reason", pa.array(reasons, type=pa.string()))
+                .append_column("tokens", pa.array(tokens, type=pa.list_(pa.int32())))
+                .append_column("targets", pa.array(targets, type=pa.list_(pa.bool_()))))
 
 
 MIN_FILES_PER_DATASET = 8
@@ -160,7 +203,8 @@ def stream_dataset(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cur
                      fn_kwargs={"files": source.files, "keep": keep,
                                 "val_share": spec.val_share})
         .map_batches(Tokenize, batch_size=None, batch_format="pyarrow",
-                     fn_constructor_args=([ray.put(spec.tokenizer_json)], spec.eos, spec.bos),
+                     fn_constructor_args=([ray.put(spec.tokenizer_json)], spec.eos, spec.bos,
+                                          sample_format(source)),
                      compute=ray.data.ActorPoolStrategy(size=spec.tokenizer_workers))
     )
 
@@ -193,6 +237,11 @@ def ordered_docs(spec: StreamSpec, source: SourceSpec, index: int, cursor: Curso
         ):
             tokens = batch.column("tokens").combine_chunks()
             offsets, values = tokens.offsets.to_numpy(), tokens.values.to_numpy()
+            learned = None
+            if "targets" in batch.column_names:  # fine-tuning samples
+                targets = batch.column("targets").combine_chunks()
+                learned = targets.values.to_numpy(zero_copy_only=False)
+                learned_offsets = targets.offsets.to_numpy()
             for row, (epoch, position, doc, reason) in enumerate(zip(
                 batch.column("epoch").to_pylist(), batch.column("position").to_pylist(),
                 batch.column("doc").to_pylist(), batch.column("reason").to_pylist(),
@@ -203,6 +252,8 @@ def ordered_docs(spec: StreamSpec, source: SourceSpec, index: int, cursor: Curso
                     continue
                 found = True
                 yield TokenDoc(epoch, position, doc, values[offsets[row] : offsets[row + 1]],
+                               None if learned is None else
+                               learned[learned_offsets[row] : learned_offsets[row + 1]],
                                skipped=skipped)
                 skipped = {}
         if not found and (cursor.file, cursor.doc) == (0, 0):

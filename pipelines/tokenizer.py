@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from raytron.pipelines.chat import TURN_END, TURN_START
+
 EOS = "<|endoftext|>"
 BOS = "<|begin_of_text|>"
 
@@ -18,7 +20,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS, BOS],
+        special_tokens=[EOS, BOS, TURN_START, TURN_END],  # the last two: for chat fine-tuning
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
@@ -40,6 +42,13 @@ def eos_id(tokenizer: Tokenizer) -> int:
         f"the tokenizer has none of the end-of-document tokens {EOS}, </s>, "
         "<|end_of_text|>, <eos>. Fix: add one as a special token, or use another tokenizer"
     )
+
+
+def end_ids(tokenizer: Tokenizer) -> list[int]:
+    """The tokens that end a generation: the EOS, and the end of a chat turn when the
+    tokenizer has one."""
+    turn_end = tokenizer.token_to_id(TURN_END)
+    return [eos_id(tokenizer)] + ([] if turn_end is None else [turn_end])
 
 
 def bos_id(tokenizer: Tokenizer) -> int:

@@ -6,15 +6,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from raytron.pipelines.packing import Batch, SamplePacker, TokenDoc
 from raytron.platform.config.load import load_config
 from raytron.platform.config.resolve import resolve_model
 from raytron.platform.models.initial import with_initial_model
 from raytron.platform.storage.checkpoint import CheckpointStore
 from raytron.platform.worker.layout import Layout, build_mesh
-from raytron.platform.worker.trainer import Trainer
+from raytron.platform.worker.trainer import Sequences, Trainer
 
 from gloo import run_on_gloo
 
@@ -30,10 +32,19 @@ def config(overrides: list[str]):
     return dataclasses.replace(loaded, model=resolve_model(loaded.model, 128))
 
 
-def batch(step: int, cfg) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(1000 + step)
-    return torch.randint(0, 128, (cfg.train.global_batch, cfg.data.seq_len + 1),
-                         generator=generator)
+def batch(step: int, cfg, rows: int | None = None) -> Batch:
+    """Random tokens; under data.packing=samples, random samples of 3 to 12 tokens packed
+    whole, half of each learned, with per-sample positions when data.document_mask."""
+    generator = np.random.default_rng(1000 + step)
+    rows = rows or cfg.train.global_batch
+    length = cfg.data.seq_len + 1
+    if cfg.data.packing != "samples":
+        return Batch.of(list(generator.integers(0, 128, (rows, length), dtype=np.int32)))
+    samples = iter([TokenDoc(0, 0, 0, generator.integers(0, 128, size, dtype=np.int32),
+                             targets=np.arange(size) >= size // 2)
+                    for size in generator.integers(3, 13, rows * length)])
+    packer = SamplePacker(samples, cfg.data.seq_len, pad=0)
+    return Batch.of([packer.next_sequence() for _ in range(rows)], cfg.data.document_mask)
 
 
 def train(overrides: list[str], start: int, stop: int, checkpoints: Path | None,
@@ -52,14 +63,17 @@ def train(overrides: list[str], start: int, stop: int, checkpoints: Path | None,
         store.load(start, trainer.parts, trainer.optimizers)
         trainer.start_at(start)
     losses, norms = [], []
+    cpu = torch.device("cpu")
     for step in range(start, stop):
-        loss, norm = trainer.train_step(batch(step, cfg)[dp_rank * share:(dp_rank + 1) * share])
+        mine = batch(step, cfg).rows(dp_rank * share, (dp_rank + 1) * share)
+        loss, norm = trainer.train_step(Sequences.of(mine, cpu))
         losses.append(loss.item())
         norms.append(norm.item())
     idle = trainer.idle_shares()
-    held_out = batch(-1, cfg)[: cfg.data.val_sequences]
-    rows = held_out[dp_rank * (len(held_out) // layout.dp):][: len(held_out) // layout.dp]
-    val = trainer.evaluate(rows).item()
+    held_out = batch(-1, cfg, cfg.data.val_sequences)
+    val_share = len(held_out) // layout.dp
+    mine = held_out.rows(dp_rank * val_share, (dp_rank + 1) * val_share)
+    val = trainer.evaluate(Sequences.of(mine, cpu)).item()
     if store:
         store.save(stop, trainer.parts, trainer.optimizers, {})
     return {"losses": losses, "norms": norms, "val_loss": val, "idle": idle}

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from raytron.pipelines.feeder import DataFeeder
 from raytron.pipelines.packing import Cursor
@@ -66,8 +67,8 @@ def batches(ray, feeder, steps, dp=1, cursors=None):
     for step in steps:
         if cursors is not None:
             cursors[step] = ray.get(feeder.cursor.remote(step))
-        result.append(np.concatenate(ray.get([feeder.batch.remote(step, r, dp)
-                                              for r in range(dp)])))
+        slices = ray.get([feeder.batch.remote(step, r, dp) for r in range(dp)])
+        result.append(np.concatenate([s.tokens for s in slices]))
     return result
 
 
@@ -106,10 +107,10 @@ def test_order_is_deterministic_sliced_by_replica_and_resumes_exactly(ray_sessio
         assert stats[f"data/skipped_{reason}"] >= 1, reason
     assert stats["data/source0_share"] == pytest.approx(2 / 3, abs=0.01)
     assert stats["data/source1_share"] == pytest.approx(1 / 3, abs=0.01)
-    validation = ray.get(first.validation.remote(0, 1))
+    validation = ray.get(first.validation.remote(0, 1)).tokens
     assert validation.shape == (16, SEQ_LEN + 1)
     halves = ray.get([first.validation.remote(r, 2) for r in range(2)])
-    np.testing.assert_array_equal(np.concatenate(halves), validation)
+    np.testing.assert_array_equal(np.concatenate([h.tokens for h in halves]), validation)
 
 
 def test_validation_documents_never_reach_training(ray_session, spec):
@@ -159,7 +160,7 @@ def test_an_epoch_limit_retires_a_source_and_the_end_is_a_clear_error(ray_sessio
     assert separate.training_keeps == ALL  # with separate validation, nothing is held out
     held_out = ray.get(new_feeder(ray, separate, val_sequences=4).validation.remote(0, 1))
     topic_tokens = next(token_docs(separate, separate.validation[0], 0, Cursor(), ALL)).tokens
-    np.testing.assert_array_equal(held_out[0], topic_tokens[: SEQ_LEN + 1])
+    np.testing.assert_array_equal(held_out.tokens[0], topic_tokens[: SEQ_LEN + 1])
 
     both_limited = make_spec(f"[{{path: {topic}, epochs: 1}}]")
     exhausted = new_feeder(ray, both_limited)
@@ -181,3 +182,52 @@ def test_documents_get_bos_and_eos():
     plain = Tokenize(tokenizer.to_str(), eos, None)(batch).column("tokens").to_pylist()
     assert with_bos[0] == [bos, *plain[0]] and plain[0][-1] == eos and len(plain[0]) > 2
     assert with_bos[1] == plain[1] == []  # a skipped record stays empty
+
+
+def test_fine_tuning_samples_are_encoded_masked_and_packed_whole(ray_session, tmp_path):
+    """Chat and prompt-completion JSONL through the Ray Data pipeline: the learned tokens
+    are what `encode_chat` marks, samples start at position 0, bad and overlong samples
+    are counted, and a cursor resumes the same batches."""
+    from raytron.pipelines.chat import encode_chat, with_chat_tokens
+
+    ray = ray_session
+    chats = [[{"role": "user", "content": f"say {word}"},
+              {"role": "assistant", "content": f"{word} {word}"}]
+             for word in ("apple", "river", "stone", "cloud", "green", "seven") * 5]
+    lines = [json.dumps({"messages": m}) for m in chats]
+    lines.insert(3, json.dumps({"messages": [{"role": "user", "content": "no answer"}]}))
+    lines.insert(5, json.dumps({"messages": [{"role": "wizard", "content": "?"}]}))
+    lines.insert(7, json.dumps({"messages": [{"role": "user", "content": "tell " * 40},
+                                             {"role": "assistant", "content": "long"}]}))
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines))
+    (tmp_path / "qa.jsonl").write_text("\n".join(
+        json.dumps({"q": f"{n} plus one?", "a": f"{n + 1}"}) for n in range(30)))
+    spec = make_spec(f"[{{path: {tmp_path / 'chat.jsonl'}, format: chat}}, "
+                     f"{{path: {tmp_path / 'qa.jsonl'}, format: prompt_completion, "
+                     "prompt_field: q, completion_field: a}]", "data.val_share=0",
+                     sample=2**14)
+    assert spec.samples and spec.document_mask
+    tokenizer = with_chat_tokens(Tokenizer.from_str(spec.tokenizer_json))
+    spec = dataclasses.replace(spec, tokenizer_json=tokenizer.to_str())
+    feeder = new_feeder(ray, spec)
+    ray.get(feeder.seek.remote(0, {}))
+    cursors, reference = {}, []
+    for step in range(6):
+        cursors[step] = ray.get(feeder.cursor.remote(step))
+        reference.append(ray.get(feeder.batch.remote(step, 0, 1)))
+    first = reference[0]
+    assert first.target_count == int(first.targets[:, 1:].sum()) > 0
+    ids, mask = encode_chat(tokenizer, chats[0])
+    row = first.tokens[0]
+    np.testing.assert_array_equal(row[: len(ids)], ids)
+    np.testing.assert_array_equal(first.targets[0][1 : len(ids)], mask[1:])
+    starts = np.flatnonzero(first.positions[0] == 0)
+    assert starts[0] == 0 and starts[1] == len(ids)  # the next sample starts over
+    assert cursors[2]["skipped"][0] == {"invalid_sample": 2, "too_long": 1}  # first epoch
+    ray.get(feeder.seek.remote(3, cursors[3]))
+    halves = ray.get([feeder.batch.remote(3, r, 2) for r in range(2)])
+    assert all(h.target_count == reference[3].target_count for h in halves)
+    for step in range(3, 6):
+        resumed = ray.get(feeder.batch.remote(step, 0, 1))
+        np.testing.assert_array_equal(resumed.tokens, reference[step].tokens)
+        np.testing.assert_array_equal(resumed.targets, reference[step].targets)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from raytron.model.gpt import GPT, GPTShape, cross_entropy, llama_ffn_hidden
+from raytron.model.gpt import GPT, IGNORE, GPTShape, cross_entropy, llama_ffn_hidden
 
 
 def shape(**changes) -> GPTShape:
@@ -76,3 +76,24 @@ def test_flops_per_token_by_hand():
 @pytest.mark.parametrize(("d_model", "expected"), [(4096, 11008), (128, 384), (2048, 5632)])
 def test_llama_mlp_width(d_model, expected):
     assert llama_ffn_hidden(d_model, 256 if d_model > 128 else 64) == expected
+
+
+def test_packed_samples_with_positions_equal_each_sample_run_alone():
+    """Document masking: a sample packed after another sees nothing of it and starts its
+    rotary positions at 0, so its logits are those of the sample on its own."""
+    gpt = model(n_kv_heads=2)
+    first, second = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (1, 9))
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(6), torch.arange(9)])[None]
+    logits = gpt(packed, positions=positions)
+    torch.testing.assert_close(logits[:, :6], gpt(first), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[:, 6:], gpt(second), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(gpt(packed)[:, 6:], gpt(second), atol=1e-3)
+
+
+def test_the_loss_skips_tokens_that_are_not_learned():
+    logits = torch.randn(1, 4, 97)
+    labels = torch.tensor([[5, IGNORE, 7, IGNORE]])
+    by_hand = -(logits[0, 0].log_softmax(-1)[5] + logits[0, 2].log_softmax(-1)[7])
+    torch.testing.assert_close(cross_entropy(logits, labels, reduction="sum"), by_hand)
+    torch.testing.assert_close(cross_entropy(logits, labels), by_hand / 2)

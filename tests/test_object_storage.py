@@ -74,7 +74,7 @@ def test_the_feeder_streams_an_s3_mixture(ray_session, s3):
         num_cpus=0, max_concurrency=8, runtime_env={"env_vars": s3}
     ).remote(with_tokenizer(spec, tokenizer), 16, 4, 2, 4)
     ray.get(feeder.seek.remote(0, {}))
-    batches = [ray.get(feeder.batch.remote(step, 0, 1)) for step in range(20)]
+    batches = [ray.get(feeder.batch.remote(step, 0, 1)).tokens for step in range(20)]
     assert all(b.shape == (4, 17) for b in batches)
     decoded = tokenizer.decode(np.concatenate([b[:, :-1] for b in batches]).ravel().tolist())
     assert "quick brown fox" in decoded

@@ -2,7 +2,15 @@
 
 import numpy as np
 
-from raytron.pipelines.packing import Cursor, Packer, TokenDoc, shuffled
+from raytron.pipelines.packing import (
+    TOO_LONG,
+    Batch,
+    Cursor,
+    Packer,
+    SamplePacker,
+    TokenDoc,
+    shuffled,
+)
 
 START = Cursor()
 
@@ -93,3 +101,49 @@ def test_skipped_records_are_counted_once_across_any_resume():
                 assert resumed.cursor() == cursors[later]
                 assert resumed.skipped == counts[later], (window, index, later)
                 resumed.next_sequence()
+
+
+def sample(doc: int, size: int, learned_from: int) -> TokenDoc:
+    return TokenDoc(0, 0, doc, np.arange(size, dtype=np.int32) + 10 * doc,
+                    targets=np.arange(size) >= learned_from)
+
+
+def test_samples_are_packed_whole_and_padded_with_masks_and_positions():
+    docs = iter([sample(1, 4, 2), sample(2, 3, 1), sample(3, 12, 1), sample(4, 5, 3),
+                 sample(5, 4, 0)])
+    packer = SamplePacker(docs, seq_len=8, pad=99)
+    first = packer.next_sequence()  # samples 1 and 2, then 2 pads (sample 4 does not fit)
+    np.testing.assert_array_equal(first.tokens, [10, 11, 12, 13, 20, 21, 22, 99, 99])
+    np.testing.assert_array_equal(first.targets, [0, 0, 1, 1, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(first.positions, [0, 1, 2, 3, 0, 1, 2, 0, 1])
+    assert packer.cursor() == Cursor(0, 0, 4)  # sample 3 (12 tokens > 9) was dropped
+    assert packer.skipped == {TOO_LONG: 1}
+    second = packer.next_sequence()  # a sample's first token is never learned
+    np.testing.assert_array_equal(second.targets, [0, 0, 0, 1, 1, 0, 1, 1, 1])
+    batch = Batch.of([first, second])
+    assert batch.target_count == 4 + 5 and batch.rows(1, 2).target_count == 9
+
+
+def test_overlong_samples_can_be_truncated_instead():
+    packer = SamplePacker(iter([sample(1, 12, 1)]), seq_len=8, pad=99, truncate=True)
+    packed = packer.next_sequence()
+    np.testing.assert_array_equal(packed.tokens, np.arange(9) + 10)
+    assert packer.skipped == {}
+
+
+def test_a_sample_packer_resumed_at_its_cursor_continues_the_same_sequences():
+    def stream(start=0):
+        for doc in range(start, 40):
+            bad = {"bad": 1} if doc % 5 == 0 else {}
+            size = 2 + (doc * 7) % 11
+            yield TokenDoc(0, 0, doc, np.arange(size, dtype=np.int32) + doc, skipped=bad)
+
+    reference = SamplePacker(stream(), seq_len=8, pad=0)
+    for _ in range(4):
+        reference.next_sequence()
+    cursor, skipped = reference.cursor(), dict(reference.skipped)
+    resumed = SamplePacker(stream(cursor.doc), seq_len=8, pad=0, skipped=skipped, resumed=True)
+    for _ in range(6):
+        np.testing.assert_array_equal(resumed.next_sequence().tokens,
+                                      reference.next_sequence().tokens)
+    assert resumed.skipped == reference.skipped

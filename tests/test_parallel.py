@@ -76,6 +76,33 @@ def test_a_1x2x2_checkpoint_resumes_in_other_layouts(tmp_path, reference, resume
     assert resumed["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
 
 
+SAMPLES = ["data.packing=samples"]  # fine-tuning: packed samples, half of each learned
+
+
+@pytest.fixture(scope="module")
+def samples_reference(reference):
+    result = run_single(SAMPLES)
+    assert result["losses"][0] != pytest.approx(reference[0]["losses"][0], rel=1e-3)
+    return result
+
+
+@pytest.mark.parametrize("layout", [["parallel.dp=2"], ["parallel.tp=2"],
+                                    ["parallel.pp=2", "parallel.microbatches=2"],
+                                    ["parallel.pp=2", "parallel.schedule=interleaved-1f1b"]],
+                         ids=["dp2", "tp2", "pp2-two-calls", "pp2-interleaved"])
+def test_masked_document_masked_fine_tuning_matches_one_process(samples_reference, layout):
+    """Learned tokens are spread unevenly over replicas and micro-batches: only the sum
+    over the global batch divided by its target count makes the layouts agree."""
+    assert_same_run(run_parallel(SAMPLES + layout), samples_reference)
+
+
+def test_without_document_masking_samples_see_each_other(samples_reference):
+    unmasked = run_single(SAMPLES + ["data.document_mask=false"])
+    assert unmasked["losses"][0] != pytest.approx(samples_reference["losses"][0], rel=1e-4)
+    assert_same_run(run_parallel(SAMPLES + ["data.document_mask=false", "parallel.dp=2"]),
+                    unmasked)
+
+
 TIED = ["model.tie_embeddings=true"]
 
 

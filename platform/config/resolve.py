@@ -8,11 +8,14 @@ import os
 
 from raytron.model.gpt import GPTShape, llama_ffn_hidden
 from raytron.model.pipeline import stages_per_rank
-from raytron.platform.config.schema import ModelConfig, RaytronConfig
+from raytron.pipelines.sources import SAMPLE_FORMATS
+from raytron.platform.config.schema import DataConfig, ModelConfig, RaytronConfig
 
 AUTO = "auto"
 RECOMPUTE_NAMED = {"none": 0, "full": 1}  # train.activation_checkpointing, besides k >= 1
 PRECISIONS = ("auto", "bf16", "fp32")  # train.precision; auto: bf16 on GPUs, fp32 on CPUs
+PACKINGS = ("auto", "stream", "samples")  # data.packing
+OVERLONG = ("drop", "truncate")  # data.overlong
 
 
 def resolve_model(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
@@ -34,6 +37,13 @@ def gpt_shape(model: ModelConfig) -> GPTShape:
     if missing:
         raise ValueError(f"model fields {missing} are unresolved; call resolve_model first")
     return GPTShape(**values)
+
+
+def packs_samples(data: DataConfig) -> bool:
+    """`data.packing`, with `auto` meaning samples when any source holds fine-tuning samples."""
+    if data.packing != AUTO:
+        return data.packing == "samples"
+    return any(s.format in SAMPLE_FORMATS for s in data.sources)
 
 
 def recompute_every(setting: int | str) -> int:

@@ -75,8 +75,12 @@ class TrainConfig:
 @dataclass
 class SourceConfig:
     path: str = EMBEDDED_CORPUS  # file, folder, glob, s3://, gs://, or the embedded reference
-    format: str = "auto"  # auto (by extension) | text | jsonl | parquet
+    format: str = "auto"  # auto (by extension) | text | jsonl | parquet | chat | prompt_completion
+    # (chat, prompt_completion: fine-tuning samples in JSONL, or Parquet by its extension)
     text_field: str = "text"  # JSONL / Parquet field holding the document
+    messages_field: str = "messages"  # chat: the list of {role, content} turns
+    prompt_field: str = "prompt"  # prompt_completion: the prompt (never learned) ...
+    completion_field: str = "completion"  # ... and the completion (learned, then EOS)
     document: str = "file"  # text files: one document per file | per paragraph
     weight: float = 1.0  # share of the training tokens, relative to the other sources
     epochs: int | None = None  # passes over this source; None: repeat it forever
@@ -97,6 +101,11 @@ class DataConfig:
     max_document_mb: int = 64  # longer records are skipped as `oversized`
     shuffle_window: int = 0  # shuffle training documents within windows of this many; 0: off
     bos: bool = False  # put the tokenizer's BOS before every document (EOS always ends one)
+    packing: str = "auto"  # stream: documents concatenated and cut (pre-training) | samples:
+    # whole samples per sequence, padded (fine-tuning) | auto: samples with chat or
+    # prompt_completion sources, else stream
+    document_mask: bool = True  # samples: each attends only within itself, positions from 0
+    overlong: str = "drop"  # samples longer than seq_len + 1 tokens: drop (counted) | truncate
 
 
 @dataclass

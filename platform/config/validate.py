@@ -23,6 +23,8 @@ from raytron.platform.config.drills import parse_injection, parse_injections
 from raytron.platform.config.load import flatten, to_dict
 from raytron.platform.config.resolve import (
     AUTO,
+    OVERLONG,
+    PACKINGS,
     PRECISIONS,
     RECOMPUTE_NAMED,
     cluster_address,
@@ -248,6 +250,9 @@ RULES: dict[str, Rule] = {
     "data.max_document_mb": count(),
     "data.shuffle_window": natural,
     "data.bos": anything,
+    "data.packing": one_of(PACKINGS),
+    "data.document_mask": anything,
+    "data.overlong": one_of(OVERLONG),
     "checkpoint.dir": text(),
     "checkpoint.interval": count(),
     "checkpoint.keep_last": count(),
@@ -280,6 +285,9 @@ for _group in ("sources", "validation_sources"):
         f"data.{_group}.*.path": text(),
         f"data.{_group}.*.format": one_of(FORMATS),
         f"data.{_group}.*.text_field": text(),
+        f"data.{_group}.*.messages_field": text(),
+        f"data.{_group}.*.prompt_field": text(),
+        f"data.{_group}.*.completion_field": text(),
         f"data.{_group}.*.document": one_of(DOCUMENTS),
         f"data.{_group}.*.weight": number(),
         f"data.{_group}.*.epochs": count(optional=True),
@@ -561,9 +569,15 @@ def placement_problems(config: RaytronConfig, nodes: list[dict[str, float]],
 
 
 def tokenizer_problems(config: RaytronConfig, tokenizer_vocab: int) -> list[str]:
+    """The model must have a row for every token (chat sources add the turn markers)."""
     size = config.model.vocab_size
     if size is None or size >= tokenizer_vocab:
         return []
+    if config.model.init_from:
+        return [f"model.init_from={config.model.init_from} has {size} token embeddings, fewer "
+                f"than the tokenizer's {tokenizer_vocab} tokens (chat sources add "
+                "<|im_start|> and <|im_end|> when it lacks them). Fix: use prompt_completion "
+                "sources, or a model whose tokenizer has these tokens (raytron's own do)."]
     return [f"model.vocab_size={size} is smaller than the tokenizer's {tokenizer_vocab} tokens. "
             f"Fix: leave model.vocab_size unset or raise it to {tokenizer_vocab} or more."]
 

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from raytron.pipelines.stream import StreamSpec, source_spec, tokenizer_sample
 from raytron.pipelines.tokenizer import bos_id, eos_id, train_bpe
+from raytron.platform.config.resolve import packs_samples
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.control.placement import with_tokenizer_workers
 
@@ -31,6 +32,9 @@ def stream_spec(config: RaytronConfig, tokenizer: Tokenizer | None = None) -> St
         tokenizer_workers=d.tokenizer_workers,
         validation=[source_spec(s, max_bytes) for s in d.validation_sources],
         shuffle_window=d.shuffle_window,
+        samples=packs_samples(d),
+        document_mask=d.document_mask,
+        truncate=d.overlong == "truncate",
     )
 
 

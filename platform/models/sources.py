@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from raytron.model.gpt import GPTShape
 from raytron.model.hf import from_hf, raytron_name, shape_from_hf_config
-from raytron.pipelines.tokenizer import bos_id, eos_id
+from raytron.pipelines.tokenizer import bos_id, end_ids, eos_id
 from raytron.platform.config.resolve import gpt_shape
 from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.storage.checkpoint import COMMIT_MARKER, CheckpointStore, step_of
@@ -104,7 +104,7 @@ def run_source(run_dir: Path, config: RaytronConfig, step: int, kind: str,
                            "run that `raytron train` started."])
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     return ModelSource(kind, folder or run_dir, gpt_shape(config.model), tokenizer,
-                       [eos_id(tokenizer)], bos_id(tokenizer) if config.data.bos else None,
+                       end_ids(tokenizer), bos_id(tokenizer) if config.data.bos else None,
                        step, run_dir, config)
 
 

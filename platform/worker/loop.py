@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 import torch.distributed as dist
@@ -28,7 +27,7 @@ from raytron.platform.worker.boundary import StepBoundary
 from raytron.platform.worker.faults import FaultInjector, Watchdog
 from raytron.platform.worker.hardware import peak_flops, training_device
 from raytron.platform.worker.layout import Layout, build_mesh, check_tensor_parallel_on_one_node
-from raytron.platform.worker.trainer import Trainer
+from raytron.platform.worker.trainer import Sequences, Trainer
 
 
 @dataclass
@@ -74,7 +73,7 @@ class WorkerLoop:
         self.store = CheckpointStore(args.checkpoint_dir, self.config.checkpoint.keep_last)
         self.injector = FaultInjector(self.config.faults.inject, rank, self.layout.world,
                                       self.store.fs, self.store.root, self.layout.describe(rank))
-        self.validation: torch.Tensor | None = None
+        self.validation: Sequences | None = None
         self.pending: tuple[int, Any] | None = None  # the next step's batch, requested early
         args.coordinator.join.remote(rank, ray.get_runtime_context().get_node_id())
         self.boundary = StepBoundary(args.coordinator, rank)
@@ -207,15 +206,14 @@ class WorkerLoop:
         wait = time.perf_counter() - started
         self.pending = (step + 1, self.request(step + 1)) if step + 1 < self.config.train.steps \
             else None
-        tokens = torch.from_numpy(batch.astype(np.int64)).to(self.device, non_blocking=True)
-        loss, grad_norm = self.trainer.train_step(tokens)
+        loss, grad_norm = self.trainer.train_step(Sequences.of(batch, self.device))
         return loss, grad_norm, wait
 
     def evaluate(self, step: int) -> None:
         """Loss and perplexity on the held-out sequences (the same ones every time)."""
         if self.validation is None:
             held_out = ray.get(self.args.feeder.validation.remote(self.dp_rank, self.layout.dp))
-            self.validation = torch.from_numpy(held_out.astype(np.int64)).to(self.device)
+            self.validation = Sequences.of(held_out, self.device)
         if len(self.validation) == 0:
             return
         loss = self.trainer.evaluate(self.validation).item()

@@ -3,14 +3,17 @@
 Free of Ray, so that every layout is tested against the single-process run on plain
 process groups. A step over a replica's slice of the global batch runs either as
 micro-batches with gradient accumulation (no pipeline) or as pipeline-schedule calls
-of `parallel.microbatches` micro-batches each; either way the gradient is the mean over
-all micro-batches of all replicas, so the math does not depend on the layout.
+of `parallel.microbatches` micro-batches each. Either way the loss is the sum over the
+learned tokens of the whole global batch divided by their count, whichever replica,
+micro-batch or stage holds them, so the math does not depend on the layout; with
+fine-tuning's masked tokens a mean of per-micro-batch means would.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -20,7 +23,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from raytron.model.gpt import GPT, cross_entropy
+from raytron.model.gpt import GPT, IGNORE, cross_entropy
 from raytron.model.parallelize import ParallelOptions, parallelize
 from raytron.model.pipeline import (
     build_schedule,
@@ -31,11 +34,49 @@ from raytron.model.pipeline import (
     stage_owner,
     stages_per_rank,
 )
+from raytron.pipelines.packing import Batch
 from raytron.platform.config.resolve import gpt_shape, recompute_every
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.worker.hardware import autocast_dtype
 from raytron.platform.worker.layout import Layout
 from raytron.platform.worker.optim import apply_hyperparameters, build_optimizer
+
+
+@dataclass
+class Sequences:
+    """A replica's share of a batch as the model reads it."""
+
+    inputs: torch.Tensor  # (rows, seq)
+    labels: torch.Tensor  # (rows, seq): the next token, or IGNORE where nothing is learned
+    positions: torch.Tensor | None  # (rows, seq) per-sample positions: document masking
+    target_count: int  # labels that are not IGNORE in the whole global batch
+
+    @classmethod
+    def of(cls, batch: Batch, device: torch.device) -> Sequences:
+        tokens = torch.from_numpy(batch.tokens.astype("int64")).to(device)
+        labels = tokens[:, 1:]
+        if batch.targets is not None:
+            learned = torch.from_numpy(batch.targets[:, 1:]).to(device)
+            labels = labels.masked_fill(~learned, IGNORE)
+        positions = None if batch.positions is None else \
+            torch.from_numpy(batch.positions[:, :-1].astype("int64")).to(device)
+        return cls(tokens[:, :-1], labels, positions, max(batch.target_count, 1))
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def split(self, size: int) -> list[Sequences]:
+        """Micro-batches of `size` rows."""
+        count = -(-len(self) // size)
+        return [self.rows(i * size, (i + 1) * size) for i in range(count)]
+
+    def rows(self, start: int, stop: int) -> Sequences:
+        return Sequences(self.inputs[start:stop], self.labels[start:stop],
+                         None if self.positions is None else self.positions[start:stop],
+                         self.target_count)
+
+    def model_kwargs(self) -> dict:
+        return {} if self.positions is None else {"positions": self.positions}
 
 
 class Trainer:
@@ -73,9 +114,8 @@ class Trainer:
                       for part, stage in zip(self.parts, self.stage_ids, strict=True)]
             for stage in stages:
                 self.busy.watch(stage)
-            scale = 1 / self.micro_batches  # the step's gradient: mean over its micro-batches
-            self.schedule = build_schedule(stages, p.schedule, per_call,
-                                           lambda out, target: cross_entropy(out, target) * scale)
+            self.schedule = build_schedule(stages, p.schedule, per_call, self.scaled_loss)
+        self.loss_scale = 1.0  # set per step: see `loss_scale_for`
 
     def build_parts(self) -> tuple[list[GPT], list[int], int]:
         """This rank's pipeline stages (the whole model without a pipeline), materialized
@@ -114,20 +154,27 @@ class Trainer:
             stack.enter_context(loss_parallel())
         return stack
 
-    def train_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on this replica's slice (sequences of seq_len + 1; every
-        rank of the replica passes it, each stage uses what it needs). Returns the mean
-        loss over all replicas and the global gradient norm before clipping."""
+    def train_step(self, batch: Sequences) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on this replica's share of the global batch (every rank of
+        the replica passes it, each stage uses what it needs). Returns the loss over the
+        whole global batch and the global gradient norm before clipping."""
+        self.loss_scale = self.layout.dp / batch.target_count
         if self.schedule is None:
-            loss = self.accumulate(tokens)
+            loss = self.accumulate(batch)
         else:
-            loss = self.pipeline_accumulate(tokens)
+            loss = self.pipeline_accumulate(batch)
         grad_norm = self.clip_gradients(self.config.train.grad_clip)
         for optimizer in self.optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         self.start_at(self.step + 1)
-        return self.mean_over_replicas(loss), grad_norm
+        return self.sum_over_replicas(loss), grad_norm
+
+    def scaled_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The summed loss of some rows times `loss_scale` (the replicas' gradients are
+        averaged, hence the factor dp): the gradients of all micro-batches of all
+        replicas then add up to the gradient of the global batch's mean loss."""
+        return cross_entropy(logits, labels, reduction="sum") * self.loss_scale
 
     def start_at(self, step: int) -> None:
         """Continue after `step` optimizer steps (after loading a checkpoint, too), with the
@@ -136,18 +183,20 @@ class Trainer:
         for optimizer in self.optimizers:
             apply_hyperparameters(optimizer, self.config.train, step)
 
-    def accumulate(self, tokens: torch.Tensor) -> torch.Tensor:
-        micro_batches = tokens.split(self.config.train.micro_batch)
+    def accumulate(self, batch: Sequences) -> torch.Tensor:
+        """This replica's share of the loss: its summed loss over the global target count."""
+        micro_batches = batch.split(self.config.train.micro_batch)
         total = torch.zeros((), device=self.device)
         for index, micro in enumerate(micro_batches):
             self.sync_gradients(index == len(micro_batches) - 1)
             with self.context():
-                loss = cross_entropy(self.parts[0](micro[:, :-1]), micro[:, 1:])
-                (loss / len(micro_batches)).backward()
-            total += local_value(loss).detach() / len(micro_batches)
-        return total
+                loss = self.scaled_loss(self.parts[0](micro.inputs, **micro.model_kwargs()),
+                                        micro.labels)
+                loss.backward()
+            total += local_value(loss).detach()
+        return total / self.layout.dp
 
-    def pipeline_accumulate(self, tokens: torch.Tensor) -> torch.Tensor:
+    def pipeline_accumulate(self, batch: Sequences) -> torch.Tensor:
         """Schedule calls of `call_size` sequences; only the last stage sees losses."""
         calls = self.micro_batches * self.config.train.micro_batch // self.call_size
         total = torch.zeros((), device=self.device)
@@ -155,13 +204,15 @@ class Trainer:
         for call in range(calls):
             self.sync_gradients(call == calls - 1)
             losses: list[torch.Tensor] = []
+            rows = batch.rows(call * self.call_size, (call + 1) * self.call_size)
             with self.context():
-                self.schedule.step(*self.stage_inputs(tokens, call), losses=losses,
-                                   **self.stage_targets(tokens, call))
-            if self.last:  # losses come scaled by 1/micro-batches: their sum is the mean
+                self.schedule.step(*([rows.inputs] if self.first else []), losses=losses,
+                                   **({"target": rows.labels} if self.last else {}),
+                                   **rows.model_kwargs())
+            if self.last:
                 total += torch.stack([local_value(x).detach() for x in losses]).sum()
         self.busy.stop()
-        return self.sum_over_stages(total)
+        return self.sum_over_stages(total / self.layout.dp)
 
     def idle_shares(self) -> list[float]:
         """Share of the last step each pipeline rank spent waiting (the measured bubble),
@@ -172,16 +223,6 @@ class Trainer:
         dist.all_gather_object(shares, self.busy.idle_share(), group=self.mesh["pp"].get_group())
         return shares
 
-    def stage_inputs(self, tokens: torch.Tensor, call: int) -> tuple:
-        if not self.first:
-            return ()
-        return (tokens[call * self.call_size : (call + 1) * self.call_size, :-1],)
-
-    def stage_targets(self, tokens: torch.Tensor, call: int) -> dict:
-        if not self.last:
-            return {}
-        return {"target": tokens[call * self.call_size : (call + 1) * self.call_size, 1:]}
-
     def sync_gradients(self, now: bool) -> None:
         """FSDP reduces gradients only after the last micro-batch of a step."""
         for part in self.parts:
@@ -189,38 +230,32 @@ class Trainer:
                 part.set_requires_gradient_sync(now)
 
     @torch.no_grad()
-    def evaluate(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean loss over this replica's held-out sequences, averaged over replicas."""
+    def evaluate(self, batch: Sequences) -> torch.Tensor:
+        """Loss over the held-out sequences of every replica (this one holds `batch`)."""
         for part in self.parts:
             part.eval()
-        if self.schedule is None:
-            chunks = tokens.split(self.config.train.micro_batch)
+        total = torch.zeros((), device=self.device)
+        for micro in batch.split(self.config.train.micro_batch):
             with self.context():
-                total = sum(local_value(cross_entropy(self.parts[0](c[:, :-1]), c[:, 1:]))
-                            * len(c) for c in chunks) / len(tokens)
-        else:
-            total = self.pipeline_evaluate(tokens)
+                logits = self.parts[0](micro.inputs, **micro.model_kwargs()) \
+                    if self.schedule is None else self.pipeline_forward(micro)
+                if logits is not None:
+                    loss = cross_entropy(logits, micro.labels, reduction="sum")
+                    total += local_value(loss) / batch.target_count
         for part in self.parts:
             part.train()
-        return self.mean_over_replicas(total)
+        return self.sum_over_replicas(self.sum_over_stages(total))
 
-    def pipeline_evaluate(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Forward-only through the stages, one micro-batch at a time."""
-        p, micro = self.config.parallel, self.config.train.micro_batch
-        tp = self.layout.tp
-        seq = self.config.data.seq_len // (tp if p.sequence_parallel and tp > 1 else 1)
-        parts = dict(zip(self.stage_ids, self.parts, strict=True))
-        total = torch.zeros((), device=self.device)
-        for chunk in tokens.split(micro):
-            with self.context():
-                loss = forward_only(
-                    parts, self.n_stages, lambda s: stage_owner(p.schedule, s, self.layout.pp),
-                    self.coordinates["pp"], self.mesh["pp"].get_group(), chunk[:, :-1],
-                    (len(chunk), seq, self.config.model.d_model),
-                    lambda logits, y=chunk[:, 1:]: cross_entropy(logits, y))
-            if loss is not None:
-                total += local_value(loss) * len(chunk) / len(tokens)
-        return self.sum_over_stages(total)
+    def pipeline_forward(self, micro: Sequences) -> torch.Tensor | None:
+        """Forward-only through the stages (no schedule): the logits on the rank holding
+        the last stage, None on the others."""
+        p, tp = self.config.parallel, self.layout.tp
+        seq = micro.inputs.shape[1] // (tp if p.sequence_parallel and tp > 1 else 1)
+        return forward_only(
+            dict(zip(self.stage_ids, self.parts, strict=True)), self.n_stages,
+            lambda s: stage_owner(p.schedule, s, self.layout.pp), self.coordinates["pp"],
+            self.mesh["pp"].get_group(), micro.inputs,
+            (len(micro), seq, self.config.model.d_model), micro.model_kwargs())
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         """The gradient norm over every parameter of every rank; clipped to `max_norm`."""
@@ -243,10 +278,9 @@ class Trainer:
             dist.all_reduce(value, group=self.mesh["pp"].get_group())
         return value
 
-    def mean_over_replicas(self, value: torch.Tensor) -> torch.Tensor:
+    def sum_over_replicas(self, value: torch.Tensor) -> torch.Tensor:
         if self.layout.dp > 1:
             dist.all_reduce(value, group=self.mesh["dp"].get_group())
-            value = value / self.layout.dp
         return value
 
     @property
