@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from raytron.pipelines.embedded import FORMATS as EMBEDDED_FORMATS
+from raytron.pipelines.embedded import embedded_texts
+
 EMBEDDED_PREFIX = "embedded:"
-EMBEDDED_CORPORA = ("python-reference",)
 CHAT, PROMPT_COMPLETION = "chat", "prompt_completion"
 SAMPLE_FORMATS = (CHAT, PROMPT_COMPLETION)  # fine-tuning samples, in JSONL or Parquet files
 FORMATS = ("auto", "text", "jsonl", "parquet", *SAMPLE_FORMATS)  # auto: by extension
@@ -49,11 +51,19 @@ class Record:
     reason: str = ""  # why it was skipped
 
 
+def sample_kind(path: str, declared: str) -> str:
+    """A source's `format` with `auto` resolved for the embedded corpora, whose records
+    are what they are (the reverse-words task is chat)."""
+    if declared == "auto" and path.startswith(EMBEDDED_PREFIX):
+        return EMBEDDED_FORMATS.get(path.removeprefix(EMBEDDED_PREFIX), declared)
+    return declared
+
+
 def list_files(path: str) -> list[str]:
     """The files of a source, in a stable order: a file, a folder (recursively), a glob."""
     if path.startswith(EMBEDDED_PREFIX):
-        if path.removeprefix(EMBEDDED_PREFIX) not in EMBEDDED_CORPORA:
-            names = ", ".join(EMBEDDED_PREFIX + name for name in EMBEDDED_CORPORA)
+        if path.removeprefix(EMBEDDED_PREFIX) not in EMBEDDED_FORMATS:
+            names = ", ".join(EMBEDDED_PREFIX + name for name in EMBEDDED_FORMATS)
             raise SourceError(f"'{path}' is no embedded corpus. Fix: use one of {names}.")
         return [path]
     if not path.strip():
@@ -150,7 +160,7 @@ def read_records(file: CorpusFile, start: int = 0) -> Iterator[Record]:
     """Records of one file from index `start` on; an unreadable file yields one skipped
     record. Compressed files (.gz, .zst or .zstd, .bz2, .lz4) are decompressed on the fly."""
     if file.path.startswith(EMBEDDED_PREFIX):
-        yield from embedded_records(start)
+        yield from embedded_records(file.path.removeprefix(EMBEDDED_PREFIX), start)
         return
     try:
         filesystem, inner = filesystem_and_path(file.path)
@@ -239,13 +249,10 @@ def parquet_records(raw: bytes, file: CorpusFile, start: int) -> Iterator[Record
         yield field_record(index, file.value(row), file.max_document_bytes)
 
 
-def embedded_records(start: int) -> Iterator[Record]:
-    """The Python language reference that every CPython ships (~460 KB of English)."""
-    from pydoc_data.topics import topics
-
-    for index, key in enumerate(sorted(topics)):
+def embedded_records(name: str, start: int = 0) -> Iterator[Record]:
+    for index, text in enumerate(embedded_texts(name)):
         if index >= start:
-            yield Record(index, topics[key])
+            yield Record(index, text)
 
 
 def is_validation(text: str, share: float) -> bool:

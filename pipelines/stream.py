@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from raytron.pipelines.chat import ChatError, encode_sample
+from raytron.pipelines.chat import ChatError, encode_sample, sample_text
 from raytron.pipelines.packing import Cursor, Packer, SamplePacker, TokenDoc, shuffled
 from raytron.pipelines.sources import (
     INVALID_SAMPLE,
@@ -25,6 +25,7 @@ from raytron.pipelines.sources import (
     is_validation,
     list_files,
     read_records,
+    sample_kind,
 )
 
 # Which records of a source a stream keeps: those not held out, the held-out ones, all.
@@ -48,7 +49,8 @@ def sample_format(source: SourceSpec) -> str | None:
 
 def source_spec(source, max_document_bytes: int) -> SourceSpec:
     """From a `SourceConfig` (path, format, its fields, document, weight, epochs)."""
-    files = [CorpusFile(path, source.format, source.text_field, source.document,
+    files = [CorpusFile(path, sample_kind(source.path, source.format), source.text_field,
+                        source.document,
                         max_document_bytes, source.messages_field, source.prompt_field,
                         source.completion_field) for path in list_files(source.path)]
     return SourceSpec(files, source.weight, source.epochs)
@@ -268,11 +270,13 @@ def ordered_docs(spec: StreamSpec, source: SourceSpec, index: int, cursor: Curso
 
 
 def local_texts(source: SourceSpec, keep: str, val_share: float) -> Iterator[str]:
-    """A source's texts in file order, read in this process (the tokenizer trainer's)."""
+    """A source's texts in file order, read in this process (the tokenizer trainer's);
+    fine-tuning samples as the text they train on."""
+    kind = sample_format(source)
     for file in source.files:
         for _, text, _ in kept_records(file, 0, keep, val_share):
             if text is not None:
-                yield text
+                yield text if kind is None else sample_text(kind, text)
 
 
 def tokenizer_sample(spec: StreamSpec, max_bytes: int) -> Iterator[str]:

@@ -24,7 +24,7 @@ from raytron.platform.storage.tracking import RUN_ID_FILE
 
 def reference_texts(count: int = 60) -> list[str]:
     """Real English: the Python language reference that CPython ships."""
-    return [record.text for record in embedded_records(0)][:count]
+    return [record.text for record in embedded_records("python-reference")][:count]
 
 
 def small_tokenizer(vocab_size: int = 512) -> Tokenizer:

@@ -8,7 +8,7 @@ import os
 
 from raytron.model.gpt import GPTShape, llama_ffn_hidden
 from raytron.model.pipeline import stages_per_rank
-from raytron.pipelines.sources import SAMPLE_FORMATS
+from raytron.pipelines.sources import SAMPLE_FORMATS, sample_kind
 from raytron.platform.config.schema import DataConfig, ModelConfig, RaytronConfig
 
 AUTO = "auto"
@@ -43,7 +43,7 @@ def packs_samples(data: DataConfig) -> bool:
     """`data.packing`, with `auto` meaning samples when any source holds fine-tuning samples."""
     if data.packing != AUTO:
         return data.packing == "samples"
-    return any(s.format in SAMPLE_FORMATS for s in data.sources)
+    return any(sample_kind(s.path, s.format) in SAMPLE_FORMATS for s in data.sources)
 
 
 def recompute_every(setting: int | str) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from raytron.pipelines.chat import with_chat_tokens
-from raytron.pipelines.sources import CHAT
+from raytron.pipelines.sources import CHAT, sample_kind
 from raytron.pipelines.stream import StreamSpec
 from raytron.pipelines.tokenizer import load
 from raytron.platform.config.load import flatten, to_dict
@@ -60,7 +60,7 @@ def settle(config: RaytronConfig) -> SettledRun:
     committed = CheckpointStore(paths.checkpoints, config.checkpoint.keep_last).committed_steps()
     spec = stream_spec(config)
     tokenizer = run_tokenizer(config, paths, spec, resuming=bool(committed))
-    if any(s.format == CHAT for s in config.data.sources):
+    if any(sample_kind(s.path, s.format) == CHAT for s in config.data.sources):
         tokenizer = with_chat_tokens(tokenizer)
     raise_problems(tokenizer_problems(config, tokenizer.get_vocab_size()))
     config = dataclasses.replace(config, model=resolve_model(config.model,
