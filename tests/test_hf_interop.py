@@ -69,6 +69,37 @@ def test_bos_trained_run_exports_a_tokenizer_that_adds_it(tmp_path, tokenizer):
     assert load_model(run_dir).generator.encode("def f") == theirs("def f")["input_ids"]
 
 
+def test_the_chat_template_renders_in_transformers_what_fine_tuning_trained_on(
+        exported, tokenizer, tmp_path):
+    """apply_chat_template on the export: the same text and ids as raytron's chat encoding
+    (with and without BOS), the generation prompt the server uses, and <|im_end|> among the
+    tokens that end a generation."""
+    from raytron.pipelines.chat import encode_chat, render
+
+    conversation = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Reverse: apple river stone"},
+                    {"role": "assistant", "content": "stone river apple"},
+                    {"role": "user", "content": "And: green light"},
+                    {"role": "assistant", "content": "light green"}]
+    run_dir, out, hf = exported
+    theirs = AutoTokenizer.from_pretrained(out)
+    assert theirs.apply_chat_template(conversation, tokenize=False) == render(conversation)
+    ids, _ = encode_chat(tokenizer, conversation)
+    assert list(theirs.apply_chat_template(conversation, tokenize=True,
+                                           return_dict=True)["input_ids"]) == ids
+    question = conversation[:2]
+    assert theirs.apply_chat_template(question, tokenize=False, add_generation_prompt=True) \
+        == render(question, add_generation_prompt=True)
+    assert theirs.convert_tokens_to_ids("<|im_end|>") in hf.generation_config.eos_token_id
+
+    bos_run = write_run(tmp_path, "bos", small_model(512), tokenizer, ("data.bos=true",))
+    assert run_cli("export", str(bos_run), str(tmp_path / "hf"))[0] == 0
+    with_bos = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    bos = tokenizer.token_to_id("<|begin_of_text|>")
+    assert list(with_bos.apply_chat_template(conversation, tokenize=True,
+                                             return_dict=True)["input_ids"]) == [bos, *ids]
+
+
 def test_greedy_generation_equals_transformers_generate(exported):
     run_dir, _, hf = exported
     prompts = ["The import statement", "A class definition defines", "x"]

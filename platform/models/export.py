@@ -14,6 +14,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, processors
 
 from raytron.model.hf import DTYPES, hf_config, to_hf
+from raytron.pipelines.chat import DEFAULT_TEMPLATE, TURN_START
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.models.sources import HF_CONFIG, ModelSource
 
@@ -54,8 +55,18 @@ def export_hugging_face(source: ModelSource, out: Path, dtype: str = "float32",
         "pad_token": tokenizer.id_to_token(eos),
         "model_max_length": shape.max_seq_len,
         "clean_up_tokenization_spaces": False,  # decode gives back the text as trained
+        **chat_template(tokenizer, source.bos_id is not None),
     })
     return sorted(out.iterdir())
+
+
+def chat_template(tokenizer: Tokenizer, with_bos: bool) -> dict:
+    """The template chat fine-tuning renders with, for a tokenizer that has its turn
+    markers; `apply_chat_template` does not add special tokens, so a run that put BOS
+    first has the template do it."""
+    if tokenizer.token_to_id(TURN_START) is None:
+        return {}
+    return {"chat_template": ("{{ bos_token }}" if with_bos else "") + DEFAULT_TEMPLATE}
 
 
 def bos_token(tokenizer: Tokenizer) -> int | None:
