@@ -23,6 +23,7 @@ def _rank_main(rank: int, world: int, folder: str, fn: Callable, args: tuple,
         result = fn(*args)
         if rank == 0:
             Path(folder, "result.pkl").write_bytes(pickle.dumps(result))
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 

@@ -8,7 +8,7 @@ from raytron.platform.config.schema import ConfigError
 from raytron.platform.config.validate import validate
 
 
-@pytest.mark.parametrize("preset", ["tiny", "gpt2-124m", "llama-1b"])
+@pytest.mark.parametrize("preset", ["tiny", "gpt2-124m", "llama-1b", "sft-tiny"])
 def test_presets_load_and_validate(preset):
     config = load_config(preset)
     validate(config)
@@ -52,6 +52,10 @@ def run_cli(capsys, *args):
                                               "leave cluster.workers unset"]),
     (["parallel.dp=4"], ["train.global_batch=16 is not divisible by train.micro_batch"]),
     (["data.sources.0.path=/no/such/corpus"], ["data.sources.0.path", "matches no file"]),
+    (["data.packing=zip", "data.overlong=cut"], ["data.packing='zip' is unknown",
+                                                 "data.overlong='cut' is unknown"]),
+    (["data.sources=[{path: embedded:reverse-words, format: dialog}]"],
+     ["data.sources.0.format='dialog' is unknown", "chat"]),
     (["data.tokenizer=/no/tokenizer.json"], ["data.tokenizer", "is not a file"]),
     (["train.precision=fp8"], ["train.precision='fp8' is unknown"]),
     (["parallel.schedule=zigzag"], ["parallel.schedule='zigzag' is unknown"]),

@@ -54,6 +54,7 @@ def test_sampling_repeats_with_a_seed_and_stops_at_a_stop_string(run_dir):
     (["eval", "{run}", "--data", "embedded:python-reference", "--seq-len", "500"],
      "longer than the model's context"),
     (["generate", "{run}/checkpoints", "--prompt", "x"], "is no model"),
+    (["eval", "{run}", "--data", "embedded:reverse-words"], "scores documents"),
 ])
 def test_bad_input_is_refused_with_a_fix(run_dir, argv, message):
     code, _, err = run_cli(*[a.format(run=run_dir) for a in argv])

@@ -190,7 +190,7 @@ def test_init_from_a_llama_starts_every_layout_from_its_weights(llama_folder):
     assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.n_kv_heads) == (4, 32, 2)
     assert cfg.data.tokenizer == str(llama_folder / "tokenizer.json")
     single = run_single(start)
-    first = batch(0, cfg)
+    first = torch.from_numpy(batch(0, cfg).tokens).long()
     with torch.no_grad():
         hf_loss = AutoModelForCausalLM.from_pretrained(llama_folder)(first, labels=first).loss
     assert single["losses"][0] == pytest.approx(hf_loss.item(), rel=1e-5)

@@ -4,9 +4,12 @@ API key is enforced, and concurrent requests decode together with the same resul
 
 import concurrent.futures
 import json
+import re
 import socket
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from openai import AuthenticationError, BadRequestError, OpenAI
@@ -141,7 +144,8 @@ def test_raytron_serve_runs_in_the_foreground_and_stops_on_ctrl_c(served, tmp_pa
     assert code == 2 and "is no model" in err  # refused before Ray starts
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "raytron.platform.cli", "serve",
-                                str(served[0]), "--name", "cli", "--port", str(port)],
+                                str(served[0]), "--name", "cli", "--port", str(port),
+                                "--max-replicas", "2"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout],
@@ -156,4 +160,84 @@ def test_raytron_serve_runs_in_the_foreground_and_stops_on_ctrl_c(served, tmp_pa
         process.send_signal(signal.SIGINT)
         process.wait(timeout=120)
     assert process.returncode == 0, "".join(output)
-    assert any(f"at http://127.0.0.1:{port}/v1" in line for line in output)
+    assert any(f"at http://127.0.0.1:{port}/v1 with 1-2 (autoscaled)" in line
+               for line in output)
+    code, _, err = run_cli("serve", str(served[0]), "--replicas", "2", "--max-replicas", "3")
+    assert code == 2 and "give one of them" in err
+
+
+def test_each_request_is_one_log_line_of_the_replica(served, client):
+    import ray
+
+    client.completions.create(model="small", prompt="The import", max_tokens=5, temperature=0)
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        lines = [line for path in logs.glob("replica_raytron_ModelServer_*.log")
+                 for line in path.read_text().splitlines()
+                 if "/v1/completions 200 |" in line and "completion tokens" in line]
+        if lines:
+            break
+        time.sleep(0.5)
+    assert re.search(r"/v1/completions 200 \| \d+ prompt \+ 5 completion tokens \| "
+                     r"[\d.]+ s \| \d+ tok/s", "\n".join(lines))
+
+
+def test_request_metrics_go_to_mlflow_in_windows(tmp_path):
+    from mlflow import MlflowClient
+
+    from raytron.platform.serving.metrics import EXPERIMENT, RequestMetrics, Served
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    metrics = RequestMetrics("small", uri)
+    for seconds in (0.1, 0.2, 0.3, 0.4):
+        metrics.record(Served("/v1/completions", 200, seconds, 5, 10))
+    metrics.record(Served("/v1/completions", 400, 0.01))
+    metrics.flush()
+    mlflow = MlflowClient(uri)
+    run = mlflow.search_runs([mlflow.get_experiment_by_name(EXPERIMENT).experiment_id])[0]
+    logged = run.data.metrics
+    assert logged["serve/requests"] == 5 and logged["serve/errors"] == 1
+    assert logged["serve/completion_tokens"] == 40
+    assert logged["serve/latency_p50_s"] == pytest.approx(0.2)
+    assert run.info.run_name == "serve-small"
+
+
+def test_serves_own_builder_takes_the_application_and_its_arguments(served, monkeypatch):
+    """What `serve run module:application key=value` and a RayService's `args` do."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    from raytron.platform.serving.app import application
+
+    monkeypatch.setenv("RAYTRON_API_KEY", "from-the-environment")
+    app = call_user_app_builder_with_args_if_necessary(
+        application, {"source": str(served[0]), "max_batch_size": "4", "max_replicas": "3"})
+    assert isinstance(app, Application)
+    deployment = app._bound_deployment
+    assert deployment.init_args == (str(served[0]), "served", "from-the-environment", 4, None)
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    with pytest.raises(Exception, match="source"):
+        call_user_app_builder_with_args_if_necessary(application, {"name": "x"})
+
+
+def test_a_killed_replica_is_replaced_and_serving_goes_on(served, client):
+    """Last in the module: it kills the replica the other tests use."""
+    import ray
+
+    def replicas() -> set[str]:
+        return {actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+                if actor["name"].startswith("SERVE_REPLICA::raytron#ModelServer")}
+
+    (victim,) = replicas()
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if replicas() - {victim}:
+            try:
+                if client.completions.create(model="small", prompt="a", max_tokens=2).choices:
+                    return
+            except Exception:  # the proxy may route to the dead one for a moment
+                pass
+        time.sleep(1)
+    pytest.fail("no replica replaced the killed one within 120 s")

@@ -191,6 +191,7 @@ def mlflow_target(args: argparse.Namespace, source) -> tuple[str | None, str | N
 def sources_of(data: str) -> list:
     """`--data` through the same loader and checks as data.sources."""
     from raytron.platform.config.load import load_config
+    from raytron.platform.config.resolve import packs_samples
     from raytron.platform.config.validate import validate
 
     try:
@@ -199,6 +200,11 @@ def sources_of(data: str) -> list:
     except ConfigError as error:
         raise ConfigError([p.replace("data.sources", "--data") for p in error.problems]
                           ) from None
+    if packs_samples(config.data):
+        raise ConfigError(["--data: raytron eval scores documents (perplexity); chat and "
+                           "prompt_completion samples are scored by fine-tuning's validation "
+                           "(val_loss on the learned tokens). Fix: give text, JSONL or "
+                           "Parquet documents."])
     return config.data.sources
 
 

@@ -7,15 +7,19 @@ and decoded together (requests with the same sampling settings share one batch).
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections import defaultdict
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from ray import serve
 
 from raytron.model.generate import PromptError, check_prompts
+from raytron.platform.serving.metrics import RequestMetrics, Served
 from raytron.platform.serving.requests import BadRequest, Job, ParsedRequest, parse
 
 api = FastAPI(title="raytron")
@@ -36,10 +40,11 @@ def sse(value: dict) -> str:
 @serve.ingress(api)
 class ModelServer:
     def __init__(self, source: str, name: str, api_key: str | None = None,
-                 max_batch_size: int = 8):
+                 max_batch_size: int = 8, tracking_uri: str | None = None):
         from raytron.platform.models.loading import load_model
 
         self.loaded = load_model(source)
+        self.metrics = RequestMetrics(name, tracking_uri)
         self.name, self.api_key = name, api_key
         self.context = self.loaded.model.shape.max_seq_len
         self.created = int(time.time())
@@ -83,19 +88,29 @@ class ModelServer:
         return await self.answer(request, chat=True)
 
     async def answer(self, request: Request, chat: bool):
+        started, route = time.perf_counter(), request.url.path
         refusal = self.refused(request)
         if refusal:
+            self.metrics.record(Served(route, 401, time.perf_counter() - started))
             return refusal
         try:
             parsed = await self.parsed(request, chat)
         except BadRequest as problem:
+            self.metrics.record(Served(route, 400, time.perf_counter() - started))
             return JSONResponse(problem.body(), status_code=400)
         if parsed.stream:
-            return StreamingResponse(self.events(parsed), media_type="text/event-stream")
+            return StreamingResponse(self.events(parsed, route, started),
+                                     media_type="text/event-stream")
         results = await asyncio.gather(*(self.generate_batch(job) for job in parsed.jobs))
+        self.record(route, started, results)
         return self.response(parsed, results)
 
-    async def events(self, parsed: ParsedRequest):
+    def record(self, route: str, started: float, results: list) -> None:
+        self.metrics.record(Served(route, 200, time.perf_counter() - started,
+                                   sum(g.prompt_tokens for g in results),
+                                   sum(len(g.tokens) for g in results)))
+
+    async def events(self, parsed: ParsedRequest, route: str, started: float):
         """Server-sent events: a chunk for each piece of text as it is generated, one with
         each choice's finish reason, then `[DONE]`. A streamed request decodes its own
         prompts together, apart from the batched requests."""
@@ -119,10 +134,12 @@ class ModelServer:
                 "created": int(time.time()), "model": self.name}
         while (item := await queue.get()) is not None:
             yield sse({**head, "choices": [self.chunk(parsed.chat, *item, None)]})
-        for index, generation in enumerate(await finished):
+        results = await finished
+        for index, generation in enumerate(results):
             yield sse({**head, "choices": [self.chunk(parsed.chat, index, "",
                                                       generation.finish_reason)]})
         yield "data: [DONE]\n\n"
+        self.record(route, started, results)
 
     @staticmethod
     def chunk(chat: bool, index: int, text: str, finish_reason: str | None) -> dict:
@@ -166,7 +183,35 @@ class ModelServer:
 
 
 def build_app(source: str, name: str, api_key: str | None = None, max_batch_size: int = 8,
-              replicas: int = 1):
-    """The application, for `serve.run`, `serve run` and a KubeRay RayService."""
-    return ModelServer.options(num_replicas=replicas).bind(source, name, api_key,
-                                                           max_batch_size)
+              replicas: int = 1, autoscaling: dict | None = None,
+              tracking_uri: str | None = None):
+    """The application (`raytron serve` and Python): `replicas` copies, or as many as
+    Serve's `autoscaling` config (min_replicas, max_replicas, target_ongoing_requests)
+    asks for; request metrics to MLflow at `tracking_uri`."""
+    scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
+    return ModelServer.options(**scaling).bind(source, name, api_key, max_batch_size,
+                                               tracking_uri)
+
+
+class ServeArgs(BaseModel):
+    """The arguments of `serve run raytron.platform.serving.app:application key=value ...`
+    and of a RayService's `args:`. The API key comes from $RAYTRON_API_KEY."""
+
+    source: str
+    name: str | None = None  # default: the folder's name
+    max_batch_size: int = 8
+    replicas: int = 1
+    min_replicas: int = 1
+    max_replicas: int | None = None  # set: autoscale
+    target_ongoing_requests: float = 8.0
+    tracking_uri: str | None = None  # set: request metrics to MLflow
+
+
+def application(args: ServeArgs):
+    """Serve's application builder (one argument, validated by pydantic)."""
+    autoscaling = None if args.max_replicas is None else {
+        "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+        "target_ongoing_requests": args.target_ongoing_requests}
+    return build_app(args.source, args.name or Path(args.source).resolve().name,
+                     os.environ.get("RAYTRON_API_KEY"), args.max_batch_size, args.replicas,
+                     autoscaling, args.tracking_uri)

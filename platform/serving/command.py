@@ -12,13 +12,15 @@ from raytron.platform.config.schema import ConfigError
 from raytron.platform.models.commands import SOURCE_HELP, checked
 
 APP_NAME = "raytron"
-API_KEY_VARIABLE = "RAYTRON_API_KEY"
+API_KEY_VARIABLE = "RAYTRON_API_KEY"  # also read by app.application
 
 SERVE_EPILOG = f"""\
 Routes (OpenAI-compatible): POST /v1/completions, POST /v1/chat/completions (with the
 model's chat template), GET /v1/models, GET /health. Fields: model, prompt (string or
 list), messages, max_tokens, temperature, top_p, seed, stop, n, stream (server-sent
-events). Concurrent requests are decoded together on each replica (--max-batch-size).
+events). Concurrent requests are decoded together on each replica (--max-batch-size);
+--max-replicas autoscales. Each request is one line of the replica's log; --mlflow
+also logs request metrics every 10 s.
 
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{{"model": "tiny", "prompt": "A class", "max_tokens": 20}}'
@@ -26,8 +28,11 @@ events). Concurrent requests are decoded together on each replica (--max-batch-s
 The API key may come from ${API_KEY_VARIABLE} instead of --api-key (which other users
 of the machine can see in its process list). Ray: joins $RAY_ADDRESS when set, otherwise
 starts a local Ray that lives as long as this command (--detach needs a cluster:
-`ray start --head`). The application is importable for `serve run` and a KubeRay
-RayService: raytron.platform.serving.app:build_app."""
+`ray start --head`). For `serve run` and a KubeRay RayService the application is
+raytron.platform.serving.app:application, with arguments source, name, max_batch_size,
+replicas, min_replicas, max_replicas, target_ongoing_requests, tracking_uri:
+
+  serve run raytron.platform.serving.app:application source=runs/tiny max_batch_size=16"""
 
 
 def add_serve_arguments(command: argparse.ArgumentParser) -> None:
@@ -37,6 +42,15 @@ def add_serve_arguments(command: argparse.ArgumentParser) -> None:
                               "name)")
     command.add_argument("--replicas", type=checked(int, 1), default=1, metavar="N",
                          help="replicas of the model (default 1)")
+    command.add_argument("--max-replicas", type=checked(int, 1), metavar="N",
+                         help="autoscale between --min-replicas and N replicas by load "
+                              "(instead of a fixed --replicas)")
+    command.add_argument("--min-replicas", type=checked(int, 0), default=1, metavar="N",
+                         help="with --max-replicas: the fewest replicas (default 1; 0 frees "
+                              "every device when idle)")
+    command.add_argument("--target-ongoing-requests", type=checked(float, 0.1), default=8.0,
+                         metavar="R", help="with --max-replicas: requests in flight per "
+                                           "replica that autoscaling aims at (default 8)")
     command.add_argument("--max-batch-size", type=checked(int, 1), default=8, metavar="B",
                          help="concurrent requests decoded together per replica (default 8)")
     command.add_argument("--host", default="127.0.0.1",
@@ -47,6 +61,37 @@ def add_serve_arguments(command: argparse.ArgumentParser) -> None:
                          help=f"require Authorization: Bearer KEY (or set ${API_KEY_VARIABLE})")
     command.add_argument("--detach", action="store_true",
                          help="leave the application running in the cluster and return")
+    command.add_argument("--mlflow", action="store_true",
+                         help="log request metrics (latency p50/p99, tokens/s, errors) every "
+                              "10 s to MLflow, experiment raytron-serve")
+    command.add_argument("--tracking-uri", metavar="URI",
+                         help="with --mlflow: the tracking server (default: the run's, else "
+                              "$MLFLOW_TRACKING_URI)")
+
+
+def autoscaling_config(args: argparse.Namespace) -> dict | None:
+    """Serve's autoscaling config from the flags; None for a fixed replica count."""
+    if args.max_replicas is None:
+        return None
+    if args.min_replicas > args.max_replicas:
+        raise ConfigError([f"--min-replicas {args.min_replicas} is above --max-replicas "
+                           f"{args.max_replicas}. Fix: lower it, or raise --max-replicas."])
+    if args.replicas != 1:
+        raise ConfigError(["--replicas fixes the replica count, --max-replicas autoscales it. "
+                           "Fix: give one of them."])
+    return {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+            "target_ongoing_requests": args.target_ongoing_requests}
+
+
+def serving_tracking_uri(args: argparse.Namespace, source) -> str | None:
+    """Where --mlflow logs: --tracking-uri, the source run's store, $MLFLOW_TRACKING_URI."""
+    if not args.mlflow:
+        return None
+    uri = args.tracking_uri or source.mlflow_run()[0] or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ConfigError(["--mlflow: no tracking server is known for this model. Fix: give "
+                           "--tracking-uri, or set MLFLOW_TRACKING_URI."])
+    return uri
 
 
 def stop_on_terminate(signum, frame) -> None:
@@ -65,6 +110,8 @@ def serve_command(args: argparse.Namespace) -> int:
         raise ConfigError(["--detach leaves the application in a Ray cluster, and none is "
                            "given. Fix: `ray start --head`, then set RAY_ADDRESS=auto (or run "
                            "without --detach)."])
+    autoscaling = autoscaling_config(args)
+    tracking_uri = serving_tracking_uri(args, source)
     name = args.name or (source.run_dir or source.path).resolve().name
     import ray
     from ray import serve
@@ -76,10 +123,13 @@ def serve_command(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(str(Path(args.source).resolve()), name,
                         args.api_key or os.environ.get(API_KEY_VARIABLE), args.max_batch_size,
-                        args.replicas), name=APP_NAME, route_prefix="/")
+                        args.replicas, autoscaling, tracking_uri),
+              name=APP_NAME, route_prefix="/")
+    replicas = f"{args.min_replicas}-{args.max_replicas} (autoscaled)" if autoscaling \
+        else str(args.replicas)
     print(f"Serving '{name}' ({source.describe()}) at http://{args.host}:{args.port}/v1 "
-          f"with {args.replicas} replica(s){'; API key required' if args.api_key else ''}.",
-          flush=True)
+          f"with {replicas} replica(s){'; API key required' if args.api_key else ''}"
+          f"{'; request metrics to MLflow' if tracking_uri else ''}.", flush=True)
     if args.detach:
         print(f"Left running in the cluster; stop it with `serve delete {APP_NAME}`.")
         return 0
