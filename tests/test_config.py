@@ -109,11 +109,14 @@ def no_training(monkeypatch):
     monkeypatch.setattr(run, "train", refuse)
 
 
-def test_cli_rejects_before_ray_starts(capsys, no_training):
+def test_cli_rejects_before_ray_starts(capsys, no_training, monkeypatch):
     import ray
 
+    def must_not_start(*args, **kwargs):
+        raise AssertionError("Ray was started for an invalid config")
+
+    monkeypatch.setattr(ray, "init", must_not_start)
     assert main(["train", "model.n_heads=3"]) == EXIT_CONFIG_ERROR
-    assert not ray.is_initialized()
 
 
 def test_config_prints_resolved_yaml(capsys):

@@ -29,6 +29,8 @@ REFUSED = (
     ("data.shuffle_window", "it decides the order of the documents"),
     ("data.bos", "it changes the tokens of every document"),
     ("data.max_document_mb", "it decides which records are skipped"),
+    ("data.packing", "it decides how samples fill the sequences every step sees"),
+    ("data.overlong", "it decides which samples are dropped"),
     ("data.tokenizer", "the run keeps the tokenizer it started with (tokenizer.json in its "
                        "directory)"),
     ("data.vocab_size", "the run keeps the tokenizer it started with"),
