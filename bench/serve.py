@@ -125,6 +125,8 @@ same machine, which share its 2 cores with the replica. Batching on: `max_batch_
 on their own. Target: output tokens/s at concurrency 16 at least 4x that at 1: measured
 {ratios['on']:.2f}x with batching ({ratios['off']:.2f}x without, so batching is worth
 {on_off:.1f}x at 16 concurrent requests).
+A lone request waits up to Serve's `batch_wait_timeout_s` (10 ms) for others to
+batch with, which is what batching costs at concurrency 1.
 
 {table}
 """)
