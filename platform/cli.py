@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from raytron.platform.config.load import load_config, preset_names, to_yaml
 from raytron.platform.config.schema import ConfigError, RaytronConfig
@@ -106,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
         "MLflow run, and print its state, step, layout, committed checkpoints, restarts "
         "and failures. Starts nothing.")
     status.add_argument("run_dir", metavar="RUN_DIR", help="e.g. runs/tiny")
+    runs = commands.add_parser(
+        "runs", help="the runs of an MLflow store in a table, newest first",
+        description="One line per run of an experiment: name, state, last step, loss, "
+        "validation perplexity, last layout (pp x dp x tp), restarts, start time; newest "
+        "first. Starts nothing.")
+    runs.add_argument("--tracking-uri", metavar="URI",
+                      help="the store (default: $MLFLOW_TRACKING_URI, else "
+                           "sqlite:///runs/mlflow.db, the local runs' store)")
+    runs.add_argument("--experiment", default="raytron",
+                      help="the experiment (tracking.experiment; default raytron)")
+    runs.add_argument("--limit", type=int, default=50, metavar="N",
+                      help="at most N runs (default 50)")
     train_tokenizer.add_argument("--output", default="tokenizer.json", metavar="PATH",
                                  help="where to write the tokenizer (default: tokenizer.json)")
     add_model_commands(commands)
@@ -195,6 +208,13 @@ def run_command(args: argparse.Namespace) -> int:
         from raytron.platform.control.status import describe_run
 
         print(describe_run(args.run_dir))
+        return 0
+    if args.command == "runs":
+        from raytron.platform.control.runs_table import runs_table
+        from raytron.platform.storage.tracking import tracking_uri
+
+        print(runs_table(tracking_uri(args.tracking_uri, Path("runs").absolute()),
+                         args.experiment, args.limit))
         return 0
     from raytron.platform.config.validate import memory_problems, raise_problems, resolve_layout
 

@@ -88,7 +88,10 @@ def test_the_run_learns_checkpoints_and_is_tracked(root, whole):
         assert metric in run.data.metrics, metric
     assert 0 < run.data.metrics["mfu"] < 1
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "tokenizer.json"} <= artifacts
+    assert {"config.yaml", "tokenizer.json", "plots"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
+        "plots/loss.png", "plots/throughput.png"}
+    assert run.data.tags["mlflow.source.name"].startswith("raytron train tiny")
     checkpoints = root / "whole" / "checkpoints"
     committed = sorted(p.parent.name for p in checkpoints.glob("*/" + COMMIT_MARKER))
     assert committed == ["step_00000018", "step_00000024"]  # keep_last=2

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from raytron.platform.config.redact import MASK, redact_text
+from raytron.platform.storage.plots import log_plots
 
 RUN_ID_FILE = "mlflow_run_id"
 STORE_FILE = "mlflow.db"
@@ -83,7 +84,8 @@ class RunTracking:
                     self.client.set_tag(run_id, "raytron.resumed_with",
                                         redact_text(summary)[:5000])
                 return run_id, True
-        run_id = self.client.create_run(self.experiment_id, run_name=run_name).info.run_id
+        run_id = self.client.create_run(self.experiment_id, run_name=run_name,
+                                        tags=source_tags()).info.run_id
         self.log_params(run_id, params)
         id_file.write_text(run_id)
         return run_id, False
@@ -109,7 +111,30 @@ class RunTracking:
         record_event(self.client, run_id, kind, step, text)
 
     def finish(self, run_id: str, status: str) -> None:
+        """The final plots, then the run's end."""
+        log_plots(self.client, run_id)
         self.client.set_terminated(run_id, status=status)
+
+
+def source_tags() -> dict[str, str]:
+    """Who started the run, with what, from which commit: MLflow's own tags (user, source
+    name and type, as its fluent API sets them), the command line, and the git commit of
+    the raytron code that runs, when it is a git checkout (an editable install)."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = resolve_tags()
+    tags["mlflow.source.name"] = redact_text(" ".join(["raytron", *sys.argv[1:]]))[:500]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return tags
+    if commit.returncode == 0:
+        tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    return tags
 
 
 class Tracker:
@@ -132,6 +157,8 @@ class Tracker:
             self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
         )
         self.pending.append((step, metrics))
+        if "val_loss" in metrics:  # a validation: the plots gain a point of each curve
+            log_plots(self.client, self.run_id)
 
     def resumed(self, step: int, skipped: list[tuple[int, str]]) -> None:
         """A worker group loaded the checkpoint of `step`, after skipping those that did not
