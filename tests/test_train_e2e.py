@@ -279,7 +279,8 @@ def test_a_resume_applies_a_new_schedule_and_keeps_credentials_out(root, killed,
                                                                     mlflow_server):
     """The finished `killed` run goes on to step 30 with a new learning rate and schedule,
     tracked on a server that needs the password in its URI: the lr logged after the
-    resume follows the new schedule, and the password is used but never written."""
+    resume follows the new schedule, and the password is used but never written. Params,
+    metrics, the config, the tokenizer and the plots reach the server over HTTP."""
     from mlflow import MlflowClient
 
     from raytron.platform.config.schema import TrainConfig
@@ -303,6 +304,10 @@ def test_a_resume_applies_a_new_schedule_and_keeps_credentials_out(root, killed,
     assert run.data.params["tracking.uri"].startswith("http://admin:***@127.0.0.1")
     assert not [k for k, v in run.data.params.items() if SECRET in v]
     assert not [k for k, v in run.data.tags.items() if SECRET in v]
+    assert {"config.yaml", "tokenizer.json", "plots"} <= {
+        a.path for a in client.list_artifacts(run_id)}  # uploaded through the server
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {
+        "plots/loss.png", "plots/throughput.png"}
     artifact = Path(client.download_artifacts(run_id, "config.yaml", str(root)))
     for saved in (artifact, root / "killed" / "config.yaml"):
         assert SECRET not in saved.read_text() and "admin:***@" in saved.read_text()
