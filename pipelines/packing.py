@@ -203,8 +203,8 @@ class Batch:
     @classmethod
     def of(cls, sequences: list, document_mask: bool = True) -> Batch:
         """The batch of `Packer` (token arrays) or `SamplePacker` (`Packed`) sequences."""
-        if not sequences or not isinstance(sequences[0], Packed):
-            tokens = np.stack(sequences) if sequences else np.zeros((0, 1), np.int32)
+        if not isinstance(sequences[0], Packed):
+            tokens = np.stack(sequences)
             return cls(tokens, target_count=tokens.shape[0] * (tokens.shape[1] - 1))
         targets = np.stack([s.targets for s in sequences])
         return cls(np.stack([s.tokens for s in sequences]), targets,

@@ -50,9 +50,9 @@ def sample_format(source: SourceSpec) -> str | None:
 def source_spec(source, max_document_bytes: int) -> SourceSpec:
     """From a `SourceConfig` (path, format, its fields, document, weight, epochs)."""
     files = [CorpusFile(path, sample_kind(source.path, source.format), source.text_field,
-                        source.document,
-                        max_document_bytes, source.messages_field, source.prompt_field,
-                        source.completion_field) for path in list_files(source.path)]
+                        source.document, max_document_bytes, source.messages_field,
+                        source.prompt_field, source.completion_field)
+             for path in list_files(source.path)]
     return SourceSpec(files, source.weight, source.epochs)
 
 

@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raytron",
         description="Train GPT-style language models on Ray with 3D parallelism, "
-        "checkpoints that resume exactly, and MLflow tracking; then generate with them, "
-        "evaluate them and export them to Hugging Face.",
+        "checkpoints that resume exactly, and MLflow tracking; fine-tune them on chats "
+        "(configs/sft-tiny.yaml), generate with them, evaluate them, serve them behind an "
+        "OpenAI-compatible API and export them to Hugging Face.",
         epilog="Run `raytron COMMAND --help` for the options of a command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -109,13 +109,19 @@ def no_training(monkeypatch):
     monkeypatch.setattr(run, "train", refuse)
 
 
-def test_cli_rejects_before_ray_starts(capsys, no_training, monkeypatch):
+@pytest.fixture
+def ray_must_not_start(monkeypatch):
+    """Fails the test if anything starts or joins Ray (whether or not a Ray session of
+    another test is up in this process)."""
     import ray
 
     def must_not_start(*args, **kwargs):
         raise AssertionError("Ray was started for an invalid config")
 
     monkeypatch.setattr(ray, "init", must_not_start)
+
+
+def test_cli_rejects_before_ray_starts(capsys, no_training, ray_must_not_start):
     assert main(["train", "model.n_heads=3"]) == EXIT_CONFIG_ERROR
 
 
@@ -158,14 +164,12 @@ def test_help_is_complete(capsys):
       "parallel.layers_per_stage=[3,3]"], ["parallel.layers_per_stage=[3, 3] must list 2"]),
     (["cluster.device_memory_gb=0.01"], ["needs about", "GB per device"]),
 ])
-def test_wrong_layouts_are_refused_before_ray(capsys, no_training, args, expected):
-    import ray
-
+def test_wrong_layouts_are_refused_before_ray(capsys, no_training, ray_must_not_start, args,
+                                              expected):
     assert main(["train", "tiny", *args]) == EXIT_CONFIG_ERROR
     err = capsys.readouterr().err
     for text in expected:
         assert text in err
-    assert not ray.is_initialized()
 
 
 def test_the_worker_count_follows_the_layout_unless_given(capsys):

@@ -115,7 +115,7 @@ class Trainer:
             for stage in stages:
                 self.busy.watch(stage)
             self.schedule = build_schedule(stages, p.schedule, per_call, self.scaled_loss)
-        self.loss_scale = 1.0  # set per step: see `loss_scale_for`
+        self.loss_scale = 1.0  # set by each train_step: dp / the global batch's target count
 
     def build_parts(self) -> tuple[list[GPT], list[int], int]:
         """This rank's pipeline stages (the whole model without a pipeline), materialized
