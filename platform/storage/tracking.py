@@ -43,6 +43,26 @@ def saved_tracking_uri(saved: str | None, run_dir: Path) -> str | None:
     return tracking_uri(saved, run_dir.resolve().parent)
 
 
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
+# Experiments raytron creates are of MLflow's "model training" kind, and every link opens
+# its training view: without them MLflow 3 opens its GenAI view, empty for a training run.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The address of a run's page: on the tracking server itself, or on `mlflow ui`
+    (default port) for a local store."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
+
+
+def dashboard_command(uri: str) -> str | None:
+    """The command that serves a local store's dashboard; None for a tracking server."""
+    return None if uri.startswith(("http://", "https://")) else \
+        f"mlflow ui --backend-store-uri {uri}"
+
+
 def local_artifact_location(uri: str, runs_root: str | Path, experiment: str) -> str | None:
     """Artifacts of the default local store go beside it, not into ./mlruns of the cwd."""
     return str(Path(runs_root) / ARTIFACTS_DIR / experiment) if uri.startswith("sqlite:") \
@@ -61,7 +81,8 @@ class RunTracking:
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = (
             found.experiment_id if found
-            else self.client.create_experiment(experiment, artifact_location=artifact_location)
+            else self.client.create_experiment(experiment, artifact_location=artifact_location,
+                                               tags=dict([EXPERIMENT_KIND_TAG]))
         )
 
     def open(self, run_dir: Path, run_name: str, params: dict) -> tuple[str, bool]:
