@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,25 @@ Credentials in URIs are used, and shown as user:***@ in everything raytron write
 
 Exit status: 0 finished (or already finished), 1 training failed or its checkpoints
 cannot be loaded, 2 invalid config (or a change a resumed run cannot take)."""
+
+
+SUBMIT_EPILOG = """\
+The job runs `raytron train CONFIG OVERRIDES` in the cluster, with this machine's raytron
+code (the cluster's image needs raytron's dependencies, not raytron: cluster/Dockerfile).
+Paths of the run (run.root, checkpoint.dir, a sqlite tracking.uri, data sources,
+data.tokenizer, model.init_from) are made absolute when every node of the cluster is this
+machine (its dashboard says), and must otherwise be absolute paths on the cluster's shared
+storage or URIs. A config with credentials in a
+URI is refused: give the cluster its credentials as environment variables. A Ray token
+(token authentication) is read from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or
+~/.ray/auth_token, as `ray start` writes it; nothing needs exporting.
+
+It prints the job id, its Ray dashboard page and, once the job has opened it, its MLflow
+run; --follow streams the job's logs until it ends and exits with its status (0 finished,
+1 failed, 2 invalid config). Ctrl-C stops following, not the job.
+
+  raytron submit configs/gpt2-124m.yaml run.root=/mnt/raytron/runs --address http://127.0.0.1:8265
+  raytron submit --serve /mnt/raytron/runs/tiny --follow -- --host 0.0.0.0 --replicas 2"""
 
 
 PLAN_EPILOG = """\
@@ -120,10 +140,34 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the experiment (tracking.experiment; default raytron)")
     runs.add_argument("--limit", type=int, default=50, metavar="N",
                       help="at most N runs (default 50)")
+    add_submit_command(commands, config_help)
     train_tokenizer.add_argument("--output", default="tokenizer.json", metavar="PATH",
                                  help="where to write the tokenizer (default: tokenizer.json)")
     add_model_commands(commands)
     return parser
+
+
+def add_submit_command(commands, config_help: str) -> None:
+    from raytron.platform.control.submit import DEFAULT_ADDRESS
+
+    summary = "run `raytron train` (or `raytron serve`) as a Ray job on a Ray cluster"
+    submit = commands.add_parser("submit", help=summary, description=summary,
+                                 epilog=config_help + "\n\n" + SUBMIT_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(submit)
+    address = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS", "")
+    submit.add_argument("--address", metavar="URL",
+                        default=address if address.startswith("http") else DEFAULT_ADDRESS,
+                        help="the cluster's Ray dashboard (default: $RAY_API_SERVER_ADDRESS "
+                             f"or an http $RAY_ADDRESS, else {DEFAULT_ADDRESS})")
+    submit.add_argument("--follow", action="store_true",
+                        help="stream the job's logs until it ends; exit with its status")
+    submit.add_argument("--serve", metavar="SOURCE",
+                        help="serve this model (an absolute path on the cluster) instead of "
+                             "training; `raytron serve` options go after `--`")
+    submit.add_argument("--wait", type=float, default=600, metavar="SECONDS",
+                        help="without --follow: how long to wait for the job's MLflow run (or "
+                             "endpoint) to print it (default 600)")
 
 
 def add_model_commands(commands) -> None:
@@ -196,6 +240,30 @@ def plan_command(config: RaytronConfig) -> int:
     return EXIT_CONFIG_ERROR if problems else 0
 
 
+def submit_command(args: argparse.Namespace) -> int:
+    from raytron.platform.config.validate import (
+        memory_problems,
+        raise_problems,
+        resolve_layout,
+        validate,
+    )
+    from raytron.platform.control import submit as submitting
+
+    config = None
+    if not args.serve:  # model.init_from is checked in the job, where its path is
+        config = load_config(*split_config_argument(args.config, args.overrides))
+        validate(config)
+        raise_problems(memory_problems(resolve_layout(config)))
+    client = submitting.connect(args.address)
+    local = submitting.runs_on_this_machine(args.address)
+    if config is None:  # the positional arguments are serving options, given after `--`
+        options = [item for item in (args.config, *args.overrides) if item is not None]
+        submission = submitting.serving_submission(args.serve, options, local)
+    else:
+        submission = submitting.training_submission(config, local)
+    return submitting.submit(client, submission, args.address, args.follow, args.wait)
+
+
 def run_command(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from raytron.platform.serving.command import serve_command
@@ -210,6 +278,8 @@ def run_command(args: argparse.Namespace) -> int:
 
         print(describe_run(args.run_dir))
         return 0
+    if args.command == "submit":
+        return submit_command(args)
     if args.command == "runs":
         from raytron.platform.control.runs_table import runs_table
         from raytron.platform.storage.tracking import tracking_uri
@@ -244,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         what = {"status": "cannot read the run", "generate": "cannot generate",
                 "eval": "cannot evaluate", "export": "cannot export",
-                "serve": "cannot serve"}.get(args.command,
+                "serve": "cannot serve", "submit": "cannot submit"}.get(args.command,
                                                                          "invalid config")
         print(f"raytron: {what}:\n{error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
