@@ -29,6 +29,7 @@ from raytron.pipelines.stream import ALL, local_texts  # noqa: E402
 from raytron.pipelines.tokenizer import train_bpe  # noqa: E402
 from raytron.platform.config.load import load_config  # noqa: E402
 from raytron.platform.control.corpus import stream_spec, with_tokenizer  # noqa: E402
+from raytron.platform.storage import metric_names as names  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus" / "shakespeare"
 SEQ_LEN, GLOBAL_BATCH = 512, 32
@@ -70,8 +71,8 @@ def input_wait() -> tuple[float, float, float]:
                         "train.log_interval=1"], check=True, capture_output=True, cwd=root)
         client = MlflowClient(f"sqlite:///{root}/mlflow.db")
         run_id = Path(root, "bench", "mlflow_run_id").read_text().strip()
-        waits = {m.step: m.value for m in client.get_metric_history(run_id, "input_wait_s")}
-        times = {m.step: m.value for m in client.get_metric_history(run_id, "step_time_s")}
+        waits = {m.step: m.value for m in client.get_metric_history(run_id, names.INPUT_WAIT_S)}
+        times = {m.step: m.value for m in client.get_metric_history(run_id, names.STEP_TIME_S)}
     shares = [waits[s] / times[s] for s in waits if s > 1]
     return statistics.median(shares), max(shares), statistics.median(times.values())
 

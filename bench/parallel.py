@@ -29,6 +29,7 @@ from raytron.model.gpt import GPT, cross_entropy  # noqa: E402
 from raytron.pipelines.packing import Batch  # noqa: E402
 from raytron.platform.config.load import load_config  # noqa: E402
 from raytron.platform.config.resolve import gpt_shape, resolve_model  # noqa: E402
+from raytron.platform.storage import metric_names as names  # noqa: E402
 from raytron.platform.worker.layout import Layout, build_mesh  # noqa: E402
 from raytron.platform.worker.optim import build_optimizer  # noqa: E402
 from raytron.platform.worker.trainer import Sequences, Trainer  # noqa: E402
@@ -111,7 +112,7 @@ def raytron_train_tokens_per_s(overrides: list[str]) -> float:
         subprocess.run(command, check=True, capture_output=True, cwd=root)
         client = MlflowClient(f"sqlite:///{root}/mlflow.db")
         run_id = Path(root, "bench", "mlflow_run_id").read_text().strip()
-        history = client.get_metric_history(run_id, "tokens_per_s")
+        history = client.get_metric_history(run_id, names.TOKENS_PER_S)
         return statistics.median(m.value for m in history if m.step > WARMUP)
 
 

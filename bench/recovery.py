@@ -9,13 +9,14 @@ vocabulary), two `raytron train` runs each:
    checkpoints: the time from the kill (the drill's marker) to the first completed
    step of the restarted worker group, in parts (detection, back-off, Ray starting the
    group, building model and optimizer, loading the checkpoint, the first step), read
-   from the run's MLflow metrics; and the steps lost;
+   from the run's MLflow metrics and its launch events; and the steps lost;
 2. the same without the drill, with `checkpoint.async_save=true`: the training stall of
    an async save, against the synchronous save of run 1 (the baseline).
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, markdown_table, write_section  # noqa: E402
+
+from raytron.platform.storage import metric_names as names  # noqa: E402
 
 SMALL_DATA = ["data.seq_len=128", "data.tokenizer_workers=1", "train.eval_interval=0",
               "train.log_interval=1", "cluster.cpus_per_worker=2", "faults.restart_backoff_s=1"]
@@ -50,6 +53,9 @@ MODELS = [
                                 "train.warmup_steps=1"), 6, 2),
 ]
 PARTS = ["detection", "back-off", "group start", "build", "checkpoint load", "first step"]
+# the start-up times of a launch event (`launch_text` in platform/storage/tracking.py)
+LAUNCH = re.compile(r"up in [\d.]+ s: Ray (?P<group>[\d.]+) s, build (?P<build>[\d.]+) s, "
+                    r"checkpoint (?P<load>[\d.]+) s, first step (?P<first>[\d.]+) s")
 
 
 def train(root: Path, name: str, model: Model, extra: tuple[str, ...]):
@@ -68,6 +74,13 @@ def history(client, run_id: str, key: str) -> list:
     return sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
 
 
+def last_launch(tags: dict[str, str]) -> dict[str, float]:
+    """The start-up times, in parts, of the run's last launch event."""
+    key = max((k for k in tags if k.startswith("raytron.event.launch_")),
+              key=lambda k: int(k.rsplit("_", 1)[1]))
+    return {part: float(value) for part, value in LAUNCH.search(tags[key]).groupdict().items()}
+
+
 def recovery(root: Path, model: Model) -> tuple[dict[str, float], int, float, float, float]:
     """Parts of the recovery (s), steps lost, mean sync save stall (s), checkpoint MB, and
     the median step time (s)."""
@@ -75,17 +88,17 @@ def recovery(root: Path, model: Model) -> tuple[dict[str, float], int, float, fl
                                         (f"faults.inject=[kill rank 0 at step {model.kill_step}]",))
     killed_at = (checkpoints / "faults" / "0").stat().st_mtime
     detected = history(client, run_id, "restarts")[0]
-    last = history(client, run_id, "startup/s")[-1]  # the restarted group's first step
-    metrics = {key: history(client, run_id, f"startup/{key}")[-1].value
-               for key in ("group_s", "build_s", "load_s", "first_step_s")}
+    first = next(m for m in history(client, run_id, names.TRAIN_LOSS)  # logged every step:
+                 if m.timestamp > detected.timestamp)  # the restarted group's first one
+    launch = last_launch(client.get_run(run_id).data.tags)
     parts = {"detection": detected.timestamp / 1e3 - killed_at, "back-off": 1.0,
-             "group start": metrics["group_s"], "build": metrics["build_s"],
-             "checkpoint load": metrics["load_s"], "first step": metrics["first_step_s"]}
-    parts["total"] = last.timestamp / 1e3 - killed_at
+             "group start": launch["group"], "build": launch["build"],
+             "checkpoint load": launch["load"], "first step": launch["first"]}
+    parts["total"] = first.timestamp / 1e3 - killed_at
     lost = (model.kill_step - 1) - detected.step  # finished steps the restart does again
     stalls = [m.value for m in history(client, run_id, "checkpoint_save_s")]
     size = sum(f.stat().st_size for f in next(checkpoints.glob("step_*")).iterdir()) / 2**20
-    step_time = statistics.median(m.value for m in history(client, run_id, "step_time_s"))
+    step_time = statistics.median(m.value for m in history(client, run_id, names.STEP_TIME_S))
     return parts, lost, statistics.mean(stalls), size, step_time
 
 

@@ -1,15 +1,27 @@
-"""MLflow tracking: a fallback to an older checkpoint is shown and tagged; a reopened run
-takes its new name; nothing sent to MLflow carries a credential."""
+"""MLflow tracking, read back through MLflow's API: a fallback to an older checkpoint is
+shown and tagged; a reopened run takes its new name and records each resume where the
+run page shows it; the loss comes first on the run page, each launch is an event, not a
+chart; links open MLflow's training view; nothing sent to MLflow carries a credential."""
 
 from mlflow import MlflowClient
 
-from raytron.platform.storage.tracking import RunTracking, Tracker
+from raytron.platform.storage import metric_names as names
+from raytron.platform.storage.tracking import (
+    EXPERIMENT_KIND_TAG,
+    LAYOUT_TAG,
+    NOTE_TAG,
+    RunTracking,
+    Tracker,
+    run_url,
+)
+
+ABOUT = "**first**: a 1.00M-parameter GPT"
 
 
 def test_a_resume_names_the_step_it_loaded_and_tags_each_fallback(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking = RunTracking(uri, "tests", str(tmp_path / "artifacts"))
-    run_id, reopened = tracking.open(tmp_path, "first", {"train.lr": 0.003})
+    run_id, reopened = tracking.open(tmp_path, "first", {"train.lr": 0.003}, ABOUT, 0)
     assert not reopened
     tracker = Tracker(uri, run_id)
     tracker.resumed(6, [(12, "CheckpointException: truncated shard at https://u:pw@host/x")])
@@ -21,24 +33,110 @@ def test_a_resume_names_the_step_it_loaded_and_tags_each_fallback(tmp_path):
     assert "checkpoint step 12 cannot be loaded" in tags["raytron.event.fallback_1"]
     assert "u:***@host" in tags["raytron.event.fallback_1"] and "pw" not in str(tags)
 
-    again, reopened = tracking.open(tmp_path, "renamed", {"train.lr": 0.001})
+    again, reopened = tracking.open(tmp_path, "renamed", {"train.lr": 0.001}, ABOUT, 6)
     run = MlflowClient(uri).get_run(again)
     assert reopened and again == run_id and run.info.run_name == "renamed"
-    assert run.data.tags["raytron.resumed_with"] == "train.lr: 0.003 -> 0.001"
+    assert run.data.params["train.lr"] == "0.003"  # params are immutable: the first value
+
+
+def test_each_resume_is_an_event_and_a_line_of_the_description(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = RunTracking(uri, "tests", str(tmp_path / "artifacts"))
+    run_id, _ = tracking.open(tmp_path, "r", {"train.lr": 0.003, "train.steps": 10,
+                                              "tracking.uri": "sqlite:///a.db"}, ABOUT, 0)
+    tracking.open(tmp_path, "r", {"train.lr": 0.001, "train.steps": 20,
+                                  "tracking.uri": "postgresql://u:pw@db/x",
+                                  "tracking.new_key": 1}, ABOUT, 10)
+    tracking.open(tmp_path, "r", {"train.lr": 0.003, "train.steps": 10}, ABOUT, 20)
+    run = MlflowClient(uri).get_run(run_id)
+    tags = run.data.tags
+    assert "; train.lr: 0.003 -> 0.001; train.steps: 10 -> 20" in tags["raytron.event.resume_1"]
+    assert "resume 1: from step 10, changed " in tags["raytron.event.resume_1"]
+    assert tags["raytron.event.resume_2"].endswith("resume 2: from step 20, nothing changed")
+    note = tags[NOTE_TAG].split("\n")
+    assert note[:2] == [ABOUT, ""] and len(note) == 4
+    assert note[2].startswith("- ") and note[2].endswith(
+        "resumed from step 10, changed tracking.uri: sqlite:///a.db -> postgresql://u:***@db/x"
+        "; train.lr: 0.003 -> 0.001; train.steps: 10 -> 20")
+    assert note[3].endswith("resumed from step 20, nothing changed")
+    assert "pw" not in str(tags) and "tracking.new_key" not in run.data.params
+    assert run.data.params["train.steps"] == "10"
+
+
+def test_a_long_description_drops_its_oldest_resumes(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = RunTracking(uri, "tests", str(tmp_path / "artifacts"))
+    run_id, _ = tracking.open(tmp_path, "r", {"data.x": "a"}, ABOUT, 0)
+    for step in range(1, 13):
+        tracking.open(tmp_path, "r", {"data.x": str(step) * 600}, ABOUT, step)
+    note = MlflowClient(uri).get_run(run_id).data.tags[NOTE_TAG]
+    assert note.startswith(ABOUT + "\n\n- ") and len(note) <= 5000
+    assert "resumed from step 12," in note and "resumed from step 1," not in note
+
+
+def test_experiments_open_in_the_training_view_and_links_say_so(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    tracking = RunTracking(uri, "new", str(tmp_path / "a"))
+    key, value = EXPERIMENT_KIND_TAG
+    assert (key, value) == ("mlflow.experimentKind", "custom_model_development")
+    assert client.get_experiment(tracking.experiment_id).tags[key] == value
+    older = client.create_experiment("older")  # as raytron created them before the tag
+    assert RunTracking(uri, "older", None).experiment_id == older
+    assert client.get_experiment(older).tags[key] == value
+    assert run_url(uri, "3", "abc") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
+    assert run_url("https://u:pw@mlflow.example.com/base/", "3", "abc") == (
+        "https://mlflow.example.com/base/#/experiments/3/runs/abc?workflowType=machine_learning")
+
+
+STARTUP = {"group_s": 5.12, "build_s": 3.0, "load_s": 0.44, "first_step_s": 5.7,
+           "total_s": 14.2}
 
 
 def train_a_run(tracking: RunTracking, folder, name: str, layout: int, steps: int) -> str:
-    """A run's records as workers send them: layout, losses, validations, throughput."""
+    """A run's records as workers send them: launch, losses, validations, throughput."""
     folder.mkdir()
-    run_id, _ = tracking.open(folder, name, {"train.steps": steps})
+    run_id, _ = tracking.open(folder, name, {"train.steps": steps}, ABOUT, 0)
     tracker = Tracker(tracking.uri, run_id)
-    tracker.log(1, {"layout/pp": 1, "layout/dp": layout, "layout/tp": 1})
+    tracker.launched(0, {"pp": 1, "dp": layout, "tp": 1, "workers": layout}, STARTUP)
     for step in range(1, steps + 1):
-        tracker.log(step, {"loss": 8.0 / step, "tokens_per_s": 1000.0 + step, "mfu": 0.3})
+        tracker.log(step, {names.TRAIN_LOSS: 8.0 / step, names.TOKENS_PER_S: 1000.0 + step,
+                           names.MFU: 0.3, names.STEP_TIME_S: 0.1, names.INPUT_WAIT_S: 0.01,
+                           "lr": 1e-3, "data/pipeline_tokens_per_s": 1e4,
+                           "pipeline/idle": 0.0})
         if step % 5 == 0:
-            tracker.log(step, {"val_loss": 9.0 / step, "val_perplexity": 2.0 + 1 / step})
+            tracker.log(step, {names.VAL_LOSS: 9.0 / step, names.VAL_PERPLEXITY: 2.0 + 1 / step})
     tracking.finish(run_id, "FINISHED")
     return run_id
+
+
+def run_page_sections(metrics) -> list[str]:
+    """The sections of MLflow's "Model metrics" tab, in its order: by the prefix before
+    "/" in code-point order, then the names without one; `system/` has its own tab."""
+    prefixes = {name.split("/")[0] for name in metrics if "/" in name} - {"system"}
+    return sorted(prefixes) + (["Model metrics"] if any("/" not in n for n in metrics) else [])
+
+
+def test_the_loss_is_the_first_section_of_the_run_page_and_launches_are_events(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = RunTracking(uri, "raytron", str(tmp_path / "artifacts"))
+    run_id = train_a_run(tracking, tmp_path / "run", "run", 2, 5)
+    tracker = Tracker(uri, run_id)  # a restarted group, smaller
+    tracker.launched(3, {"pp": 1, "dp": 1, "tp": 1, "workers": 1}, STARTUP)
+    run = MlflowClient(uri).get_run(run_id)
+    assert run_page_sections(run.data.metrics) == ["Loss", "Throughput", "data", "pipeline",
+                                                   "Model metrics"]
+    assert {names.TRAIN_LOSS, names.VAL_LOSS, names.VAL_PERPLEXITY, names.TOKENS_PER_S,
+            names.MFU} <= set(run.data.metrics)
+    assert not [name for name in run.data.metrics if name.startswith(("layout/", "startup/"))]
+    tags = run.data.tags
+    assert tags[LAYOUT_TAG] == "pp=1 dp=1 tp=1 (1 worker)"
+    assert tags["raytron.event.launch_1"].endswith(
+        "launch 1: pp=1 dp=2 tp=1 (2 workers) from step 0; up in 14.2 s: Ray 5.1 s, "
+        "build 3.0 s, checkpoint 0.4 s, first step 5.7 s")
+    assert "launch 2: pp=1 dp=1 tp=1 (1 worker) from step 3;" in tags["raytron.event.launch_2"]
+    assert tags[NOTE_TAG] == ABOUT
 
 
 def test_runs_are_tabled_newest_first_with_plots_and_source_tags(tmp_path):

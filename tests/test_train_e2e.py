@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from raytron.platform.config.load import load_config
+from raytron.platform.storage import metric_names as names
 from raytron.platform.storage.checkpoint import COMMIT_MARKER, CheckpointStore
+from raytron.platform.storage.tracking import LAYOUT_TAG, NOTE_TAG
 from raytron.platform.worker.layout import Layout
 from raytron.platform.worker.trainer import Trainer
 
@@ -58,7 +60,13 @@ def loss_history(root: Path, name: str):
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     run_id = (root / name / "mlflow_run_id").read_text().strip()
-    return client, client.get_run(run_id), client.get_metric_history(run_id, "loss")
+    return client, client.get_run(run_id), client.get_metric_history(run_id, names.TRAIN_LOSS)
+
+
+def events(run, kind: str) -> list[str]:
+    """The texts of a run's `kind` events, oldest first."""
+    keys = [key for key in run.data.tags if key.startswith(f"raytron.event.{kind}_")]
+    return [run.data.tags[key] for key in sorted(keys, key=lambda k: int(k.rsplit("_", 1)[1]))]
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +91,16 @@ def test_the_run_learns_checkpoints_and_is_tracked(root, whole):
     assert losses[24] < losses[1] - 0.7, losses
     assert run.info.status == "FINISHED"
     assert run.data.params["train.steps"] == "24" and run.data.params["model.n_layers"] == "2"
-    for metric in ("lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s", "val_loss",
-                   "val_perplexity"):
+    for metric in ("lr", "grad_norm", names.TOKENS_PER_S, names.MFU, names.STEP_TIME_S,
+                   names.INPUT_WAIT_S, names.VAL_LOSS, names.VAL_PERPLEXITY):
         assert metric in run.data.metrics, metric
-    assert 0 < run.data.metrics["mfu"] < 1
+    assert 0 < run.data.metrics[names.MFU] < 1
+    assert not [m for m in run.data.metrics if m.startswith(("layout/", "startup/"))]
+    assert run.data.tags[LAYOUT_TAG] == "pp=1 dp=1 tp=1 (1 worker)"
+    launch, = events(run, "launch")
+    assert "launch 1: pp=1 dp=1 tp=1 (1 worker) from step 0; up in " in launch
+    assert run.data.tags[NOTE_TAG].startswith("**whole**: a ")
+    assert "Finished 24 steps" in output and "workflowType=machine_learning" in output
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "tokenizer.json", "plots"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
@@ -118,6 +132,9 @@ def test_a_killed_run_resumes_with_the_uninterrupted_losses(root, killed):
         assert metric.value == pytest.approx(expected[metric.step], rel=1e-5, abs=1e-6), metric
     assert run.info.status == "FINISHED"
     assert run.data.tags["raytron.resumed_from_step"] == str(resumed_from)
+    resume, = events(run, "resume")
+    assert f"resume 1: from step {resumed_from}, " in resume
+    assert len(events(run, "launch")) == 2
 
 
 def test_running_a_finished_run_again_changes_nothing(root, whole):
@@ -176,7 +193,8 @@ def test_failures_in_a_four_worker_run_restart_it_and_change_nothing(root, whole
     assert "rank 2 (pp=0, dp=1, tp=0)" in output  # failures name ranks and coordinates
     run = assert_losses_match(root, "faulty")
     assert run.data.metrics["restarts"] == 3 and run.info.status == "FINISHED"
-    assert run.data.metrics["layout/dp"] == 2 and run.data.metrics["layout/tp"] == 2
+    assert run.data.tags[LAYOUT_TAG] == "pp=1 dp=2 tp=2 (4 workers)"
+    assert len(events(run, "launch")) == 4  # the first and one per restart
     assert sum(tag.startswith("raytron.event.failure_") for tag in run.data.tags) == 3
     status = subprocess.run([sys.executable, "-m", "raytron.platform.cli", "status",
                              str(root / "faulty")], capture_output=True, text=True, timeout=120)
@@ -296,6 +314,9 @@ def test_a_resume_applies_a_new_schedule_and_keeps_credentials_out(root, killed,
     run_id = (root / "killed" / "mlflow_run_id").read_text().strip()
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
+    resume = events(run, "resume")[-1]
+    assert "from step 24, changed " in resume and "train.lr: 0.003 -> 0.002" in resume
+    assert "train.lr: 0.003 -> 0.002" in run.data.tags[NOTE_TAG].splitlines()[-1]
     new = TrainConfig(lr=2e-3, min_lr=1e-4, warmup_steps=2, steps=30)
     logged = {m.step: m.value for m in client.get_metric_history(run_id, "lr")}
     assert sorted(logged) == list(range(25, 31))
@@ -368,11 +389,8 @@ def test_an_elastic_run_shrinks_and_grows_with_its_nodes(root, whole):
     assert "is being preempted" in output
     run = assert_losses_match(root, "elastic")
     assert run.data.metrics["restarts"] == 1 and run.info.status == "FINISHED"
-    client, _, _ = loss_history(root, "elastic")
-    layouts = [int(m.value) for m in sorted(client.get_metric_history(run.info.run_id,
-                                                                       "layout/dp"),
-                                            key=lambda m: m.timestamp)]
-    assert layouts == [2, 1, 2, 1], layouts
+    layouts = [launch.split(" dp=")[1].split()[0] for launch in events(run, "launch")]
+    assert layouts == ["2", "1", "2", "1"], layouts
     assert sum(tag.startswith("raytron.event.resize_") for tag in run.data.tags) == 3
     status = subprocess.run([sys.executable, "-m", "raytron.platform.cli", "status",
                              str(root / "elastic")], capture_output=True, text=True, timeout=120)

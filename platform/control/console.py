@@ -9,6 +9,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from raytron.platform.config.redact import redact_text
+from raytron.platform.storage import metric_names as names
 
 # Lines of Ray's own (C++ and library) logging, forwarded from its workers, that say
 # nothing a raytron user can act on.
@@ -39,10 +40,11 @@ class ConsoleStream:
 
 def format_step(step: int, total: int, m: dict[str, float]) -> str:
     width = len(str(total))
-    parts = [f"step {step:>{width}}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
-             f"grad {m['grad_norm']:.2f}", f"{m['tokens_per_s'] / 1e3:.1f}k tok/s",
-             f"MFU {100 * m['mfu']:.1f}%", f"{1e3 * m['step_time_s']:.0f} ms/step",
-             f"wait {1e3 * m['input_wait_s']:.1f} ms"]
+    parts = [f"step {step:>{width}}/{total}", f"loss {m[names.TRAIN_LOSS]:.4f}",
+             f"lr {m['lr']:.2e}", f"grad {m['grad_norm']:.2f}",
+             f"{m[names.TOKENS_PER_S] / 1e3:.1f}k tok/s", f"MFU {100 * m[names.MFU]:.1f}%",
+             f"{1e3 * m[names.STEP_TIME_S]:.0f} ms/step",
+             f"wait {1e3 * m[names.INPUT_WAIT_S]:.1f} ms"]
     if "pipeline/idle" in m:
         parts.append(f"pipeline idle {100 * m['pipeline/idle']:.0f}%")
     skipped = sum(v for k, v in m.items() if k.startswith("data/skipped_"))
@@ -52,8 +54,8 @@ def format_step(step: int, total: int, m: dict[str, float]) -> str:
 
 
 def format_validation(step: int, total: int, m: dict[str, float]) -> str:
-    return (f"step {step:>{len(str(total))}}/{total} | val loss {m['val_loss']:.4f} | "
-            f"val perplexity {m['val_perplexity']:.2f}")
+    return (f"step {step:>{len(str(total))}}/{total} | val loss {m[names.VAL_LOSS]:.4f} | "
+            f"val perplexity {m[names.VAL_PERPLEXITY]:.2f}")
 
 
 class Console:
@@ -69,11 +71,11 @@ class Console:
                 if not self.bar.disable:
                     self.bar.reset(total=self.total)
                     self.bar.update(step)
-            if "loss" in metrics:
+            if names.TRAIN_LOSS in metrics:
                 self.bar.write(format_step(step, self.total, metrics))
-                if math.isfinite(metrics["loss"]):
-                    self.bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-            if "val_loss" in metrics:
+                if math.isfinite(metrics[names.TRAIN_LOSS]):
+                    self.bar.set_postfix(loss=f"{metrics[names.TRAIN_LOSS]:.3f}")
+            if names.VAL_LOSS in metrics:
                 self.bar.write(format_validation(step, self.total, metrics))
             if "checkpoint_step" in metrics:
                 self.bar.write(f"checkpoint committed at step {step}")

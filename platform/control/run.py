@@ -4,15 +4,25 @@ while settling it, before any Ray resource is taken."""
 
 from __future__ import annotations
 
+import torch
+
+from raytron.model.gpt import GPT
 from raytron.platform.config.load import flatten, to_dict, to_yaml
+from raytron.platform.config.plan import human
 from raytron.platform.config.redact import redacted
+from raytron.platform.config.resolve import gpt_shape
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.control.actors import run_actors
 from raytron.platform.control.console import Console
 from raytron.platform.control.settle import SettledRun, settle
 from raytron.platform.control.supervisor import Supervisor
 from raytron.platform.storage.checkpoint import CheckpointUnreadable
-from raytron.platform.storage.tracking import RunTracking, local_artifact_location
+from raytron.platform.storage.tracking import (
+    RunTracking,
+    dashboard_command,
+    local_artifact_location,
+    run_url,
+)
 
 
 def train(config: RaytronConfig) -> int:
@@ -29,11 +39,11 @@ def train(config: RaytronConfig) -> int:
     paths.config_file.write_text(to_yaml(redacted(c)))  # credentials never reach a file
     run.tokenizer.save(str(paths.tokenizer_file))
     tracking, run_id, reopened = open_tracking(run)
-    print(describe_start(run, run_id, reopened))
+    print(describe_start(run, tracking, run_id, reopened))
     console = Console(c.train.steps, done)
     status, code = "FINISHED", 0
     message = (f"Finished {c.train.steps} steps. Checkpoints: {paths.checkpoints}\n"
-               f"MLflow run {run_id} in {tracking.uri}")
+               f"MLflow run {run_id} in {tracking.uri}\n{run_page(tracking, run_id)}")
     try:
         with run_actors(c, run.spec, tracking.uri, run_id, console) as actors:
             Supervisor(c, paths, tracking, run_id, run.gpus, console, actors).run()
@@ -62,14 +72,15 @@ def open_tracking(run: SettledRun) -> tuple[RunTracking, str, bool]:
     tracking = RunTracking(uri, c.tracking.experiment,
                            local_artifact_location(uri, paths.root, c.tracking.experiment))
     run_id, reopened = tracking.open(paths.dir, c.tracking.run_name,
-                                     flatten(to_dict(redacted(c))))
+                                     flatten(to_dict(redacted(c))), about(c),
+                                     run.committed[-1] if run.committed else 0)
     for path in (paths.config_file, paths.tokenizer_file):
         tracking.log_artifact(run_id, path)
     return tracking, run_id, reopened
 
 
-def describe_start(run: SettledRun, run_id: str, reopened: bool) -> str:
-    c, p, workers = run.config, run.config.parallel, run.config.cluster.workers
+def describe_start(run: SettledRun, tracking: RunTracking, run_id: str, reopened: bool) -> str:
+    c = run.config
     if run.committed:
         lines = [f"Continuing run '{c.run.name}' in {run.paths.dir}: committed checkpoints "
                  f"at step {', '.join(map(str, run.committed))}"]
@@ -77,8 +88,33 @@ def describe_start(run: SettledRun, run_id: str, reopened: bool) -> str:
     else:
         lines = [f"Starting run '{c.run.name}' in {run.paths.dir}"]
     lines.append(f"MLflow run {run_id} ({'reopened' if reopened else 'new'}) in {c.tracking.uri}")
+    lines.append(run_page(tracking, run_id))
+    lines.append(f"Layout {layout_summary(c)}")
+    return "\n".join(lines)
+
+
+def run_page(tracking: RunTracking, run_id: str) -> str:
+    """Where to see the run: its page in MLflow's training view, and for a local store
+    the command that serves it."""
+    command = dashboard_command(tracking.uri)
+    return f"  {run_url(tracking.uri, tracking.experiment_id, run_id)}" + (
+        f"  (after: {command})" if command else "")
+
+
+def layout_summary(c: RaytronConfig) -> str:
+    """The layout the run asks for: "pp=1 dp=2 tp=1 on 2 worker(s)", or its elastic range."""
+    p, workers = c.parallel, c.cluster.workers
     size = (f"dp=auto tp={p.tp} on up to {workers} worker(s), elastic: dp from "
             f"{c.faults.min_dp} to {workers // (p.pp * p.tp)}") if p.dp == "auto" \
         else f"dp={p.dp} tp={p.tp} on {workers} worker(s)"
-    lines.append(f"Layout pp={p.pp} {size}")
-    return "\n".join(lines)
+    return f"pp={p.pp} {size}"
+
+
+def about(c: RaytronConfig) -> str:
+    """The first line of the MLflow run's description (Markdown): what is trained how."""
+    with torch.device("meta"):
+        params = GPT(gpt_shape(c.model)).num_params()
+    m, t = c.model, c.train
+    return (f"**{c.run.name}**: a {human(params)}-parameter GPT ({m.n_layers} layers, "
+            f"{m.d_model} wide), {t.steps} steps of {t.global_batch} x {c.data.seq_len} "
+            f"tokens; layout {layout_summary(c)}")

@@ -3,7 +3,11 @@ comparing runs needs no dashboard."""
 
 from __future__ import annotations
 
+import re
 import time
+
+from raytron.platform.storage import metric_names as names
+from raytron.platform.storage.tracking import LAYOUT_TAG, quiet_mlflow
 
 COLUMNS = ("name", "state", "step", "loss", "val ppl", "layout", "restarts", "started")
 
@@ -11,8 +15,6 @@ COLUMNS = ("name", "state", "step", "loss", "val ppl", "layout", "restarts", "st
 def run_rows(uri: str, experiment: str, limit: int) -> list[tuple[str, ...]]:
     """One row of `COLUMNS` per run of `experiment`, newest first; none when it is absent."""
     from mlflow import MlflowClient
-
-    from raytron.platform.storage.tracking import quiet_mlflow
 
     quiet_mlflow()
     client = MlflowClient(tracking_uri=uri)
@@ -23,14 +25,15 @@ def run_rows(uri: str, experiment: str, limit: int) -> list[tuple[str, ...]]:
     for run in client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"],
                                   max_results=limit):
         metrics = run.data.metrics
-        history = client.get_metric_history(run.info.run_id, "loss")
+        history = client.get_metric_history(run.info.run_id, names.TRAIN_LOSS)
         step = str(max(m.step for m in history)) if history else "-"
-        layout = "x".join(str(int(metrics[f"layout/{d}"])) for d in ("pp", "dp", "tp")) \
-            if "layout/dp" in metrics else "-"
+        # "pp=1 dp=4 tp=1 (4 workers)" -> "1x4x1"
+        layout = "x".join(re.findall(r"\b[pdt]p=(\d+)", run.data.tags.get(LAYOUT_TAG, "")))
         rows.append((run.info.run_name, run.info.status, step,
-                     f"{metrics['loss']:.4f}" if "loss" in metrics else "-",
-                     f"{metrics['val_perplexity']:.2f}" if "val_perplexity" in metrics else "-",
-                     layout, str(int(metrics.get("restarts", 0))),
+                     f"{metrics[names.TRAIN_LOSS]:.4f}" if names.TRAIN_LOSS in metrics else "-",
+                     f"{metrics[names.VAL_PERPLEXITY]:.2f}" if names.VAL_PERPLEXITY in metrics
+                     else "-",
+                     layout or "-", str(int(metrics.get("restarts", 0))),
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000))))
     return rows
 

@@ -6,9 +6,17 @@ import time
 from pathlib import Path
 
 from raytron.platform.config.redact import MASK
+from raytron.platform.storage import metric_names as names
 from raytron.platform.storage.checkpoint import CheckpointStore
 from raytron.platform.storage.run_dir import read_run_config
-from raytron.platform.storage.tracking import RUN_ID_FILE, saved_tracking_uri
+from raytron.platform.storage.tracking import (
+    LAYOUT_TAG,
+    RUN_ID_FILE,
+    dashboard_command,
+    quiet_mlflow,
+    run_url,
+    saved_tracking_uri,
+)
 
 
 def describe_run(run_dir: str) -> str:
@@ -50,8 +58,6 @@ def mlflow_lines(folder: Path, uri: str | None) -> list[str]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from raytron.platform.storage.tracking import quiet_mlflow
-
     quiet_mlflow()
     client = MlflowClient(tracking_uri=uri)
     run_id = id_file.read_text().strip()
@@ -61,19 +67,20 @@ def mlflow_lines(folder: Path, uri: str | None) -> list[str]:
         return [f"mlflow       run {run_id} not found in {uri}"]
     metrics, tags = run.data.metrics, run.data.tags
     lines = [f"state        {run.info.status} (MLflow run {run.info.run_id} in {uri})"]
-    if "layout/dp" in metrics:
-        lines.append("last layout  " + " ".join(
-            f"{dim}={int(metrics[f'layout/{dim}'])}" for dim in ("pp", "dp", "tp")))
-    if "loss" in metrics:
-        history = client.get_metric_history(run.info.run_id, "loss")
+    if LAYOUT_TAG in tags:
+        lines.append(f"last layout  {tags[LAYOUT_TAG]}")
+    if names.TRAIN_LOSS in metrics:
+        history = client.get_metric_history(run.info.run_id, names.TRAIN_LOSS)
         last = max(history, key=lambda m: (m.step, m.timestamp))
-        val = f"; val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+        val = f"; val loss {metrics[names.VAL_LOSS]:.4f}" if names.VAL_LOSS in metrics else ""
         lines.append(f"progress     step {last.step}, loss {last.value:.4f}{val}")
     lines.append(f"restarts     {int(metrics.get('restarts', 0))}")
     events = sorted(v for k, v in tags.items() if k.startswith("raytron.event."))
     if events:
         lines.append("events")
         lines += [f"  {event}" for event in events]  # each starts with its time
-    if uri.startswith("sqlite:"):
-        lines.append(f"dashboard    mlflow ui --backend-store-uri {uri}")
+    lines.append(f"run page     {run_url(uri, run.info.experiment_id, run.info.run_id)}")
+    command = dashboard_command(uri)
+    if command:
+        lines.append(f"dashboard    {command}")
     return lines

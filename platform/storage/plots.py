@@ -7,13 +7,15 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from raytron.platform.storage import metric_names as names
+
 PLOTS_DIR = "plots"
 # file name -> (title, [(metric, label)], y-axis label, second y axis: (metric, label) | None)
 PLOTS = {
-    "loss.png": ("Loss", [("loss", "training"), ("val_loss", "validation")], "loss (nats/token)",
-                 None),
-    "throughput.png": ("Throughput", [("tokens_per_s", "tokens/s")], "tokens/s",
-                       ("mfu", "MFU")),
+    "loss.png": ("Loss", [(names.TRAIN_LOSS, "training"), (names.VAL_LOSS, "validation")],
+                 "loss (nats/token)", None),
+    "throughput.png": ("Throughput", [(names.TOKENS_PER_S, "tokens/s")], "tokens/s",
+                       (names.MFU, "MFU")),
 }
 
 

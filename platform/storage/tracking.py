@@ -13,11 +13,17 @@ import logging
 import os
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from raytron.platform.config.redact import MASK, redact_text
+from raytron.platform.storage.metric_names import VAL_LOSS
 from raytron.platform.storage.plots import log_plots
 
 RUN_ID_FILE = "mlflow_run_id"
+LAYOUT_TAG = "raytron.layout"  # the layout of the latest worker group
+NOTE_TAG = "mlflow.note.content"  # the description, atop a run's Overview tab (Markdown)
+NOTE_LIMIT = 5000  # characters of the description kept (MLflow keeps 8000 of a tag)
+LINE_LIMIT = 1000  # ... of one of its lines
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 
@@ -51,9 +57,14 @@ TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """The address of a run's page: on the tracking server itself, or on `mlflow ui`
-    (default port) for a local store."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    """The address of a run's page: on the tracking server itself (without the
+    credentials of its URI, which a browser asks for), or on `mlflow ui` (default port)
+    for a local store."""
+    if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        base = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
+    else:
+        base = LOCAL_UI
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
 
 
@@ -79,14 +90,18 @@ class RunTracking:
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id if found
-            else self.client.create_experiment(experiment, artifact_location=artifact_location,
-                                               tags=dict([EXPERIMENT_KIND_TAG]))
-        )
+        if found is None:
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=artifact_location, tags=dict([EXPERIMENT_KIND_TAG]))
+        else:  # one an older raytron created opens in MLflow's GenAI view without the tag
+            self.experiment_id = found.experiment_id
+            if EXPERIMENT_KIND_TAG[0] not in found.tags:
+                self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND_TAG)
 
-    def open(self, run_dir: Path, run_name: str, params: dict) -> tuple[str, bool]:
-        """The run id stored in `run_dir` (reopened), or a new run; True when reopened."""
+    def open(self, run_dir: Path, run_name: str, params: dict, about: str,
+             step: int) -> tuple[str, bool]:
+        """The run id stored in `run_dir` (reopened, resuming from `step`), or a new run
+        described by `about` (Markdown); True when reopened."""
         id_file = run_dir / RUN_ID_FILE
         if id_file.is_file():
             run_id = id_file.read_text().strip()
@@ -96,25 +111,34 @@ class RunTracking:
                 run = None
             if run is not None:
                 self.client.update_run(run_id, status="RUNNING", name=run_name)
-                changed = {k: v for k, v in params.items()
-                           if k in run.data.params and run.data.params[k] != str(v)}
-                if changed:
-                    summary = "; ".join(
-                        f"{k}: {run.data.params[k]} -> {v}" for k, v in sorted(changed.items())
-                    )
-                    self.client.set_tag(run_id, "raytron.resumed_with",
-                                        redact_text(summary)[:5000])
+                self.record_resume(run, params, about, step)
                 return run_id, True
+        tags = {**source_tags(), NOTE_TAG: redact_text(about)[:LINE_LIMIT]}
         run_id = self.client.create_run(self.experiment_id, run_name=run_name,
-                                        tags=source_tags()).info.run_id
+                                        tags=tags).info.run_id
         self.log_params(run_id, params)
         id_file.write_text(run_id)
         return run_id, False
 
+    def record_resume(self, run, params: dict, about: str, step: int) -> None:
+        """A resume as an event and a line of the run's description, naming each param
+        that changed. The params keep their first values (MLflow's are immutable); a key
+        the run did not log (a newer raytron's) is not compared."""
+        saved = run.data.params
+        changes = "; ".join(f"{key}: {saved[key]} -> {value}"
+                            for key, value in sorted(params.items())
+                            if key in saved and saved[key] != param_value(value))
+        text = redact_text(f"from step {step}, " + (f"changed {changes}" if changes
+                                                     else "nothing changed"))
+        record_event(self.client, run.info.run_id, "resume", step, text)
+        line = f"- {time.strftime('%Y-%m-%d %H:%M')} resumed {text}"[:LINE_LIMIT]
+        note = run.data.tags.get(NOTE_TAG) or redact_text(about)[:LINE_LIMIT]
+        self.client.set_tag(run.info.run_id, NOTE_TAG, with_item(note, line))
+
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, param_value(v)) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params a call
             self.client.log_batch(run_id, params=items[start : start + 100])
 
@@ -135,6 +159,36 @@ class RunTracking:
         """The final plots, then the run's end."""
         log_plots(self.client, run_id)
         self.client.set_terminated(run_id, status=status)
+
+
+def param_value(value) -> str:
+    """A param as MLflow keeps it (at most 6000 characters)."""
+    return str(value)[:6000]
+
+
+def with_item(note: str, item: str) -> str:
+    """A description (its first paragraph, then a list) with one more list item; the
+    oldest items go when MLflow would not keep it all."""
+    head, _, items = note.partition("\n\n")
+    kept = [*items.splitlines(), item]
+    while len(head) + sum(len(line) + 1 for line in kept) + 1 > NOTE_LIMIT:
+        kept.pop(0)
+    return f"{head}\n\n" + "\n".join(kept)
+
+
+def layout_text(layout: dict[str, int]) -> str:
+    """"pp=1 dp=2 tp=1 (2 workers)": the `raytron.layout` tag."""
+    workers = layout["workers"]
+    return (f"pp={layout['pp']} dp={layout['dp']} tp={layout['tp']} "
+            f"({workers} worker{'s' if workers != 1 else ''})")
+
+
+def launch_text(start: int, layout: dict[str, int], startup: dict[str, float]) -> str:
+    """A launch event: the layout, the step the group started from and how long it took
+    to get going, in parts (bench/recovery.py reads them back)."""
+    return (f"{layout_text(layout)} from step {start}; up in {startup['total_s']:.1f} s: "
+            f"Ray {startup['group_s']:.1f} s, build {startup['build_s']:.1f} s, "
+            f"checkpoint {startup['load_s']:.1f} s, first step {startup['first_step_s']:.1f} s")
 
 
 def source_tags() -> dict[str, str]:
@@ -169,17 +223,35 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = run_id
         self.pending: list[tuple[int, dict]] = []
+        self.step = 0  # the latest step a worker reported
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.write(step, metrics)
+        self.step = step
+        self.pending.append((step, metrics))
+        if VAL_LOSS in metrics:  # a validation: the plots gain a point of each curve
+            log_plots(self.client, self.run_id)
+
+    def log_system(self, metrics: dict[str, float]) -> None:
+        """A node's system metrics, at the latest training step: their charts line up
+        with the loss's (`worker/system_metrics.py`)."""
+        self.write(self.step, metrics)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self.client.log_batch(
             self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
         )
-        self.pending.append((step, metrics))
-        if "val_loss" in metrics:  # a validation: the plots gain a point of each curve
-            log_plots(self.client, self.run_id)
+
+    def launched(self, start: int, layout: dict[str, int], startup: dict[str, float]) -> None:
+        """A worker group finished its first step: its layout as the `raytron.layout` tag
+        and a launch event with its start-up times (once per launch, not as charts)."""
+        self.step = start
+        self.client.set_tag(self.run_id, LAYOUT_TAG, layout_text(layout))
+        record_event(self.client, self.run_id, "launch", start,
+                     launch_text(start, layout, startup))
 
     def resumed(self, step: int, skipped: list[tuple[int, str]]) -> None:
         """A worker group loaded the checkpoint of `step`, after skipping those that did not

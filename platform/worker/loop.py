@@ -22,6 +22,7 @@ import torch.distributed as dist
 from raytron.model.gpt import GPT
 from raytron.platform.config.resolve import gpt_shape
 from raytron.platform.config.schema import RaytronConfig
+from raytron.platform.storage import metric_names as names
 from raytron.platform.storage.checkpoint import CheckpointStore, PendingSave
 from raytron.platform.worker.boundary import StepBoundary
 from raytron.platform.worker.faults import FaultInjector, Watchdog
@@ -96,25 +97,22 @@ class WorkerLoop:
         loading = time.time()
         step, meta = self.resume()
         loaded = time.time()
-        startup = {"startup/group_s": self.entered - self.args.launched_at,  # Ray, processes
-                   "startup/build_s": loading - self.entered,  # mesh, model, optimizer
-                   "startup/load_s": loaded - loading}  # the checkpoint
+        startup = {"group_s": self.entered - self.args.launched_at,  # Ray, processes
+                   "build_s": loading - self.entered,  # mesh, model, optimizer
+                   "load_s": loaded - loading}  # the checkpoint
         self.committed_step = step
         self.watchdog = watchdog = Watchdog(faults.hang_timeout_s,
                                             self.layout.describe(self.rank))
         first_step = step + 1  # logged too, so every (re)start shows where it begins
         tokens_seen = meta.get("tokens_seen", 0)
         tokens_per_step = train.global_batch * self.config.data.seq_len
-        self.report(step, {"layout/pp": self.layout.pp, "layout/dp": self.layout.dp,
-                           "layout/tp": self.layout.tp, "layout/workers": self.layout.world})
         window_started, window_wait, window_steps = time.perf_counter(), 0.0, 0
         while step < train.steps:
             self.injector.at_step(step + 1)
             loss, grad_norm, wait = self.train_step(step)
             step += 1
-            if step == first_step:  # how long this group took to get going, in parts
-                self.report(step, {**startup, "startup/first_step_s": time.time() - loaded,
-                                   "startup/s": time.time() - self.args.launched_at})
+            if step == first_step:
+                self.launched(step - 1, startup, loaded)
             watchdog.beat()
             tokens_seen += tokens_per_step
             window_wait += wait
@@ -122,10 +120,11 @@ class WorkerLoop:
             if step % train.log_interval == 0 or step == train.steps or step == first_step:
                 step_time = (time.perf_counter() - window_started) / window_steps
                 self.report(step, {
-                    "loss": loss.item(), "lr": self.trainer.lr, "grad_norm": grad_norm.item(),
-                    "step_time_s": step_time, "input_wait_s": window_wait / window_steps,
-                    "tokens_per_s": tokens_per_step / step_time,
-                    "mfu": self.flops_per_token * tokens_per_step
+                    names.TRAIN_LOSS: loss.item(), "lr": self.trainer.lr,
+                    "grad_norm": grad_norm.item(), names.STEP_TIME_S: step_time,
+                    names.INPUT_WAIT_S: window_wait / window_steps,
+                    names.TOKENS_PER_S: tokens_per_step / step_time,
+                    names.MFU: self.flops_per_token * tokens_per_step
                     / (step_time * self.layout.world * self.peak_flops),
                     "tokens_seen": tokens_seen, **self.bubble_metrics(),
                 }, with_data_stats=True)
@@ -149,6 +148,17 @@ class WorkerLoop:
         if self.unsaved is not None:
             with self.saving():
                 self.commit()
+
+    def launched(self, start: int, startup: dict[str, float], loaded: float) -> None:
+        """Once its first step is done, rank 0 tells the tracker the group's layout and
+        how long it took to get going, in parts (an event and a tag, not charts)."""
+        if self.rank != 0:
+            return
+        now = time.time()
+        layout = {"pp": self.layout.pp, "dp": self.layout.dp, "tp": self.layout.tp,
+                  "workers": self.layout.world}
+        self.args.tracker.launched.remote(start, layout, {
+            **startup, "first_step_s": now - loaded, "total_s": now - self.args.launched_at})
 
     def saving(self):
         """The watchdog's budget for writing or committing a checkpoint."""
@@ -217,7 +227,8 @@ class WorkerLoop:
         if len(self.validation) == 0:
             return
         loss = self.trainer.evaluate(self.validation).item()
-        self.report(step, {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))})
+        self.report(step, {names.VAL_LOSS: loss,
+                           names.VAL_PERPLEXITY: math.exp(min(loss, 50.0))})
 
     def save(self, step: int, tokens_seen: int, background: bool = True) -> None:
         """Write `step`'s checkpoint; commit it now, or (checkpoint.async_save) once the
