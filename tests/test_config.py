@@ -65,6 +65,8 @@ def run_cli(capsys, *args):
     (["model.ffn_multiple_of=0"], ["model.ffn_multiple_of=0 must be a whole number"]),
     (["run.name=../../x"], ["run.name='../../x' must be one folder name"]),
     (["tracking.experiment=a/b"], ["tracking.experiment='a/b' must be one folder name"]),
+    (["tracking.system_metrics_interval_s=0.5"],
+     ["tracking.system_metrics_interval_s=0.5 must be a finite number 1 or more", "e.g. 10"]),
     (["data.val_share=1.5"], ["data.val_share=1.5"]),
     (["checkpoint.keep_last=0"], ["checkpoint.keep_last=0 must be a whole number of 1 or more"]),
     (["tiny", "train.steps"], ["is not key=value"]),

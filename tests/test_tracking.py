@@ -3,6 +3,9 @@ shown and tagged; a reopened run takes its new name and records each resume wher
 run page shows it; the loss comes first on the run page, each launch is an event, not a
 chart; links open MLflow's training view; nothing sent to MLflow carries a credential."""
 
+import time
+from types import SimpleNamespace
+
 from mlflow import MlflowClient
 
 from raytron.platform.storage import metric_names as names
@@ -14,6 +17,8 @@ from raytron.platform.storage.tracking import (
     Tracker,
     run_url,
 )
+from raytron.platform.worker.loop import WorkerLoop
+from raytron.platform.worker.system_metrics import SystemSampler, node_name
 
 ABOUT = "**first**: a 1.00M-parameter GPT"
 
@@ -168,3 +173,39 @@ def test_runs_are_tabled_newest_first_with_plots_and_source_tags(tmp_path):
                             cwd=Path(__file__).parent)
     if commit.returncode == 0:  # tests run from a git checkout of raytron
         assert tags["mlflow.source.git.commit"] == commit.stdout.strip()
+
+
+def test_system_metrics_are_sampled_in_the_background_and_logged_per_node(tmp_path):
+    """As MLflow's SystemMetricsMonitor(node_id=...) names them, at the latest training
+    step, every interval and once more when stopped."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = RunTracking(uri, "tests", str(tmp_path / "artifacts"))
+    run_id, _ = tracking.open(tmp_path, "r", {}, ABOUT, 0)
+    tracker = Tracker(uri, run_id)
+    tracker.log(7, {names.TRAIN_LOSS: 3.0})
+    sampler = SystemSampler(tracker.log_system, interval_s=0.2, node="node-1")
+    time.sleep(0.5)
+    sampler.stop()
+    assert not sampler.thread.is_alive()
+    client = MlflowClient(uri)
+    metrics = client.get_run(run_id).data.metrics
+    for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes",
+                 "system_memory_usage_percentage", "disk_usage_percentage",
+                 "network_receive_megabytes"):
+        assert f"system/node-1/{name}" in metrics, sorted(metrics)
+    history = client.get_metric_history(run_id, "system/node-1/system_memory_usage_megabytes")
+    assert len(history) >= 3 and {m.step for m in history} == {7}
+    assert all(m.value > 0 for m in history)
+
+
+def test_one_worker_per_node_samples_unless_turned_off():
+    from raytron.platform.config.load import load_config
+
+    def sampler_of(local_rank: int, *overrides: str):
+        config = load_config("tiny", list(overrides))
+        loop = SimpleNamespace(local_rank=local_rank, config=config,
+                               args=SimpleNamespace(tracker=None))
+        return WorkerLoop.system_sampler(loop)
+
+    assert sampler_of(1) is None and sampler_of(0, "tracking.system_metrics=false") is None
+    assert node_name() and "/" not in node_name()

@@ -23,6 +23,7 @@ from raytron.platform.storage import metric_names as names
 from raytron.platform.storage.checkpoint import COMMIT_MARKER, CheckpointStore
 from raytron.platform.storage.tracking import LAYOUT_TAG, NOTE_TAG
 from raytron.platform.worker.layout import Layout
+from raytron.platform.worker.system_metrics import node_name
 from raytron.platform.worker.trainer import Trainer
 
 SMALL = ["model.n_layers=2", "data.seq_len=64", "train.global_batch=8", "train.micro_batch=4",
@@ -96,6 +97,8 @@ def test_the_run_learns_checkpoints_and_is_tracked(root, whole):
         assert metric in run.data.metrics, metric
     assert 0 < run.data.metrics[names.MFU] < 1
     assert not [m for m in run.data.metrics if m.startswith(("layout/", "startup/"))]
+    system = [m.split("/") for m in run.data.metrics if m.startswith("system/")]
+    assert ["system", node_name(), "cpu_utilization_percentage"] in system, system
     assert run.data.tags[LAYOUT_TAG] == "pp=1 dp=1 tp=1 (1 worker)"
     launch, = events(run, "launch")
     assert "launch 1: pp=1 dp=1 tp=1 (1 worker) from step 0; up in " in launch

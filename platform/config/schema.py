@@ -121,6 +121,9 @@ class TrackingConfig:
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<run.root>/mlflow.db
     experiment: str = "raytron"
     run_name: str = "${run.name}"
+    system_metrics: bool = True  # each worker node's CPU, memory, disk, network (and GPU use
+    # with pynvml) in the MLflow run, as system/<host>/...
+    system_metrics_interval_s: float = 10.0  # how often each node samples them
 
 
 @dataclass

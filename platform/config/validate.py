@@ -260,6 +260,8 @@ RULES: dict[str, Rule] = {
     "tracking.uri": text(optional=True),
     "tracking.experiment": folder_name,
     "tracking.run_name": text(),
+    "tracking.system_metrics": anything,
+    "tracking.system_metrics_interval_s": number(minimum=1, positive=False),
     "cluster.address": text(optional=True),
     "cluster.workers": count(optional=True),
     "cluster.cpus_per_worker": count(),

@@ -3,9 +3,10 @@
 A worker joins the (pp, dp, tp) mesh, builds its share of the model from the seed,
 resumes from the last committed checkpoint if there is one, and trains: each step
 pulls its replica's slice of the global batch from the DataFeeder and hands it to the
-`Trainer`. Rank 0 reports metrics; every rank writes its checkpoint shards. Nothing
-here depends on the process being the first of its run: a restarted worker group
-picks up from the checkpoint exactly where the last one committed.
+`Trainer`. Rank 0 reports metrics, the first worker of each node its system metrics;
+every rank writes its checkpoint shards. Nothing here depends on the process being the
+first of its run: a restarted worker group picks up from the checkpoint exactly where
+the last one committed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from raytron.platform.worker.boundary import StepBoundary
 from raytron.platform.worker.faults import FaultInjector, Watchdog
 from raytron.platform.worker.hardware import peak_flops, training_device
 from raytron.platform.worker.layout import Layout, build_mesh, check_tensor_parallel_on_one_node
+from raytron.platform.worker.system_metrics import SystemSampler
 from raytron.platform.worker.trainer import Sequences, Trainer
+
+SEND_TIMEOUT_S = 30.0  # the longest a sample of system metrics waits for the tracker
 
 
 @dataclass
@@ -57,7 +61,7 @@ class WorkerLoop:
     def __init__(self, args: WorkerArgs, rank: int, local_rank: int):
         self.entered = time.time()
         self.args, self.config = args, args.config
-        self.rank = rank
+        self.rank, self.local_rank = rank, local_rank
         self.layout = layout_of(self.config)
         self.dp_rank = self.layout.coordinates(rank)["dp"]
         torch.set_num_threads(self.config.cluster.cpus_per_worker)
@@ -85,12 +89,25 @@ class WorkerLoop:
         self.watchdog: Watchdog | None = None
 
     def run(self) -> None:
+        sampler = self.system_sampler()
         try:
             self.train()
         finally:
             self.boundary.close()
             if self.watchdog is not None:
                 self.watchdog.stop()
+            if sampler is not None:
+                sampler.stop()
+
+    def system_sampler(self) -> SystemSampler | None:
+        """The node's system metrics, sampled by one worker per node (local rank 0)."""
+        tracking = self.config.tracking
+        if self.local_rank != 0 or not tracking.system_metrics:
+            return None
+        tracker = self.args.tracker
+        return SystemSampler(  # each sample waited for: the last one is in before the run ends
+            lambda metrics: ray.get(tracker.log_system.remote(metrics), timeout=SEND_TIMEOUT_S),
+            tracking.system_metrics_interval_s)
 
     def train(self) -> None:
         train, faults = self.config.train, self.config.faults
