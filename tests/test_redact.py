@@ -19,6 +19,8 @@ from raytron.platform.control.console import ConsoleStream
     ("sqlite:////abs/runs/mlflow.db", "sqlite:////abs/runs/mlflow.db"),
     ("s3://bucket/prefix", "s3://bucket/prefix"),
     ("https://host/a@b", "https://host/a@b"),  # an @ in the path is no userinfo
+    ("http://h:5000/#/experiments/1/runs/r?workflowType=machine_learning&token=t",  # a view
+     "http://h:5000/#/experiments/1/runs/r?workflowType=machine_learning&token=***"),
 ])
 def test_uris_are_redacted(uri, expected):
     assert redact_uri(uri) == expected

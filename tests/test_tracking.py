@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 from mlflow import MlflowClient
 
+from raytron.platform.config.resume import changes
 from raytron.platform.storage import metric_names as names
 from raytron.platform.storage.tracking import (
     EXPERIMENT_KIND_TAG,
@@ -26,7 +27,7 @@ ABOUT = "**first**: a 1.00M-parameter GPT"
 def test_a_resume_names_the_step_it_loaded_and_tags_each_fallback(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking = RunTracking(uri, "tests", str(tmp_path / "artifacts"))
-    run_id, reopened = tracking.open(tmp_path, "first", {"train.lr": 0.003}, ABOUT, 0)
+    run_id, reopened = tracking.open(tmp_path, "first", {"train.lr": 0.003}, ABOUT)
     assert not reopened
     tracker = Tracker(uri, run_id)
     tracker.resumed(6, [(12, "CheckpointException: truncated shard at https://u:pw@host/x")])
@@ -38,45 +39,52 @@ def test_a_resume_names_the_step_it_loaded_and_tags_each_fallback(tmp_path):
     assert "checkpoint step 12 cannot be loaded" in tags["raytron.event.fallback_1"]
     assert "u:***@host" in tags["raytron.event.fallback_1"] and "pw" not in str(tags)
 
-    again, reopened = tracking.open(tmp_path, "renamed", {"train.lr": 0.001}, ABOUT, 6)
+    again, reopened = tracking.open(tmp_path, "renamed", {"train.lr": 0.001}, ABOUT)
     run = MlflowClient(uri).get_run(again)
     assert reopened and again == run_id and run.info.run_name == "renamed"
-    assert run.data.params["train.lr"] == "0.003"  # params are immutable: the first value
 
 
 def test_each_resume_is_an_event_and_a_line_of_the_description(tmp_path):
+    """With what changed since the last start; the params keep their first values
+    (MLflow's are immutable), credentials are redacted."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking = RunTracking(uri, "tests", str(tmp_path / "artifacts"))
-    run_id, _ = tracking.open(tmp_path, "r", {"train.lr": 0.003, "train.steps": 10,
-                                              "tracking.uri": "sqlite:///a.db"}, ABOUT, 0)
-    tracking.open(tmp_path, "r", {"train.lr": 0.001, "train.steps": 20,
-                                  "tracking.uri": "postgresql://u:pw@db/x",
-                                  "tracking.new_key": 1}, ABOUT, 10)
-    tracking.open(tmp_path, "r", {"train.lr": 0.003, "train.steps": 10}, ABOUT, 20)
+    first = {"train.lr": 0.003, "train.steps": 10, "tracking.uri": "sqlite:///a.db"}
+    second = {"train.lr": 0.001, "train.steps": 20, "tracking.uri": "postgresql://u:pw@db/x",
+              "tracking.new_key": 1}
+    run_id, _ = tracking.open(tmp_path, "r", first, ABOUT)
+    again, reopened = tracking.open(tmp_path, "r", second, ABOUT)
+    assert reopened and again == run_id
+    tracking.record_resume(run_id, 10, changes(first, second), ABOUT)
+    tracking.record_resume(run_id, 20, [], ABOUT)
     run = MlflowClient(uri).get_run(run_id)
     tags = run.data.tags
-    assert "; train.lr: 0.003 -> 0.001; train.steps: 10 -> 20" in tags["raytron.event.resume_1"]
-    assert "resume 1: from step 10, changed " in tags["raytron.event.resume_1"]
+    changed = ("tracking.new_key: None -> 1; tracking.uri: 'sqlite:///a.db' -> "
+               "'postgresql://u:***@db/x'; train.lr: 0.003 -> 0.001; train.steps: 10 -> 20")
+    assert tags["raytron.event.resume_1"].endswith(f"resume 1: from step 10, changed {changed}")
     assert tags["raytron.event.resume_2"].endswith("resume 2: from step 20, nothing changed")
     note = tags[NOTE_TAG].split("\n")
     assert note[:2] == [ABOUT, ""] and len(note) == 4
-    assert note[2].startswith("- ") and note[2].endswith(
-        "resumed from step 10, changed tracking.uri: sqlite:///a.db -> postgresql://u:***@db/x"
-        "; train.lr: 0.003 -> 0.001; train.steps: 10 -> 20")
-    assert note[3].endswith("resumed from step 20, nothing changed")
+    assert note[2].startswith("- ") and note[2].endswith(f"resumed from step 10, changed {changed}")
+    assert note[3].startswith("- ") and note[3].endswith("resumed from step 20, nothing changed")
     assert "pw" not in str(tags) and "tracking.new_key" not in run.data.params
-    assert run.data.params["train.steps"] == "10"
+    assert run.data.params["train.lr"] == "0.003" and run.data.params["train.steps"] == "10"
 
 
 def test_a_long_description_drops_its_oldest_resumes(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking = RunTracking(uri, "tests", str(tmp_path / "artifacts"))
-    run_id, _ = tracking.open(tmp_path, "r", {"data.x": "a"}, ABOUT, 0)
+    run_id, _ = tracking.open(tmp_path, "r", {}, ABOUT)
     for step in range(1, 13):
-        tracking.open(tmp_path, "r", {"data.x": str(step) * 600}, ABOUT, step)
+        tracking.record_resume(run_id, step, [f"data.x: {'y' * 600}"], ABOUT)
     note = MlflowClient(uri).get_run(run_id).data.tags[NOTE_TAG]
     assert note.startswith(ABOUT + "\n\n- ") and len(note) <= 5000
     assert "resumed from step 12," in note and "resumed from step 1," not in note
+    MlflowClient(uri).set_tag(run_id, NOTE_TAG, "edited in the UI " * 400)
+    tracking.record_resume(run_id, 13, ["data.x: 'a' -> 'b'"], ABOUT)
+    note = MlflowClient(uri).get_run(run_id).data.tags[NOTE_TAG]
+    assert note.startswith("edited in the UI") and len(note) <= 5000
+    assert note.endswith("resumed from step 13, changed data.x: 'a' -> 'b'")
 
 
 def test_experiments_open_in_the_training_view_and_links_say_so(tmp_path):
@@ -102,7 +110,7 @@ STARTUP = {"group_s": 5.12, "build_s": 3.0, "load_s": 0.44, "first_step_s": 5.7,
 def train_a_run(tracking: RunTracking, folder, name: str, layout: int, steps: int) -> str:
     """A run's records as workers send them: launch, losses, validations, throughput."""
     folder.mkdir()
-    run_id, _ = tracking.open(folder, name, {"train.steps": steps}, ABOUT, 0)
+    run_id, _ = tracking.open(folder, name, {"train.steps": steps}, ABOUT)
     tracker = Tracker(tracking.uri, run_id)
     tracker.launched(0, {"pp": 1, "dp": layout, "tp": 1, "workers": layout}, STARTUP)
     for step in range(1, steps + 1):
@@ -180,7 +188,7 @@ def test_system_metrics_are_sampled_in_the_background_and_logged_per_node(tmp_pa
     step, every interval and once more when stopped."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking = RunTracking(uri, "tests", str(tmp_path / "artifacts"))
-    run_id, _ = tracking.open(tmp_path, "r", {}, ABOUT, 0)
+    run_id, _ = tracking.open(tmp_path, "r", {}, ABOUT)
     tracker = Tracker(uri, run_id)
     tracker.log(7, {names.TRAIN_LOSS: 3.0})
     sampler = SystemSampler(tracker.log_system, interval_s=0.2, node="node-1")

@@ -16,6 +16,9 @@ MASK = "***"
 URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
 USERINFO = re.compile(r"^(?P<scheme>[^:]+://)(?P<userinfo>[^/?#]*)@")
 QUERY_VALUE = re.compile(r"(?P<name>[?&;][^=&#;]+)=(?P<value>[^&#;]*)")
+# Query names whose values are no secret and must stay: MLflow's page addresses switch
+# its view with it (`.../#/experiments/1/runs/<id>?workflowType=machine_learning`).
+PUBLIC_QUERY_NAMES = ("workflowType",)
 
 
 def redact_uri(uri: str) -> str:
@@ -24,10 +27,14 @@ def redact_uri(uri: str) -> str:
         user, colon, _ = match["userinfo"].partition(":")
         return f"{match['scheme']}{user}:{MASK}@" if colon else f"{match['scheme']}{MASK}@"
 
+    def query_value(match: re.Match) -> str:
+        public = match["name"][1:] in PUBLIC_QUERY_NAMES
+        return match.group() if public else f"{match['name']}={MASK}"
+
     redacted = USERINFO.sub(userinfo, uri, count=1)
     head, question, query = redacted.partition("?")
     if question:
-        query = QUERY_VALUE.sub(lambda m: f"{m['name']}={MASK}", "?" + query)[1:]
+        query = QUERY_VALUE.sub(query_value, "?" + query)[1:]
     return head + question + query
 
 

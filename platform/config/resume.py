@@ -77,7 +77,13 @@ def resume_problems(saved: dict[str, Any], current: dict[str, Any], run_name: st
             for (name, why), diffs in by_rule.items()]
 
 
+def changes(saved: dict[str, Any], current: dict[str, Any],
+            keys: tuple[str, ...] | None = None) -> list[str]:
+    """'key: old -> new' for each key (of `keys`, if given) that changed."""
+    return [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed(saved, current).items()
+            if keys is None or key in keys]
+
+
 def applied_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: old -> new' for each applied key that changed."""
-    return [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed(saved, current).items()
-            if key in APPLIED]
+    return changes(saved, current, APPLIED)

@@ -11,6 +11,7 @@ from raytron.platform.config.load import flatten, to_dict, to_yaml
 from raytron.platform.config.plan import human
 from raytron.platform.config.redact import redacted
 from raytron.platform.config.resolve import gpt_shape
+from raytron.platform.config.resume import changes
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.control.actors import run_actors
 from raytron.platform.control.console import Console
@@ -35,10 +36,11 @@ def train(config: RaytronConfig) -> int:
         print(f"{paths.dir} already finished {done} steps (train.steps={c.train.steps}). "
               "Raise train.steps to train on, or pick a new run.name.")
         return 0
+    last_start = paths.saved_config()  # before this start's config replaces it
     paths.dir.mkdir(parents=True, exist_ok=True)
     paths.config_file.write_text(to_yaml(redacted(c)))  # credentials never reach a file
     run.tokenizer.save(str(paths.tokenizer_file))
-    tracking, run_id, reopened = open_tracking(run)
+    tracking, run_id, reopened = open_tracking(run, last_start)
     print(describe_start(run, tracking, run_id, reopened))
     console = Console(c.train.steps, done)
     status, code = "FINISHED", 0
@@ -64,16 +66,19 @@ def train(config: RaytronConfig) -> int:
     return code
 
 
-def open_tracking(run: SettledRun) -> tuple[RunTracking, str, bool]:
+def open_tracking(run: SettledRun, last_start: dict | None) -> tuple[RunTracking, str, bool]:
     """The run's MLflow run (reopened when the run directory names one), with the
-    redacted config as params and the config file and tokenizer as artifacts."""
+    redacted config as params, the config file and tokenizer as artifacts, and a resume
+    naming what changed since the config of `last_start`."""
     c, paths = run.config, run.paths
     uri = c.tracking.uri
     tracking = RunTracking(uri, c.tracking.experiment,
                            local_artifact_location(uri, paths.root, c.tracking.experiment))
-    run_id, reopened = tracking.open(paths.dir, c.tracking.run_name,
-                                     flatten(to_dict(redacted(c))), about(c),
-                                     run.committed[-1] if run.committed else 0)
+    params, description = flatten(to_dict(redacted(c))), about(c)
+    run_id, reopened = tracking.open(paths.dir, c.tracking.run_name, params, description)
+    if reopened or run.committed:  # a resume, in its MLflow run or a new one (a new store)
+        tracking.record_resume(run_id, run.committed[-1] if run.committed else 0,
+                               changes(last_start, params) if last_start else [], description)
     for path in (paths.config_file, paths.tokenizer_file):
         tracking.log_artifact(run_id, path)
     return tracking, run_id, reopened

@@ -98,10 +98,10 @@ class RunTracking:
             if EXPERIMENT_KIND_TAG[0] not in found.tags:
                 self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND_TAG)
 
-    def open(self, run_dir: Path, run_name: str, params: dict, about: str,
-             step: int) -> tuple[str, bool]:
-        """The run id stored in `run_dir` (reopened, resuming from `step`), or a new run
-        described by `about` (Markdown); True when reopened."""
+    def open(self, run_dir: Path, run_name: str, params: dict, about: str) -> tuple[str, bool]:
+        """The run id stored in `run_dir` (reopened), or a new run with `params`, described
+        by `about` (Markdown); True when reopened. A reopened run keeps its params: MLflow's
+        are immutable, and `record_resume` says what changed."""
         id_file = run_dir / RUN_ID_FILE
         if id_file.is_file():
             run_id = id_file.read_text().strip()
@@ -111,7 +111,6 @@ class RunTracking:
                 run = None
             if run is not None:
                 self.client.update_run(run_id, status="RUNNING", name=run_name)
-                self.record_resume(run, params, about, step)
                 return run_id, True
         tags = {**source_tags(), NOTE_TAG: redact_text(about)[:LINE_LIMIT]}
         run_id = self.client.create_run(self.experiment_id, run_name=run_name,
@@ -120,25 +119,21 @@ class RunTracking:
         id_file.write_text(run_id)
         return run_id, False
 
-    def record_resume(self, run, params: dict, about: str, step: int) -> None:
-        """A resume as an event and a line of the run's description, naming each param
-        that changed. The params keep their first values (MLflow's are immutable); a key
-        the run did not log (a newer raytron's) is not compared."""
-        saved = run.data.params
-        changes = "; ".join(f"{key}: {saved[key]} -> {value}"
-                            for key, value in sorted(params.items())
-                            if key in saved and saved[key] != param_value(value))
-        text = redact_text(f"from step {step}, " + (f"changed {changes}" if changes
+    def record_resume(self, run_id: str, step: int, changes: list[str], about: str) -> None:
+        """A resume from `step` as an event and a line of the run's description, with the
+        config's changes since the run last started ("key: old -> new")."""
+        text = redact_text(f"from step {step}, " + (f"changed {'; '.join(changes)}" if changes
                                                      else "nothing changed"))
-        record_event(self.client, run.info.run_id, "resume", step, text)
+        record_event(self.client, run_id, "resume", step, text)
         line = f"- {time.strftime('%Y-%m-%d %H:%M')} resumed {text}"[:LINE_LIMIT]
-        note = run.data.tags.get(NOTE_TAG) or redact_text(about)[:LINE_LIMIT]
-        self.client.set_tag(run.info.run_id, NOTE_TAG, with_item(note, line))
+        note = self.client.get_run(run_id).data.tags.get(NOTE_TAG) or \
+            redact_text(about)[:LINE_LIMIT]  # a run an older raytron started has none
+        self.client.set_tag(run_id, NOTE_TAG, with_item(note, line))
 
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, param_value(v)) for k, v in params.items()]
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params a call
             self.client.log_batch(run_id, params=items[start : start + 100])
 
@@ -161,19 +156,15 @@ class RunTracking:
         self.client.set_terminated(run_id, status=status)
 
 
-def param_value(value) -> str:
-    """A param as MLflow keeps it (at most 6000 characters)."""
-    return str(value)[:6000]
-
-
 def with_item(note: str, item: str) -> str:
-    """A description (its first paragraph, then a list) with one more list item; the
-    oldest items go when MLflow would not keep it all."""
+    """A description (its first paragraph, then a list) with one more list item (at most
+    LINE_LIMIT long); the oldest items go, then the paragraph's end, when MLflow would not
+    keep it all (it can be edited in MLflow's UI)."""
     head, _, items = note.partition("\n\n")
     kept = [*items.splitlines(), item]
-    while len(head) + sum(len(line) + 1 for line in kept) + 1 > NOTE_LIMIT:
+    while len(kept) > 1 and len(head) + sum(len(line) + 1 for line in kept) + 1 > NOTE_LIMIT:
         kept.pop(0)
-    return f"{head}\n\n" + "\n".join(kept)
+    return f"{head[:NOTE_LIMIT - len(item) - 2]}\n\n" + "\n".join(kept)
 
 
 def layout_text(layout: dict[str, int]) -> str:
