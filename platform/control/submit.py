@@ -39,6 +39,7 @@ ENTRYPOINT = "python -m raytron.platform.cli"  # no console script: raytron is n
 MLFLOW_RUN_URL = re.compile(r"https?://\S+#/experiments/\S+/runs/\S+")
 SERVING_LINE = re.compile(r"Serving '.*' at \S+")
 ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
+NODE_LIST_TRIES = 30
 
 
 @dataclasses.dataclass
@@ -57,12 +58,16 @@ def runs_on_this_machine(address: str) -> bool:
     dashboard does not say: relative paths are then refused rather than guessed at."""
     request = urllib.request.Request(f"{address.rstrip('/')}/nodes?view=hostNameList",
                                      headers=auth_headers())
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            hosts = json.load(response)["data"]["host_name_list"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return bool(hosts) and set(hosts) == {socket.gethostname()}
+    for _ in range(NODE_LIST_TRIES):  # a dashboard that just started lists no node yet
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                hosts = json.load(response)["data"]["hostNameList"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if hosts:
+            return set(hosts) == {socket.gethostname()}
+        time.sleep(1.0)
+    return False
 
 
 def job_paths(config: RaytronConfig) -> dict[str, str]:
@@ -187,8 +192,9 @@ def auth_headers() -> dict[str, str]:
 def connect(address: str):
     from ray.job_submission import JobSubmissionClient
 
-    for name in ("ray.dashboard", "ray.dashboard.modules.job.sdk",  # "uploading package",
-                 "ray._private.runtime_env"):  # "WebSocket closed": nothing to act on
+    for name in ("ray.dashboard.modules.dashboard_sdk",  # "Uploading package ..."
+                 "ray._private.runtime_env.packaging",  # "Creating a file package ..."
+                 "ray.dashboard.modules.job.sdk"):  # "WebSocket closed": nothing to act on
         logging.getLogger(name).setLevel(logging.WARNING)
 
     try:
