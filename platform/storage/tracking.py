@@ -1,10 +1,13 @@
 """MLflow tracking: one MLflow run per training run, kept across restarts and resumes.
 
-The controller opens (or reopens) the run and logs params and artifacts. Metrics go
-through a small `Tracker` actor pinned to the controller's node: workers on any node
-can reach it, while the default SQLite store is a file only the head node sees. The
-controller drains the same records to draw its progress bar and log lines. Every text
-that reaches MLflow has its credentials redacted (`config/redact.py`).
+The controller opens (or reopens) the run and logs params and artifacts. Metrics (and
+each worker node's system metrics, `worker/system_metrics.py`) go through a small
+`Tracker` actor pinned to the controller's node: workers on any node can reach it, while
+the default SQLite store is a file only the head node sees. The controller drains the
+same records to draw its progress bar and log lines. Launches and resumes are events
+(tags) and lines of the run's description, not charts: the run page opens on the loss
+(`metric_names.py`). Every text that reaches MLflow has its credentials redacted
+(`config/redact.py`).
 """
 
 from __future__ import annotations
