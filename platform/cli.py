@@ -56,6 +56,9 @@ checkpoints in the background. `raytron status RUN_DIR` shows where a run stands
 Tracking: tracking.uri or $MLFLOW_TRACKING_URI, otherwise
 a SQLite store at <run.root>/mlflow.db; view it with
   mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
+then open http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning (raytron
+train and raytron status print each run's own page). Each node's CPU, memory, disk,
+network (and GPU) are logged as system metrics; tracking.system_metrics=false stops that.
 Credentials in URIs are used, and shown as user:***@ in everything raytron writes.
 
 Exit status: 0 finished (or already finished), 1 training failed or its checkpoints

@@ -45,8 +45,6 @@ def test_relative_paths_become_absolute_for_a_cluster_on_this_machine(tmp_path, 
     assert job.data.tokenizer == str(tmp_path / "tok.json")
     assert [s.path for s in job.data.sources] == [str(tmp_path / "corpus"), "s3://bucket/x.jsonl"]
     assert job.cluster.address is None  # the job joins the cluster it runs in
-    assert submitting.job_paths(job) and all(
-        Path(path).is_absolute() for path in submitting.job_paths(job).values())
 
 
 def test_relative_paths_are_refused_for_a_remote_cluster():

@@ -217,3 +217,14 @@ def test_one_worker_per_node_samples_unless_turned_off():
 
     assert sampler_of(1) is None and sampler_of(0, "tracking.system_metrics=false") is None
     assert node_name() and "/" not in node_name()
+
+
+def test_the_source_names_the_command_and_config_and_the_whole_line_is_kept(monkeypatch):
+    from raytron.platform.storage.tracking import source_tags
+
+    monkeypatch.setattr("sys.argv", ["raytron", "train", "configs/sft-tiny.yaml",
+                                     "run.root=/mnt/runs", "tracking.uri=http://u:pw@host"])
+    tags = source_tags()
+    assert tags["mlflow.source.name"] == "raytron train sft-tiny.yaml"  # what the page shows
+    assert tags["raytron.command"] == ("raytron train configs/sft-tiny.yaml run.root=/mnt/runs "
+                                       "tracking.uri=http://u:***@host")

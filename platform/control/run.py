@@ -40,7 +40,9 @@ def train(config: RaytronConfig) -> int:
     paths.dir.mkdir(parents=True, exist_ok=True)
     paths.config_file.write_text(to_yaml(redacted(c)))  # credentials never reach a file
     run.tokenizer.save(str(paths.tokenizer_file))
-    tracking, run_id, reopened = open_tracking(run, last_start)
+    # a CPU peak measured at each start differs a little each time: no change of the user's
+    measured = ("train.peak_flops",) if config.train.peak_flops is None else ()
+    tracking, run_id, reopened = open_tracking(run, last_start, measured)
     print(describe_start(run, tracking, run_id, reopened))
     console = Console(c.train.steps, done)
     status, code = "FINISHED", 0
@@ -66,10 +68,11 @@ def train(config: RaytronConfig) -> int:
     return code
 
 
-def open_tracking(run: SettledRun, last_start: dict | None) -> tuple[RunTracking, str, bool]:
+def open_tracking(run: SettledRun, last_start: dict | None,
+                  measured: tuple[str, ...]) -> tuple[RunTracking, str, bool]:
     """The run's MLflow run (reopened when the run directory names one), with the
     redacted config as params, the config file and tokenizer as artifacts, and a resume
-    naming what changed since the config of `last_start`."""
+    naming what changed since the config of `last_start` (but the `measured` keys)."""
     c, paths = run.config, run.paths
     uri = c.tracking.uri
     tracking = RunTracking(uri, c.tracking.experiment,
@@ -77,8 +80,10 @@ def open_tracking(run: SettledRun, last_start: dict | None) -> tuple[RunTracking
     params, description = flatten(to_dict(redacted(c))), about(c)
     run_id, reopened = tracking.open(paths.dir, c.tracking.run_name, params, description)
     if reopened or run.committed:  # a resume, in its MLflow run or a new one (a new store)
-        tracking.record_resume(run_id, run.committed[-1] if run.committed else 0,
-                               changes(last_start, params) if last_start else [], description)
+        changed = [line for line in (changes(last_start, params) if last_start else [])
+                   if line.split(":", 1)[0] not in measured]
+        tracking.record_resume(run_id, run.committed[-1] if run.committed else 0, changed,
+                               description)
     for path in (paths.config_file, paths.tokenizer_file):
         tracking.log_artifact(run_id, path)
     return tracking, run_id, reopened

@@ -34,7 +34,7 @@ from raytron.platform.config.validate import (
 from raytron.platform.control.corpus import stream_spec, train_tokenizer, with_tokenizer
 from raytron.platform.control.placement import node_resources, with_tokenizer_workers, worker_gpus
 from raytron.platform.storage.checkpoint import CheckpointStore
-from raytron.platform.storage.run_dir import RunPaths, absolute
+from raytron.platform.storage.run_dir import RunPaths, absolute, with_locations
 from raytron.platform.storage.tracking import tracking_uri
 
 
@@ -94,25 +94,9 @@ def with_absolute_locations(config: RaytronConfig) -> RaytronConfig:
     """Run root, checkpoints, the tracking store, local sources, the tokenizer and the
     initial weights, as absolute locations: Ray workers run in other directories, and so
     may a later command."""
-    root = absolute(config.run.root)
-    d = config.data
-
-    def sources(group: list) -> list:
-        return [dataclasses.replace(s, path=absolute(s.path)) for s in group]
-
-    init_from = config.model.init_from
-    return dataclasses.replace(
-        config,
-        run=dataclasses.replace(config.run, root=root),
-        model=dataclasses.replace(config.model,
-                                  init_from=absolute(init_from) if init_from else None),
-        checkpoint=dataclasses.replace(config.checkpoint, dir=absolute(config.checkpoint.dir)),
-        tracking=dataclasses.replace(config.tracking,
-                                     uri=tracking_uri(config.tracking.uri, root)),
-        data=dataclasses.replace(d, sources=sources(d.sources),
-                                 validation_sources=sources(d.validation_sources),
-                                 tokenizer=absolute(d.tokenizer) if d.tokenizer else None),
-    )
+    config = with_locations(config, lambda key, path: absolute(path))
+    return dataclasses.replace(config, tracking=dataclasses.replace(
+        config.tracking, uri=tracking_uri(config.tracking.uri, config.run.root)))
 
 
 def with_measured_cpu_peak(config: RaytronConfig) -> RaytronConfig:

@@ -30,10 +30,9 @@ from pathlib import Path
 from raytron.platform.config.load import to_yaml
 from raytron.platform.config.redact import redacted
 from raytron.platform.config.schema import ConfigError, RaytronConfig
+from raytron.platform.storage.run_dir import absolute, with_locations
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-EMBEDDED_PREFIX = "embedded:"
-SQLITE = "sqlite:///"  # the one URI that names a local path
 PACKAGE_PARTS = ("platform", "model", "pipelines", "configs")  # the portions of `raytron`
 ENTRYPOINT = "python -m raytron.platform.cli"  # no console script: raytron is not installed
 MLFLOW_RUN_URL = re.compile(r"https?://\S+#/experiments/\S+/runs/\S+")
@@ -70,52 +69,26 @@ def runs_on_this_machine(address: str) -> bool:
     return False
 
 
-def job_paths(config: RaytronConfig) -> dict[str, str]:
-    """Every local path of a run, by key (URIs and the embedded corpora are not paths)."""
-    data = config.data
-    paths = {"run.root": config.run.root, "checkpoint.dir": config.checkpoint.dir,
-             "data.tokenizer": data.tokenizer, "model.init_from": config.model.init_from}
-    if config.tracking.uri and config.tracking.uri.startswith(SQLITE):
-        paths["tracking.uri"] = config.tracking.uri.removeprefix(SQLITE)
-    for key, sources in (("data.sources", data.sources),
-                         ("data.validation_sources", data.validation_sources)):
-        paths |= {f"{key}.{index}.path": source.path for index, source in enumerate(sources)}
-    return {key: path for key, path in paths.items()
-            if path and "://" not in path and not path.startswith(EMBEDDED_PREFIX)}
-
-
 def with_absolute_paths(config: RaytronConfig, local: bool) -> RaytronConfig:
-    """`config` with its relative paths made absolute (local cluster), or a `ConfigError`
-    naming each of them (remote cluster)."""
-    relative = {key: path for key, path in job_paths(config).items()
-                if not Path(path).is_absolute()}
+    """`config` with its relative paths made absolute (a cluster on this machine), or a
+    `ConfigError` naming each of them (a cluster elsewhere)."""
+    relative: dict[str, str] = {}
+
+    def note(key: str, path: str) -> str:
+        if not Path(path).is_absolute():
+            relative[key] = path
+        return path
+
+    with_locations(config, note)
     if relative and not local:
         raise ConfigError([
             f"{key}={path} is relative (or in this machine's home): in a Ray job it would land "
             "in the job's temporary directory and be lost when the job ends. Fix: give an "
             f"absolute path on the cluster's shared storage (e.g. {key}=/mnt/raytron/...) or an "
             "s3:// or gs:// URI." for key, path in relative.items()])
-
-    def absolute(path: str | None) -> str | None:
-        if not path or path.startswith(EMBEDDED_PREFIX) or "://" in path.removeprefix(SQLITE):
-            return path
-        made = str(Path(path.removeprefix(SQLITE)).expanduser().absolute())
-        return SQLITE + made if path.startswith(SQLITE) else made
-
-    def sources(items):
-        return [dataclasses.replace(item, path=absolute(item.path)) for item in items]
-
-    data = dataclasses.replace(config.data, tokenizer=absolute(config.data.tokenizer),
-                               sources=sources(config.data.sources),
-                               validation_sources=sources(config.data.validation_sources))
-    return dataclasses.replace(
-        config, data=data,
-        run=dataclasses.replace(config.run, root=absolute(config.run.root)),
-        checkpoint=dataclasses.replace(config.checkpoint, dir=absolute(config.checkpoint.dir)),
-        tracking=dataclasses.replace(config.tracking, uri=absolute(config.tracking.uri)),
-        model=dataclasses.replace(config.model, init_from=absolute(config.model.init_from)),
-        # the job joins the cluster it runs in ($RAY_ADDRESS), not an address of this machine
-        cluster=dataclasses.replace(config.cluster, address=None))
+    config = with_locations(config, lambda key, path: absolute(path))
+    # the job joins the cluster it runs in ($RAY_ADDRESS), not an address of this machine
+    return dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, address=None))
 
 
 def training_submission(config: RaytronConfig, local: bool) -> Submission:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,11 +46,46 @@ class RunPaths:
         return flatten(OmegaConf.to_container(OmegaConf.load(self.config_file)))
 
 
+SQLITE = "sqlite:///"  # the one URI that names a local path
+
+
+def is_local_path(location: str) -> bool:
+    """Not a URI (`s3://...`) nor an embedded corpus."""
+    return "://" not in location and not location.startswith("embedded:")
+
+
 def absolute(location: str) -> str:
-    """A local path made absolute; a URI (`s3://...`) or an embedded corpus as it is."""
-    if "://" in location or location.startswith("embedded:"):
-        return location
-    return str(Path(location).expanduser().absolute())
+    """A local path made absolute; a URI or an embedded corpus as it is."""
+    return str(Path(location).expanduser().absolute()) if is_local_path(location) else location
+
+
+def with_locations(config: RaytronConfig, convert: Callable[[str, str], str]) -> RaytronConfig:
+    """`config` with each local path it names (run root, checkpoints, a SQLite store, local
+    sources, the tokenizer, the initial weights) replaced by `convert(key, path)`; URIs
+    (`s3://...`) and the embedded corpora are no paths and stay as they are."""
+    def each(key: str, location: str | None) -> str | None:
+        if location and location.startswith(SQLITE):
+            return SQLITE + convert(key, location.removeprefix(SQLITE))
+        return convert(key, location) if location and is_local_path(location) else location
+
+    def sources(key: str, group: list) -> list:
+        return [dataclasses.replace(s, path=each(f"{key}.{i}.path", s.path))
+                for i, s in enumerate(group)]
+
+    d = config.data
+    return dataclasses.replace(
+        config,
+        run=dataclasses.replace(config.run, root=each("run.root", config.run.root)),
+        model=dataclasses.replace(config.model,
+                                  init_from=each("model.init_from", config.model.init_from)),
+        checkpoint=dataclasses.replace(config.checkpoint,
+                                       dir=each("checkpoint.dir", config.checkpoint.dir)),
+        tracking=dataclasses.replace(config.tracking,
+                                     uri=each("tracking.uri", config.tracking.uri)),
+        data=dataclasses.replace(d, sources=sources("data.sources", d.sources),
+                                 validation_sources=sources("data.validation_sources",
+                                                            d.validation_sources),
+                                 tokenizer=each("data.tokenizer", d.tokenizer)))
 
 
 def read_run_config(folder: Path) -> RaytronConfig:

@@ -187,15 +187,19 @@ def launch_text(start: int, layout: dict[str, int], startup: dict[str, float]) -
 
 def source_tags() -> dict[str, str]:
     """Who started the run, with what, from which commit: MLflow's own tags (user, source
-    name and type, as its fluent API sets them), the command line, and the git commit of
-    the raytron code that runs, when it is a git checkout (an editable install)."""
+    name and type, as its fluent API sets them), the command and its config as the source
+    (MLflow's run page shows a source's last path part: overrides with paths would hide
+    it), the whole command line, and the git commit of the raytron code that runs, when
+    it is a git checkout (an editable install)."""
     import subprocess
     import sys
 
     from mlflow.tracking.context.registry import resolve_tags
 
     tags = resolve_tags()
-    tags["mlflow.source.name"] = redact_text(" ".join(["raytron", *sys.argv[1:]]))[:500]
+    words = [Path(word).name for word in sys.argv[1:] if "=" not in word][:2]
+    tags["mlflow.source.name"] = " ".join(["raytron", *words])
+    tags["raytron.command"] = redact_text(" ".join(["raytron", *sys.argv[1:]]))[:5000]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                                 capture_output=True, text=True, timeout=10)
