@@ -80,6 +80,17 @@ def load_config_text(text: str):
         return load_config(str(path))
 
 
+def test_the_lines_a_submission_waits_for_are_those_raytron_prints():
+    from raytron.platform.storage.tracking import run_url
+
+    url = run_url("http://mlflow:5000", "3", "abc123")
+    printed = f"MLflow run abc123 (new) in http://mlflow:5000\n  {url}\nLayout pp=1"
+    assert submitting.MLFLOW_RUN_URL.search(printed).group() == url
+    serving = ("Serving 'sft' (run step 500 of /mnt/runs/sft) at http://0.0.0.0:8000/v1 with 1 "
+               "replica(s).")
+    assert submitting.SERVING_LINE.search(serving).group() == serving.split(" with")[0]
+
+
 def test_serving_options_are_checked_before_anything_is_sent(tmp_path):
     with pytest.raises(ConfigError, match="raytron serve"):
         submitting.serving_submission("/mnt/runs/tiny", ["--replicas", "zero"], False)
@@ -249,7 +260,8 @@ def test_raytron_submit_serve_puts_an_endpoint_on_the_cluster(cluster, submitted
                   address, "--", "--port", str(port), "--name", "tiny"], env)
     out = served.stdout + served.stderr
     assert served.returncode == 0, out[-4000:]
-    assert "Serving 'tiny'" in out and f"http://127.0.0.1:{port}/v1" in out
+    assert f"\n  Serving 'tiny' (run step 6 of {root / 'submitted'}) at " \
+           f"http://127.0.0.1:{port}/v1" in out  # the line it waited for, found and shown
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
     completion = client.completions.create(model="tiny", prompt="To be", max_tokens=4)
     assert completion.usage.completion_tokens >= 1

@@ -36,7 +36,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PACKAGE_PARTS = ("platform", "model", "pipelines", "configs")  # the portions of `raytron`
 ENTRYPOINT = "python -m raytron.platform.cli"  # no console script: raytron is not installed
 MLFLOW_RUN_URL = re.compile(r"https?://\S+#/experiments/\S+/runs/\S+")
-SERVING_LINE = re.compile(r"Serving '.*' at \S+")
+SERVING_LINE = re.compile(r"Serving '[^']*' .* at http\S+")
 ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 NODE_LIST_TRIES = 30
 
