@@ -102,6 +102,16 @@ def test_serving_options_are_checked_before_anything_is_sent(tmp_path):
     assert job.arguments == ["serve", "/mnt/runs/tiny", "--port", "9000", "--detach"]
 
 
+def test_the_shipped_package_is_raytron_without_bytecode(tmp_path):
+    package = submitting.shipped_package(tmp_path)
+    assert package.name == "raytron"
+    assert sorted(p.name for p in package.iterdir()) == ["configs", "model", "pipelines",
+                                                          "platform"]
+    assert (package / "platform" / "cli.py").is_file()
+    assert (package / "configs" / "tiny.yaml").is_file()
+    assert not list(package.rglob("__pycache__"))
+
+
 def test_the_ray_token_is_found_where_ray_keeps_it(tmp_path, monkeypatch):
     for variable in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         monkeypatch.delenv(variable, raising=False)

@@ -33,7 +33,6 @@ from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.storage.run_dir import absolute, with_locations
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-PACKAGE_PARTS = ("platform", "model", "pipelines", "configs")  # the portions of `raytron`
 ENTRYPOINT = "python -m raytron.platform.cli"  # no console script: raytron is not installed
 MLFLOW_RUN_URL = re.compile(r"https?://\S+#/experiments/\S+/runs/\S+")
 SERVING_LINE = re.compile(r"Serving '[^']*' .* at http\S+")
@@ -142,9 +141,8 @@ def shipped_package(into: Path) -> Path:
     import raytron.platform
 
     package = into / "raytron"
-    for part, module in zip(PACKAGE_PARTS, (raytron.platform, raytron.model,
-                                            raytron.pipelines, raytron.configs), strict=True):
-        shutil.copytree(next(iter(module.__path__)), package / part,
+    for portion in (raytron.platform, raytron.model, raytron.pipelines, raytron.configs):
+        shutil.copytree(next(iter(portion.__path__)), package / portion.__name__.split(".")[1],
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return package
 
