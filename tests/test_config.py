@@ -134,13 +134,14 @@ def test_config_prints_resolved_yaml(capsys):
 
 
 def test_help_is_complete(capsys):
-    for argv in (["--help"], ["train", "--help"], ["config", "--help"]):
+    for argv in (["--help"], ["train", "--help"], ["config", "--help"], ["submit", "--help"]):
         with pytest.raises(SystemExit) as done:
             main(argv)
         assert done.value.code == 0
     out = capsys.readouterr().out
     for text in ("train", "config", "KEY=VALUE", "tiny", "gpt2-124m", "RAY_ADDRESS",
-                 "MLFLOW_TRACKING_URI", "mlflow ui", "Exit status"):
+                 "MLFLOW_TRACKING_URI", "mlflow ui", "workflowType=machine_learning",
+                 "Exit status", "submit", "--address", "--follow", "--serve", "auth_token"):
         assert text in out
 
 
