@@ -48,6 +48,7 @@ class Submission:
     files: dict[str, str]  # name -> text, the job's working directory
     name: str  # in the job's id
     wait_for: re.Pattern  # the log line that says the job is under way
+    shown_as: str = ""  # what precedes that line when it is printed
 
 
 def runs_on_this_machine(address: str) -> bool:
@@ -102,7 +103,8 @@ def training_submission(config: RaytronConfig, local: bool) -> Submission:
             "cluster/raycluster.yaml does) and drop them from the URI."])
     config = with_absolute_paths(config, local)
     file = f"{config.run.name}.yaml"
-    return Submission(["train", file], {file: to_yaml(config)}, config.run.name, MLFLOW_RUN_URL)
+    return Submission(["train", file], {file: to_yaml(config)}, config.run.name, MLFLOW_RUN_URL,
+                      "MLflow run:    ")
 
 
 def serving_submission(source: str, options: list[str], local: bool) -> Submission:
@@ -205,7 +207,7 @@ def submit(client, submission: Submission, address: str, follow: bool, wait_s: f
                f"  stop:          ray job stop {job_id} --address {address}", flush=True)
     if follow:
         return follow_logs(client, job_id, print_line)
-    return wait_until_under_way(client, job_id, submission.wait_for, wait_s, print_line)
+    return wait_until_under_way(client, job_id, submission, wait_s, print_line)
 
 
 def follow_logs(client, job_id: str, print_line: Callable[..., None]) -> int:
@@ -222,20 +224,20 @@ def follow_logs(client, job_id: str, print_line: Callable[..., None]) -> int:
     return exit_status(client, job_id, print_line)
 
 
-def wait_until_under_way(client, job_id: str, wanted: re.Pattern, wait_s: float,
+def wait_until_under_way(client, job_id: str, submission: Submission, wait_s: float,
                          print_line: Callable[..., None]) -> int:
     """Wait until the job prints the line that says it is under way (its MLflow run, or its
     endpoint), which is printed; when the job ends first, its last lines and status."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        status = str(client.get_job_status(job_id))
-        found = wanted.search(client.get_job_logs(job_id))
+        done = has_ended(client, job_id)  # before the logs: an ended job's logs are whole
+        logs = client.get_job_logs(job_id)
+        found = submission.wait_for.search(logs)
         if found:
-            label = "MLflow run:   " if wanted is MLFLOW_RUN_URL else ""
-            print_line(f"  {label}{found.group()}")
+            print_line(f"  {submission.shown_as}{found.group()}")
             return 0
-        if any(status.endswith(end) for end in ENDED):
-            print_line("".join(client.get_job_logs(job_id).splitlines(True)[-20:]), end="")
+        if done:
+            print_line("".join(logs.splitlines(True)[-20:]), end="")
             return exit_status(client, job_id, print_line)
         time.sleep(1.0)
     print_line(f"  The job is still starting after {wait_s:.0f} s; follow it with the logs "
@@ -243,10 +245,14 @@ def wait_until_under_way(client, job_id: str, wanted: re.Pattern, wait_s: float,
     return 0
 
 
+def has_ended(client, job_id: str) -> bool:
+    return str(client.get_job_status(job_id)).rsplit(".", 1)[-1] in ENDED
+
+
 def exit_status(client, job_id: str, print_line: Callable[..., None]) -> int:
     """The exit status of the job's command (its driver), else 0 for success and 1 for
     failure, with the job's status said."""
-    while not any(str(client.get_job_status(job_id)).endswith(end) for end in ENDED):
+    while not has_ended(client, job_id):
         time.sleep(0.5)
     info = client.get_job_info(job_id)
     status = str(info.status).rsplit(".", 1)[-1]

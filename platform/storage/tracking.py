@@ -59,11 +59,15 @@ EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 TRAINING_VIEW = "workflowType=machine_learning"
 
 
+def is_tracking_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     """The address of a run's page: on the tracking server itself (without the
     credentials of its URI, which a browser asks for), or on `mlflow ui` (default port)
     for a local store."""
-    if uri.startswith(("http://", "https://")):
+    if is_tracking_server(uri):
         parts = urlsplit(uri)
         base = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
     else:
@@ -73,8 +77,7 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
 
 def dashboard_command(uri: str) -> str | None:
     """The command that serves a local store's dashboard; None for a tracking server."""
-    return None if uri.startswith(("http://", "https://")) else \
-        f"mlflow ui --backend-store-uri {uri}"
+    return None if is_tracking_server(uri) else f"mlflow ui --backend-store-uri {uri}"
 
 
 def local_artifact_location(uri: str, runs_root: str | Path, experiment: str) -> str | None:
