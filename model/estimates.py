@@ -8,9 +8,11 @@ device), FLOPs from `GPT.flops_per_token`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from raytron.model.gpt import GPTShape
+from raytron.model.parallelize import tensor_parallel_dim
 
 GB = 1e9
 OPTIMIZER_BYTES = 8  # AdamW: two fp32 moments per parameter
@@ -38,6 +40,7 @@ def activation_bytes_per_layer(shape: GPTShape, micro_batch: int, seq_len: int, 
 @dataclass(frozen=True)
 class MemoryPlan:
     params: int  # on the device's stage, before tensor parallelism
+    held: int  # parameter elements the device holds (its shards); as many gradients
     weights: float  # bytes per device
     gradients: float
     optimizer: float
@@ -68,20 +71,47 @@ def in_flight_microbatches(schedule: str, pp: int, pp_rank: int, microbatches: i
     return held
 
 
-def memory_plan(shape: GPTShape, params: int, stage_layers: int, last: bool, *, dp: int,
-                tp: int, dp_shard: str, sequence_parallel: bool, micro_batch: int,
-                seq_len: int, in_flight: float, recompute_every: int,
+def piece(size: int, parts: int, index: int) -> int:
+    """The length of piece `index` of `size` split `parts` ways as DTensor and FSDP split
+    a dimension (torch.chunk): pieces of ceil(size / parts), the last shorter or empty."""
+    length = -(-size // parts)
+    return max(0, min(length, size - index * length))
+
+
+@dataclass(frozen=True)
+class Shards:
+    """Which shards one device holds: its tensor-parallel and data-parallel-shard ranks."""
+
+    tp: int = 1
+    tp_rank: int = 0
+    dp_shard: int = 1  # ranks FSDP shards over (1 with DDP)
+    dp_shard_rank: int = 0
+
+    def held(self, name: str, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(elements after tensor parallelism, elements the device holds after FSDP too)
+        of parameter `name`: tensor parallelism splits its `tensor_parallel_dim`, FSDP
+        then splits dim 0 of what is left."""
+        local = list(shape)
+        dim = tensor_parallel_dim(name)
+        if dim is not None:
+            local[dim] = piece(local[dim], self.tp, self.tp_rank)
+        tp_local = math.prod(local)
+        local[0] = piece(local[0], self.dp_shard, self.dp_shard_rank)
+        return tp_local, math.prod(local)
+
+
+def memory_plan(shape: GPTShape, params: int, tp_local: int, held: int, stage_layers: int,
+                last: bool, *, dp: int, tp: int, dp_shard: str, sequence_parallel: bool,
+                micro_batch: int, seq_len: int, in_flight: float, recompute_every: int,
                 compute_bytes: int) -> MemoryPlan:
-    """Memory per device of a stage of `params` parameters: fp32 master weights,
-    gradients and AdamW state, sharded over dp as `dp_shard` says, plus the
-    activations of the micro-batches in flight."""
-    per_device = params / tp
-    sharded = dp if dp_shard in ("full", "grad-op") else 1
-    weights = per_device * MASTER_BYTES / sharded
+    """Memory of a device holding `held` of its stage's `params` parameters (`tp_local`
+    before FSDP's sharding): fp32 master weights, gradients and AdamW state of what it
+    holds, plus the activations of the micro-batches in flight."""
+    weights = held * MASTER_BYTES
     if dp_shard == "grad-op" and dp > 1:  # ZeRO-2: gathered weights stay from forward to backward
-        weights += per_device * compute_bytes
-    gradients = per_device * GRADIENT_BYTES / sharded
-    optimizer = per_device * OPTIMIZER_BYTES / sharded
+        weights += tp_local * compute_bytes
+    gradients = held * GRADIENT_BYTES
+    optimizer = held * OPTIMIZER_BYTES
     layer = activation_bytes_per_layer(shape, micro_batch, seq_len, tp, sequence_parallel,
                                        compute_bytes)
     block_input = micro_batch * seq_len * shape.d_model * compute_bytes / (
@@ -95,5 +125,5 @@ def memory_plan(shape: GPTShape, params: int, stage_layers: int, last: bool, *, 
         chosen = in_flight * (kept * layer + recomputed * block_input) + layer + logits
     else:
         chosen = no_recompute
-    return MemoryPlan(params, weights, gradients, optimizer, chosen, no_recompute, full)
+    return MemoryPlan(params, held, weights, gradients, optimizer, chosen, no_recompute, full)
 

@@ -145,26 +145,30 @@ class GPT(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def init_weights(self, seed: int) -> None:
-        """Normal(0, init_std) for weights; the projections into the residual stream are
-        scaled by 1/sqrt(2 * n_layers) (GPT-2) so the residual variance does not grow
-        with depth. Each parameter draws from its own generator, seeded by `seed` and its
-        name, so any part of the model (a pipeline stage built alone, on its own device)
-        gets the values the whole model would have: the layout never changes the init."""
-        std = self.shape.init_std
-        for name, param in self.named_parameters():
-            if param.is_meta:
-                continue  # built on the meta device: initialized once materialized
-            with torch.no_grad():
-                if param.dim() < 2:
-                    param.fill_(1.0)  # RMSNorm gains
-                    continue
-                residual = name.endswith(("wo.weight", "w2.weight"))
-                scale = 1 / math.sqrt(2 * self.shape.n_layers) if residual else 1
-                values = torch.empty(param.shape).normal_(
-                    0.0, std * scale, generator=torch.Generator().manual_seed(name_seed(seed, name))
-                )
-                param.copy_(values)
+        """Every parameter set to its `initial_value` (built on the meta device: skipped,
+        initialized once materialized), and the rotary tables computed."""
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if not param.is_meta:
+                    param.copy_(self.initial_value(seed, name, param.shape))
         self.init_rope()
+
+    def initial_value(self, seed: int, name: str, shape: torch.Size) -> torch.Tensor:
+        """The whole initial tensor of parameter `name`: ones for RMSNorm gains, else
+        Normal(0, init_std), the projections into the residual stream scaled by
+        1/sqrt(2 * n_layers) (GPT-2) so the residual variance does not grow with depth.
+        Drawn from a generator seeded by `seed` and the name alone, so any part of the
+        model (a pipeline stage, a rank's shard) gets the values the whole model would
+        have: the layout never changes the init. A tied head that lives apart from the
+        embedding (another pipeline stage) starts as the embedding does."""
+        if len(shape) < 2:
+            return torch.ones(shape)
+        if name == "output.weight" and self.shape.tie_embeddings:
+            name = "tok_embeddings.weight"
+        residual = name.endswith(("wo.weight", "w2.weight"))
+        std = self.shape.init_std / (math.sqrt(2 * self.shape.n_layers) if residual else 1)
+        generator = torch.Generator().manual_seed(name_seed(seed, name))
+        return torch.empty(shape).normal_(0.0, std, generator=generator)
 
     def init_rope(self) -> None:
         """The rotary tables, which are no parameters: computed, never loaded."""

@@ -36,6 +36,23 @@ class ParallelOptions:
     param_dtype: torch.dtype | None = None  # FSDP all-gathers in this dtype (bf16 on GPU)
 
 
+# A block's linear layers as tensor parallelism splits them (Megatron): column-parallel
+# ones hold a slice of the output features (weight dim 0), row-parallel ones of the input
+# features (dim 1). The embedding and the head are split along the vocabulary (dim 0).
+COLUMN_PARALLEL = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1",
+                   "feed_forward.w3")
+ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
+
+
+def tensor_parallel_dim(name: str) -> int | None:
+    """The dimension of parameter `name` that tensor parallelism splits; None for the
+    ones every rank of a tensor-parallel group holds whole (the norms)."""
+    module = name.removesuffix(".weight")
+    if module in ("tok_embeddings", "output") or module.endswith(COLUMN_PARALLEL):
+        return 0
+    return 1 if module.endswith(ROW_PARALLEL) else None
+
+
 def parallelize(model: GPT, tp_mesh: DeviceMesh | None, dp_mesh: DeviceMesh | None,
                 options: ParallelOptions) -> GPT:
     """`model` with every requested parallelism applied in place; meshes of size 1 are
@@ -75,15 +92,10 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, options: ParallelOpti
             "attention": PrepareModuleInput(input_layouts=(between, None, None, None, None),
                                             desired_input_layouts=(Replicate(), None, None,
                                                                    None, None)),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=between),
             "feed_forward": PrepareModuleInput(input_layouts=(between,),
                                                desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=between),
+            **{name: ColwiseParallel() for name in COLUMN_PARALLEL},
+            **{name: RowwiseParallel(output_layouts=between) for name in ROW_PARALLEL},
         }
         if sp:
             plan["attention_norm"] = SequenceParallel()

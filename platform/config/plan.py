@@ -8,12 +8,19 @@ bubble from the schedule's formula, FLOPs from the model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from raytron.model.estimates import GB, MemoryPlan, in_flight_microbatches, memory_plan
+from raytron.model.estimates import (
+    GB,
+    MemoryPlan,
+    Shards,
+    in_flight_microbatches,
+    memory_plan,
+)
 from raytron.model.gpt import GPT
 from raytron.model.pipeline import (
     bubble_fraction,
@@ -28,10 +35,15 @@ from raytron.platform.config.schema import RaytronConfig
 
 @dataclass(frozen=True)
 class RankPlan:
+    """A pipeline rank: its stages, and the memory of its busiest device (the first
+    tensor- and data-parallel rank, whose shards are the largest when sizes divide
+    unevenly)."""
+
     pp_rank: int
     stages: list[int]
     layers: int
     memory: MemoryPlan
+    parameters: list[tuple[str, tuple[int, ...]]]  # of its stages: names, whole shapes
 
 
 @dataclass(frozen=True)
@@ -47,9 +59,31 @@ class Plan:
     def busiest(self) -> RankPlan:
         return max(self.ranks, key=lambda r: r.memory.total)
 
+    def held(self, rank: int) -> int:
+        """Parameter elements global `rank` holds (as many gradients, twice as many
+        AdamW moments); ranks are laid out pp-major, tp innermost."""
+        p = self.config.parallel
+        dp = int(p.dp)
+        pp_rank, dp_rank, tp_rank = rank // (dp * p.tp), rank // p.tp % dp, rank % p.tp
+        shard = shard_ranks(p.dp_shard, dp)
+        shards = Shards(p.tp, tp_rank, shard, dp_rank % shard)
+        return held_elements(self.ranks[pp_rank].parameters, shards)[1]
+
     def fits(self) -> bool:
         limit = self.config.cluster.device_memory_gb
         return limit is None or self.busiest.memory.total <= limit * GB
+
+
+def shard_ranks(dp_shard: str, dp: int) -> int:
+    """The ranks FSDP shards each parameter over: all replicas, or none with DDP."""
+    return 1 if dp_shard == "none" else dp
+
+
+def held_elements(parameters: list[tuple[str, tuple[int, ...]]], shards: Shards
+                  ) -> tuple[int, int]:
+    """(after tensor parallelism, held) elements of `parameters` on a device."""
+    counts = [shards.held(name, shape) for name, shape in parameters]
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def tokenizer_vocab(config: RaytronConfig) -> int:
@@ -71,8 +105,10 @@ def make_plan(config: RaytronConfig) -> Plan:
         whole = GPT(shape)
     n_stages = p.pp * stages_per_rank(p.schedule, p.virtual_stages) if p.pp > 1 else 1
     ranges = stage_layers(shape.n_layers, n_stages, p.layers_per_stage if p.pp > 1 else None)
-    counts = [sum(x.numel() for x in cut_stage(whole, s, n_stages, ranges[s]).parameters())
-              for s in range(n_stages)] if n_stages > 1 else [whole.num_params()]
+    stage_params = [[(name, tuple(x.shape)) for name, x in
+                     cut_stage(whole, s, n_stages, ranges[s]).named_parameters()]
+                    for s in range(n_stages)] if n_stages > 1 else \
+        [[(name, tuple(x.shape)) for name, x in whole.named_parameters()]]
     microbatches = t.global_batch // (t.micro_batch * dp)
     per_call = p.microbatches or microbatches
     compute_bytes = 4 if t.precision == "fp32" else 2
@@ -80,8 +116,11 @@ def make_plan(config: RaytronConfig) -> Plan:
     for pp_rank in range(p.pp):
         stages = rank_stages(p.schedule, pp_rank, p.pp, p.virtual_stages) if p.pp > 1 else [0]
         layers = sum(len(ranges[s]) for s in stages)
+        parameters = [param for s in stages for param in stage_params[s]]
+        tp_local, held = held_elements(parameters, Shards(p.tp, 0, shard_ranks(p.dp_shard, dp)))
         memory = memory_plan(
-            shape, sum(counts[s] for s in stages), layers, n_stages - 1 in stages, dp=dp,
+            shape, sum(math.prod(size) for _, size in parameters), tp_local, held, layers,
+            n_stages - 1 in stages, dp=dp,
             tp=p.tp, dp_shard=p.dp_shard, sequence_parallel=p.sequence_parallel,
             micro_batch=t.micro_batch, seq_len=seq,
             in_flight=in_flight_microbatches(p.schedule, p.pp, pp_rank, per_call,
@@ -89,7 +128,7 @@ def make_plan(config: RaytronConfig) -> Plan:
             recompute_every=recompute_every(t.activation_checkpointing),
             compute_bytes=compute_bytes,
         )
-        ranks.append(RankPlan(pp_rank, stages, layers, memory))
+        ranks.append(RankPlan(pp_rank, stages, layers, memory, parameters))
     return Plan(config, whole.num_params(), ranks, per_call,
                 bubble_fraction(p.schedule, p.pp, per_call, p.virtual_stages),
                 whole.flops_per_token(seq) * t.global_batch * seq)

@@ -45,6 +45,8 @@ def format_step(step: int, total: int, m: dict[str, float]) -> str:
              f"{m[names.TOKENS_PER_S] / 1e3:.1f}k tok/s", f"MFU {100 * m[names.MFU]:.1f}%",
              f"{1e3 * m[names.STEP_TIME_S]:.0f} ms/step",
              f"wait {1e3 * m[names.INPUT_WAIT_S]:.1f} ms"]
+    if names.PEAK_MEMORY_GB in m:
+        parts.append(f"peak mem {m[names.PEAK_MEMORY_GB]:.2f} GB")
     if "pipeline/idle" in m:
         parts.append(f"pipeline idle {100 * m['pipeline/idle']:.0f}%")
     skipped = sum(v for k, v in m.items() if k.startswith("data/skipped_"))

@@ -4,8 +4,8 @@ or a Hugging Face Llama folder instead of random ones (with a fresh optimizer, a
 The model's shape comes from the source, as `from_pretrained` takes it from config.json:
 n_layers, d_model, n_heads, n_kv_heads, ffn_hidden, vocab_size, rope_theta, norm_eps and
 tie_embeddings replace the config's. Its tokenizer is the run's unless data.tokenizer
-names another. Every rank reads the whole tensors of the parameters it holds, before any
-sharding, so a source loads into any layout.
+names another. Every rank reads the whole tensors of its pipeline stages into host memory
+and keeps its shards of them on its device, so a source loads into any layout.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 
 from raytron.model.gpt import GPT
+from raytron.model.materialize import InitialValue, plain_name
 from raytron.platform.config.schema import ConfigError, RaytronConfig
-from raytron.platform.models.loading import load_weights
+from raytron.platform.models.loading import checked_weights
 from raytron.platform.models.sources import HUGGING_FACE, open_source
 from raytron.platform.storage.run_dir import TOKENIZER_FILE
 
@@ -44,11 +45,14 @@ def with_initial_model(config: RaytronConfig) -> RaytronConfig:
                                data=data)
 
 
-def load_initial_weights(parts: list[GPT], init_from: str) -> None:
-    """Overwrite the freshly initialized `parts` (this rank's pipeline stages, not yet
-    sharded) with the source's weights."""
+def initial_weights(parts: list[GPT], init_from: str) -> InitialValue:
+    """The initial value of each parameter of `parts` (this rank's pipeline stages, on
+    the meta device or parallelized): the source's whole tensor, checked against the
+    model."""
     source = open_source(init_from)
-    names = {name for part in parts for name in part.state_dict()}
-    weights = source.read_weights(names)
+    names = {plain_name(name) for part in parts for name, _ in part.named_parameters()}
+    weights = source.read_weights(names | {"tok_embeddings.weight"})
+    chosen = {}
     for part in parts:
-        load_weights(part, weights, source)
+        chosen.update(checked_weights(part, weights, source))
+    return lambda name, shape: chosen[name]

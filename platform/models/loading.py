@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from raytron.model.generate import Generation, TextGenerator
 from raytron.model.gpt import GPT
+from raytron.model.materialize import plain_name
 from raytron.model.sampling import Sampling
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.models.sources import ModelSource, open_source
@@ -75,22 +76,34 @@ def build_model(source: ModelSource, device: torch.device, dtype: torch.dtype) -
 
 
 def load_weights(model: GPT, weights: dict[str, torch.Tensor], source: ModelSource) -> None:
-    """Copy `weights` into `model` (or a pipeline stage of it): every parameter it has
-    must be there, but for a tied head, which reads the embedding."""
-    tied = source.shape.tie_embeddings and model.output is not None \
-        and model.tok_embeddings is not None
-    if tied:
-        weights = {name: w for name, w in weights.items() if name != "output.weight"}
-    wanted = set(model.state_dict()) - ({"output.weight"} if tied else set())
-    missing = sorted(wanted - set(weights))
+    """Copy `weights` into `model` (or a pipeline stage of it), checked first."""
+    with torch.no_grad():
+        model.load_state_dict(checked_weights(model, weights, source), strict=False)
+
+
+def checked_weights(model: GPT, weights: dict[str, torch.Tensor], source: ModelSource
+                    ) -> dict[str, torch.Tensor]:
+    """The tensor of each parameter of `model` (a pipeline stage of it, possibly
+    parallelized: names and shapes are the whole model's), or a ConfigError naming what
+    is missing or does not fit. A tied head reads the embedding; one that sits on another
+    pipeline stage than the embedding takes it when the source holds no head."""
+    chosen, missing = {}, []
+    for name, param in model.named_parameters():
+        name = plain_name(name)
+        found = weights.get(name)
+        if found is None and name == "output.weight" and model.shape.tie_embeddings:
+            found = weights.get("tok_embeddings.weight")
+        if found is None:
+            missing.append(name)
+        elif found.shape != param.shape:
+            raise ConfigError([f"{source.describe()}: its weights do not fit its shape "
+                               f"({name} is {tuple(found.shape)}, the model's "
+                               f"{tuple(param.shape)}). Fix: give a model whose config "
+                               "matches its weights."])
+        else:
+            chosen[name] = found
     if missing:
         raise ConfigError([f"{source.describe()} lacks {', '.join(missing[:5])}"
                            f"{' and more' if len(missing) > 5 else ''}. Fix: give a complete "
                            "model of the same architecture."])
-    try:
-        with torch.no_grad():
-            model.load_state_dict({name: weights[name] for name in wanted}, strict=False)
-    except RuntimeError as error:
-        raise ConfigError([f"{source.describe()}: its weights do not fit its shape "
-                           f"({str(error).splitlines()[-1].strip()}). Fix: give a model whose "
-                           "config matches its weights."]) from None
+    return chosen

@@ -2,7 +2,7 @@
 
 MLflow's run page ("Model metrics") groups charts into sections by the name's prefix
 before "/" and sorts the sections by code point, upper case before lower case ("Loss" <
-"Throughput" < "data" < "pipeline"; names without "/" come last). Capitalised prefixes
+"Throughput" < "data" < "memory" < "pipeline"; names without "/" come last). Capitalised prefixes
 make the loss the first section and throughput the second. Workers, the console, the
 plots, `raytron runs`/`status` and the benchmarks read the names from here.
 """
@@ -14,3 +14,4 @@ TOKENS_PER_S = "Throughput/tokens_per_s"
 MFU = "Throughput/mfu"
 STEP_TIME_S = "Throughput/step_time_s"
 INPUT_WAIT_S = "Throughput/input_wait_s"
+PEAK_MEMORY_GB = "memory/peak_gb"  # the busiest rank's; memory/peak_gb_pp<N> per pipeline rank

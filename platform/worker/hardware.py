@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 
 import torch
@@ -62,3 +63,11 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 
             torch.cuda.synchronize(device)
         best = max(best, 2 * size**3 / (time.perf_counter() - started))
     return best
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The most memory this process has held: what CUDA's allocator handed out on a GPU,
+    the process's peak resident set on the CPU (which includes the Python runtime)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux

@@ -27,7 +27,7 @@ from raytron.platform.storage import metric_names as names
 from raytron.platform.storage.checkpoint import CheckpointStore, PendingSave
 from raytron.platform.worker.boundary import StepBoundary
 from raytron.platform.worker.faults import FaultInjector, Watchdog
-from raytron.platform.worker.hardware import peak_flops, training_device
+from raytron.platform.worker.hardware import peak_flops, peak_memory_gb, training_device
 from raytron.platform.worker.layout import Layout, build_mesh, check_tensor_parallel_on_one_node
 from raytron.platform.worker.system_metrics import SystemSampler
 from raytron.platform.worker.trainer import Sequences, Trainer
@@ -144,6 +144,7 @@ class WorkerLoop:
                     names.MFU: self.flops_per_token * tokens_per_step
                     / (step_time * self.layout.world * self.peak_flops),
                     "tokens_seen": tokens_seen, **self.bubble_metrics(),
+                    **self.memory_metrics(),
                 }, with_data_stats=True)
                 window_started, window_wait, window_steps = time.perf_counter(), 0.0, 0
             if train.eval_interval and (step % train.eval_interval == 0 or step == train.steps):
@@ -199,6 +200,22 @@ class WorkerLoop:
         metrics = {f"pipeline/idle_stage{rank}": share for rank, share in enumerate(shares)}
         if shares:
             metrics["pipeline/idle"] = sum(shares) / len(shares)
+        return metrics
+
+    def memory_metrics(self) -> dict[str, float]:
+        """Peak memory of the busiest rank, and of the busiest rank of each pipeline rank
+        (collective: every rank calls it at the same steps)."""
+        peak = peak_memory_gb(self.device)
+        if not dist.is_initialized():
+            return {names.PEAK_MEMORY_GB: peak}
+        peaks: list[float | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, peak)
+        metrics = {names.PEAK_MEMORY_GB: max(peaks)}
+        if self.layout.pp > 1:
+            per_stage = self.layout.dp * self.layout.tp
+            for pp_rank in range(self.layout.pp):
+                metrics[f"{names.PEAK_MEMORY_GB}_pp{pp_rank}"] = max(
+                    peaks[pp_rank * per_stage:(pp_rank + 1) * per_stage])
         return metrics
 
     def resume(self) -> tuple[int, dict]:

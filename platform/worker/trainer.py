@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from raytron.model.gpt import GPT, IGNORE, cross_entropy
+from raytron.model.materialize import materialize
 from raytron.model.parallelize import ParallelOptions, parallelize
 from raytron.model.pipeline import (
     build_schedule,
@@ -89,14 +90,6 @@ class Trainer:
         self.autocast = autocast_dtype(train.precision, device)
         self.loss_parallel = layout.tp > 1 and p.loss_parallel
         self.parts, self.stage_ids, n_stages = self.build_parts()
-        options = ParallelOptions(
-            sequence_parallel=p.sequence_parallel, loss_parallel=p.loss_parallel,
-            activation_checkpointing=recompute_every(train.activation_checkpointing),
-            dp_shard=p.dp_shard, param_dtype=self.autocast,
-        )
-        for part in self.parts:
-            parallelize(part, mesh["tp"] if mesh else None,
-                        mesh["dp_replicate", "dp_shard"] if mesh else None, options)
         fused = device.type == "cuda"
         self.optimizers = [build_optimizer(part, train, fused=fused) for part in self.parts]
         self.step = 0  # optimizer steps done: where the learning-rate schedule stands
@@ -118,9 +111,10 @@ class Trainer:
         self.loss_scale = 1.0  # set by each train_step: dp / the global batch's target count
 
     def build_parts(self) -> tuple[list[GPT], list[int], int]:
-        """This rank's pipeline stages (the whole model without a pipeline), materialized
-        and initialized from the seed, or from model.init_from: the same values whatever
-        the layout."""
+        """This rank's pipeline stages (the whole model without a pipeline): built on the
+        meta device, parallelized, then materialized holding only this rank's shards,
+        initialized from the seed or from model.init_from: the same values whatever the
+        layout."""
         p = self.config.parallel
         with torch.device("meta"):
             whole = GPT(gpt_shape(self.config.model))
@@ -132,14 +126,24 @@ class Trainer:
             stage_ids = rank_stages(p.schedule, self.coordinates["pp"], self.layout.pp,
                                     p.virtual_stages)
             parts = [cut_stage(whole, s, n_stages, ranges[s]) for s in stage_ids]
+        options = ParallelOptions(
+            sequence_parallel=p.sequence_parallel, loss_parallel=p.loss_parallel,
+            activation_checkpointing=recompute_every(self.config.train.activation_checkpointing),
+            dp_shard=p.dp_shard, param_dtype=self.autocast,
+        )
+        mesh = self.mesh
         for part in parts:
-            part.to_empty(device=self.device)  # one tensor per module: unties
-            part.tie_weights()
-            part.init_weights(self.config.train.seed)
+            parallelize(part, mesh["tp"] if mesh else None,
+                        mesh["dp_replicate", "dp_shard"] if mesh else None, options)
+        seed = self.config.train.seed
+        initial = lambda name, shape: whole.initial_value(seed, name, shape)  # noqa: E731
         if self.config.model.init_from:
-            from raytron.platform.models.initial import load_initial_weights
+            from raytron.platform.models.initial import initial_weights
 
-            load_initial_weights(parts, self.config.model.init_from)
+            initial = initial_weights(parts, self.config.model.init_from)
+        for part in parts:
+            materialize(part, self.device, initial)
+            part.init_rope()
         return parts, stage_ids, n_stages
 
     def parameters(self) -> list[torch.nn.Parameter]:
