@@ -144,6 +144,14 @@ class GPT(nn.Module):
                 and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
 
+    @property
+    def head_is_a_copy(self) -> bool:
+        """Whether this is a stage with the tied head but not the embedding (a pipeline's
+        last stage): its head is then its own copy of the embedding matrix, which the
+        first stage holds too (Megatron's way); training keeps the two equal."""
+        return self.shape.tie_embeddings and self.tok_embeddings is None \
+            and self.output is not None
+
     def init_weights(self, seed: int) -> None:
         """Every parameter set to its `initial_value` (built on the meta device: skipped,
         initialized once materialized), and the rotary tables computed."""

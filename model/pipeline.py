@@ -81,6 +81,15 @@ def cut_stage(model: GPT, stage: int, n_stages: int, layers: range) -> GPT:
     return part
 
 
+def tied_copies(parts: list[GPT]) -> list[torch.nn.Parameter]:
+    """This rank's copies of a tied embedding matrix that the pipeline split: the first
+    stage's embedding, the last stage's head (both, on a rank hosting both stages)."""
+    copies = [part.output.weight for part in parts if part.head_is_a_copy]
+    copies += [part.tok_embeddings.weight for part in parts if part.shape.tie_embeddings
+               and part.tok_embeddings is not None and part.output is None]
+    return copies
+
+
 def build_schedule(stages: list[PipelineStage], schedule: str, n_microbatches: int,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
     """A schedule that leaves gradient scaling to `loss_fn`: the schedules' own scaling

@@ -156,7 +156,6 @@ def test_help_is_complete(capsys):
       "model.tie_embeddings=false"], ["cluster.workers=6 is not a multiple of parallel.pp*tp"]),
     (["parallel.dp=2", "cluster.workers=2", "train.global_batch=24"],
      ["train.global_batch=24 is not divisible by train.micro_batch * parallel.dp"]),
-    (["parallel.pp=2", "model.tie_embeddings=true"], ["tie_embeddings=true cannot be split"]),
     (["parallel.pp=4", "model.tie_embeddings=false", "train.micro_batch=8"],
      ["1f1b needs at least parallel.pp=4 micro-batches per schedule call, got 2",
       "Fix: set train.micro_batch=4"]),

@@ -113,12 +113,30 @@ def tied_reference(reference):
     return result
 
 
-@pytest.mark.parametrize("layout", [["parallel.dp=2"], ["parallel.tp=2"],
-                                    ["parallel.dp=2", "parallel.tp=2"]],
-                         ids=["dp2", "tp2", "dp2-tp2"])
+@pytest.mark.parametrize("layout", [
+    ["parallel.dp=2"], ["parallel.tp=2"], ["parallel.dp=2", "parallel.tp=2"],
+    ["parallel.pp=2"], ["parallel.pp=2", "parallel.schedule=interleaved-1f1b"],
+    ["parallel.pp=2", "parallel.dp=2"], ["parallel.pp=2", "parallel.schedule=zero-bubble"],
+    ["parallel.pp=4", "train.micro_batch=1"],
+], ids=["dp2", "tp2", "dp2-tp2", "pp2-1f1b", "pp2-interleaved", "pp2-dp2",
+        "pp2-zero-bubble-one-rank-holds-both", "pp4"])
 def test_tied_embeddings_stay_tied_in_every_layout(tied_reference, layout):
-    """One matrix for the embedding and the head, whatever shards it."""
+    """One matrix for the embedding and the head, whatever shards it; a pipeline holds
+    a copy on its first and last stage and sums their gradients."""
     assert_same_run(run_parallel(TIED + layout), tied_reference)
+
+
+def test_a_tied_checkpoint_moves_between_pipelined_and_unpipelined_layouts(tmp_path,
+                                                                           tied_reference):
+    """pp2 -> 1x1x1 -> pp2, two steps each, continues like the uninterrupted run: the
+    head's copy and its optimizer state live under the embedding's name."""
+    checkpoints, pp2 = tmp_path / "checkpoints", TIED + ["parallel.pp=2"]
+    first = run_parallel(pp2, stop=2, checkpoints=checkpoints)
+    second = run_single(TIED, start=2, stop=4, checkpoints=checkpoints, resume=True)
+    third = run_parallel(pp2, start=4, stop=6, checkpoints=checkpoints, resume=True)
+    losses = first["losses"] + second["losses"] + third["losses"]
+    assert losses == pytest.approx(tied_reference["losses"], rel=1e-5)
+    assert third["val_loss"] == pytest.approx(tied_reference["val_loss"], rel=1e-5)
 
 
 def test_a_tied_model_trains_one_matrix():

@@ -97,6 +97,8 @@ class DataConfig:
     val_share: float = 0.05  # share of documents held out for validation (by content hash)
     val_sequences: int = 64  # held-out sequences scored at each validation
     tokenizer_workers: int | str = "auto"  # Ray actors tokenizing; auto: the CPUs left free
+    cache: str | None = "${run.root}/token_cache"  # tokenized files, kept for every later
+    # epoch, restart and run with the same file and tokenizer (a path or URI); null: off
     prefetch_steps: int = 4  # global batches prepared ahead of training
     max_document_mb: int = 64  # longer records are skipped as `oversized`
     shuffle_window: int = 0  # shuffle training documents within windows of this many; 0: off

@@ -246,6 +246,7 @@ RULES: dict[str, Rule] = {
     "data.val_sequences": count(),
     "data.tokenizer_workers": count_or((AUTO,), "use e.g. 2, or auto to use the CPUs the "
                                                 "training workers leave"),
+    "data.cache": text(optional=True),
     "data.prefetch_steps": count(),
     "data.max_document_mb": count(),
     "data.shuffle_window": natural,
@@ -415,10 +416,6 @@ def tensor_parallel_problems(config: RaytronConfig) -> list[str]:
 
 def pipeline_problems(config: RaytronConfig) -> list[str]:
     p, t, problems = config.parallel, config.train, []
-    if config.model.tie_embeddings:
-        problems.append(f"parallel.pp={p.pp}: model.tie_embeddings=true cannot be split over "
-                        "pipeline stages (the embedding lives on the first, the head on the "
-                        "last). Fix: set model.tie_embeddings=false.")
     replica = t.global_batch // dp_of(config)
     shortfall = schedule_shortfall(config, replica // t.micro_batch) \
         if replica and replica % t.micro_batch == 0 else None

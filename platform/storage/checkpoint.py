@@ -180,7 +180,7 @@ class CheckpointStore:
         for part, optimizer, (model_keys, optim_keys, groups) in zip(parts, optimizers, keys,
                                                                     strict=True):
             set_model_state_dict(part, {k: state["model"][k] for k in model_keys})
-            loaded = {k: state["optim"][k] for k in optim_keys}
+            loaded = {k: state["optim"][stored] for k, stored in optim_keys.items()}
             set_optimizer_state_dict(part, optimizer, {**loaded, **groups}, options=FLAT)
         if rng is not None:
             set_rng_state(rng)
@@ -257,9 +257,14 @@ class CheckpointStore:
 
 
 def training_state(parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]
-                   ) -> tuple[dict, list[tuple[list[str], list[str], dict]]]:
-    """The tensors DCP saves and loads, which of their keys belong to which part, and each
-    part's optimizer hyperparameters (param groups), which are not saved."""
+                   ) -> tuple[dict, list[tuple[list[str], dict[str, str], dict]]]:
+    """The tensors DCP saves and loads; for each part, its model keys, its optimizer
+    keys (each part's own key mapped to the checkpoint's), and its optimizer
+    hyperparameters (param groups), which are not saved.
+
+    A pipelined tied model's head keeps its optimizer state under the embedding's name,
+    as the unsplit model, whose single matrix has one state, does: checkpoints then move
+    between pipelined and unpipelined layouts."""
     model_state: dict = {}
     optim_state: dict = {}
     keys = []
@@ -268,10 +273,19 @@ def training_state(parts: list[torch.nn.Module], optimizers: list[torch.optim.Op
         part_optim = get_optimizer_state_dict(part, optimizer, options=FLAT)
         tensors = {k: v for k, v in part_optim.items() if isinstance(v, torch.Tensor)}
         groups = {k: v for k, v in part_optim.items() if k not in tensors}
+        stored = {key: stored_optimizer_key(part, key) for key in tensors}
         model_state.update(part_model)
-        optim_state.update(tensors)
-        keys.append((list(part_model), list(tensors), groups))
+        optim_state.update({stored[key]: value for key, value in tensors.items()})
+        keys.append((list(part_model), stored, groups))
     return {"model": model_state, "optim": optim_state}, keys
+
+
+def stored_optimizer_key(part: torch.nn.Module, key: str) -> str:
+    """The checkpoint's name for an optimizer state key of `part`."""
+    head = "state.output.weight."
+    if getattr(part, "head_is_a_copy", False) and key.startswith(head):
+        return "state.tok_embeddings.weight." + key.removeprefix(head)
+    return key
 
 
 def reason(error: BaseException) -> str:

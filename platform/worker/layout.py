@@ -37,6 +37,10 @@ class Layout:
         return {"pp": rank // (self.dp * self.tp), "dp": rank // self.tp % self.dp,
                 "tp": rank % self.tp}
 
+    def rank_of(self, pp: int, dp: int, tp: int) -> int:
+        """The global rank at these coordinates (the inverse of `coordinates`)."""
+        return (pp * self.dp + dp) * self.tp + tp
+
     def describe(self, rank: int) -> str:
         c = self.coordinates(rank)
         return f"rank {rank} (pp={c['pp']}, dp={c['dp']}, tp={c['tp']})"

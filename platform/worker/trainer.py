@@ -34,6 +34,7 @@ from raytron.model.pipeline import (
     stage_layers,
     stage_owner,
     stages_per_rank,
+    tied_copies,
 )
 from raytron.pipelines.packing import Batch
 from raytron.platform.config.resolve import gpt_shape, recompute_every
@@ -109,6 +110,8 @@ class Trainer:
                 self.busy.watch(stage)
             self.schedule = build_schedule(stages, p.schedule, per_call, self.scaled_loss)
         self.loss_scale = 1.0  # set by each train_step: dp / the global batch's target count
+        self.tied = tied_copies(self.parts)
+        self.tied_group = self.tied_embedding_group()
 
     def build_parts(self) -> tuple[list[GPT], list[int], int]:
         """This rank's pipeline stages (the whole model without a pipeline): built on the
@@ -146,6 +149,33 @@ class Trainer:
             part.init_rope()
         return parts, stage_ids, n_stages
 
+    def tied_embedding_group(self) -> dist.ProcessGroup | None:
+        """Under a pipeline, a tied embedding matrix has a copy on the first stage and one
+        on the last: the process group joining the two ranks of each (dp, tp) coordinate
+        that hold them (None for ranks holding neither, or both). Collective."""
+        p, layout = self.config.parallel, self.layout
+        if layout.pp == 1 or not self.config.model.tie_embeddings:
+            return None
+        first = stage_owner(p.schedule, 0, layout.pp)
+        last = stage_owner(p.schedule, self.n_stages - 1, layout.pp)
+        if first == last:
+            return None
+        pairs = [[layout.rank_of(first, dp, tp), layout.rank_of(last, dp, tp)]
+                 for dp in range(layout.dp) for tp in range(layout.tp)]
+        return dist.new_subgroups_by_enumeration(pairs)[0]
+
+    def sum_tied_gradients(self) -> None:
+        """Give both copies of a pipeline-split tied embedding the sum of their gradients,
+        as the single matrix of the unsplit model gets: they stay equal."""
+        grads = [local_part(copy.grad) for copy in self.tied if copy.grad is not None]
+        if not grads:
+            return
+        total = torch.stack(grads).sum(0)
+        if self.tied_group is not None:
+            dist.all_reduce(total, group=self.tied_group)
+        for grad in grads:
+            grad.copy_(total)
+
     def parameters(self) -> list[torch.nn.Parameter]:
         return [param for part in self.parts for param in part.parameters()]
 
@@ -167,6 +197,7 @@ class Trainer:
             loss = self.accumulate(batch)
         else:
             loss = self.pipeline_accumulate(batch)
+            self.sum_tied_gradients()
         grad_norm = self.clip_gradients(self.config.train.grad_clip)
         for optimizer in self.optimizers:
             optimizer.step()
@@ -197,7 +228,7 @@ class Trainer:
                 loss = self.scaled_loss(self.parts[0](micro.inputs, **micro.model_kwargs()),
                                         micro.labels)
                 loss.backward()
-            total += local_value(loss).detach()
+            total += whole_value(loss).detach()
         return total / self.layout.dp
 
     def pipeline_accumulate(self, batch: Sequences) -> torch.Tensor:
@@ -214,7 +245,7 @@ class Trainer:
                                    **({"target": rows.labels} if self.last else {}),
                                    **rows.model_kwargs())
             if self.last:
-                total += torch.stack([local_value(x).detach() for x in losses]).sum()
+                total += torch.stack([whole_value(x).detach() for x in losses]).sum()
         self.busy.stop()
         return self.sum_over_stages(total / self.layout.dp)
 
@@ -245,7 +276,7 @@ class Trainer:
                     if self.schedule is None else self.pipeline_forward(micro)
                 if logits is not None:
                     loss = cross_entropy(logits, micro.labels, reduction="sum")
-                    total += local_value(loss) / batch.target_count
+                    total += whole_value(loss) / batch.target_count
         for part in self.parts:
             part.train()
         return self.sum_over_replicas(self.sum_over_stages(total))
@@ -264,10 +295,12 @@ class Trainer:
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         """The gradient norm over every parameter of every rank; clipped to `max_norm`."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
+        heads = {id(part.output.weight.grad) for part in self.parts if part.head_is_a_copy}
+        counted = [grad for grad in grads if id(grad) not in heads]  # the tied matrix once
         squares = torch.zeros((), device=self.device)
-        for group in group_by_mesh(grads):
+        for group in group_by_mesh(counted):
             norm = torch.nn.utils.get_total_norm(group, foreach=True)
-            squares += local_value(norm) ** 2
+            squares += whole_value(norm) ** 2
         squares = self.sum_over_stages(squares)
         norm = squares.sqrt()
         if max_norm > 0:
@@ -334,9 +367,14 @@ class BusyTimer:
         return max(0.0, 1 - self.busy / self.elapsed) if self.elapsed else 0.0
 
 
-def local_value(value: torch.Tensor) -> torch.Tensor:
+def whole_value(value: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value; a tensor as it is."""
     return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a DTensor this rank holds (in place); a tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def group_by_mesh(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
