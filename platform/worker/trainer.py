@@ -303,11 +303,9 @@ class Trainer:
             squares += whole_value(norm) ** 2
         squares = self.sum_over_stages(squares)
         norm = squares.sqrt()
-        if max_norm > 0:
-            scale = max_norm / (norm.item() + 1e-6)
-            if scale < 1:
-                for grad in grads:
-                    grad.mul_(scale)
+        if max_norm > 0:  # scaled on the device: reading the norm would wait for the GPU
+            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_([local_part(grad) for grad in grads], scale)
         return norm
 
     def sum_over_stages(self, value: torch.Tensor) -> torch.Tensor:
@@ -327,14 +325,17 @@ class Trainer:
 
 class BusyTimer:
     """Time a pipeline rank computes (forward and backward chunks of its stages) within
-    a step; the rest of the step it waits on other stages. Synchronizes the GPU around
-    each chunk, which costs a little overlap, for a measurement that means something."""
+    a step; the rest of the step it waits on other stages. On a GPU the marks are CUDA
+    events, read (one wait for the step's last event) only when the share is asked for,
+    on log steps: the hot path never synchronizes. The CPU computes synchronously, so
+    there the marks are the clock."""
 
     CHUNK_METHODS = ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")
 
     def __init__(self, device: torch.device):
-        self.device = device
-        self.busy = self.started = self.elapsed = 0.0
+        self.cuda = device.type == "cuda"
+        self.chunks: list[tuple] = []  # (start, end) marks of the step's chunks
+        self.began = self.ended = None
 
     def watch(self, stage: PipelineStage) -> None:
         for name in self.CHUNK_METHODS:
@@ -342,29 +343,38 @@ class BusyTimer:
 
     def timed(self, method):
         def run(*args, **kwargs):
-            self.synchronize()
-            started = time.perf_counter()
+            started = self.mark()
             try:
                 return method(*args, **kwargs)
             finally:
-                self.synchronize()
-                self.busy += time.perf_counter() - started
+                self.chunks.append((started, self.mark()))
         return run
 
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        return start.elapsed_time(end) / 1e3 if self.cuda else end - start
 
     def start(self) -> None:
-        self.synchronize()
-        self.busy, self.started = 0.0, time.perf_counter()
+        self.chunks, self.began, self.ended = [], self.mark(), None
 
     def stop(self) -> None:
-        self.synchronize()
-        self.elapsed = time.perf_counter() - self.started
+        self.ended = self.mark()
 
     def idle_share(self) -> float:
-        return max(0.0, 1 - self.busy / self.elapsed) if self.elapsed else 0.0
+        """The last step's idle share (waits for its work on a GPU)."""
+        if self.ended is None:
+            return 0.0
+        if self.cuda:
+            self.ended.synchronize()
+        elapsed = self.seconds(self.began, self.ended)
+        busy = sum(self.seconds(start, end) for start, end in self.chunks)
+        return max(0.0, 1 - busy / elapsed) if elapsed else 0.0
 
 
 def whole_value(value: torch.Tensor) -> torch.Tensor:
