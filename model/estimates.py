@@ -37,6 +37,18 @@ def activation_bytes_per_layer(shape: GPTShape, micro_batch: int, seq_len: int, 
     return per_token * micro_batch * seq_len
 
 
+def selective_bytes_per_layer(shape: GPTShape, micro_batch: int, seq_len: int, tp: int,
+                              sequence_parallel: bool, dtype_bytes: int) -> float:
+    """Activations a selectively recomputed block keeps: its input, and the outputs of
+    its matmuls and of attention. Per token: q, k, v, the attention output and SwiGLU's
+    two up-projections (2d + 2kv + 2f, split by tp), the two projections back to the
+    residual stream (2d, whole on each rank before tensor parallelism's reduction)."""
+    d, f, kv = shape.d_model, shape.ffn_hidden, shape.n_kv_heads * shape.head_dim
+    block_input = d / (tp if sequence_parallel else 1)
+    per_token = ((2 * d + 2 * kv + 2 * f) / tp + 2 * d + block_input) * dtype_bytes
+    return per_token * micro_batch * seq_len
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     params: int  # on the device's stage, before tensor parallelism
@@ -103,7 +115,7 @@ class Shards:
 def memory_plan(shape: GPTShape, params: int, tp_local: int, held: int, stage_layers: int,
                 last: bool, *, dp: int, tp: int, dp_shard: str, sequence_parallel: bool,
                 micro_batch: int, seq_len: int, in_flight: float, recompute_every: int,
-                compute_bytes: int) -> MemoryPlan:
+                compute_bytes: int, selective: bool = False) -> MemoryPlan:
     """Memory of a device holding `held` of its stage's `params` parameters (`tp_local`
     before FSDP's sharding): fp32 master weights, gradients and AdamW state of what it
     holds, plus the activations of the micro-batches in flight."""
@@ -119,7 +131,10 @@ def memory_plan(shape: GPTShape, params: int, tp_local: int, held: int, stage_la
     logits = micro_batch * seq_len * shape.vocab_size * 4 * 2 / tp if last else 0
     no_recompute = in_flight * stage_layers * layer + logits
     full = in_flight * stage_layers * block_input + layer + logits  # + one layer recomputed
-    if recompute_every:
+    if selective:  # every layer, each keeping its matmul outputs
+        chosen = in_flight * stage_layers * selective_bytes_per_layer(
+            shape, micro_batch, seq_len, tp, sequence_parallel, compute_bytes) + layer + logits
+    elif recompute_every:
         kept = stage_layers - -(-stage_layers // recompute_every)  # layers not recomputed
         recomputed = stage_layers - kept
         chosen = in_flight * (kept * layer + recomputed * block_input) + layer + logits

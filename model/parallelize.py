@@ -8,6 +8,7 @@ pipeline split happens before (`pipeline.py`); the model file knows none of this
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -21,6 +22,11 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    create_selective_checkpoint_contexts,
+    noop_context_fn,
+)
 
 from raytron.model.gpt import GPT
 
@@ -32,6 +38,8 @@ class ParallelOptions:
     sequence_parallel: bool = True
     loss_parallel: bool = True  # keep the logits sharded over the vocabulary for the loss
     activation_checkpointing: int = 0  # checkpoint every k-th layer; 0: none, 1: all
+    selective_recompute: bool = False  # checkpointed layers keep their matmul outputs
+    compile: bool = False  # torch.compile each block
     dp_shard: str = "full"  # full (ZeRO-3) | grad-op (ZeRO-2) | none (DDP)
     param_dtype: torch.dtype | None = None  # FSDP all-gathers in this dtype (bf16 on GPU)
 
@@ -60,7 +68,10 @@ def parallelize(model: GPT, tp_mesh: DeviceMesh | None, dp_mesh: DeviceMesh | No
     if tp_mesh is not None and tp_mesh.size() > 1:
         apply_tensor_parallel(model, tp_mesh, options)
     if options.activation_checkpointing:
-        apply_activation_checkpointing(model, options.activation_checkpointing)
+        apply_activation_checkpointing(model, options.activation_checkpointing,
+                                       options.selective_recompute)
+    if options.compile:
+        apply_compile(model)
     if dp_mesh is not None and dp_mesh.size() > 1:
         apply_data_parallel(model, dp_mesh, options)
     return model
@@ -103,12 +114,47 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, options: ParallelOpti
         parallelize_module(block, tp_mesh, plan)
 
 
-def apply_activation_checkpointing(model: GPT, every: int) -> None:
+def apply_activation_checkpointing(model: GPT, every: int, selective: bool = False) -> None:
     """Recompute every `every`-th block in the backward pass instead of storing its
-    activations (the checkpoint wrapper keeps parameter names for checkpoints)."""
+    activations (the checkpoint wrapper keeps parameter names for checkpoints). With
+    `selective`, the block keeps the outputs of its matmuls and of attention, and
+    recomputes only the cheap element-wise ops (norms, rotary, SwiGLU's product,
+    residual adds): most of the memory saved for little recomputation."""
+    context = partial(create_selective_checkpoint_contexts, keep_matmul_outputs) \
+        if selective else noop_context_fn
     for index, name in enumerate(list(model.layers)):
         if index % every == 0:
-            model.layers[name] = checkpoint_wrapper(model.layers[name], preserve_rng_state=False)
+            model.layers[name] = checkpoint_wrapper(model.layers[name], context_fn=context,
+                                                    preserve_rng_state=False)
+
+
+# Ops whose outputs a selectively recomputed block keeps (torchtitan's list, less its
+# every-other-matmul trick): the expensive ones. The rest is recomputed.
+SAVED_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    torch.ops._c10d_functional.all_reduce.default,
+}
+
+
+def keep_matmul_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_compile(model: GPT) -> None:
+    """`torch.compile` each block on its own (torchtitan's way): the blocks are alike,
+    so one compilation serves all, and the embedding, the head, the pipeline's cuts,
+    FSDP's hooks and the checkpoint wrapper stay outside the compiled graphs. Applied
+    after tensor parallelism and recomputation, before FSDP. Parameter names gain an
+    `_orig_mod.` that checkpoints and initial values ignore."""
+    for name, block in list(model.layers.items()):
+        model.layers[name] = torch.compile(block, fullgraph=True)
 
 
 def apply_data_parallel(model: GPT, dp_mesh: DeviceMesh, options: ParallelOptions) -> None:

@@ -162,6 +162,8 @@ def test_help_is_complete(capsys):
     (["parallel.dp_shard=zero9"], ["parallel.dp_shard='zero9' is unknown"]),
     (["parallel.dp=many"], ["parallel.dp='many' must be a whole number of 1 or more or auto"]),
     (["train.activation_checkpointing=some"], ["train.activation_checkpointing='some'"]),
+    (["parallel.tp=2", "train.compile=true"], ["train.compile=true with parallel.tp=2",
+                                               "Fix: set train.compile=false"]),
     (["parallel.pp=2", "cluster.workers=2", "model.tie_embeddings=false",
       "parallel.layers_per_stage=[3,3]"], ["parallel.layers_per_stage=[3, 3] must list 2"]),
     (["cluster.device_memory_gb=0.01"], ["needs about", "GB per device"]),

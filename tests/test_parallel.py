@@ -22,6 +22,8 @@ LAYOUTS = {
     "pp2-uneven": ["parallel.pp=2", "parallel.layers_per_stage=[3,1]"],
     "dp2-tp2-recompute": ["parallel.dp=2", "parallel.tp=2", "train.activation_checkpointing=2"],
     "pp2-dp2-tp2": ["parallel.pp=2", "parallel.dp=2", "parallel.tp=2"],
+    "dp2-tp2-selective-recompute": ["parallel.dp=2", "parallel.tp=2",
+                                    "train.activation_checkpointing=selective"],
 }
 
 
@@ -55,6 +57,20 @@ def test_layout_matches_one_process(tmp_path, reference, name):
     assert got_params.keys() == want_params.keys()
     for key, value in want_params.items():
         torch.testing.assert_close(got_params[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.compile=true"], ["train.activation_checkpointing=selective"],
+    ["parallel.pp=2", "parallel.dp=2", "train.compile=true",
+     "train.activation_checkpointing=selective"],
+], ids=["compiled", "selective-recompute", "pp2-dp2-compiled-selective"])
+def test_compiled_and_recomputed_steps_equal_eager_ones(reference, overrides):
+    """Each block compiled by inductor, or recomputed keeping its matmul outputs, alone
+    or in a pipeline: the losses of the eager run within 1e-5 relative. (Inductor's
+    fused kernels round differently; AdamW magnifies that in weights whose gradients
+    are near zero, by 1.6e-5 at most after six steps here, so weights are not compared.)"""
+    run = run_parallel if "parallel.pp=2" in overrides else run_single
+    assert_same_run(run(overrides), reference[0])
 
 
 @pytest.mark.parametrize("resume_as", [["parallel.tp=2"], ["parallel.pp=2"], []],

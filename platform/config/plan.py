@@ -29,7 +29,12 @@ from raytron.model.pipeline import (
     stage_layers,
     stages_per_rank,
 )
-from raytron.platform.config.resolve import gpt_shape, recompute_every, resolve_model
+from raytron.platform.config.resolve import (
+    gpt_shape,
+    recompute_every,
+    resolve_model,
+    selective_recompute,
+)
 from raytron.platform.config.schema import RaytronConfig
 
 
@@ -126,6 +131,7 @@ def make_plan(config: RaytronConfig) -> Plan:
             in_flight=in_flight_microbatches(p.schedule, p.pp, pp_rank, per_call,
                                              p.virtual_stages),
             recompute_every=recompute_every(t.activation_checkpointing),
+            selective=selective_recompute(t.activation_checkpointing),
             compute_bytes=compute_bytes,
         )
         ranks.append(RankPlan(pp_rank, stages, layers, memory, parameters))

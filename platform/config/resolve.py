@@ -12,7 +12,8 @@ from raytron.pipelines.sources import SAMPLE_FORMATS, sample_kind
 from raytron.platform.config.schema import DataConfig, ModelConfig, RaytronConfig
 
 AUTO = "auto"
-RECOMPUTE_NAMED = {"none": 0, "full": 1}  # train.activation_checkpointing, besides k >= 1
+# train.activation_checkpointing, besides k >= 1: which blocks are recomputed (every k-th)
+RECOMPUTE_NAMED = {"none": 0, "full": 1, "selective": 1}
 PRECISIONS = ("auto", "bf16", "fp32")  # train.precision; auto: bf16 on GPUs, fp32 on CPUs
 PACKINGS = ("auto", "stream", "samples")  # data.packing
 OVERLONG = ("drop", "truncate")  # data.overlong
@@ -47,8 +48,14 @@ def packs_samples(data: DataConfig) -> bool:
 
 
 def recompute_every(setting: int | str) -> int:
-    """`train.activation_checkpointing`: none -> 0, full -> 1, k -> every k-th layer."""
+    """`train.activation_checkpointing`: none -> 0, full and selective -> 1 (every layer),
+    k -> every k-th layer."""
     return RECOMPUTE_NAMED[setting] if setting in RECOMPUTE_NAMED else int(setting)
+
+
+def selective_recompute(setting: int | str) -> bool:
+    """Whether recomputed blocks keep their matmul outputs (`selective`)."""
+    return setting == "selective"
 
 
 def resolve_dp(dp: int | str, workers: int, pp: int, tp: int) -> int:

@@ -235,7 +235,9 @@ RULES: dict[str, Rule] = {
     "train.eval_interval": natural,
     "train.peak_flops": number(optional=True),
     "train.activation_checkpointing": count_or(
-        tuple(RECOMPUTE_NAMED), "use none, full, or k >= 1 to recompute every k-th layer"),
+        tuple(RECOMPUTE_NAMED), "use none, full, selective, or k >= 1 to recompute every "
+                                "k-th layer"),
+    "train.compile": anything,  # a bool: OmegaConf checks the type
     "data.sources": a_list(non_empty=True),
     "data.validation_sources": a_list(),
     "data.tokenizer": text(optional=True),
@@ -395,6 +397,11 @@ def parallel_problems(config: RaytronConfig) -> list[str]:
 
 def tensor_parallel_problems(config: RaytronConfig) -> list[str]:
     m, tp, problems = config.model, config.parallel.tp, []
+    if config.train.compile:
+        problems.append(f"train.compile=true with parallel.tp={tp}: on torch 2.13 the backward "
+                        "of a compiled tensor-parallel block fails inside DTensor, and with "
+                        "FSDP besides it trains other losses than eager (measured). Fix: set "
+                        "train.compile=false, or parallel.tp=1 (compile works with dp and pp).")
     for key in ("ffn_hidden", "vocab_size"):
         value = getattr(m, key)
         if value is not None and value % tp:

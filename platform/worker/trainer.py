@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,7 @@ from raytron.model.pipeline import (
     tied_copies,
 )
 from raytron.pipelines.packing import Batch
-from raytron.platform.config.resolve import gpt_shape, recompute_every
+from raytron.platform.config.resolve import gpt_shape, recompute_every, selective_recompute
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.worker.hardware import autocast_dtype
 from raytron.platform.worker.layout import Layout
@@ -118,7 +119,7 @@ class Trainer:
         meta device, parallelized, then materialized holding only this rank's shards,
         initialized from the seed or from model.init_from: the same values whatever the
         layout."""
-        p = self.config.parallel
+        p, train = self.config.parallel, self.config.train
         with torch.device("meta"):
             whole = GPT(gpt_shape(self.config.model))
         if self.layout.pp == 1:
@@ -131,15 +132,15 @@ class Trainer:
             parts = [cut_stage(whole, s, n_stages, ranges[s]) for s in stage_ids]
         options = ParallelOptions(
             sequence_parallel=p.sequence_parallel, loss_parallel=p.loss_parallel,
-            activation_checkpointing=recompute_every(self.config.train.activation_checkpointing),
-            dp_shard=p.dp_shard, param_dtype=self.autocast,
+            activation_checkpointing=recompute_every(train.activation_checkpointing),
+            selective_recompute=selective_recompute(train.activation_checkpointing),
+            compile=train.compile, dp_shard=p.dp_shard, param_dtype=self.autocast,
         )
         mesh = self.mesh
         for part in parts:
             parallelize(part, mesh["tp"] if mesh else None,
                         mesh["dp_replicate", "dp_shard"] if mesh else None, options)
-        seed = self.config.train.seed
-        initial = lambda name, shape: whole.initial_value(seed, name, shape)  # noqa: E731
+        initial = partial(whole.initial_value, train.seed)
         if self.config.model.init_from:
             from raytron.platform.models.initial import initial_weights
 
