@@ -1,12 +1,14 @@
 """Throughput of raytron's parallel layouts on this machine, one thread per rank.
 
-    python bench/parallel.py            # ~6 minutes on 2 cores; writes docs/benchmarks.md
+    python bench/parallel.py            # ~10 minutes on 2 cores; writes docs/benchmarks.md
 
 1. Platform overhead: tokens/s of `raytron train` (1x1x1, Ray, DataFeeder, MLflow) over
    tokens/s of a bare PyTorch loop over the same model and batch shapes in one process.
 2. Pipeline efficiency: tokens/s of pp=2 with m micro-batches over 2x tokens/s of pp=1,
    beside the 1F1B bound m/(m+1).
 3. tp=2 and dp=2 tokens/s over 1x1x1 tokens/s, with the same two cores.
+4. Compiled blocks and full / selective recomputation over the eager run without
+   recomputation: tokens/s and peak memory.
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ def trainer_tokens_per_s(overrides: list[str]) -> float:
             torch.device("cpu")))
         times.append(time.perf_counter() - started)
     return cfg.train.global_batch * cfg.data.seq_len / statistics.median(times[WARMUP:])
+
+
+def tokens_per_s_and_peak_gb(overrides: list[str]) -> tuple[float, float]:
+    """Steady tokens/s and the process's peak resident memory (GB), in a fresh process
+    of its own so that each variant's peak is its own."""
+    from raytron.platform.worker.hardware import peak_memory_gb
+
+    return trainer_tokens_per_s(overrides), peak_memory_gb(torch.device("cpu"))
 
 
 def layout_tokens_per_s(overrides: list[str]) -> float:
@@ -143,12 +153,30 @@ def main() -> None:
         layouts.append(ratio_row(name, layout_tokens_per_s(["train.global_batch=16"]
                                                            + overrides), one, "2.00"))
 
+    variants = []
+    compute = ["train.global_batch=16", "train.micro_batch=16", "data.seq_len=256"]
+    eager = None
+    for name, overrides in (
+        ("eager, no recomputation (baseline)", []),
+        ("compiled", ["train.compile=true"]),
+        ("recompute full", ["train.activation_checkpointing=full"]),
+        ("recompute selective", ["train.activation_checkpointing=selective"]),
+        ("compiled + recompute selective", ["train.compile=true",
+                                            "train.activation_checkpointing=selective"]),
+    ):
+        speed, peak = run_on_gloo(1, tokens_per_s_and_peak_gb, compute + overrides)
+        eager = eager or (speed, peak)
+        variants.append([name, f"{speed:,.0f}", f"{speed / eager[0]:.2f}", f"{peak:.2f}",
+                         f"{peak - eager[1]:+.2f}"])
+
     tables = {
         "overhead": markdown_table(["run", "tokens/s", "ratio", "target"], overhead),
         "pipeline": markdown_table(["layout", "pp=1 tokens/s", "pp=2 tokens/s",
                                     "efficiency", "1F1B bound m/(m+1)"], pipeline),
         "layouts": markdown_table(["layout (global batch 16)", "tokens/s", "÷ 1x1x1",
                                    "ideal"], layouts),
+        "variants": markdown_table(["1x1x1, micro-batch 16 x 256 tokens", "tokens/s",
+                                    "÷ eager", "peak RSS GB", "Δ GB"], variants),
     }
     with torch.device("meta"):
         params = GPT(gpt_shape(config([]).model)).num_params()
@@ -169,6 +197,12 @@ Pipeline efficiency (1F1B, micro-batch 4, global batch 4m):
 Tensor and data parallelism against one rank:
 
 {tables['layouts']}
+
+Compilation (`train.compile`) and recomputation (`train.activation_checkpointing`), one
+process each (its peak resident memory: weights, AdamW state and the Python runtime are
+the same in every row, so the differences are activations and compiled code):
+
+{tables['variants']}
 """
     print(body)
     write_section("parallel", body)
