@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from torch.distributed.pipelining import (
-    PipelineStage,
-    Schedule1F1B,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-    ScheduleZBVZeroBubble,
-)
 
 from raytron.model.gpt import GPT
 
-SINGLE_STAGE_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-MULTI_STAGE_SCHEDULES = {"interleaved-1f1b": ScheduleInterleaved1F1B,
-                         "zero-bubble": ScheduleZBVZeroBubble}
+if TYPE_CHECKING:
+    from torch.distributed.pipelining import PipelineStage
+
+# torch.distributed.pipelining (~1 s to import) is imported only where a pipeline runs:
+# every worker and command would pay for it otherwise.
+SINGLE_STAGE_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
+MULTI_STAGE_SCHEDULES = {"interleaved-1f1b": "ScheduleInterleaved1F1B",
+                         "zero-bubble": "ScheduleZBVZeroBubble"}
 SCHEDULES = (*SINGLE_STAGE_SCHEDULES, *MULTI_STAGE_SCHEDULES)
 
 
@@ -95,11 +94,14 @@ def build_schedule(stages: list[PipelineStage], schedule: str, n_microbatches: i
     """A schedule that leaves gradient scaling to `loss_fn`: the schedules' own scaling
     divides all accumulated gradients at every call, which breaks accumulation over
     several calls per optimizer step."""
+    import torch.distributed.pipelining as pipelining
+
     if schedule in SINGLE_STAGE_SCHEDULES:
-        return SINGLE_STAGE_SCHEDULES[schedule](stages[0], n_microbatches=n_microbatches,
-                                                loss_fn=loss_fn, scale_grads=False)
-    return MULTI_STAGE_SCHEDULES[schedule](stages, n_microbatches=n_microbatches,
-                                           loss_fn=loss_fn, scale_grads=False)
+        kind = getattr(pipelining, SINGLE_STAGE_SCHEDULES[schedule])
+        return kind(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn,
+                    scale_grads=False)
+    kind = getattr(pipelining, MULTI_STAGE_SCHEDULES[schedule])
+    return kind(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
 @torch.no_grad()

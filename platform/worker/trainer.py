@@ -15,12 +15,12 @@ import contextlib
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -43,6 +43,9 @@ from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.worker.hardware import autocast_dtype
 from raytron.platform.worker.layout import Layout
 from raytron.platform.worker.optim import apply_hyperparameters, build_optimizer
+
+if TYPE_CHECKING:
+    from torch.distributed.pipelining import PipelineStage
 
 
 @dataclass
@@ -105,6 +108,8 @@ class Trainer:
         self.n_stages = n_stages
         self.busy = BusyTimer(device)
         if layout.pp > 1:
+            from torch.distributed.pipelining import PipelineStage  # ~1 s: only when needed
+
             stages = [PipelineStage(part, stage, n_stages, device, group=mesh["pp"].get_group())
                       for part, stage in zip(self.parts, self.stage_ids, strict=True)]
             for stage in stages:
