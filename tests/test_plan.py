@@ -14,9 +14,10 @@ def test_mt_nlg_530b_plan_is_plausible():
     plan = make_plan(resolve_layout(load_config("mt-nlg-530b")))
     assert 528e9 < plan.total_params < 533e9  # the paper's 530B
     first = plan.ranks[0].memory
-    # 16 bytes per parameter (fp32 master, gradient, two Adam moments) over tp=8:
-    assert first.params / 8 * 16 == pytest.approx(first.weights + first.gradients
-                                                  + first.optimizer)
+    # 16 bytes per parameter held (fp32 master, gradient, two Adam moments); tp=8 splits
+    # the matrices, the norms' gains are whole on every rank:
+    assert first.held * 16 == first.weights + first.gradients + first.optimizer
+    assert first.params / 8 < first.held < first.params / 8 * 1.001
     assert 25 * GB < plan.busiest.memory.total < 40 * GB
     assert first.activations_no_recompute > 15 * GB > first.activations_full_recompute
     assert plan.bubble == pytest.approx(34 / (240 + 34))
