@@ -127,7 +127,10 @@ class GPT(nn.Module):
     def __init__(self, shape: GPTShape, seed: int = 0):
         super().__init__()
         self.shape = shape
-        self.tok_embeddings: nn.Embedding | None = nn.Embedding(shape.vocab_size, shape.d_model)
+        # Given its (empty) weight, the embedding skips its own random init, which on the
+        # meta device imports torch._dynamo; init_weights sets every value below.
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(
+            shape.vocab_size, shape.d_model, _weight=torch.empty(shape.vocab_size, shape.d_model))
         self.layers = nn.ModuleDict({str(i): Block(shape) for i in range(shape.n_layers)})
         self.norm: nn.RMSNorm | None = nn.RMSNorm(shape.d_model, eps=shape.norm_eps)
         self.output: nn.Linear | None = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
@@ -153,13 +156,15 @@ class GPT(nn.Module):
             and self.output is not None
 
     def init_weights(self, seed: int) -> None:
-        """Every parameter set to its `initial_value` (built on the meta device: skipped,
-        initialized once materialized), and the rotary tables computed."""
+        """Every parameter set to its `initial_value`, and the rotary tables computed; on the
+        meta device nothing is (materializing does it): computing there would import
+        torch._dynamo, over a second of every worker's start."""
         with torch.no_grad():
             for name, param in self.named_parameters():
                 if not param.is_meta:
                     param.copy_(self.initial_value(seed, name, param.shape))
-        self.init_rope()
+        if not self.rope_cos.is_meta:
+            self.init_rope()
 
     def initial_value(self, seed: int, name: str, shape: torch.Size) -> torch.Tensor:
         """The whole initial tensor of parameter `name`: ones for RMSNorm gains, else
