@@ -132,8 +132,13 @@ group's first completed step:
 Detection runs from the kill until the controller holds the failure: Ray noticing the
 dead actor, Ray Train failing and tearing down the group. Group start is Ray Train
 starting its controller and new worker processes (Python, torch) and the process group,
-the largest part at this size; build is the mesh, model and optimizer; the first step
-includes the DataFeeder seeking to the checkpoint's cursor. Steps lost are the finished
+then raytron's imports up to the worker's first line: the largest part at this size,
+whose floor is Ray Train's own start of an empty `TorchTrainer` (`bench/ray_train_floor.py`
+below). Build is the mesh, the model (built on the meta device, then this rank's shards)
+and the optimizer, whose first construction imports `torch._dynamo` (~0.5 s). The first
+step includes the DataFeeder's seek to the checkpoint's cursor: it still holds the
+batches made since that checkpoint and serves them again, so nothing is re-read or
+re-tokenized. Steps lost are the finished
 steps after the last commit, which the restarted group computes again (on average half
 a `checkpoint.interval`; a preemption notice or a resize checkpoints first and loses
 none).
