@@ -7,6 +7,7 @@ keeps a stable index within its file: the data cursor counts records, not good o
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -61,18 +62,26 @@ def sample_kind(path: str, declared: str) -> str:
 
 def list_files(path: str) -> list[str]:
     """The files of a source, in a stable order: a file, a folder (recursively), a glob."""
+    return [name for name, _ in list_file_versions(path)]
+
+
+def list_file_versions(path: str) -> list[tuple[str, str]]:
+    """(file, version) of each file of a source (see `list_files`); the version, size and
+    modification time from the same listing, is what the token cache is keyed by."""
     if path.startswith(EMBEDDED_PREFIX):
-        if path.removeprefix(EMBEDDED_PREFIX) not in EMBEDDED_FORMATS:
+        name = path.removeprefix(EMBEDDED_PREFIX)
+        if name not in EMBEDDED_FORMATS:
             names = ", ".join(EMBEDDED_PREFIX + name for name in EMBEDDED_FORMATS)
             raise SourceError(f"'{path}' is no embedded corpus. Fix: use one of {names}.")
-        return [path]
+        return [(path, embedded_version(name))]
     if not path.strip():
         raise SourceError("the path is empty. Fix: give a file, folder, glob or URI.")
     try:
         if any(char in path for char in "*?["):
-            files = sorted(os.path.abspath(p) for p in glob.glob(os.path.expanduser(path),
+            names = sorted(os.path.abspath(p) for p in glob.glob(os.path.expanduser(path),
                                                                   recursive=True)
                            if os.path.isfile(p))
+            files = [(i.path, version(i)) for i in pafs.LocalFileSystem().get_file_info(names)]
         else:
             files = list_with_pyarrow(path)
     except (OSError, ValueError) as error:  # pyarrow's errors derive from these
@@ -86,19 +95,29 @@ def list_files(path: str) -> list[str]:
     return files
 
 
-def list_with_pyarrow(path: str) -> list[str]:
+def version(info: pafs.FileInfo) -> str:
+    return f"{info.size}:{info.mtime_ns}"
+
+
+@functools.cache
+def embedded_version(name: str) -> str:
+    """An embedded corpus's content hash: it comes with the Python (or raytron) in use."""
+    return hashlib.sha256("\0".join(embedded_texts(name)).encode()).hexdigest()[:16]
+
+
+def list_with_pyarrow(path: str) -> list[tuple[str, str]]:
     filesystem, inner = filesystem_and_path(path)
     info = filesystem.get_file_info(inner)
     if info.type == pafs.FileType.File:
-        return [path if "://" in path else inner]
+        return [(path if "://" in path else inner, version(info))]
     if info.type != pafs.FileType.Directory:
         return []
     selector = pafs.FileSelector(inner, recursive=True)
-    infos = filesystem.get_file_info(selector)
-    names = sorted(i.path for i in infos if i.type == pafs.FileType.File
-                   and not Path(i.path).name.startswith("."))
+    infos = sorted((i for i in filesystem.get_file_info(selector)
+                    if i.type == pafs.FileType.File and not Path(i.path).name.startswith(".")),
+                   key=lambda i: i.path)
     scheme = path.split("://", 1)[0] + "://" if "://" in path else ""
-    return [scheme + name for name in names]
+    return [(scheme + i.path, version(i)) for i in infos]
 
 
 def filesystem_and_path(path: str) -> tuple[pafs.FileSystem, str]:
@@ -132,6 +151,7 @@ class CorpusFile:
     messages_field: str = "messages"  # format chat
     prompt_field: str = "prompt"  # format prompt_completion
     completion_field: str = "completion"
+    version: str = ""  # size and modification time when listed; empty: never cached
 
     @property
     def fields(self) -> list[str]:
@@ -255,9 +275,12 @@ def embedded_records(name: str, start: int = 0) -> Iterator[Record]:
             yield Record(index, text)
 
 
+def split_point(text: str) -> float:
+    """Where a document falls in [0, 1) by a hash of its text: held out below `val_share`."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
 def is_validation(text: str, share: float) -> bool:
     """Stable split by content hash, so a document never moves between train and validation."""
-    if share <= 0:
-        return False
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < share
+    return share > 0 and split_point(text) < share

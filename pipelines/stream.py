@@ -5,11 +5,14 @@ file, several files at once) and encodes its documents; `preserve_order` keeps t
 output in file order and record order, and the file order of each epoch is a
 permutation seeded by (seed, source, epoch), so the same config and seed always give
 the same documents in the same order. Reading starts at a cursor's file and record:
-nothing before it is read or tokenized again.
+nothing before it is read or tokenized again. A file tokenized once is kept in the token
+cache (`token_cache.py`) and read from it by every later epoch, restart and run, without
+the actors.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -21,12 +24,15 @@ from raytron.pipelines.packing import Cursor, Packer, SamplePacker, TokenDoc, sh
 from raytron.pipelines.sources import (
     INVALID_SAMPLE,
     SAMPLE_FORMATS,
+    UNREADABLE,
     CorpusFile,
     is_validation,
-    list_files,
+    list_file_versions,
     read_records,
     sample_kind,
+    split_point,
 )
+from raytron.pipelines.token_cache import TokenCache
 
 # Which records of a source a stream keeps: those not held out, the held-out ones, all.
 TRAIN, VALIDATION, ALL = "train", "validation", "all"
@@ -51,8 +57,8 @@ def source_spec(source, max_document_bytes: int) -> SourceSpec:
     """From a `SourceConfig` (path, format, its fields, document, weight, epochs)."""
     files = [CorpusFile(path, sample_kind(source.path, source.format), source.text_field,
                         source.document, max_document_bytes, source.messages_field,
-                        source.prompt_field, source.completion_field)
-             for path in list_files(source.path)]
+                        source.prompt_field, source.completion_field, version)
+             for path, version in list_file_versions(source.path)]
     return SourceSpec(files, source.weight, source.epochs)
 
 
@@ -73,6 +79,7 @@ class StreamSpec:
     samples: bool = False  # data.packing: whole samples per sequence (else cut the stream)
     document_mask: bool = True  # data.document_mask, with samples
     truncate: bool = False  # data.overlong=truncate, with samples
+    cache: str | None = None  # data.cache: where tokenized files are kept; None: nowhere
 
     def packer(self, docs: Iterator[TokenDoc], seq_len: int, start: Cursor | None = None,
                skipped: dict[str, int] | None = None) -> Packer | SamplePacker:
@@ -81,6 +88,13 @@ class StreamSpec:
         if self.samples:
             return SamplePacker(docs, seq_len, self.eos, self.truncate, skipped, resumed)
         return Packer(docs, seq_len, 0 if start is None else start.offset, skipped, resumed)
+
+    def token_cache(self, source: SourceSpec) -> TokenCache | None:
+        """Where `source`'s tokenized files are kept for this tokenizer; None: not kept."""
+        if not self.cache or not self.tokenizer_json:
+            return None
+        return TokenCache.of(self.cache, self.tokenizer_json, self.eos, self.bos,
+                             sample_format(source))
 
     @property
     def training_keeps(self) -> str:
@@ -110,31 +124,41 @@ def kept_records(file: CorpusFile, start: int, keep: str, val_share: float):
             yield record.index, record.text, ""
 
 
-RECORD_SCHEMA = pa.schema([("epoch", pa.int64()), ("position", pa.int64()), ("doc", pa.int64()),
-                           ("text", pa.large_string()), ("reason", pa.string())])
+def selected(table: pa.Table, keep: str, val_share: float, start: int = 0) -> pa.Table:
+    """The rows of a file's table (doc, reason, split, ...) that a stream keeping `keep`
+    reads from record `start` on, as `kept_records` selects them: held out are the
+    records with a text (a split point, not NaN) below `val_share`."""
+    split = table.column("split").to_numpy()
+    held_out = split < val_share if val_share > 0 else np.zeros(len(split), bool)
+    mask = {ALL: np.ones(len(split), bool), TRAIN: ~held_out, VALIDATION: held_out}[keep]
+    if start:
+        mask &= table.column("doc").to_numpy() >= start
+    return table if mask.all() else table.filter(pa.array(mask))
 
 
-def read_files(batch: dict, files: list[CorpusFile], keep: str, val_share: float) -> pa.Table:
-    """Ray Data UDF: a batch of (epoch, position, file, start) rows -> one row a record."""
+RECORD_SCHEMA = pa.schema([("doc", pa.int64()), ("reason", pa.string()),
+                           ("split", pa.float64()), ("text", pa.large_string())])
+
+
+def read_table(file: CorpusFile, start: int) -> pa.Table:
+    """Every record of one file from `start` on: index, skip reason, split point (NaN for
+    a skipped record) and text."""
     rows: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
-    for epoch, position, index, start in zip(batch["epoch"], batch["position"], batch["file"],
-                                             batch["start"], strict=True):
-        for record, text, reason in kept_records(files[int(index)], int(start), keep,
-                                                 val_share):
-            for name, value in zip(RECORD_SCHEMA.names,
-                                   (int(epoch), int(position), record, text, reason),
-                                   strict=True):
-                rows[name].append(value)
+    for record in read_records(file, start):
+        split = math.nan if record.text is None else split_point(record.text)
+        for name, value in zip(RECORD_SCHEMA.names,
+                               (record.index, record.reason, split, record.text), strict=True):
+            rows[name].append(value)
     return pa.table(rows, schema=RECORD_SCHEMA)
 
 
 class Tokenize:
-    """Ray Data actor UDF: loads the tokenizer once, then encodes batches of documents, or
-    of fine-tuning samples (with which of their tokens are learned, `targets`).
+    """Encodes batches of documents, or of fine-tuning samples (with which of their tokens
+    are learned, `targets`); a record without text stays empty. Other columns pass through.
 
-    The pipeline passes the tokenizer's JSON as a list holding an object reference to it:
-    a large constructor argument would otherwise sit in the object store, which Ray warns
-    about for actors that restart (a pool's do)."""
+    The tokenizer's JSON may come as a list holding an object reference to it: a large
+    constructor argument would otherwise sit in the object store, which Ray warns about
+    for actors that restart (a pool's do)."""
 
     def __init__(self, tokenizer_json: str | list, eos: int, bos: int | None,
                  sample_format: str | None = None):
@@ -145,6 +169,9 @@ class Tokenize:
 
             tokenizer_json = ray.get(tokenizer_json[0])
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        # without the character offsets, which only `encode_batch` computes: ~1.8x faster
+        self.encode_batch = getattr(self.tokenizer, "encode_batch_fast",
+                                    self.tokenizer.encode_batch)
         self.eos = eos
         self.bos = bos
         self.sample_format = sample_format  # None: plain documents
@@ -154,8 +181,7 @@ class Tokenize:
         good = [i for i, text in enumerate(texts) if text is not None]
         tokens: list[list[int]] = [[] for _ in texts]
         if self.sample_format is None:
-            encoded = self.tokenizer.encode_batch([texts[i] for i in good],
-                                                  add_special_tokens=False)
+            encoded = self.encode_batch([texts[i] for i in good], add_special_tokens=False)
             start = [] if self.bos is None else [self.bos]
             for i, encoding in zip(good, encoded, strict=True):
                 tokens[i] = start + encoding.ids + [self.eos]
@@ -175,6 +201,44 @@ class Tokenize:
                 .append_column("targets", pa.array(targets, type=pa.list_(pa.bool_()))))
 
 
+def tokenized_file(encode: Tokenize, file: CorpusFile, start: int, keep: str,
+                   val_share: float, cache: TokenCache | None) -> pa.Table:
+    """The records of one file from `start` on that `keep` selects, tokenized. A whole
+    file read for training is tokenized whole (held-out records too) and kept in `cache`;
+    one that could not be read is not kept, the next read tries again."""
+    whole = cache is not None and start == 0 and keep != VALIDATION
+    table = encode(selected(read_table(file, start), ALL if whole else keep, val_share))
+    if not whole:
+        return table
+    if UNREADABLE not in table.column("reason").to_pylist():
+        cache.write(file, table)
+    return selected(table, keep, val_share)
+
+
+class TokenizeFiles:
+    """Ray Data actor UDF: reads and tokenizes files, one a call (see `tokenized_file`).
+    The file list comes as a list holding an object reference (see `Tokenize`)."""
+
+    def __init__(self, files: list, tokenizer_json: list, eos: int, bos: int | None,
+                 sample_format: str | None, keep: str, val_share: float,
+                 cache: TokenCache | None):
+        import ray
+
+        self.files: list[CorpusFile] = ray.get(files[0])
+        self.encode = Tokenize(tokenizer_json, eos, bos, sample_format)
+        self.keep, self.val_share, self.cache = keep, val_share, cache
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        tables = []
+        for epoch, position, index, start in zip(batch["epoch"], batch["position"],
+                                                 batch["file"], batch["start"], strict=True):
+            table = tokenized_file(self.encode, self.files[int(index)], int(start), self.keep,
+                                   self.val_share, self.cache).drop_columns(["split"])
+            tables.append(table.append_column("epoch", pa.array(np.full(len(table), epoch)))
+                          .append_column("position", pa.array(np.full(len(table), position))))
+        return pa.concat_tables(tables)
+
+
 MIN_FILES_PER_DATASET = 8
 
 
@@ -185,30 +249,78 @@ def epochs_per_dataset(source: SourceSpec) -> int:
     return max(1, -(-MIN_FILES_PER_DATASET // len(source.files)))
 
 
-def stream_dataset(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cursor,
-                   keep: str, epochs: int):
-    """A Ray Dataset of the records of `epochs` epochs from `cursor`'s file and record on."""
+def span_items(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cursor,
+               end: int | None, tokenized: set[int]) -> tuple[list[dict], Cursor]:
+    """The files of the next span from `cursor` (`epochs_per_dataset` epochs, up to epoch
+    `end`) as (epoch, position, file, start) items, and the cursor after them. A span
+    ends before a file of `tokenized` (those it tokenizes and caches) comes a second
+    time: the next span reads its shard."""
+    span = epochs_per_dataset(source)
+    if end is not None:
+        span = min(span, end - cursor.epoch)
+    items: list[dict] = []
+    seen: set[int] = set()
+    for epoch in range(cursor.epoch, cursor.epoch + span):
+        for position, file in enumerate(epoch_order(len(source.files), spec.seed, index, epoch)):
+            if (epoch, position) < (cursor.epoch, cursor.file):
+                continue
+            start = cursor.doc if (epoch, position) == (cursor.epoch, cursor.file) else 0
+            if file in tokenized and start == 0:
+                if file in seen:
+                    return items, Cursor(epoch, position)
+                seen.add(file)
+            items.append({"epoch": epoch, "position": position, "file": file, "start": start})
+    return items, Cursor(cursor.epoch + span)
+
+
+def stream_dataset(spec: StreamSpec, source: SourceSpec, items: list[dict], keep: str,
+                   cache: TokenCache | None):
+    """A Ray Dataset of the tokenized records of `items`' files, in their order."""
     import ray.data
 
-    items = [
-        {"epoch": epoch, "position": position, "file": file,
-         "start": cursor.doc if (epoch, position) == (cursor.epoch, cursor.file) else 0}
-        for epoch in range(cursor.epoch, cursor.epoch + epochs)
-        for position, file in enumerate(epoch_order(len(source.files), spec.seed, index, epoch))
-        if (epoch, position) >= (cursor.epoch, cursor.file)
-    ]
-    # Ray Data fuses the read into the tokenizer actors; batch_size=None hands each
-    # call one file's records, where a fixed size would first bundle many files.
-    return (
-        ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(read_files, batch_size=1, batch_format="numpy",
-                     fn_kwargs={"files": source.files, "keep": keep,
-                                "val_share": spec.val_share})
-        .map_batches(Tokenize, batch_size=None, batch_format="pyarrow",
-                     fn_constructor_args=([ray.put(spec.tokenizer_json)], spec.eos, spec.bos,
-                                          sample_format(source)),
-                     compute=ray.data.ActorPoolStrategy(size=spec.tokenizer_workers))
-    )
+    # batch_size=1: one file a call (a larger batch bundles files, and the first batch waits)
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        TokenizeFiles, batch_size=1, batch_format="numpy",
+        fn_constructor_args=([ray.put(source.files)], [ray.put(spec.tokenizer_json)], spec.eos,
+                             spec.bos, sample_format(source), keep, spec.val_share, cache),
+        compute=ray.data.ActorPoolStrategy(size=spec.tokenizer_workers))
+
+
+def file_tables(spec: StreamSpec, source: SourceSpec, items: list[dict], keep: str,
+                cache: TokenCache | None, cached: set[int], writing: bool
+                ) -> Iterator[tuple[dict, pa.Table]]:
+    """(item, its records) for `items` in order: the files in `cached` read from their
+    shards here, the others tokenized by the actor pool (which writes their shards when
+    `writing`), in one execution that starts when the first of them is due."""
+    cold = [item for item in items if item["file"] not in cached]
+    pieces = tokenized_pieces(stream_dataset(spec, source, cold, keep,
+                                             cache if writing else None)) if cold else iter(())
+    piece = None  # the next piece, once taken from `pieces`
+    for item in items:
+        if item["file"] in cached:
+            file = source.files[item["file"]]
+            table = cache.read(file) if cache else None
+            if table is None:  # gone or damaged since it was listed: tokenize it here
+                table = tokenized_file(Tokenize(spec.tokenizer_json, spec.eos, spec.bos,
+                                                sample_format(source)), file, 0, ALL,
+                                       spec.val_share, cache if writing else None)
+            yield item, selected(table, keep, spec.val_share, item["start"])
+            continue
+        key = (item["epoch"], item["position"])
+        while (piece := piece or next(pieces, None)) and piece[0] == key:
+            yield item, piece[1]
+            piece = None
+
+
+def tokenized_pieces(dataset) -> Iterator[tuple[tuple[int, int], pa.Table]]:
+    """((epoch, position), rows of that file) from the Ray Dataset's batches, in order."""
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if not batch.num_rows:
+            continue
+        epochs, positions = batch.column("epoch").to_numpy(), batch.column("position").to_numpy()
+        bounds = (np.flatnonzero((np.diff(epochs) != 0) | (np.diff(positions) != 0)) + 1).tolist()
+        for first, stop in zip([0, *bounds], [*bounds, batch.num_rows], strict=True):
+            yield (int(epochs[first]), int(positions[first])), batch.slice(first, stop - first)
 
 
 def token_docs(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cursor, keep: str,
@@ -224,49 +336,61 @@ def token_docs(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cursor,
 
 def ordered_docs(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cursor, keep: str,
                  epochs: int | None) -> Iterator[TokenDoc]:
-    """Documents in file order (see `token_docs`)."""
+    """Documents in file order (see `token_docs`): files with a shard in the token cache
+    are read from it, the others are tokenized (and cached, unless held out only)."""
     limits = [n for n in (source.epochs, None if epochs is None else cursor.epoch + epochs)
               if n is not None]
     end = min(limits) if limits else None
+    cache = spec.token_cache(source)
+    writing = cache is not None and keep != VALIDATION
+    cacheable = {i for i, file in enumerate(source.files) if file.version}
     skipped: dict[str, int] = {}
+    epoch, whole, found = cursor.epoch, (cursor.file, cursor.doc) == (0, 0), False
+    written: set[int] = set()
     while end is None or cursor.epoch < end:
-        span = epochs_per_dataset(source)
-        if end is not None:
-            span = min(span, end - cursor.epoch)
-        found = False
-        for batch in stream_dataset(spec, source, index, cursor, keep, span).iter_batches(
-            batch_size=None, batch_format="pyarrow"
-        ):
-            tokens = batch.column("tokens").combine_chunks()
+        cached = cache.cached(source.files) if cache else set()
+        if written and not written & cached:
+            writing = False  # the cache keeps nothing (read-only?): stop cutting spans
+        tokenized = cacheable - cached if writing else set()
+        items, cursor = span_items(spec, source, index, cursor, end, tokenized)
+        written = {item["file"] for item in items if item["file"] in tokenized}
+        for item, table in file_tables(spec, source, items, keep, cache, cached, writing):
+            if item["epoch"] != epoch:
+                if whole and not found:  # an epoch read from its start had no document
+                    if keep == VALIDATION:
+                        return
+                    raise no_document(index, source)
+                epoch, whole, found = item["epoch"], True, False
+            tokens = table.column("tokens").combine_chunks()
             offsets, values = tokens.offsets.to_numpy(), tokens.values.to_numpy()
             learned = None
-            if "targets" in batch.column_names:  # fine-tuning samples
-                targets = batch.column("targets").combine_chunks()
+            if "targets" in table.column_names:  # fine-tuning samples
+                targets = table.column("targets").combine_chunks()
                 learned = targets.values.to_numpy(zero_copy_only=False)
                 learned_offsets = targets.offsets.to_numpy()
-            for row, (epoch, position, doc, reason) in enumerate(zip(
-                batch.column("epoch").to_pylist(), batch.column("position").to_pylist(),
-                batch.column("doc").to_pylist(), batch.column("reason").to_pylist(),
-                strict=True,
-            )):
+            for row, (doc, reason) in enumerate(zip(table.column("doc").to_pylist(),
+                                                    table.column("reason").to_pylist(),
+                                                    strict=True)):
                 if reason:
                     skipped[reason] = skipped.get(reason, 0) + 1
                     continue
                 found = True
-                yield TokenDoc(epoch, position, doc, values[offsets[row] : offsets[row + 1]],
+                yield TokenDoc(epoch, item["position"], doc,
+                               values[offsets[row] : offsets[row + 1]],
                                None if learned is None else
                                learned[learned_offsets[row] : learned_offsets[row + 1]],
                                skipped=skipped)
                 skipped = {}
-        if not found and (cursor.file, cursor.doc) == (0, 0):
-            if keep == VALIDATION:
-                return
-            raise ValueError(
-                f"source {index} ({source.files[0].path}...) has no usable document (all "
-                "records were skipped or held out for validation). Fix: check data.sources "
-                "and data.val_share."
-            )
-        cursor = Cursor(cursor.epoch + span)
+    if whole and not found and keep != VALIDATION:
+        raise no_document(index, source)
+
+
+def no_document(index: int, source: SourceSpec) -> ValueError:
+    return ValueError(
+        f"source {index} ({source.files[0].path}...) has no usable document (all "
+        "records were skipped or held out for validation). Fix: check data.sources "
+        "and data.val_share."
+    )
 
 
 def local_texts(source: SourceSpec, keep: str, val_share: float) -> Iterator[str]:

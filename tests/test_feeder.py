@@ -4,6 +4,7 @@ held-out data, bad records."""
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +22,12 @@ from conftest import CORPUS
 SEQ_LEN, GLOBAL_BATCH = 32, 8
 
 
-def make_spec(sources: str, *overrides: str, vocab: int = 512, sample: int = 2**20):
+def make_spec(sources: str, *overrides: str, vocab: int = 512, sample: int = 2**20,
+              cache: str | None = None):
+    """The stream of `sources`, with a BPE trained on them; tokenized files kept in
+    `cache` (None: not kept)."""
     config = load_config("tiny", [f"data.sources={sources}", "data.val_share=0.1",
-                                  "train.seed=7", *overrides])
+                                  "train.seed=7", f"data.cache={cache or 'null'}", *overrides])
     spec = stream_spec(config)
     texts = (t for source in spec.sources for t in local_texts(source, ALL, 0.0))
     sample_texts = []
@@ -34,15 +38,12 @@ def make_spec(sources: str, *overrides: str, vocab: int = 512, sample: int = 2**
     return with_tokenizer(spec, train_bpe(sample_texts, vocab, show_progress=False))
 
 
-@pytest.fixture(scope="module")
-def spec(tmp_path_factory):
-    """A two-source mixture (weights 2:1): text files of the Python reference, one
-    document per paragraph, and a JSONL file with bad records among good ones; documents
-    shuffled within windows of 4."""
+def write_mixture(folder: Path) -> str:
+    """Text files of the Python reference, one document per paragraph (weight 2), and a
+    JSONL file with bad records among good ones (weight 1): `data.sources`."""
     from pydoc_data.topics import topics
 
     texts = [topics[key] for key in sorted(topics)]
-    folder = tmp_path_factory.mktemp("corpus")
     (folder / "text").mkdir()
     for index, text in enumerate(texts[:4]):
         (folder / "text" / f"topic{index}.txt").write_text(text[:3000])
@@ -51,9 +52,14 @@ def spec(tmp_path_factory):
     records = [json.dumps({"text": p}).encode() for p in paragraphs]
     bad = [b'{"text": "cut', b'{"source": "no text"}', b'{"text": "\xff"}']
     (folder / "paragraphs.jsonl").write_bytes(b"\n".join(records[:20] + bad + records[20:]))
-    return make_spec(f"[{{path: {folder / 'text'}, document: paragraph, weight: 2}}, "
-                     f"{{path: {folder / 'paragraphs.jsonl'}, weight: 1}}]",
-                     "data.shuffle_window=4")
+    return (f"[{{path: {folder / 'text'}, document: paragraph, weight: 2}}, "
+            f"{{path: {folder / 'paragraphs.jsonl'}, weight: 1}}]")
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    """A two-source mixture (`write_mixture`); documents shuffled within windows of 4."""
+    return make_spec(write_mixture(tmp_path_factory.mktemp("corpus")), "data.shuffle_window=4")
 
 
 def new_feeder(ray, spec, val_sequences=16):

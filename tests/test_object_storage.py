@@ -62,24 +62,41 @@ def test_sources_list_and_read_from_s3(s3):
     assert notes == TEXTS
 
 
-def test_the_feeder_streams_an_s3_mixture(ray_session, s3):
+def test_the_feeder_streams_an_s3_mixture_and_caches_it_there(ray_session, s3):
+    """The second run reads every file's shard from the token cache on S3."""
+    import fsspec
+
     ray = ray_session
     config = load_config("tiny", ["data.sources=[{path: s3://corpus/books, document: "
                                   "paragraph}, {path: s3://corpus/notes.jsonl}]",
-                                  "data.val_share=0"])
+                                  "data.val_share=0", "data.cache=s3://checkpoints/tokens"])
     spec = stream_spec(config)
     tokenizer = train_bpe((t for s in spec.sources for t in local_texts(s, ALL, 0)), 300,
                           show_progress=False)
-    feeder = ray.remote(DataFeeder).options(
-        num_cpus=0, max_concurrency=8, runtime_env={"env_vars": s3}
-    ).remote(with_tokenizer(spec, tokenizer), 16, 4, 2, 4)
-    ray.get(feeder.seek.remote(0, {}))
-    batches = [ray.get(feeder.batch.remote(step, 0, 1)).tokens for step in range(20)]
+    filesystem, _ = fsspec.core.url_to_fs("s3://corpus")
+    runs = []
+    for run in range(2):
+        if run:  # the corpus taken away: the second run reads the cache alone
+            corpus = {path: filesystem.cat_file(path) for path in filesystem.find("corpus")}
+            for path in corpus:
+                filesystem.rm(path)
+        feeder = ray.remote(DataFeeder).options(
+            num_cpus=0, max_concurrency=8, runtime_env={"env_vars": s3}
+        ).remote(with_tokenizer(spec, tokenizer), 16, 4, 2, 4)
+        ray.get(feeder.seek.remote(0, {}))
+        runs.append([ray.get(feeder.batch.remote(step, 0, 1)).tokens for step in range(20)])
+        stats = ray.get(feeder.stats.remote())
+        assert stats["data/source0_share"] == pytest.approx(0.5, abs=0.05)
+        ray.kill(feeder)
+    for path, data in corpus.items():
+        filesystem.pipe_file(path, data)
+    batches, cached = runs
     assert all(b.shape == (4, 17) for b in batches)
+    for want, got in zip(batches, cached, strict=True):
+        np.testing.assert_array_equal(want, got)
     decoded = tokenizer.decode(np.concatenate([b[:, :-1] for b in batches]).ravel().tolist())
     assert "quick brown fox" in decoded
-    stats = ray.get(feeder.stats.remote())
-    assert stats["data/source0_share"] == pytest.approx(0.5, abs=0.05)
+    assert len(filesystem.find("checkpoints/tokens")) == 3  # one shard a file
 
 
 def test_checkpoints_commit_load_and_prune_on_s3(s3):

@@ -15,6 +15,7 @@ from raytron.pipelines.tokenizer import bos_id, eos_id, train_bpe
 from raytron.platform.config.resolve import packs_samples
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.control.placement import with_tokenizer_workers
+from raytron.platform.storage.run_dir import absolute
 
 
 def stream_spec(config: RaytronConfig, tokenizer: Tokenizer | None = None) -> StreamSpec:
@@ -35,6 +36,7 @@ def stream_spec(config: RaytronConfig, tokenizer: Tokenizer | None = None) -> St
         samples=packs_samples(d),
         document_mask=d.document_mask,
         truncate=d.overlong == "truncate",
+        cache=absolute(d.cache) if d.cache else None,  # actors run in other directories
     )
 
 

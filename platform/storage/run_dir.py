@@ -61,8 +61,9 @@ def absolute(location: str) -> str:
 
 def with_locations(config: RaytronConfig, convert: Callable[[str, str], str]) -> RaytronConfig:
     """`config` with each local path it names (run root, checkpoints, a SQLite store, local
-    sources, the tokenizer, the initial weights) replaced by `convert(key, path)`; URIs
-    (`s3://...`) and the embedded corpora are no paths and stay as they are."""
+    sources, the tokenizer, the token cache, the initial weights) replaced by
+    `convert(key, path)`; URIs (`s3://...`) and the embedded corpora are no paths and stay
+    as they are."""
     def each(key: str, location: str | None) -> str | None:
         if location and location.startswith(SQLITE):
             return SQLITE + convert(key, location.removeprefix(SQLITE))
@@ -85,7 +86,8 @@ def with_locations(config: RaytronConfig, convert: Callable[[str, str], str]) ->
         data=dataclasses.replace(d, sources=sources("data.sources", d.sources),
                                  validation_sources=sources("data.validation_sources",
                                                             d.validation_sources),
-                                 tokenizer=each("data.tokenizer", d.tokenizer)))
+                                 tokenizer=each("data.tokenizer", d.tokenizer),
+                                 cache=each("data.cache", d.cache)))
 
 
 def read_run_config(folder: Path) -> RaytronConfig:
