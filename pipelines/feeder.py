@@ -5,6 +5,11 @@ step s does not depend on how many replicas read it: each data-parallel rank tak
 contiguous slice. A background thread keeps `prefetch_steps` batches ready so training
 never waits on tokenization, and remembers the cursor where each batch begins, which is
 what a checkpoint of that step stores.
+
+It also keeps the batches made since the last committed checkpoint (up to
+`KEPT_BYTES`): when a worker group fails and a new one resumes from that checkpoint, the
+feeder, which outlives worker groups, serves them again at once instead of reading and
+tokenizing from the checkpoint's cursor anew (the same batches: the cursors match).
 """
 
 from __future__ import annotations
@@ -19,6 +24,12 @@ import numpy as np
 from raytron.pipelines.mixture import MixtureReader
 from raytron.pipelines.packing import Batch, Cursor
 from raytron.pipelines.stream import ALL, VALIDATION, StreamSpec, token_docs
+
+KEPT_BYTES = 256 * 2**20  # batches kept for a restarted worker group, at most
+
+
+def batch_bytes(batch: Batch) -> int:
+    return sum(a.nbytes for a in (batch.tokens, batch.targets, batch.positions) if a is not None)
 
 
 class DataFeeder:
@@ -42,15 +53,26 @@ class DataFeeder:
         self.wanted = 0  # highest step a worker asked for
         self.next_step = 0  # the step the producer makes next
         self.generation = 0  # bumped by seek(); an older producer thread stops
+        self.kept_from = 0  # batches from here on are kept: the last committed checkpoint's
+        self.checkpointing = 0  # the step of the checkpoint written last (maybe uncommitted)
         self.error: BaseException | None = None
         self.produced_tokens = 0
         self.busy_seconds = 0.0
         self.validation_set: Batch | None = None
         self.validation_lock = threading.Lock()
 
-    def seek(self, step: int, cursor: dict) -> None:
-        """Serve batches from `step` on, reading from `cursor` (a checkpoint's, or the start)."""
+    def seek(self, step: int, cursor: dict) -> bool:
+        """Serve batches from `step` on, reading from `cursor` (a checkpoint's, or the start).
+        True when they are still held (a worker group resuming from a checkpoint that this
+        feeder made the batches after): they are served again, nothing is re-read."""
         with self.condition:
+            self.kept_from = self.checkpointing = step
+            if self.error is None and step in self.ready and self.ready[step][0] == cursor:
+                for old in [s for s in self.ready if s < step]:
+                    del self.ready[old]
+                self.wanted = step
+                self.condition.notify_all()
+                return True
             self.generation += 1
             self.ready.clear()
             self.error = None
@@ -59,6 +81,7 @@ class DataFeeder:
         thread = threading.Thread(target=self.produce, args=(self.generation, step, cursor),
                                   daemon=True)
         thread.start()
+        return False
 
     def produce(self, generation: int, step: int, cursor: dict) -> None:
         try:
@@ -114,9 +137,19 @@ class DataFeeder:
                     f"the batch of step {step} is no longer held (steps {min(self.ready)} to "
                     f"{max(self.ready)} are); seek() to re-read from a checkpoint's cursor"
                 )
-            for old in [s for s in self.ready if s < self.wanted - 2]:
-                del self.ready[old]
+            self.forget_old_batches()
             return self.ready[step]
+
+    def forget_old_batches(self) -> None:
+        """Drop the batches no worker asks for again: those before the last committed
+        checkpoint, and the oldest beyond `KEPT_BYTES` (a restart then re-reads them)."""
+        done = [s for s in self.ready if s < self.wanted - 2]
+        held = sum(batch_bytes(self.ready[s][1]) for s in done)
+        for old in done:
+            if old >= self.kept_from and held <= KEPT_BYTES:
+                break
+            held -= batch_bytes(self.ready[old][1])
+            del self.ready[old]
 
     def batch(self, step: int, dp_rank: int, dp_size: int) -> Batch:
         """The slice of step `step`'s global batch that replica `dp_rank` of `dp_size` trains on."""
@@ -125,8 +158,13 @@ class DataFeeder:
         return batch.rows(dp_rank * share, (dp_rank + 1) * share)
 
     def cursor(self, step: int) -> dict:
-        """Where the batch of `step` begins in the corpus: what a checkpoint at `step` stores."""
-        return self.wait_for(step)[0]
+        """Where the batch of `step` begins in the corpus: what a checkpoint at `step` stores.
+        Asked when that checkpoint is written, by which time the one before is committed
+        (a save commits the last one first): batches before that one are no longer kept."""
+        start = self.wait_for(step)[0]
+        with self.condition:
+            self.kept_from, self.checkpointing = self.checkpointing, step
+        return start
 
     def validation(self, dp_rank: int, dp_size: int) -> Batch:
         """This replica's share of the held-out sequences (the same ones at every evaluation)."""

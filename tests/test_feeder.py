@@ -87,7 +87,8 @@ def test_order_is_deterministic_sliced_by_replica_and_resumes_exactly(ray_sessio
     cursors = {}
     reference = batches(ray, first, steps, cursors=cursors)
     assert all(b.shape == (GLOBAL_BATCH, SEQ_LEN + 1) for b in reference)
-    again = batches(ray, second, steps, dp=2)  # a second run, read by two replicas
+    # a second run, read by two replicas, checkpointing every step: nothing stays held
+    again = batches(ray, second, steps, dp=2, cursors={})
     for want, got in zip(reference, again, strict=True):
         np.testing.assert_array_equal(want, got)
 
@@ -99,7 +100,7 @@ def test_order_is_deterministic_sliced_by_replica_and_resumes_exactly(ray_sessio
     with pytest.raises(ray.exceptions.RayTaskError, match="no longer held"):
         ray.get(first.batch.remote(3, 0, 1))
     for step in (5, 17, 33, 90):  # resume, each time read by a different number of replicas
-        ray.get(second.seek.remote(step, cursors[step]))
+        assert not ray.get(second.seek.remote(step, cursors[step]))  # read anew
         resumed = batches(ray, second, range(step, step + 4), dp=4 if step % 2 else 1)
         for want, got in zip(reference[step : step + 4], resumed, strict=True):
             np.testing.assert_array_equal(want, got)
@@ -237,3 +238,20 @@ def test_fine_tuning_samples_are_encoded_masked_and_packed_whole(ray_session, tm
         resumed = ray.get(feeder.batch.remote(step, 0, 1))
         np.testing.assert_array_equal(resumed.tokens, reference[step].tokens)
         np.testing.assert_array_equal(resumed.targets, reference[step].targets)
+
+
+def test_a_restarted_worker_group_gets_the_held_batches_again(ray_session, spec):
+    """The feeder outlives worker groups: resuming from the last committed checkpoint
+    serves the batches made since, without reading again; older ones are read anew."""
+    ray = ray_session
+    feeder = new_feeder(ray, spec)
+    ray.get(feeder.seek.remote(0, {}))
+    reference = batches(ray, feeder, range(12))
+    # checkpoints written at steps 1, 4 and 8: when 8 is written, 4 is committed
+    cursors = {step: ray.get(feeder.cursor.remote(step)) for step in (1, 4, 8)}
+    assert ray.get(feeder.seek.remote(4, cursors[4]))  # held
+    for want, got in zip(reference[4:], batches(ray, feeder, range(4, 12)), strict=True):
+        np.testing.assert_array_equal(want, got)
+    assert not ray.get(feeder.seek.remote(1, cursors[1]))  # no longer held: read anew
+    for want, got in zip(reference[1:6], batches(ray, feeder, range(1, 6)), strict=True):
+        np.testing.assert_array_equal(want, got)
