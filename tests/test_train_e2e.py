@@ -4,6 +4,7 @@ so do runs that survive failure drills, resize with their cluster and are preemp
 resumed run applies a new schedule, refuses a new source list, never starts over when its
 checkpoints cannot be read, and keeps credentials out of everything it writes."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -51,9 +53,21 @@ def run_and_kill_after_first_checkpoint(root: Path, name: str) -> None:
     deadline = time.time() + 300
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
+    kill_tree(process.pid)  # the driver and the Ray it started, at once
     process.wait()
     assert marker.exists(), "the run never committed its first checkpoint"
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process, its process group and every descendant: Ray's worker processes
+    have process groups of their own, and would otherwise train on for the moment they
+    take to notice that Ray is gone (with cached data, a tiny run to its end)."""
+    tree = psutil.Process(pid)
+    processes = [tree, *tree.children(recursive=True)]
+    os.killpg(pid, signal.SIGKILL)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 def loss_history(root: Path, name: str):
