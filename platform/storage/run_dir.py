@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -43,7 +45,7 @@ class RunPaths:
         """The flattened config the run saved when it last started; None before that."""
         if not self.config_file.is_file():
             return None
-        return flatten(OmegaConf.to_container(OmegaConf.load(self.config_file)))
+        return flatten(read_config_data(self.config_file))
 
 
 SQLITE = "sqlite:///"  # the one URI that names a local path
@@ -98,9 +100,31 @@ def read_run_config(folder: Path) -> RaytronConfig:
                            "run directory, <run.root>/<run.name>, e.g. runs/tiny."])
     try:
         config = OmegaConf.merge(OmegaConf.structured(RaytronConfig),
-                                 OmegaConf.load(folder / CONFIG_FILE))
+                                 as_written(read_config_data(folder / CONFIG_FILE)))
         return OmegaConf.to_object(config)  # type: ignore[return-value]
     except (OmegaConfBaseException, yaml.YAMLError, TypeError) as error:
         raise ConfigError([f"{folder / CONFIG_FILE} is not a raytron run's config "
                            f"({str(error).splitlines()[0]}). Fix: give the directory of a "
                            "run that `raytron train` started."]) from None
+
+
+INTERPOLATION = re.compile(r"(\\*)\$\{")  # `${`, and the backslashes before it
+
+
+def read_config_data(path: Path) -> Any:
+    """A saved config.yaml as plain data, never interpolated: a run's folder may be shared,
+    and a `${oc.env:...}` written in it must not read this machine's environment."""
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+
+
+def as_written(value: Any) -> Any:
+    """`value` with every `${` of its strings escaped (`\\${`, backslashes before it doubled),
+    so that OmegaConf keeps each string as written while the schema's own defaults
+    (`checkpoint.dir: ${run.root}/...`) still resolve for keys an older file lacks."""
+    if isinstance(value, str):
+        return INTERPOLATION.sub(lambda found: "\\" * (2 * len(found[1]) + 1) + "${", value)
+    if isinstance(value, dict):
+        return {key: as_written(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [as_written(item) for item in value]
+    return value
