@@ -9,6 +9,8 @@ loads and is subtly wrong, which is why the tests compare logits.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -127,33 +129,106 @@ def hf_config(shape: GPTShape, dtype: str, bos_id: int | None, eos_id: int,
     }
 
 
-def shape_from_hf_config(config: dict[str, Any]) -> GPTShape:
-    """The GPT shape of a Llama config.json; ValueError naming what raytron cannot run."""
+def shape_from_hf_config(config: dict[str, Any], maxima: Mapping[str, int]) -> GPTShape:
+    """The GPT shape of a Llama config.json. A folder is untrusted input: every value is
+    checked before anything is sized by it, each size against `maxima` (config.json key of
+    each of `SIZES` -> the largest value raytron accepts). ValueError naming what raytron
+    cannot run, or each value that is wrong, and the fix."""
     if config.get("model_type") != "llama":
         raise ValueError(f"its config.json has model_type {config.get('model_type')!r}; "
-                         "raytron reads Llama-architecture models (model_type 'llama')")
+                         "raytron reads Llama-architecture models (model_type 'llama'). Fix: "
+                         "give a Llama-architecture model folder")
+    unsupported = architecture_problems(config)
+    if unsupported:
+        raise ValueError(f"raytron's GPT has no equivalent of {', '.join(unsupported)}. Fix: "
+                         "give a Llama-architecture model folder")
+    problems = value_problems(config, maxima)
+    if problems:
+        raise ValueError(f"its config.json has {'; '.join(problems)}. Fix: correct these values "
+                         "(`save_pretrained` writes a valid config.json)")
+    heads, numbers = config["num_attention_heads"], floats_of(config)
+    return GPTShape(
+        n_layers=config["num_hidden_layers"], d_model=config["hidden_size"], n_heads=heads,
+        n_kv_heads=config.get("num_key_value_heads") or heads,
+        ffn_hidden=config["intermediate_size"], vocab_size=config["vocab_size"],
+        max_seq_len=config.get("max_position_embeddings") or DEFAULT_POSITIONS,
+        rope_theta=float(numbers["rope_theta"] or 10000.0),
+        norm_eps=float(numbers["rms_norm_eps"] or 1e-6),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        init_std=float(numbers["initializer_range"] or 0.02),
+    )
+
+
+SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+         "intermediate_size", "vocab_size", "max_position_embeddings", "head_dim")
+DEFAULTED_SIZES = ("num_key_value_heads", "max_position_embeddings", "head_dim")
+DEFAULT_POSITIONS = 2048
+
+
+def architecture_problems(config: dict[str, Any]) -> list[str]:
+    """What a Llama `config` asks of the architecture that raytron's GPT does not compute."""
     unsupported = [f"{key}={config[key]!r}" for key, fine in (
         ("hidden_act", ("silu",)), ("attention_bias", (False,)), ("mlp_bias", (False,)),
     ) if key in config and config[key] not in fine]
-    scaling = config.get("rope_scaling") or {}
-    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        unsupported.append(f"rope_scaling={scaling!r}")
+    for key, old_name in (("rope_scaling", "type"), ("rope_parameters", "rope_type")):
+        rope = config.get(key) or {}
+        if not isinstance(rope, dict) or rope.get("rope_type", rope.get(old_name, "default")
+                                                  ) != "default":
+            unsupported.append(f"{key}={rope!r}")
+    return unsupported
+
+
+def value_problems(config: dict[str, Any], maxima: Mapping[str, int]) -> list[str]:
+    """Each size, then (when they are all valid) how they divide, then each float and flag."""
+    problems = [problem for key in SIZES
+                if (problem := size_problem(key, config.get(key), maxima[key]))]
+    problems = problems or layout_problems(config)
+    problems += [f"{key}={value!r}, not a positive finite number"
+                 for key, value in floats_of(config).items()
+                 if value is not None and not is_positive_number(value)]
+    if config.get("tie_word_embeddings") not in (None, True, False):
+        problems.append(f"tie_word_embeddings={config['tie_word_embeddings']!r}, not true or "
+                        "false")
+    return problems
+
+
+def size_problem(key: str, value: Any, maximum: int) -> str | None:
+    """A size must be a whole number from 1 to `maximum` (or absent, where defaulted)."""
+    if value is None:
+        return None if key in DEFAULTED_SIZES else f"no {key}"
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= maximum:
+        return None
+    return f"{key}={value!r}, not a whole number from 1 to {maximum}"
+
+
+def layout_problems(config: dict[str, Any]) -> list[str]:
+    """Heads must split the width into even head sizes, and kv heads the heads."""
+    width, heads = config["hidden_size"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    if width % heads:
+        return [f"hidden_size={width}, not divisible by num_attention_heads={heads}"]
+    problems = []
+    if config.get("head_dim") not in (None, width // heads):
+        problems.append(f"head_dim={config['head_dim']}, not hidden_size / num_attention_heads "
+                        f"= {width // heads} (the only head size raytron's GPT has)")
+    elif (width // heads) % 2:
+        problems.append(f"an odd head size hidden_size / num_attention_heads = {width // heads} "
+                        "(rotary embeddings rotate pairs of dimensions)")
+    if heads % kv_heads:
+        problems.append(f"num_attention_heads={heads}, not divisible by num_key_value_heads="
+                        f"{kv_heads}")
+    return problems
+
+
+def floats_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The floats of a Llama config.json as written (None: absent); transformers 5 keeps
+    rope_theta in rope_parameters."""
     rope = config.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        unsupported.append(f"rope_parameters={rope!r}")
-    d_model, heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("head_dim", d_model // heads) * heads != d_model:
-        unsupported.append(f"head_dim={config['head_dim']} (raytron's is hidden_size / "
-                           "num_attention_heads)")
-    if unsupported:
-        raise ValueError(f"raytron's GPT has no equivalent of {', '.join(unsupported)}")
-    return GPTShape(
-        n_layers=config["num_hidden_layers"], d_model=d_model, n_heads=heads,
-        n_kv_heads=config.get("num_key_value_heads") or heads,
-        ffn_hidden=config["intermediate_size"], vocab_size=config["vocab_size"],
-        max_seq_len=config.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        init_std=float(config.get("initializer_range", 0.02)),
-    )
+    return {"rope_theta": rope.get("rope_theta", config.get("rope_theta")),
+            "rms_norm_eps": config.get("rms_norm_eps"),
+            "initializer_range": config.get("initializer_range")}
+
+
+def is_positive_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)

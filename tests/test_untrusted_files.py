@@ -5,10 +5,20 @@ submitted job's command line runs nothing its arguments spell. No Ray, no traini
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import yaml
 
+from raytron.model.gpt import GPT, GPTShape
+from raytron.model.hf import hf_config, to_hf
 from raytron.platform.config.load import load_config, to_yaml
+from raytron.platform.config.schema import ConfigError
+from raytron.platform.models.sources import HF_CONFIG, SAFETENSORS, SAFETENSORS_INDEX, open_source
 from raytron.platform.storage.run_dir import RunPaths, read_run_config
+
+from model_runs import run_cli
 
 SECRET = "hunter2-secret-value"
 
@@ -52,3 +62,94 @@ def test_keys_an_older_config_lacks_get_the_schemas_defaults(tmp_path, monkeypat
     assert config.checkpoint.dir == "${oc.env:SOME_SECRET}/shared/checkpoints"
     assert config.model.max_seq_len == config.data.seq_len
     assert SECRET not in repr(config)
+
+
+# -- 2. a Hugging Face folder is bounded and kept inside itself -----------------------------
+
+SHAPE = GPTShape(n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, ffn_hidden=64,
+                 vocab_size=64, max_seq_len=32, tie_embeddings=False)
+ABSENT = object()
+
+
+def llama_folder(folder: Path, **changes: object) -> Path:
+    """A small Llama folder as `save_pretrained` writes it (config.json, model.safetensors),
+    with the `changes` written over its config.json (ABSENT: the key left out)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    config = hf_config(SHAPE, "float32", 1, 2, None) | changes
+    config = {key: value for key, value in config.items() if value is not ABSENT}
+    (folder / HF_CONFIG).write_text(json.dumps(config))
+    save_file(to_hf(GPT(SHAPE, seed=1).state_dict(), SHAPE), folder / SAFETENSORS)
+    return folder
+
+
+def refusal(folder: Path) -> str:
+    with pytest.raises(ConfigError) as refused:
+        open_source(folder)
+    return str(refused.value)
+
+
+def test_a_well_formed_folder_opens(tmp_path):
+    source = open_source(llama_folder(tmp_path / "hf"))
+    assert source.shape == SHAPE and source.end_ids == [2]
+    assert source.read_weights().keys() == GPT(SHAPE).state_dict().keys()
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"num_attention_heads": 0}, "num_attention_heads=0"),  # was a ZeroDivisionError
+    ({"max_position_embeddings": 10**9}, "max_position_embeddings=1000000000"),
+    ({"num_hidden_layers": 10**6}, "num_hidden_layers=1000000"),
+    ({"vocab_size": 2**40}, f"vocab_size={2**40}"),
+    ({"hidden_size": "32"}, "hidden_size='32'"),
+    ({"intermediate_size": 64.0}, "intermediate_size=64.0"),
+    ({"num_key_value_heads": -2}, "num_key_value_heads=-2"),
+    ({"num_hidden_layers": True}, "num_hidden_layers=True"),
+    ({"vocab_size": ABSENT}, "no vocab_size"),
+    ({"num_attention_heads": 3}, "hidden_size=32, not divisible by num_attention_heads=3"),
+    ({"num_key_value_heads": 3}, "num_attention_heads=4, not divisible by num_key_value_heads=3"),
+    ({"hidden_size": 12, "num_attention_heads": 4, "head_dim": ABSENT}, "odd head size"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps='1e-5'"),
+    ({"rope_theta": float("nan")}, "rope_theta=nan"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings='false'"),
+    ({"rope_scaling": "linear"}, "rope_scaling='linear'"),  # was an AttributeError
+    ({"eos_token_id": 2.5}, "eos_token_id=2.5"),  # was a TypeError
+    ({"eos_token_id": [2, 64]}, "eos_token_id=[2, 64]"),
+])
+def test_a_config_json_out_of_bounds_is_refused_naming_the_value(tmp_path, changes, named):
+    message = refusal(llama_folder(tmp_path / "hf", **changes))
+    assert named in message and "Fix:" in message
+
+
+def test_generate_refuses_it_with_exit_status_2(tmp_path):
+    folder = llama_folder(tmp_path / "hf", num_attention_heads=0)
+    code, _, err = run_cli("generate", str(folder), "--prompt", "x")
+    assert code == 2 and "num_attention_heads=0" in err and "Traceback" not in err
+
+
+def indexed_folder(tmp_path: Path, weight_map: object) -> Path:
+    """A Llama folder whose weights are read through an index holding `weight_map`."""
+    folder = llama_folder(tmp_path / "hf")
+    (folder / SAFETENSORS).rename(tmp_path / "outside.safetensors")
+    (folder / SAFETENSORS_INDEX).write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def test_an_index_naming_a_file_inside_the_folder_opens(tmp_path):
+    folder = indexed_folder(tmp_path, {"model.norm.weight": "shard.safetensors"})
+    (tmp_path / "outside.safetensors").rename(folder / "shard.safetensors")
+    assert open_source(folder).read_weights().keys() == GPT(SHAPE).state_dict().keys()
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "{tmp}/outside.safetensors",
+                                  "link.safetensors", 7, "bad\x00.safetensors"])
+def test_an_index_naming_files_outside_the_folder_is_refused(tmp_path, name):
+    name = name.format(tmp=tmp_path) if isinstance(name, str) else name
+    folder = indexed_folder(tmp_path, {"model.norm.weight": name})
+    (folder / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    message = refusal(folder)
+    assert "Fix:" in message and (repr(name) in message or "weight_map" in message)
+
+
+def test_an_index_without_a_weight_map_object_is_refused(tmp_path):
+    assert "weight_map" in refusal(indexed_folder(tmp_path, ["outside.safetensors"]))

@@ -13,6 +13,7 @@ import json
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
@@ -22,6 +23,12 @@ from raytron.model.hf import from_hf, raytron_name, shape_from_hf_config
 from raytron.pipelines.tokenizer import bos_id, end_ids, eos_id
 from raytron.platform.config.resolve import gpt_shape
 from raytron.platform.config.schema import ConfigError, RaytronConfig
+from raytron.platform.config.validate import (
+    MAX_LAYERS,
+    MAX_SEQUENCE,
+    MAX_VOCABULARY,
+    MAX_WIDTH,
+)
 from raytron.platform.storage.checkpoint import COMMIT_MARKER, CheckpointStore, step_of
 from raytron.platform.storage.run_dir import CONFIG_FILE, TOKENIZER_FILE, read_run_config
 from raytron.platform.storage.tracking import RUN_ID_FILE, saved_tracking_uri
@@ -29,6 +36,12 @@ from raytron.platform.storage.tracking import RUN_ID_FILE, saved_tracking_uri
 RUN, CHECKPOINT, HUGGING_FACE = "run", "checkpoint", "huggingface"
 HF_CONFIG = "config.json"
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+HF_MAXIMA = {  # config.json's sizes: the bounds raytron's own config has (validate.py)
+    "num_hidden_layers": MAX_LAYERS, "hidden_size": MAX_WIDTH,
+    "num_attention_heads": MAX_WIDTH, "num_key_value_heads": MAX_WIDTH,
+    "head_dim": MAX_WIDTH, "intermediate_size": 4 * MAX_WIDTH,
+    "vocab_size": MAX_VOCABULARY, "max_position_embeddings": MAX_SEQUENCE,
+}
 
 
 @dataclass
@@ -111,25 +124,32 @@ def run_source(run_dir: Path, config: RaytronConfig, step: int, kind: str,
 def hugging_face_source(folder: Path) -> ModelSource:
     config = read_json(folder / HF_CONFIG)
     try:
-        shape = shape_from_hf_config(config)
-    except (KeyError, ValueError, TypeError) as error:
-        raise ConfigError([f"{folder}: {error}. Fix: give a Llama-architecture model folder."]
-                          ) from None
-    if not (folder / SAFETENSORS).is_file() and not (folder / SAFETENSORS_INDEX).is_file():
-        raise ConfigError([f"{folder} has no {SAFETENSORS} (nor {SAFETENSORS_INDEX}); raytron "
-                           "reads safetensors only, never pickled weights. Fix: save the model "
-                           "with `save_pretrained(..., safe_serialization=True)`."])
+        shape = shape_from_hf_config(config, HF_MAXIMA)
+    except ValueError as error:
+        raise ConfigError([f"{folder}: {error}."]) from None
+    weight_files(folder)  # refused now, before the model is built
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     generation = read_json(folder / "generation_config.json") \
         if (folder / "generation_config.json").is_file() else {}
-    ends = generation.get("eos_token_id", config.get("eos_token_id"))
-    end_ids = [ends] if isinstance(ends, int) else list(ends or [])
+    end_ids = token_ids(folder, "eos_token_id", generation.get("eos_token_id",
+                                                               config.get("eos_token_id")),
+                        shape.vocab_size)
     if not end_ids and tokenizer is not None:
         end_ids = [eos_id(tokenizer)]
     return ModelSource(HUGGING_FACE, folder, shape, tokenizer, end_ids,
                        added_bos(tokenizer, config.get("bos_token_id")))
+
+
+def token_ids(folder: Path, key: str, value: Any, vocab_size: int) -> list[int]:
+    """A token id, or a list of them (a model may end on several), each in the vocabulary."""
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+        return ids
+    raise ConfigError([f"{folder}: {key}={value!r} is neither a token id below vocab_size="
+                       f"{vocab_size} nor a list of them. Fix: correct it in {HF_CONFIG} (or "
+                       "generation_config.json)."])
 
 
 def added_bos(tokenizer: Tokenizer | None, bos: int | None) -> int | None:
@@ -144,18 +164,50 @@ def read_hf_weights(folder: Path, shape: GPTShape, names: Collection[str] | None
                     ) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    if (folder / SAFETENSORS_INDEX).is_file():
-        files = sorted(set(read_json(folder / SAFETENSORS_INDEX)["weight_map"].values()))
-    else:
-        files = [SAFETENSORS]
     weights: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in weight_files(folder):
         with safe_open(str(folder / file), framework="pt") as tensors:
             for key in tensors.keys():  # noqa: SIM118 (safe_open has keys(), no iteration)
                 ours = raytron_name(key)
                 if ours is not None and (names is None or ours in names):
                     weights.update(from_hf({key: tensors.get_tensor(key)}, shape))
     return weights
+
+
+def weight_files(folder: Path) -> list[str]:
+    """The safetensors files of a Hugging Face folder: those its index names, else the one
+    file; ConfigError when there are none, or when one is not a file inside the folder (an
+    index is untrusted input and may name `../..` or an absolute path)."""
+    if (folder / SAFETENSORS_INDEX).is_file():
+        weight_map = read_json(folder / SAFETENSORS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(file, str) for file in weight_map.values()):
+            raise ConfigError([f"{folder / SAFETENSORS_INDEX} has no weight_map object of "
+                               "file names. Fix: give a valid index (`save_pretrained` writes "
+                               "one)."])
+        files = sorted(set(weight_map.values()))
+    elif (folder / SAFETENSORS).is_file():
+        files = [SAFETENSORS]
+    else:
+        raise ConfigError([f"{folder} has no {SAFETENSORS} (nor {SAFETENSORS_INDEX}); raytron "
+                           "reads safetensors only, never pickled weights. Fix: save the model "
+                           "with `save_pretrained(..., safe_serialization=True)`."])
+    for file in files:
+        if not is_file_inside(folder, file):
+            raise ConfigError([f"{folder}: its weights name {file!r}, which is not a file "
+                               "inside the folder. Fix: keep the weight files in the folder "
+                               "itself, as real files (`hf download --local-dir FOLDER` "
+                               "writes them so), named by their plain file names."])
+    return files
+
+
+def is_file_inside(folder: Path, name: str) -> bool:
+    """A relative name, without `..`, of a file that resolves (links followed) inside
+    `folder`."""
+    if not name or "\x00" in name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return False
+    path = (folder / name).resolve()
+    return path.is_relative_to(folder.resolve()) and path.is_file()
 
 
 def read_json(path: Path) -> dict:
