@@ -6,6 +6,8 @@ submitted job's command line runs nothing its arguments spell. No Ray, no traini
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from raytron.platform.config.load import load_config, to_yaml
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.models.sources import HF_CONFIG, SAFETENSORS, SAFETENSORS_INDEX, open_source
 from raytron.platform.storage.run_dir import RunPaths, read_run_config
+from raytron.platform.storage.safe_reading import UnsafeCheckpoint, safe_reader
 
 from model_runs import run_cli
 
@@ -153,3 +156,32 @@ def test_an_index_naming_files_outside_the_folder_is_refused(tmp_path, name):
 
 def test_an_index_without_a_weight_map_object_is_refused(tmp_path):
     assert "weight_map" in refusal(indexed_folder(tmp_path, ["outside.safetensors"]))
+
+
+# -- 3. a checkpoint's metadata names only files inside it ----------------------------------
+
+def dcp_checkpoint(folder: Path, relative_path: str | None = None) -> Path:
+    """A real one-tensor DCP checkpoint; `relative_path` written over where its .metadata
+    says each entry is (as a crafted checkpoint in a shared bucket would say)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model.x": torch.ones(2)}, checkpoint_id=folder, no_dist=True)
+    if relative_path is not None:
+        metadata = pickle.loads((folder / ".metadata").read_bytes())  # the test's own file
+        for info in metadata.storage_data.values():
+            info.relative_path = relative_path
+        (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    return folder
+
+
+def test_a_checkpoints_own_files_are_read(tmp_path):
+    metadata = safe_reader(str(dcp_checkpoint(tmp_path / "step")), local=True).read_metadata()
+    assert "model.x" in metadata.state_dict_metadata
+
+
+@pytest.mark.parametrize("path", ["../../etc/passwd", "/etc/passwd", "a/../../b", "x\x00y", ""])
+def test_metadata_pointing_outside_the_checkpoint_is_refused(tmp_path, path):
+    reader = safe_reader(str(dcp_checkpoint(tmp_path / "step", path)), local=True)
+    with pytest.raises(UnsafeCheckpoint, match=re.escape(repr(path))):
+        reader.read_metadata()

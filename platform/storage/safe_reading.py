@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from pathlib import PurePosixPath
 from typing import Any
 
 import torch
@@ -60,10 +61,31 @@ class SafeMetadata:
         if not isinstance(metadata, Metadata):
             raise UnsafeCheckpoint(f"its .metadata holds a {type(metadata).__name__}, "
                                    "not DCP metadata")
+        check_entry_files(metadata)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def check_entry_files(metadata: Metadata) -> None:
+    """DCP reads each entry from `relative_path` joined to the checkpoint's folder: a crafted
+    `../../etc/passwd` or `/home/...` would read any file the process can. Each must be a
+    name inside the folder; `UnsafeCheckpoint` naming the first that is not."""
+    if not isinstance(metadata.storage_data, dict):
+        raise UnsafeCheckpoint("its .metadata has no map of the files its entries are in")
+    for info in metadata.storage_data.values():
+        path = getattr(info, "relative_path", None)
+        if not is_name_inside(path):
+            raise UnsafeCheckpoint(f"its .metadata places an entry in {path!r}, which is not a "
+                                   "file inside the checkpoint's folder; raytron reads only "
+                                   "those")
+
+
+def is_name_inside(path: Any) -> bool:
+    """A non-empty relative path without a `..` component or a NUL."""
+    return (isinstance(path, str) and bool(path) and "\x00" not in path
+            and not PurePosixPath(path).is_absolute() and ".." not in PurePosixPath(path).parts)
 
 
 class SafeFileSystemReader(SafeMetadata, FileSystemReader):
