@@ -5,6 +5,7 @@ dir), a training submitted both ways lands in MLflow with its metrics, and a mod
 submitted for serving answers the `openai` client."""
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -140,6 +142,46 @@ def test_bad_input_is_refused_before_the_cluster_is_contacted(capsys, monkeypatc
     err = capsys.readouterr().err
     assert "cannot submit" in err and "n_heads" in err and "global_batch" in err
     assert "Traceback" not in err
+
+
+class RecordingClient:
+    """Ray's JobSubmissionClient as `submit` uses it: it records the job, which has ended."""
+
+    def __init__(self):
+        self.jobs: list[dict] = []
+
+    def submit_job(self, **job):
+        self.jobs.append(job)
+
+    def get_job_status(self, job_id):
+        return "JobStatus.SUCCEEDED"
+
+    def get_job_logs(self, job_id):
+        return ""
+
+    def get_job_info(self, job_id):
+        return SimpleNamespace(status="JobStatus.SUCCEEDED", message="", driver_exit_code=0)
+
+
+def test_the_jobs_command_line_runs_nothing_its_arguments_spell(tmp_path):
+    pwned = tmp_path / "pwned"
+    job = submitting.serving_submission(f"/mnt/runs/x;touch {pwned}",
+                                        ["--name", f"a b' $(touch {pwned})", "--host", "*"],
+                                        local=False)
+    client = RecordingClient()
+    assert submitting.submit(client, job, REMOTE, False, 1.0, lambda *_, **__: None) == 0
+    entrypoint = client.jobs[0]["entrypoint"]
+    assert shlex.split(entrypoint) == [*shlex.split(submitting.ENTRYPOINT), *job.arguments]
+    shell = subprocess.run(["sh", "-c", entrypoint.replace(submitting.ENTRYPOINT, "true", 1)],
+                           cwd=tmp_path, check=False)
+    assert shell.returncode == 0 and not pwned.exists()
+
+
+def test_a_run_name_that_is_no_plain_name_is_never_submitted(capsys, monkeypatch):
+    monkeypatch.setattr(submitting, "connect", lambda address: pytest.fail("contacted"))
+    assert main(["submit", "tiny", "run.name=x;id", "run.root=/mnt/runs", "--address",
+                 REMOTE]) == EXIT_CONFIG_ERROR
+    assert "run.name='x;id' must be one folder name of letters" in capsys.readouterr().err
 
 
 def test_an_unreachable_cluster_is_a_clear_error(capsys):

@@ -157,6 +157,17 @@ def folder_name(key: str, value: Any) -> str | None:
             f"{example(key, 'my-run')}.")
 
 
+def run_name(key: str, value: Any) -> str | None:
+    """A folder name safe anywhere it goes: the run's folder, its MLflow run, the file and
+    the command line of a submitted job."""
+    if (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", value)
+            and len(value) <= 200):
+        return None
+    return (f"{key}={value!r} must be one folder name of letters, digits, '.', '_' and '-' "
+            "(not starting with '.' or '-'; at most 200 characters): it names the run's "
+            f"folder, its MLflow run and a submitted job's files. Fix: use e.g. {key}=my-run.")
+
+
 def a_list(non_empty: bool = False) -> Rule:
     def rule(key: str, value: Any) -> str | None:
         if isinstance(value, list) and (value or not non_empty):
@@ -191,7 +202,7 @@ def anything(key: str, value: Any) -> str | None:
 
 
 RULES: dict[str, Rule] = {
-    "run.name": folder_name,
+    "run.name": run_name,
     "run.root": text(),
     "model.n_layers": count(MAX_LAYERS),
     "model.d_model": count(MAX_WIDTH),

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import socket
 import tempfile
@@ -134,6 +135,12 @@ def serving_submission(source: str, options: list[str], local: bool) -> Submissi
     return Submission(arguments, {}, path.name, SERVING_LINE)
 
 
+def entrypoint(submission: Submission) -> str:
+    """The job's shell command: each argument quoted, since a run name or a serving option
+    is the user's text and `x;touch /tmp/p` must stay one argument, never a command."""
+    return f"{ENTRYPOINT} {shlex.join(submission.arguments)}"
+
+
 def shipped_package(into: Path) -> Path:
     """raytron's code, copied from where this process imports it, as one `raytron` folder:
     the job's `py_modules`, so that a cluster whose image lacks raytron runs this version."""
@@ -195,7 +202,7 @@ def submit(client, submission: Submission, address: str, follow: bool, wait_s: f
         runtime_env = {"working_dir": str(working_dir),
                        "py_modules": [str(shipped_package(staging_path / "code"))]}
         try:
-            client.submit_job(entrypoint=f"{ENTRYPOINT} {' '.join(submission.arguments)}",
+            client.submit_job(entrypoint=entrypoint(submission),
                               submission_id=job_id, runtime_env=runtime_env,
                               metadata={"raytron": submission.name})
         except Exception as error:
