@@ -1,7 +1,7 @@
 """Files that arrive with a model or a run are data, never instructions: a shared run's
 config.yaml is not interpolated, a Hugging Face folder's config.json and index are bounded
-and kept inside the folder, a checkpoint's metadata names only files inside it, and a
-submitted job's command line runs nothing its arguments spell. No Ray, no training."""
+and kept inside the folder, and a checkpoint's metadata names only files inside it (a
+submitted job's quoted command line: test_submit.py). No Ray, no training."""
 
 from __future__ import annotations
 
