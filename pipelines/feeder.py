@@ -21,11 +21,30 @@ from collections import OrderedDict
 
 import numpy as np
 
-from raytron.pipelines.mixture import MixtureReader
+from raytron.pipelines.file_lists import recorded_lists
+from raytron.pipelines.mixture import DataExhausted, MixtureReader
 from raytron.pipelines.packing import Batch, Cursor
 from raytron.pipelines.stream import ALL, VALIDATION, StreamSpec, token_docs
 
 KEPT_BYTES = 256 * 2**20  # batches kept for a restarted worker group, at most
+
+
+class DataUnusable(RuntimeError):
+    """The data pipeline failed in a way that reading again cannot change (a source with
+    no usable document, a tokenizer that cannot encode it): a restart would fail the same."""
+
+
+def handed_over(error: BaseException) -> BaseException:
+    """The feeder's error as the workers get it: `DataExhausted` and `DataUnusable` (for
+    errors of the data itself, which no restart fixes) keep their class across Ray, so
+    that the controller ends the run at once instead of restarting it; the rest are a
+    `RuntimeError` a restart may cure (storage that did not answer, a lost actor)."""
+    text = f"the data pipeline failed: {type(error).__name__}: {error}"
+    if isinstance(error, DataExhausted):
+        return DataExhausted(str(error))
+    if isinstance(error, (ValueError, TypeError, LookupError, UnicodeError)):
+        return DataUnusable(text)
+    return RuntimeError(text)
 
 
 def batch_bytes(batch: Batch) -> int:
@@ -56,6 +75,7 @@ class DataFeeder:
         self.kept_from = 0  # batches from here on are kept: the last committed checkpoint's
         self.checkpointing = 0  # the step of the checkpoint written last (maybe uncommitted)
         self.error: BaseException | None = None
+        self.failed_at: tuple[int, dict] | None = None  # (step, cursor) the error stopped at
         self.produced_tokens = 0
         self.busy_seconds = 0.0
         self.validation_set: Batch | None = None
@@ -65,6 +85,7 @@ class DataFeeder:
         """Serve batches from `step` on, reading from `cursor` (a checkpoint's, or the start).
         True when they are still held (a worker group resuming from a checkpoint that this
         feeder made the batches after): they are served again, nothing is re-read."""
+        cursor = {key: value for key, value in cursor.items() if key != "files"}
         with self.condition:
             self.kept_from = self.checkpointing = step
             if self.error is None and step in self.ready and self.ready[step][0] == cursor:
@@ -75,7 +96,7 @@ class DataFeeder:
                 return True
             self.generation += 1
             self.ready.clear()
-            self.error = None
+            self.error = self.failed_at = None
             self.wanted = self.next_step = step
             self.condition.notify_all()
         thread = threading.Thread(target=self.produce, args=(self.generation, step, cursor),
@@ -100,6 +121,8 @@ class DataFeeder:
                         return
                 started = time.perf_counter()
                 start = reader.cursor()
+                with self.condition:
+                    self.failed_at = (step, start)  # where a checkpoint of `step` begins
                 batch = Batch.of([reader.next_sequence() for _ in range(self.global_batch)],
                                  self.spec.document_mask)
                 with self.condition:
@@ -124,14 +147,16 @@ class DataFeeder:
                 self.condition.notify_all()
 
     def wait_for(self, step: int) -> tuple[dict, Batch]:
+        """The cursor and batch of `step`, once made; the pipeline's error (see
+        `handed_over`) when it failed before making it."""
         with self.condition:
             self.wanted = max(self.wanted, step)
             self.condition.notify_all()
             self.condition.wait_for(
                 lambda: step in self.ready or step < self.next_step or self.error is not None
             )
-            if self.error is not None:
-                raise RuntimeError(f"the data pipeline failed: {self.error}") from self.error
+            if step not in self.ready and step >= self.next_step:
+                raise handed_over(self.error)
             if step not in self.ready:
                 raise ValueError(
                     f"the batch of step {step} is no longer held (steps {min(self.ready)} to "
@@ -158,13 +183,33 @@ class DataFeeder:
         return batch.rows(dp_rank * share, (dp_rank + 1) * share)
 
     def cursor(self, step: int) -> dict:
-        """Where the batch of `step` begins in the corpus: what a checkpoint at `step` stores.
+        """Where the batch of `step` begins in the corpus, with the file lists it counts in
+        (`file_lists.py`): what a checkpoint at `step` stores (also when the pipeline
+        failed making that batch: the run then ends with a checkpoint of its last step).
         Asked when that checkpoint is written, by which time the one before is committed
         (a save commits the last one first): batches before that one are no longer kept."""
-        start = self.wait_for(step)[0]
+        with self.condition:
+            failed = self.failed_at if self.error is not None else None
+        start = failed[1] if failed and failed[0] == step else self.wait_for(step)[0]
         with self.condition:
             self.kept_from, self.checkpointing = self.checkpointing, step
-        return start
+        return {**start, "files": recorded_lists(self.spec, start)}
+
+    def count_steps(self) -> int:
+        """The steps the data gives (`train.steps=auto`): whole global batches until every
+        source with an epoch limit is exhausted, counted by one pass over the data from its
+        start (which fills the token cache for the training that follows)."""
+        reader = MixtureReader(self.spec, self.seq_len, {})
+        sequences = 0
+        try:
+            while reader.limited_sources_left():
+                reader.next_sequence()
+                sequences += 1
+        except DataExhausted:
+            pass
+        finally:
+            reader.close()
+        return sequences // self.global_batch
 
     def validation(self, dp_rank: int, dp_size: int) -> Batch:
         """This replica's share of the held-out sequences (the same ones at every evaluation)."""

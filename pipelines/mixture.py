@@ -37,6 +37,7 @@ class MixtureReader:
         self.taken = list(cursor.get("taken") or [0] * count)
         self.skipped = [dict(s) for s in cursor.get("skipped") or [{}] * count]
         self.weights = spec.weights()
+        self.sources = spec.sources
         self.streams, self.packers = [], []
         for index, (source, position) in enumerate(zip(spec.sources, positions, strict=True)):
             if position is None:  # exhausted before the checkpoint
@@ -79,6 +80,11 @@ class MixtureReader:
             "train.steps. Fix: raise the limits, leave one source unlimited, or lower "
             "train.steps."
         )
+
+    def limited_sources_left(self) -> bool:
+        """Whether a source with an epoch limit may still give a sequence."""
+        return any(packer is not None and source.epochs is not None
+                   for packer, source in zip(self.packers, self.sources, strict=True))
 
     def retire(self, index: int) -> None:
         self.skipped[index] = dict(self.packers[index].skipped)

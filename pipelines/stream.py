@@ -40,11 +40,29 @@ TRAIN, VALIDATION, ALL = "train", "validation", "all"
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """The files of one source, its share of the training tokens and its epoch limit."""
+    """The files of one source, its share of the training tokens and its epoch limit.
+
+    `files` holds every file any epoch reads; `eras` says which of them each epoch reads:
+    (first epoch, indices into `files` in listing order), one entry per file list the
+    source has had (a corpus that grew between epochs, `data.on_new_files=next_epoch`).
+    Without eras every epoch reads all of `files`."""
 
     files: list[CorpusFile]
     weight: float = 1.0
     epochs: int | None = None  # None: repeat forever
+    eras: tuple[tuple[int, tuple[int, ...]], ...] = ()
+
+    def listed(self, epoch: int) -> list[int]:
+        """The indices of the files `epoch` reads, in listing order."""
+        current = [files for first, files in self.eras if first <= epoch]
+        chosen = current[-1] if current else self.eras[0][1] if self.eras else None
+        return list(range(len(self.files))) if chosen is None else list(chosen)
+
+    def epoch_order(self, seed: int, source: int, epoch: int) -> list[int]:
+        """The files of `epoch` in its order: a permutation seeded by (seed, source, epoch)
+        of its list."""
+        listed = self.listed(epoch)
+        return [listed[p] for p in epoch_order(len(listed), seed, source, epoch)]
 
 
 def sample_format(source: SourceSpec) -> str | None:
@@ -261,7 +279,7 @@ def span_items(spec: StreamSpec, source: SourceSpec, index: int, cursor: Cursor,
     items: list[dict] = []
     seen: set[int] = set()
     for epoch in range(cursor.epoch, cursor.epoch + span):
-        for position, file in enumerate(epoch_order(len(source.files), spec.seed, index, epoch)):
+        for position, file in enumerate(source.epoch_order(spec.seed, index, epoch)):
             if (epoch, position) < (cursor.epoch, cursor.file):
                 continue
             start = cursor.doc if (epoch, position) == (cursor.epoch, cursor.file) else 0

@@ -251,12 +251,15 @@ def submit_command(args: argparse.Namespace) -> int:
         validate,
     )
     from raytron.platform.control import submit as submitting
+    from raytron.platform.storage.lease import refuse_if_held, run_folders
+    from raytron.platform.storage.run_dir import RunPaths
 
     config = None
     if not args.serve:  # model.init_from is checked in the job, where its path is
         config = load_config(*split_config_argument(args.config, args.overrides))
         validate(config)
         raise_problems(memory_problems(resolve_layout(config)))
+        refuse_if_held(run_folders(RunPaths.of(config)))  # a training of this run is running
     client = submitting.connect(args.address)
     local = submitting.runs_on_this_machine(args.address)
     if config is None:  # the positional arguments are serving options, given after `--`

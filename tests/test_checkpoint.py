@@ -166,9 +166,9 @@ def test_when_no_checkpoint_loads_the_run_is_refused_and_nothing_changes(tmp_pat
     store = CheckpointStore(tmp_path, keep_last=2)
     model, optimizer = trainer()
     store.save(1, [model], [optimizer], {})
-    truncate_shards(store.folder(1))
     step(model, optimizer, 0, 0)
     store.save(2, [model], [optimizer], {})
+    truncate_shards(store.folder(1))
     before = snapshot(tmp_path)
     renamed = GPT(GPTShape(2, 16, 2, 1, 32, 50, 8), seed=0)
     renamed.output, renamed.head = None, renamed.output  # as if `output` had been renamed
@@ -232,3 +232,53 @@ def test_a_background_save_holds_the_state_of_its_step_and_commits_later(tmp_pat
     assert store.load(2, [fresh[0]], [fresh[1]])["cursor"] == 2
     for name, value in fresh[0].state_dict().items():
         torch.testing.assert_close(value, at_step_2[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_damaged_newest_checkpoint_does_not_push_out_a_good_one(tmp_path):
+    """keep_last=2 counts the checkpoints that look whole: with step 2 damaged, step 3's
+    commit keeps 1 and 3 (and leaves 2, which it does not count, to be looked at)."""
+    store = CheckpointStore(tmp_path, keep_last=2)
+    model, optimizer = trainer()
+    store.save(1, [model], [optimizer], {})
+    store.save(2, [model], [optimizer], {})
+    truncate_shards(store.folder(2))
+    assert store.intact(1) is None and "its metadata needs" in store.intact(2)
+    store.save(3, [model], [optimizer], {})
+    assert store.committed_steps() == [1, 2, 3]
+    store.save(4, [model], [optimizer], {})
+    assert store.committed_steps() == [3, 4]  # the two good ones; older ones go
+    fresh = trainer(seed=5)
+    assert store.load_latest([fresh[0]], [fresh[1]]).step == 4
+
+
+def test_every_rank_loads_from_the_steps_the_controller_listed(tmp_path):
+    """A listing that missed step 2 (a stale NFS or S3 listing) loads what it lists: the
+    controller lists once and hands every rank the same steps."""
+    store = CheckpointStore(tmp_path, keep_last=3)
+    model, optimizer = trainer()
+    store.save(1, [model], [optimizer], {"cursor": 1})
+    step(model, optimizer, 0, 0)
+    store.save(2, [model], [optimizer], {"cursor": 2})
+    fresh = trainer(seed=6)
+    assert store.load_latest([fresh[0]], [fresh[1]], committed=[1]).step == 1
+    assert store.load_latest([fresh[0]], [fresh[1]]).step == 2
+
+
+def test_the_json_files_and_the_commit_marker_reach_the_disk(tmp_path, monkeypatch):
+    """The RNG states, meta and the commit marker are each fsynced before their rename,
+    and so is the folder that names them: a power loss cannot leave a marker without them."""
+    synced: list[str] = []
+    real_fsync = checkpoint.os.fsync
+
+    def fsync(descriptor: int) -> None:
+        synced.append(Path(f"/proc/self/fd/{descriptor}").resolve().name)
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    store = CheckpointStore(tmp_path, keep_last=2)
+    model, optimizer = trainer()
+    store.save(1, [model], [optimizer], {})
+    folder = Path(store.folder(1)).name
+    for name in ("rng_rank0.json.tmp", "meta.json.tmp", f"{COMMIT_MARKER}.tmp"):
+        assert name in synced
+    assert synced.count(folder) >= 3  # each rename's directory

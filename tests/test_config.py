@@ -43,7 +43,7 @@ def run_cli(capsys, *args):
 @pytest.mark.parametrize(("args", "expected"), [
     (["train.lrr=1"], ["train.lrr: unknown key", "train.lr"]),
     (["tiny.yaml.nope"], ["neither a YAML file nor a preset"]),
-    (["train.steps=many"], ["train.steps", "could not be converted"]),
+    (["train.steps=many"], ["train.steps", "whole number of 1 or more or auto"]),
     (["model.n_heads=3"], ["model.d_model=128 is not divisible by model.n_heads=3"]),
     (["model.n_kv_heads=3"], ["model.n_heads=4 is not divisible by model.n_kv_heads=3"]),
     (["train.global_batch=20"], ["train.global_batch=20 is not divisible by",

@@ -1,9 +1,6 @@
 """Object storage, against a real S3-compatible server (moto's) started by the test:
 reading a corpus through the Ray Data pipeline and writing and reading checkpoints."""
 
-import json
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -19,38 +16,7 @@ from raytron.platform.control.corpus import stream_spec, with_tokenizer
 from raytron.platform.storage.checkpoint import CheckpointStore
 from raytron.platform.worker.optim import build_optimizer
 
-TEXTS = [f"Paragraph {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 7 + 1)
-         for i in range(60)]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on a free port; credentials and endpoint in the environment,
-    where pyarrow, s3fs and botocore all find them."""
-    server_module = pytest.importorskip("moto.server")
-    fsspec = pytest.importorskip("fsspec")
-    pytest.importorskip("s3fs")
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    filesystem, _ = fsspec.core.url_to_fs("s3://corpus")
-    filesystem.mkdir("corpus")
-    filesystem.pipe_file("corpus/books/one.txt", "\n\n".join(TEXTS[:30]).encode())
-    filesystem.pipe_file("corpus/books/more/two.txt", "\n\n".join(TEXTS[30:]).encode())
-    filesystem.pipe_file("corpus/notes.jsonl",
-                         "\n".join(json.dumps({"text": t}) for t in TEXTS).encode())
-    filesystem.mkdir("checkpoints")
-    yield env
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+from conftest import S3_TEXTS as TEXTS
 
 
 def test_sources_list_and_read_from_s3(s3):

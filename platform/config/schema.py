@@ -56,7 +56,8 @@ class TrainConfig:
     global_batch: int = 32  # sequences per optimizer step, summed over data-parallel replicas
     micro_batch: int = 8  # sequences per forward/backward on one replica; unless you set it,
     # lowered where a pipeline schedule needs more micro-batches than it gives
-    steps: int = 300
+    steps: int | str = 300  # optimizer steps; auto: as many whole global batches as the
+    # sources with an epoch limit give (counted by one pass before training; fine-tuning)
     lr: float = 1e-3
     min_lr: float = 1e-4  # floor of the cosine decay
     warmup_steps: int = 20
@@ -110,6 +111,8 @@ class DataConfig:
     # prompt_completion sources, else stream
     document_mask: bool = True  # samples: each attends only within itself, positions from 0
     overlong: str = "drop"  # samples longer than seq_len + 1 tokens: drop (counted) | truncate
+    on_new_files: str = "error"  # a resumed run's sources list other files than its
+    # checkpoint recorded: error | next_epoch (files added are read from the next epoch on)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 
 from raytron.model.parallelize import DP_SHARD_MODES
 from raytron.model.pipeline import SCHEDULES
+from raytron.pipelines.file_lists import ON_NEW_FILES
 from raytron.pipelines.sources import DOCUMENTS, FORMATS, SourceError, list_files
 from raytron.platform.config.drills import parse_injection, parse_injections
 from raytron.platform.config.load import flatten, to_dict
@@ -232,7 +233,8 @@ RULES: dict[str, Rule] = {
     "parallel.layers_per_stage.*": count(MAX_LAYERS),
     "train.global_batch": count(),
     "train.micro_batch": count(),
-    "train.steps": count(),
+    "train.steps": count_or((AUTO,), "give a number of steps, or auto to train on every "
+                                      "source with an epoch limit to its end"),
     "train.lr": number(),
     "train.min_lr": number(positive=False),
     "train.warmup_steps": natural,
@@ -267,6 +269,7 @@ RULES: dict[str, Rule] = {
     "data.packing": one_of(PACKINGS),
     "data.document_mask": anything,
     "data.overlong": one_of(OVERLONG),
+    "data.on_new_files": one_of(ON_NEW_FILES),
     "checkpoint.dir": text(),
     "checkpoint.interval": count(),
     "checkpoint.keep_last": count(),
@@ -466,6 +469,11 @@ def train_problems(config: RaytronConfig) -> list[str]:
             f"parallel.dp = {t.micro_batch}*{dp} = {step}. Fix: set train.global_batch to a "
             f"multiple of {step} (e.g. {max(step, round(t.global_batch / step) * step)})."
         )
+    if t.steps == AUTO and not any(s.epochs for s in config.data.sources):
+        problems.append(
+            "train.steps=auto trains until every source with an epoch limit is read to its "
+            "end, and no source of data.sources has one. Fix: give a source epochs (e.g. "
+            "data.sources.0.epochs=1), or give train.steps a number.")
     if t.min_lr > t.lr:
         problems.append(
             f"train.min_lr={t.min_lr} must not exceed train.lr={t.lr}. "

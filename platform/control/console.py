@@ -61,10 +61,18 @@ def format_validation(step: int, total: int, m: dict[str, float]) -> str:
 
 
 class Console:
-    def __init__(self, total: int, start: int):
-        self.total = total
+    def __init__(self, total: int | None, start: int):
+        """`total`: the run's steps; None until they are counted (`train.steps=auto`)."""
+        self.total = total or 0
         self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
                         desc="training", disable=None)  # no bar when output is no terminal
+
+    def resize(self, total: int) -> None:
+        self.total = total
+        if not self.bar.disable:
+            step = self.bar.n
+            self.bar.reset(total=total)
+            self.bar.update(step)
 
     def show(self, records: list[tuple[int, dict]]) -> None:
         for step, metrics in records:

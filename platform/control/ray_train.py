@@ -10,9 +10,12 @@ from raytron.platform.storage.run_dir import RunPaths
 from raytron.platform.worker.layout import Layout
 
 
-def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, actors: dict):
+def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, actors: dict,
+                 leases: dict[str, str], committed: list[int]):
     """Ray Train does not restart it (the controller does, from raytron's commit marker);
-    its collectives time out shortly after the watchdog would have fired."""
+    its collectives time out shortly after the watchdog would have fired. Every worker
+    gets the run's lease tokens (checked before each commit) and the `committed` steps
+    the controller listed, so that all ranks try the same checkpoints."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -25,7 +28,8 @@ def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, actors: di
     return TorchTrainer(
         train_loop,
         train_loop_config={"config": config, "checkpoint_dir": str(paths.checkpoints),
-                           "launched_at": time.time(), **actors},
+                           "launched_at": time.time(), "leases": leases,
+                           "committed": committed, **actors},
         torch_config=TorchConfig(timeout_s=int(longest_wait) + 60),
         scaling_config=ScalingConfig(
             num_workers=config.cluster.workers, use_gpu=gpus > 0,

@@ -4,20 +4,24 @@ while settling it, before any Ray resource is taken."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from raytron.model.gpt import GPT
 from raytron.platform.config.load import flatten, to_dict, to_yaml
 from raytron.platform.config.plan import human
 from raytron.platform.config.redact import redacted
-from raytron.platform.config.resolve import gpt_shape
+from raytron.platform.config.resolve import AUTO, gpt_shape
 from raytron.platform.config.resume import changes
-from raytron.platform.config.schema import RaytronConfig
+from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.control.actors import run_actors
 from raytron.platform.control.console import Console
 from raytron.platform.control.settle import SettledRun, settle
-from raytron.platform.control.supervisor import Supervisor
-from raytron.platform.storage.checkpoint import CheckpointUnreadable
+from raytron.platform.control.supervisor import Supervisor, not_retried
+from raytron.platform.storage.checkpoint import CheckpointStore, CheckpointUnreadable
+from raytron.platform.storage.lease import RunLeases, run_folders
+from raytron.platform.storage.run_dir import RunPaths
 from raytron.platform.storage.tracking import (
     RunTracking,
     dashboard_command,
@@ -28,35 +32,55 @@ from raytron.platform.storage.tracking import (
 
 def train(config: RaytronConfig) -> int:
     """Run (or resume) a training run; returns the process exit code (a `ConfigError`
-    propagates: the command line makes it exit status 2)."""
+    propagates: the command line makes it exit status 2). The run's leases are taken
+    first: a second training of the same run is refused before it does anything."""
+    paths = RunPaths.of(config)
+    with RunLeases(run_folders(paths), config.run.name) as leases:
+        return train_holding(config, leases)
+
+
+def train_holding(config: RaytronConfig, leases: RunLeases) -> int:
+    """`train`, once the run's leases are held."""
     run = settle(config)
     c, paths = run.config, run.paths
     done = run.committed[-1] if run.committed else 0
-    if done >= c.train.steps:
-        print(f"{paths.dir} already finished {done} steps (train.steps={c.train.steps}). "
-              "Raise train.steps to train on, or pick a new run.name.")
+    auto = c.train.steps == AUTO
+    if not auto and done >= c.train.steps:
+        print(finished_already(paths, done, c.train.steps))
         return 0
     last_start = paths.saved_config()  # before this start's config replaces it
     paths.dir.mkdir(parents=True, exist_ok=True)
-    paths.config_file.write_text(to_yaml(redacted(c)))  # credentials never reach a file
+    saved = to_yaml(redacted(c))  # credentials never reach a file
+    paths.config_file.write_text(saved)
+    CheckpointStore(paths.checkpoints, c.checkpoint.keep_last).save_config(saved)
     run.tokenizer.save(str(paths.tokenizer_file))
     # a CPU peak measured at each start differs a little each time: no change of the user's
     measured = ("train.peak_flops",) if config.train.peak_flops is None else ()
     tracking, run_id, reopened = open_tracking(run, last_start, measured)
     print(describe_start(run, tracking, run_id, reopened))
-    console = Console(c.train.steps, done)
-    status, code = "FINISHED", 0
-    message = (f"Finished {c.train.steps} steps. Checkpoints: {paths.checkpoints}\n"
-               f"MLflow run {run_id} in {tracking.uri}\n{run_page(tracking, run_id)}")
+    console = Console(None if auto else c.train.steps, done)
+    status, code, message = "FINISHED", 0, ""
     try:
         with run_actors(c, run.spec, tracking.uri, run_id, console) as actors:
-            Supervisor(c, paths, tracking, run_id, run.gpus, console, actors).run()
+            if auto:
+                c = with_counted_steps(c, actors["feeder"], console)
+                tracking.record_event(run_id, "steps", done, f"train.steps=auto: the data "
+                                      f"gives {c.train.steps} steps")
+            if done >= c.train.steps:
+                message = finished_already(paths, done, c.train.steps)
+            else:
+                Supervisor(c, paths, tracking, run_id, run.gpus, console, actors,
+                           leases.tokens()).run()
     except KeyboardInterrupt:
         status, code = "KILLED", 130
         message = (f"\nInterrupted. Run the same command again to resume from the last "
                    f"committed checkpoint in {paths.checkpoints}.")
     except CheckpointUnreadable as error:
         status, code, message = "FAILED", 1, f"\nCannot resume run '{c.run.name}': {error}"
+    except ConfigError as error:
+        status, code, message = "FAILED", 2, f"\nraytron: invalid config:\n{error}"
+    except not_retried() as error:  # the same command would fail the same way
+        status, code, message = "FAILED", 1, f"\nTraining stopped: {error}"
     except Exception as error:
         status, code = "FAILED", 1
         message = (f"\nTraining failed: {error}\nThe last committed checkpoint is kept in "
@@ -64,8 +88,33 @@ def train(config: RaytronConfig) -> int:
     finally:
         console.close()
     tracking.finish(run_id, status)
-    print(message)
+    print(message or f"Finished {c.train.steps} steps. Checkpoints: {paths.checkpoints}\n"
+                     f"MLflow run {run_id} in {tracking.uri}\n{run_page(tracking, run_id)}")
     return code
+
+
+def finished_already(paths: RunPaths, done: int, steps: int) -> str:
+    return (f"{paths.dir} already finished {done} steps (train.steps={steps}). Raise "
+            "train.steps to train on, or pick a new run.name.")
+
+
+def with_counted_steps(c: RaytronConfig, feeder, console: Console) -> RaytronConfig:
+    """`train.steps=auto` made a number: the whole global batches the data gives, counted
+    by the feeder's pass over it (the LR schedule decays over them)."""
+    import ray
+
+    console.bar.write("train.steps=auto: counting the steps the data gives (one pass over "
+                      "it; its tokens are kept in the token cache for training)")
+    steps = ray.get(feeder.count_steps.remote())
+    if steps == 0:
+        raise ConfigError([f"train.steps=auto: the data gives less than one global batch "
+                           f"(train.global_batch={c.train.global_batch} sequences of "
+                           f"data.seq_len={c.data.seq_len} tokens). Fix: lower "
+                           "train.global_batch, raise the sources' epochs, or add data."])
+    console.bar.write(f"train.steps=auto: the data gives {steps} steps of "
+                      f"{c.train.global_batch} sequences")
+    console.resize(steps)
+    return dataclasses.replace(c, train=dataclasses.replace(c.train, steps=steps))
 
 
 def open_tracking(run: SettledRun, last_start: dict | None,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from raytron.pipelines.chat import with_chat_tokens
+from raytron.pipelines.file_lists import resumed_spec
 from raytron.pipelines.sources import CHAT, sample_kind
 from raytron.pipelines.stream import StreamSpec
 from raytron.pipelines.tokenizer import load
@@ -57,17 +58,20 @@ def settle(config: RaytronConfig) -> SettledRun:
     config = with_tokenizer_workers(config, nodes)
     config = with_absolute_locations(config)
     paths = RunPaths.of(config)
-    committed = CheckpointStore(paths.checkpoints, config.checkpoint.keep_last).committed_steps()
+    store = CheckpointStore(paths.checkpoints, config.checkpoint.keep_last)
+    committed = store.committed_steps()
+    saved = checkpoints_owner(config, paths, store, committed) if committed else None
     spec = stream_spec(config)
+    if committed:
+        spec = resumed_data(spec, store, committed, config.data.on_new_files)
     tokenizer = run_tokenizer(config, paths, spec, resuming=bool(committed))
     if any(sample_kind(s.path, s.format) == CHAT for s in config.data.sources):
         tokenizer = with_chat_tokens(tokenizer)
     raise_problems(tokenizer_problems(config, tokenizer.get_vocab_size()))
     config = dataclasses.replace(config, model=resolve_model(config.model,
                                                              tokenizer.get_vocab_size()))
-    saved = paths.saved_config()
     applied: list[str] = []
-    if committed and saved is not None:
+    if saved is not None:
         current = flatten(to_dict(redacted(config)))
         raise_problems(resume_problems(saved, current, config.run.name, committed[-1]))
         applied = applied_changes(saved, current)
@@ -79,13 +83,67 @@ def settle(config: RaytronConfig) -> SettledRun:
                       applied)
 
 
+def checkpoints_owner(config: RaytronConfig, paths: RunPaths, store: CheckpointStore,
+                      committed: list[int]) -> dict:
+    """The saved config of the run whose checkpoints `checkpoint.dir` holds, when that is
+    this run; `ConfigError` when they are another run's, or no run's that raytron knows:
+    a run never adopts checkpoints it did not write."""
+    saved = store.saved_config()
+    if saved is None:  # written before raytron kept its config beside the checkpoints
+        own = paths.saved_config()
+        saved = own if own and own.get("checkpoint.dir") == paths.checkpoints else None
+    where = f"checkpoint.dir {paths.checkpoints} holds committed checkpoints (step " \
+            f"{', '.join(map(str, committed))})"
+    if saved is None:
+        raise ConfigError([f"{where} but no config of the run that wrote them, neither beside "
+                           f"them nor in {paths.dir}: raytron does not adopt checkpoints it "
+                           "cannot tell are this run's. Fix: give this run a checkpoint.dir "
+                           "of its own (the default is <run.root>/<run.name>/checkpoints), or "
+                           "delete those checkpoints if they are of no use."])
+    if saved.get("run.name") != config.run.name:
+        raise ConfigError([f"{where} of run '{saved.get('run.name')}', not of run "
+                           f"'{config.run.name}'. Fix: resume that run with "
+                           f"run.name={saved.get('run.name')}, or give this run a "
+                           "checkpoint.dir of its own (the default is "
+                           "<run.root>/<run.name>/checkpoints)."])
+    return saved
+
+
+def resumed_data(spec: StreamSpec, store: CheckpointStore, committed: list[int],
+                 on_new_files: str) -> StreamSpec:
+    """The stream a resumed run reads: the file lists its newest readable checkpoint
+    recorded (`pipelines/file_lists.py`); `ConfigError` naming each source whose files
+    changed in a way the run cannot take."""
+    for step in reversed(committed):
+        try:
+            cursor = store.meta(step).get("cursor") or {}
+        except (OSError, ValueError):  # damaged: the workers will skip it too
+            continue
+        try:
+            spec, problems = resumed_spec(spec, cursor, on_new_files, step)
+        except (TypeError, ValueError, KeyError) as error:  # lists not as raytron wrote them
+            raise ConfigError([f"the checkpoint at step {step} records its data's file lists "
+                               f"in a form raytron cannot read ({error}). Fix: resume with "
+                               "the raytron version that wrote it."]) from None
+        raise_problems(problems)
+        return spec
+    return spec
+
+
 def run_tokenizer(config: RaytronConfig, paths: RunPaths, spec: StreamSpec,
                   resuming: bool) -> Tokenizer:
-    """A resuming run's own tokenizer; otherwise `data.tokenizer`, or one trained now."""
+    """A resuming run's own tokenizer; otherwise `data.tokenizer`, or one trained now. A
+    resuming run never trains a new one: its checkpoints were trained with the old."""
     if resuming and paths.tokenizer_file.is_file():
         return load(paths.tokenizer_file)
     if config.data.tokenizer:
         return load(config.data.tokenizer)
+    if resuming:
+        raise ConfigError([f"run '{config.run.name}' has committed checkpoints in "
+                           f"{paths.checkpoints} but its tokenizer, {paths.tokenizer_file}, is "
+                           "missing: a new tokenizer would give the checkpoints other tokens. "
+                           "Fix: put the run's tokenizer.json back, or set data.tokenizer to "
+                           "it."])
     print(f"Training a {config.data.vocab_size}-token byte-level BPE tokenizer on the corpus")
     return train_tokenizer(config, spec)
 

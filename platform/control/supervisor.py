@@ -19,6 +19,17 @@ class RunFailed(RuntimeError):
     """The worker group failed more than faults.max_restarts times."""
 
 
+def not_retried() -> tuple[type[BaseException], ...]:
+    """Failures no restart can fix: the same checkpoints, data and lease would fail the
+    same way. They end the run at once, reported once."""
+    from raytron.pipelines.feeder import DataUnusable
+    from raytron.pipelines.mixture import DataExhausted
+    from raytron.platform.config.schema import ConfigError
+    from raytron.platform.storage.lease import LeaseLost
+
+    return CheckpointUnreadable, DataExhausted, DataUnusable, LeaseLost, ConfigError
+
+
 class Supervisor:
     """Runs worker groups until the run is done. After a failure it relaunches from the
     last committed checkpoint, up to faults.max_restarts times with doubling back-off;
@@ -26,11 +37,12 @@ class Supervisor:
     a failure. An elastic run (parallel.dp=auto) relaunches at the largest dp that fits."""
 
     def __init__(self, config: RaytronConfig, paths: RunPaths, tracking: RunTracking,
-                 run_id: str, gpus: float, console: Console, actors: dict):
+                 run_id: str, gpus: float, console: Console, actors: dict,
+                 leases: dict[str, str]):
         from raytron.platform.control.capacity import Sizing
 
         self.config, self.paths, self.tracking, self.run_id = config, paths, tracking, run_id
-        self.gpus, self.console, self.actors = gpus, console, actors
+        self.gpus, self.console, self.actors, self.leases = gpus, console, actors, leases
         self.store = CheckpointStore(paths.checkpoints, config.checkpoint.keep_last)
         self.elastic = config.parallel.dp == "auto"
         self.sizing = Sizing.of(config, gpus)
@@ -53,10 +65,12 @@ class Supervisor:
             watcher = LaunchWatcher(
                 coordinator, launch.cluster.workers, self.config.faults.capacity_check_s,
                 (lambda dp=launch.parallel.dp: self.sizing.room_to_grow(dp)) if grow else None)
+            committed = self.store.committed_steps()  # listed once: every rank tries these
             try:
-                worker_group(launch, self.paths, self.gpus, self.actors).fit()
+                worker_group(launch, self.paths, self.gpus, self.actors, self.leases,
+                             committed).fit()
             except Exception as error:  # the group failed: restart it, or give up
-                raise_if_unreadable(error)
+                raise_if_not_retried(error)
                 self.failed(failure_gist(error, layout_of(launch)), error)
                 continue
             finally:
@@ -115,8 +129,9 @@ def with_dp(config: RaytronConfig, dp: int) -> RaytronConfig:
         cluster=dataclasses.replace(config.cluster, workers=p.pp * dp * p.tp))
 
 
-def raise_if_unreadable(error: BaseException) -> None:
-    """No restart can help when the checkpoints cannot be loaded: end the run with why."""
-    for failure in rank_failures(error).values():
-        if isinstance(failure, CheckpointUnreadable):
+def raise_if_not_retried(error: BaseException) -> None:
+    """No restart can help some failures (`not_retried`): end the run with the first
+    rank's, whose message says what happened and what to do."""
+    for _, failure in sorted(rank_failures(error).items()):
+        if isinstance(failure, not_retried()):
             raise failure from None

@@ -30,6 +30,7 @@ import fsspec
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import yaml
 from fsspec.implementations.local import LocalFileSystem
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -41,11 +42,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from raytron.platform.config.load import flatten
 from raytron.platform.storage.rng_state import parse_rng_state, rng_state_json, set_rng_state
 from raytron.platform.storage.safe_reading import TensorsOnlyPlanner, safe_reader
 
 COMMIT_MARKER = "COMMITTED"
 META_FILE = "meta.json"
+CONFIG_FILE = "config.yaml"  # the run's config, beside its checkpoints
+MAX_CONFIG_BYTES = 1 << 20  # a saved config is data: never read more
 PREFIX = "step_"
 RNG_FILE = "rng_rank{rank}.json"
 PICKLED_RNG_FILE = "rng_rank{rank}.pt"  # written by raytron before 0.2: never loaded
@@ -87,10 +91,13 @@ class CheckpointStore:
     """The checkpoints of one run, in one folder: a local path or an fsspec URI
     (`s3://bucket/run`, `gs://...`; needs s3fs / gcsfs, e.g. `pip install raytron[s3]`)."""
 
-    def __init__(self, directory: str | Path, keep_last: int):
+    def __init__(self, directory: str | Path, keep_last: int,
+                 leases: dict[str, str] | None = None):
         self.fs, self.root = fsspec.core.url_to_fs(str(directory))
         self.local = isinstance(self.fs, LocalFileSystem)
         self.keep_last = keep_last
+        self.leases = leases or {}  # folder -> token this run's lease holds: checked by
+        # rank 0 before it deletes or commits anything, so only the lease holder writes
 
     def folder(self, step: int) -> str:
         return f"{self.root}/{PREFIX}{step:08d}"
@@ -117,6 +124,47 @@ class CheckpointStore:
     def meta(self, step: int) -> dict:
         return json.loads(self.fs.cat_file(f"{self.folder(step)}/{META_FILE}"))
 
+    def save_config(self, text: str) -> None:
+        """The run's (redacted) config beside its checkpoints: which run they belong to."""
+        self.fs.makedirs(self.root, exist_ok=True)
+        write_atomically(self.fs, f"{self.root}/{CONFIG_FILE}", text)
+
+    def saved_config(self) -> dict | None:
+        """The flattened config saved beside the checkpoints, read as plain YAML (no
+        interpolation: it is data); None when there is none or it is no mapping."""
+        path = f"{self.root}/{CONFIG_FILE}"
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "rb") as handle:
+            text = handle.read(MAX_CONFIG_BYTES + 1)
+        try:
+            tree = yaml.safe_load(text) if len(text) <= MAX_CONFIG_BYTES else None
+        except yaml.YAMLError:
+            return None
+        return flatten(tree) if isinstance(tree, dict) else None
+
+    def intact(self, step: int) -> str | None:
+        """Why the committed checkpoint at `step` cannot load, found without loading it (its
+        meta, its DCP metadata, and every file that names at its full length); None when
+        it looks whole. A damaged checkpoint does not count towards `keep_last`."""
+        folder = self.folder(step)
+        try:
+            json.loads(self.fs.cat_file(f"{folder}/{META_FILE}"))
+            metadata = safe_reader(self.checkpoint_id(step), self.local).read_metadata()
+            sizes = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["size"]
+                     for entry in self.fs.ls(folder, detail=True)}
+        except (Exception, CheckpointException) as error:  # unreadable: damaged
+            return reason(error)
+        needed: dict[str, int] = {}
+        for info in (metadata.storage_data or {}).values():
+            name = str(info.relative_path)
+            needed[name] = max(needed.get(name, 0), info.offset + info.length)
+        for name, size in sorted(needed.items()):
+            if sizes.get(name, -1) < size:
+                have = "missing" if name not in sizes else f"{sizes[name]} bytes"
+                return f"{name} is {have}, its metadata needs {size} bytes"
+        return None
+
     def save(self, step: int, parts: list[torch.nn.Module],
              optimizers: list[torch.optim.Optimizer], meta: dict,
              before_commit: Callable[[], None] | None = None) -> None:
@@ -132,8 +180,10 @@ class CheckpointStore:
         then change the parameters), coordinating ranks on `group`: a gloo group of its
         own, apart from the training's collectives."""
         folder = self.folder(step)
-        if rank() == 0 and self.fs.exists(folder):  # the leftover of a save that crashed
-            self.fs.rm(folder, recursive=True)
+        if rank() == 0:
+            self.check_lease()
+            if self.fs.exists(folder):  # the leftover of a save that crashed
+                self.fs.rm(folder, recursive=True)
         barrier()
         state, _ = training_state(parts, optimizers)
         future = None
@@ -143,7 +193,7 @@ class CheckpointStore:
             future = dcp.async_save(state, checkpoint_id=self.checkpoint_id(step),
                                     process_group=group, no_dist=not dist.is_initialized())
         self.fs.makedirs(folder, exist_ok=True)  # a background write may not have yet
-        self.fs.pipe_file(f"{folder}/{RNG_FILE.format(rank=rank())}", rng_state_json().encode())
+        write_atomically(self.fs, f"{folder}/{RNG_FILE.format(rank=rank())}", rng_state_json())
         return PendingSave(step, {"step": step, **meta}, future)
 
     def commit(self, pending: PendingSave,
@@ -156,6 +206,7 @@ class CheckpointStore:
             before_commit()
         barrier()
         if rank() == 0:
+            self.check_lease()
             folder = self.folder(pending.step)
             write_atomically(self.fs, f"{folder}/{META_FILE}", json.dumps(pending.meta, indent=2))
             write_atomically(self.fs, f"{folder}/{COMMIT_MARKER}", "")
@@ -222,13 +273,16 @@ class CheckpointStore:
         return None
 
     def load_latest(self, parts: list[torch.nn.Module],
-                    optimizers: list[torch.optim.Optimizer]) -> Resumed | None:
-        """Collective: load the newest committed checkpoint that reads back whole, skipping
-        damaged ones. None when nothing is committed; `CheckpointUnreadable`, naming each
-        checkpoint and why, when something is and none loads (DCP raises on every rank
-        when any rank fails to read, so ranks agree)."""
+                    optimizers: list[torch.optim.Optimizer],
+                    committed: list[int] | None = None) -> Resumed | None:
+        """Collective: load the newest of the `committed` steps (listed once by the driver,
+        so that every rank tries the same ones; default: listed here) that reads back whole,
+        skipping damaged ones. None when nothing is committed; `CheckpointUnreadable`,
+        naming each checkpoint and why, when something is and none loads (DCP raises on
+        every rank when any rank fails to read, so ranks agree)."""
         skipped: list[tuple[int, str]] = []
-        for step in reversed(self.committed_steps()):
+        steps = self.committed_steps() if committed is None else committed
+        for step in reversed(steps):
             try:
                 return Resumed(step, self.load(step, parts, optimizers), skipped)
             except (Exception, CheckpointException) as error:  # damaged: take the one before
@@ -243,15 +297,34 @@ class CheckpointStore:
             "start a new run.name; delete a damaged step_<N> folder to resume from the one "
             "before it.")
 
+    def check_lease(self) -> None:
+        """`LeaseLost` unless this run still holds the lease of each of its folders."""
+        from raytron.platform.storage.lease import check_token
+
+        for folder, token in self.leases.items():
+            check_token(folder, token)
+
     def prune(self, keep: int) -> None:
-        """Delete committed checkpoints beyond `keep_last` and leftovers of failed saves."""
-        survivors = set(self.committed_steps()[-self.keep_last :]) | {keep}
+        """Keep the newest `keep_last` committed checkpoints that look whole (`intact`),
+        and `keep`; delete the committed ones older than those and every leftover of a
+        failed save. A damaged checkpoint is not counted, so it never pushes out a good
+        one; one newer than the oldest kept stays, for whoever wants to look at it."""
+        kept: list[int] = []
+        for step in reversed(self.committed_steps()):
+            if len(kept) == self.keep_last:
+                break
+            if step == keep or self.intact(step) is None:
+                kept.append(step)
+        oldest = min([*kept, keep])
         for folder in self.fs.ls(self.root, detail=False):
             step = step_of(folder)
-            if step is None or step in survivors:
+            if step is None or step == keep:
                 continue
             marker = f"{folder}/{COMMIT_MARKER}"
-            if self.fs.exists(marker):
+            committed = self.fs.exists(marker)
+            if committed and step >= oldest:
+                continue
+            if committed:
                 self.fs.rm(marker)  # uncommit first, then delete
             self.fs.rm(folder, recursive=True)
 
@@ -308,8 +381,8 @@ def first_of_all_ranks(problem: str | None) -> str | None:
 
 
 def write_atomically(fs, path: str, text: str) -> None:
-    """Local: write a temporary file, fsync, rename. Object storage: one PUT, which is
-    atomic by itself."""
+    """Local: write a temporary file, fsync it, rename it, fsync its directory (so that
+    the name survives a power loss too). Object storage: one PUT, atomic by itself."""
     if not isinstance(fs, LocalFileSystem):
         fs.pipe_file(path, text.encode())
         return
@@ -319,6 +392,11 @@ def write_atomically(fs, path: str, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def rank() -> int:

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 from raytron.model.gpt import GPT
+from raytron.pipelines.feeder import DataUnusable
+from raytron.pipelines.mixture import DataExhausted
 from raytron.platform.config.resolve import gpt_shape
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.storage import metric_names as names
@@ -43,6 +45,8 @@ class WorkerArgs:
     tracker: Any  # Tracker actor handle
     coordinator: Any  # Coordinator actor handle: requests to stop at a step boundary
     launched_at: float  # when the controller launched this worker group (time.time())
+    leases: dict[str, str]  # folder -> the run's lease token, checked before each commit
+    committed: list[int]  # the committed steps the controller listed: the ones to resume from
 
 
 def train_loop(args: dict) -> None:
@@ -75,7 +79,8 @@ class WorkerLoop:
         with torch.device("meta"):
             self.flops_per_token = GPT(gpt_shape(self.config.model)).flops_per_token(
                 self.config.data.seq_len)
-        self.store = CheckpointStore(args.checkpoint_dir, self.config.checkpoint.keep_last)
+        self.store = CheckpointStore(args.checkpoint_dir, self.config.checkpoint.keep_last,
+                                     args.leases)
         self.injector = FaultInjector(self.config.faults.inject, rank, self.layout.world,
                                       self.store.fs, self.store.root, self.layout.describe(rank))
         self.validation: Sequences | None = None
@@ -126,7 +131,10 @@ class WorkerLoop:
         window_started, window_wait, window_steps = time.perf_counter(), 0.0, 0
         while step < train.steps:
             self.injector.at_step(step + 1)
-            loss, grad_norm, wait = self.train_step(step)
+            try:
+                loss, grad_norm, wait = self.train_step(step)
+            except (DataExhausted, DataUnusable) as error:
+                self.end_of_data(step, tokens_seen, error)
             step += 1
             if step == first_step:
                 self.launched(step - 1, startup, loaded)
@@ -187,11 +195,30 @@ class WorkerLoop:
     def stop(self, step: int, tokens_seen: int) -> None:
         """Asked to stop (the run resizes, or a node is being preempted): make sure `step`
         is committed, so that the next worker group loses nothing."""
+        self.keep_step(step, tokens_seen)
+        self.report(step, {"stopped_at_step": step})
+
+    def keep_step(self, step: int, tokens_seen: int) -> None:
+        """Commit `step` (collective), and the background save before it."""
         if self.unsaved is not None:
             self.commit()
         if self.committed_step != step:
             self.save(step, tokens_seen, background=False)
-        self.report(step, {"stopped_at_step": step})
+
+    def end_of_data(self, step: int, tokens_seen: int, error: BaseException) -> None:
+        """The data cannot give step `step + 1`'s batch, and never will (every rank learns
+        it at the same step): commit `step`, then end the run with why and what to do."""
+        with self.saving():
+            self.keep_step(step, tokens_seen)
+        kept = f"step {step} is checkpointed" if step else "nothing was trained"
+        if isinstance(error, DataExhausted):
+            raise DataExhausted(
+                f"the data ran out after step {step} of train.steps={self.config.train.steps}: "
+                f"every source with an epoch limit (data.sources.<i>.epochs) was read to its "
+                f"end; {kept}. Fix: train.steps=auto trains exactly the steps the data "
+                "gives; or raise the sources' epochs, or lower train.steps.") from None
+        raise DataUnusable(f"{error} (at step {step + 1}; {kept}). Fix: correct the data or "
+                           "data.sources, then run the same command again.") from None
 
     def bubble_metrics(self) -> dict[str, float]:
         """The measured idle share of each pipeline rank in the last step (collective over
@@ -221,7 +248,8 @@ class WorkerLoop:
     def resume(self) -> tuple[int, dict]:
         """Load the latest readable committed checkpoint, if any (`CheckpointUnreadable`
         when there are some and none loads), and point the feeder at its cursor."""
-        resumed = self.store.load_latest(self.trainer.parts, self.trainer.optimizers)
+        resumed = self.store.load_latest(self.trainer.parts, self.trainer.optimizers,
+                                         self.args.committed)
         step, meta = (resumed.step, resumed.meta) if resumed else (0, {})
         self.trainer.start_at(step)
         if self.rank == 0:
