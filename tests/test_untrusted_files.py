@@ -144,12 +144,19 @@ def test_an_index_naming_a_file_inside_the_folder_opens(tmp_path):
     assert open_source(folder).read_weights().keys() == GPT(SHAPE).state_dict().keys()
 
 
+def test_a_hugging_face_cache_snapshot_with_links_into_its_blobs_opens(tmp_path):
+    """The Hub's cache keeps a snapshot's files as links to ../../blobs/<hash>."""
+    folder = indexed_folder(tmp_path, {"model.norm.weight": "shard.safetensors"})
+    (tmp_path / "outside.safetensors").rename(tmp_path / "blob")
+    (folder / "shard.safetensors").symlink_to(tmp_path / "blob")
+    assert open_source(folder).read_weights().keys() == GPT(SHAPE).state_dict().keys()
+
+
 @pytest.mark.parametrize("name", ["../outside.safetensors", "{tmp}/outside.safetensors",
-                                  "link.safetensors", 7, "bad\x00.safetensors"])
+                                  "missing.safetensors", 7, "bad\x00.safetensors"])
 def test_an_index_naming_files_outside_the_folder_is_refused(tmp_path, name):
     name = name.format(tmp=tmp_path) if isinstance(name, str) else name
     folder = indexed_folder(tmp_path, {"model.norm.weight": name})
-    (folder / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
     message = refusal(folder)
     assert "Fix:" in message and (repr(name) in message or "weight_map" in message)
 
