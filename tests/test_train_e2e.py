@@ -46,16 +46,47 @@ def run_to_end(root: Path, name: str, extra: tuple[str, ...] = ()) -> str:
     return result.stdout + result.stderr
 
 
-def run_and_kill_after_first_checkpoint(root: Path, name: str) -> None:
-    marker = root / name / "checkpoints" / "step_00000006" / COMMIT_MARKER
-    process = subprocess.Popen(command(root, name), cwd=root, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_and_wait_for_first_checkpoint(root: Path, name: str, extra: tuple[str, ...] = ()
+                                        ) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """A training, and a second one of the same run started once the first holds the
+    run's lease; returned once the first has committed its first checkpoint."""
+    lease, marker = root / name / "LEASE", root / name / "checkpoints" / "step_00000006"
+    with open(root / f"{name}.log", "w") as log:  # read by `output_of`
+        first = subprocess.Popen(command(root, name, extra), cwd=root, start_new_session=True,
+                                 stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
+    while not lease.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    second = subprocess.Popen(command(root, name, extra), cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    while not (marker / COMMIT_MARKER).exists() and first.poll() is None \
+            and time.time() < deadline:
         time.sleep(0.2)
-    kill_tree(process.pid)  # the driver and the Ray it started, at once
-    process.wait()
-    assert marker.exists(), "the run never committed its first checkpoint"
+    assert (marker / COMMIT_MARKER).exists(), "the run never committed its first checkpoint"
+    return first, second
+
+
+def output_of(root: Path, name: str, process: subprocess.Popen) -> str:
+    process.wait(timeout=600)
+    return (root / f"{name}.log").read_text()
+
+
+def assert_refused_beside(second: subprocess.Popen, name: str) -> None:
+    """The second training of a run was refused at once, before anything started."""
+    started = time.perf_counter()
+    stdout, stderr = second.communicate(timeout=120)
+    assert second.returncode == 2, stdout[-2000:] + stderr[-2000:]
+    assert time.perf_counter() - started < 60  # it ended without waiting for the first
+    assert f"is being written by run '{name}', pid " in stderr
+    assert "Fix: wait for it to finish" in stderr and "Traceback" not in stderr
+    assert "Resuming" not in stdout and "step " not in stdout
+
+
+def run_and_kill_after_first_checkpoint(root: Path, name: str) -> None:
+    first, second = start_and_wait_for_first_checkpoint(root, name)
+    kill_tree(first.pid)  # the driver and the Ray it started, at once
+    first.wait()
+    assert_refused_beside(second, name)
 
 
 def kill_tree(pid: int) -> None:
@@ -137,7 +168,10 @@ def killed(root, whole) -> str:
 
 
 def test_a_killed_run_resumes_with_the_uninterrupted_losses(root, killed):
+    """... after a second training beside it was refused; its lease, left by the killed
+    process, is taken over by the resume."""
     resumed_output = killed
+    assert "Took over the lease of " in resumed_output and "is gone" in resumed_output
     resumed_from = int(resumed_output.split("Resuming from step ")[1].split()[0])
     assert resumed_from in (6, 12, 18)
     _, _, whole = loss_history(root, "whole")
@@ -440,3 +474,74 @@ def test_fine_tuning_teaches_a_pretrained_model_what_it_could_not_do(root, whole
                  "cluster.dashboard=false", "train.log_interval=100").stdout
     assert "Finished 500 steps" in output
     assert reverse_words_exact_matches(root / "sft") >= 90
+
+
+def write_limited_corpus(folder: Path) -> Path:
+    """A JSONL file of 300 paragraphs of the Python reference: a few dozen steps."""
+    from pydoc_data.topics import topics
+
+    paragraphs = [p for key in sorted(topics) for p in topics[key].split("\n\n") if p.strip()]
+    path = folder / "paragraphs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": p}) for p in paragraphs[:300]))
+    return path
+
+
+def data_steps(path: Path, tokenizer_file: Path, seq_len: int, global_batch: int) -> int:
+    """The whole global batches one epoch of `path` gives, counted here with the run's
+    tokenizer: every document and its EOS, cut into sequences sharing one token."""
+    from raytron.pipelines.tokenizer import eos_id, load
+
+    tokenizer = load(tokenizer_file)
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    tokens = sum(len(e.ids) + 1 for e in tokenizer.encode_batch(texts, add_special_tokens=False))
+    assert eos_id(tokenizer) is not None
+    return (tokens - 1) // seq_len // global_batch
+
+
+@pytest.fixture(scope="module")
+def limited_data(root) -> tuple[str, ...]:
+    path = write_limited_corpus(root)
+    return (f"data.sources=[{{path: {path}, epochs: 1}}]", "data.val_share=0",
+            "train.eval_interval=0", "train.log_interval=4")
+
+
+def test_steps_auto_trains_exactly_the_data_and_a_second_training_is_refused(root,
+                                                                            limited_data):
+    """train.steps=auto: one pass counts the steps, the run trains exactly them and ends
+    with exit 0; a second training of the run started meanwhile is refused at once, and
+    the first finishes with its checkpoints intact."""
+    extra = (*limited_data, "train.steps=auto")
+    first, second = start_and_wait_for_first_checkpoint(root, "auto", extra)
+    assert_refused_beside(second, "auto")
+    output = output_of(root, "auto", first)
+    assert first.returncode == 0, output[-3000:]
+    steps = data_steps(root / "paragraphs.jsonl", root / "auto" / "tokenizer.json", 64, 8)
+    assert steps > 6
+    assert f"train.steps=auto: the data gives {steps} steps of 8 sequences" in output
+    assert f"Finished {steps} steps" in output
+    store = CheckpointStore(root / "auto" / "checkpoints", keep_last=2)
+    assert store.committed_steps()[-1] == steps
+    assert all(store.intact(step) is None for step in store.committed_steps())
+    assert "Took over" not in output and not (root / "auto" / "LEASE").exists()
+
+
+def test_data_that_runs_out_ends_the_run_at_once_with_a_checkpoint(root, limited_data):
+    """train.steps beyond what one epoch gives: no restart, one line with the fix, the last
+    step checkpointed; the same command ends the same way, at once."""
+    result = subprocess.run(command(root, "runs-out", (*limited_data, "train.steps=1000")),
+                            capture_output=True, text=True, timeout=600, cwd=root)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    steps = data_steps(root / "paragraphs.jsonl", root / "runs-out" / "tokenizer.json", 64, 8)
+    assert output.count(f"the data ran out after step {steps} of train.steps=1000") == 1
+    assert "Fix: train.steps=auto" in output
+    assert "restarting" not in output and "failed 1 times" not in output
+    assert "Traceback" not in output
+    store = CheckpointStore(root / "runs-out" / "checkpoints", keep_last=2)
+    assert store.committed_steps()[-1] == steps
+    again = subprocess.run(command(root, "runs-out", (*limited_data, "train.steps=1000")),
+                           capture_output=True, text=True, timeout=600, cwd=root)
+    assert again.returncode == 1
+    assert f"the data ran out after step {steps} of train.steps=1000" in again.stdout
+    assert f"step {steps + 1}/1000" not in again.stdout
+    assert store.committed_steps()[-1] == steps

@@ -28,6 +28,16 @@ class Coordinator:
     def reset(self) -> None:
         self.reason: str | None = None
         self.node_ranks: dict[str, list[int]] = {}
+        self.error: BaseException | None = None
+
+    def end_run(self, error: BaseException) -> None:
+        """The group ended the run on purpose, for a reason no restart changes (its data
+        ran out): the controller raises `error` instead of restarting it. Told this way,
+        not raised in the workers, so that the console gets one line, not tracebacks."""
+        self.error = error
+
+    def run_ended_by(self) -> BaseException | None:
+        return self.error
 
     def join(self, rank: int, node_id: str) -> None:
         self.node_ranks.setdefault(node_id, []).append(rank)

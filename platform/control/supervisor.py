@@ -78,6 +78,9 @@ class Supervisor:
             step = self.store.latest() or 0
             if step >= self.config.train.steps:
                 return
+            ended_by = ray.get(coordinator.run_ended_by.remote())
+            if ended_by is not None:
+                raise ended_by
             reason = ray.get(coordinator.stop_reason.remote())
             if reason is None:  # ended early, unasked: a failure, so that it cannot loop
                 self.failed(f"the worker group ended at step {step}, before train.steps")

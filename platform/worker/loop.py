@@ -135,6 +135,7 @@ class WorkerLoop:
                 loss, grad_norm, wait = self.train_step(step)
             except (DataExhausted, DataUnusable) as error:
                 self.end_of_data(step, tokens_seen, error)
+                return
             step += 1
             if step == first_step:
                 self.launched(step - 1, startup, loaded)
@@ -207,18 +208,23 @@ class WorkerLoop:
 
     def end_of_data(self, step: int, tokens_seen: int, error: BaseException) -> None:
         """The data cannot give step `step + 1`'s batch, and never will (every rank learns
-        it at the same step): commit `step`, then end the run with why and what to do."""
+        it at the same step): commit `step`, then have the controller end the run with why
+        and what to do (the group itself ends without an error)."""
         with self.saving():
             self.keep_step(step, tokens_seen)
+        if self.rank != 0:
+            return
         kept = f"step {step} is checkpointed" if step else "nothing was trained"
         if isinstance(error, DataExhausted):
-            raise DataExhausted(
+            why: BaseException = DataExhausted(
                 f"the data ran out after step {step} of train.steps={self.config.train.steps}: "
                 f"every source with an epoch limit (data.sources.<i>.epochs) was read to its "
                 f"end; {kept}. Fix: train.steps=auto trains exactly the steps the data "
-                "gives; or raise the sources' epochs, or lower train.steps.") from None
-        raise DataUnusable(f"{error} (at step {step + 1}; {kept}). Fix: correct the data or "
-                           "data.sources, then run the same command again.") from None
+                "gives; or raise the sources' epochs, or lower train.steps.")
+        else:
+            why = DataUnusable(f"{error} (at step {step + 1}; {kept}). Fix: correct the data "
+                               "or data.sources, then run the same command again.")
+        ray.get(self.args.coordinator.end_run.remote(why))
 
     def bubble_metrics(self) -> dict[str, float]:
         """The measured idle share of each pipeline rank in the last step (collective over
