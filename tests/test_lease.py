@@ -128,3 +128,16 @@ def test_leases_on_s3_are_atomic_and_taken_over_when_stale(s3, tmp_path, monkeyp
         first.renew()
     late.release()
     assert Lease(folder, "tiny").acquire() is None
+
+
+def test_raytron_status_names_the_training_that_writes_the_run(tmp_path):
+    from raytron.platform.config.load import load_config, to_yaml
+    from raytron.platform.control.status import describe_run
+
+    run_dir = tmp_path / "tiny"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(to_yaml(load_config("tiny", [f"run.root={tmp_path}"])))
+    assert "writer       none: no training holds" in describe_run(str(run_dir))
+    with RunLeases([str(run_dir)], "tiny"):
+        assert f"writer       run 'tiny', pid {psutil.Process().pid} on " in describe_run(
+            str(run_dir))

@@ -8,7 +8,8 @@ from pathlib import Path
 from raytron.platform.config.redact import MASK
 from raytron.platform.storage import metric_names as names
 from raytron.platform.storage.checkpoint import CheckpointStore
-from raytron.platform.storage.run_dir import read_run_config
+from raytron.platform.storage.lease import run_folders, writer_line
+from raytron.platform.storage.run_dir import RunPaths, read_run_config
 from raytron.platform.storage.tracking import (
     LAYOUT_TAG,
     RUN_ID_FILE,
@@ -28,6 +29,9 @@ def describe_run(run_dir: str) -> str:
              f"worker(s), schedule {p.schedule}"]
     lines.append(checkpoint_line(config.checkpoint.dir, config.checkpoint.keep_last,
                                  config.train.steps))
+    if MASK not in config.checkpoint.dir:
+        paths = RunPaths(folder.resolve().parent, folder.resolve(), config.checkpoint.dir)
+        lines.append(writer_line(run_folders(paths)))
     lines += mlflow_lines(folder, saved_tracking_uri(config.tracking.uri, folder))
     return "\n".join(lines)
 

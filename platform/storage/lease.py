@@ -262,6 +262,21 @@ def run_folders(paths: RunPaths) -> list[str]:
     return [str(paths.dir)] + ([] if inside else [paths.checkpoints])
 
 
+def writer_line(folders: list[str]) -> str:
+    """`raytron status`: which training, if any, holds a run's lease."""
+    for folder in folders:
+        try:
+            seen = lease_file(folder).read()
+        except Exception as error:  # storage this machine cannot read
+            return f"writer       unknown: the lease of {folder} cannot be read ({error})"
+        if seen is not None:
+            why = seen.stale()
+            who = seen.holder.describe() if seen.holder else "an unreadable lease"
+            return (f"writer       {who} (renewed {seen.age_s:.0f} s ago)" if why is None else
+                    f"writer       none: the lease of {who} is stale ({why})")
+    return "writer       none: no training holds the run's lease"
+
+
 def refuse_if_held(folders: list[str]) -> None:
     """`ConfigError` when a live training holds one of `folders` (`raytron submit` asks
     before it submits; the job's training takes the lease itself). A lease this machine
