@@ -24,7 +24,7 @@ from raytron.platform.control.corpus import stream_spec
 REASONS = {sources.INVALID_UTF8, sources.MALFORMED_JSON, sources.MISSING_FIELD, sources.EMPTY,
            sources.UNREADABLE, sources.OVERSIZED, sources.INVALID_SAMPLE}
 CAP = 256  # max_document_bytes while reading: lines and blocks beyond it are drawn often
-SECONDS = 5  # per example: listing, settling and reading it all
+SECONDS = 10  # per example: listing, settling and reading it all
 
 LINES = st.one_of(
     st.text(max_size=40).map(lambda t: json.dumps({"text": t}).encode()),
