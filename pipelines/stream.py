@@ -71,12 +71,15 @@ def sample_format(source: SourceSpec) -> str | None:
     return declared if declared in SAMPLE_FORMATS else None
 
 
-def source_spec(source, max_document_bytes: int) -> SourceSpec:
-    """From a `SourceConfig` (path, format, its fields, document, weight, epochs)."""
+def source_spec(source, max_document_bytes: int,
+                listed: list[tuple[str, str]] | None = None) -> SourceSpec:
+    """From a `SourceConfig` (path, format, its fields, document, weight, epochs), and its
+    (file, version) list when it was listed already."""
     files = [CorpusFile(path, sample_kind(source.path, source.format), source.text_field,
                         source.document, max_document_bytes, source.messages_field,
                         source.prompt_field, source.completion_field, version)
-             for path, version in list_file_versions(source.path)]
+             for path, version in (list_file_versions(source.path) if listed is None
+                                   else listed)]
     return SourceSpec(files, source.weight, source.epochs)
 
 

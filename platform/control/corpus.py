@@ -13,7 +13,13 @@ import pyarrow as pa
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from raytron.pipelines.sources import CorpusFile, file_format, list_source, parquet_schema
+from raytron.pipelines.sources import (
+    CorpusFile,
+    Listing,
+    file_format,
+    list_source,
+    parquet_schema,
+)
 from raytron.pipelines.stream import SourceSpec, StreamSpec, source_spec, tokenizer_sample
 from raytron.pipelines.tokenizer import bos_id, eos_id, train_bpe
 from raytron.platform.config.redact import redact_text
@@ -33,9 +39,13 @@ def stream_spec(config: RaytronConfig, tokenizer: Tokenizer | None = None) -> St
     `parquet_problems`); prints what listing the sources passed over (`report_skipped`)."""
     d = with_tokenizer_workers(config, []).data
     max_bytes = d.max_document_mb * 2**20
-    sources = [source_spec(s, max_bytes) for s in d.sources]
-    validation = [source_spec(s, max_bytes) for s in d.validation_sources]
-    report_skipped(d)
+    listings = {group: [list_source(s.path) for s in getattr(d, group)]
+                for group in ("sources", "validation_sources")}
+    sources, validation = ([source_spec(s, max_bytes, listing.files)
+                            for s, listing in zip(getattr(d, group), listings[group],
+                                                  strict=True)]
+                           for group in ("sources", "validation_sources"))
+    report_skipped(d, listings)
     problems = parquet_problems("sources", sources)
     problems += parquet_problems("validation_sources", validation)
     if problems:
@@ -57,12 +67,13 @@ def stream_spec(config: RaytronConfig, tokenizer: Tokenizer | None = None) -> St
     )
 
 
-def report_skipped(data: DataConfig) -> None:
+def report_skipped(data: DataConfig, listings: dict[str, list[Listing]]) -> None:
     """Prints, once per source, the paths its listing passed over (hidden paths, symlink
     loops, ...), to stderr: `raytron config` prints YAML on stdout."""
     for group in ("sources", "validation_sources"):
-        for index, source in enumerate(getattr(data, group)):
-            if summary := list_source(source.path).summary():
+        for index, (source, listing) in enumerate(zip(getattr(data, group), listings[group],
+                                                      strict=True)):
+            if summary := listing.summary():
                 print(redact_text(f"data.{group}.{index} ({source.path}): {summary}"),
                       file=sys.stderr)
 
