@@ -141,3 +141,46 @@ def test_raytron_status_names_the_training_that_writes_the_run(tmp_path):
     with RunLeases([str(run_dir)], "tiny"):
         assert f"writer       run 'tiny', pid {psutil.Process().pid} on " in describe_run(
             str(run_dir))
+
+
+def committed_run(root, name: str, checkpoints: str, with_config: bool = True) -> None:
+    """A run `name` under `root` with one committed checkpoint in `checkpoints`, and its
+    config saved beside it as `raytron train` saves it."""
+    from raytron.platform.config.load import load_config, to_yaml
+
+    store = CheckpointStore(checkpoints, 2)
+    model = torch.nn.Linear(2, 2)
+    store.save(6, [model], [torch.optim.AdamW(model.parameters())], {})
+    if with_config:
+        store.save_config(to_yaml(load_config("tiny", [f"run.root={root}", f"run.name={name}",
+                                                       f"checkpoint.dir={checkpoints}"])))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_another_runs_checkpoints_are_refused_not_adopted(tmp_path, where, request):
+    from raytron.platform.config.load import load_config
+    from raytron.platform.control.settle import settle
+
+    checkpoints = str(tmp_path / "a" / "checkpoints")
+    if where == "s3":
+        request.getfixturevalue("s3")
+        checkpoints = f"s3://checkpoints/{tmp_path.name}/a"
+    committed_run(tmp_path, "a", checkpoints)
+    other = load_config("tiny", [f"run.root={tmp_path}", "run.name=b",
+                                 f"checkpoint.dir={checkpoints}"])
+    with pytest.raises(ConfigError, match=r"holds committed checkpoints \(step 6\) of run 'a', "
+                                          r"not of run 'b'\. Fix: resume that run"):
+        settle(other)
+    assert not (tmp_path / "b" / "tokenizer.json").exists()  # no fresh tokenizer trained
+
+
+def test_checkpoints_of_no_known_run_are_refused(tmp_path):
+    from raytron.platform.config.load import load_config
+    from raytron.platform.control.settle import settle
+
+    checkpoints = str(tmp_path / "found" / "checkpoints")
+    committed_run(tmp_path, "found", checkpoints, with_config=False)
+    config = load_config("tiny", [f"run.root={tmp_path}", "run.name=fresh",
+                                  f"checkpoint.dir={checkpoints}"])
+    with pytest.raises(ConfigError, match="but no config of the run that wrote them"):
+        settle(config)

@@ -23,7 +23,7 @@ from raytron.pipelines.sources import CHAT, sample_kind
 from raytron.pipelines.stream import StreamSpec
 from raytron.pipelines.tokenizer import load
 from raytron.platform.config.load import flatten, to_dict
-from raytron.platform.config.redact import redacted
+from raytron.platform.config.redact import redact_text, redacted
 from raytron.platform.config.resolve import cluster_address, resolve_model
 from raytron.platform.config.resume import applied_changes, resume_problems
 from raytron.platform.config.schema import ConfigError, RaytronConfig
@@ -91,7 +91,8 @@ def checkpoints_owner(config: RaytronConfig, paths: RunPaths, store: CheckpointS
     saved = store.saved_config()
     if saved is None:  # written before raytron kept its config beside the checkpoints
         own = paths.saved_config()
-        saved = own if own and own.get("checkpoint.dir") == paths.checkpoints else None
+        saved = own if own and own.get("checkpoint.dir") == redact_text(paths.checkpoints) \
+            else None
     where = f"checkpoint.dir {paths.checkpoints} holds committed checkpoints (step " \
             f"{', '.join(map(str, committed))})"
     if saved is None:
