@@ -539,6 +539,9 @@ def test_data_that_runs_out_ends_the_run_at_once_with_a_checkpoint(root, limited
     assert "Traceback" not in output
     store = CheckpointStore(root / "runs-out" / "checkpoints", keep_last=2)
     assert store.committed_steps()[-1] == steps
+    _, run, _ = loss_history(root, "runs-out")
+    assert run.info.status == "FAILED"
+    assert f"training stopped: the data ran out after step {steps}" in events(run, "stop")[0]
     again = subprocess.run(command(root, "runs-out", (*limited_data, "train.steps=1000")),
                            capture_output=True, text=True, timeout=600, cwd=root)
     assert again.returncode == 1

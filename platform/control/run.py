@@ -81,6 +81,8 @@ def train_holding(config: RaytronConfig, leases: RunLeases) -> int:
         status, code, message = "FAILED", 2, f"\nraytron: invalid config:\n{error}"
     except not_retried() as error:  # the same command would fail the same way
         status, code, message = "FAILED", 1, f"\nTraining stopped: {error}"
+        step = CheckpointStore(paths.checkpoints, c.checkpoint.keep_last).latest() or 0
+        tracking.record_event(run_id, "stop", step, f"training stopped: {error}")
     except Exception as error:
         status, code = "FAILED", 1
         message = (f"\nTraining failed: {error}\nThe last committed checkpoint is kept in "
