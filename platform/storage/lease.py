@@ -220,6 +220,7 @@ class GcsLeaseFile:
         from google.api_core.exceptions import NotFound
 
         try:
+            self.blob.reload()  # its generation and update time; then its bytes
             text = self.blob.download_as_bytes(end=MAX_LEASE_BYTES - 1)
         except NotFound:
             return None
