@@ -48,8 +48,8 @@ def resumed_spec(spec: StreamSpec, cursor: dict, on_new_files: str,
     and one problem per source whose files changed in a way the run cannot take. A
     cursor from before lists were recorded is taken as it is."""
     recorded = cursor.get("files")
-    if not recorded:
-        return spec, []
+    if not recorded or len(recorded) != len(spec.sources):  # none, or another source list,
+        return spec, []  # which the resume rules refuse
     sources, problems = [], []
     positions = cursor.get("sources") or [None] * len(spec.sources)
     for index, (source, eras, position) in enumerate(

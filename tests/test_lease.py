@@ -152,7 +152,7 @@ def committed_run(root, name: str, checkpoints: str, with_config: bool = True) -
     model = torch.nn.Linear(2, 2)
     store.save(6, [model], [torch.optim.AdamW(model.parameters())], {})
     if with_config:
-        store.save_config(to_yaml(load_config("tiny", [f"run.root={root}", f"run.name={name}",
+        store.claim(to_yaml(load_config("tiny", [f"run.root={root}", f"run.name={name}",
                                                        f"checkpoint.dir={checkpoints}"])))
 
 

@@ -52,7 +52,7 @@ def train_holding(config: RaytronConfig, leases: RunLeases) -> int:
     paths.dir.mkdir(parents=True, exist_ok=True)
     saved = to_yaml(redacted(c))  # credentials never reach a file
     paths.config_file.write_text(saved)
-    CheckpointStore(paths.checkpoints, c.checkpoint.keep_last).save_config(saved)
+    CheckpointStore(paths.checkpoints, c.checkpoint.keep_last).claim(saved)
     run.tokenizer.save(str(paths.tokenizer_file))
     # a CPU peak measured at each start differs a little each time: no change of the user's
     measured = ("train.peak_flops",) if config.train.peak_flops is None else ()

@@ -60,10 +60,8 @@ def settle(config: RaytronConfig) -> SettledRun:
     paths = RunPaths.of(config)
     store = CheckpointStore(paths.checkpoints, config.checkpoint.keep_last)
     committed = store.committed_steps()
-    saved = checkpoints_owner(config, paths, store, committed) if committed else None
+    owner = checkpoints_owner(config, paths, store, committed) if committed else None
     spec = stream_spec(config)
-    if committed:
-        spec = resumed_data(spec, store, committed, config.data.on_new_files)
     tokenizer = run_tokenizer(config, paths, spec, resuming=bool(committed))
     if any(sample_kind(s.path, s.format) == CHAT for s in config.data.sources):
         tokenizer = with_chat_tokens(tokenizer)
@@ -71,10 +69,12 @@ def settle(config: RaytronConfig) -> SettledRun:
     config = dataclasses.replace(config, model=resolve_model(config.model,
                                                              tokenizer.get_vocab_size()))
     applied: list[str] = []
-    if saved is not None:
+    if owner is not None:
+        saved = paths.saved_config() or owner  # as the run last started
         current = flatten(to_dict(redacted(config)))
         raise_problems(resume_problems(saved, current, config.run.name, committed[-1]))
         applied = applied_changes(saved, current)
+        spec = resumed_data(spec, store, committed, config.data.on_new_files)
     try:
         spec = with_tokenizer(spec, tokenizer)
     except ValueError as error:  # the tokenizer lacks an EOS, or the BOS asked for

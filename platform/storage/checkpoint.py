@@ -124,10 +124,14 @@ class CheckpointStore:
     def meta(self, step: int) -> dict:
         return json.loads(self.fs.cat_file(f"{self.folder(step)}/{META_FILE}"))
 
-    def save_config(self, text: str) -> None:
-        """The run's (redacted) config beside its checkpoints: which run they belong to."""
-        self.fs.makedirs(self.root, exist_ok=True)
-        write_atomically(self.fs, f"{self.root}/{CONFIG_FILE}", text)
+    def claim(self, config_text: str) -> None:
+        """Save the run's (redacted) config beside its checkpoints, once: which run they
+        belong to (`saved_config`). Written when the folder has none, never changed
+        after, so that a resume that fails leaves the folder as it was."""
+        path = f"{self.root}/{CONFIG_FILE}"
+        if not self.fs.exists(path):
+            self.fs.makedirs(self.root, exist_ok=True)
+            write_atomically(self.fs, path, config_text)
 
     def saved_config(self) -> dict | None:
         """The flattened config saved beside the checkpoints, read as plain YAML (no
