@@ -318,10 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_command(args)
     except ConfigError as error:
-        what = {"status": "cannot read the run", "generate": "cannot generate",
-                "eval": "cannot evaluate", "export": "cannot export",
-                "serve": "cannot serve", "submit": "cannot submit"}.get(args.command,
-                                                                         "invalid config")
+        what = error.heading or {
+            "status": "cannot read the run", "generate": "cannot generate",
+            "eval": "cannot evaluate", "export": "cannot export", "serve": "cannot serve",
+            "submit": "cannot submit"}.get(args.command, "invalid config")
         print(f"raytron: {what}:\n{error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     finally:

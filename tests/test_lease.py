@@ -95,6 +95,7 @@ def test_raytron_train_is_refused_at_once_while_the_run_is_leased(tmp_path, caps
         assert main(["train", "tiny", f"run.root={root}"]) == 2
         assert time.perf_counter() - started < 10  # before a tokenizer, before Ray
     err = capsys.readouterr().err
+    assert err.startswith("raytron: the run is being written by another training:\n")
     assert "is being written by run 'tiny'" in err and "Fix:" in err
     assert not (root / "tiny" / "checkpoints").exists()
     assert not (root / "tiny" / "config.yaml").exists()

@@ -175,6 +175,9 @@ class RaytronConfig:
 class ConfigError(ValueError):
     """An invalid config; the message names every bad key and how to fix it."""
 
+    heading: str | None = None  # what the command line says before the problems, if not
+    # its own ("invalid config", "cannot serve", ...)
+
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(f"  - {p}" for p in problems))

@@ -38,6 +38,12 @@ RENEW_S = TTL_S / 4
 MAX_LEASE_BYTES = 4096  # a lease file is data: never read more
 
 
+class LeaseHeld(ConfigError):
+    """Another training holds the run's lease: this one does not start (exit status 2)."""
+
+    heading = "the run is being written by another training"
+
+
 class LeaseLost(RuntimeError):
     """Another process holds the run's lease: this one must not write it any more."""
 
@@ -288,7 +294,7 @@ def refuse_if_held(folders: list[str]) -> None:
         except Exception:  # storage this machine has no access to: the job will see
             continue
         if seen is not None and seen.holder is not None and seen.stale() is None:
-            raise ConfigError([held_message(folder, seen.holder)])
+            raise LeaseHeld([held_message(folder, seen.holder)])
 
 
 class Lease:
@@ -306,7 +312,7 @@ class Lease:
             seen = self.file.read()
             why = seen.stale() if seen else None
             if seen is not None and why is None:
-                raise ConfigError([held_message(self.folder, seen.holder)])
+                raise LeaseHeld([held_message(self.folder, seen.holder)])
             self.version = self.file.write(self.holder, seen.version if seen else None)
             if self.version is not None:
                 if seen is None:
@@ -314,7 +320,7 @@ class Lease:
                 was = seen.holder.describe() if seen.holder else "an unreadable lease"
                 return f"Took over the lease of {self.folder} from {was}: {why}"
         seen = self.file.read()
-        raise ConfigError([held_message(self.folder, seen.holder if seen else None)])
+        raise LeaseHeld([held_message(self.folder, seen.holder if seen else None)])
 
     def renew(self) -> None:
         """`LeaseLost` when another process took it over."""
