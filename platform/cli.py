@@ -35,7 +35,14 @@ grad_clip, global_batch) apply from the resumed step on; keys that decide the mo
 the data (model.*, data.seq_len, data.sources, train.seed, data.shuffle_window, the
 tokenizer...) are refused; the layout and everything else may change. A checkpoint that
 cannot be loaded is skipped for the one before; when none loads the run ends (exit 1)
-without touching them.
+without touching them. A resume whose sources list other files than its checkpoint
+recorded is refused, unless data.on_new_files=next_epoch (files added are read from the
+next epoch on). One training per run: a second one of the same run (or checkpoint.dir)
+is refused (exit 2) while the first holds the run's lease; `raytron status` names it.
+
+train.steps=auto trains the whole global batches that the sources with an epoch limit
+(data.sources.<i>.epochs) give, counted by one pass before training. A numbered
+train.steps that the data runs out before ends the run at once with a checkpoint.
 
 cluster.workers follows the layout (pp * dp * tp) unless given. A pipeline's preset
 micro-batch is lowered to give its schedule enough micro-batches unless
@@ -61,8 +68,9 @@ train and raytron status print each run's own page). Each node's CPU, memory, di
 network (and GPU) are logged as system metrics; tracking.system_metrics=false stops that.
 Credentials in URIs are used, and shown as user:***@ in everything raytron writes.
 
-Exit status: 0 finished (or already finished), 1 training failed or its checkpoints
-cannot be loaded, 2 invalid config (or a change a resumed run cannot take)."""
+Exit status: 0 finished (or already finished), 1 training failed (or stopped for a failure
+no restart fixes: its data ran out, its checkpoints cannot be loaded), 2 invalid config
+(or a change a resumed run cannot take, or another training holds the run)."""
 
 
 SUBMIT_EPILOG = """\
