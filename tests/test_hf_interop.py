@@ -38,6 +38,8 @@ def exported(request, tmp_path_factory, tokenizer):
 
 def test_exported_model_computes_raytrons_logits(exported):
     run_dir, out, hf = exported
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the weights are as readable as the rest
     ours = load_model(run_dir).model
     assert hf.config.tie_word_embeddings == ours.shape.tie_embeddings
     assert hf.config.num_key_value_heads == 2 < hf.config.num_attention_heads

@@ -57,6 +57,9 @@ def export_hugging_face(source: ModelSource, out: Path, dtype: str = "float32",
         "clean_up_tokenization_spaces": False,  # decode gives back the text as trained
         **chat_template(tokenizer, source.bos_id is not None),
     })
+    mode = (out / HF_CONFIG).stat().st_mode & 0o777  # what the umask gives a new file
+    for path in out.iterdir():  # the weights are written through a private (0600) temp file
+        path.chmod(mode)
     return sorted(out.iterdir())
 
 
