@@ -228,3 +228,19 @@ def test_the_source_names_the_command_and_config_and_the_whole_line_is_kept(monk
     assert tags["mlflow.source.name"] == "raytron train sft-tiny.yaml"  # what the page shows
     assert tags["raytron.command"] == ("raytron train configs/sft-tiny.yaml run.root=/mnt/runs "
                                        "tracking.uri=http://u:***@host")
+
+
+def test_mfu_needs_a_stated_peak_and_a_cpu_has_none():
+    """A CPU's measured matmul rate moved with the other work on its cores (MFU 23% to
+    133% at one step time): on a CPU only a configured train.peak_flops gives MFU."""
+    import torch
+
+    from raytron.platform.control.console import format_step
+    from raytron.platform.worker.hardware import peak_flops
+
+    assert peak_flops(torch.device("cpu"), None) is None
+    assert peak_flops(torch.device("cpu"), 1e12) == 1e12
+    metrics = {names.TRAIN_LOSS: 5.0, "lr": 1e-3, "grad_norm": 1.0, names.TOKENS_PER_S: 8000.0,
+               names.STEP_TIME_S: 0.25, names.INPUT_WAIT_S: 0.001}
+    assert "MFU" not in format_step(10, 200, metrics)
+    assert "| MFU 30.0% |" in format_step(10, 200, {**metrics, names.MFU: 0.3})

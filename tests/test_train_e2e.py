@@ -137,10 +137,10 @@ def test_the_run_learns_checkpoints_and_is_tracked(root, whole):
     assert losses[24] < losses[1] - 0.7, losses
     assert run.info.status == "FINISHED"
     assert run.data.params["train.steps"] == "24" and run.data.params["model.n_layers"] == "2"
-    for metric in ("lr", "grad_norm", names.TOKENS_PER_S, names.MFU, names.STEP_TIME_S,
+    for metric in ("lr", "grad_norm", names.TOKENS_PER_S, names.STEP_TIME_S,
                    names.INPUT_WAIT_S, names.VAL_LOSS, names.VAL_PERPLEXITY):
         assert metric in run.data.metrics, metric
-    assert 0 < run.data.metrics[names.MFU] < 1
+    assert names.MFU not in run.data.metrics and "MFU" not in output  # no peak on a CPU
     assert not [m for m in run.data.metrics if m.startswith(("layout/", "startup/"))]
     system = [m.split("/") for m in run.data.metrics if m.startswith("system/")]
     assert ["system", node_name(), "cpu_utilization_percentage"] in system, system

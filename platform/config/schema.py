@@ -69,7 +69,8 @@ class TrainConfig:
     seed: int = 1234
     log_interval: int = 10
     eval_interval: int = 100  # 0 disables validation
-    peak_flops: float | None = None  # per device, for MFU; None: known GPU table or measured
+    peak_flops: float | None = None  # per device, for MFU; None: a known GPU's data sheet, a
+    # matmul measured on an unknown GPU, no MFU on a CPU
     activation_checkpointing: int | str = "none"  # none | full | selective | k: recompute every
     # k-th layer; selective: every layer, keeping its matmul outputs
     compile: bool = False  # torch.compile each transformer block (inductor; first steps slower)

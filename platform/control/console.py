@@ -42,7 +42,8 @@ def format_step(step: int, total: int, m: dict[str, float]) -> str:
     width = len(str(total))
     parts = [f"step {step:>{width}}/{total}", f"loss {m[names.TRAIN_LOSS]:.4f}",
              f"lr {m['lr']:.2e}", f"grad {m['grad_norm']:.2f}",
-             f"{m[names.TOKENS_PER_S] / 1e3:.1f}k tok/s", f"MFU {100 * m[names.MFU]:.1f}%",
+             f"{m[names.TOKENS_PER_S] / 1e3:.1f}k tok/s",
+             *([f"MFU {100 * m[names.MFU]:.1f}%"] if names.MFU in m else []),
              f"{1e3 * m[names.STEP_TIME_S]:.0f} ms/step",
              f"wait {1e3 * m[names.INPUT_WAIT_S]:.1f} ms"]
     if names.PEAK_MEMORY_GB in m:

@@ -54,9 +54,7 @@ def train_holding(config: RaytronConfig, leases: RunLeases) -> int:
     paths.config_file.write_text(saved)
     CheckpointStore(paths.checkpoints, c.checkpoint.keep_last).claim(saved)
     run.tokenizer.save(str(paths.tokenizer_file))
-    # a CPU peak measured at each start differs a little each time: no change of the user's
-    measured = ("train.peak_flops",) if config.train.peak_flops is None else ()
-    tracking, run_id, reopened = open_tracking(run, last_start, measured)
+    tracking, run_id, reopened = open_tracking(run, last_start)
     print(describe_start(run, tracking, run_id, reopened))
     console = Console(None if auto else c.train.steps, done)
     status, code, message = "FINISHED", 0, ""
@@ -119,11 +117,10 @@ def with_counted_steps(c: RaytronConfig, feeder, console: Console) -> RaytronCon
     return dataclasses.replace(c, train=dataclasses.replace(c.train, steps=steps))
 
 
-def open_tracking(run: SettledRun, last_start: dict | None,
-                  measured: tuple[str, ...]) -> tuple[RunTracking, str, bool]:
+def open_tracking(run: SettledRun, last_start: dict | None) -> tuple[RunTracking, str, bool]:
     """The run's MLflow run (reopened when the run directory names one), with the
     redacted config as params, the config file and tokenizer as artifacts, and a resume
-    naming what changed since the config of `last_start` (but the `measured` keys)."""
+    naming what changed since the config of `last_start`."""
     c, paths = run.config, run.paths
     uri = c.tracking.uri
     tracking = RunTracking(uri, c.tracking.experiment,
@@ -131,8 +128,7 @@ def open_tracking(run: SettledRun, last_start: dict | None,
     params, description = flatten(to_dict(redacted(c))), about(c)
     run_id, reopened = tracking.open(paths.dir, c.tracking.run_name, params, description)
     if reopened or run.committed:  # a resume, in its MLflow run or a new one (a new store)
-        changed = [line for line in (changes(last_start, params) if last_start else [])
-                   if line.split(":", 1)[0] not in measured]
+        changed = changes(last_start, params) if last_start else []
         tracking.record_resume(run_id, run.committed[-1] if run.committed else 0, changed,
                                description)
     for path in (paths.config_file, paths.tokenizer_file):

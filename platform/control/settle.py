@@ -4,10 +4,10 @@ to the config the run will use, with everything that could be wrong checked.
 Settled are the tokenizer workers (from the CPUs the workers leave free), the model
 shape (from the tokenizer: the run's own when it resumes, else given or trained), the
 absolute locations (so that the saved config names where things are, whatever the
-directory a later command runs from) and, for a local CPU run, the measured matmul
-peak for MFU. Checked are the placement of a tensor-parallel group on a node, the
-vocabulary against the tokenizer, and, when the run resumes, every key a resumed run
-cannot change (`config/resume.py`).
+directory a later command runs from). Checked are the placement of a tensor-parallel
+group on a node, the vocabulary against the tokenizer, and, when the run resumes, every
+key a resumed run cannot change (`config/resume.py`) and the files its data cursor
+counts in (`pipelines/file_lists.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from raytron.pipelines.stream import StreamSpec
 from raytron.pipelines.tokenizer import load
 from raytron.platform.config.load import flatten, to_dict
 from raytron.platform.config.redact import redact_text, redacted
-from raytron.platform.config.resolve import cluster_address, resolve_model
+from raytron.platform.config.resolve import resolve_model
 from raytron.platform.config.resume import applied_changes, resume_problems
 from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.config.validate import (
@@ -79,7 +79,7 @@ def settle(config: RaytronConfig) -> SettledRun:
         spec = with_tokenizer(spec, tokenizer)
     except ValueError as error:  # the tokenizer lacks an EOS, or the BOS asked for
         raise ConfigError([f"data.tokenizer: {error}"]) from None
-    return SettledRun(with_measured_cpu_peak(config), paths, spec, tokenizer, gpus, committed,
+    return SettledRun(config, paths, spec, tokenizer, gpus, committed,
                       applied)
 
 
@@ -156,21 +156,3 @@ def with_absolute_locations(config: RaytronConfig) -> RaytronConfig:
     config = with_locations(config, lambda key, path: absolute(path))
     return dataclasses.replace(config, tracking=dataclasses.replace(
         config.tracking, uri=tracking_uri(config.tracking.uri, config.run.root)))
-
-
-def with_measured_cpu_peak(config: RaytronConfig) -> RaytronConfig:
-    """On a local CPU-only run, measure the matmul peak (for MFU) here, before Ray and its
-    actors start: measured inside a busy worker it comes out low and MFU above 100%."""
-    if config.train.peak_flops or cluster_address(config):
-        return config
-    import torch
-
-    from raytron.platform.worker.hardware import measured_matmul_flops
-
-    if torch.cuda.is_available():
-        return config
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.cluster.cpus_per_worker)
-    peak = measured_matmul_flops(torch.device("cpu"), torch.float32)
-    torch.set_num_threads(threads)
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, peak_flops=peak))

@@ -34,17 +34,20 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def peak_flops(device: torch.device, configured: float | None) -> float:
-    """The configured peak, the data-sheet peak of a known GPU, or a measured CPU matmul rate."""
+def peak_flops(device: torch.device, configured: float | None) -> float | None:
+    """The configured peak, the data-sheet peak of a known GPU, or the matmul rate
+    measured on an unknown one; None on a CPU, whose peak nothing states and whose
+    measured rate moves with whatever else runs on its cores (MFU read 23% to 133% at the
+    same step time): a CPU run reports tokens/s alone, unless `train.peak_flops` is set."""
     if configured:
         return configured
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for model, flops in GPU_PEAK_BF16.items():
-            if model in name:
-                return flops
-        return measured_matmul_flops(device, torch.bfloat16)
-    return measured_matmul_flops(device, torch.float32)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for model, flops in GPU_PEAK_BF16.items():
+        if model in name:
+            return flops
+    return measured_matmul_flops(device, torch.bfloat16)
 
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048,

@@ -150,8 +150,7 @@ class WorkerLoop:
                     "grad_norm": grad_norm.item(), names.STEP_TIME_S: step_time,
                     names.INPUT_WAIT_S: window_wait / window_steps,
                     names.TOKENS_PER_S: tokens_per_step / step_time,
-                    names.MFU: self.flops_per_token * tokens_per_step
-                    / (step_time * self.layout.world * self.peak_flops),
+                    **self.mfu(tokens_per_step / step_time),
                     "tokens_seen": tokens_seen, **self.bubble_metrics(),
                     **self.memory_metrics(),
                 }, with_data_stats=True)
@@ -234,6 +233,13 @@ class WorkerLoop:
         if shares:
             metrics["pipeline/idle"] = sum(shares) / len(shares)
         return metrics
+
+    def mfu(self, tokens_per_s: float) -> dict[str, float]:
+        """Model FLOPs utilization over the devices' peak, where one is known (not on CPUs)."""
+        if self.peak_flops is None:
+            return {}
+        return {names.MFU: self.flops_per_token * tokens_per_s
+                / (self.layout.world * self.peak_flops)}
 
     def memory_metrics(self) -> dict[str, float]:
         """Peak memory of the busiest rank, and of the busiest rank of each pipeline rank
