@@ -28,10 +28,10 @@ from report import machine, markdown_table, write_section  # noqa: E402
 
 from raytron.model.gpt import GPT  # noqa: E402
 from raytron.pipelines.packing import Batch  # noqa: E402
+from raytron.platform.config.layout import Layout  # noqa: E402
 from raytron.platform.config.load import load_config  # noqa: E402
 from raytron.platform.config.resolve import gpt_shape, resolve_model  # noqa: E402
 from raytron.platform.worker.hardware import peak_flops, peak_memory_gb  # noqa: E402
-from raytron.platform.worker.layout import Layout  # noqa: E402
 from raytron.platform.worker.trainer import Sequences, Trainer  # noqa: E402
 
 VOCAB = 32768

@@ -29,10 +29,11 @@ from report import machine, markdown_table, write_section  # noqa: E402
 
 from raytron.model.gpt import GPT, cross_entropy  # noqa: E402
 from raytron.pipelines.packing import Batch  # noqa: E402
+from raytron.platform.config.layout import Layout  # noqa: E402
 from raytron.platform.config.load import load_config  # noqa: E402
 from raytron.platform.config.resolve import gpt_shape, resolve_model  # noqa: E402
 from raytron.platform.storage import metric_names as names  # noqa: E402
-from raytron.platform.worker.layout import Layout, build_mesh  # noqa: E402
+from raytron.platform.worker.layout import build_mesh  # noqa: E402
 from raytron.platform.worker.optim import build_optimizer  # noqa: E402
 from raytron.platform.worker.trainer import Sequences, Trainer  # noqa: E402
 
@@ -58,8 +59,7 @@ def batches(cfg, count: int) -> list[torch.Tensor]:
 def trainer_tokens_per_s(overrides: list[str]) -> float:
     """Steady tokens/s of the Trainer in the layout of `overrides` (run on every rank)."""
     cfg = config(overrides)
-    p = cfg.parallel
-    layout = Layout(p.pp, int(p.dp), p.tp, p.dp_shard)
+    layout = Layout.of(cfg)
     trainer = Trainer(cfg, layout, torch.device("cpu"), build_mesh(layout, "cpu"))
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     dp_rank, share = layout.coordinates(rank)["dp"], cfg.train.global_batch // layout.dp
@@ -83,7 +83,7 @@ def tokens_per_s_and_peak_gb(overrides: list[str]) -> tuple[float, float]:
 
 def layout_tokens_per_s(overrides: list[str]) -> float:
     cfg = config(overrides)
-    world = cfg.parallel.pp * int(cfg.parallel.dp) * cfg.parallel.tp
+    world = Layout.of(cfg).world
     if world == 1:
         torch.set_num_threads(1)
         return trainer_tokens_per_s(overrides)

@@ -11,11 +11,12 @@ import torch
 import torch.distributed as dist
 
 from raytron.pipelines.packing import Batch, SamplePacker, TokenDoc
+from raytron.platform.config.layout import Layout
 from raytron.platform.config.load import load_config
 from raytron.platform.config.resolve import resolve_model
 from raytron.platform.models.initial import with_initial_model
 from raytron.platform.storage.checkpoint import CheckpointStore
-from raytron.platform.worker.layout import Layout, build_mesh
+from raytron.platform.worker.layout import build_mesh
 from raytron.platform.worker.trainer import Sequences, Trainer
 
 from gloo import run_on_gloo
@@ -52,8 +53,7 @@ def train(overrides: list[str], start: int, stop: int, checkpoints: Path | None,
     """Steps [start, stop) of the run; loads the checkpoint at `start` when `resume`,
     saves one at `stop` when `checkpoints` is given. Returns losses, norms, val loss."""
     cfg = config(overrides)
-    p = cfg.parallel
-    layout = Layout(p.pp, int(p.dp), p.tp, p.dp_shard)
+    layout = Layout.of(cfg)
     trainer = Trainer(cfg, layout, torch.device("cpu"), build_mesh(layout, "cpu"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     dp_rank = layout.coordinates(rank)["dp"]

@@ -4,9 +4,9 @@ import pytest
 
 from raytron.platform.cli import EXIT_CONFIG_ERROR, main
 from raytron.platform.config.drills import LAST_RANK, Injection, parse_injections
+from raytron.platform.config.layout import Layout
 from raytron.platform.control.capacity import Sizing
 from raytron.platform.control.ray_train import failure_gist
-from raytron.platform.worker.layout import Layout
 
 
 def test_drills_parse():
@@ -43,11 +43,11 @@ def test_bad_elastic_settings_are_config_errors(capsys, overrides, expected):
 
 
 def test_an_elastic_run_takes_only_sizes_that_keep_the_global_batch():
-    sizing = Sizing(pp=1, tp=2, max_dp=4, min_dp=1, global_batch=8, micro_batch=2,
+    sizing = Sizing(Layout(pp=1, dp=4, tp=2), min_dp=1, global_batch=8, micro_batch=2,
                     group={"CPU": 2})
     assert sizing.candidates() == [4, 2, 1]  # 3 replicas cannot split 8 sequences evenly
     assert sizing.candidates(above=1) == [4, 2]
-    assert Sizing(1, 1, 6, 2, 24, 4, {"CPU": 1}).candidates() == [6, 3, 2]
+    assert Sizing(Layout(1, 6, 1), 2, 24, 4, {"CPU": 1}).candidates() == [6, 3, 2]
 
 
 def test_failures_are_summarized_per_rank_with_coordinates():

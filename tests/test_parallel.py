@@ -158,7 +158,7 @@ def test_a_tied_checkpoint_moves_between_pipelined_and_unpipelined_layouts(tmp_p
 def test_a_tied_model_trains_one_matrix():
     import dataclasses
 
-    from raytron.platform.worker.layout import Layout
+    from raytron.platform.config.layout import Layout
     from raytron.platform.worker.trainer import Trainer
 
     from parallel_harness import config

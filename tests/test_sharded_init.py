@@ -9,9 +9,10 @@ from torch.distributed.tensor import DTensor
 
 from raytron.model.gpt import GPT
 from raytron.model.materialize import plain_name
+from raytron.platform.config.layout import Layout
 from raytron.platform.config.plan import make_plan
 from raytron.platform.config.resolve import gpt_shape
-from raytron.platform.worker.layout import Layout, build_mesh
+from raytron.platform.worker.layout import build_mesh
 from raytron.platform.worker.trainer import Sequences, Trainer
 
 from gloo import run_on_gloo
@@ -36,8 +37,7 @@ def build_and_count(overrides: list[str]) -> dict:
     """On every rank: whether its initial parameters equal the eager init, and the
     elements it holds after one step; rank 0 returns them for all ranks."""
     cfg = config(overrides)
-    p = cfg.parallel
-    layout = Layout(p.pp, int(p.dp), p.tp, p.dp_shard)
+    layout = Layout.of(cfg)
     trainer = Trainer(cfg, layout, torch.device("cpu"), build_mesh(layout, "cpu"))
     eager = dict(GPT(gpt_shape(cfg.model), seed=cfg.train.seed).named_parameters())
     mismatched = [name for part in trainer.parts for name, param in part.named_parameters()

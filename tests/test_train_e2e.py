@@ -20,11 +20,11 @@ import psutil
 import pytest
 import torch
 
+from raytron.platform.config.layout import Layout
 from raytron.platform.config.load import load_config
 from raytron.platform.storage import metric_names as names
 from raytron.platform.storage.checkpoint import COMMIT_MARKER, CheckpointStore
 from raytron.platform.storage.tracking import LAYOUT_TAG, NOTE_TAG
-from raytron.platform.worker.layout import Layout
 from raytron.platform.worker.system_metrics import node_name
 from raytron.platform.worker.trainer import Trainer
 

@@ -22,13 +22,8 @@ from raytron.model.estimates import (
     memory_plan,
 )
 from raytron.model.gpt import GPT
-from raytron.model.pipeline import (
-    bubble_fraction,
-    cut_stage,
-    rank_stages,
-    stage_layers,
-    stages_per_rank,
-)
+from raytron.model.pipeline import bubble_fraction, cut_stage, stage_layers
+from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import (
     gpt_shape,
     recompute_every,
@@ -66,22 +61,15 @@ class Plan:
 
     def held(self, rank: int) -> int:
         """Parameter elements global `rank` holds (as many gradients, twice as many
-        AdamW moments); ranks are laid out pp-major, tp innermost."""
-        p = self.config.parallel
-        dp = int(p.dp)
-        pp_rank, dp_rank, tp_rank = rank // (dp * p.tp), rank // p.tp % dp, rank % p.tp
-        shard = shard_ranks(p.dp_shard, dp)
-        shards = Shards(p.tp, tp_rank, shard, dp_rank % shard)
-        return held_elements(self.ranks[pp_rank].parameters, shards)[1]
+        AdamW moments)."""
+        layout = Layout.of(self.config)
+        at = layout.coordinates(rank)
+        shards = Shards(layout.tp, at["tp"], layout.shard_degree, layout.shard_rank(rank))
+        return held_elements(self.ranks[at["pp"]].parameters, shards)[1]
 
     def fits(self) -> bool:
         limit = self.config.cluster.device_memory_gb
         return limit is None or self.busiest.memory.total <= limit * GB
-
-
-def shard_ranks(dp_shard: str, dp: int) -> int:
-    """The ranks FSDP shards each parameter over: all replicas, or none with DDP."""
-    return 1 if dp_shard == "none" else dp
 
 
 def held_elements(parameters: list[tuple[str, tuple[int, ...]]], shards: Shards
@@ -104,11 +92,11 @@ def make_plan(config: RaytronConfig) -> Plan:
     config = dataclasses.replace(config, model=resolve_model(config.model,
                                                              tokenizer_vocab(config)))
     p, t, seq = config.parallel, config.train, config.data.seq_len
-    dp = int(p.dp)
+    layout = Layout.of(config)
+    dp, n_stages = layout.dp, layout.stages
     shape = gpt_shape(config.model)
     with torch.device("meta"):
         whole = GPT(shape)
-    n_stages = p.pp * stages_per_rank(p.schedule, p.virtual_stages) if p.pp > 1 else 1
     ranges = stage_layers(shape.n_layers, n_stages, p.layers_per_stage if p.pp > 1 else None)
     stage_params = [[(name, tuple(x.shape)) for name, x in
                      cut_stage(whole, s, n_stages, ranges[s]).named_parameters()]
@@ -119,10 +107,10 @@ def make_plan(config: RaytronConfig) -> Plan:
     compute_bytes = 4 if t.precision == "fp32" else 2
     ranks = []
     for pp_rank in range(p.pp):
-        stages = rank_stages(p.schedule, pp_rank, p.pp, p.virtual_stages) if p.pp > 1 else [0]
+        stages = layout.rank_stages(pp_rank)
         layers = sum(len(ranges[s]) for s in stages)
         parameters = [param for s in stages for param in stage_params[s]]
-        tp_local, held = held_elements(parameters, Shards(p.tp, 0, shard_ranks(p.dp_shard, dp)))
+        tp_local, held = held_elements(parameters, Shards(p.tp, 0, layout.shard_degree))
         memory = memory_plan(
             shape, sum(math.prod(size) for _, size in parameters), tp_local, held, layers,
             n_stages - 1 in stages, dp=dp,
@@ -165,7 +153,7 @@ def rank_groups(ranks: list[RankPlan]) -> list[tuple[int, int]]:
 def describe(plan: Plan) -> str:
     c = plan.config
     p, t = c.parallel, c.train
-    world = p.pp * int(p.dp) * p.tp
+    world = Layout.of(c).world
     m = plan.busiest.memory
     recompute = t.activation_checkpointing
     lines = [

@@ -1,5 +1,6 @@
-"""Turning config values into what they stand for: the model shape, the data-parallel
-size, the recomputation interval, and the defaults derived from other keys."""
+"""Turning config values into what they stand for: the model shape, the recomputation
+interval, and the defaults derived from other keys (what the layout's keys stand for is
+`layout.py`'s)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,14 @@ import dataclasses
 import os
 
 from raytron.model.gpt import GPTShape, llama_ffn_hidden
-from raytron.model.pipeline import stages_per_rank
 from raytron.pipelines.sources import SAMPLE_FORMATS, sample_kind
-from raytron.platform.config.schema import DataConfig, ModelConfig, RaytronConfig
+from raytron.platform.config.layout import Layout
+from raytron.platform.config.schema import AUTO, DataConfig, ModelConfig, RaytronConfig
 
-AUTO = "auto"
 # train.activation_checkpointing, besides k >= 1: which blocks are recomputed (every k-th)
 RECOMPUTE_NAMED = {"none": 0, "full": 1, "selective": 1}
-PRECISIONS = ("auto", "bf16", "fp32")  # train.precision; auto: bf16 on GPUs, fp32 on CPUs
-PACKINGS = ("auto", "stream", "samples")  # data.packing
+PRECISIONS = (AUTO, "bf16", "fp32")  # train.precision; auto: bf16 on GPUs, fp32 on CPUs
+PACKINGS = (AUTO, "stream", "samples")  # data.packing
 OVERLONG = ("drop", "truncate")  # data.overlong
 
 
@@ -58,11 +58,6 @@ def selective_recompute(setting: int | str) -> bool:
     return setting == "selective"
 
 
-def resolve_dp(dp: int | str, workers: int, pp: int, tp: int) -> int:
-    """`parallel.dp`, with `auto` meaning as many replicas as the workers allow."""
-    return workers // (pp * tp) if dp == AUTO else int(dp)
-
-
 def cluster_address(config: RaytronConfig) -> str | None:
     """The Ray cluster to join: `cluster.address`, else $RAY_ADDRESS; None: start one."""
     return config.cluster.address or os.environ.get("RAY_ADDRESS")
@@ -76,19 +71,13 @@ def is_count(value) -> bool:
     return is_int(value) and value >= 1
 
 
-def dp_of(config: RaytronConfig) -> int:
-    """The resolved dp (at least 1), `auto` included."""
-    p = config.parallel
-    return max(1, resolve_dp(p.dp, config.cluster.workers or 0, p.pp, p.tp))
-
-
 def with_derived_defaults(config: RaytronConfig, explicit: set[str]) -> RaytronConfig:
     """`cluster.workers` from the layout when unset; a micro-batch size that gives the
     pipeline schedule the micro-batches it needs, unless the user set `train.micro_batch`.
     Leaves invalid values alone: validation names them."""
     p, c = config.parallel, config.cluster
     if c.workers is None and all(is_count(v) for v in (p.pp, p.dp, p.tp)):
-        c = dataclasses.replace(c, workers=p.pp * p.dp * p.tp)
+        c = dataclasses.replace(c, workers=Layout.of(config).world)
     config = dataclasses.replace(config, cluster=c)
     if "train.micro_batch" in explicit:
         return config
@@ -105,9 +94,12 @@ def fitting_micro_batch(config: RaytronConfig) -> int | None:
     counts = (p.pp, p.tp, t.global_batch, t.micro_batch, p.virtual_stages)
     if not all(is_count(v) for v in counts) or p.pp == 1 or not is_count(c.workers):
         return None
-    if not (p.dp == AUTO or is_count(p.dp)) or c.workers % (p.pp * p.tp):
+    if not (p.dp == AUTO or is_count(p.dp)):
         return None
-    replica, rest = divmod(t.global_batch, dp_of(config))
+    layout = Layout.of(config)
+    if c.workers % layout.replica_size:
+        return None
+    replica, rest = divmod(t.global_batch, layout.dp)
     if rest or replica == 0 or (p.microbatches is not None and not is_count(p.microbatches)):
         return None
     for micro in range(min(t.micro_batch, replica), 0, -1):
@@ -131,8 +123,3 @@ def schedule_shortfall(config: RaytronConfig, micro_batches: int) -> str | None:
         return (f"interleaved-1f1b needs the micro-batches per call ({per_call}) to be a "
                 f"multiple of parallel.pp={p.pp}")
     return None
-
-
-def stage_count(config: RaytronConfig) -> int:
-    return config.parallel.pp * stages_per_rank(config.parallel.schedule,
-                                                config.parallel.virtual_stages)

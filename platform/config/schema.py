@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 EMBEDDED_CORPUS = "embedded:python-reference"
+AUTO = "auto"  # a value several keys take: derive it (each key's comment says how)
 
 
 @dataclass
@@ -65,7 +66,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = AUTO  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     seed: int = 1234
     log_interval: int = 10
     eval_interval: int = 100  # 0 disables validation
@@ -79,7 +80,7 @@ class TrainConfig:
 @dataclass
 class SourceConfig:
     path: str = EMBEDDED_CORPUS  # file, folder, glob, s3://, gs://, or the embedded reference
-    format: str = "auto"  # auto (by extension) | text | jsonl | parquet | chat | prompt_completion
+    format: str = AUTO  # auto (by extension) | text | jsonl | parquet | chat | prompt_completion
     # (chat, prompt_completion: fine-tuning samples in JSONL, or Parquet by its extension)
     text_field: str = "text"  # JSONL / Parquet field holding the document
     messages_field: str = "messages"  # chat: the list of {role, content} turns
@@ -100,14 +101,14 @@ class DataConfig:
     seq_len: int = 128
     val_share: float = 0.05  # share of documents held out for validation (by content hash)
     val_sequences: int = 64  # held-out sequences scored at each validation
-    tokenizer_workers: int | str = "auto"  # Ray actors tokenizing; auto: the CPUs left free
+    tokenizer_workers: int | str = AUTO  # Ray actors tokenizing; auto: the CPUs left free
     cache: str | None = "${run.root}/token_cache"  # tokenized files, kept for every later
     # epoch, restart and run with the same file and tokenizer (a path or URI); null: off
     prefetch_steps: int = 4  # global batches prepared ahead of training
     max_document_mb: int = 64  # longer records are skipped as `oversized`
     shuffle_window: int = 0  # shuffle training documents within windows of this many; 0: off
     bos: bool = False  # put the tokenizer's BOS before every document (EOS always ends one)
-    packing: str = "auto"  # stream: documents concatenated and cut (pre-training) | samples:
+    packing: str = AUTO  # stream: documents concatenated and cut (pre-training) | samples:
     # whole samples per sequence, padded (fine-tuning) | auto: samples with chat or
     # prompt_completion sources, else stream
     document_mask: bool = True  # samples: each attends only within itself, positions from 0

@@ -21,21 +21,19 @@ from raytron.model.pipeline import SCHEDULES
 from raytron.pipelines.file_lists import ON_NEW_FILES
 from raytron.pipelines.sources import DOCUMENTS, FORMATS, SourceError, list_files
 from raytron.platform.config.drills import parse_injection, parse_injections
+from raytron.platform.config.layout import Layout
 from raytron.platform.config.load import flatten, to_dict
 from raytron.platform.config.resolve import (
-    AUTO,
     OVERLONG,
     PACKINGS,
     PRECISIONS,
     RECOMPUTE_NAMED,
     cluster_address,
-    dp_of,
     fitting_micro_batch,
     is_int,
     schedule_shortfall,
-    stage_count,
 )
-from raytron.platform.config.schema import ConfigError, RaytronConfig, SourceConfig
+from raytron.platform.config.schema import AUTO, ConfigError, RaytronConfig, SourceConfig
 
 MAX_COUNT = 2**31 - 1  # any count: beyond it, no run is meant
 MAX_LAYERS = 4096  # a model beyond these sizes is a typo, and `raytron plan` would
@@ -377,18 +375,19 @@ def model_problems(config: RaytronConfig) -> list[str]:
 
 def parallel_problems(config: RaytronConfig) -> list[str]:
     p, c, m = config.parallel, config.cluster, config.model
-    problems = []
+    layout, problems = Layout.of(config), []
+    replica = layout.replica_size
     if c.workers is None:  # only dp=auto leaves it unset
         return [f"parallel.dp=auto needs cluster.workers, the most workers the run may use. "
-                f"Fix: set cluster.workers to a multiple of parallel.pp*tp = {p.pp * p.tp}."]
-    if p.dp == AUTO and c.workers % (p.pp * p.tp):
+                f"Fix: set cluster.workers to a multiple of parallel.pp*tp = {replica}."]
+    if p.dp == AUTO and c.workers % replica:
         problems.append(
             f"parallel.dp=auto: cluster.workers={c.workers} is not a multiple of parallel.pp*tp "
-            f"= {p.pp * p.tp}. Fix: use a multiple of {p.pp * p.tp} workers."
+            f"= {replica}. Fix: use a multiple of {replica} workers."
         )
-    elif p.dp != AUTO and p.pp * p.dp * p.tp != c.workers:
+    elif p.dp != AUTO and layout.world != c.workers:
         problems.append(
-            f"parallel.pp*dp*tp = {p.pp}*{p.dp}*{p.tp} = {p.pp * p.dp * p.tp} differs from "
+            f"parallel.pp*dp*tp = {p.pp}*{p.dp}*{p.tp} = {layout.world} differs from "
             f"cluster.workers={c.workers}. Fix: leave cluster.workers unset (it follows the "
             "layout), change the layout, or set parallel.dp=auto."
         )
@@ -401,9 +400,9 @@ def parallel_problems(config: RaytronConfig) -> list[str]:
             if getattr(p, key) is not None:
                 problems.append(f"parallel.{key}={getattr(p, key)} applies only to pipelines. "
                                 f"Fix: leave it unset, or set parallel.pp to 2 or more.")
-    if m.n_layers < stage_count(config):
+    if m.n_layers < layout.stages:
         problems.append(
-            f"model.n_layers={m.n_layers} is fewer than the {stage_count(config)} pipeline "
+            f"model.n_layers={m.n_layers} is fewer than the {layout.stages} pipeline "
             f"stages of parallel.pp={p.pp}. Fix: lower parallel.pp (or parallel.virtual_stages)."
         )
     return problems
@@ -437,7 +436,8 @@ def tensor_parallel_problems(config: RaytronConfig) -> list[str]:
 
 def pipeline_problems(config: RaytronConfig) -> list[str]:
     p, t, problems = config.parallel, config.train, []
-    replica = t.global_batch // dp_of(config)
+    layout = Layout.of(config)
+    replica = t.global_batch // layout.dp
     shortfall = schedule_shortfall(config, replica // t.micro_batch) \
         if replica and replica % t.micro_batch == 0 else None
     if shortfall:
@@ -449,19 +449,19 @@ def pipeline_problems(config: RaytronConfig) -> list[str]:
         problems.append("interleaved-1f1b needs parallel.virtual_stages >= 2. Fix: set "
                         "parallel.virtual_stages=2, or use parallel.schedule=1f1b.")
     if p.layers_per_stage is not None and (
-        len(p.layers_per_stage) != stage_count(config)
+        len(p.layers_per_stage) != layout.stages
         or sum(p.layers_per_stage) != config.model.n_layers
     ):
         problems.append(
             f"parallel.layers_per_stage={list(p.layers_per_stage)} must list "
-            f"{stage_count(config)} positive counts (one per stage) summing to model.n_layers="
+            f"{layout.stages} positive counts (one per stage) summing to model.n_layers="
             f"{config.model.n_layers}. Fix: correct it, or leave it unset for an even split."
         )
     return problems
 
 
 def train_problems(config: RaytronConfig) -> list[str]:
-    t, dp, problems = config.train, dp_of(config), []
+    t, dp, problems = config.train, Layout.of(config).dp, []
     if t.global_batch % (t.micro_batch * dp):
         step = t.micro_batch * dp
         problems.append(
@@ -538,8 +538,8 @@ def fault_problems(config: RaytronConfig) -> list[str]:
     if f.min_dp > 1 and config.parallel.dp != AUTO:
         problems.append(f"faults.min_dp={f.min_dp} applies only to elastic runs. Fix: set "
                         "parallel.dp=auto, or leave faults.min_dp at 1.")
-    elif config.parallel.dp == AUTO and f.min_dp > dp_of(config):
-        problems.append(f"faults.min_dp={f.min_dp} exceeds the {dp_of(config)} replicas "
+    elif config.parallel.dp == AUTO and f.min_dp > Layout.of(config).dp:
+        problems.append(f"faults.min_dp={f.min_dp} exceeds the {Layout.of(config).dp} replicas "
                         f"cluster.workers={config.cluster.workers} allow. Fix: lower "
                         "faults.min_dp or raise cluster.workers.")
     for injection in parse_injections(f.inject):
@@ -617,7 +617,7 @@ def resolve_layout(config: RaytronConfig) -> RaytronConfig:
     p = config.parallel
     if p.dp != AUTO:
         return config
-    return dataclasses.replace(config, parallel=dataclasses.replace(p, dp=dp_of(config)))
+    return dataclasses.replace(config, parallel=dataclasses.replace(p, dp=Layout.of(config).dp))
 
 
 def nearest_divisor(number: int, wanted: int) -> int:

@@ -2,7 +2,7 @@
 
 With `parallel.dp=auto` the run's size follows the cluster: pp and tp stay fixed and dp
 is the largest value that (a) the free resources can place, (b) is at least
-`faults.min_dp` and at most cluster.workers / (pp * tp), and (c) divides the global batch
+`faults.min_dp` and at most what cluster.workers allow, and (c) divides the global batch
 into whole micro-batches per replica, so that the global batch, the data order and the
 LR schedule never change; only the gradient-accumulation steps per replica do.
 
@@ -13,8 +13,10 @@ autoscaler learns what to add; the group is removed again before the workers sta
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from raytron.platform.config.layout import Layout
 from raytron.platform.config.schema import RaytronConfig
 
 QUICK_PROBE_S = 1.0  # capacity that is there now places within this
@@ -22,9 +24,7 @@ QUICK_PROBE_S = 1.0  # capacity that is there now places within this
 
 @dataclass(frozen=True)
 class Sizing:
-    pp: int
-    tp: int
-    max_dp: int
+    layout: Layout  # at its largest dp: as many replicas as cluster.workers allow
     min_dp: int
     global_batch: int
     micro_batch: int
@@ -35,9 +35,13 @@ class Sizing:
         p, c = config.parallel, config.cluster
         worker = {"CPU": c.cpus_per_worker, **({"GPU": gpus} if gpus else {}),
                   **c.worker_resources}
-        return cls(p.pp, p.tp, c.workers // (p.pp * p.tp), config.faults.min_dp,
-                   config.train.global_batch, config.train.micro_batch,
+        return cls(Layout.of(config), config.faults.min_dp, config.train.global_batch,
+                   config.train.micro_batch,
                    {name: amount * p.tp for name, amount in worker.items()})
+
+    @property
+    def max_dp(self) -> int:
+        return self.layout.dp
 
     def candidates(self, above: int = 0) -> list[int]:
         """The dp values the run may take, largest first."""
@@ -55,7 +59,8 @@ class Sizing:
             remove_placement_group,
         )
 
-        group = placement_group([dict(self.group)] * (dp * self.pp), strategy="PACK")
+        bundles = dataclasses.replace(self.layout, dp=dp).tp_groups
+        group = placement_group([dict(self.group)] * bundles, strategy="PACK")
         try:
             ready, _ = ray.wait([group.ready()], timeout=wait_s)
             if not ready:

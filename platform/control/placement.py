@@ -9,13 +9,13 @@ import dataclasses
 import os
 
 from raytron.platform.config.resolve import cluster_address
-from raytron.platform.config.schema import RaytronConfig
+from raytron.platform.config.schema import AUTO, RaytronConfig
 
 
 def local_cpus(config: RaytronConfig) -> int:
     """CPUs of a locally started Ray: the machine's, or enough for every actor of the run."""
     c = config.cluster
-    tokenizers = config.data.tokenizer_workers if config.data.tokenizer_workers != "auto" else 1
+    tokenizers = config.data.tokenizer_workers if config.data.tokenizer_workers != AUTO else 1
     needed = c.workers * c.cpus_per_worker + tokenizers + 1
     return c.num_cpus or max(os.cpu_count() or 1, needed)
 
@@ -27,7 +27,7 @@ def with_tokenizer_workers(config: RaytronConfig, nodes: list[dict[str, float]]
                            ) -> RaytronConfig:
     """`data.tokenizer_workers=auto`: the CPUs the workers leave free (at least 1, at most
     8; this machine's for a local run, the cluster's otherwise)."""
-    if config.data.tokenizer_workers != "auto":
+    if config.data.tokenizer_workers != AUTO:
         return config
     c = config.cluster
     total = (os.cpu_count() or 1) if cluster_address(config) is None else sum(

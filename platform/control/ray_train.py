@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
+from raytron.platform.config.layout import Layout
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.storage.run_dir import RunPaths
-from raytron.platform.worker.layout import Layout
 
 
 def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, actors: dict,

@@ -9,12 +9,13 @@ import dataclasses
 import torch
 
 from raytron.model.gpt import GPT
+from raytron.platform.config.layout import Layout
 from raytron.platform.config.load import flatten, to_dict, to_yaml
 from raytron.platform.config.plan import human
 from raytron.platform.config.redact import redacted
-from raytron.platform.config.resolve import AUTO, gpt_shape
+from raytron.platform.config.resolve import gpt_shape
 from raytron.platform.config.resume import changes
-from raytron.platform.config.schema import ConfigError, RaytronConfig
+from raytron.platform.config.schema import AUTO, ConfigError, RaytronConfig
 from raytron.platform.control.actors import run_actors
 from raytron.platform.control.console import Console
 from raytron.platform.control.settle import SettledRun, settle
@@ -162,7 +163,7 @@ def layout_summary(c: RaytronConfig) -> str:
     """The layout the run asks for: "pp=1 dp=2 tp=1 on 2 worker(s)", or its elastic range."""
     p, workers = c.parallel, c.cluster.workers
     size = (f"dp=auto tp={p.tp} on up to {workers} worker(s), elastic: dp from "
-            f"{c.faults.min_dp} to {workers // (p.pp * p.tp)}") if p.dp == "auto" \
+            f"{c.faults.min_dp} to {Layout.of(c).dp}") if p.dp == AUTO \
         else f"dp={p.dp} tp={p.tp} on {workers} worker(s)"
     return f"pp={p.pp} {size}"
 

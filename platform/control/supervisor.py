@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from raytron.platform.config.schema import RaytronConfig
+from raytron.platform.config.layout import Layout
+from raytron.platform.config.schema import AUTO, RaytronConfig
 from raytron.platform.control.console import Console
 from raytron.platform.control.ray_train import failure_gist, rank_failures, worker_group
 from raytron.platform.storage.checkpoint import CheckpointStore, CheckpointUnreadable
@@ -44,7 +45,7 @@ class Supervisor:
         self.config, self.paths, self.tracking, self.run_id = config, paths, tracking, run_id
         self.gpus, self.console, self.actors, self.leases = gpus, console, actors, leases
         self.store = CheckpointStore(paths.checkpoints, config.checkpoint.keep_last)
-        self.elastic = config.parallel.dp == "auto"
+        self.elastic = config.parallel.dp == AUTO
         self.sizing = Sizing.of(config, gpus)
         self.failures: list[str] = []
         self.dp: int | None = None
@@ -53,7 +54,6 @@ class Supervisor:
         import ray
 
         from raytron.platform.control.coordination import LaunchWatcher
-        from raytron.platform.worker.loop import layout_of
 
         while True:
             launch = self.next_launch()
@@ -71,7 +71,7 @@ class Supervisor:
                              committed).fit()
             except Exception as error:  # the group failed: restart it, or give up
                 raise_if_not_retried(error)
-                self.failed(failure_gist(error, layout_of(launch)), error)
+                self.failed(failure_gist(error, Layout.of(launch)), error)
                 continue
             finally:
                 watcher.stop()
@@ -92,16 +92,16 @@ class Supervisor:
         """The config of the next worker group; None after a failure to find room."""
         if not self.elastic:
             return self.config
-        f = self.config.faults
+        f, layout = self.config.faults, self.sizing.layout
         dp = self.sizing.largest_placeable(f.schedule_timeout_s)
         if dp is None:
             self.failed(f"no room for dp={f.min_dp} (faults.min_dp) or more with pp="
-                        f"{self.sizing.pp}, tp={self.sizing.tp} within "
+                        f"{layout.pp}, tp={layout.tp} within "
                         f"faults.schedule_timeout_s={f.schedule_timeout_s:g}")
             return None
         if self.dp is not None and dp != self.dp:
             step = self.store.latest() or 0
-            text = f"dp {self.dp} -> {dp} at step {step} (pp={self.sizing.pp}, tp={self.sizing.tp})"
+            text = f"dp {self.dp} -> {dp} at step {step} (pp={layout.pp}, tp={layout.tp})"
             self.console.bar.write(f"resizing: {text}")
             self.tracking.record_event(self.run_id, "resize", step, text)
         self.dp = dp
@@ -129,7 +129,7 @@ def with_dp(config: RaytronConfig, dp: int) -> RaytronConfig:
     p = config.parallel
     return dataclasses.replace(
         config, parallel=dataclasses.replace(p, dp=dp),
-        cluster=dataclasses.replace(config.cluster, workers=p.pp * dp * p.tp))
+        cluster=dataclasses.replace(config.cluster, workers=Layout.of(config, dp).world))
 
 
 def raise_if_not_retried(error: BaseException) -> None:

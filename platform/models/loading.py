@@ -15,7 +15,7 @@ from raytron.model.generate import Generation, TextGenerator
 from raytron.model.gpt import GPT
 from raytron.model.materialize import plain_name
 from raytron.model.sampling import Sampling
-from raytron.platform.config.schema import ConfigError
+from raytron.platform.config.schema import AUTO, ConfigError
 from raytron.platform.models.sources import ModelSource, open_source
 from raytron.platform.worker.hardware import autocast_dtype
 
@@ -45,7 +45,7 @@ def default_device() -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """As training computes by default: bf16 on a GPU, fp32 on the CPU."""
-    return autocast_dtype("auto", device) or torch.float32
+    return autocast_dtype(AUTO, device) or torch.float32
 
 
 def load_model(source: str | Path | ModelSource, device: str | torch.device | None = None,

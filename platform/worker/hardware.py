@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from raytron.platform.config.schema import AUTO
+
 # Dense bf16 peak FLOP/s by GPU name, from the vendors' data sheets (SXM parts).
 GPU_PEAK_BF16 = {
     "B200": 2.25e15,
@@ -29,7 +31,7 @@ def training_device(local_rank: int) -> torch.device:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """`train.precision` (`config/resolve.PRECISIONS`): bf16 autocast on GPUs (or when
     asked for), full fp32 otherwise."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if precision == "bf16" or (precision == AUTO and device.type == "cuda"):
         return torch.bfloat16
     return None
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from raytron.model.gpt import GPT
 from raytron.pipelines.feeder import DataUnusable
 from raytron.pipelines.mixture import DataExhausted
+from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import gpt_shape
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.storage import metric_names as names
@@ -30,7 +31,7 @@ from raytron.platform.storage.checkpoint import CheckpointStore, PendingSave
 from raytron.platform.worker.boundary import StepBoundary
 from raytron.platform.worker.faults import FaultInjector, Watchdog
 from raytron.platform.worker.hardware import peak_flops, peak_memory_gb, training_device
-from raytron.platform.worker.layout import Layout, build_mesh, check_tensor_parallel_on_one_node
+from raytron.platform.worker.layout import build_mesh, check_tensor_parallel_on_one_node
 from raytron.platform.worker.system_metrics import SystemSampler
 from raytron.platform.worker.trainer import Sequences, Trainer
 
@@ -56,17 +57,12 @@ def train_loop(args: dict) -> None:
     WorkerLoop(WorkerArgs(**args), context.get_world_rank(), context.get_local_rank()).run()
 
 
-def layout_of(config: RaytronConfig) -> Layout:
-    p = config.parallel
-    return Layout(p.pp, int(p.dp), p.tp, p.dp_shard)
-
-
 class WorkerLoop:
     def __init__(self, args: WorkerArgs, rank: int, local_rank: int):
         self.entered = time.time()
         self.args, self.config = args, args.config
         self.rank, self.local_rank = rank, local_rank
-        self.layout = layout_of(self.config)
+        self.layout = Layout.of(self.config)
         self.dp_rank = self.layout.coordinates(rank)["dp"]
         torch.set_num_threads(self.config.cluster.cpus_per_worker)
         self.device = training_device(local_rank)
@@ -251,10 +247,9 @@ class WorkerLoop:
         dist.all_gather_object(peaks, peak)
         metrics = {names.PEAK_MEMORY_GB: max(peaks)}
         if self.layout.pp > 1:
-            per_stage = self.layout.dp * self.layout.tp
             for pp_rank in range(self.layout.pp):
                 metrics[f"{names.PEAK_MEMORY_GB}_pp{pp_rank}"] = max(
-                    peaks[pp_rank * per_stage:(pp_rank + 1) * per_stage])
+                    peaks[rank] for rank in self.layout.ranks_at(pp_rank))
         return metrics
 
     def resume(self) -> tuple[int, dict]:

@@ -31,17 +31,14 @@ from raytron.model.pipeline import (
     build_schedule,
     cut_stage,
     forward_only,
-    rank_stages,
     stage_layers,
-    stage_owner,
-    stages_per_rank,
     tied_copies,
 )
 from raytron.pipelines.packing import Batch
+from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import gpt_shape, recompute_every, selective_recompute
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.worker.hardware import autocast_dtype
-from raytron.platform.worker.layout import Layout
 from raytron.platform.worker.optim import apply_hyperparameters, build_optimizer
 
 if TYPE_CHECKING:
@@ -127,13 +124,12 @@ class Trainer:
         p, train = self.config.parallel, self.config.train
         with torch.device("meta"):
             whole = GPT(gpt_shape(self.config.model))
-        if self.layout.pp == 1:
-            parts, stage_ids, n_stages = [whole], [0], 1
+        n_stages = self.layout.stages
+        stage_ids = self.layout.rank_stages(self.coordinates["pp"])
+        if n_stages == 1:
+            parts = [whole]
         else:
-            n_stages = self.layout.pp * stages_per_rank(p.schedule, p.virtual_stages)
             ranges = stage_layers(self.config.model.n_layers, n_stages, p.layers_per_stage)
-            stage_ids = rank_stages(p.schedule, self.coordinates["pp"], self.layout.pp,
-                                    p.virtual_stages)
             parts = [cut_stage(whole, s, n_stages, ranges[s]) for s in stage_ids]
         options = ParallelOptions(
             sequence_parallel=p.sequence_parallel, loss_parallel=p.loss_parallel,
@@ -159,15 +155,14 @@ class Trainer:
         """Under a pipeline, a tied embedding matrix has a copy on the first stage and one
         on the last: the process group joining the two ranks of each (dp, tp) coordinate
         that hold them (None for ranks holding neither, or both). Collective."""
-        p, layout = self.config.parallel, self.layout
+        layout = self.layout
         if layout.pp == 1 or not self.config.model.tie_embeddings:
             return None
-        first = stage_owner(p.schedule, 0, layout.pp)
-        last = stage_owner(p.schedule, self.n_stages - 1, layout.pp)
+        first, last = layout.stage_owner(0), layout.stage_owner(self.n_stages - 1)
         if first == last:
             return None
-        pairs = [[layout.rank_of(first, dp, tp), layout.rank_of(last, dp, tp)]
-                 for dp in range(layout.dp) for tp in range(layout.tp)]
+        pairs = [list(pair) for pair in zip(layout.ranks_at(first), layout.ranks_at(last),
+                                            strict=True)]
         return dist.new_subgroups_by_enumeration(pairs)[0]
 
     def sum_tied_gradients(self) -> None:
@@ -294,7 +289,7 @@ class Trainer:
         seq = micro.inputs.shape[1] // (tp if p.sequence_parallel and tp > 1 else 1)
         return forward_only(
             dict(zip(self.stage_ids, self.parts, strict=True)), self.n_stages,
-            lambda s: stage_owner(p.schedule, s, self.layout.pp), self.coordinates["pp"],
+            self.layout.stage_owner, self.coordinates["pp"],
             self.mesh["pp"].get_group(), micro.inputs,
             (len(micro), seq, self.config.model.d_model), micro.model_kwargs())
 
