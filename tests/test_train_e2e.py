@@ -7,6 +7,7 @@ checkpoints cannot be read, and keeps credentials out of everything it writes.""
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -101,6 +102,23 @@ def kill_tree(pid: int) -> None:
             process.kill()
 
 
+RAYTRON_LINE = re.compile(
+    r"(|Training a \d+-token byte-level BPE tokenizer on the corpus|Starting run '|Continuing run '"
+    r"|  applied from the resumed step on: |MLflow run |  http://127\.0\.0\.1:\d+/#/experiments/"
+    r"|Layout pp=|Ray's and the workers' own output: |step +\d+/\d+ \| "
+    r"|checkpoint committed at step \d+$|Resuming from step \d+|failure \d+: |restarting from "
+    r"step \d+ in |Finished \d+ steps\. |train\.steps=auto: |Took over the lease of "
+    r"|Stopped at step \d+; |Training stopped: |Training failed: |What Ray and the workers said: "
+    r"|The last committed checkpoint is kept in )")
+
+
+def assert_only_raytron_lines(output: str) -> None:
+    """The console holds raytron's own lines and nothing else: no Ray log line, no
+    worker's output, no library's warning (they are in the run's raytron.log)."""
+    others = [line for line in output.splitlines() if not RAYTRON_LINE.match(line)]
+    assert not others, "\n".join(others[:20])
+
+
 def loss_history(root: Path, name: str):
     from mlflow import MlflowClient
 
@@ -129,8 +147,9 @@ def whole(root) -> str:
 def test_the_run_learns_checkpoints_and_is_tracked(root, whole):
     output = whole
     assert "step 24/24" in output and "Finished 24 steps" in output
-    for noise in ("constructor arguments in the object store", "Progress bars disabled"):
-        assert noise not in output  # Ray's own lines that mean nothing to a user
+    assert_only_raytron_lines(output)
+    log = (root / "whole" / "raytron.log").read_text()
+    assert "Token authentication" in log and "(TrainController pid=" in log
     client, run, history = loss_history(root, "whole")
     losses = {m.step: m.value for m in history}
     assert sorted(losses) == list(range(1, 25))
@@ -242,6 +261,7 @@ def test_failures_in_a_four_worker_run_restart_it_and_change_nothing(root, whole
                                          "faults.restart_backoff_s=0.5"))
     assert output.count("restarting from step") == 3
     assert "rank 2 (pp=0, dp=1, tp=0)" in output  # failures name ranks and coordinates
+    assert_only_raytron_lines(output)
     run = assert_losses_match(root, "faulty")
     assert run.data.metrics["restarts"] == 3 and run.info.status == "FINISHED"
     assert run.data.tags[LAYOUT_TAG] == "pp=1 dp=2 tp=2 (4 workers)"
@@ -252,6 +272,32 @@ def test_failures_in_a_four_worker_run_restart_it_and_change_nothing(root, whole
     for text in ("FINISHED", "restarts     3", "checkpoint   step 24 of 24", "pp=1 dp=2 tp=2",
                  "failure 3:"):
         assert text in status.stdout, status.stdout
+
+
+def test_ctrl_c_stops_the_run_says_where_and_the_same_command_resumes_it(root, whole):
+    """SIGINT (Ctrl-C) after the first checkpoint: exit status 130, one line saying where
+    the run stopped and how it goes on, the stop in MLflow and `raytron status`; the same
+    command then finishes with the uninterrupted run's losses."""
+    marker = root / "interrupted" / "checkpoints" / "step_00000006" / COMMIT_MARKER
+    with open(root / "interrupted.log", "w") as log:
+        process = subprocess.Popen(command(root, "interrupted"), cwd=root, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    output = (root / "interrupted.log").read_text()
+    stopped = re.search(r"Stopped at step (\d+); the last checkpoint is step (\d+); run the "
+                        r"same command to resume\.", output)
+    assert stopped, output[-3000:]
+    assert int(stopped.group(2)) in (6, 12, 18, 24) and int(stopped.group(1)) >= 6
+    assert_only_raytron_lines(output)
+    status = cli(root, "status", str(root / "interrupted")).stdout
+    assert "state        KILLED" in status and "(Ctrl-C)" in status
+    assert "writer       none" in status
+    run_to_end(root, "interrupted")
+    assert assert_losses_match(root, "interrupted").info.status == "FINISHED"
 
 
 LIMITED = ("faults.max_restarts=0", "faults.inject=[kill rank 0 at step 8]")
@@ -469,10 +515,12 @@ def test_fine_tuning_teaches_a_pretrained_model_what_it_could_not_do(root, whole
     """configs/sft-tiny.yaml from the pre-trained run: reverse-words goes from ~0 to >= 90
     exact answers out of 100 chats it never trained on."""
     assert reverse_words_exact_matches(root / "whole") <= 5
-    output = cli(root, "train", "sft-tiny", f"run.root={root}", "run.name=sft",
+    result = cli(root, "train", "sft-tiny", f"run.root={root}", "run.name=sft",
                  f"model.init_from={root / 'whole'}",
-                 "cluster.dashboard=false", "train.log_interval=100").stdout
+                 "cluster.dashboard=false", "train.log_interval=100")
+    output = result.stdout + result.stderr
     assert "Finished 500 steps" in output
+    assert_only_raytron_lines(output)
     assert reverse_words_exact_matches(root / "sft") >= 90
 
 

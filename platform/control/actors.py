@@ -13,15 +13,16 @@ from raytron.pipelines.stream import StreamSpec
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.control.console import Console
 from raytron.platform.control.placement import start_ray
+from raytron.platform.control.run_log import RunLog
 
 POLL_S = 0.5  # how often the console shows what the tracker received
 
 
 @contextlib.contextmanager
 def run_actors(config: RaytronConfig, spec: StreamSpec, tracking_uri: str, run_id: str,
-               console: Console) -> Iterator[dict]:
+               console: Console, log: RunLog) -> Iterator[dict]:
     """Start (or join) Ray and the run's actors, show the tracker's records on `console`
-    while the block runs, and stop them all after it."""
+    (and what the actors print in `log`) while the block runs, and stop them all after."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -30,6 +31,7 @@ def run_actors(config: RaytronConfig, spec: StreamSpec, tracking_uri: str, run_i
     from raytron.platform.storage.tracking import Tracker
 
     start_ray(config)
+    log.capture_workers()
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     tracker = ray.remote(Tracker).options(num_cpus=0, scheduling_strategy=here).remote(
         tracking_uri, run_id)

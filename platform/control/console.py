@@ -62,36 +62,49 @@ def format_validation(step: int, total: int, m: dict[str, float]) -> str:
 
 
 class Console:
+    """The progress bar and the log lines of a training. The bar starts at the first step
+    a worker group reports, and again after each relaunch, so that its rate and time left
+    count training, not Ray starting a group."""
+
     def __init__(self, total: int | None, start: int):
         """`total`: the run's steps; None until they are counted (`train.steps=auto`)."""
         self.total = total or 0
-        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-                        desc="training", disable=None)  # no bar when output is no terminal
+        self.step = start  # the last step a worker group reported
+        self.bar: tqdm | None = None
 
     def resize(self, total: int) -> None:
         self.total = total
-        if not self.bar.disable:
-            step = self.bar.n
-            self.bar.reset(total=total)
-            self.bar.update(step)
+        self.stop_bar()
+
+    def write(self, text: str) -> None:
+        """A line above the bar (or alone, before there is one)."""
+        tqdm.write(text)
 
     def show(self, records: list[tuple[int, dict]]) -> None:
         for step, metrics in records:
             if "event" in metrics:  # a line a worker group asked to show (e.g. its resume)
-                self.bar.write(metrics["event"])
-                if not self.bar.disable:
-                    self.bar.reset(total=self.total)
-                    self.bar.update(step)
+                self.stop_bar()
+                self.write(metrics["event"])
             if names.TRAIN_LOSS in metrics:
-                self.bar.write(format_step(step, self.total, metrics))
+                self.step = max(self.step, step)
+                self.write(format_step(step, self.total, metrics))
+                if self.bar is None:
+                    self.bar = tqdm(total=self.total or None, initial=step, unit="step",
+                                    dynamic_ncols=True, desc="training",
+                                    disable=None)  # no bar when output is no terminal
                 if math.isfinite(metrics[names.TRAIN_LOSS]):
                     self.bar.set_postfix(loss=f"{metrics[names.TRAIN_LOSS]:.3f}")
             if names.VAL_LOSS in metrics:
-                self.bar.write(format_validation(step, self.total, metrics))
+                self.write(format_validation(step, self.total, metrics))
             if "checkpoint_step" in metrics:
-                self.bar.write(f"checkpoint committed at step {step}")
-            if not self.bar.disable:
+                self.write(f"checkpoint committed at step {step}")
+            if self.bar is not None and not self.bar.disable:
                 self.bar.update(max(0, step - self.bar.n))
 
+    def stop_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
     def close(self) -> None:
-        self.bar.close()
+        self.stop_bar()

@@ -126,13 +126,15 @@ def with_tokenizer(spec: StreamSpec, tokenizer: Tokenizer) -> StreamSpec:
 def train_tokenizer(config: RaytronConfig, spec: StreamSpec,
                     show_progress: bool = True) -> Tokenizer:
     """A byte-level BPE of `data.vocab_size` tokens on up to `data.tokenizer_sample_mb`
-    of the training documents, each source contributing its weight's share."""
+    of the training documents, each source contributing its weight's share. The bar
+    counts what is read (the budget is a cap, not the work: no total); the tokenizers
+    library's own bars stay off."""
     budget = config.data.tokenizer_sample_mb * 2**20
     texts = tokenizer_sample(spec, budget)
     if show_progress:
-        texts = counted(texts, tqdm(total=budget, unit="B", unit_scale=True,
-                                    desc="reading the corpus (up to data.tokenizer_sample_mb)"))
-    return train_bpe(texts, config.data.vocab_size, show_progress=show_progress)
+        texts = counted(texts, tqdm(unit="B", unit_scale=True, desc="reading the corpus",
+                                    disable=None))  # no bar when output is no terminal
+    return train_bpe(texts, config.data.vocab_size, show_progress=False)
 
 
 def counted(texts: Iterator[str], bar: tqdm) -> Iterator[str]:

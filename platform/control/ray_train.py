@@ -3,6 +3,7 @@ device, each running `worker.loop.train_loop`, and what its errors say about the
 
 from __future__ import annotations
 
+import threading
 import time
 
 from raytron.platform.config.layout import Layout
@@ -40,6 +41,27 @@ def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, actors: di
         run_config=RunConfig(name=config.run.name, storage_path=str(paths.dir / "ray_train"),
                              failure_config=FailureConfig(max_failures=0)),
     )
+
+
+def fit_beside(trainer) -> None:
+    """`trainer.fit()` in a thread of its own. In the main thread Ray Train takes SIGINT
+    over (it aborts the group and exits with status 1, saying only "Gracefully
+    aborting"); beside it, Ctrl-C stays a KeyboardInterrupt in raytron's main thread,
+    which stops the run and says where (`control/run.py`)."""
+    outcome: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as error:  # handed to the main thread as it is
+            outcome.append(error)
+
+    thread = threading.Thread(target=fit, name="worker-group", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # a short wait: Ctrl-C interrupts the main thread between them
+    if outcome:
+        raise outcome[0]
 
 
 def rank_failures(error: BaseException) -> dict[int, BaseException]:

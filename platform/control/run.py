@@ -18,6 +18,7 @@ from raytron.platform.config.resume import changes
 from raytron.platform.config.schema import AUTO, ConfigError, RaytronConfig
 from raytron.platform.control.actors import run_actors
 from raytron.platform.control.console import Console
+from raytron.platform.control.run_log import LOG_FILE, RunLog
 from raytron.platform.control.settle import SettledRun, settle
 from raytron.platform.control.supervisor import Supervisor, not_retried
 from raytron.platform.storage.checkpoint import CheckpointStore, CheckpointUnreadable
@@ -36,12 +37,13 @@ def train(config: RaytronConfig) -> int:
     propagates: the command line makes it exit status 2). The run's leases are taken
     first: a second training of the same run is refused before it does anything."""
     paths = RunPaths.of(config)
-    with RunLeases(run_folders(paths), config.run.name) as leases:
-        return train_holding(config, leases)
+    with RunLeases(run_folders(paths), config.run.name) as leases, \
+            RunLog(paths.dir / LOG_FILE) as log:
+        return train_holding(config, leases, log)
 
 
-def train_holding(config: RaytronConfig, leases: RunLeases) -> int:
-    """`train`, once the run's leases are held."""
+def train_holding(config: RaytronConfig, leases: RunLeases, log: RunLog) -> int:
+    """`train`, once the run's leases are held and what is not raytron's goes to `log`."""
     run = settle(config)
     c, paths = run.config, run.paths
     done = run.committed[-1] if run.committed else 0
@@ -60,7 +62,7 @@ def train_holding(config: RaytronConfig, leases: RunLeases) -> int:
     console = Console(None if auto else c.train.steps, done)
     status, code, message = "FINISHED", 0, ""
     try:
-        with run_actors(c, run.spec, tracking.uri, run_id, console) as actors:
+        with run_actors(c, run.spec, tracking.uri, run_id, console, log) as actors:
             if auto:
                 c = with_counted_steps(c, actors["feeder"], console)
                 tracking.record_event(run_id, "steps", done, f"train.steps=auto: the data "
@@ -71,9 +73,7 @@ def train_holding(config: RaytronConfig, leases: RunLeases) -> int:
                 Supervisor(c, paths, tracking, run_id, run.gpus, console, actors,
                            leases.tokens()).run()
     except KeyboardInterrupt:
-        status, code = "KILLED", 130
-        message = (f"\nInterrupted. Run the same command again to resume from the last "
-                   f"committed checkpoint in {paths.checkpoints}.")
+        status, code, message = "KILLED", 130, stopped(c, paths, tracking, run_id, console)
     except CheckpointUnreadable as error:
         status, code, message = "FAILED", 1, f"\nCannot resume run '{c.run.name}': {error}"
     except ConfigError as error:
@@ -84,7 +84,8 @@ def train_holding(config: RaytronConfig, leases: RunLeases) -> int:
         tracking.record_event(run_id, "stop", step, f"training stopped: {error}")
     except Exception as error:
         status, code = "FAILED", 1
-        message = (f"\nTraining failed: {error}\nThe last committed checkpoint is kept in "
+        message = (f"\nTraining failed: {error}\nWhat Ray and the workers said: {log.path}\n"
+                   f"The last committed checkpoint is kept in "
                    f"{paths.checkpoints}; run the same command again to resume from it.")
     finally:
         console.close()
@@ -92,6 +93,19 @@ def train_holding(config: RaytronConfig, leases: RunLeases) -> int:
     print(message or f"Finished {c.train.steps} steps. Checkpoints: {paths.checkpoints}\n"
                      f"MLflow run {run_id} in {tracking.uri}\n{run_page(tracking, run_id)}")
     return code
+
+
+def stopped(c: RaytronConfig, paths: RunPaths, tracking: RunTracking, run_id: str,
+            console: Console) -> str:
+    """Ctrl-C: end the worker group (with the Ray it runs in), record the stop, and say
+    where the run stands and how it goes on."""
+    import ray
+
+    ray.shutdown()  # the group's actors are this process's: they end with it
+    step = CheckpointStore(paths.checkpoints, c.checkpoint.keep_last).latest() or 0
+    where = f"stopped at step {console.step}; the last checkpoint is step {step}"
+    tracking.record_event(run_id, "stop", console.step, f"{where} (Ctrl-C)")
+    return f"\n{where.capitalize()}; run the same command to resume."
 
 
 def finished_already(paths: RunPaths, done: int, steps: int) -> str:
@@ -104,7 +118,7 @@ def with_counted_steps(c: RaytronConfig, feeder, console: Console) -> RaytronCon
     by the feeder's pass over it (the LR schedule decays over them)."""
     import ray
 
-    console.bar.write("train.steps=auto: counting the steps the data gives (one pass over "
+    console.write("train.steps=auto: counting the steps the data gives (one pass over "
                       "it; its tokens are kept in the token cache for training)")
     steps = ray.get(feeder.count_steps.remote())
     if steps == 0:
@@ -112,7 +126,7 @@ def with_counted_steps(c: RaytronConfig, feeder, console: Console) -> RaytronCon
                            f"(train.global_batch={c.train.global_batch} sequences of "
                            f"data.seq_len={c.data.seq_len} tokens). Fix: lower "
                            "train.global_batch, raise the sources' epochs, or add data."])
-    console.bar.write(f"train.steps=auto: the data gives {steps} steps of "
+    console.write(f"train.steps=auto: the data gives {steps} steps of "
                       f"{c.train.global_batch} sequences")
     console.resize(steps)
     return dataclasses.replace(c, train=dataclasses.replace(c.train, steps=steps))
@@ -148,6 +162,7 @@ def describe_start(run: SettledRun, tracking: RunTracking, run_id: str, reopened
     lines.append(f"MLflow run {run_id} ({'reopened' if reopened else 'new'}) in {c.tracking.uri}")
     lines.append(run_page(tracking, run_id))
     lines.append(f"Layout {layout_summary(c)}")
+    lines.append(f"Ray's and the workers' own output: {run.paths.dir / LOG_FILE}")
     return "\n".join(lines)
 
 

@@ -10,7 +10,12 @@ import time
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.schema import AUTO, RaytronConfig
 from raytron.platform.control.console import Console
-from raytron.platform.control.ray_train import failure_gist, rank_failures, worker_group
+from raytron.platform.control.ray_train import (
+    failure_gist,
+    fit_beside,
+    rank_failures,
+    worker_group,
+)
 from raytron.platform.storage.checkpoint import CheckpointStore, CheckpointUnreadable
 from raytron.platform.storage.run_dir import RunPaths
 from raytron.platform.storage.tracking import RunTracking
@@ -67,8 +72,8 @@ class Supervisor:
                 (lambda dp=launch.parallel.dp: self.sizing.room_to_grow(dp)) if grow else None)
             committed = self.store.committed_steps()  # listed once: every rank tries these
             try:
-                worker_group(launch, self.paths, self.gpus, self.actors, self.leases,
-                             committed).fit()
+                fit_beside(worker_group(launch, self.paths, self.gpus, self.actors,
+                                        self.leases, committed))
             except Exception as error:  # the group failed: restart it, or give up
                 raise_if_not_retried(error)
                 self.failed(failure_gist(error, Layout.of(launch)), error)
@@ -85,7 +90,7 @@ class Supervisor:
             if reason is None:  # ended early, unasked: a failure, so that it cannot loop
                 self.failed(f"the worker group ended at step {step}, before train.steps")
                 continue
-            self.console.bar.write(f"stopped at step {step}: {reason}; relaunching")
+            self.console.write(f"stopped at step {step}: {reason}; relaunching")
             self.tracking.record_event(self.run_id, "stop", step, f"at step {step}: {reason}")
 
     def next_launch(self) -> RaytronConfig | None:
@@ -102,7 +107,7 @@ class Supervisor:
         if self.dp is not None and dp != self.dp:
             step = self.store.latest() or 0
             text = f"dp {self.dp} -> {dp} at step {step} (pp={layout.pp}, tp={layout.tp})"
-            self.console.bar.write(f"resizing: {text}")
+            self.console.write(f"resizing: {text}")
             self.tracking.record_event(self.run_id, "resize", step, text)
         self.dp = dp
         return with_dp(self.config, dp)
@@ -119,7 +124,7 @@ class Supervisor:
                             f"faults.max_restarts={f.max_restarts}:\n  "
                             + "\n  ".join(self.failures)) from error
         backoff = min(60.0, f.restart_backoff_s * 2 ** (len(self.failures) - 1))
-        self.console.bar.write(f"{self.failures[-1]}\nrestarting from step {step} in "
+        self.console.write(f"{self.failures[-1]}\nrestarting from step {step} in "
                                f"{backoff:g} s ({len(self.failures)}/{f.max_restarts})")
         time.sleep(backoff)
 

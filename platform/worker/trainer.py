@@ -59,7 +59,8 @@ class Sequences:
         tokens = torch.from_numpy(batch.tokens.astype("int64")).to(device)
         labels = tokens[:, 1:]
         if batch.targets is not None:
-            learned = torch.from_numpy(batch.targets[:, 1:]).to(device)
+            learned = torch.tensor(batch.targets[:, 1:], device=device)  # a copy: Ray's
+            # object store hands out read-only arrays, which from_numpy warns about
             labels = labels.masked_fill(~learned, IGNORE)
         positions = None if batch.positions is None else \
             torch.from_numpy(batch.positions[:, :-1].astype("int64")).to(device)

@@ -1,0 +1,36 @@
+"""The console is raytron's: Ray's driver logging, Python warnings and the output Ray
+forwards from its workers go to the run's log file while a training runs."""
+
+import logging
+import warnings
+
+from raytron.platform.control.run_log import RAY_PRINTER, RunLog
+
+
+def test_ray_logging_warnings_and_worker_output_go_to_the_log_file(tmp_path, capsys):
+    import ray  # noqa: F401 (sets up Ray's "ray" logger and its console handler)
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printed: list[dict] = []
+    dispatcher.add_handler(RAY_PRINTER, printed.append)  # as ray.init does
+    path = tmp_path / "raytron.log"
+    try:
+        with RunLog(path) as log:
+            log.capture_workers()
+            logging.getLogger("ray._private.authentication").warning(
+                "Token authentication is enabled for this Ray cluster.")
+            warnings.warn("Slicing a flattened dim from root mesh", FutureWarning,
+                          stacklevel=1)
+            dispatcher.emit({"pid": 4711, "actor_name": "TrainController", "is_err": True,
+                             "lines": ["Started training worker group of size 1:"]})
+    finally:
+        dispatcher.remove_handler(RAY_PRINTER)
+    console = capsys.readouterr()
+    assert console.out == console.err == "" and printed == []
+    text = path.read_text()
+    assert "WARNING ray._private.authentication: Token authentication is enabled" in text
+    assert "FutureWarning: Slicing a flattened dim from root mesh" in text
+    assert "(TrainController pid=4711, stderr) Started training worker group of size 1:" in text
+
+    logging.getLogger("ray.train").warning("after the run")  # Ray's console handler is back
+    assert "after the run" in capsys.readouterr().err
