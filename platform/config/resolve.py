@@ -10,13 +10,14 @@ import os
 from raytron.model.gpt import GPTShape, llama_ffn_hidden
 from raytron.pipelines.sources import SAMPLE_FORMATS, sample_kind
 from raytron.platform.config.layout import Layout
-from raytron.platform.config.schema import AUTO, DataConfig, ModelConfig, RaytronConfig
-
-# train.activation_checkpointing, besides k >= 1: which blocks are recomputed (every k-th)
-RECOMPUTE_NAMED = {"none": 0, "full": 1, "selective": 1}
-PRECISIONS = (AUTO, "bf16", "fp32")  # train.precision; auto: bf16 on GPUs, fp32 on CPUs
-PACKINGS = (AUTO, "stream", "samples")  # data.packing
-OVERLONG = ("drop", "truncate")  # data.overlong
+from raytron.platform.config.rules import is_count
+from raytron.platform.config.schema import (
+    AUTO,
+    RECOMPUTE_NAMED,
+    DataConfig,
+    ModelConfig,
+    RaytronConfig,
+)
 
 
 def resolve_model(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
@@ -61,14 +62,6 @@ def selective_recompute(setting: int | str) -> bool:
 def cluster_address(config: RaytronConfig) -> str | None:
     """The Ray cluster to join: `cluster.address`, else $RAY_ADDRESS; None: start one."""
     return config.cluster.address or os.environ.get("RAY_ADDRESS")
-
-
-def is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_count(value) -> bool:
-    return is_int(value) and value >= 1
 
 
 def with_derived_defaults(config: RaytronConfig, explicit: set[str]) -> RaytronConfig:

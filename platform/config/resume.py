@@ -1,5 +1,6 @@
 """What may change when a run resumes from its checkpoints: every key is applied,
-refused or free, so that no change is silently ignored.
+refused or free, so that no change is silently ignored. Each key's kind is declared with
+it in `schema.py` (or, for all of a section's or a list's keys, on the section or list).
 
 - applied: optimizer and schedule keys; they come from the config at every step, never
   from a checkpoint, so a new value takes effect from the resumed step on;
@@ -11,49 +12,24 @@ refused or free, so that no change is silently ignored.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-APPLIED = ("train.lr", "train.min_lr", "train.warmup_steps", "train.steps",
-           "train.weight_decay", "train.beta1", "train.beta2", "train.grad_clip",
-           "train.global_batch", "tracking.run_name", "tracking.uri")
-
-# (key or section prefix, why a resumed run cannot take a new value)
-REFUSED = (
-    ("model.", "it is the model's shape, which the checkpoints were written for"),
-    ("data.seq_len", "it is the model's sequence length, which the checkpoints were "
-                     "written for"),
-    ("data.sources", "they decide the documents every step sees"),
-    ("data.validation_sources", "they decide which documents are held out, and whether "
-                                "training holds any out of its sources"),
-    ("data.val_share", "it decides which documents are held out of training"),
-    ("data.shuffle_window", "it decides the order of the documents"),
-    ("data.bos", "it changes the tokens of every document"),
-    ("data.max_document_mb", "it decides which records are skipped"),
-    ("data.packing", "it decides how samples fill the sequences every step sees"),
-    ("data.overlong", "it decides which samples are dropped"),
-    ("data.tokenizer", "the run keeps the tokenizer it started with (tokenizer.json in its "
-                       "directory)"),
-    ("data.vocab_size", "the run keeps the tokenizer it started with"),
-    ("data.tokenizer_sample_mb", "the run keeps the tokenizer it started with"),
-    ("train.seed", "it decides the initial weights and the order of the files"),
-    ("checkpoint.dir", "it is where the run's checkpoints are"),
-    ("tracking.experiment", "the run's MLflow run lives in the experiment it started in"),
-)
+from raytron.platform.config.keys import resume_of
 
 
 def rule_of(key: str) -> tuple[str, str] | None:
-    """(the REFUSED entry's key, why) for a refused key; None for the others."""
-    for prefix, why in REFUSED:
-        if key == prefix or key.startswith(prefix if prefix.endswith(".") else prefix + "."):
-            return prefix.rstrip("."), why
-    return None
+    """(the key the refusal is declared on, why) for a refused key; None for the others."""
+    declared = resume_of(key)
+    if declared is None or declared[1].kind != "refused":
+        return None
+    return declared[0], declared[1].why
 
 
-def kind_of(key: str) -> str:
-    """applied, refused or free."""
-    if key in APPLIED:
-        return "applied"
-    return "refused" if rule_of(key) else "free"
+def kind_of(key: str) -> str | None:
+    """applied, refused or free; None for a key declared without one."""
+    declared = resume_of(key)
+    return declared[1].kind if declared else None
 
 
 def changed(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -78,12 +54,12 @@ def resume_problems(saved: dict[str, Any], current: dict[str, Any], run_name: st
 
 
 def changes(saved: dict[str, Any], current: dict[str, Any],
-            keys: tuple[str, ...] | None = None) -> list[str]:
-    """'key: old -> new' for each key (of `keys`, if given) that changed."""
+            which: Callable[[str], bool] = lambda key: True) -> list[str]:
+    """'key: old -> new' for each key (`which` takes) that changed."""
     return [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed(saved, current).items()
-            if keys is None or key in keys]
+            if which(key)]
 
 
 def applied_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: old -> new' for each applied key that changed."""
-    return changes(saved, current, APPLIED)
+    return changes(saved, current, lambda key: kind_of(key) == "applied")

@@ -2,176 +2,307 @@
 
 Every knob lives here so that `raytron config` can print exactly what a run will do,
 and so that the whole tree can be logged as MLflow params and saved beside the
-checkpoints. Loading is `load.py`, the rules a config must satisfy `validate.py`.
+checkpoints. Each key is declared once, with its default, the rule its value must satisfy
+and what a resumed run does with a new value (`rules.key`: applied, refused, free; a
+section or list may declare it for all its keys). Loading is `load.py`, the rules between
+keys `validate.py`, the resume kinds `resume.py`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from raytron.model.parallelize import DP_SHARD_MODES
+from raytron.model.pipeline import SCHEDULES
+from raytron.pipelines.file_lists import ON_NEW_FILES
+from raytron.pipelines.sources import DOCUMENTS, FORMATS
+from raytron.platform.config.rules import (
+    APPLIED,
+    FREE,
+    MAX_LAYERS,
+    MAX_SEQUENCE,
+    MAX_VOCABULARY,
+    MAX_WIDTH,
+    a_list,
+    anything,
+    count,
+    count_or,
+    drill,
+    folder_name,
+    key,
+    natural,
+    number,
+    one_of,
+    optional_list,
+    refused,
+    run_name,
+    section,
+    text,
+    worker_resource,
+)
 
 EMBEDDED_CORPUS = "embedded:python-reference"
 AUTO = "auto"  # a value several keys take: derive it (each key's comment says how)
+# train.activation_checkpointing, besides k >= 1: which blocks are recomputed (every k-th)
+RECOMPUTE_NAMED = {"none": 0, "full": 1, "selective": 1}
+PRECISIONS = (AUTO, "bf16", "fp32")  # train.precision; auto: bf16 on GPUs, fp32 on CPUs
+PACKINGS = (AUTO, "stream", "samples")  # data.packing
+OVERLONG = ("drop", "truncate")  # data.overlong
+SAME_TOKENIZER = "the run keeps the tokenizer it started with"
 
 
 @dataclass
 class RunSection:
-    name: str = "tiny"  # run directory (one folder name) and MLflow run name; same name = resume
-    root: str = "runs"  # holds run directories and the local MLflow store
+    # run directory (one folder name) and MLflow run name; same name = resume
+    name: str = key("tiny", run_name, FREE)
+    # holds run directories and the local MLflow store
+    root: str = key("runs", text(), FREE)
 
 
 @dataclass
-class ModelConfig:
-    n_layers: int = 4
-    d_model: int = 128
-    n_heads: int = 4
-    n_kv_heads: int | None = None  # None: as many as n_heads; fewer: grouped-query attention
-    ffn_hidden: int | None = None  # None: 8/3 * d_model rounded up to ffn_multiple_of (Llama)
-    ffn_multiple_of: int = 64
-    vocab_size: int | None = None  # None: the tokenizer's, padded to vocab_multiple_of
-    vocab_multiple_of: int = 64
-    max_seq_len: int = "${data.seq_len}"  # type: ignore[assignment]
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    init_from: str | None = None  # start from these weights: a raytron run or checkpoint, or
-    # a Hugging Face Llama folder (its shape replaces the keys above; its tokenizer is used)
+class ModelConfig:  # every key refused on resume (RaytronConfig.model)
+    n_layers: int = key(4, count(MAX_LAYERS))
+    d_model: int = key(128, count(MAX_WIDTH))
+    n_heads: int = key(4, count(MAX_WIDTH))
+    # None: as many as n_heads; fewer: grouped-query attention
+    n_kv_heads: int | None = key(None, count(MAX_WIDTH, optional=True))
+    # None: 8/3 * d_model rounded up to ffn_multiple_of (Llama)
+    ffn_hidden: int | None = key(None, count(4 * MAX_WIDTH, optional=True))
+    ffn_multiple_of: int = key(64, count(MAX_WIDTH))
+    # None: the tokenizer's, padded to vocab_multiple_of
+    vocab_size: int | None = key(None, count(MAX_VOCABULARY, optional=True))
+    vocab_multiple_of: int = key(64, count(MAX_WIDTH))
+    max_seq_len: int = key("${data.seq_len}", count(MAX_SEQUENCE))
+    rope_theta: float = key(10000.0, number())
+    norm_eps: float = key(1e-5, number())
+    tie_embeddings: bool = key(True, anything)
+    init_std: float = key(0.02, number())
+    # start from these weights: a raytron run or checkpoint, or a Hugging Face Llama folder
+    # (its shape replaces the keys above; its tokenizer is used)
+    init_from: str | None = key(None, text(optional=True))
 
 
 @dataclass
 class ParallelConfig:
-    pp: int = 1  # pipeline-parallel ranks
-    dp: int | str = 1  # data-parallel replicas; auto: cluster.workers / (pp * tp)
-    tp: int = 1  # tensor-parallel ranks per pipeline stage, on one node
-    dp_shard: str = "full"  # full (FSDP, ZeRO-3) | grad-op (ZeRO-2) | none (DDP)
-    sequence_parallel: bool = True  # shard norms and the residual stream over tp
-    loss_parallel: bool = True  # loss from vocab-sharded logits, never gathered
-    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved-1f1b | zero-bubble
-    microbatches: int | None = None  # per schedule call; None: a replica's whole batch
-    virtual_stages: int = 2  # stages per pipeline rank, for interleaved-1f1b
-    layers_per_stage: list[int] | None = None  # uneven split; None: as even as possible
+    # pipeline-parallel ranks
+    pp: int = key(1, count(MAX_LAYERS), FREE)
+    # data-parallel replicas; auto: cluster.workers / (pp * tp)
+    dp: int | str = key(1, count_or((AUTO,), "set parallel.dp=auto to use every worker, or "
+                                             "e.g. parallel.dp=2"), FREE)
+    # tensor-parallel ranks per pipeline stage, on one node
+    tp: int = key(1, count(MAX_WIDTH), FREE)
+    # full (FSDP, ZeRO-3) | grad-op (ZeRO-2) | none (DDP)
+    dp_shard: str = key("full", one_of(DP_SHARD_MODES), FREE)
+    # shard norms and the residual stream over tp
+    sequence_parallel: bool = key(True, anything, FREE)
+    # loss from vocab-sharded logits, never gathered
+    loss_parallel: bool = key(True, anything, FREE)
+    # gpipe | 1f1b | interleaved-1f1b | zero-bubble
+    schedule: str = key("1f1b", one_of(SCHEDULES), FREE)
+    # per schedule call; None: a replica's whole batch
+    microbatches: int | None = key(None, count(optional=True), FREE)
+    # stages per pipeline rank, for interleaved-1f1b
+    virtual_stages: int = key(2, count(MAX_LAYERS), FREE)
+    # uneven split; None: as even as possible
+    layers_per_stage: list[int] | None = key(None, optional_list, FREE,
+                                             entries=count(MAX_LAYERS))
 
 
 @dataclass
 class TrainConfig:
-    global_batch: int = 32  # sequences per optimizer step, summed over data-parallel replicas
-    micro_batch: int = 8  # sequences per forward/backward on one replica; unless you set it,
-    # lowered where a pipeline schedule needs more micro-batches than it gives
-    steps: int | str = 300  # optimizer steps; auto: as many whole global batches as the
-    # sources with an epoch limit give (counted by one pass before training; fine-tuning)
-    lr: float = 1e-3
-    min_lr: float = 1e-4  # floor of the cosine decay
-    warmup_steps: int = 20
-    weight_decay: float = 0.1  # on matrices (embeddings included), not on norm gains
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    precision: str = AUTO  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    seed: int = 1234
-    log_interval: int = 10
-    eval_interval: int = 100  # 0 disables validation
-    peak_flops: float | None = None  # per device, for MFU; None: a known GPU's data sheet, a
-    # matmul measured on an unknown GPU, no MFU on a CPU
-    activation_checkpointing: int | str = "none"  # none | full | selective | k: recompute every
-    # k-th layer; selective: every layer, keeping its matmul outputs
-    compile: bool = False  # torch.compile each transformer block (inductor; first steps slower)
+    # sequences per optimizer step, summed over data-parallel replicas
+    global_batch: int = key(32, count(), APPLIED)
+    # sequences per forward/backward on one replica; unless you set it, lowered where a
+    # pipeline schedule needs more micro-batches than it gives
+    micro_batch: int = key(8, count(), FREE)
+    # optimizer steps; auto: as many whole global batches as the sources with an epoch limit
+    # give (counted by one pass before training; fine-tuning)
+    steps: int | str = key(300, count_or((AUTO,), "give a number of steps, or auto to train on "
+                                                  "every source with an epoch limit to its end"),
+                           APPLIED)
+    lr: float = key(1e-3, number(), APPLIED)
+    # floor of the cosine decay
+    min_lr: float = key(1e-4, number(positive=False), APPLIED)
+    warmup_steps: int = key(20, natural, APPLIED)
+    # on matrices (embeddings included), not on norm gains
+    weight_decay: float = key(0.1, number(positive=False), APPLIED)
+    beta1: float = key(0.9, number(positive=False, below=1), APPLIED)
+    beta2: float = key(0.95, number(positive=False, below=1), APPLIED)
+    # max global gradient norm; 0 disables clipping
+    grad_clip: float = key(1.0, number(positive=False), APPLIED)
+    # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = key(AUTO, one_of(PRECISIONS), FREE)
+    seed: int = key(1234, natural,
+                    refused("it decides the initial weights and the order of the files"))
+    log_interval: int = key(10, count(), FREE)
+    # 0 disables validation
+    eval_interval: int = key(100, natural, FREE)
+    # per device, for MFU; None: known GPU table or measured
+    peak_flops: float | None = key(None, number(optional=True), FREE)
+    # none | full | selective | k: recompute every k-th layer; selective: every layer,
+    # keeping its matmul outputs
+    activation_checkpointing: int | str = key("none", count_or(
+        tuple(RECOMPUTE_NAMED), "use none, full, selective, or k >= 1 to recompute every "
+                                "k-th layer"), FREE)
+    # torch.compile each transformer block (inductor; first steps slower)
+    compile: bool = key(False, anything, FREE)
 
 
 @dataclass
-class SourceConfig:
-    path: str = EMBEDDED_CORPUS  # file, folder, glob, s3://, gs://, or the embedded reference
-    format: str = AUTO  # auto (by extension) | text | jsonl | parquet | chat | prompt_completion
+class SourceConfig:  # every key refused on resume (DataConfig.sources, validation_sources)
+    # file, folder, glob, s3://, gs://, or the embedded reference
+    path: str = key(EMBEDDED_CORPUS, text())
+    # auto (by extension) | text | jsonl | parquet | chat | prompt_completion
     # (chat, prompt_completion: fine-tuning samples in JSONL, or Parquet by its extension)
-    text_field: str = "text"  # JSONL / Parquet field holding the document
-    messages_field: str = "messages"  # chat: the list of {role, content} turns
-    prompt_field: str = "prompt"  # prompt_completion: the prompt (never learned) ...
-    completion_field: str = "completion"  # ... and the completion (learned, then EOS)
-    document: str = "file"  # text files: one document per file | per paragraph
-    weight: float = 1.0  # share of the training tokens, relative to the other sources
-    epochs: int | None = None  # passes over this source; None: repeat it forever
+    format: str = key(AUTO, one_of(FORMATS))
+    # JSONL / Parquet field holding the document
+    text_field: str = key("text", text())
+    # chat: the list of {role, content} turns
+    messages_field: str = key("messages", text())
+    # prompt_completion: the prompt (never learned) ...
+    prompt_field: str = key("prompt", text())
+    # ... and the completion (learned, then EOS)
+    completion_field: str = key("completion", text())
+    # text files: one document per file | per paragraph
+    document: str = key("file", one_of(DOCUMENTS))
+    # share of the training tokens, relative to the other sources
+    weight: float = key(1.0, number())
+    # passes over this source; None: repeat it forever
+    epochs: int | None = key(None, count(optional=True))
 
 
 @dataclass
 class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])  # or paths
-    validation_sources: list[SourceConfig] = field(default_factory=list)  # else val_share
-    tokenizer: str | None = None  # a tokenizer.json; None trains a byte-level BPE on the corpus
-    vocab_size: int = 4096  # size of the BPE tokenizer trained when none is given
-    tokenizer_sample_mb: int = 200  # corpus bytes the BPE tokenizer is trained on, at most
-    seq_len: int = 128
-    val_share: float = 0.05  # share of documents held out for validation (by content hash)
-    val_sequences: int = 64  # held-out sequences scored at each validation
-    tokenizer_workers: int | str = AUTO  # Ray actors tokenizing; auto: the CPUs left free
-    cache: str | None = "${run.root}/token_cache"  # tokenized files, kept for every later
-    # epoch, restart and run with the same file and tokenizer (a path or URI); null: off
-    prefetch_steps: int = 4  # global batches prepared ahead of training
-    max_document_mb: int = 64  # longer records are skipped as `oversized`
-    shuffle_window: int = 0  # shuffle training documents within windows of this many; 0: off
-    bos: bool = False  # put the tokenizer's BOS before every document (EOS always ends one)
-    packing: str = AUTO  # stream: documents concatenated and cut (pre-training) | samples:
-    # whole samples per sequence, padded (fine-tuning) | auto: samples with chat or
-    # prompt_completion sources, else stream
-    document_mask: bool = True  # samples: each attends only within itself, positions from 0
-    overlong: str = "drop"  # samples longer than seq_len + 1 tokens: drop (counted) | truncate
-    on_new_files: str = "error"  # a resumed run's sources list other files than its
-    # checkpoint recorded: error | next_epoch (files added are read from the next epoch on)
+    # or paths
+    sources: list[SourceConfig] = key([SourceConfig()], a_list(non_empty=True),
+                                      refused("they decide the documents every step sees"))
+    # else val_share
+    validation_sources: list[SourceConfig] = key([], a_list(), refused(
+        "they decide which documents are held out, and whether training holds any out of "
+        "its sources"))
+    # a tokenizer.json; None trains a byte-level BPE on the corpus
+    tokenizer: str | None = key(None, text(optional=True), refused(
+        f"{SAME_TOKENIZER} (tokenizer.json in its directory)"))
+    # size of the BPE tokenizer trained when none is given
+    vocab_size: int = key(4096, count(MAX_VOCABULARY), refused(SAME_TOKENIZER))
+    # corpus bytes the BPE tokenizer is trained on, at most
+    tokenizer_sample_mb: int = key(200, count(), refused(SAME_TOKENIZER))
+    seq_len: int = key(128, count(MAX_SEQUENCE), refused(
+        "it is the model's sequence length, which the checkpoints were written for"))
+    # share of documents held out for validation (by content hash)
+    val_share: float = key(0.05, number(positive=False, below=1),
+                           refused("it decides which documents are held out of training"))
+    # held-out sequences scored at each validation
+    val_sequences: int = key(64, count(), FREE)
+    # Ray actors tokenizing; auto: the CPUs left free
+    tokenizer_workers: int | str = key(AUTO, count_or(
+        (AUTO,), "use e.g. 2, or auto to use the CPUs the training workers leave"), FREE)
+    # tokenized files, kept for every later epoch, restart and run with the same file and
+    # tokenizer (a path or URI); null: off
+    cache: str | None = key("${run.root}/token_cache", text(optional=True), FREE)
+    # global batches prepared ahead of training
+    prefetch_steps: int = key(4, count(), FREE)
+    # longer records are skipped as `oversized`
+    max_document_mb: int = key(64, count(), refused("it decides which records are skipped"))
+    # shuffle training documents within windows of this many; 0: off
+    shuffle_window: int = key(0, natural, refused("it decides the order of the documents"))
+    # put the tokenizer's BOS before every document (EOS always ends one)
+    bos: bool = key(False, anything, refused("it changes the tokens of every document"))
+    # stream: documents concatenated and cut (pre-training) | samples: whole samples per
+    # sequence, padded (fine-tuning) | auto: samples with chat or prompt_completion sources,
+    # else stream
+    packing: str = key(AUTO, one_of(PACKINGS), refused(
+        "it decides how samples fill the sequences every step sees"))
+    # samples: each attends only within itself, positions from 0
+    document_mask: bool = key(True, anything, FREE)
+    # samples longer than seq_len + 1 tokens: drop (counted) | truncate
+    overlong: str = key("drop", one_of(OVERLONG),
+                        refused("it decides which samples are dropped"))
+    # a resumed run's sources list other files than its checkpoint recorded: error |
+    # next_epoch (files added are read from the next epoch on)
+    on_new_files: str = key("error", one_of(ON_NEW_FILES), FREE)
 
 
 @dataclass
 class CheckpointConfig:
-    dir: str = "${run.root}/${run.name}/checkpoints"
-    interval: int = 100  # steps between checkpoints; one is always written at the end
-    keep_last: int = 2
-    async_save: bool = False  # write shards in the background; committed at a later step
+    dir: str = key("${run.root}/${run.name}/checkpoints", text(),
+                   refused("it is where the run's checkpoints are"))
+    # steps between checkpoints; one is always written at the end
+    interval: int = key(100, count(), FREE)
+    keep_last: int = key(2, count(), FREE)
+    # write shards in the background; committed at a later step
+    async_save: bool = key(False, anything, FREE)
 
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<run.root>/mlflow.db
-    experiment: str = "raytron"
-    run_name: str = "${run.name}"
-    system_metrics: bool = True  # each worker node's CPU, memory, disk, network (and GPU use
-    # with pynvml) in the MLflow run, as system/<host>/...
-    system_metrics_interval_s: float = 10.0  # how often each node samples them
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///<run.root>/mlflow.db
+    uri: str | None = key(None, text(optional=True), APPLIED)
+    experiment: str = key("raytron", folder_name, refused(
+        "the run's MLflow run lives in the experiment it started in"))
+    run_name: str = key("${run.name}", text(), APPLIED)
+    # each worker node's CPU, memory, disk, network (and GPU use with pynvml) in the MLflow
+    # run, as system/<host>/...
+    system_metrics: bool = key(True, anything, FREE)
+    # how often each node samples them
+    system_metrics_interval_s: float = key(10.0, number(minimum=1, positive=False), FREE)
 
 
 @dataclass
 class ClusterConfig:
-    address: str | None = None  # None: $RAY_ADDRESS, else start a local Ray
-    workers: int | None = None  # one per device; None: pp * dp * tp (dp=auto: give it)
-    cpus_per_worker: int = 1  # also the torch threads of each worker
-    gpus_per_worker: int | None = None  # None: 1 when the cluster has GPUs, else 0
-    num_cpus: int | None = None  # CPUs of a locally started Ray; None: enough for the run
-    dashboard: bool = True  # Ray's dashboard (http://127.0.0.1:8265) for a locally started Ray
-    device_memory_gb: float | None = None  # refuse layouts whose estimate exceeds it
-    worker_resources: dict[str, float] = field(default_factory=dict)  # more Ray resources
-    # each worker asks for, e.g. {"trainer": 1} to keep workers on nodes that offer it
+    # None: $RAY_ADDRESS, else start a local Ray
+    address: str | None = key(None, text(optional=True), FREE)
+    # one per device; None: pp * dp * tp (dp=auto: give it)
+    workers: int | None = key(None, count(optional=True), FREE)
+    # also the torch threads of each worker
+    cpus_per_worker: int = key(1, count(), FREE)
+    # None: 1 when the cluster has GPUs, else 0
+    gpus_per_worker: int | None = key(None, number(positive=False, optional=True), FREE)
+    # CPUs of a locally started Ray; None: enough for the run
+    num_cpus: int | None = key(None, count(optional=True), FREE)
+    # Ray's dashboard (http://127.0.0.1:8265) for a locally started Ray
+    dashboard: bool = key(True, anything, FREE)
+    # refuse layouts whose estimate exceeds it
+    device_memory_gb: float | None = key(None, number(optional=True), FREE)
+    # more Ray resources each worker asks for, e.g. {"trainer": 1} to keep workers on nodes
+    # that offer it
+    worker_resources: dict[str, float] = key({}, anything, FREE, entries=worker_resource)
 
 
 @dataclass
 class FaultsConfig:
-    max_restarts: int = 3  # worker-group restarts from the last checkpoint before the run fails
-    restart_backoff_s: float = 2.0  # wait before a restart; doubles each time, at most 60 s
-    hang_timeout_s: float = 600.0  # a rank without progress this long is failed (watchdog)
-    checkpoint_timeout_s: float = 1800.0  # ... while it saves a checkpoint
-    eval_timeout_s: float = 1800.0  # ... while it runs validation
-    inject: list[str] = field(default_factory=list)  # drills: "kill rank 1 at step 7", ...
-    min_dp: int = 1  # with parallel.dp=auto: the fewest replicas the run goes on with
-    schedule_timeout_s: float = 60.0  # wait this long for the largest layout before a smaller
-    capacity_check_s: float = 30.0  # while smaller than it could be: look for capacity this often
+    # worker-group restarts from the last checkpoint before the run fails
+    max_restarts: int = key(3, natural, FREE)
+    # wait before a restart; doubles each time, at most 60 s
+    restart_backoff_s: float = key(2.0, number(positive=False), FREE)
+    # a rank without progress this long is failed (watchdog)
+    hang_timeout_s: float = key(600.0, number(), FREE)
+    # ... while it saves a checkpoint
+    checkpoint_timeout_s: float = key(1800.0, number(), FREE)
+    # ... while it runs validation
+    eval_timeout_s: float = key(1800.0, number(), FREE)
+    # drills: "kill rank 1 at step 7", ...
+    inject: list[str] = key([], a_list(), FREE, entries=drill)
+    # with parallel.dp=auto: the fewest replicas the run goes on with
+    min_dp: int = key(1, count(), FREE)
+    # wait this long for the largest layout before a smaller
+    schedule_timeout_s: float = key(60.0, number(), FREE)
+    # while smaller than it could be: look for capacity this often
+    capacity_check_s: float = key(30.0, number(), FREE)
 
 
 @dataclass
 class RaytronConfig:
-    run: RunSection = field(default_factory=RunSection)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    run: RunSection = section(RunSection)
+    model: ModelConfig = section(ModelConfig, refused(
+        "it is the model's shape, which the checkpoints were written for"))
+    parallel: ParallelConfig = section(ParallelConfig)
+    train: TrainConfig = section(TrainConfig)
+    data: DataConfig = section(DataConfig)
+    checkpoint: CheckpointConfig = section(CheckpointConfig)
+    tracking: TrackingConfig = section(TrackingConfig)
+    cluster: ClusterConfig = section(ClusterConfig)
+    faults: FaultsConfig = section(FaultsConfig)
 
 
 class ConfigError(ValueError):
@@ -183,5 +314,3 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(f"  - {p}" for p in problems))
-
-

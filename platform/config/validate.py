@@ -1,48 +1,30 @@
 """Every rule a config must satisfy, checked before any Ray resource is taken.
 
-First each value on its own (type, range, allowed names; every leaf key of the config
-has a rule, which `RULES` lists), then the rules between keys (divisibility, layout,
-pipeline schedule, paths), then those that need the cluster or the tokenizer. Each
-problem names the key, the value and the fix, and all problems are reported at once,
-so that a user fixes a config in one round instead of one error per launch.
+First each value on its own (type, range, allowed names: the rule each key is declared
+with in `schema.py`), then the rules between keys (divisibility, layout, pipeline
+schedule, paths), then those that need the cluster or the tokenizer. Each problem names
+the key, the value and the fix, and all problems are reported at once, so that a user
+fixes a config in one round instead of one error per launch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from raytron.model.parallelize import DP_SHARD_MODES
-from raytron.model.pipeline import SCHEDULES
-from raytron.pipelines.file_lists import ON_NEW_FILES
-from raytron.pipelines.sources import DOCUMENTS, FORMATS, SourceError, list_files
-from raytron.platform.config.drills import parse_injection, parse_injections
+from raytron.pipelines.sources import SourceError, list_files
+from raytron.platform.config.drills import parse_injections
+from raytron.platform.config.keys import rule_of, schema_keys
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.load import flatten, to_dict
 from raytron.platform.config.resolve import (
-    OVERLONG,
-    PACKINGS,
-    PRECISIONS,
-    RECOMPUTE_NAMED,
     cluster_address,
     fitting_micro_batch,
-    is_int,
     schedule_shortfall,
 )
-from raytron.platform.config.schema import AUTO, ConfigError, RaytronConfig, SourceConfig
-
-MAX_COUNT = 2**31 - 1  # any count: beyond it, no run is meant
-MAX_LAYERS = 4096  # a model beyond these sizes is a typo, and `raytron plan` would
-MAX_WIDTH = 2**20  # ... spend minutes building it on the meta device
-MAX_VOCABULARY = 2**24
-MAX_SEQUENCE = 2**24
-RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
-
-Rule = Callable[[str, Any], "str | None"]
+from raytron.platform.config.schema import AUTO, ConfigError, RaytronConfig
 
 
 def validate(config: RaytronConfig, check_paths: bool = True) -> None:
@@ -58,277 +40,15 @@ def validate(config: RaytronConfig, check_paths: bool = True) -> None:
 
 # -- each value on its own ----------------------------------------------------------------
 
-def default_of(key: str) -> Any:
-    """The schema's default of a key (list entries: a default source's), for examples."""
-    if re.match(r"^data\.(validation_)?sources\.\d+\.", key):
-        return getattr(SourceConfig(), key.rsplit(".", 1)[1])
-    return DEFAULTS.get(key)
-
-
-def example(key: str, fallback: Any) -> str:
-    value = default_of(key)
-    return f"{value:g}" if isinstance(value, float) else str(value if value else fallback)
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def count(maximum: int = MAX_COUNT, optional: bool = False) -> Rule:
-    """A whole number from 1 to `maximum`."""
-    def rule(key: str, value: Any) -> str | None:
-        if value is None and optional:
-            return None
-        if not is_int(value) or value < 1:
-            unset = " or leave it unset" if optional else ""
-            return (f"{key}={value!r} must be a whole number of 1 or more. Fix: set {key} to "
-                    f"e.g. {example(key, 1)}{unset}.")
-        if value > maximum:
-            return (f"{key}={value} is larger than {maximum}, more than any run needs. Fix: "
-                    f"use a value up to {maximum} (e.g. {example(key, 1)}).")
-        return None
-    return rule
-
-
-def natural(key: str, value: Any) -> str | None:
-    """A whole number from 0."""
-    if not is_int(value) or not 0 <= value <= MAX_COUNT:
-        return f"{key}={value!r} must be a whole number of 0 or more. Fix: use e.g. " \
-               f"{example(key, 0)}."
-    return None
-
-
-def number(minimum: float = 0.0, positive: bool = True, below: float | None = None,
-           optional: bool = False) -> Rule:
-    """A finite number above `minimum` (or from it, unless `positive`), below `below`."""
-    def rule(key: str, value: Any) -> str | None:
-        if value is None and optional:
-            return None
-        low_ok = is_number(value) and (value > minimum if positive else value >= minimum)
-        if low_ok and math.isfinite(value) and (below is None or value < below):
-            return None
-        what = f"more than {minimum:g}" if positive else f"{minimum:g} or more"
-        if below is not None:
-            what += f" and less than {below:g}"
-        unset = " or leave it unset" if optional else ""
-        return (f"{key}={value!r} must be a finite number {what}. Fix: use e.g. "
-                f"{example(key, 1.0)}{unset}.")
-    return rule
-
-
-def one_of(choices: tuple[str, ...]) -> Rule:
-    def rule(key: str, value: Any) -> str | None:
-        if value in choices:
-            return None
-        return f"{key}={value!r} is unknown. Fix: use one of {', '.join(choices)}."
-    return rule
-
-
-def count_or(choices: tuple[str, ...], meaning: str) -> Rule:
-    def rule(key: str, value: Any) -> str | None:
-        if value in choices or is_int(value) and 1 <= value <= MAX_COUNT:
-            return None
-        return (f"{key}={value!r} must be a whole number of 1 or more or "
-                f"{' or '.join(choices)}. Fix: {meaning}.")
-    return rule
-
-
-def text(optional: bool = False) -> Rule:
-    """A non-empty string."""
-    def rule(key: str, value: Any) -> str | None:
-        if value is None and optional:
-            return None
-        if isinstance(value, str) and value.strip() and "\x00" not in value:
-            return None
-        unset = ", or leave it unset (null)" if optional else ""
-        return f"{key}={value!r} must be a non-empty text without NUL characters. Fix: " \
-               f"give a value{unset}."
-    return rule
-
-
-def folder_name(key: str, value: Any) -> str | None:
-    """A name that becomes one folder: it cannot climb out of its parent."""
-    if (isinstance(value, str) and value.strip() and value not in (".", "..")
-            and not re.search(r"[/\\\x00-\x1f]", value) and len(value.encode()) <= 200):
-        return None
-    return (f"{key}={value!r} must be one folder name (no '/', '\\', '..' or control "
-            f"characters; at most 200 bytes): it becomes a path under run.root. Fix: use e.g. "
-            f"{example(key, 'my-run')}.")
-
-
-def run_name(key: str, value: Any) -> str | None:
-    """A folder name safe anywhere it goes: the run's folder, its MLflow run, the file and
-    the command line of a submitted job."""
-    if (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", value)
-            and len(value) <= 200):
-        return None
-    return (f"{key}={value!r} must be one folder name of letters, digits, '.', '_' and '-' "
-            "(not starting with '.' or '-'; at most 200 characters): it names the run's "
-            f"folder, its MLflow run and a submitted job's files. Fix: use e.g. {key}=my-run.")
-
-
-def a_list(non_empty: bool = False) -> Rule:
-    def rule(key: str, value: Any) -> str | None:
-        if isinstance(value, list) and (value or not non_empty):
-            return None
-        return f"{key} is empty. Fix: give at least one entry, e.g. {key}='[corpus/]'."
-    return rule
-
-
-def optional_list(key: str, value: Any) -> str | None:
-    return None if value is None or isinstance(value, list) else f"{key} must be a list."
-
-
-def drill(key: str, value: Any) -> str | None:
-    try:
-        parse_injection(int(key.rsplit(".", 1)[1]), value)
-    except ValueError as error:
-        return str(error)
-    return None
-
-
-def worker_resource(key: str, value: Any) -> str | None:
-    name = key.removeprefix("cluster.worker_resources.")
-    if name in RAY_BUILTIN_RESOURCES or not name.strip():
-        return (f"cluster.worker_resources names '{name}', which raytron sets itself. Fix: "
-                "use cluster.cpus_per_worker / cluster.gpus_per_worker, and worker_resources "
-                "only for custom resources such as {trainer: 1}.")
-    return number()(key, value)
-
-
-def anything(key: str, value: Any) -> str | None:
-    return None
-
-
-RULES: dict[str, Rule] = {
-    "run.name": run_name,
-    "run.root": text(),
-    "model.n_layers": count(MAX_LAYERS),
-    "model.d_model": count(MAX_WIDTH),
-    "model.n_heads": count(MAX_WIDTH),
-    "model.n_kv_heads": count(MAX_WIDTH, optional=True),
-    "model.ffn_hidden": count(4 * MAX_WIDTH, optional=True),
-    "model.ffn_multiple_of": count(MAX_WIDTH),
-    "model.vocab_size": count(MAX_VOCABULARY, optional=True),
-    "model.vocab_multiple_of": count(MAX_WIDTH),
-    "model.max_seq_len": count(MAX_SEQUENCE),
-    "model.rope_theta": number(),
-    "model.norm_eps": number(),
-    "model.tie_embeddings": anything,  # a bool: OmegaConf checks the type
-    "model.init_std": number(),
-    "model.init_from": text(optional=True),
-    "parallel.pp": count(MAX_LAYERS),
-    "parallel.dp": count_or((AUTO,), "set parallel.dp=auto to use every worker, or e.g. "
-                                     "parallel.dp=2"),
-    "parallel.tp": count(MAX_WIDTH),
-    "parallel.dp_shard": one_of(DP_SHARD_MODES),
-    "parallel.sequence_parallel": anything,
-    "parallel.loss_parallel": anything,
-    "parallel.schedule": one_of(SCHEDULES),
-    "parallel.microbatches": count(optional=True),
-    "parallel.virtual_stages": count(MAX_LAYERS),
-    "parallel.layers_per_stage": optional_list,
-    "parallel.layers_per_stage.*": count(MAX_LAYERS),
-    "train.global_batch": count(),
-    "train.micro_batch": count(),
-    "train.steps": count_or((AUTO,), "give a number of steps, or auto to train on every "
-                                      "source with an epoch limit to its end"),
-    "train.lr": number(),
-    "train.min_lr": number(positive=False),
-    "train.warmup_steps": natural,
-    "train.weight_decay": number(positive=False),
-    "train.beta1": number(positive=False, below=1),
-    "train.beta2": number(positive=False, below=1),
-    "train.grad_clip": number(positive=False),
-    "train.precision": one_of(PRECISIONS),
-    "train.seed": natural,
-    "train.log_interval": count(),
-    "train.eval_interval": natural,
-    "train.peak_flops": number(optional=True),
-    "train.activation_checkpointing": count_or(
-        tuple(RECOMPUTE_NAMED), "use none, full, selective, or k >= 1 to recompute every "
-                                "k-th layer"),
-    "train.compile": anything,  # a bool: OmegaConf checks the type
-    "data.sources": a_list(non_empty=True),
-    "data.validation_sources": a_list(),
-    "data.tokenizer": text(optional=True),
-    "data.vocab_size": count(MAX_VOCABULARY),
-    "data.tokenizer_sample_mb": count(),
-    "data.seq_len": count(MAX_SEQUENCE),
-    "data.val_share": number(positive=False, below=1),
-    "data.val_sequences": count(),
-    "data.tokenizer_workers": count_or((AUTO,), "use e.g. 2, or auto to use the CPUs the "
-                                                "training workers leave"),
-    "data.cache": text(optional=True),
-    "data.prefetch_steps": count(),
-    "data.max_document_mb": count(),
-    "data.shuffle_window": natural,
-    "data.bos": anything,
-    "data.packing": one_of(PACKINGS),
-    "data.document_mask": anything,
-    "data.overlong": one_of(OVERLONG),
-    "data.on_new_files": one_of(ON_NEW_FILES),
-    "checkpoint.dir": text(),
-    "checkpoint.interval": count(),
-    "checkpoint.keep_last": count(),
-    "checkpoint.async_save": anything,
-    "tracking.uri": text(optional=True),
-    "tracking.experiment": folder_name,
-    "tracking.run_name": text(),
-    "tracking.system_metrics": anything,
-    "tracking.system_metrics_interval_s": number(minimum=1, positive=False),
-    "cluster.address": text(optional=True),
-    "cluster.workers": count(optional=True),
-    "cluster.cpus_per_worker": count(),
-    "cluster.gpus_per_worker": number(positive=False, optional=True),
-    "cluster.num_cpus": count(optional=True),
-    "cluster.dashboard": anything,
-    "cluster.device_memory_gb": number(optional=True),
-    "cluster.worker_resources": anything,  # a mapping: its entries have the `.*` rule
-    "cluster.worker_resources.*": worker_resource,
-    "faults.max_restarts": natural,
-    "faults.restart_backoff_s": number(positive=False),
-    "faults.hang_timeout_s": number(),
-    "faults.checkpoint_timeout_s": number(),
-    "faults.eval_timeout_s": number(),
-    "faults.inject": a_list(),
-    "faults.inject.*": drill,
-    "faults.min_dp": count(),
-    "faults.schedule_timeout_s": number(),
-    "faults.capacity_check_s": number(),
-}
-for _group in ("sources", "validation_sources"):
-    RULES |= {
-        f"data.{_group}.*.path": text(),
-        f"data.{_group}.*.format": one_of(FORMATS),
-        f"data.{_group}.*.text_field": text(),
-        f"data.{_group}.*.messages_field": text(),
-        f"data.{_group}.*.prompt_field": text(),
-        f"data.{_group}.*.completion_field": text(),
-        f"data.{_group}.*.document": one_of(DOCUMENTS),
-        f"data.{_group}.*.weight": number(),
-        f"data.{_group}.*.epochs": count(optional=True),
-    }
-
-DEFAULTS = flatten(to_dict(RaytronConfig()))
-
-
-def rule_key(key: str) -> str:
-    """The `RULES` key of a leaf: list indices and mapping names become `*`."""
-    if key.startswith("cluster.worker_resources."):
-        return "cluster.worker_resources.*"
-    return re.sub(r"\.\d+(?=\.|$)", ".*", key)
-
-
 def value_problems(config: RaytronConfig) -> list[str]:
-    problems = []
-    for key, rule in RULES.items():
-        if "*" not in key:
-            problems.append(rule(key, lookup(config, key)))
+    """Each key's value by its rule, in the schema's order; then each value of its lists
+    and mappings (`data.sources.0.path`, `faults.inject.1`) by theirs."""
+    rules = {key: declared.rule for key, declared in schema_keys()}
+    problems = [rule(key, lookup(config, key)) for key, rule in rules.items() if rule]
     for key, value in flatten(to_dict(config)).items():
-        pattern = rule_key(key)
-        if "*" in pattern:
-            problems.append(RULES[pattern](key, value))
+        rule = None if key in rules else rule_of(key)
+        if rule:
+            problems.append(rule(key, value))
     return [p for p in problems if p]
 
 

@@ -22,13 +22,13 @@ from raytron.model.gpt import GPTShape
 from raytron.model.hf import from_hf, raytron_name, shape_from_hf_config
 from raytron.pipelines.tokenizer import bos_id, end_ids, eos_id
 from raytron.platform.config.resolve import gpt_shape
-from raytron.platform.config.schema import ConfigError, RaytronConfig
-from raytron.platform.config.validate import (
+from raytron.platform.config.rules import (
     MAX_LAYERS,
     MAX_SEQUENCE,
     MAX_VOCABULARY,
     MAX_WIDTH,
 )
+from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.storage.checkpoint import COMMIT_MARKER, CheckpointStore, step_of
 from raytron.platform.storage.run_dir import CONFIG_FILE, TOKENIZER_FILE, read_run_config
 from raytron.platform.storage.tracking import RUN_ID_FILE, saved_tracking_uri
@@ -36,7 +36,7 @@ from raytron.platform.storage.tracking import RUN_ID_FILE, saved_tracking_uri
 RUN, CHECKPOINT, HUGGING_FACE = "run", "checkpoint", "huggingface"
 HF_CONFIG = "config.json"
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
-HF_MAXIMA = {  # config.json's sizes: the bounds raytron's own config has (validate.py)
+HF_MAXIMA = {  # config.json's sizes: the bounds raytron's own config has (rules.py)
     "num_hidden_layers": MAX_LAYERS, "hidden_size": MAX_WIDTH,
     "num_attention_heads": MAX_WIDTH, "num_key_value_heads": MAX_WIDTH,
     "head_dim": MAX_WIDTH, "intermediate_size": 4 * MAX_WIDTH,

@@ -29,7 +29,7 @@ def training_device(local_rank: int) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """`train.precision` (`config/resolve.PRECISIONS`): bf16 autocast on GPUs (or when
+    """`train.precision` (`config/schema.PRECISIONS`): bf16 autocast on GPUs (or when
     asked for), full fp32 otherwise."""
     if precision == "bf16" or (precision == AUTO and device.type == "cuda"):
         return torch.bfloat16
