@@ -12,7 +12,6 @@ from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.control.console import ConsoleStream
 
 EXIT_CONFIG_ERROR = 2
-MODEL_COMMANDS = ("generate", "eval", "export")
 
 CONFIG_HELP = """\
 CONFIG is a YAML file or the name of a shipped preset ({presets}); the default is
@@ -111,16 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, summary, epilog in (
+    for name, summary, epilog, handler in (
         ("train", "train a model, or resume its run from the last checkpoint",
-         config_help + "\n\n" + TRAIN_EPILOG),
-        ("config", "print the resolved config (after validation) as YAML", config_help),
+         config_help + "\n\n" + TRAIN_EPILOG, train_command),
+        ("config", "print the resolved config (after validation) as YAML", config_help,
+         config_command),
         ("plan", "print the layout, parameters and memory per device, pipeline bubble and "
-         "FLOPs of a config, without starting anything", config_help + "\n\n" + PLAN_EPILOG),
+         "FLOPs of a config, without starting anything", config_help + "\n\n" + PLAN_EPILOG,
+         plan_command),
     ):
         command = commands.add_parser(name, help=summary, description=summary, epilog=epilog,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_arguments(command)
+        command.set_defaults(handler=handler)
     tokenizer = commands.add_parser(
         "tokenizer", help="tokenizer tools", description="Tokenizer tools.")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", metavar="ACTION",
@@ -133,12 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         "documents are left out. Reuse it with data.tokenizer=PATH.",
         epilog=config_help, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(train_tokenizer)
+    train_tokenizer.set_defaults(handler=train_tokenizer_command)
     status = commands.add_parser(
         "status", help="where a run stands: step, layout, checkpoints, restarts, failures",
         description="Read a run directory (<run.root>/<run.name>), its checkpoints and its "
         "MLflow run, and print its state, step, layout, committed checkpoints, restarts "
         "and failures. Starts nothing.")
     status.add_argument("run_dir", metavar="RUN_DIR", help="e.g. runs/tiny")
+    status.set_defaults(handler=status_command)
     runs = commands.add_parser(
         "runs", help="the runs of an MLflow store in a table, newest first",
         description="One line per run of an experiment: name, state, last step, loss, "
@@ -151,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the experiment (tracking.experiment; default raytron)")
     runs.add_argument("--limit", type=int, default=50, metavar="N",
                       help="at most N runs (default 50)")
+    runs.set_defaults(handler=runs_command)
     add_submit_command(commands, config_help)
     train_tokenizer.add_argument("--output", default="tokenizer.json", metavar="PATH",
                                  help="where to write the tokenizer (default: tokenizer.json)")
@@ -179,6 +184,7 @@ def add_submit_command(commands, config_help: str) -> None:
     submit.add_argument("--wait", type=float, default=600, metavar="SECONDS",
                         help="without --follow: how long to wait for the job's MLflow run (or "
                              "endpoint) to print it (default 600)")
+    submit.set_defaults(handler=submit_command)
 
 
 def add_model_commands(commands) -> None:
@@ -186,20 +192,24 @@ def add_model_commands(commands) -> None:
     from raytron.platform.models import commands as model_commands
     from raytron.platform.serving import command as serve_command
 
-    for name, summary, epilog, add_arguments in (
+    for name, summary, epilog, add_arguments, handler in (
         ("generate", "generate text from a trained model, streamed token by token",
-         model_commands.GENERATE_EPILOG, model_commands.add_generate_arguments),
+         model_commands.GENERATE_EPILOG, model_commands.add_generate_arguments,
+         model_commands.generate_command),
         ("eval", "score a model on a corpus: mean negative log-likelihood and perplexity, "
          "printed, written as JSON and logged to MLflow", None,
-         model_commands.add_eval_arguments),
+         model_commands.add_eval_arguments, model_commands.eval_command),
         ("export", "write a model as a Hugging Face folder that transformers loads",
-         model_commands.EXPORT_EPILOG, model_commands.add_export_arguments),
+         model_commands.EXPORT_EPILOG, model_commands.add_export_arguments,
+         model_commands.export_command),
         ("serve", "serve a model behind an OpenAI-compatible API on Ray Serve",
-         serve_command.SERVE_EPILOG, serve_command.add_serve_arguments),
+         serve_command.SERVE_EPILOG, serve_command.add_serve_arguments,
+         serve_command.serve_command),
     ):
         command = commands.add_parser(name, help=summary, description=summary, epilog=epilog,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(command)
+        command.set_defaults(handler=handler)
 
 
 def add_config_arguments(command: argparse.ArgumentParser) -> None:
@@ -216,33 +226,61 @@ def split_config_argument(config: str | None, overrides: list[str]) -> tuple[str
     return config, overrides
 
 
-def validated(config_arg: str | None, overrides: list[str]) -> RaytronConfig:
-    """The config, checked; with model.init_from, in the shape of the weights it names."""
-    from raytron.platform.config.validate import validate
+def checked_config(config_arg: str | None, overrides: list[str], *, initial_model: bool = True,
+                   fit: bool = True) -> RaytronConfig:
+    """The command line's config, validated. With model.init_from (unless not
+    `initial_model`: a submitted job checks it where its path is), in the shape of the
+    weights it names, and validated again. With `fit`, refused when cluster.device_memory_gb
+    is set and the layout's busiest device needs more."""
+    from raytron.platform.config.validate import memory_problems, raise_problems, validate
     from raytron.platform.models.initial import with_initial_model
 
-    config = load_config(config_arg, overrides)
+    config = load_config(*split_config_argument(config_arg, overrides))
     validate(config)
-    if config.model.init_from:
+    if initial_model and config.model.init_from:
         config = with_initial_model(config)
         validate(config)
+    if fit:
+        raise_problems(memory_problems(config))
     return config
 
 
-def train_tokenizer_command(config: RaytronConfig, output: str) -> int:
-    from raytron.platform.control.corpus import stream_spec, train_tokenizer
+def shown_config(args: argparse.Namespace) -> RaytronConfig:
+    """The config `raytron config`, `plan` and `tokenizer train` show or use: checked, with
+    parallel.dp=auto at its largest value; `plan` says itself whether it fits."""
+    from raytron.platform.config.validate import resolve_layout
 
-    tokenizer = train_tokenizer(config, stream_spec(config))
-    tokenizer.save(output)
-    print(f"Saved a {tokenizer.get_vocab_size()}-token tokenizer to {output}. "
-          f"Use it with data.tokenizer={output}")
+    return resolve_layout(checked_config(args.config, args.overrides, fit=False))
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from raytron.platform.control.run import train
+
+    config = checked_config(args.config, args.overrides)
+    return train(config)  # an elastic run keeps dp=auto and sizes each launch
+
+
+def config_command(args: argparse.Namespace) -> int:
+    print(to_yaml(shown_config(args)), end="")
     return 0
 
 
-def plan_command(config: RaytronConfig) -> int:
+def train_tokenizer_command(args: argparse.Namespace) -> int:
+    from raytron.platform.control.corpus import stream_spec, train_tokenizer
+
+    config = shown_config(args)
+    tokenizer = train_tokenizer(config, stream_spec(config))
+    tokenizer.save(args.output)
+    print(f"Saved a {tokenizer.get_vocab_size()}-token tokenizer to {args.output}. "
+          f"Use it with data.tokenizer={args.output}")
+    return 0
+
+
+def plan_command(args: argparse.Namespace) -> int:
     from raytron.platform.config.plan import describe, make_plan
     from raytron.platform.config.validate import memory_problems
 
+    config = shown_config(args)
     plan = make_plan(config)
     print(describe(plan))
     problems = [] if plan.fits() else memory_problems(config)
@@ -252,21 +290,13 @@ def plan_command(config: RaytronConfig) -> int:
 
 
 def submit_command(args: argparse.Namespace) -> int:
-    from raytron.platform.config.validate import (
-        memory_problems,
-        raise_problems,
-        resolve_layout,
-        validate,
-    )
     from raytron.platform.control import submit as submitting
     from raytron.platform.storage.lease import refuse_if_held, run_folders
     from raytron.platform.storage.run_dir import RunPaths
 
     config = None
     if not args.serve:  # model.init_from is checked in the job, where its path is
-        config = load_config(*split_config_argument(args.config, args.overrides))
-        validate(config)
-        raise_problems(memory_problems(resolve_layout(config)))
+        config = checked_config(args.config, args.overrides, initial_model=False)
         refuse_if_held(run_folders(RunPaths.of(config)))  # a training of this run is running
     client = submitting.connect(args.address)
     local = submitting.runs_on_this_machine(args.address)
@@ -278,44 +308,20 @@ def submit_command(args: argparse.Namespace) -> int:
     return submitting.submit(client, submission, args.address, args.follow, args.wait)
 
 
-def run_command(args: argparse.Namespace) -> int:
-    if args.command == "serve":
-        from raytron.platform.serving.command import serve_command
+def status_command(args: argparse.Namespace) -> int:
+    from raytron.platform.control.status import describe_run
 
-        return serve_command(args)
-    if args.command in MODEL_COMMANDS:
-        from raytron.platform.models import commands as model_commands
+    print(describe_run(args.run_dir))
+    return 0
 
-        return getattr(model_commands, f"{args.command}_command")(args)
-    if args.command == "status":
-        from raytron.platform.control.status import describe_run
 
-        print(describe_run(args.run_dir))
-        return 0
-    if args.command == "submit":
-        return submit_command(args)
-    if args.command == "runs":
-        from raytron.platform.control.runs_table import runs_table
-        from raytron.platform.storage.tracking import tracking_uri
+def runs_command(args: argparse.Namespace) -> int:
+    from raytron.platform.control.runs_table import runs_table
+    from raytron.platform.storage.tracking import tracking_uri
 
-        print(runs_table(tracking_uri(args.tracking_uri, Path("runs").absolute()),
-                         args.experiment, args.limit))
-        return 0
-    from raytron.platform.config.validate import memory_problems, raise_problems, resolve_layout
-
-    config = validated(*split_config_argument(args.config, args.overrides))
-    resolved = resolve_layout(config)  # parallel.dp=auto: its largest value
-    if args.command == "config":
-        print(to_yaml(resolved), end="")
-        return 0
-    if args.command == "tokenizer":
-        return train_tokenizer_command(resolved, args.output)
-    if args.command == "plan":
-        return plan_command(resolved)
-    raise_problems(memory_problems(resolved))
-    from raytron.platform.control.run import train
-
-    return train(config)  # an elastic run keeps dp=auto and sizes each launch
+    print(runs_table(tracking_uri(args.tracking_uri, Path("runs").absolute()),
+                     args.experiment, args.limit))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = ConsoleStream(sys.stdout), ConsoleStream(sys.stderr)
     try:
-        return run_command(args)
+        return args.handler(args)
     except ConfigError as error:
         what = error.heading or {
             "status": "cannot read the run", "generate": "cannot generate",

@@ -1,8 +1,10 @@
 """Config: presets, overrides, and every invalid case rejected with its key and fix."""
 
+import argparse
+
 import pytest
 
-from raytron.platform.cli import EXIT_CONFIG_ERROR, main
+from raytron.platform.cli import EXIT_CONFIG_ERROR, build_parser, main
 from raytron.platform.config.load import flatten, load_config, preset_names, to_dict
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.config.validate import validate
@@ -83,6 +85,19 @@ def test_invalid_config_is_rejected_with_key_and_fix(capsys, args, expected):
     for text in expected:
         assert text in err
     assert "Fix:" in err or "fix" in err
+
+
+def test_every_command_has_a_handler():
+    """`main` calls the handler a command's parser sets: a command added without one fails
+    here, not when a user runs it."""
+    def commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+        groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return [leaf for group in groups for sub in group.choices.values()
+                for leaf in commands(sub)] if groups else [parser]
+
+    found = commands(build_parser())
+    assert len(found) == 11
+    assert [c.prog for c in found if not callable(c.get_default("handler"))] == []
 
 
 @pytest.mark.parametrize(("text", "expected"), [
