@@ -12,6 +12,7 @@ from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.control.console import ConsoleStream
 
 EXIT_CONFIG_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 CONFIG_HELP = """\
 CONFIG is a YAML file or the name of a shipped preset ({presets}); the default is
@@ -338,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
             "submit": "cannot submit"}.get(args.command, "invalid config")
         print(f"raytron: {what}:\n{error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except KeyboardInterrupt:  # before anything was started that needs stopping
+        print("\nInterrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         sys.stdout, sys.stderr = streams
 
