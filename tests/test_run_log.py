@@ -11,6 +11,7 @@ def test_ray_logging_warnings_and_worker_output_go_to_the_log_file(tmp_path, cap
     import ray  # noqa: F401 (sets up Ray's "ray" logger and its console handler)
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
+    handlers = list(logging.getLogger("ray").handlers)
     printed: list[dict] = []
     dispatcher.add_handler(RAY_PRINTER, printed.append)  # as ray.init does
     path = tmp_path / "raytron.log"
@@ -23,14 +24,17 @@ def test_ray_logging_warnings_and_worker_output_go_to_the_log_file(tmp_path, cap
                           stacklevel=1)
             dispatcher.emit({"pid": 4711, "actor_name": "TrainController", "is_err": True,
                              "lines": ["Started training worker group of size 1:"]})
+            dispatcher.emit({"pid": 4712, "actor_name": "RayTrainWorker", "is_err": True,
+                             "lines": ["raytron: rank 1 (pp=0, dp=1, tp=0): injected a kill "
+                                       "at step 40"]})
     finally:
         dispatcher.remove_handler(RAY_PRINTER)
     console = capsys.readouterr()
-    assert console.out == console.err == "" and printed == []
+    assert console.out == "" and printed == []  # raytron's own worker line only:
+    assert console.err == "raytron: rank 1 (pp=0, dp=1, tp=0): injected a kill at step 40\n"
     text = path.read_text()
     assert "WARNING ray._private.authentication: Token authentication is enabled" in text
     assert "FutureWarning: Slicing a flattened dim from root mesh" in text
     assert "(TrainController pid=4711, stderr) Started training worker group of size 1:" in text
-
-    logging.getLogger("ray.train").warning("after the run")  # Ray's console handler is back
-    assert "after the run" in capsys.readouterr().err
+    assert "(RayTrainWorker pid=4712, stderr) raytron: rank 1" in text
+    assert logging.getLogger("ray").handlers == handlers  # Ray's own are back after it

@@ -109,7 +109,8 @@ RAYTRON_LINE = re.compile(
     r"|checkpoint committed at step \d+$|Resuming from step \d+|failure \d+: |restarting from "
     r"step \d+ in |Finished \d+ steps\. |train\.steps=auto: |Took over the lease of "
     r"|Stopped at step \d+; |Training stopped: |Training failed: |What Ray and the workers said: "
-    r"|The last committed checkpoint is kept in )")
+    r"|The last committed checkpoint is kept in |raytron: rank \d+ \(pp=\d+, dp=\d+, tp=\d+\)"
+    r"[ :])")
 
 
 def assert_only_raytron_lines(output: str) -> None:
@@ -149,7 +150,7 @@ def test_the_run_learns_checkpoints_and_is_tracked(root, whole):
     assert "step 24/24" in output and "Finished 24 steps" in output
     assert_only_raytron_lines(output)
     log = (root / "whole" / "raytron.log").read_text()
-    assert "Token authentication" in log and "(TrainController pid=" in log
+    assert "Started a local Ray instance" in log and "(TrainController pid=" in log
     client, run, history = loss_history(root, "whole")
     losses = {m.step: m.value for m in history}
     assert sorted(losses) == list(range(1, 25))

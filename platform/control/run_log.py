@@ -8,17 +8,23 @@ cleaner: nothing a user acts on, and it buried raytron's own lines. While a trai
 runs, Ray's driver-side loggers, Python warnings raised in the driver and every line a
 Ray worker prints (which Ray forwards to the driver) are written to
 `<run dir>/raytron.log`, each worker line prefixed with the actor and process that said
-it. raytron reports failures itself (which ranks, what, what to do), and names the file.
+it. raytron reports failures itself (which ranks, what, what to do), and names the file;
+the lines its own worker code prints for the user (`raytron: ...`) still reach the
+console.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 LOG_FILE = "raytron.log"
+OWN_PREFIX = "raytron: "  # how raytron's worker code starts a line meant for the user
 RAY_PRINTER = "ray_print_logs"  # the name Ray gives its handler of forwarded worker output
 OURS = "raytron_run_log"
 
@@ -81,7 +87,13 @@ class RunLog:
         global_worker_stdstream_dispatcher.remove_handler(OURS)
 
     def worker_lines(self, data: dict[str, Any]) -> None:
-        """One batch of a worker's forwarded output: `lines` with who said them."""
+        """One batch of a worker's forwarded output: `lines` with who said them. A line
+        raytron's own worker code printed (a drill firing, the watchdog failing a rank:
+        `raytron: ...`) is shown on the console too."""
         who = data.get("actor_name") or data.get("task_name") or "worker"
         prefix = f"({who} pid={data.get('pid')}{', stderr' if data.get('is_err') else ''}) "
-        self.file.write("".join(f"{prefix}{line}\n" for line in data.get("lines", [])))
+        lines = data.get("lines", [])
+        self.file.write("".join(f"{prefix}{line}\n" for line in lines))
+        for line in lines:
+            if line.startswith(OWN_PREFIX):
+                tqdm.write(line, file=sys.stderr)
