@@ -244,3 +244,37 @@ def test_mfu_needs_a_stated_peak_and_a_cpu_has_none():
                names.STEP_TIME_S: 0.25, names.INPUT_WAIT_S: 0.001}
     assert "MFU" not in format_step(10, 200, metrics)
     assert "| MFU 30.0% |" in format_step(10, 200, {**metrics, names.MFU: 0.3})
+
+
+def test_the_training_bar_starts_with_the_first_step_not_with_ray(monkeypatch):
+    """Its rate and time left count training: the bar begins at the first step a worker
+    group reports (and again after a relaunch), not while Ray starts the group."""
+    from raytron.platform.control import console as consoles
+
+    bars: list[dict] = []
+
+    class Bar:  # tqdm as the console uses it, recording how each bar starts
+        disable, n = False, 0
+
+        def __init__(self, **options):
+            bars.append(options)
+            self.n = options["initial"]
+
+        def update(self, count: int) -> None:
+            self.n += count
+
+        def set_postfix(self, **_) -> None: ...
+
+        def close(self) -> None: ...
+
+        write = staticmethod(lambda text: None)
+
+    monkeypatch.setattr(consoles, "tqdm", Bar)
+    line = {names.TRAIN_LOSS: 5.0, "lr": 1e-3, "grad_norm": 1.0, names.TOKENS_PER_S: 8000.0,
+            names.STEP_TIME_S: 0.25, names.INPUT_WAIT_S: 0.001}
+    console = consoles.Console(200, 0)
+    assert bars == []  # nothing to time while Ray starts
+    console.show([(1, line), (10, line)])
+    assert [bar["initial"] for bar in bars] == [1] and console.bar.n == 10
+    console.show([(10, {"event": "Resuming from step 10"}), (11, line)])  # a relaunch
+    assert [bar["initial"] for bar in bars] == [1, 11] and console.step == 11

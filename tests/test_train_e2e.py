@@ -105,7 +105,8 @@ def kill_tree(pid: int) -> None:
 RAYTRON_LINE = re.compile(
     r"(|Training a \d+-token byte-level BPE tokenizer on the corpus|Starting run '|Continuing run '"
     r"|  applied from the resumed step on: |MLflow run |  http://127\.0\.0\.1:\d+/#/experiments/"
-    r"|Layout pp=|Ray's and the workers' own output: |step +\d+/\d+ \| "
+    r"|Layout pp=|Ray's and the workers' own output: |Ray dashboard: http://127\.0\.0\.1:\d+$"
+    r"|step +\d+/\d+ \| "
     r"|checkpoint committed at step \d+$|Resuming from step \d+|failure \d+: |restarting from "
     r"step \d+ in |Finished \d+ steps\. |train\.steps=auto: |Took over the lease of "
     r"|Stopped at step \d+; |Training stopped: |Training failed: |What Ray and the workers said: "
@@ -499,17 +500,10 @@ def test_an_elastic_run_shrinks_and_grows_with_its_nodes(root, whole):
 def reverse_words_exact_matches(run_dir: Path) -> int:
     """Greedy answers of the model to 100 reverse-words chats held out of fine-tuning
     (data.val_share=0.05 of sft-tiny) that equal the expected answer."""
-    from raytron.pipelines.chat import render
-    from raytron.pipelines.embedded import REVERSE_WORDS, embedded_texts
-    from raytron.pipelines.sources import is_validation
-    from raytron.platform.models import load_model
+    from raytron.pipelines.embedded import REVERSE_WORDS
+    from raytron.platform.models.answers import exact_answers, held_out_chats
 
-    chats = [json.loads(text) for text in embedded_texts(REVERSE_WORDS)
-             if is_validation(text, 0.05)][:100]
-    model = load_model(run_dir, device="cpu")
-    answers = model.generate([render(chat[:1], add_generation_prompt=True) for chat in chats],
-                             max_new_tokens=24, greedy=True, batch_size=50)
-    return sum(a.text == chat[1]["content"] for a, chat in zip(answers, chats, strict=True))
+    return exact_answers(run_dir, held_out_chats(REVERSE_WORDS, 0.05, 100))
 
 
 def test_fine_tuning_teaches_a_pretrained_model_what_it_could_not_do(root, whole):

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from raytron.pipelines.stream import StreamSpec
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.control.console import Console
-from raytron.platform.control.placement import start_ray
+from raytron.platform.control.placement import dashboard_address, start_ray
 from raytron.platform.control.run_log import RunLog
 
 POLL_S = 0.5  # how often the console shows what the tracker received
@@ -32,6 +32,8 @@ def run_actors(config: RaytronConfig, spec: StreamSpec, tracking_uri: str, run_i
 
     start_ray(config)
     log.capture_workers()
+    if dashboard := dashboard_address():  # Ray's own line saying so is in the log
+        console.write(f"Ray dashboard: {dashboard}")
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     tracker = ray.remote(Tracker).options(num_cpus=0, scheduling_strategy=here).remote(
         tracking_uri, run_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 
 from raytron.platform.config.resolve import cluster_address
 from raytron.platform.config.schema import AUTO, RaytronConfig
@@ -38,6 +39,9 @@ def with_tokenizer_workers(config: RaytronConfig, nodes: list[dict[str, float]]
                                                                 tokenizer_workers=workers))
 
 
+DASHBOARD_PORT = 8265  # Ray's own default, where the README sends users
+
+
 def start_ray(config: RaytronConfig) -> None:
     """Join `cluster.address` / $RAY_ADDRESS, or start a local Ray sized for the run."""
     import ray
@@ -47,9 +51,41 @@ def start_ray(config: RaytronConfig) -> None:
     address = cluster_address(config)
     if address:
         ray.init(address=address)
-    else:
-        ray.init(address="local", num_cpus=local_cpus(config),  # never a `ray start` one
-                 include_dashboard=config.cluster.dashboard)
+        return
+    port = None
+    if config.cluster.dashboard:
+        # Ray's processes find "the cluster" to ask for its state (Ray Train's placement
+        # group cleaner does) through this variable, else by guessing among the Rays on the
+        # machine: another one there made them ask it, or fail. Set before Ray starts, it
+        # is in every process of this Ray.
+        port = DASHBOARD_PORT if port_is_free(DASHBOARD_PORT) else free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=local_cpus(config),  # never a `ray start`'s
+             include_dashboard=config.cluster.dashboard, dashboard_host="127.0.0.1",
+             **({"dashboard_port": port} if port else {}))
+
+
+def dashboard_address() -> str | None:
+    """The Ray dashboard of the Ray this process is connected to; None without one."""
+    from ray._private.worker import get_dashboard_url
+
+    url = get_dashboard_url()
+    return f"http://{url.removeprefix('http://')}" if url else None
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def node_resources(config: RaytronConfig) -> list[dict[str, float]]:

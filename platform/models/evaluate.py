@@ -78,7 +78,8 @@ def read_documents(sources: Sequence[SourceConfig], source: ModelSource, split: 
     prefix = [] if source.bos_id is None else [source.bos_id]
     documents, skipped = [], {}
     files = [file for s in sources for file in source_spec(s, max_document_bytes).files]
-    for file in tqdm(files, desc="reading", unit="file", disable=len(files) < 2):
+    for file in tqdm(files, desc="reading", unit="file",
+                     disable=True if len(files) < 2 else None):  # None: only in a terminal
         texts = []
         for _, text, reason in kept_records(file, 0, ALL, 0.0):
             if text is None:
@@ -99,7 +100,8 @@ def score(model: GPT, documents: Sequence[np.ndarray], seq_len: int, stride: int
              for w in windows(len(doc), seq_len, stride)]
     total, count = 0.0, 0
     bar = tqdm(total=sum(len(doc) - 1 for doc in documents if len(doc) > 1), unit="tok",
-               unit_scale=True, desc="scoring", dynamic_ncols=True)
+               unit_scale=True, desc="scoring", dynamic_ncols=True,
+               disable=None)  # no bar when output is no terminal
     for start in range(0, len(spans), batch):
         group = spans[start : start + batch]
         width = max(w.end - w.begin for w in group)
