@@ -45,7 +45,7 @@ NOT_RUN = {
     "mlflow ui": "a server until Ctrl-C: its store is what tests/test_tracking.py reads",
     "python -m pytest": "the tests themselves",
     "ruff check": "the linter, run by the hook before a commit",
-    "python bench/parallel.py": "a benchmark (docs/benchmarks.md)",
+    "python bench/": "benchmarks, minutes each (docs/benchmarks.md)",
     "from openai import OpenAI": "asks a running server: tests/test_serve.py",
 }
 # trainings whose configs are checked (`raytron config`) but not run here: more devices
