@@ -31,7 +31,7 @@ from raytron.pipelines.packing import Batch  # noqa: E402
 from raytron.platform.config.layout import Layout  # noqa: E402
 from raytron.platform.config.load import load_config  # noqa: E402
 from raytron.platform.config.resolve import gpt_shape, resolve_model  # noqa: E402
-from raytron.platform.worker.hardware import peak_flops, peak_memory_gb  # noqa: E402
+from raytron.platform.worker.hardware import memory_peaks, peak_flops  # noqa: E402
 from raytron.platform.worker.trainer import Sequences, Trainer  # noqa: E402
 
 VOCAB = 32768
@@ -68,7 +68,7 @@ def measure(overrides: list[str]) -> dict:
     with torch.device("meta"):
         flops = GPT(gpt_shape(config.model)).flops_per_token(config.data.seq_len) * tokens
     return {"tokens_per_s": tokens / step, "mfu": flops / (step * peak_flops(device, None)),
-            "peak_gb": peak_memory_gb(device), "first_step_s": times[0]}
+            "peak_gb": memory_peaks(device)["peak"], "first_step_s": times[0]}
 
 
 def main() -> None:

@@ -76,9 +76,9 @@ def trainer_tokens_per_s(overrides: list[str]) -> float:
 def tokens_per_s_and_peak_gb(overrides: list[str]) -> tuple[float, float]:
     """Steady tokens/s and the process's peak resident memory (GB), in a fresh process
     of its own so that each variant's peak is its own."""
-    from raytron.platform.worker.hardware import peak_memory_gb
+    from raytron.platform.worker.hardware import memory_peaks
 
-    return trainer_tokens_per_s(overrides), peak_memory_gb(torch.device("cpu"))
+    return trainer_tokens_per_s(overrides), memory_peaks(torch.device("cpu"))["peak"]
 
 
 def layout_tokens_per_s(overrides: list[str]) -> float:

@@ -278,3 +278,20 @@ def test_the_training_bar_starts_with_the_first_step_not_with_ray(monkeypatch):
     assert [bar["initial"] for bar in bars] == [1] and console.bar.n == 10
     console.show([(10, {"event": "Resuming from step 10"}), (11, line)])  # a relaunch
     assert [bar["initial"] for bar in bars] == [1, 11] and console.step == 11
+
+
+def test_peak_memory_belongs_to_its_logging_window():
+    """A peak is the window's, not the process's: 400 MB held and freed in one window is
+    not in the next one's peak."""
+    import numpy as np
+    import torch
+
+    from raytron.platform.worker.hardware import memory_peaks
+
+    cpu = torch.device("cpu")
+    memory_peaks(cpu)  # a window starts
+    held = np.ones(50_000_000)  # 400 MB, touched
+    del held
+    busy = memory_peaks(cpu)["peak"]
+    quiet = memory_peaks(cpu)["peak"]
+    assert busy - quiet > 0.35

@@ -9,7 +9,9 @@ sharded; DCP reshards on load, which is what lets a checkpoint load into any lay
 A rank holding several pipeline stages saves and loads them together. A save is a
 write and a commit: the write may go on in the background (`write(background=True)`,
 DCP's async save after copying the state) while training continues, and the commit
-follows once it is done.
+follows once it is done. The copy goes into buffers one stager keeps for the whole run
+(pinned on a GPU, where it copies on a stream of its own): allocated at the first save,
+reused by every later one.
 
 Only tensors are saved (no optimizer hyperparameters, no scheduler: those come from
 the config, so a change to them applies on resume); the step, cursor and RNG states
@@ -34,6 +36,7 @@ import yaml
 from fsspec.implementations.local import LocalFileSystem
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -41,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 from raytron.platform.config.load import flatten
 from raytron.platform.storage.rng_state import parse_rng_state, rng_state_json, set_rng_state
@@ -82,9 +86,15 @@ class PendingSave:
     step: int
     meta: dict
     future: Future | None = None  # the background write, if there is one
+    staged: Future | None = None  # its copy of the state, when that runs in the background
 
     def written(self) -> bool:
         return self.future is None or self.future.done()
+
+    def wait_for_copy(self) -> None:
+        """Block until the state is copied: before the parameters next change."""
+        if self.staged is not None:
+            self.staged.result()
 
 
 class CheckpointStore:
@@ -98,6 +108,24 @@ class CheckpointStore:
         self.keep_last = keep_last
         self.leases = leases or {}  # folder -> token this run's lease holds: checked by
         # rank 0 before it deletes or commits anything, so only the lease holder writes
+        self.stager: DefaultStager | None = None  # background saves' copies, made once
+
+    def staging(self) -> DefaultStager:
+        """The run's stager: on a GPU it copies into pinned memory on its own stream,
+        in a thread (`PendingSave.wait_for_copy` waits for it); on a CPU in place. Its
+        buffers, keyed by the tensors they copy, are reused by every later save."""
+        if self.stager is None:
+            gpu = torch.cuda.is_available()
+            self.stager = DefaultStager(StagingOptions(
+                use_pinned_memory=gpu, use_shared_memory=False, use_async_staging=gpu,
+                use_non_blocking_copy=gpu))
+        return self.stager
+
+    def close(self) -> None:
+        """Free the stager's buffers (after the last save is committed)."""
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
 
     def folder(self, step: int) -> str:
         return f"{self.root}/{PREFIX}{step:08d}"
@@ -190,15 +218,18 @@ class CheckpointStore:
                 self.fs.rm(folder, recursive=True)
         barrier()
         state, _ = training_state(parts, optimizers)
-        future = None
+        future = staged = None
         if not background:
             dcp.save(state, checkpoint_id=self.checkpoint_id(step))
         else:
             future = dcp.async_save(state, checkpoint_id=self.checkpoint_id(step),
-                                    process_group=group, no_dist=not dist.is_initialized())
+                                    process_group=group, no_dist=not dist.is_initialized(),
+                                    async_stager=self.staging())
+            if isinstance(future, AsyncSaveResponse):
+                future, staged = future.upload_completion, future.staging_completion
         self.fs.makedirs(folder, exist_ok=True)  # a background write may not have yet
         write_atomically(self.fs, f"{folder}/{RNG_FILE.format(rank=rank())}", rng_state_json())
-        return PendingSave(step, {"step": step, **meta}, future)
+        return PendingSave(step, {"step": step, **meta}, future, staged)
 
     def commit(self, pending: PendingSave,
                before_commit: Callable[[], None] | None = None) -> None:

@@ -1,4 +1,9 @@
-"""A rank's random-number state as JSON: saved beside its shards, read without unpickling."""
+"""A rank's random-number state as JSON: saved beside its shards, read without unpickling.
+
+On a GPU, only the rank's own device's state: Ray shows every worker of a node all the
+node's GPUs, so saving `get_rng_state_all` wrote every device's state into each rank's
+file, and a resume that sees fewer devices (an elastic shrink, one GPU) indexed past them.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ def rng_state_json() -> str:
         "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)],
     }
     if torch.cuda.is_available():
-        state["cuda"] = [encode(s) for s in torch.cuda.get_rng_state_all()]
+        state["cuda"] = encode(torch.cuda.get_rng_state())  # the current device's
     return json.dumps(state)
 
 
@@ -36,7 +41,7 @@ def parse_rng_state(text: bytes) -> dict:
                        None if gauss is None else float(gauss)),
             "numpy": (str(kind), np.asarray(keys, dtype=np.uint32), int(position),
                       int(has_gauss), float(cached)),
-            "cuda": [decode(s) for s in state.get("cuda", [])],
+            "cuda": device_states(state.get("cuda")),
         }
     except (ValueError, TypeError, KeyError) as error:  # JSONDecodeError is a ValueError
         raise ValueError(f"not a JSON random state ({type(error).__name__}: {error})") from None
@@ -46,8 +51,27 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        own = own_device_state(state["cuda"], torch.cuda.current_device())
+        if own is not None:
+            torch.cuda.set_rng_state(own)
+
+
+def device_states(saved: str | list[str] | None) -> list[torch.Tensor]:
+    """The saved CUDA states: one (the rank's device), or, in checkpoints written before
+    raytron saved only that one, one per device the rank could see."""
+    if saved is None:
+        return []
+    return [decode(text) for text in ([saved] if isinstance(saved, str) else saved)]
+
+
+def own_device_state(states: list[torch.Tensor], device: int) -> torch.Tensor | None:
+    """The state for the device this rank trains on: the one saved, or in a checkpoint
+    with every visible device's, the one at this device's index if it was saved (a run
+    resumed on fewer devices leaves the others' unused)."""
+    if len(states) == 1:
+        return states[0]
+    return states[device] if device < len(states) else None
 
 
 def encode(tensor: torch.Tensor) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,11 +23,21 @@ GPU_PEAK_BF16 = {
 }
 
 
-def training_device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def training_device(assigned: torch.device) -> torch.device:
+    """The device Ray Train assigned this worker (`ray.train.torch.get_device()`: the GPU
+    Ray gave it, counted among the node's GPUs it can see), made current so that NCCL
+    and CUDA's allocator use it; the CPU when there is no GPU."""
+    if assigned.type == "cuda":
+        torch.cuda.set_device(assigned)
+    return assigned
+
+
+def limit_compile_workers(cpus: int) -> None:
+    """Inductor compiles in a pool as large as the machine's cores; a worker owns only
+    `cpus` of them, and every worker of the node compiles at once."""
+    import torch._inductor.config as inductor  # only for compiled runs: it is slow to import
+
+    inductor.compile_threads = max(1, cpus)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -70,9 +82,28 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 
     return best
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """The most memory this process has held: what CUDA's allocator handed out on a GPU,
-    the process's peak resident set on the CPU (which includes the Python runtime)."""
+def memory_peaks(device: torch.device) -> dict[str, float]:
+    """The most memory held since the last call (a logging window; the first call: since
+    the process started), in GB, and the count starts again, so that a peak belongs to
+    the steps it is logged with. `peak`: what CUDA's allocator handed out on a GPU, the
+    process's peak resident set on the CPU (Python's runtime included); `reserved` (GPU
+    only): what the allocator held from the driver, fragmentation included, which is
+    what runs out."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+        peaks = {"peak": torch.cuda.max_memory_allocated(device) / 1e9,
+                 "reserved": torch.cuda.max_memory_reserved(device) / 1e9}
+        torch.cuda.reset_peak_memory_stats(device)
+        return peaks
+    return {"peak": peak_resident_gb()}
+
+
+def peak_resident_gb() -> float:
+    """The process's peak resident set (VmHWM) since the last call: Linux resets it when
+    `5` is written to /proc/self/clear_refs. Elsewhere the peak since the start."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        peak_kib = int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1))
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, AttributeError):
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return peak_kib * 1024 / 1e9

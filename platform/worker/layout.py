@@ -11,7 +11,9 @@ from raytron.platform.config.layout import MESH_DIMS, Layout
 
 def build_mesh(layout: Layout, device_type: str) -> DeviceMesh | None:
     """The world's mesh with dims pp, dp_replicate, dp_shard, tp and a flattened `dp`;
-    None on a single process without a process group."""
+    None on a single process without a process group. Each group's communicator is made
+    here, by a first collective (NCCL makes them lazily, inside the first step, where a
+    slow or failing one looks like a slow or hung step)."""
     if not dist.is_initialized():
         return None
     if dist.get_world_size() != layout.world:
@@ -19,6 +21,9 @@ def build_mesh(layout: Layout, device_type: str) -> DeviceMesh | None:
                          f"{layout.world} ranks, the process group has {dist.get_world_size()}")
     mesh = init_device_mesh(device_type, layout.mesh_shape, mesh_dim_names=MESH_DIMS)
     mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    for name in (*MESH_DIMS, "dp"):
+        if mesh[name].size() > 1:
+            dist.barrier(group=mesh[name].get_group())
     return mesh
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -30,7 +31,12 @@ from raytron.platform.storage import metric_names as names
 from raytron.platform.storage.checkpoint import CheckpointStore, PendingSave
 from raytron.platform.worker.boundary import StepBoundary
 from raytron.platform.worker.faults import FaultInjector, Watchdog
-from raytron.platform.worker.hardware import peak_flops, peak_memory_gb, training_device
+from raytron.platform.worker.hardware import (
+    limit_compile_workers,
+    memory_peaks,
+    peak_flops,
+    training_device,
+)
 from raytron.platform.worker.layout import build_mesh, check_tensor_parallel_on_one_node
 from raytron.platform.worker.system_metrics import SystemSampler
 from raytron.platform.worker.trainer import Sequences, Trainer
@@ -65,7 +71,9 @@ class WorkerLoop:
         self.layout = Layout.of(self.config)
         self.dp_rank = self.layout.coordinates(rank)["dp"]
         torch.set_num_threads(self.config.cluster.cpus_per_worker)
-        self.device = training_device(local_rank)
+        if self.config.train.compile:
+            limit_compile_workers(self.config.cluster.cpus_per_worker)
+        self.device = training_device(ray.train.torch.get_device())
         self.peak_flops = peak_flops(self.device, self.config.train.peak_flops)
         mesh = build_mesh(self.layout, self.device.type)
         if mesh is not None:
@@ -80,7 +88,7 @@ class WorkerLoop:
         self.injector = FaultInjector(self.config.faults.inject, rank, self.layout.world,
                                       self.store.fs, self.store.root, self.layout.describe(rank))
         self.validation: Sequences | None = None
-        self.pending: tuple[int, Any] | None = None  # the next step's batch, requested early
+        self.staged: StagedBatch | None = None  # the next step's batch, fetched early
         args.coordinator.join.remote(rank, ray.get_runtime_context().get_node_id())
         self.boundary = StepBoundary(args.coordinator, rank)
         self.background_group = dist.new_group(backend="gloo") \
@@ -94,6 +102,7 @@ class WorkerLoop:
         try:
             self.train()
         finally:
+            self.store.close()
             self.boundary.close()
             if self.watchdog is not None:
                 self.watchdog.stop()
@@ -238,18 +247,22 @@ class WorkerLoop:
                 / (self.layout.world * self.peak_flops)}
 
     def memory_metrics(self) -> dict[str, float]:
-        """Peak memory of the busiest rank, and of the busiest rank of each pipeline rank
+        """Peak memory of the busiest rank since the last logged step, and of the busiest
+        rank of each pipeline rank; on GPUs the allocator's peak reservation too
         (collective: every rank calls it at the same steps)."""
-        peak = peak_memory_gb(self.device)
-        if not dist.is_initialized():
-            return {names.PEAK_MEMORY_GB: peak}
-        peaks: list[float | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(peaks, peak)
-        metrics = {names.PEAK_MEMORY_GB: max(peaks)}
+        peaks = memory_peaks(self.device)
+        if dist.is_initialized():
+            every: list[dict | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(every, peaks)
+        else:
+            every = [peaks]
+        metrics = {names.PEAK_MEMORY_GB: max(p["peak"] for p in every)}
+        if "reserved" in peaks:
+            metrics[names.RESERVED_MEMORY_GB] = max(p["reserved"] for p in every)
         if self.layout.pp > 1:
             for pp_rank in range(self.layout.pp):
                 metrics[f"{names.PEAK_MEMORY_GB}_pp{pp_rank}"] = max(
-                    peaks[rank] for rank in self.layout.ranks_at(pp_rank))
+                    every[rank]["peak"] for rank in self.layout.ranks_at(pp_rank))
         return metrics
 
     def resume(self) -> tuple[int, dict]:
@@ -274,19 +287,24 @@ class WorkerLoop:
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step over this replica's slice; returns mean loss, grad norm, wait.
 
-        The next step's batch is requested before this step computes, so that it is in
-        this worker's object store when needed: the wait is then the feeder falling
-        behind, not a round trip to it."""
-        pending_step, reference = self.pending or (None, None)
-        if pending_step != step:
-            reference = self.request(step)
-        started = time.perf_counter()
-        batch = ray.get(reference)
-        wait = time.perf_counter() - started
-        self.pending = (step + 1, self.request(step + 1)) if step + 1 < self.config.train.steps \
-            else None
-        loss, grad_norm = self.trainer.train_step(Sequences.of(batch, self.device))
+        The next step's batch is requested before this step computes, so that the feeder
+        prepares it meanwhile, and fetched and copied to the device once this step's work
+        is queued (on a GPU it still computes): the wait is then the feeder falling
+        behind, not a round trip to it, and the copy does not hold up the device."""
+        batch, wait = self.batch(step)
+        following = self.request(step + 1) if step + 1 < self.config.train.steps else None
+        before_update = None if self.unsaved is None else self.unsaved.wait_for_copy
+        loss, grad_norm = self.trainer.train_step(batch, before_update)
+        if following is not None:
+            self.staged = StagedBatch.fetch(step + 1, following, self.device)
         return loss, grad_norm, wait
+
+    def batch(self, step: int) -> tuple[Sequences, float]:
+        """Step `step`'s batch on the device and the time it was waited for."""
+        staged, self.staged = self.staged, None
+        if staged is None or staged.step != step:
+            staged = StagedBatch.fetch(step, self.request(step), self.device)
+        return staged.take()
 
     def evaluate(self, step: int) -> None:
         """Loss and perplexity on the held-out sequences (the same ones every time)."""
@@ -329,3 +347,29 @@ class WorkerLoop:
         if with_data_stats:
             metrics = {**metrics, **ray.get(self.args.feeder.stats.remote())}
         self.args.tracker.log.remote(step, metrics)
+
+
+@dataclass
+class StagedBatch:
+    """A step's batch fetched from the feeder and on its way to the device, or what
+    fetching it raised (the data ran out, say), raised when the step takes it."""
+
+    step: int
+    batch: Sequences | None
+    error: Exception | None
+    wait: float
+
+    @classmethod
+    def fetch(cls, step: int, reference: Any, device: torch.device) -> StagedBatch:
+        started = time.perf_counter()
+        try:
+            held = ray.get(reference)
+        except Exception as error:  # noqa: BLE001 (kept for the step that needs the batch)
+            return cls(step, None, error, time.perf_counter() - started)
+        wait = time.perf_counter() - started
+        return cls(step, Sequences.of(held, device), None, wait)
+
+    def take(self) -> tuple[Sequences, float]:
+        if self.error is not None:
+            raise self.error
+        return self.batch, self.wait

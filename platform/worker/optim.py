@@ -10,21 +10,40 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from raytron.platform.config.schema import TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, fused: bool) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, train: TrainConfig,
+                    fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW that decays matrices (embeddings and the head included) and leaves 1-D
-    parameters (norm gains) undecayed, as nanoGPT and Megatron do."""
+    parameters (norm gains) undecayed, as nanoGPT and Megatron do. Fused (one kernel per
+    group) wherever torch has the kernel, CPUs included, so that tests take the path GPUs
+    take; `fused=False` asks for the foreach implementation."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "decayed": True},
-        {"params": [p for p in params if p.dim() < 2], "decayed": False},
-    ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], fused=fused)
+    if fused is None:
+        fused = all(p.device.type in _get_fused_kernels_supported_devices() for p in params)
+    groups = [{"params": members, "decayed": decayed}
+              for decayed in (True, False)
+              for members in by_mesh([p for p in params if (p.dim() >= 2) == decayed])]
+    optimizer = torch.optim.AdamW(groups, fused=fused)
     apply_hyperparameters(optimizer, train, step=0)
     return optimizer
+
+
+def by_mesh(params: list[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:
+    """`params` split by the device mesh they are DTensors on (plain tensors apart): one
+    fused call cannot take both kinds (`_fused_adamw_ got mixed torch.Tensor and
+    DTensor`), which tensor parallelism without sequence parallelism or FSDP makes, its
+    norm gains staying plain tensors beside sharded matrices."""
+    groups: dict[DeviceMesh | None, list[torch.nn.Parameter]] = {}
+    for param in params:
+        mesh = param.device_mesh if isinstance(param, DTensor) else None
+        groups.setdefault(mesh, []).append(param)
+    return list(groups.values())
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, train: TrainConfig,

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
@@ -56,31 +58,56 @@ class Sequences:
 
     @classmethod
     def of(cls, batch: Batch, device: torch.device) -> Sequences:
-        tokens = torch.from_numpy(batch.tokens.astype("int64")).to(device)
+        """The batch on `device`; its copies started, not waited for (see `to_device`)."""
+        tokens = to_device(batch.tokens, device)
         labels = tokens[:, 1:]
         if batch.targets is not None:
-            learned = torch.tensor(batch.targets[:, 1:], device=device)  # a copy: Ray's
-            # object store hands out read-only arrays, which from_numpy warns about
-            labels = labels.masked_fill(~learned, IGNORE)
+            labels = labels.masked_fill(~to_device(batch.targets[:, 1:], device).bool(), IGNORE)
         positions = None if batch.positions is None else \
-            torch.from_numpy(batch.positions[:, :-1].astype("int64")).to(device)
+            to_device(batch.positions[:, :-1], device)
         return cls(tokens[:, :-1], labels, positions, max(batch.target_count, 1))
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def split(self, size: int) -> list[Sequences]:
-        """Micro-batches of `size` rows."""
+        """Micro-batches of `size` rows, the last one padded with rows that learn nothing:
+        every micro-batch has one shape, so a compiled model never compiles again for a
+        smaller last one (held-out sets rarely divide evenly)."""
         count = -(-len(self) // size)
-        return [self.rows(i * size, (i + 1) * size) for i in range(count)]
+        return [self.rows(i * size, (i + 1) * size).padded(size) for i in range(count)]
 
     def rows(self, start: int, stop: int) -> Sequences:
         return Sequences(self.inputs[start:stop], self.labels[start:stop],
                          None if self.positions is None else self.positions[start:stop],
                          self.target_count)
 
+    def padded(self, size: int) -> Sequences:
+        """`size` rows: these, then copies of the first row whose labels are all IGNORE."""
+        missing = size - len(self)
+        if missing <= 0:
+            return self
+
+        def extend(rows: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+            return torch.cat([rows, fill.expand(missing, -1)])
+
+        return Sequences(extend(self.inputs, self.inputs[:1]),
+                         extend(self.labels, torch.full_like(self.labels[:1], IGNORE)),
+                         None if self.positions is None else
+                         extend(self.positions, self.positions[:1]), self.target_count)
+
     def model_kwargs(self) -> dict:
         return {} if self.positions is None else {"positions": self.positions}
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An int64 tensor on `device` from a host array of ids, positions or flags, copied
+    as int32 (half the bytes) and cast there. On a GPU from pinned memory (torch's caching
+    host allocator reuses it once the copy is done) without blocking the host: a step's
+    batch is copied while the step before it still computes."""
+    host = torch.empty(array.shape, dtype=torch.int32, pin_memory=device.type == "cuda")
+    host.numpy()[...] = array  # a copy: Ray's object store hands out read-only arrays
+    return host.to(device, non_blocking=True).long()
 
 
 class Trainer:
@@ -93,8 +120,7 @@ class Trainer:
         self.autocast = autocast_dtype(train.precision, device)
         self.loss_parallel = layout.tp > 1 and p.loss_parallel
         self.parts, self.stage_ids, n_stages = self.build_parts()
-        fused = device.type == "cuda"
-        self.optimizers = [build_optimizer(part, train, fused=fused) for part in self.parts]
+        self.optimizers = [build_optimizer(part, train) for part in self.parts]
         self.step = 0  # optimizer steps done: where the learning-rate schedule stands
         local = train.global_batch // layout.dp
         self.micro_batches = local // train.micro_batch
@@ -190,10 +216,12 @@ class Trainer:
             stack.enter_context(loss_parallel())
         return stack
 
-    def train_step(self, batch: Sequences) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, batch: Sequences, before_update: Callable[[], None] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on this replica's share of the global batch (every rank of
         the replica passes it, each stage uses what it needs). Returns the loss over the
-        whole global batch and the global gradient norm before clipping."""
+        whole global batch and the global gradient norm before clipping. `before_update`
+        runs just before the parameters change (a checkpoint's copy finishing)."""
         self.loss_scale = self.layout.dp / batch.target_count
         if self.schedule is None:
             loss = self.accumulate(batch)
@@ -201,6 +229,8 @@ class Trainer:
             loss = self.pipeline_accumulate(batch)
             self.sum_tied_gradients()
         grad_norm = self.clip_gradients(self.config.train.grad_clip)
+        if before_update is not None:
+            before_update()
         for optimizer in self.optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
