@@ -1,11 +1,14 @@
 """The Ray Serve application against the official `openai` client, on 127.0.0.1: greedy
 text equals raytron's own generation, bad requests get a 400 and the server goes on, the
-API key is enforced, and concurrent requests decode together with the same results."""
+API key is enforced, and concurrent requests decode together with the same results.
+Replicas ask Ray for the GPUs they use, and are placed by them."""
 
 import concurrent.futures
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -13,9 +16,12 @@ from pathlib import Path
 
 import pytest
 from openai import AuthenticationError, BadRequestError, OpenAI
+from pydantic import ValidationError
 
 from raytron.pipelines.chat import render
+from raytron.platform.config.schema import ConfigError
 from raytron.platform.models import load_model
+from raytron.platform.serving.command import replica_gpus
 
 from model_runs import run_cli, small_model, small_tokenizer, write_run
 
@@ -29,13 +35,17 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(ray_session, tmp_path_factory):
+def run_dir(tmp_path_factory) -> Path:
+    return write_run(tmp_path_factory.mktemp("runs"), "served",
+                     small_model(512, max_seq_len=128), small_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, run_dir):
     from ray import serve
 
     from raytron.platform.serving.app import build_app
 
-    run_dir = write_run(tmp_path_factory.mktemp("runs"), "served",
-                        small_model(512, max_seq_len=128), small_tokenizer())
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(str(run_dir), "small", api_key=KEY), name="raytron", route_prefix="/")
@@ -217,8 +227,47 @@ def test_serves_own_builder_takes_the_application_and_its_arguments(served, monk
     deployment = app._bound_deployment
     assert deployment.init_args == (str(served[0]), "served", "from-the-environment", 4, None)
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    # the tests' Ray declares no GPU: no GPU by default, Serve's one CPU kept
+    assert deployment.ray_actor_options == {"num_gpus": 0, "num_cpus": 1}
+    packed = call_user_app_builder_with_args_if_necessary(
+        application, {"source": str(served[0]), "num_gpus": "0.5"})
+    assert packed._bound_deployment.ray_actor_options["num_gpus"] == 0.5
     with pytest.raises(Exception, match="source"):
         call_user_app_builder_with_args_if_necessary(application, {"name": "x"})
+
+
+def test_num_gpus_defaults_by_the_cluster_and_refuses_what_ray_cannot_give(tmp_path):
+    from raytron.platform.serving.app import ServeArgs
+
+    assert (replica_gpus(None, 2), replica_gpus(None, 0), replica_gpus(0.5, 2)) == (1, 0, 0.5)
+    assert replica_gpus(0, 0) == 0
+    with pytest.raises(ConfigError, match=r"--num-gpus 1 asks for GPUs.*has none\. Fix: give "
+                                          r"--num-gpus 0"):
+        replica_gpus(1, 0)
+    for value, why in (("-1", "is out of range: give at least 0"), ("nan", "is out of range"),
+                       ("1.5", "GPUs per replica: Ray gives a replica a fraction of one GPU "
+                               "or whole GPUs")):
+        code, _, err = run_cli("serve", str(tmp_path), "--num-gpus", value)
+        assert code == 2 and f"argument --num-gpus: {value} {why}" in err, err
+        with pytest.raises(ValidationError, match="num_gpus"):
+            ServeArgs(source="runs/x", num_gpus=value)
+    assert ServeArgs(source="runs/x", num_gpus="0.5").num_gpus == 0.5
+    code, out, _ = run_cli("serve", "--help")
+    assert code == 2 and "--num-gpus G" in out and "0.5: two per GPU" in out
+
+
+def test_replicas_are_placed_by_the_gpus_they_ask_for(run_dir):
+    """On a Ray that declares 2 GPUs (there are none), 3 replicas of 1 GPU: 2 run and hold
+    both GPUs, the 3rd waits for one though CPUs are free; a GPU id without CUDA leaves
+    the model on the CPU (else the replicas could not have started here)."""
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("serve_on_gpus.py")),
+                             str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    placed = json.loads(result.stdout.splitlines()[-1])
+    assert placed["task_with_a_gpu"] == [[0], "cpu"] and placed["task_without"] == [[], "cpu"]
+    assert placed["replica_states"] == {"RUNNING": 2, "STARTING": 1}
+    assert placed["replica_actors"] == ["ALIVE", "ALIVE", "PENDING_CREATION"]
+    assert placed["free"].get("GPU", 0) == 0 and placed["free"]["CPU"] >= 1
 
 
 def test_a_killed_replica_is_replaced_and_serving_goes_on(served, client):

@@ -15,10 +15,16 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 from ray import serve
 
 from raytron.model.generate import PromptError, check_prompts
+from raytron.platform.serving.gpus import (
+    cluster_gpus,
+    default_gpus,
+    gpus_problem,
+    replica_device,
+)
 from raytron.platform.serving.metrics import RequestMetrics, Served
 from raytron.platform.serving.requests import BadRequest, Job, ParsedRequest, parse
 
@@ -43,7 +49,7 @@ class ModelServer:
                  max_batch_size: int = 8, tracking_uri: str | None = None):
         from raytron.platform.models.loading import load_model
 
-        self.loaded = load_model(source)
+        self.loaded = load_model(source, device=replica_device())
         self.metrics = RequestMetrics(name, tracking_uri)
         self.name, self.api_key = name, api_key
         self.context = self.loaded.model.shape.max_seq_len
@@ -184,13 +190,14 @@ class ModelServer:
 
 def build_app(source: str, name: str, api_key: str | None = None, max_batch_size: int = 8,
               replicas: int = 1, autoscaling: dict | None = None,
-              tracking_uri: str | None = None):
+              tracking_uri: str | None = None, num_gpus: float = 0):
     """The application (`raytron serve` and Python): `replicas` copies, or as many as
     Serve's `autoscaling` config (min_replicas, max_replicas, target_ongoing_requests)
-    asks for; request metrics to MLflow at `tracking_uri`."""
+    asks for, each with `num_gpus` GPUs (0: on the CPU); request metrics to MLflow at
+    `tracking_uri`."""
     scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
-    return ModelServer.options(**scaling).bind(source, name, api_key, max_batch_size,
-                                               tracking_uri)
+    return ModelServer.options(ray_actor_options={"num_gpus": num_gpus}, **scaling).bind(
+        source, name, api_key, max_batch_size, tracking_uri)
 
 
 class ServeArgs(BaseModel):
@@ -205,6 +212,17 @@ class ServeArgs(BaseModel):
     max_replicas: int | None = None  # set: autoscale
     target_ongoing_requests: float = 8.0
     tracking_uri: str | None = None  # set: request metrics to MLflow
+    # GPUs per replica (0.5: two per GPU); unset: 1 where the cluster has GPUs when the
+    # application is built, else 0. Give it where GPU nodes may join later (autoscaling).
+    num_gpus: float | None = None
+
+    @field_validator("num_gpus")
+    @classmethod
+    def ray_takes(cls, value: float | None) -> float | None:
+        problem = None if value is None else gpus_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 def application(args: ServeArgs):
@@ -212,6 +230,7 @@ def application(args: ServeArgs):
     autoscaling = None if args.max_replicas is None else {
         "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
         "target_ongoing_requests": args.target_ongoing_requests}
+    gpus = default_gpus(cluster_gpus()) if args.num_gpus is None else args.num_gpus
     return build_app(args.source, args.name or Path(args.source).resolve().name,
                      os.environ.get("RAYTRON_API_KEY"), args.max_batch_size, args.replicas,
-                     autoscaling, args.tracking_uri)
+                     autoscaling, args.tracking_uri, gpus)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.models.commands import SOURCE_HELP, checked
+from raytron.platform.serving.gpus import default_gpus, gpus_problem
 
 APP_NAME = "raytron"
 API_KEY_VARIABLE = "RAYTRON_API_KEY"  # also read by app.application
@@ -19,7 +20,8 @@ Routes (OpenAI-compatible): POST /v1/completions, POST /v1/chat/completions (wit
 model's chat template), GET /v1/models, GET /health. Fields: model, prompt (string or
 list), messages, max_tokens, temperature, top_p, seed, stop, n, stream (server-sent
 events). Concurrent requests are decoded together on each replica (--max-batch-size);
---max-replicas autoscales. Each request is one line of the replica's log; --mlflow
+--max-replicas autoscales. Each replica asks Ray for --num-gpus GPUs, so that Ray places
+replicas on GPUs no one else holds. Each request is one line of the replica's log; --mlflow
 also logs request metrics every 10 s.
 
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
@@ -30,7 +32,7 @@ of the machine can see in its process list). Ray: joins $RAY_ADDRESS when set, o
 starts a local Ray that lives as long as this command (--detach needs a cluster:
 `ray start --head`). For `serve run` and a KubeRay RayService the application is
 raytron.platform.serving.app:application, with arguments source, name, max_batch_size,
-replicas, min_replicas, max_replicas, target_ongoing_requests, tracking_uri:
+replicas, min_replicas, max_replicas, target_ongoing_requests, tracking_uri, num_gpus:
 
   serve run raytron.platform.serving.app:application source=runs/tiny max_batch_size=16"""
 
@@ -51,6 +53,10 @@ def add_serve_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--target-ongoing-requests", type=checked(float, 0.1), default=8.0,
                          metavar="R", help="with --max-replicas: requests in flight per "
                                            "replica that autoscaling aims at (default 8)")
+    command.add_argument("--num-gpus", type=gpus_per_replica, metavar="G",
+                         help="GPUs per replica: 0 serves on CPUs, a fraction packs replicas "
+                              "on a GPU (0.5: two per GPU); Ray schedules replicas by it "
+                              "(default: 1 where the cluster has GPUs, else 0)")
     command.add_argument("--max-batch-size", type=checked(int, 1), default=8, metavar="B",
                          help="concurrent requests decoded together per replica (default 8)")
     command.add_argument("--host", default="127.0.0.1",
@@ -67,6 +73,27 @@ def add_serve_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--tracking-uri", metavar="URI",
                          help="with --mlflow: the tracking server (default: the run's, else "
                               "$MLFLOW_TRACKING_URI)")
+
+
+def gpus_per_replica(text: str) -> float:
+    """--num-gpus: a number of GPUs Ray can give one replica, or a usage error."""
+    value = checked(float, 0)(text)
+    problem = gpus_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def replica_gpus(requested: float | None, cluster_gpus: float) -> float:
+    """--num-gpus, or its default for a cluster with `cluster_gpus` GPUs; GPUs asked of
+    a cluster without any are refused (no replica could ever be placed)."""
+    if requested is None:
+        return default_gpus(cluster_gpus)
+    if requested > 0 and cluster_gpus <= 0:
+        raise ConfigError([f"--num-gpus {requested:g} asks for GPUs per replica, and the Ray "
+                           "cluster has none. Fix: give --num-gpus 0 to serve on CPUs, or "
+                           "serve on a cluster with GPUs (set RAY_ADDRESS)."])
+    return requested
 
 
 def autoscaling_config(args: argparse.Namespace) -> dict | None:
@@ -120,15 +147,17 @@ def serve_command(args: argparse.Namespace) -> int:
 
     ray.init(address=address, include_dashboard=False if not address else None,
              log_to_driver=False)
+    gpus = replica_gpus(args.num_gpus, ray.cluster_resources().get("GPU", 0))
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(str(Path(args.source).resolve()), name,
                         args.api_key or os.environ.get(API_KEY_VARIABLE), args.max_batch_size,
-                        args.replicas, autoscaling, tracking_uri),
+                        args.replicas, autoscaling, tracking_uri, gpus),
               name=APP_NAME, route_prefix="/")
     replicas = f"{args.min_replicas}-{args.max_replicas} (autoscaled)" if autoscaling \
         else str(args.replicas)
+    device = f"{gpus:g} GPU each" if gpus else "on CPUs"
     print(f"Serving '{name}' ({source.describe()}) at http://{args.host}:{args.port}/v1 "
-          f"with {replicas} replica(s){'; API key required' if args.api_key else ''}"
+          f"with {replicas} replica(s), {device}{'; API key required' if args.api_key else ''}"
           f"{'; request metrics to MLflow' if tracking_uri else ''}.", flush=True)
     if args.detach:
         print(f"Left running in the cluster; stop it with `serve delete {APP_NAME}`.")
