@@ -7,7 +7,7 @@ from raytron.model.pipeline import bubble_fraction, stage_layers
 from raytron.platform.cli import EXIT_CONFIG_ERROR, main
 from raytron.platform.config.load import load_config
 from raytron.platform.config.plan import make_plan
-from raytron.platform.config.validate import placement_problems, resolve_layout
+from raytron.platform.config.validate import placement_problems, resolve_layout, workers_on
 
 
 def test_mt_nlg_530b_plan_is_plausible():
@@ -53,3 +53,44 @@ def test_tensor_parallel_must_fit_one_node():
     problems = placement_problems(config, [{"CPU": 64, "GPU": 4}, {"CPU": 64, "GPU": 4}], 1)
     assert len(problems) == 1 and "parallel.tp=8 is larger than the 4 workers" in problems[0]
     assert placement_problems(config, [{"CPU": 64, "GPU": 8}], 1) == []
+
+
+def test_a_worker_must_fit_one_node_by_every_resource_it_asks_for():
+    """The GPU presets ask 8 CPUs per worker: a GPU node with fewer hosts no worker."""
+    config = load_config("gpt2-124m", ["cluster.address=auto"])
+    (problem,) = placement_problems(config, [{"CPU": 4, "GPU": 1}], 1)
+    assert problem == ("cluster.cpus_per_worker=8: no node has 8 CPUs (the most one has is "
+                       "4). Fix: lower cluster.cpus_per_worker to 4 or less, or use nodes "
+                       "with more CPUs.")
+    assert placement_problems(config, [{"CPU": 8, "GPU": 1}], 1) == []
+    local = load_config("gpt2-124m", ["cluster.num_cpus=4"])
+    assert "or raise cluster.num_cpus" in placement_problems(local, [{"CPU": 4}], 0)[0]
+    (problem,) = placement_problems(config, [{"CPU": 64}], 1)
+    assert problem.startswith("cluster.gpus_per_worker=1: no node has 1 GPU (the most one "
+                              "has is 0). Fix: set cluster.gpus_per_worker=0 to train on CPUs")
+    (problem,) = placement_problems(config, [{"CPU": 4, "GPU": 1}, {"CPU": 64}], 1)
+    assert problem.startswith("no node has all a worker asks for at once (8 CPUs, 1 GPU; the "
+                              "nodes have: 4 CPUs, 1 GPU; 64 CPUs, 0 GPUs). Fix: lower one of "
+                              "cluster.cpus_per_worker, cluster.gpus_per_worker")
+
+
+def test_a_tensor_parallel_group_fits_by_its_scarcest_resource():
+    config = load_config("llama-1b", ["cluster.address=auto", "parallel.tp=2"])
+    (problem,) = placement_problems(config, [{"CPU": 8, "GPU": 8}], 1)
+    assert problem.startswith("parallel.tp=2 is larger than the 1 workers the largest node can "
+                              "host (its 8 CPUs at cluster.cpus_per_worker=8)")
+    assert "lower cluster.cpus_per_worker, or use nodes with more CPUs" in problem
+    assert placement_problems(config, [{"CPU": 8, "GPU": 8}, {"CPU": 16, "GPU": 2}], 1) == []
+    assert workers_on({"CPU": 64, "GPU": 1}, {"CPU": 1, "GPU": 0.1}) == 10  # 1 / 0.1 < 10
+
+
+def test_custom_worker_resources_must_be_on_a_node():
+    config = load_config("tiny", ["cluster.address=auto", "parallel.tp=2",
+                                  "cluster.worker_resources={trainer: 1}"])
+    (problem,) = placement_problems(config, [{"CPU": 8}], 0)
+    assert problem.startswith("cluster.worker_resources.trainer=1: no node has 1 'trainer' (the "
+                              "most one has is 0). Fix: declare it on the nodes meant for "
+                              "workers (`ray start --resources='{\"trainer\": N}'`")
+    (problem,) = placement_problems(config, [{"CPU": 8, "trainer": 1}], 0)
+    assert "(its 1 'trainer' at cluster.worker_resources.trainer=1)" in problem
+    assert placement_problems(config, [{"CPU": 4, "trainer": 2}], 0) == []

@@ -297,20 +297,90 @@ def memory_problems(config: RaytronConfig) -> list[str]:
 
 # -- rules that need the cluster or the tokenizer -------------------------------------------
 
+def worker_request(config: RaytronConfig, gpus: float) -> dict[str, float]:
+    """The Ray resources one training worker asks for, all on one node."""
+    c = config.cluster
+    return {"CPU": c.cpus_per_worker, **({"GPU": gpus} if gpus else {}), **c.worker_resources}
+
+
+def request_key(resource: str) -> str:
+    """The config key that sets how much of `resource` a worker asks for."""
+    return {"CPU": "cluster.cpus_per_worker", "GPU": "cluster.gpus_per_worker"}.get(
+        resource, f"cluster.worker_resources.{resource}")
+
+
+def amount_of(resource: str, amount: float) -> str:
+    """`8 CPUs`, `1 GPU`, `2 'trainer'`."""
+    if resource not in ("CPU", "GPU"):
+        return f"{amount:g} '{resource}'"
+    return f"{amount:g} {resource if 0 < amount <= 1 else plural(resource)}"
+
+
+def plural(resource: str) -> str:
+    return f"{resource}s" if resource in ("CPU", "GPU") else f"'{resource}'"
+
+
+def workers_on(node: dict[str, float], request: dict[str, float]) -> int:
+    """How many workers asking for `request` fit on `node` (with slack for fractions:
+    1 / 0.1 is 9.999...)."""
+    return min(math.floor(node.get(name, 0) / amount + 1e-6) for name, amount in request.items())
+
+
 def placement_problems(config: RaytronConfig, nodes: list[dict[str, float]],
                        gpus: float) -> list[str]:
-    """A tensor-parallel group all-reduces in every layer and must sit on one node."""
-    kind, need = ("GPU", gpus) if gpus else ("CPU", config.cluster.cpus_per_worker)
-    largest = max((int(node.get(kind, 0) // need) for node in nodes), default=0)
+    """A worker takes all it asks for from one node, and a tensor-parallel group (it
+    all-reduces in every layer) must share one: some node must hold parallel.tp workers,
+    by every resource they ask for, or they wait for a node forever."""
+    request = worker_request(config, gpus)
+    largest, node = max(((workers_on(n, request), n) for n in nodes), default=(0, {}),
+                        key=lambda hosted: hosted[0])
     tp = config.parallel.tp
     if tp <= largest:
         return []
+    if largest == 0:
+        return unhostable(config, request, nodes)
+    scarce = min(request, key=lambda name: node.get(name, 0) / request[name])
     return [
         f"parallel.tp={tp} is larger than the {largest} workers the largest node can host "
-        f"({kind} per worker: {need:g}); a tensor-parallel group must share a node. Fix: "
-        f"lower parallel.tp to {max(1, largest)} or less and raise parallel.pp or dp "
-        "instead, or use nodes with more devices."
+        f"(its {amount_of(scarce, node[scarce])} at {request_key(scarce)}="
+        f"{request[scarce]:g}); a tensor-parallel group must share a node. Fix: lower "
+        f"parallel.tp to {largest} or less and raise parallel.pp or dp instead, lower "
+        f"{request_key(scarce)}, or use nodes with more {plural(scarce)}."
     ]
+
+
+def unhostable(config: RaytronConfig, request: dict[str, float],
+               nodes: list[dict[str, float]]) -> list[str]:
+    """Why no node can host a single worker: each resource no node has enough of, or,
+    when each is somewhere, that no node has all of them."""
+    problems = []
+    for name, amount in request.items():
+        most = max((n.get(name, 0) for n in nodes), default=0)
+        if most < amount:
+            problems.append(f"{request_key(name)}={amount:g}: no node has "
+                            f"{amount_of(name, amount)} (the most one has is {most:g}). Fix: "
+                            f"{shortage_fix(config, name, most)}.")
+    if problems:
+        return problems
+    asked = ", ".join(amount_of(name, amount) for name, amount in request.items())
+    offered = "; ".join(sorted({", ".join(amount_of(name, n.get(name, 0)) for name in request)
+                                for n in nodes})[:3])
+    keys = ", ".join(request_key(name) for name in request)
+    return [f"no node has all a worker asks for at once ({asked}; the nodes have: {offered}). "
+            f"Fix: lower one of {keys}, or use nodes that have all of it."]
+
+
+def shortage_fix(config: RaytronConfig, resource: str, most: float) -> str:
+    key = request_key(resource)
+    if resource == "GPU" and most == 0:
+        return f"set {key}=0 to train on CPUs, or use a cluster with GPU nodes"
+    if resource == "CPU" and cluster_address(config) is None:  # the local Ray's CPUs
+        return f"lower {key} to {most:g} or less, or raise cluster.num_cpus"
+    if resource in ("CPU", "GPU"):
+        return f"lower {key} to {most:g} or less, or use nodes with more {plural(resource)}"
+    return (f"declare it on the nodes meant for workers (`ray start --resources="
+            f"'{{\"{resource}\": N}}'`; a local run's Ray declares none), or remove it"
+            + (f", or lower it to {most:g} or less" if most else ""))
 
 
 def tokenizer_problems(config: RaytronConfig, tokenizer_vocab: int) -> list[str]:

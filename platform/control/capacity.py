@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.schema import RaytronConfig
+from raytron.platform.config.validate import worker_request
 
 QUICK_PROBE_S = 1.0  # capacity that is there now places within this
 
@@ -32,12 +33,10 @@ class Sizing:
 
     @classmethod
     def of(cls, config: RaytronConfig, gpus: float) -> Sizing:
-        p, c = config.parallel, config.cluster
-        worker = {"CPU": c.cpus_per_worker, **({"GPU": gpus} if gpus else {}),
-                  **c.worker_resources}
+        tp = config.parallel.tp
         return cls(Layout.of(config), config.faults.min_dp, config.train.global_batch,
                    config.train.micro_batch,
-                   {name: amount * p.tp for name, amount in worker.items()})
+                   {name: amount * tp for name, amount in worker_request(config, gpus).items()})
 
     @property
     def max_dp(self) -> int:
