@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raytron.model.attention import CAUSAL, Documents, Mask, attention
 from raytron.model.kv_cache import KVCache, LayerCache
 
 
@@ -68,7 +69,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, shape: GPTShape):
         super().__init__()
-        self.n_heads, self.n_kv_heads = shape.n_heads, shape.n_kv_heads
         self.head_dim = shape.head_dim
         self.wq = nn.Linear(shape.d_model, shape.n_heads * shape.head_dim, bias=False)
         self.wk = nn.Linear(shape.d_model, shape.n_kv_heads * shape.head_dim, bias=False)
@@ -76,10 +76,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(shape.n_heads * shape.head_dim, shape.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None, cache: LayerCache | None = None
-                ) -> torch.Tensor:
+                mask: Mask = CAUSAL, cache: LayerCache | None = None) -> torch.Tensor:
         """`cos`, `sin`: rotary tables whose last `seq` rows (dim -2) are the positions
-        of x, or which start with them; `mask`: which keys each query sees (None: causal)."""
+        of x, or which start with them; `mask`: which keys each query sees."""
         batch, seq, _ = x.shape
         # -1 instead of the head count: under tensor parallelism each rank holds a share.
         q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -89,9 +88,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
-            enable_gqa=self.n_kv_heads != self.n_heads)
+        out = attention(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -117,8 +114,7 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(shape)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None, cache: LayerCache | None = None
-                ) -> torch.Tensor:
+                mask: Mask = CAUSAL, cache: LayerCache | None = None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -196,13 +192,13 @@ class GPT(nn.Module):
         With `positions` (batch, seq), each token's position in its own sample of a
         packed sequence: a sample starts at 0 and attends only within itself."""
         x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        cos, sin, mask = self.rope_cos, self.rope_sin, None
+        cos, sin, mask = self.rope_cos, self.rope_sin, CAUSAL
         if cache is not None:
             cos, sin = cache.advance(tokens.shape[1], cos, sin)
             mask = cache.mask
         elif positions is not None:
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-            mask = document_mask(positions)
+            mask = Documents.of_positions(positions)
         for index, layer in self.layers.items():
             x = layer(x, cos, sin, mask, None if cache is None else cache.layers[int(index)])
         if self.norm is not None:
@@ -229,15 +225,6 @@ class GPT(nn.Module):
 def name_seed(seed: int, name: str) -> int:
     digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") & (2**63 - 1)
-
-
-def document_mask(positions: torch.Tensor) -> torch.Tensor:
-    """(batch, 1, seq, seq): each query sees the keys of its own sample up to itself; a
-    sample begins where the position is 0."""
-    samples = (positions == 0).cumsum(dim=1)
-    seq = positions.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=positions.device).tril()
-    return (causal & (samples[:, :, None] == samples[:, None, :])).unsqueeze(1)
 
 
 IGNORE = -100  # a target id that is no target: the loss skips it

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from raytron.model.attention import CAUSAL, CachedQueries, Mask
+
 
 class LayerCache:
     """One layer's buffers; `KVCache.advance` sets where the next keys go."""
@@ -32,7 +34,7 @@ class LayerCache:
         return self.keys[:, :, :span], self.values[:, :, :span]
 
     @property
-    def mask(self) -> torch.Tensor | None:
+    def mask(self) -> Mask:
         return self.owner.mask
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -47,7 +49,7 @@ class KVCache:
         self.positions = torch.zeros(batch, 0, dtype=torch.long, device=device)
         self.span = 0
         self.start: int | None = None  # the first new position, when all sequences share it
-        self.mask: torch.Tensor | None = None
+        self.mask: Mask = None  # which cached keys the new tokens see
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.layers = [LayerCache(self, torch.zeros(shape, dtype=dtype, device=device),
                                   torch.zeros(shape, dtype=dtype, device=device))
@@ -70,8 +72,8 @@ class KVCache:
             return cos[self.start : end], sin[self.start : end]
         starts = torch.tensor(self.lengths, device=device)
         self.positions = starts[:, None] + torch.arange(new, device=device)
-        keys = torch.arange(end, device=device)  # each query sees its position and before
-        self.mask = keys[None, None, None, :] <= self.positions[:, None, :, None]
+        # each query sees its position and before: from an empty cache, plain causal
+        self.mask = CAUSAL if self.start == 0 else CachedQueries(self.positions, end)
         self.lengths = [length + new for length in self.lengths]
         return cos[self.positions].unsqueeze(1), sin[self.positions].unsqueeze(1)
 

@@ -99,7 +99,7 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, options: ParallelOpti
     model.tie_weights()  # both sharded along the vocabulary: one DTensor serves both
     for block in model.layers.values():
         plan = {
-            # inputs: x, the rotary tables, the attention mask, the KV cache (None here)
+            # inputs: x, the rotary tables, the mask's description, the KV cache (None here)
             "attention": PrepareModuleInput(input_layouts=(between, None, None, None, None),
                                             desired_input_layouts=(Replicate(), None, None,
                                                                    None, None)),
@@ -138,6 +138,10 @@ SAVED_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    # FlexAttention (masked attention on CUDA): the policy sees this op where dynamo
+    # traces the block (train.compile). In an eager block the compiled flex_attention
+    # is an opaque region whose fused kernel no policy sees: it is recomputed.
+    torch.ops.higher_order.flex_attention,
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
     torch.ops._c10d_functional.all_reduce.default,
 }
