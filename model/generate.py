@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from raytron.model.gpt import GPT
 from raytron.model.kv_cache import KVCache
-from raytron.model.sampling import Sampling, next_tokens
+from raytron.model.sampling import Sampling, next_tokens, penalized
 
 STOP, LENGTH = "stop", "length"  # why a sequence ended: an end token or stop string; a limit
 SAMPLE = Sampling()  # temperature 1, no filtering
@@ -98,8 +98,14 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
     last = logits[torch.arange(len(prompts), device=device),
                   torch.tensor(lengths, device=device) - 1]
     active = list(range(len(prompts)))  # the prompt of each row still in the batch
+    # times each row generated each token, for the penalties
+    counts = torch.zeros(last.shape, device=device) if sampling.penalizes else None
     for step in range(max_new_tokens):
+        if counts is not None:
+            last = penalized(last, counts, sampling)
         chosen = next_tokens(last, sampling, generator)
+        if counts is not None:
+            counts[torch.arange(len(active), device=device), chosen] += 1
         if step == 0:
             result.timing.prefill_s = time.perf_counter() - started
             started = time.perf_counter()
@@ -122,6 +128,7 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
         if len(going) < len(active):
             cache.keep(going)
             chosen = chosen[going]
+            counts = None if counts is None else counts[going]
             active = [active[position] for position in going]
         last = model(chosen[:, None], cache)[:, -1]
     result.timing.decode_s = time.perf_counter() - started
