@@ -13,20 +13,25 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from tokenizers import Tokenizer
 
+from raytron.model.engine import (
+    LENGTH,
+    STOP,
+    Engine,
+    EngineLimits,
+    Event,
+    PromptError,
+    check_prompts,
+)
 from raytron.model.gpt import GPT
-from raytron.model.kv_cache import KVCache
-from raytron.model.sampling import Sampling, next_tokens, penalized
+from raytron.model.sampling import Sampling
 
-STOP, LENGTH = "stop", "length"  # why a sequence ended: an end token or stop string; a limit
 SAMPLE = Sampling()  # temperature 1, no filtering
-
-
-class PromptError(ValueError):
-    """A prompt the model cannot continue: empty, or as long as its context."""
+__all__ = ["LENGTH", "STOP", "PromptError", "TextGenerator", "check_prompts", "generate_ids"]
 
 
 @dataclass
@@ -59,20 +64,13 @@ class Generated:
     timing: Timing = field(default_factory=Timing)
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
-    for number, prompt in enumerate(prompts, 1):
-        if not 0 < len(prompt) < context:
-            raise PromptError(f"prompt {number} of {len(prompts)} has {len(prompt)} tokens; a "
-                              f"prompt needs 1 to {context - 1} (the model's context is "
-                              f"{context} tokens)")
-
-
 @torch.inference_mode()
 def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling = SAMPLE, end_ids: Sequence[int] = (),
                  seed: int | None = None,
                  on_token: Callable[[int, list[int]], bool] | None = None) -> Generated:
-    """Up to `max_new_tokens` for each prompt (a list of ids), decoded together.
+    """Up to `max_new_tokens` for each prompt (a list of ids), decoded together by an
+    engine sized for them (prompt `i` seeded with `seed + i`).
 
     An id in `end_ids` ends its sequence (and is not returned); so does `on_token(row,
     ids so far)` returning True (a stop string). Each sequence gives what it would alone.
@@ -81,58 +79,33 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
         raise ValueError(f"max_new_tokens must be 1 or more, not {max_new_tokens}")
     context = model.shape.max_seq_len
     check_prompts(prompts, context)
-    device = next(model.parameters()).device
-    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     lengths = [len(prompt) for prompt in prompts]
-    cache = KVCache(len(prompts), min(max(lengths) + max_new_tokens, context),
-                    model.shape.n_layers, model.shape.n_kv_heads, model.shape.head_dim,
-                    next(model.parameters()).dtype, device)
-    padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        padded[row, : len(prompt)] = torch.tensor(prompt)
-    ends = set(end_ids)
-    result = Generated([[] for _ in prompts], [LENGTH] * len(prompts))
+    engine = Engine(model, end_ids, EngineLimits(
+        max_num_seqs=len(prompts), max_model_len=min(max(lengths) + max_new_tokens, context),
+        token_budget=sum(lengths) + len(prompts)))  # every prompt prefilled in one step
+    errors: list[str] = []
+
+    def listener(event: Event) -> None:
+        if event.error:
+            errors.append(event.error)
+
+    requests = [engine.submit(prompt, max_new_tokens, sampling, listener,
+                              None if seed is None else seed + row,
+                              None if on_token is None else partial(on_token, row))
+                for row, prompt in enumerate(prompts)]
     started = time.perf_counter()
-    logits = model(padded.to(device), cache)
-    cache.set_lengths(lengths)  # the next tokens overwrite the padding
-    last = logits[torch.arange(len(prompts), device=device),
-                  torch.tensor(lengths, device=device) - 1]
-    active = list(range(len(prompts)))  # the prompt of each row still in the batch
-    # times each row generated each token, for the penalties
-    counts = torch.zeros(last.shape, device=device) if sampling.penalizes else None
-    for step in range(max_new_tokens):
-        if counts is not None:
-            last = penalized(last, counts, sampling)
-        chosen = next_tokens(last, sampling, generator)
-        if counts is not None:
-            counts[torch.arange(len(active), device=device), chosen] += 1
-        if step == 0:
-            result.timing.prefill_s = time.perf_counter() - started
-            started = time.perf_counter()
-        going = []
-        for position, token in enumerate(chosen.tolist()):
-            row = active[position]
-            if token in ends:
-                result.finish_reasons[row] = STOP
-                continue
-            ids = result.ids[row]
-            ids.append(token)
-            result.timing.new_tokens += 1
-            result.timing.decode_tokens += step > 0
-            if on_token is not None and on_token(row, ids):
-                result.finish_reasons[row] = STOP
-            elif len(ids) < max_new_tokens and lengths[row] + len(ids) < context:
-                going.append(position)
-        if not going:
-            break
-        if len(going) < len(active):
-            cache.keep(going)
-            chosen = chosen[going]
-            counts = None if counts is None else counts[going]
-            active = [active[position] for position in going]
-        last = model(chosen[:, None], cache)[:, -1]
-    result.timing.decode_s = time.perf_counter() - started
-    return result
+    engine.step()  # the prefill, and each sequence's first token
+    timing = Timing(prefill_s=time.perf_counter() - started)
+    first = engine.stats.generated_tokens
+    started = time.perf_counter()
+    engine.run_until_done()
+    if errors:
+        raise RuntimeError(errors[0])
+    timing.decode_s = time.perf_counter() - started
+    timing.new_tokens = engine.stats.generated_tokens
+    timing.decode_tokens = timing.new_tokens - first
+    return Generated([r.generated for r in requests], [r.finish_reason for r in requests],
+                     timing)
 
 
 @dataclass

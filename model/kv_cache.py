@@ -44,16 +44,31 @@ class LayerCache:
 class KVCache:
     def __init__(self, batch: int, max_len: int, n_layers: int, n_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device):
-        self.max_len = max_len
-        self.lengths = [0] * batch  # tokens cached per sequence
-        self.positions = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.hold([(torch.zeros(shape, dtype=dtype, device=device),
+                    torch.zeros(shape, dtype=dtype, device=device)) for _ in range(n_layers)],
+                  [0] * batch)
+
+    @classmethod
+    def over(cls, buffers: list[tuple[torch.Tensor, torch.Tensor]], lengths: list[int]
+             ) -> KVCache:
+        """A cache on buffers it does not own, (keys, values) per layer, each (batch,
+        kv_heads, max_len, head_dim), holding `lengths` tokens per sequence: the serving
+        engine's view of some of its slots for one forward."""
+        cache = cls.__new__(cls)
+        cache.hold(buffers, lengths)
+        return cache
+
+    def hold(self, buffers: list[tuple[torch.Tensor, torch.Tensor]], lengths: list[int]
+             ) -> None:
+        keys = buffers[0][0]
+        self.max_len = keys.shape[2]
+        self.lengths = list(lengths)  # tokens cached per sequence
+        self.positions = torch.zeros(len(lengths), 0, dtype=torch.long, device=keys.device)
         self.span = 0
         self.start: int | None = None  # the first new position, when all sequences share it
         self.mask: Mask = None  # which cached keys the new tokens see
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.layers = [LayerCache(self, torch.zeros(shape, dtype=dtype, device=device),
-                                  torch.zeros(shape, dtype=dtype, device=device))
-                       for _ in range(n_layers)]
+        self.layers = [LayerCache(self, k, v) for k, v in buffers]
 
     def advance(self, new: int, cos: torch.Tensor, sin: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:

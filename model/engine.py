@@ -1,0 +1,315 @@
+"""The decoding engine: requests come and go while a batch decodes (continuous batching).
+
+One KV cache is allocated for the engine's life: `max_num_seqs` slots of `max_len`
+positions each. At every step each running sequence decodes one token, and the waiting
+requests take the free slots in the same step; their prompts are prefilled in chunks
+under a per-step token budget, so a long prompt never holds up the sequences already
+decoding (each still gains a token every step). A finished, stopped or cancelled
+sequence frees its slot at once. Each request samples with its own parameters and its
+own seeded generator, so a seeded request gives the same tokens whatever it shares the
+batch with, and a greedy one exactly the tokens it gets alone.
+
+Plain PyTorch, no Ray: `step()` drives it in one thread (tests, `raytron generate`),
+`start()` runs the steps in a thread of their own (a server), and `on_event` hears each
+request's tokens and its end from that thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from raytron.model.gpt import GPT
+from raytron.model.kv_cache import KVCache
+from raytron.model.sampling import Sampling, next_tokens, penalized
+
+STOP, LENGTH = "stop", "length"  # an end token or stop string; max_tokens or the context
+CANCELLED, ERROR = "cancelled", "error"
+
+
+class PromptError(ValueError):
+    """A prompt the model cannot continue: empty, as long as its context, or holding an
+    id outside its vocabulary."""
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
+    for number, prompt in enumerate(prompts, 1):
+        if not 0 < len(prompt) < context:
+            raise PromptError(f"prompt {number} of {len(prompts)} has {len(prompt)} tokens; a "
+                              f"prompt needs 1 to {context - 1} (the model's context is "
+                              f"{context} tokens)")
+
+
+class QueueFull(RuntimeError):
+    """`max_waiting` requests already wait for a slot: come back later."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_num_seqs: int = 16  # slots: sequences decoded together
+    max_model_len: int | None = None  # positions per slot, prompt and output (None: the
+    # model's context)
+    token_budget: int = 512  # tokens a step computes: a token per decoding sequence, the
+    # rest prefill chunks
+    max_waiting: int = 256  # requests waiting for a slot; beyond, `submit` raises QueueFull
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be 1 or more, not {self.max_num_seqs}")
+        if self.token_budget <= self.max_num_seqs:
+            raise ValueError(f"token_budget ({self.token_budget}) must exceed max_num_seqs "
+                             f"({self.max_num_seqs}): with every slot decoding, a step "
+                             "must still prefill")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be 2 or more, not {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class Event:
+    """What `on_event` hears: a new token, or the end (with why, and the error if any)."""
+
+    token: int | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    on_event: Callable[[Event], None]
+    stops: Callable[[list[int]], bool] | None = None  # True once the output holds a stop
+    generator: torch.Generator | None = None
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens in the cache
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None  # from submission to the first token
+    counts: torch.Tensor | None = None  # (1, vocab): for penalties, the times of each token
+
+    @property
+    def cached(self) -> int:
+        """Positions of its slot holding its keys: the prompt's prefilled part, and every
+        generated token but the last (which the next decode step feeds)."""
+        return self.prefilled + max(0, len(self.generated) - 1)
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    generated_tokens: int = 0
+    prefilled_tokens: int = 0
+    finished: int = 0
+
+
+class Engine:
+    def __init__(self, model: GPT, end_ids: Sequence[int] = (),
+                 limits: EngineLimits = EngineLimits()):
+        self.model, self.end_ids, self.limits = model, set(end_ids), limits
+        shape = model.shape
+        self.max_len = min(limits.max_model_len or shape.max_seq_len, shape.max_seq_len)
+        weight = next(model.parameters())
+        self.device = weight.device
+        size = (limits.max_num_seqs, shape.n_kv_heads, self.max_len, shape.head_dim)
+        self.buffers = [(torch.zeros(size, dtype=weight.dtype, device=self.device),
+                         torch.zeros(size, dtype=weight.dtype, device=self.device))
+                        for _ in range(shape.n_layers)]
+        self.slots: list[Request | None] = [None] * limits.max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.admitted: list[Request] = []  # prefilling, in the order they came
+        self.lock = threading.Condition()
+        self.stats = EngineStats()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+
+    # --- requests (any thread) ---
+
+    def submit(self, prompt: Sequence[int], max_tokens: int, sampling: Sampling,
+               on_event: Callable[[Event], None], seed: int | None = None,
+               stops: Callable[[list[int]], bool] | None = None) -> Request:
+        """Queue a request; its events come from the engine's thread. Raises PromptError
+        for a prompt it cannot continue, QueueFull when too many wait."""
+        self.check_prompt(prompt)
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be 1 or more, not {max_tokens}")
+        generator = None if seed is None else \
+            torch.Generator(self.device).manual_seed(seed % 2**64)
+        request = Request(list(prompt), max_tokens, sampling, on_event, stops, generator)
+        with self.lock:
+            if len(self.waiting) >= self.limits.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting; retry later")
+            self.waiting.append(request)
+            self.lock.notify()
+        return request
+
+    def check_prompt(self, prompt: Sequence[int]) -> None:
+        check_prompts([prompt], self.max_len)
+        vocab = self.model.shape.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+            raise PromptError(f"a prompt's token ids must be integers from 0 to {vocab - 1}")
+
+    def cancel(self, request: Request) -> None:
+        """End the request at the next step (a client went away); its slot is freed."""
+        with self.lock:
+            request.cancelled = True
+            self.lock.notify()
+
+    # --- stepping (one thread) ---
+
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(slot is not None for slot in self.slots)
+
+    def run_until_done(self) -> None:
+        while self.busy():
+            self.step()
+
+    def start(self) -> None:
+        """Steps in a daemon thread of their own, whenever there is work."""
+        self.thread = threading.Thread(target=self.serve_forever, name="raytron-engine",
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+    def serve_forever(self) -> None:
+        while True:
+            with self.lock:
+                while not self.stopping and not self.busy():
+                    self.lock.wait()
+                if self.stopping:
+                    return
+            self.step()
+
+    def step(self) -> None:
+        """One iteration: cancelled requests leave, waiting ones take free slots, every
+        decoding sequence gains a token, and prefill chunks fill the rest of the budget."""
+        self.stats.steps += 1
+        self.admit()
+        decoding = [r for r in self.slots if r is not None and r.prefilled == len(r.prompt)]
+        ready: list[tuple[Request, torch.Tensor]] = []
+        if decoding:
+            try:
+                ready += zip(decoding, self.decode(decoding), strict=True)
+            except Exception as error:  # noqa: BLE001 (the model failed: these requests end)
+                for request in decoding:
+                    self.finish(request, ERROR, f"{type(error).__name__}: {error}")
+        budget = self.limits.token_budget - len(decoding)
+        for request in list(self.admitted):
+            if budget <= 0:
+                break
+            chunk = min(budget, len(request.prompt) - request.prefilled)
+            budget -= chunk
+            try:
+                logits = self.prefill(request, chunk)
+            except Exception as error:  # noqa: BLE001 (this request alone fails)
+                self.finish(request, ERROR, f"{type(error).__name__}: {error}")
+                continue
+            if request.prefilled == len(request.prompt):
+                self.admitted.remove(request)
+                ready.append((request, logits))
+        for request, logits in ready:
+            self.advance(request, logits)
+
+    def admit(self) -> None:
+        with self.lock:
+            for request in [r for r in self.slots if r is not None and r.cancelled]:
+                self.finish(request, CANCELLED)
+            for request in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(request)
+                self.finish(request, CANCELLED)
+            free = [index for index, slot in enumerate(self.slots) if slot is None]
+            while free and self.waiting:
+                request = self.waiting.popleft()
+                request.slot = free.pop(0)  # the lowest: decoding batches stay short
+                self.slots[request.slot] = request
+                self.admitted.append(request)
+
+    def view(self, first: int, stop: int, lengths: list[int]) -> KVCache:
+        return KVCache.over([(keys[first:stop], values[first:stop])
+                             for keys, values in self.buffers], lengths)
+
+    @torch.inference_mode()
+    def decode(self, decoding: list[Request]) -> torch.Tensor:
+        """One token for each decoding sequence: a forward over the slots up to the last
+        one in use (a view, no copy), which those between only pad; their rows write
+        keys where nothing reads them, and the next prefill chunk overwrites them."""
+        rows = max(request.slot for request in decoding) + 1
+        tokens = torch.zeros(rows, 1, dtype=torch.long)
+        lengths = [0] * rows
+        for slot in range(rows):
+            request = self.slots[slot]
+            if request is not None:
+                lengths[slot] = request.cached
+        for request in decoding:
+            tokens[request.slot, 0] = request.generated[-1]
+        logits = self.model(tokens.to(self.device), self.view(0, rows, lengths))[:, -1]
+        return logits[torch.tensor([request.slot for request in decoding],
+                                   device=self.device)]
+
+    @torch.inference_mode()
+    def prefill(self, request: Request, chunk: int) -> torch.Tensor:
+        """The next `chunk` prompt tokens into the request's slot; the logits of the
+        last one (the only ones a completion needs)."""
+        start = request.prefilled
+        tokens = torch.tensor([request.prompt[start : start + chunk]], device=self.device)
+        logits = self.model(tokens, self.view(request.slot, request.slot + 1, [start]),
+                            last_only=True)
+        request.prefilled += chunk
+        self.stats.prefilled_tokens += chunk
+        return logits[0, -1]
+
+    def advance(self, request: Request, logits: torch.Tensor) -> None:
+        """The request's next token, sampled its own way; it ends at an end token, a stop
+        string, max_tokens or the end of its slot. What fails here fails it alone."""
+        try:
+            logits = logits[None]
+            if request.sampling.penalizes:
+                if request.counts is None:  # the times it generated each token
+                    request.counts = torch.zeros_like(logits, dtype=torch.float32)
+                logits = penalized(logits, request.counts, request.sampling)
+            token = int(next_tokens(logits, request.sampling, request.generator))
+            if request.counts is not None:
+                request.counts[0, token] += 1
+            if request.first_token_s is None:
+                request.first_token_s = time.perf_counter() - request.submitted
+            if token in self.end_ids:
+                self.finish(request, STOP)
+                return
+            request.generated.append(token)
+            self.stats.generated_tokens += 1
+            request.on_event(Event(token=token))
+            if request.stops is not None and request.stops(request.generated):
+                self.finish(request, STOP)
+            elif len(request.generated) >= request.max_tokens or \
+                    len(request.prompt) + len(request.generated) >= self.max_len:
+                self.finish(request, LENGTH)
+        except Exception as error:  # noqa: BLE001 (a bad stop check or listener)
+            self.finish(request, ERROR, f"{type(error).__name__}: {error}")
+
+    def finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        if request.slot is not None and self.slots[request.slot] is request:
+            self.slots[request.slot] = None
+        if request in self.admitted:
+            self.admitted.remove(request)
+        request.finish_reason = reason
+        self.stats.finished += 1
+        try:
+            request.on_event(Event(finish_reason=reason, error=error))
+        except Exception:  # noqa: BLE001, S110 (a listener that fails hears no more)
+            pass
+
+    def slots_in_use(self) -> int:
+        return sum(slot is not None for slot in self.slots)
