@@ -70,10 +70,36 @@ class EngineLimits:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """A token, its log-probability under the model (before any sampling adjustment), and
+    the most likely tokens at its position with theirs (the token among them)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def scored(logits: torch.Tensor, token: int, top: int) -> Scored:
+    """`token`'s log-probability under (vocab,) `logits`, and the `top` most likely."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        values, ids = logprobs.topk(min(top, len(logprobs)))
+        best = list(zip(ids.tolist(), values.tolist(), strict=True))
+        if token not in ids.tolist():
+            best.append((token, float(logprobs[token])))
+    return Scored(token, float(logprobs[token]), tuple(best))
+
+
+@dataclass(frozen=True)
 class Event:
-    """What `on_event` hears: a new token, or the end (with why, and the error if any)."""
+    """What `on_event` hears: a new token (scored when the request asked for logprobs);
+    the prompt's scores (`echo`: None for its first token) once it is prefilled; or the
+    end, with why and the error if any."""
 
     token: int | None = None
+    scored: Scored | None = None
+    prompt: tuple[Scored | None, ...] | None = None
     finish_reason: str | None = None
     error: str | None = None
 
@@ -94,6 +120,9 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None  # from submission to the first token
     counts: torch.Tensor | None = None  # (1, vocab): for penalties, the times of each token
+    logprobs: int | None = None  # score each generated token, with this many top tokens
+    prompt_logprobs: int | None = None  # score the prompt's tokens (echo)
+    prompt_scores: list[Scored | None] = field(default_factory=lambda: [None])
 
     @property
     def cached(self) -> int:
@@ -134,15 +163,20 @@ class Engine:
 
     def submit(self, prompt: Sequence[int], max_tokens: int, sampling: Sampling,
                on_event: Callable[[Event], None], seed: int | None = None,
-               stops: Callable[[list[int]], bool] | None = None) -> Request:
-        """Queue a request; its events come from the engine's thread. Raises PromptError
-        for a prompt it cannot continue, QueueFull when too many wait."""
+               stops: Callable[[list[int]], bool] | None = None,
+               logprobs: int | None = None, prompt_logprobs: int | None = None) -> Request:
+        """Queue a request; its events come from the engine's thread. `logprobs`: score
+        each generated token with that many most likely ones; `prompt_logprobs`: score
+        the prompt's tokens too (then `max_tokens` may be 0: scoring alone). Raises
+        PromptError for a prompt it cannot continue, QueueFull when too many wait."""
         self.check_prompt(prompt)
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be 1 or more, not {max_tokens}")
+        if max_tokens < (0 if prompt_logprobs is not None else 1):
+            raise ValueError(f"max_tokens must be 1 or more (0 only to score a prompt), not "
+                             f"{max_tokens}")
         generator = None if seed is None else \
             torch.Generator(self.device).manual_seed(seed % 2**64)
-        request = Request(list(prompt), max_tokens, sampling, on_event, stops, generator)
+        request = Request(list(prompt), max_tokens, sampling, on_event, stops, generator,
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         with self.lock:
             if len(self.waiting) >= self.limits.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting; retry later")
@@ -206,22 +240,48 @@ class Engine:
             except Exception as error:  # noqa: BLE001 (the model failed: these requests end)
                 for request in decoding:
                     self.finish(request, ERROR, f"{type(error).__name__}: {error}")
-        budget = self.limits.token_budget - len(decoding)
-        for request in list(self.admitted):
+        prefilled = self.prefill_within(self.limits.token_budget - len(decoding))
+        for request, logits in ready + prefilled:
+            if request.max_tokens == 0:  # scored its prompt, generates nothing
+                self.finish(request, LENGTH)
+            else:
+                self.advance(request, logits)
+
+    def prefill_within(self, budget: int) -> list[tuple[Request, torch.Tensor]]:
+        """Prefill chunks of the admitted requests, in the order they came, up to `budget`
+        tokens; the requests whose prompt is now whole, with their last logits. Whole
+        prompts that start and end in this step go through together."""
+        chunks = []
+        for request in self.admitted:
             if budget <= 0:
                 break
             chunk = min(budget, len(request.prompt) - request.prefilled)
             budget -= chunk
+            chunks.append((request, chunk))
+        whole = [r for r, chunk in chunks if r.prefilled == 0 and chunk == len(r.prompt)
+                 and r.prompt_logprobs is None]
+        if len(whole) > 1:
+            try:
+                done = list(zip(whole, self.prefill_together(whole), strict=True))
+                chunks = [(r, chunk) for r, chunk in chunks if r not in whole]
+            except Exception:  # noqa: BLE001 (one at a time below: a bad one fails alone)
+                done = []
+        else:
+            done = []
+        for request, chunk in chunks:
             try:
                 logits = self.prefill(request, chunk)
             except Exception as error:  # noqa: BLE001 (this request alone fails)
                 self.finish(request, ERROR, f"{type(error).__name__}: {error}")
                 continue
             if request.prefilled == len(request.prompt):
-                self.admitted.remove(request)
-                ready.append((request, logits))
-        for request, logits in ready:
-            self.advance(request, logits)
+                done.append((request, logits))
+        for request, _ in done:
+            self.admitted.remove(request)
+            if request.prompt_logprobs is not None:
+                self.tell(request, Event(prompt=tuple(request.prompt_scores)))
+        return [(request, logits) for request, logits in done
+                if request.finish_reason is None]
 
     def admit(self) -> None:
         with self.lock:
@@ -265,17 +325,46 @@ class Engine:
         last one (the only ones a completion needs)."""
         start = request.prefilled
         tokens = torch.tensor([request.prompt[start : start + chunk]], device=self.device)
+        scoring = request.prompt_logprobs is not None  # then every position's logits
         logits = self.model(tokens, self.view(request.slot, request.slot + 1, [start]),
-                            last_only=True)
+                            logits_at=None if scoring else
+                            torch.tensor([chunk - 1], device=self.device))
+        if scoring:
+            following = request.prompt[start + 1 : start + chunk + 1]
+            request.prompt_scores += [scored(logits[0, index], token, request.prompt_logprobs)
+                                      for index, token in enumerate(following)]
         request.prefilled += chunk
         self.stats.prefilled_tokens += chunk
         return logits[0, -1]
+
+    @torch.inference_mode()
+    def prefill_together(self, requests: list[Request]) -> torch.Tensor:
+        """Whole prompts of requests admitted together, in one padded forward (a matmul
+        over all their tokens rather than one per prompt) into a cache of their own,
+        then copied into their slots; the logits of each one's last token."""
+        lengths = [len(request.prompt) for request in requests]
+        tokens = torch.zeros(len(requests), max(lengths), dtype=torch.long)
+        for row, request in enumerate(requests):
+            tokens[row, : lengths[row]] = torch.tensor(request.prompt)
+        keys = self.buffers[0][0]
+        scratch = KVCache(len(requests), max(lengths), len(self.buffers), keys.shape[1],
+                          keys.shape[3], keys.dtype, self.device)
+        logits = self.model(tokens.to(self.device), scratch,
+                            logits_at=torch.tensor(lengths, device=self.device) - 1)
+        for (keys, values), layer in zip(self.buffers, scratch.layers, strict=True):
+            for row, request in enumerate(requests):
+                keys[request.slot, :, : lengths[row]] = layer.keys[row, :, : lengths[row]]
+                values[request.slot, :, : lengths[row]] = layer.values[row, :, : lengths[row]]
+        for request in requests:
+            request.prefilled = len(request.prompt)
+        self.stats.prefilled_tokens += sum(lengths)
+        return logits[:, -1]
 
     def advance(self, request: Request, logits: torch.Tensor) -> None:
         """The request's next token, sampled its own way; it ends at an end token, a stop
         string, max_tokens or the end of its slot. What fails here fails it alone."""
         try:
-            logits = logits[None]
+            raw, logits = logits, logits[None]
             if request.sampling.penalizes:
                 if request.counts is None:  # the times it generated each token
                     request.counts = torch.zeros_like(logits, dtype=torch.float32)
@@ -283,6 +372,8 @@ class Engine:
             token = int(next_tokens(logits, request.sampling, request.generator))
             if request.counts is not None:
                 request.counts[0, token] += 1
+            score = None if request.logprobs is None else \
+                scored(raw, token, request.logprobs)
             if request.first_token_s is None:
                 request.first_token_s = time.perf_counter() - request.submitted
             if token in self.end_ids:
@@ -290,13 +381,20 @@ class Engine:
                 return
             request.generated.append(token)
             self.stats.generated_tokens += 1
-            request.on_event(Event(token=token))
+            request.on_event(Event(token=token, scored=score))
             if request.stops is not None and request.stops(request.generated):
                 self.finish(request, STOP)
             elif len(request.generated) >= request.max_tokens or \
                     len(request.prompt) + len(request.generated) >= self.max_len:
                 self.finish(request, LENGTH)
         except Exception as error:  # noqa: BLE001 (a bad stop check or listener)
+            self.finish(request, ERROR, f"{type(error).__name__}: {error}")
+
+    def tell(self, request: Request, event: Event) -> None:
+        """An event for a listener; a listener that fails ends its request."""
+        try:
+            request.on_event(event)
+        except Exception as error:  # noqa: BLE001
             self.finish(request, ERROR, f"{type(error).__name__}: {error}")
 
     def finish(self, request: Request, reason: str, error: str | None = None) -> None:

@@ -185,15 +185,16 @@ class GPT(nn.Module):
         self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, last_only: bool = False
+                positions: torch.Tensor | None = None, logits_at: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """Logits (batch, seq, vocab) for token ids (batch, seq); a stage without the
         embedding takes hidden states, one without the head returns them. With a `cache`,
         `tokens` continue each cached sequence (all of a prompt, then one at a time).
         With `positions` (batch, seq), each token's position in its own sample of a
         packed sequence: a sample starts at 0 and attends only within itself. With
-        `last_only`, the logits of the last position alone (batch, 1, vocab): a prompt's
-        prefill needs no others, and the head is a large matmul per position."""
+        `logits_at` (batch,), the logits of that position of each row alone (batch, 1,
+        vocab): a prompt's prefill needs only its last, and the head is a large matmul
+        per position."""
         x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         cos, sin, mask = self.rope_cos, self.rope_sin, CAUSAL
         if cache is not None:
@@ -204,8 +205,8 @@ class GPT(nn.Module):
             mask = Documents.of_positions(positions)
         for index, layer in self.layers.items():
             x = layer(x, cos, sin, mask, None if cache is None else cache.layers[int(index)])
-        if last_only:
-            x = x[:, -1:]
+        if logits_at is not None:
+            x = x[torch.arange(len(x), device=x.device), logits_at][:, None]
         if self.norm is not None:
             x = self.norm(x)
         return self.output(x) if self.output is not None else x

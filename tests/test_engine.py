@@ -6,6 +6,7 @@ and no slot leaks under any sequence of submissions, cancellations and steps."""
 import time
 
 import pytest
+import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -45,6 +46,8 @@ class Heard:
 
     def __call__(self, event: Event) -> None:
         assert self.end is None, "an event after the end"
+        if event.prompt is not None:
+            return
         if event.token is not None:
             self.tokens.append(event.token)
         else:
@@ -243,3 +246,39 @@ class SlotsNeverLeak(RuleBasedStateMachine):
 TestSlotsNeverLeak = SlotsNeverLeak.TestCase
 TestSlotsNeverLeak.settings = settings(max_examples=60, stateful_step_count=50,
                                        deadline=None)
+
+
+def test_logprobs_of_the_prompt_and_the_output_are_the_models_log_softmax(gpt):
+    """Scores as the OpenAI API gives them (echo: the prompt's tokens, the first without
+    one), computed from one forward over the whole text; the chosen token always among
+    the top ones, even where sampling picked an unlikely one."""
+    engine = Engine(gpt, limits=EngineLimits(max_num_seqs=2, token_budget=5))  # chunked
+    prompt, heard, prompts = PROMPTS[3], Heard(), []
+    scores: list = []
+
+    def listener(event: Event) -> None:
+        if event.prompt is not None:
+            prompts.append(event.prompt)
+        elif event.scored is not None:
+            scores.append(event.scored)
+        heard(event)
+
+    engine.submit(prompt, 6, Sampling(temperature=5.0), listener, seed=4, logprobs=2,
+                  prompt_logprobs=3)
+    scoring_only = Heard()
+    only = engine.submit(PROMPTS[0], 0, GREEDY, scoring_only, prompt_logprobs=0)
+    engine.run_until_done()
+    text = prompt + heard.tokens
+    with torch.no_grad():
+        expected = gpt(torch.tensor([text]))[0].log_softmax(-1)
+    (echo,) = prompts
+    assert echo[0] is None and len(echo) == len(prompt)
+    for position, score in enumerate([*echo[1:], *scores], start=1):
+        assert score.token == text[position]
+        assert score.logprob == pytest.approx(float(expected[position - 1, score.token]),
+                                              abs=1e-4)
+        assert score.token in dict(score.top)
+    assert all(len(s.top) in (3, 4) for s in echo[1:])
+    assert any(len(s.top) == 3 for s in scores)  # 2, and the unlikely token chosen
+    assert scoring_only.tokens == [] and scoring_only.end.finish_reason == LENGTH
+    assert only.generated == []
