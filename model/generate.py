@@ -68,9 +68,11 @@ class Generated:
 def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling = SAMPLE, end_ids: Sequence[int] = (),
                  seed: int | None = None,
-                 on_token: Callable[[int, list[int]], bool] | None = None) -> Generated:
-    """Up to `max_new_tokens` for each prompt (a list of ids), decoded together by an
-    engine sized for them (prompt `i` seeded with `seed + i`).
+                 on_token: Callable[[int, list[int]], bool] | None = None,
+                 batch_size: int | None = None) -> Generated:
+    """Up to `max_new_tokens` for each prompt (a list of ids), `batch_size` (default:
+    all) decoded together by an engine sized for them, each prompt taking the place of
+    one that ended (prompt `i` seeded with `seed + i`).
 
     An id in `end_ids` ends its sequence (and is not returned); so does `on_token(row,
     ids so far)` returning True (a stop string). Each sequence gives what it would alone.
@@ -80,9 +82,10 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
     context = model.shape.max_seq_len
     check_prompts(prompts, context)
     lengths = [len(prompt) for prompt in prompts]
-    engine = Engine(model, end_ids, EngineLimits(
-        max_num_seqs=len(prompts), max_model_len=min(max(lengths) + max_new_tokens, context),
-        token_budget=sum(lengths) + len(prompts)))  # every prompt prefilled in one step
+    slots = min(batch_size or len(prompts), len(prompts))
+    engine = Engine(model, end_ids, EngineLimits(  # the first batch prefilled in one step
+        max_num_seqs=slots, max_model_len=min(max(lengths) + max_new_tokens, context),
+        token_budget=sum(sorted(lengths)[-slots:]) + slots, max_waiting=len(prompts)))
     errors: list[str] = []
 
     def listener(event: Event) -> None:
@@ -138,24 +141,17 @@ class TextGenerator:
                  sampling: Sampling = SAMPLE, seed: int | None = None,
                  stop: Sequence[str] = (), batch_size: int = 8,
                  on_text: Callable[[int, str], None] | None = None) -> list[Generation]:
-        """Completions of `prompts`, `batch_size` decoded together. `on_text(index, text)`
-        receives each prompt's new text as it is generated."""
+        """Completions of `prompts`, `batch_size` decoded together (a prompt starts as
+        soon as one before it ends). `on_text(index, text)` receives each prompt's new
+        text as it is generated."""
         encoded = [self.encode(prompt) for prompt in prompts]
-        check_prompts(encoded, self.model.shape.max_seq_len)  # all, before any is generated
-        generations: list[Generation] = []
-        self.timing = Timing()
-        for start in range(0, len(prompts), batch_size):
-            batch = encoded[start : start + batch_size]
-            stream = TextStream(self.tokenizer, stop, on_text, start)
-            result = generate_ids(self.model, batch, max_new_tokens, sampling, self.end_ids,
-                                  None if seed is None else seed + start, stream.on_token)
-            self.timing.add(result.timing)
-            for row, (ids, reason) in enumerate(zip(result.ids, result.finish_reasons,
-                                                    strict=True)):
-                text = stream.finish(row, ids)
-                generations.append(Generation(prompts[start + row], text, ids, len(batch[row]),
-                                              reason))
-        return generations
+        stream = TextStream(self.tokenizer, stop, on_text)
+        result = generate_ids(self.model, encoded, max_new_tokens, sampling, self.end_ids,
+                              seed, stream.on_token, batch_size)
+        self.timing = result.timing
+        return [Generation(prompt, stream.finish(row, ids), ids, len(encoded[row]), reason)
+                for row, (prompt, ids, reason) in enumerate(zip(
+                    prompts, result.ids, result.finish_reasons, strict=True))]
 
 
 class TextStream:
@@ -163,9 +159,8 @@ class TextStream:
     once it can no longer turn into one (nor is half a UTF-8 character)."""
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str],
-                 on_text: Callable[[int, str], None] | None, offset: int):
+                 on_text: Callable[[int, str], None] | None):
         self.tokenizer, self.stop, self.on_text = tokenizer, list(stop), on_text
-        self.offset = offset  # the index of the batch's first prompt
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.sent: dict[int, int] = {}  # characters passed on, per row
         self.texts: dict[int, str] = {}
@@ -192,5 +187,5 @@ class TextStream:
     def send(self, row: int, text: str) -> None:
         sent = self.sent.get(row, 0)
         if self.on_text is not None and len(text) > sent:
-            self.on_text(self.offset + row, text[sent:])
+            self.on_text(row, text[sent:])
         self.sent[row] = max(sent, len(text))
