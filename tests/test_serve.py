@@ -1,7 +1,9 @@
 """The Ray Serve application against the official `openai` client, on 127.0.0.1: greedy
 text equals raytron's own generation, bad requests get a 400 and the server goes on, the
 API key is enforced, and concurrent requests decode together with the same results.
-Replicas ask Ray for the GPUs they use, and are placed by them."""
+No request breaks the server: each bound is a 4xx naming the field, a replica beyond its
+limit answers 429, a request past its time-out 504. Replicas ask Ray for the GPUs they
+use, and are placed by them."""
 
 import concurrent.futures
 import json
@@ -15,13 +17,22 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from openai import AuthenticationError, BadRequestError, OpenAI
+from openai import (
+    AuthenticationError,
+    BadRequestError,
+    InternalServerError,
+    OpenAI,
+    RateLimitError,
+)
 from pydantic import ValidationError
 
+from raytron.model.sampling import Sampling
 from raytron.pipelines.chat import render
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.models import load_model
 from raytron.platform.serving.command import replica_gpus
+from raytron.platform.serving.limits import Limits
+from raytron.platform.serving.requests import Job
 
 from model_runs import run_cli, small_model, small_tokenizer, write_run
 
@@ -63,6 +74,32 @@ def local(served):
     return load_model(served[0])
 
 
+@pytest.fixture(scope="module")
+def tight(served) -> str:
+    """The model again, at /tight: a replica that holds one request, for 2 s at most."""
+    from ray import serve
+
+    from raytron.platform.serving.app import build_app
+
+    serve.run(build_app(str(served[0]), "small", limits=Limits(1, 2.0)), name="tight",
+              route_prefix="/tight")
+    return served[1] + "/tight"
+
+
+def post(url: str, body: bytes, content_type: str | None = "application/json",
+         headers: dict | None = None) -> tuple[int, dict, dict]:
+    """(status, headers, JSON) of a POST with the key, raw bytes as the body."""
+    headers = {"Authorization": f"Bearer {KEY}", **(headers or {})}
+    if content_type:
+        headers["Content-Type"] = content_type
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, dict(answer.headers), json.loads(answer.read())
+    except urllib.error.HTTPError as refused:
+        return refused.code, dict(refused.headers), json.loads(refused.read())
+
+
 def test_completions_give_raytrons_greedy_text(client, local):
     response = client.completions.create(model="small", prompt=["The import", "A class"],
                                          max_tokens=12, temperature=0)
@@ -100,32 +137,136 @@ def test_streams_carry_the_same_text_and_end_with_a_reason(client, local):
                                       greedy=True)[0].text
 
 
-@pytest.mark.parametrize("request_body", [
-    {"model": "other", "prompt": "a"},
-    {"model": "small", "prompt": ""},
-    {"model": "small", "prompt": "a", "temperature": -1},
-    {"model": "small", "prompt": "a", "max_tokens": 128},
-    {"model": "small", "prompt": "word " * 200},
-    {"model": "small", "prompt": "a", "stop": [""]},
+@pytest.mark.parametrize(("fields", "param", "says"), [
+    ({"model": "other"}, "model", "is not served here"),
+    ({"prompt": ""}, "prompt", "non-empty"),
+    ({"temperature": -1}, "temperature", "at least 0 and at most 2, not -1"),
+    ({"temperature": 2.5}, "temperature", "at most 2"),
+    ({"top_p": 0}, "top_p", "more than 0 and at most 1"),
+    ({"max_tokens": 128}, "max_tokens", "at most 127"),
+    ({"max_tokens": 0}, "max_tokens", "at least 1"),
+    ({"max_tokens": 10**400}, "max_tokens", "(401 characters)"),
+    ({"prompt": "word " * 200}, "prompt", "the model's context is 128 tokens"),
+    ({"stop": [""]}, "stop", "up to 4 strings, each of 1 to 64 characters"),
+    ({"stop": list("abcde")}, "stop", "up to 4 strings"),
+    ({"stop": "x" * 65}, "stop", "1 to 64 characters"),
+    ({"seed": 2**64}, "seed", "at most 9223372036854775807"),
+    ({"n": 17}, "n", "at most 16"),
+    ({"n": 10**400}, "n", "at most 16"),
+    ({"prompt": ["a"] * 5000}, "prompt", "5000 completions; a request may ask for at most 64"),
+    ({"prompt": ["a"] * 8, "n": 9}, "prompt", "8 prompts x n 9"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "at least -2 and at most 2"),
+    ({"frequency_penalty": -3}, "frequency_penalty", "at least -2"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "at least 0.01"),
 ])
-def test_a_bad_request_gets_400_and_the_server_goes_on(client, request_body):
+def test_a_bad_request_gets_400_naming_the_field_and_the_server_goes_on(client, fields, param,
+                                                                        says):
     with pytest.raises(BadRequestError) as refused:
-        client.completions.create(**request_body)
+        client.completions.create(model="small", prompt="a", max_tokens=2, extra_body=fields)
     assert refused.value.status_code == 400
     assert refused.value.body["type"] == "invalid_request_error"
+    assert refused.value.body["param"] == param and says in refused.value.body["message"]
+    assert client.completions.create(model="small", prompt="a", max_tokens=2).choices
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "param", "says"), [
+    (b'{"prompt": "a", "temperature": NaN}', "application/json", 400, "temperature",
+     "not nan"),
+    (b'{"prompt": "a", "top_p": -Infinity}', "application/json", 400, "top_p", "not -inf"),
+    (b'{"prompt": "a", "presence_penalty": 1e400}', "application/json", 400,
+     "presence_penalty", "not inf"),
+    (b'{"prompt": "a\\ud800b"}', "application/json", 400, "prompt", "not valid Unicode"),
+    (b"[" * 100_000 + b"]" * 100_000, "application/json", 400, None, "nested too deeply"),
+    (b'{"prompt": "a", "n": ' + b"1" * 5000 + b"}", "application/json", 400, None,
+     "an integer has 5000 digits"),
+    (b'{"prompt": "' + b"a" * (1 << 20) + b'"}', "application/json", 413, None,
+     "1048576 bytes"),
+    (b"\xff{}", "application/json", 400, None, "not valid JSON"),
+    (b"[]", "application/json", 400, None, "a JSON object"),
+    (b'{"prompt": "a"}', "text/plain", 415, None, "Content-Type: application/json"),
+    (b'{"prompt": "a"}', None, 415, None, "Content-Type: application/json"),
+])
+def test_no_body_breaks_the_server(served, client, body, content_type, status, param, says):
+    """What the client library would not send: each a 4xx, never a 500."""
+    code, _, answer = post(served[1] + "/v1/completions", body, content_type)
+    assert (code, answer["error"]["type"]) == (status, "invalid_request_error")
+    assert answer["error"]["param"] == param and says in answer["error"]["message"]
+    assert client.completions.create(model="small", prompt="a", max_tokens=2).choices
+
+
+def test_no_cors_header_is_sent(served):
+    """A web page's script may not read the answers: no Access-Control-Allow-Origin."""
+    code, headers, _ = post(served[1] + "/v1/completions",
+                            b'{"prompt": "a", "max_tokens": 2}',
+                            headers={"Origin": "http://example.com"})
+    assert code == 200
+    assert not any(name.lower().startswith("access-control-") for name in headers)
+
+
+def test_a_tiny_temperature_is_greedy_and_penalties_apply(client, local):
+    """1e-39 once divided the logits into infinities; the penalties give what raytron's
+    own generation gives with them (and not the greedy repeats)."""
+    prompts = ["The import", "A class"]
+    response = client.completions.create(model="small", prompt=prompts, max_tokens=12,
+                                         temperature=1e-39)
+    greedy = local.generate(prompts, max_new_tokens=12, greedy=True)
+    assert [c.text for c in response.choices] == [g.text for g in greedy]
+    penalties = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "repetition_penalty": 1.3}
+    response = client.completions.create(model="small", prompt=prompts, max_tokens=12,
+                                         temperature=0, extra_body=penalties)
+    expected = local.generator.generate(prompts, 12, Sampling(temperature=0, **penalties))
+    assert [c.text for c in response.choices] == [g.text for g in expected]
+    assert [g.text for g in expected] != [g.text for g in greedy]
+
+
+def test_a_job_that_fails_in_generation_fails_alone(local):
+    """A batch that fails is generated job by job: the failing one gets its exception,
+    its batch-mates their text (a prompt longer than the context fails the batch)."""
+    from raytron.model.generate import PromptError
+    from raytron.platform.serving.app import generate_together
+
+    def job(prompt: str) -> Job:
+        return Job(prompt, 6, Sampling(temperature=0))
+
+    results = generate_together(local.generator,
+                                [job("The import"), job("word " * 200), job("A class")])
+    assert isinstance(results[1], PromptError)
+    assert [results[0].text, results[2].text] == [
+        g.text for g in local.generate(["The import", "A class"], 6, greedy=True)]
+
+
+def test_a_full_replica_answers_429_and_a_slow_request_504(tight):
+    """The replica at /tight holds one request: one whose body never comes holds it; the
+    next gets a 429 with Retry-After, the held one a 504 after 2 s, then all is served."""
+    port = int(tight.split(":")[-1].split("/")[0])
+    client = OpenAI(base_url=tight + "/v1", api_key="none", max_retries=0)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as held:
+        held.sendall(b"POST /tight/v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        deadline, refused = time.time() + 1.5, None  # the held one reaches the replica
+        while refused is None and time.time() < deadline:
+            try:
+                client.completions.create(model="small", prompt="a", max_tokens=1)
+            except RateLimitError as error:
+                refused = error
+            except InternalServerError as error:  # Serve's 503: the proxy's queue (of one)
+                assert error.status_code == 503  # holds the held one until it is routed
+        assert refused is not None, "no 429 while a request was held"
+        assert refused.response.headers["retry-after"] == "1"
+        assert "--max-queued" in refused.body["message"]
+        assert held.recv(4096).startswith(b"HTTP/1.1 504")
     assert client.completions.create(model="small", prompt="a", max_tokens=2).choices
 
 
 def test_invalid_json_gets_400_and_the_key_is_enforced(served, client):
     base = served[1]
-    request = urllib.request.Request(base + "/v1/completions", data=b"{not json",
-                                     headers={"Authorization": f"Bearer {KEY}"}, method="POST")
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(request, timeout=30)
-    assert refused.value.code == 400
-    assert "error" in json.loads(refused.value.read())
+    code, _, answer = post(base + "/v1/completions", b"{not json")
+    assert code == 400 and "not valid JSON" in answer["error"]["message"]
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=base + "/v1", api_key=KEY + "x", max_retries=0).completions.create(
+            model="small", prompt="a", max_tokens=2)
     assert [m.id for m in client.models.list().data] == ["small"]
     with urllib.request.urlopen(base + "/health", timeout=30) as health:
         assert health.status == 200
@@ -143,23 +284,31 @@ def test_concurrent_requests_decode_together_and_give_what_each_gives_alone(clie
     assert texts == [g.text for g in local.generate(prompts, 10, greedy=True, batch_size=1)]
 
 
-def test_raytron_serve_runs_in_the_foreground_and_stops_on_ctrl_c(served, tmp_path):
+def test_raytron_serve_runs_in_the_foreground_and_stops_on_ctrl_c(served, tmp_path,
+                                                                   monkeypatch):
+    """On a Ray of its own (the tests' Ray is on this machine too), quietly: no Ray
+    tracebacks when it stops, no "Connecting to existing Serve app"."""
     import queue
     import signal
-    import subprocess
-    import sys
     import threading
 
     code, _, err = run_cli("serve", str(tmp_path), "--port", "1")
     assert code == 2 and "is no model" in err  # refused before Ray starts
+    monkeypatch.setenv("RAYTRON_API_KEY", KEY)  # the other server answers with its key
+    taken = served[1].rsplit(":", 1)[1]
+    code, _, err = run_cli("serve", str(served[0]), "--port", taken)
+    assert code == 2, err
+    assert f"port {taken} on 127.0.0.1 is taken by another raytron serve (model small)" in err
+    monkeypatch.delenv("RAYTRON_API_KEY")
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "raytron.platform.cli", "serve",
                                 str(served[0]), "--name", "cli", "--port", str(port),
                                 "--max-replicas", "2"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout],
-                     daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout],
+                              daemon=True)
+    reader.start()
     output = []
     try:
         while not output or "Ctrl-C stops it" not in output[-1]:
@@ -169,7 +318,12 @@ def test_raytron_serve_runs_in_the_foreground_and_stops_on_ctrl_c(served, tmp_pa
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=120)
+    reader.join(timeout=30)
+    while not lines.empty():
+        output.append(lines.get())
     assert process.returncode == 0, "".join(output)
+    for noise in ("Traceback", "graceful_shutdown", "Connecting to existing", "(raylet)"):
+        assert noise not in "".join(output), "".join(output)
     assert any(f"at http://127.0.0.1:{port}/v1 with 1-2 (autoscaled)" in line
                for line in output)
     code, _, err = run_cli("serve", str(served[0]), "--replicas", "2", "--max-replicas", "3")
@@ -225,7 +379,8 @@ def test_serves_own_builder_takes_the_application_and_its_arguments(served, monk
         application, {"source": str(served[0]), "max_batch_size": "4", "max_replicas": "3"})
     assert isinstance(app, Application)
     deployment = app._bound_deployment
-    assert deployment.init_args == (str(served[0]), "served", "from-the-environment", 4, None)
+    assert deployment.init_args == (str(served[0]), "served", "from-the-environment", 4, None,
+                                    Limits())
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
     # the tests' Ray declares no GPU: no GPU by default, Serve's one CPU kept
     assert deployment.ray_actor_options == {"num_gpus": 0, "num_cpus": 1}

@@ -1,7 +1,10 @@
 """`raytron serve`: the serving application on a local Ray or the cluster's, in the
-foreground (Ctrl-C stops it) or left running with --detach."""
+foreground (Ctrl-C stops it) or left running with --detach. What can be refused is
+refused before Ray starts: an empty key, a server other machines reach without one, a
+port that is taken."""
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -10,29 +13,41 @@ from pathlib import Path
 
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.models.commands import SOURCE_HELP, checked
+from raytron.platform.serving.access import API_KEY_VARIABLE, checked_key, loopback
 from raytron.platform.serving.gpus import default_gpus, gpus_problem
+from raytron.platform.serving.limits import DEFAULT_LIMITS, Limits
+from raytron.platform.serving.port import port_problem
+from raytron.platform.serving.requests import MAX_BODY_BYTES, MAX_N, MAX_SEQUENCES, MAX_STOP
 
 APP_NAME = "raytron"
-API_KEY_VARIABLE = "RAYTRON_API_KEY"  # also read by app.application
+BODY_MIB = MAX_BODY_BYTES >> 20
 
 SERVE_EPILOG = f"""\
 Routes (OpenAI-compatible): POST /v1/completions, POST /v1/chat/completions (with the
 model's chat template), GET /v1/models, GET /health. Fields: model, prompt (string or
-list), messages, max_tokens, temperature, top_p, seed, stop, n, stream (server-sent
-events). Concurrent requests are decoded together on each replica (--max-batch-size);
---max-replicas autoscales. Each replica asks Ray for --num-gpus GPUs, so that Ray places
-replicas on GPUs no one else holds. Each request is one line of the replica's log; --mlflow
-also logs request metrics every 10 s.
+list), messages, max_tokens, temperature (0 to 2; below 1e-5: greedy), top_p, seed
+(64-bit), stop (up to {MAX_STOP} strings), n (up to {MAX_N}), stream (server-sent events),
+presence_penalty and frequency_penalty (-2 to 2), repetition_penalty (0.01 to 10). A
+request may hold {BODY_MIB} MiB and ask for {MAX_SEQUENCES} completions (prompts x n); what is
+beyond a limit gets a 400 (413) naming it. Concurrent requests are decoded together on
+each replica (--max-batch-size); one beyond --max-queued gets a 429 with Retry-After,
+one longer than --request-timeout-s a 504. --max-replicas autoscales. Each replica asks
+Ray for --num-gpus GPUs, so that Ray places replicas on GPUs no one else holds. Each
+request is one line of the replica's log; --mlflow also logs request metrics every 10 s.
 
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{{"model": "tiny", "prompt": "A class", "max_tokens": 20}}'
 
 The API key may come from ${API_KEY_VARIABLE} instead of --api-key (which other users
-of the machine can see in its process list). Ray: joins $RAY_ADDRESS when set, otherwise
-starts a local Ray that lives as long as this command (--detach needs a cluster:
-`ray start --head`). For `serve run` and a KubeRay RayService the application is
+of the machine can see in its process list); set and empty, it is refused. A --host
+other machines reach needs a key (or --allow-unauthenticated); put TLS in front of it
+(a reverse proxy or a load balancer): the key crosses the network in every request.
+Ray: joins $RAY_ADDRESS when set, otherwise starts a local Ray of its own that lives as
+long as this command (--detach needs a cluster: `ray start --head`); a port that is
+taken is refused before. For `serve run` and a KubeRay RayService the application is
 raytron.platform.serving.app:application, with arguments source, name, max_batch_size,
-replicas, min_replicas, max_replicas, target_ongoing_requests, tracking_uri, num_gpus:
+replicas, min_replicas, max_replicas, target_ongoing_requests, tracking_uri, num_gpus,
+max_queued, request_timeout_s:
 
   serve run raytron.platform.serving.app:application source=runs/tiny max_batch_size=16"""
 
@@ -65,6 +80,17 @@ def add_serve_arguments(command: argparse.ArgumentParser) -> None:
                          help="port to listen on (default 8000)")
     command.add_argument("--api-key", metavar="KEY",
                          help=f"require Authorization: Bearer KEY (or set ${API_KEY_VARIABLE})")
+    command.add_argument("--allow-unauthenticated", action="store_true",
+                         help="serve a --host other than a loopback address without a key "
+                              "(anyone who reaches it can use it)")
+    command.add_argument("--max-queued", type=checked(int, 1),
+                         default=DEFAULT_LIMITS.max_queued, metavar="N",
+                         help="requests a replica holds at once, generating or waiting; one "
+                              f"more gets a 429 (default {DEFAULT_LIMITS.max_queued})")
+    command.add_argument("--request-timeout-s", type=checked(float, 0, 86400, above=True),
+                         default=DEFAULT_LIMITS.request_timeout_s, metavar="S",
+                         help="a request that takes longer gets a 504 (default "
+                              f"{DEFAULT_LIMITS.request_timeout_s:g})")
     command.add_argument("--detach", action="store_true",
                          help="leave the application running in the cluster and return")
     command.add_argument("--mlflow", action="store_true",
@@ -121,6 +147,22 @@ def serving_tracking_uri(args: argparse.Namespace, source) -> str | None:
     return uri
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    """--api-key or $RAYTRON_API_KEY; refused when empty, and when missing for a --host
+    that other machines reach, unless --allow-unauthenticated."""
+    try:
+        key = checked_key(args.api_key, "--api-key") if args.api_key is not None else \
+            checked_key(os.environ.get(API_KEY_VARIABLE))
+    except ValueError as error:
+        raise ConfigError([f"{error}."]) from None
+    if key is None and not loopback(args.host) and not args.allow_unauthenticated:
+        raise ConfigError([f"--host {args.host} lets other machines reach the server, and no "
+                           f"API key is given. Fix: set ${API_KEY_VARIABLE} (and put TLS in "
+                           "front), or give --allow-unauthenticated to serve anyone who "
+                           "reaches it."])
+    return key
+
+
 def stop_on_terminate(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -133,6 +175,7 @@ def serve_command(args: argparse.Namespace) -> int:
         raise ConfigError([f"{args.source} has no tokenizer.json, which serving needs. Fix: "
                            "save the tokenizer beside the model."])
     address = os.environ.get("RAY_ADDRESS")
+    address = None if address in ("", "local") else address  # Ray's "local": start one
     if args.detach and not address:
         raise ConfigError(["--detach leaves the application in a Ray cluster, and none is "
                            "given. Fix: `ray start --head`, then set RAY_ADDRESS=auto (or run "
@@ -140,24 +183,34 @@ def serve_command(args: argparse.Namespace) -> int:
     autoscaling = autoscaling_config(args)
     tracking_uri = serving_tracking_uri(args, source)
     name = args.name or (source.run_dir or source.path).resolve().name
+    key = api_key(args)
+    # A local Ray is this command's own, and so is the port: a Ray found on the machine
+    # (another `raytron serve`'s, a training's) is never joined. A cluster's Serve may
+    # hold the port already (the application is then replaced).
+    problem = None if address else port_problem(args.host, args.port, key)
+    if problem:
+        raise ConfigError([problem])
     import ray
     from ray import serve
 
     from raytron.platform.serving.app import build_app
 
-    ray.init(address=address, include_dashboard=False if not address else None,
+    ray.init(address=address or "local", include_dashboard=False if not address else None,
              log_to_driver=False)
+    # Serve's driver lines repeat what the line below says ("Connecting to existing Serve
+    # app ... New http_options will not be applied": serve.run starts Serve again)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     gpus = replica_gpus(args.num_gpus, ray.cluster_resources().get("GPU", 0))
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(str(Path(args.source).resolve()), name,
-                        args.api_key or os.environ.get(API_KEY_VARIABLE), args.max_batch_size,
-                        args.replicas, autoscaling, tracking_uri, gpus),
+    serve.run(build_app(str(Path(args.source).resolve()), name, key, args.max_batch_size,
+                        args.replicas, autoscaling, tracking_uri, gpus,
+                        Limits(args.max_queued, args.request_timeout_s)),
               name=APP_NAME, route_prefix="/")
     replicas = f"{args.min_replicas}-{args.max_replicas} (autoscaled)" if autoscaling \
         else str(args.replicas)
     device = f"{gpus:g} GPU each" if gpus else "on CPUs"
     print(f"Serving '{name}' ({source.describe()}) at http://{args.host}:{args.port}/v1 "
-          f"with {replicas} replica(s), {device}{'; API key required' if args.api_key else ''}"
+          f"with {replicas} replica(s), {device}{'; API key required' if key else ''}"
           f"{'; request metrics to MLflow' if tracking_uri else ''}.", flush=True)
     if args.detach:
         print(f"Left running in the cluster; stop it with `serve delete {APP_NAME}`.")
@@ -171,5 +224,19 @@ def serve_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("Stopping.", file=sys.stderr)
     finally:
-        serve.shutdown()
+        stop(bool(address))
     return 0
+
+
+def stop(in_a_cluster: bool) -> None:
+    """The application deleted (its requests finish first); a local Ray then ends with
+    this process. Not serve.shutdown(): the controller it kills reports the killing as
+    a failed task on the console, and in a cluster it would stop every application."""
+    from ray import serve
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: no traceback mid-way
+    serve.delete(APP_NAME)
+    if not in_a_cluster:
+        import ray
+
+        ray.shutdown()
