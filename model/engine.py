@@ -69,6 +69,9 @@ class EngineLimits:
             raise ValueError(f"max_model_len must be 2 or more, not {self.max_model_len}")
 
 
+DEFAULT_LIMITS = EngineLimits()
+
+
 @dataclass(frozen=True)
 class Scored:
     """A token, its log-probability under the model (before any sampling adjustment), and
@@ -141,7 +144,7 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: GPT, end_ids: Sequence[int] = (),
-                 limits: EngineLimits = EngineLimits()):
+                 limits: EngineLimits = DEFAULT_LIMITS):
         self.model, self.end_ids, self.limits = model, set(end_ids), limits
         shape = model.shape
         self.max_len = min(limits.max_model_len or shape.max_seq_len, shape.max_seq_len)

@@ -26,13 +26,13 @@ from openai import (
 )
 from pydantic import ValidationError
 
+from raytron.model.engine import EngineLimits
 from raytron.model.sampling import Sampling
 from raytron.pipelines.chat import render
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.models import load_model
 from raytron.platform.serving.command import replica_gpus
 from raytron.platform.serving.limits import Limits
-from raytron.platform.serving.requests import Job
 
 from model_runs import run_cli, small_model, small_tokenizer, write_run
 
@@ -219,20 +219,83 @@ def test_a_tiny_temperature_is_greedy_and_penalties_apply(client, local):
     assert [g.text for g in expected] != [g.text for g in greedy]
 
 
-def test_a_job_that_fails_in_generation_fails_alone(local):
-    """A batch that fails is generated job by job: the failing one gets its exception,
-    its batch-mates their text (a prompt longer than the context fails the batch)."""
-    from raytron.model.generate import PromptError
-    from raytron.platform.serving.app import generate_together
+def test_token_id_prompts_echo_and_logprobs_are_the_models_own(client, local):
+    """lm-evaluation-harness's way of scoring: token ids in, echo with max_tokens 0 and
+    logprobs 1 out; each token's logprob is the model's log-softmax, the first null."""
+    import torch
 
-    def job(prompt: str) -> Job:
-        return Job(prompt, 6, Sampling(temperature=0))
+    ids = [local.generator.encode("The import statement"), local.generator.encode("x = 1")]
+    scored = client.completions.create(model="small", prompt=ids, max_tokens=0, echo=True,
+                                       logprobs=1)
+    for prompt, choice in zip(ids, scored.choices, strict=True):
+        with torch.no_grad():
+            expected = local.model(torch.tensor([prompt]))[0].log_softmax(-1)
+        lp = choice.logprobs
+        assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(prompt)
+        assert lp.token_logprobs[1:] == pytest.approx(
+            [float(expected[i, t]) for i, t in enumerate(prompt[1:])], abs=1e-4)
+        assert all(len(top) in (1, 2) for top in lp.top_logprobs[1:])
+        assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+        assert choice.text == local.tokenizer.decode(prompt)
+    generated = client.completions.create(model="small", prompt=ids[0], max_tokens=5,
+                                          temperature=0, logprobs=2)
+    greedy = local.generate(["The import statement"], 5, greedy=True)[0]
+    assert generated.choices[0].text == greedy.text
+    tokens = generated.choices[0].logprobs
+    assert len(tokens.token_logprobs) == 5 and all(
+        max(top.values()) == pytest.approx(chosen) for top, chosen in  # greedy: the top one
+        zip(tokens.top_logprobs, tokens.token_logprobs, strict=True))
+    chat = client.chat.completions.create(model="small", max_tokens=3, temperature=0,
+                                          messages=[{"role": "user", "content": "hi"}],
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(entry.top_logprobs) in (2, 3) for entry in content)
 
-    results = generate_together(local.generator,
-                                [job("The import"), job("word " * 200), job("A class")])
-    assert isinstance(results[1], PromptError)
-    assert [results[0].text, results[2].text] == [
-        g.text for g in local.generate(["The import", "A class"], 6, greedy=True)]
+
+def test_tokenize_and_detokenize_as_vllm_does(served, local):
+    base = served[1]
+    code, _, answer = post(base + "/tokenize", json.dumps({"prompt": "A class"}).encode())
+    assert code == 200 and answer["tokens"] == local.generator.encode("A class")
+    assert answer["count"] == len(answer["tokens"]) and answer["max_model_len"] == 128
+    code, _, answer = post(base + "/detokenize", json.dumps(
+        {"tokens": answer["tokens"]}).encode())
+    assert code == 200 and answer["prompt"].endswith("A class")
+    code, _, answer = post(base + "/detokenize", json.dumps({"tokens": [10**6]}).encode())
+    assert code == 400 and answer["error"]["param"] == "tokens"
+
+
+def test_a_client_that_leaves_frees_its_slot_and_health_answers_meanwhile(served, client):
+    """A stream of 100 tokens, abandoned after its first pieces: its sequence leaves the
+    engine; /health answers in under 100 ms while a long decode runs."""
+    stats = served[1] + "/stats"
+
+    def running() -> int:
+        request = urllib.request.Request(stats, headers={"Authorization": f"Bearer {KEY}"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return json.loads(answer.read())["running"]
+
+    stream = client.completions.create(model="small", prompt="The", max_tokens=100,
+                                       temperature=0, stream=True, extra_body={
+                                           "repetition_penalty": 1.3})
+    next(iter(stream))
+    started = time.perf_counter()
+    with urllib.request.urlopen(served[1] + "/health", timeout=30) as health:
+        assert health.status == 200
+    assert time.perf_counter() - started < 0.1
+    assert running() == 1
+    stream.close()
+    deadline = time.time() + 10
+    while running() and time.time() < deadline:
+        time.sleep(0.05)
+    assert running() == 0
+
+
+def test_usage_comes_last_in_a_stream_when_asked_for(client):
+    chunks = list(client.completions.create(model="small", prompt=["a", "b"], max_tokens=4,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert all(chunk.usage is None for chunk in chunks[:-1])
 
 
 def test_a_full_replica_answers_429_and_a_slow_request_504(tight):
@@ -376,11 +439,11 @@ def test_serves_own_builder_takes_the_application_and_its_arguments(served, monk
 
     monkeypatch.setenv("RAYTRON_API_KEY", "from-the-environment")
     app = call_user_app_builder_with_args_if_necessary(
-        application, {"source": str(served[0]), "max_batch_size": "4", "max_replicas": "3"})
+        application, {"source": str(served[0]), "max_num_seqs": "4", "max_replicas": "3"})
     assert isinstance(app, Application)
     deployment = app._bound_deployment
-    assert deployment.init_args == (str(served[0]), "served", "from-the-environment", 4, None,
-                                    Limits())
+    assert deployment.init_args == (str(served[0]), "served", "from-the-environment",
+                                    EngineLimits(4), None, Limits())
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
     # the tests' Ray declares no GPU: no GPU by default, Serve's one CPU kept
     assert deployment.ray_actor_options == {"num_gpus": 0, "num_cpus": 1}

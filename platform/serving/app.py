@@ -1,7 +1,10 @@
 """`raytron serve`'s Ray Serve application: a model behind OpenAI's completion routes.
 
-Each replica loads the model once; concurrent requests are gathered by `serve.batch`
-and decoded together (requests with the same sampling settings share one batch).
+Each replica loads the model once and runs one decoding engine (`model/engine.py`) in a
+thread of its own: every request, streamed or not, is submitted to it and decoded in its
+one batch, which requests join and leave at every step; handlers only parse, wait on
+the engine's events and answer, so `/health` and every stream stay responsive while it
+decodes. A client that leaves cancels its sequences.
 Whatever a client sends is answered: 401 without the key, 415 for a body that is not
 JSON (a web page can post text/plain to a local server, never JSON without CORS, and no
 CORS header is sent), 429 beyond the replica's limit, 413 and 400 for what the request
@@ -13,10 +16,7 @@ its own, its batch-mates go on.
 import asyncio
 import json
 import os
-import threading
 import time
-import uuid
-from collections import defaultdict
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -24,8 +24,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 from ray import serve
 
-from raytron.model.generate import PromptError, TextGenerator, check_prompts
+from raytron.model.engine import DEFAULT_LIMITS as DEFAULT_ENGINE
+from raytron.model.engine import Engine, EngineLimits, PromptError, QueueFull
 from raytron.platform.serving.access import API_KEY_VARIABLE, authorized, checked_key
+from raytron.platform.serving.completions import Completions, Finished
+from raytron.platform.serving.engine_stats import EngineStats
 from raytron.platform.serving.gpus import (
     cluster_gpus,
     default_gpus,
@@ -41,12 +44,14 @@ from raytron.platform.serving.limits import (
 from raytron.platform.serving.metrics import RequestMetrics, Served, logger
 from raytron.platform.serving.requests import (
     MAX_BODY_BYTES,
+    MAX_SEQUENCES,
     BadRequest,
-    Job,
     ParsedRequest,
+    Prompt,
     parse,
     read_json,
 )
+from raytron.platform.serving.responses import Bodies
 
 api = FastAPI(title="raytron")
 
@@ -73,10 +78,6 @@ async def body_bytes(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-class Stopped(Exception):
-    """A streamed generation whose client left or whose time ran out."""
-
-
 class HeldStream(StreamingResponse):
     """A stream that gives its request's place back when it ends, however it ends."""
 
@@ -91,20 +92,6 @@ class HeldStream(StreamingResponse):
             self.release()
 
 
-def generate_together(generator: TextGenerator, jobs: list[Job]) -> list:
-    """The generations of `jobs` (alike but for their prompts), decoded together; should
-    that fail, each job alone, so that one that fails (its exception in its place) fails
-    alone."""
-    job = jobs[0]
-    try:
-        return generator.generate([j.prompt for j in jobs], job.max_tokens, job.sampling,
-                                  job.seed, job.stop, batch_size=len(jobs))
-    except Exception as failure:
-        if len(jobs) == 1:
-            return [failure]
-        return [generate_together(generator, [j])[0] for j in jobs]
-
-
 def sse(value: dict) -> str:
     """A server-sent event. (Defined before the deployment: Ray Serve pickles the class
     where it is decorated, with only the names defined by then.)"""
@@ -115,7 +102,7 @@ def sse(value: dict) -> str:
 @serve.ingress(api)
 class ModelServer:
     def __init__(self, source: str, name: str, api_key: str | None = None,
-                 max_batch_size: int = 8, tracking_uri: str | None = None,
+                 engine: EngineLimits = DEFAULT_ENGINE, tracking_uri: str | None = None,
                  limits: Limits = DEFAULT_LIMITS):
         from raytron.platform.models.loading import load_model
 
@@ -124,9 +111,13 @@ class ModelServer:
         self.metrics = RequestMetrics(name, tracking_uri)
         self.name, self.limits = name, limits
         self.admission = Admission(limits.max_queued)
-        self.context = self.loaded.model.shape.max_seq_len
+        self.engine = Engine(self.loaded.model, self.loaded.generator.end_ids, EngineLimits(
+            engine.max_num_seqs, engine.max_model_len, engine.token_budget,
+            max_waiting=limits.max_queued * MAX_SEQUENCES))  # what admission lets in
+        self.engine.start()
+        self.stats = EngineStats(self.engine, name)
+        self.context = self.engine.max_len
         self.created = int(time.time())
-        self.generate_batch.set_max_batch_size(max_batch_size)
 
     def refused(self, request: Request) -> "JSONResponse | None":
         if self.api_key is not None and \
@@ -147,18 +138,92 @@ class ModelServer:
                          "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
         return None
 
-    async def parsed(self, request: Request, chat: bool) -> ParsedRequest:
+    async def parsed(self, request: Request, chat: bool
+                     ) -> tuple[ParsedRequest, list[list[int]]]:
+        """The request, and each completion's prompt as ids."""
         parsed = parse(read_json(await body_bytes(request)), self.name, self.context, chat)
+        encoded = {index: self.encoded(prompt) for index, prompt in enumerate(parsed.prompts)}
+        per_prompt = len(parsed.jobs) // len(parsed.prompts)  # n
+        return parsed, [encoded[index // per_prompt] for index in range(len(parsed.jobs))]
+
+    def encoded(self, prompt: Prompt) -> list[int]:
+        ids = self.loaded.generator.encode(prompt) if isinstance(prompt, str) else prompt
         try:
-            check_prompts([self.loaded.generator.encode(p) for p in parsed.prompts],
-                          self.context)
+            self.engine.check_prompt(ids)
         except PromptError as problem:
-            raise BadRequest(str(problem), "messages" if chat else "prompt") from None
-        return parsed
+            raise BadRequest(str(problem), "prompt") from None
+        return ids
+
+    def echoed(self, parsed: ParsedRequest) -> list[str]:
+        """Each completion's echoed prompt text (empty without echo)."""
+        if not parsed.echo:
+            return [""] * len(parsed.jobs)
+        return [job.prompt if isinstance(job.prompt, str) else
+                self.loaded.tokenizer.decode(job.prompt) for job in parsed.jobs]
 
     @api.get("/health")
     async def health(self) -> dict:
         return {"status": "ok"}
+
+    @api.get("/stats")
+    async def engine_stats(self, request: Request):
+        """The engine's state (also in Ray's metrics: raytron_engine_*)."""
+        return self.refused(request) or self.stats.snapshot()
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request):
+        """vLLM's: {prompt} or {messages} (with add_generation_prompt) to token ids, as
+        the server encodes a prompt."""
+        async def tokens(body: dict) -> dict:
+            if "messages" in body:
+                parsed = parse({**body, "max_tokens": 1}, self.name, self.context, chat=True)
+                ids = self.loaded.generator.encode(parsed.prompts[0])
+            else:
+                prompt = body.get("prompt")
+                if not isinstance(prompt, str):
+                    raise BadRequest("prompt must be a string (or give messages)", "prompt")
+                ids = self.loaded.generator.encode(prompt)
+            return {"count": len(ids), "max_model_len": self.context, "tokens": ids}
+
+        return await self.small(request, tokens)
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request):
+        """vLLM's: {tokens} to the text they decode to."""
+        async def text(body: dict) -> dict:
+            tokens = body.get("tokens")
+            vocab = self.loaded.model.shape.vocab_size
+            if not isinstance(tokens, list) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                    for t in tokens):
+                raise BadRequest(f"tokens must be a list of token ids from 0 to {vocab - 1}",
+                                 "tokens")
+            return {"prompt": self.loaded.tokenizer.decode(tokens)}
+
+        return await self.small(request, text)
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request):
+        tokenizer, generator = self.loaded.tokenizer, self.loaded.generator
+        piece = tokenizer.id_to_token
+        return self.refused(request) or {
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": self.context,
+            "vocab_size": tokenizer.get_vocab_size(),
+            "eos_token": piece(generator.end_ids[0]) if generator.end_ids else None,
+            "bos_token": None if generator.bos_id is None else piece(generator.bos_id)}
+
+    async def small(self, request: Request, answer) -> JSONResponse | dict:
+        """A request that runs no model: the key, JSON, a bounded body, 400 for the rest."""
+        refusal = self.refused(request)
+        if refusal:
+            return refusal
+        if not json_content(request):
+            return error(415, "the body must be JSON, sent as Content-Type: "
+                              "application/json", "invalid_request_error")
+        try:
+            return await answer(read_json(await body_bytes(request)))
+        except BadRequest as problem:
+            return JSONResponse(problem.body(), status_code=problem.status)
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -195,143 +260,102 @@ class ModelServer:
         arrival, so a body sent slowly does not hold the place longer."""
         deadline = started + self.limits.request_timeout_s
         try:
-            parsed = await asyncio.wait_for(self.parsed(request, chat),
-                                            deadline - time.perf_counter())
-            if parsed.stream:
-                return HeldStream(self.events(parsed, route, started, deadline),
-                                  self.admission.release)
-            results = await asyncio.wait_for(
-                asyncio.gather(*(self.generate_batch(job) for job in parsed.jobs)),
-                deadline - time.perf_counter())
+            parsed, prompts = await asyncio.wait_for(self.parsed(request, chat),
+                                                     deadline - time.perf_counter())
+            completions = Completions(self.engine, self.loaded.generator, parsed.jobs,
+                                      prompts, parsed.logprobs, parsed.echo)
         except BadRequest as problem:
             self.metrics.record(Served(route, problem.status, time.perf_counter() - started))
             return JSONResponse(problem.body(), status_code=problem.status)
         except TimeoutError:
             self.metrics.record(Served(route, 504, time.perf_counter() - started))
             return error(504, *self.timed_out())
-        failures = [r for r in results if isinstance(r, Exception)]
-        if failures:
+        except QueueFull as full:
+            self.metrics.record(Served(route, 429, time.perf_counter() - started))
+            return error(429, f"{full}; retry after {RETRY_AFTER_S} s", "rate_limit_error",
+                         headers={"Retry-After": str(RETRY_AFTER_S)})
+        bodies = Bodies(parsed, self.loaded.tokenizer, self.name, self.echoed(parsed))
+        if parsed.stream:
+            return HeldStream(self.events(parsed, completions, bodies, route, started,
+                                          deadline), self.admission.release)
+        try:  # cancelled too when the client leaves (Serve cancels the handler)
+            results = await completions.results(deadline)
+        except TimeoutError:
+            self.metrics.record(Served(route, 504, time.perf_counter() - started))
+            return error(504, *self.timed_out())
+        finally:
+            completions.cancel()
+        failed = [f for f in results if f.error]
+        if failed:
             self.metrics.record(Served(route, 500, time.perf_counter() - started))
-            return error(500, *self.failed(failures[0]))
+            return error(500, *self.failed(failed[0].error))
         self.record(route, started, results)
-        return self.response(parsed, results)
+        return bodies.response(results)
 
     def timed_out(self) -> tuple[str, str]:
         return (f"the request took longer than its time-out of "
                 f"{self.limits.request_timeout_s:g} s (--request-timeout-s)", "timeout_error")
 
     @staticmethod
-    def failed(failure: Exception) -> tuple[str, str]:
-        logger.error("generation failed", exc_info=failure)
-        return f"generation failed: {type(failure).__name__}: {failure}", "server_error"
+    def failed(failure: str) -> tuple[str, str]:
+        logger.error("generation failed: %s", failure)
+        return f"generation failed: {failure}", "server_error"
 
-    def record(self, route: str, started: float, results: list) -> None:
+    def record(self, route: str, started: float, results: list[Finished]) -> None:
         self.metrics.record(Served(route, 200, time.perf_counter() - started,
-                                   sum(g.prompt_tokens for g in results),
-                                   sum(len(g.tokens) for g in results)))
+                                   sum(len(f.prompt_ids) for f in results),
+                                   sum(len(f.tokens) for f in results)))
+        self.stats.finished(results)
 
-    async def events(self, parsed: ParsedRequest, route: str, started: float,
-                     deadline: float):
-        """Server-sent events: a chunk for each piece of text as it is generated, one with
-        each choice's finish reason, then `[DONE]`. A streamed request decodes its own
-        prompts together, apart from the batched requests."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        job = parsed.jobs[0]  # the jobs of one request differ only in prompt and seed
-        stopped = threading.Event()  # the client left or the time ran out: stop generating
-
-        def on_text(index: int, text: str) -> None:
-            if stopped.is_set():
-                raise Stopped
-            loop.call_soon_threadsafe(queue.put_nowait, (index, text))
-
-        def generate() -> list | Exception:
-            try:
-                return self.loaded.generator.generate(
-                    [j.prompt for j in parsed.jobs], job.max_tokens, job.sampling, job.seed,
-                    job.stop, batch_size=len(parsed.jobs), on_text=on_text)
-            except Exception as failure:  # Stopped too
-                return failure
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        finished = loop.run_in_executor(None, generate)
-        head = {"id": f"{'chatcmpl' if parsed.chat else 'cmpl'}-{uuid.uuid4().hex}",
-                "object": "chat.completion.chunk" if parsed.chat else "text_completion",
-                "created": int(time.time()), "model": self.name}
+    async def events(self, parsed: ParsedRequest, completions: Completions, bodies: Bodies,
+                     route: str, started: float, deadline: float):
+        """Server-sent events: each completion's echoed prompt, a chunk for each piece of
+        text as it becomes final, one with its finish reason (and its scores), the usage
+        when asked for, then `[DONE]`. Decoded in the engine's batch with every other
+        request; a client that leaves cancels its sequences."""
+        results: list[Finished | None] = [None] * len(parsed.jobs)
+        failure = None
         try:
-            while (item := await asyncio.wait_for(queue.get(),
-                                                  deadline - time.perf_counter())) is not None:
-                yield sse({**head, "choices": [self.chunk(parsed.chat, *item, None)]})
-            results = await finished
+            for index, text in enumerate(bodies.echoed):
+                if text:
+                    yield sse(bodies.chunk(index, text))
+            async for kind, index, value in completions.items(deadline):
+                if kind == "text":
+                    yield sse(bodies.chunk(index, value))
+                else:
+                    results[index] = value
+                    yield sse(bodies.chunk(index, "", value))
+                    failure = failure or value.error
         except TimeoutError:
-            results = TimeoutError()
+            failure = TimeoutError
         finally:
-            stopped.set()
-        if isinstance(results, Exception):  # the status is sent: an error event instead
-            status, (message, kind) = (504, self.timed_out()) \
-                if isinstance(results, TimeoutError) else (500, self.failed(results))
+            completions.cancel()
+        if failure is not None:  # the status is sent: an error event instead
+            status, (message, kind) = (504, self.timed_out()) if failure is TimeoutError \
+                else (500, self.failed(failure))
             self.metrics.record(Served(route, status, time.perf_counter() - started))
             yield sse({"error": {"message": message, "type": kind, "param": None,
                                  "code": None}})
             return
-        for index, generation in enumerate(results):
-            yield sse({**head, "choices": [self.chunk(parsed.chat, index, "",
-                                                      generation.finish_reason)]})
+        if parsed.include_usage:
+            yield sse(bodies.usage_chunk(results))
         yield "data: [DONE]\n\n"
         self.record(route, started, results)
 
-    @staticmethod
-    def chunk(chat: bool, index: int, text: str, finish_reason: str | None) -> dict:
-        if chat:
-            delta = {"role": "assistant", "content": text} if text else {}
-            return {"index": index, "delta": delta, "finish_reason": finish_reason}
-        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
 
-    def response(self, parsed: ParsedRequest, results: list) -> dict:
-        choices = []
-        for index, generation in enumerate(results):
-            choice = {"index": index, "finish_reason": generation.finish_reason,
-                      "logprobs": None}
-            if parsed.chat:
-                choice["message"] = {"role": "assistant", "content": generation.text}
-            else:
-                choice["text"] = generation.text
-            choices.append(choice)
-        prompt_tokens = sum(g.prompt_tokens for g in results)
-        completion_tokens = sum(len(g.tokens) for g in results)
-        return {"id": f"{'chatcmpl' if parsed.chat else 'cmpl'}-{uuid.uuid4().hex}",
-                "object": "chat.completion" if parsed.chat else "text_completion",
-                "created": int(time.time()), "model": self.name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate_batch(self, jobs: list[Job]) -> list:
-        """Jobs that sample alike decode together; results in the order of `jobs`."""
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for index, job in enumerate(jobs):
-            groups[(job.sampling, job.stop, job.max_tokens, job.seed)].append(index)
-        results: list = [None] * len(jobs)
-        for indices in groups.values():
-            generations = generate_together(self.loaded.generator, [jobs[i] for i in indices])
-            for index, generation in zip(indices, generations, strict=True):
-                results[index] = generation
-        return results
-
-
-def build_app(source: str, name: str, api_key: str | None = None, max_batch_size: int = 8,
-              replicas: int = 1, autoscaling: dict | None = None,
-              tracking_uri: str | None = None, num_gpus: float = 0,
-              limits: Limits = DEFAULT_LIMITS):
+def build_app(source: str, name: str, api_key: str | None = None,
+              engine: EngineLimits = DEFAULT_ENGINE, replicas: int = 1,
+              autoscaling: dict | None = None, tracking_uri: str | None = None,
+              num_gpus: float = 0, limits: Limits = DEFAULT_LIMITS):
     """The application (`raytron serve` and Python): `replicas` copies, or as many as
     Serve's `autoscaling` config (min_replicas, max_replicas, target_ongoing_requests)
-    asks for, each with `num_gpus` GPUs (0: on the CPU) and `limits`; request metrics to
-    MLflow at `tracking_uri`. An empty `api_key` is refused (None: no key)."""
+    asks for, each with `num_gpus` GPUs (0: on the CPU), an engine of `engine`'s slots
+    and budget, and `limits`; request metrics to MLflow at `tracking_uri`. An empty
+    `api_key` is refused (None: no key)."""
     scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
     return ModelServer.options(ray_actor_options={"num_gpus": num_gpus},
                                **limits.serve_options(), **scaling).bind(
-        source, name, checked_key(api_key, "the API key"), max_batch_size, tracking_uri,
-        limits)
+        source, name, checked_key(api_key, "the API key"), engine, tracking_uri, limits)
 
 
 class ServeArgs(BaseModel):
@@ -341,7 +365,9 @@ class ServeArgs(BaseModel):
 
     source: str
     name: str | None = None  # default: the folder's name
-    max_batch_size: int = 8
+    max_num_seqs: int = Field(EngineLimits.max_num_seqs, ge=1)  # sequences decoded together
+    max_model_len: int | None = Field(None, ge=2)  # positions per sequence (the model's)
+    token_budget: int = Field(EngineLimits.token_budget, ge=2)  # tokens a step computes
     replicas: int = 1
     min_replicas: int = 1
     max_replicas: int | None = None  # set: autoscale
@@ -370,5 +396,6 @@ def application(args: ServeArgs):
     gpus = default_gpus(cluster_gpus()) if args.num_gpus is None else args.num_gpus
     return build_app(args.source, args.name or Path(args.source).resolve().name,
                      checked_key(os.environ.get(API_KEY_VARIABLE), f"${API_KEY_VARIABLE}"),
-                     args.max_batch_size, args.replicas, autoscaling, args.tracking_uri, gpus,
+                     EngineLimits(args.max_num_seqs, args.max_model_len, args.token_budget),
+                     args.replicas, autoscaling, args.tracking_uri, gpus,
                      Limits(args.max_queued, args.request_timeout_s))

@@ -11,26 +11,39 @@ import sys
 import time
 from pathlib import Path
 
+from raytron.model.engine import EngineLimits
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.models.commands import SOURCE_HELP, checked
 from raytron.platform.serving.access import API_KEY_VARIABLE, checked_key, loopback
 from raytron.platform.serving.gpus import default_gpus, gpus_problem
 from raytron.platform.serving.limits import DEFAULT_LIMITS, Limits
 from raytron.platform.serving.port import port_problem
-from raytron.platform.serving.requests import MAX_BODY_BYTES, MAX_N, MAX_SEQUENCES, MAX_STOP
+from raytron.platform.serving.requests import (
+    MAX_BODY_BYTES,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_SEQUENCES,
+    MAX_STOP,
+)
 
 APP_NAME = "raytron"
 BODY_MIB = MAX_BODY_BYTES >> 20
 
 SERVE_EPILOG = f"""\
 Routes (OpenAI-compatible): POST /v1/completions, POST /v1/chat/completions (with the
-model's chat template), GET /v1/models, GET /health. Fields: model, prompt (string or
-list), messages, max_tokens, temperature (0 to 2; below 1e-5: greedy), top_p, seed
-(64-bit), stop (up to {MAX_STOP} strings), n (up to {MAX_N}), stream (server-sent events),
-presence_penalty and frequency_penalty (-2 to 2), repetition_penalty (0.01 to 10). A
-request may hold {BODY_MIB} MiB and ask for {MAX_SEQUENCES} completions (prompts x n); what is
-beyond a limit gets a 400 (413) naming it. Concurrent requests are decoded together on
-each replica (--max-batch-size); one beyond --max-queued gets a 429 with Retry-After,
+model's chat template), GET /v1/models, GET /health, POST /tokenize, POST /detokenize,
+GET /tokenizer_info (vLLM's shapes), GET /stats (the engine's). Fields: model, prompt
+(a string, a list of strings, token ids, or a list of token-id lists), messages,
+max_tokens (0 with echo: score the prompt alone), temperature (0 to 2; below 1e-5:
+greedy), top_p, seed (64-bit), stop (up to {MAX_STOP} strings), n (up to {MAX_N}), stream
+(server-sent events; stream_options.include_usage), echo, logprobs (completions: up to
+{MAX_LOGPROBS}; chats: true with top_logprobs), presence_penalty and frequency_penalty (-2
+to 2), repetition_penalty (0.01 to 10). A request may hold {BODY_MIB} MiB and ask for
+{MAX_SEQUENCES} completions (prompts x n); what is beyond a limit gets a 400 (413) naming
+it. Each replica decodes every request, streamed or not, in one batch that requests
+join and leave at every step (--max-num-seqs at once; prompts prefilled in chunks of a
+--token-budget per step, so a long prompt never stalls the others); a client that
+leaves cancels its sequences. One beyond --max-queued gets a 429 with Retry-After,
 one longer than --request-timeout-s a 504. --max-replicas autoscales. Each replica asks
 Ray for --num-gpus GPUs, so that Ray places replicas on GPUs no one else holds. Each
 request is one line of the replica's log; --mlflow also logs request metrics every 10 s.
@@ -45,11 +58,11 @@ other machines reach needs a key (or --allow-unauthenticated); put TLS in front 
 Ray: joins $RAY_ADDRESS when set, otherwise starts a local Ray of its own that lives as
 long as this command (--detach needs a cluster: `ray start --head`); a port that is
 taken is refused before. For `serve run` and a KubeRay RayService the application is
-raytron.platform.serving.app:application, with arguments source, name, max_batch_size,
-replicas, min_replicas, max_replicas, target_ongoing_requests, tracking_uri, num_gpus,
-max_queued, request_timeout_s:
+raytron.platform.serving.app:application, with arguments source, name, max_num_seqs,
+max_model_len, token_budget, replicas, min_replicas, max_replicas,
+target_ongoing_requests, tracking_uri, num_gpus, max_queued, request_timeout_s:
 
-  serve run raytron.platform.serving.app:application source=runs/tiny max_batch_size=16"""
+  serve run raytron.platform.serving.app:application source=runs/tiny max_num_seqs=16"""
 
 
 def add_serve_arguments(command: argparse.ArgumentParser) -> None:
@@ -72,8 +85,18 @@ def add_serve_arguments(command: argparse.ArgumentParser) -> None:
                          help="GPUs per replica: 0 serves on CPUs, a fraction packs replicas "
                               "on a GPU (0.5: two per GPU); Ray schedules replicas by it "
                               "(default: 1 where the cluster has GPUs, else 0)")
-    command.add_argument("--max-batch-size", type=checked(int, 1), default=8, metavar="B",
-                         help="concurrent requests decoded together per replica (default 8)")
+    command.add_argument("--max-num-seqs", type=checked(int, 1),
+                         default=EngineLimits.max_num_seqs, metavar="N",
+                         help="sequences a replica decodes together: its KV cache's slots "
+                              f"(default {EngineLimits.max_num_seqs})")
+    command.add_argument("--max-model-len", type=checked(int, 2), metavar="L",
+                         help="positions of each slot, prompt and output (default: the "
+                              "model's context); with --max-num-seqs, the KV cache's size")
+    command.add_argument("--token-budget", type=checked(int, 2),
+                         default=EngineLimits.token_budget, metavar="T",
+                         help="tokens a decoding step computes: one per decoding sequence, "
+                              "the rest prefill chunks (default "
+                              f"{EngineLimits.token_budget}; more than --max-num-seqs)")
     command.add_argument("--host", default="127.0.0.1",
                          help="address to listen on (default 127.0.0.1: this machine only)")
     command.add_argument("--port", type=checked(int, 1, 65535), default=8000,
@@ -147,6 +170,15 @@ def serving_tracking_uri(args: argparse.Namespace, source) -> str | None:
     return uri
 
 
+def engine_limits(args: argparse.Namespace) -> EngineLimits:
+    """The replica's engine from the flags; a budget no step can prefill in is refused."""
+    try:
+        return EngineLimits(args.max_num_seqs, args.max_model_len, args.token_budget)
+    except ValueError as problem:
+        raise ConfigError([f"{problem}. Fix: raise --token-budget or lower --max-num-seqs."]
+                          ) from None
+
+
 def api_key(args: argparse.Namespace) -> str | None:
     """--api-key or $RAYTRON_API_KEY; refused when empty, and when missing for a --host
     that other machines reach, unless --allow-unauthenticated."""
@@ -170,6 +202,7 @@ def stop_on_terminate(signum, frame) -> None:
 def serve_command(args: argparse.Namespace) -> int:
     from raytron.platform.models.sources import open_source
 
+    engine = engine_limits(args)
     source = open_source(args.source)  # a SOURCE that holds no model fails before Ray
     if source.tokenizer is None:
         raise ConfigError([f"{args.source} has no tokenizer.json, which serving needs. Fix: "
@@ -202,7 +235,7 @@ def serve_command(args: argparse.Namespace) -> int:
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     gpus = replica_gpus(args.num_gpus, ray.cluster_resources().get("GPU", 0))
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(str(Path(args.source).resolve()), name, key, args.max_batch_size,
+    serve.run(build_app(str(Path(args.source).resolve()), name, key, engine,
                         args.replicas, autoscaling, tracking_uri, gpus,
                         Limits(args.max_queued, args.request_timeout_s)),
               name=APP_NAME, route_prefix="/")

@@ -33,11 +33,16 @@ class BadRequest(ValueError):
                           "param": self.param, "code": None}}
 
 
+MAX_LOGPROBS = 20  # most likely tokens per position (vLLM's default limit)
+
+Prompt = str | list[int]  # text, or token ids
+
+
 @dataclass(frozen=True)
 class Job:
     """One completion to generate: a prompt and how."""
 
-    prompt: str
+    prompt: Prompt
     max_tokens: int
     sampling: Sampling
     stop: tuple[str, ...] = ()
@@ -50,7 +55,10 @@ class ParsedRequest:
     jobs: list[Job]  # n per prompt, prompt after prompt
     stream: bool = False
     chat: bool = False
-    prompts: list[str] = field(default_factory=list)
+    prompts: list[Prompt] = field(default_factory=list)
+    logprobs: int | None = None  # score each token, with this many most likely ones
+    echo: bool = False  # completions: the prompt in the text (and scored, with logprobs)
+    include_usage: bool = False  # a stream's last chunk: the token counts
 
 
 def read_json(raw: bytes) -> dict:
@@ -133,7 +141,8 @@ def parse(body: dict, served_model: str, context: int, chat: bool) -> ParsedRequ
     if model != served_model:
         raise BadRequest(f"model '{shown(model)}' is not served here; this server serves "
                          f"'{served_model}'", "model")
-    max_tokens = number(body, "max_tokens", 16, int, 1, context - 1)
+    echo = flag(body, "echo") if not chat else False
+    max_tokens = number(body, "max_tokens", 16, int, 0 if echo else 1, context - 1)
     temperature = number(body, "temperature", 1.0, float, 0, 2)
     sampling = Sampling(
         temperature=0.0 if temperature < GREEDY_BELOW else temperature,
@@ -149,27 +158,60 @@ def parse(body: dict, served_model: str, context: int, chat: bool) -> ParsedRequ
             isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
         raise BadRequest(f"stop must be a string or a list of up to {MAX_STOP} strings, each "
                          f"of 1 to {MAX_STOP_CHARS} characters", "stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("stream must be true or false", "stream")
+    stream = flag(body, "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False),
+                                                        bool):
+        raise BadRequest("stream_options must be {\"include_usage\": true or false}",
+                         "stream_options")
     prompts = chat_prompt(body) if chat else completion_prompts(body, n)
     jobs = [Job(prompt, max_tokens, sampling, tuple(stop),
                 None if seed is None else seed + index)
             for prompt in prompts for index in range(n)]
-    return ParsedRequest(model, jobs, stream, chat, prompts)
+    return ParsedRequest(model, jobs, stream, chat, prompts, requested_logprobs(body, chat),
+                         echo, stream and options.get("include_usage", False))
 
 
-def completion_prompts(body: dict, n: int) -> list[str]:
+def flag(body: dict, key: str) -> bool:
+    value = body.get(key, False)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"{key} must be true or false", key)
+    return bool(value)
+
+
+def requested_logprobs(body: dict, chat: bool) -> int | None:
+    """How many most likely tokens to give per position, or None for no scores: OpenAI's
+    `logprobs: k` in completions; `logprobs: true` and `top_logprobs: k` in chats."""
+    if not chat:
+        return number(body, "logprobs", None, int, 0, MAX_LOGPROBS)
+    if not flag(body, "logprobs"):
+        if body.get("top_logprobs") is not None:
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        return None
+    return number(body, "top_logprobs", 0, int, 0, MAX_LOGPROBS)
+
+
+def completion_prompts(body: dict, n: int) -> list[Prompt]:
+    """OpenAI's four shapes: a string, a list of strings, a list of token ids, a list of
+    lists of token ids (which the engine checks against the vocabulary)."""
     prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or \
-            not all(isinstance(p, str) and p for p in prompts):
-        raise BadRequest("prompt must be a non-empty string or a list of them", "prompt")
+    single = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and
+                                         all(is_token(t) for t in prompt))
+    prompts = [prompt] if single else prompt
+    if not isinstance(prompts, list) or not prompts or not all(
+            (isinstance(p, str) and p) or (isinstance(p, list) and p and all(map(is_token, p)))
+            for p in prompts):
+        raise BadRequest("prompt must be a non-empty string, a list of them, a list of token "
+                         "ids or a list of such lists", "prompt")
     if len(prompts) * n > MAX_SEQUENCES:
         raise BadRequest(f"{len(prompts)} prompts x n {n} asks for {len(prompts) * n} "
                          f"completions; a request may ask for at most {MAX_SEQUENCES}",
                          "prompt")
     return prompts
+
+
+def is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def chat_prompt(body: dict) -> list[str]:
