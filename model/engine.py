@@ -244,11 +244,12 @@ class Engine:
                 for request in decoding:
                     self.finish(request, ERROR, f"{type(error).__name__}: {error}")
         prefilled = self.prefill_within(self.limits.token_budget - len(decoding))
-        for request, logits in ready + prefilled:
+        ready += prefilled
+        for (request, logits), token in zip(ready, greedy_choices(ready), strict=True):
             if request.max_tokens == 0:  # scored its prompt, generates nothing
                 self.finish(request, LENGTH)
             else:
-                self.advance(request, logits)
+                self.advance(request, logits, token)
 
     def prefill_within(self, budget: int) -> list[tuple[Request, torch.Tensor]]:
         """Prefill chunks of the admitted requests, in the order they came, up to `budget`
@@ -310,15 +311,15 @@ class Engine:
         one in use (a view, no copy), which those between only pad; their rows write
         keys where nothing reads them, and the next prefill chunk overwrites them."""
         rows = max(request.slot for request in decoding) + 1
-        tokens = torch.zeros(rows, 1, dtype=torch.long)
-        lengths = [0] * rows
+        tokens, lengths = [[0] for _ in range(rows)], [0] * rows
         for slot in range(rows):
             request = self.slots[slot]
             if request is not None:
                 lengths[slot] = request.cached
         for request in decoding:
-            tokens[request.slot, 0] = request.generated[-1]
-        logits = self.model(tokens.to(self.device), self.view(0, rows, lengths))[:, -1]
+            tokens[request.slot][0] = request.generated[-1]
+        logits = self.model(torch.tensor(tokens, device=self.device),
+                            self.view(0, rows, lengths))[:, -1]
         return logits[torch.tensor([request.slot for request in decoding],
                                    device=self.device)]
 
@@ -363,16 +364,18 @@ class Engine:
         self.stats.prefilled_tokens += sum(lengths)
         return logits[:, -1]
 
-    def advance(self, request: Request, logits: torch.Tensor) -> None:
-        """The request's next token, sampled its own way; it ends at an end token, a stop
-        string, max_tokens or the end of its slot. What fails here fails it alone."""
+    def advance(self, request: Request, logits: torch.Tensor, token: int | None) -> None:
+        """The request's next token (`token` when already chosen greedily), else sampled
+        its own way; it ends at an end token, a stop string, max_tokens or the end of its
+        slot. What fails here fails it alone."""
         try:
             raw, logits = logits, logits[None]
             if request.sampling.penalizes:
                 if request.counts is None:  # the times it generated each token
                     request.counts = torch.zeros_like(logits, dtype=torch.float32)
                 logits = penalized(logits, request.counts, request.sampling)
-            token = int(next_tokens(logits, request.sampling, request.generator))
+            if token is None:
+                token = int(next_tokens(logits, request.sampling, request.generator))
             if request.counts is not None:
                 request.counts[0, token] += 1
             score = None if request.logprobs is None else \
@@ -414,3 +417,16 @@ class Engine:
 
     def slots_in_use(self) -> int:
         return sum(slot is not None for slot in self.slots)
+
+
+def greedy_choices(ready: list[tuple[Request, torch.Tensor]]) -> list[int | None]:
+    """The tokens of the greedy rows without penalties, in one argmax and one read from
+    the device (a read per row costs a synchronization each); None for the others."""
+    rows = [index for index, (request, _) in enumerate(ready)
+            if request.sampling.is_greedy and not request.sampling.penalizes]
+    chosen: list[int | None] = [None] * len(ready)
+    if rows:
+        tokens = torch.stack([ready[index][1] for index in rows]).argmax(dim=-1).tolist()
+        for index, token in zip(rows, tokens, strict=True):
+            chosen[index] = token
+    return chosen

@@ -336,9 +336,13 @@ def test_invalid_json_gets_400_and_the_key_is_enforced(served, client):
 
 
 def test_concurrent_requests_decode_together_and_give_what_each_gives_alone(client, local):
+    """Streamed and plain requests, in one batch of the engine."""
     prompts = [f"def f{i}(x):" for i in range(12)]
 
     def complete(prompt: str) -> str:
+        if prompt.endswith(("1(x):", "4(x):", "7(x):")):
+            return "".join(chunk.choices[0].text for chunk in client.completions.create(
+                model="small", prompt=prompt, max_tokens=10, temperature=0, stream=True))
         return client.completions.create(model="small", prompt=prompt, max_tokens=10,
                                          temperature=0).choices[0].text
 

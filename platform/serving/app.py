@@ -92,6 +92,18 @@ class HeldStream(StreamingResponse):
             self.release()
 
 
+def merged(batch: list[tuple]) -> list[tuple]:
+    """Consecutive texts of one completion as one (a chunk per completion and message,
+    not per token)."""
+    out: list[tuple] = []
+    for item in batch:
+        if out and item[0] == "text" and out[-1][:2] == ("text", item[1]):
+            out[-1] = ("text", item[1], out[-1][2] + item[2])
+        else:
+            out.append(item)
+    return out
+
+
 def sse(value: dict) -> str:
     """A server-sent event. (Defined before the deployment: Ray Serve pickles the class
     where it is decorated, with only the names defined by then.)"""
@@ -319,13 +331,16 @@ class ModelServer:
             for index, text in enumerate(bodies.echoed):
                 if text:
                     yield sse(bodies.chunk(index, text))
-            async for kind, index, value in completions.items(deadline):
-                if kind == "text":
-                    yield sse(bodies.chunk(index, value))
-                else:
-                    results[index] = value
-                    yield sse(bodies.chunk(index, "", value))
-                    failure = failure or value.error
+            async for batch in completions.batches(deadline):
+                events = []  # one message: Serve streams each yield through its proxy
+                for kind, index, value in merged(batch):
+                    if kind == "text":
+                        events.append(sse(bodies.chunk(index, value)))
+                    else:
+                        results[index] = value
+                        events.append(sse(bodies.chunk(index, "", value)))
+                        failure = failure or value.error
+                yield "".join(events)
         except TimeoutError:
             failure = TimeoutError
         finally:

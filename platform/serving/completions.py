@@ -54,8 +54,9 @@ def prompt_logprobs(echo: bool, logprobs: int | None, job: Job) -> int | None:
 
 
 class Completions:
-    """Submits `jobs` (prompts as ids) to `engine`; `items()` yields ("text", index, text)
-    as each completion's text becomes final and ("end", index, Finished) as each ends."""
+    """Submits `jobs` (prompts as ids) to `engine`; `batches()` yields lists of ("text",
+    index, text) as each completion's text becomes final and ("end", index, Finished) as
+    each ends."""
 
     def __init__(self, engine: Engine, generator: TextGenerator, jobs: Sequence[Job],
                  prompts: Sequence[list[int]], logprobs: int | None = None,
@@ -105,18 +106,23 @@ class Completions:
 
         return hear
 
-    async def items(self, deadline: float) -> AsyncIterator[tuple]:
-        """Until every completion ended; TimeoutError at `deadline` (perf_counter)."""
+    async def batches(self, deadline: float) -> AsyncIterator[list[tuple]]:
+        """Until every completion ended, what has come since the last batch (at least
+        one item): a stream sends it at once, in one message, rather than a message a
+        token. TimeoutError at `deadline` (perf_counter)."""
         while self.ended < len(self.requests):
-            item = await asyncio.wait_for(self.queue.get(), deadline - time.perf_counter())
-            self.ended += item[0] == "end"
-            yield item
+            batch = [await asyncio.wait_for(self.queue.get(), deadline - time.perf_counter())]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            self.ended += sum(item[0] == "end" for item in batch)
+            yield batch
 
     async def results(self, deadline: float) -> list[Finished]:
         finished: list[Finished | None] = [None] * len(self.requests)
-        async for item in self.items(deadline):
-            if item[0] == "end":
-                finished[item[1]] = item[2]
+        async for batch in self.batches(deadline):
+            for kind, index, value in batch:
+                if kind == "end":
+                    finished[index] = value
         return finished
 
     def cancel(self) -> None:
