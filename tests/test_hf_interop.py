@@ -144,6 +144,33 @@ def hf_perplexity(hf, ids_per_document: list[list[int]], max_length: int, stride
     return math.exp(nll / count)
 
 
+def test_staggered_engine_requests_equal_transformers_generate(exported):
+    """The serving engine with requests arriving at different steps into two slots, the
+    longest prompt prefilled in chunks of 5 tokens while others decode: each greedy
+    completion equals `transformers` `generate` on the export."""
+    from raytron.model.engine import Engine, EngineLimits
+    from raytron.model.sampling import Sampling
+
+    run_dir, out, hf = exported
+    loaded = load_model(run_dir)
+    theirs_tok = AutoTokenizer.from_pretrained(out)
+    texts = ["The import statement", "x", "A class definition defines a new", "def f"]
+    prompts = [theirs_tok(text)["input_ids"] for text in texts]
+    engine = Engine(loaded.model, limits=EngineLimits(max_num_seqs=2, token_budget=7))
+    requests, step = [], 0
+    while len(requests) < len(prompts) or engine.busy():
+        if step % 3 == 0 and len(requests) < len(prompts):
+            requests.append(engine.submit(prompts[len(requests)], 12,
+                                          Sampling(greedy=True), lambda event: None))
+        engine.step()
+        step += 1
+    for prompt, request in zip(prompts, requests, strict=True):
+        ids = torch.tensor([prompt])
+        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                               do_sample=False, eos_token_id=None)[0, len(prompt):]
+        assert request.generated == expected.tolist()
+
+
 def test_eval_perplexity_equals_transformers_on_the_export(exported, tmp_path):
     run_dir, out, hf = exported
     texts = reference_texts(70)[60:]
