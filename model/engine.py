@@ -17,7 +17,6 @@ request's tokens and its end from that thread.
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -120,8 +119,6 @@ class Request:
     slot: int | None = None
     prefilled: int = 0  # prompt tokens in the cache
     cancelled: bool = False
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_s: float | None = None  # from submission to the first token
     counts: torch.Tensor | None = None  # (1, vocab): for penalties, the times of each token
     logprobs: int | None = None  # score each generated token, with this many top tokens
     prompt_logprobs: int | None = None  # score the prompt's tokens (echo)
@@ -136,7 +133,6 @@ class Request:
 
 @dataclass
 class EngineStats:
-    steps: int = 0
     generated_tokens: int = 0
     prefilled_tokens: int = 0
     finished: int = 0
@@ -233,7 +229,6 @@ class Engine:
     def step(self) -> None:
         """One iteration: cancelled requests leave, waiting ones take free slots, every
         decoding sequence gains a token, and prefill chunks fill the rest of the budget."""
-        self.stats.steps += 1
         self.admit()
         decoding = [r for r in self.slots if r is not None and r.prefilled == len(r.prompt)]
         ready: list[tuple[Request, torch.Tensor]] = []
@@ -380,8 +375,6 @@ class Engine:
                 request.counts[0, token] += 1
             score = None if request.logprobs is None else \
                 scored(raw, token, request.logprobs)
-            if request.first_token_s is None:
-                request.first_token_s = time.perf_counter() - request.submitted
             if token in self.end_ids:
                 self.finish(request, STOP)
                 return

@@ -18,20 +18,11 @@ from functools import partial
 import torch
 from tokenizers import Tokenizer
 
-from raytron.model.engine import (
-    LENGTH,
-    STOP,
-    Engine,
-    EngineLimits,
-    Event,
-    PromptError,
-    check_prompts,
-)
+from raytron.model.engine import Engine, EngineLimits, Event, check_prompts
 from raytron.model.gpt import GPT
 from raytron.model.sampling import Sampling
 
 SAMPLE = Sampling()  # temperature 1, no filtering
-__all__ = ["LENGTH", "STOP", "PromptError", "TextGenerator", "check_prompts", "generate_ids"]
 
 
 @dataclass

@@ -4,7 +4,8 @@ prompts, sampling, stop strings and streaming."""
 import pytest
 import torch
 
-from raytron.model.generate import LENGTH, STOP, TextGenerator, generate_ids
+from raytron.model.engine import LENGTH, STOP
+from raytron.model.generate import TextGenerator, generate_ids
 from raytron.model.gpt import GPT, GPTShape
 from raytron.model.kv_cache import KVCache
 from raytron.model.sampling import Sampling, next_tokens

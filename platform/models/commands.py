@@ -93,7 +93,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from raytron.model.generate import PromptError, check_prompts
+    from raytron.model.engine import PromptError, check_prompts
     from raytron.platform.models.loading import load_model
 
     prompts = read_prompts(args)
