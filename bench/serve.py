@@ -1,13 +1,13 @@
 """Serving under load: `raytron serve`'s engine against `transformers serve`.
 
-    python bench/serve.py          # ~5 minutes on 2 cores; writes docs/benchmarks.md
+    python bench/serve.py          # ~7 minutes on 2 cores; writes docs/benchmarks.md
     python bench/serve.py --quick  # a few requests per load, a trial: writes nothing
 
 The tiny model's shape (random weights: every request generates all its tokens) as a run
 directory, and the same weights exported by `raytron export` (fp32). Each server runs
 alone, as users start it: `raytron serve RUN --max-num-seqs 64` (a local Ray of its
-own), then `transformers serve --continuous-batching --device cpu --dtype float32 OUT`;
-both with OMP_NUM_THREADS=2 (without it Ray gives a replica 1 torch thread). The load
+own, HAProxy on the port), the same with Serve's Python proxy, then `transformers serve
+--continuous-batching --device cpu --dtype float32 OUT`; all with OMP_NUM_THREADS=1. The load
 comes from another process (`--client`), the official `openai` client on asyncio: closed
 loops of 1, 4, 16 and 64 concurrent requests, then Poisson arrivals at a fixed rate (a
 fraction of raytron's requests/s at concurrency 16, the same rate for both servers).
@@ -41,7 +41,8 @@ from report import machine, markdown_table, write_section  # noqa: E402
 
 NEW_TOKENS, PROMPT = 32, "The import statement finds a module and"
 CONCURRENCY = (1, 4, 16, 64)
-THREADS = 2  # torch threads of each server (OMP_NUM_THREADS)
+THREADS = 1  # torch threads of each server (OMP_NUM_THREADS): 2 were slower for both
+PYTHON_PROXY = "raytron serve, Serve's proxy"  # RAY_SERVE_ENABLE_HA_PROXY=0
 MAX_NUM_SEQS = 64
 POISSON_REQUESTS, RATE_FRACTION = 64, 0.9
 STARTUP_S = 300
@@ -217,11 +218,13 @@ def probe_ray() -> None:
 
 
 def measure(name: str, command: list[str], model: str, port: int, folder: Path,
-            rate: float | None, quick: bool) -> dict:
-    """Start the server, load it from a client process, stop it: the client's results,
-    the server's torch threads and the cores it used meanwhile."""
+            rate: float | None, quick: bool, environment: dict | None = None) -> dict:
+    """Start the server (`environment` added to its own), load it from a client process,
+    stop it: the client's results, the server's torch threads and the cores it used
+    meanwhile."""
     url, log = f"http://127.0.0.1:{port}", folder / f"{name.split()[0]}.log"
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
+           **(environment or {})}
     print(f"{name}: {' '.join(command)}", flush=True)
     with log.open("w") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -315,8 +318,8 @@ def cores(name: str, result: dict) -> str:
             "over the whole load")
 
 
-def write_report(ours: dict, theirs: dict | None, failure: str | None, hf_version: str,
-                 table: str) -> None:
+def write_report(ours: dict, proxied: dict, theirs: dict | None, failure: str | None,
+                 hf_version: str, table: str) -> None:
     hf_line = cores("transformers serve", theirs) if theirs else \
         f"`transformers serve` failed:\n\n```\n{failure}\n```"
     write_section("serve", f"""## Serving (`bench/serve.py`)
@@ -324,20 +327,23 @@ def write_report(ours: dict, theirs: dict | None, failure: str | None, hf_versio
 `python bench/serve.py` on {machine()}, transformers {hf_version}. The tiny preset's
 shape (4 layers, d_model 128, vocabulary 2048; random weights, fp32 on CPU), one server
 alone at a time: `raytron serve RUN --max-num-seqs {MAX_NUM_SEQS}` (one replica on the
-local Ray it starts, 2 CPUs), then `transformers serve --continuous-batching --device cpu
---dtype float32` on the same weights exported by `raytron export`; OMP_NUM_THREADS={THREADS}
-for both. The load comes from a process of its own on the same 2 cores: the official
+local Ray it starts, 2 CPUs, HAProxy on the port: Ray Serve's high-throughput mode),
+the same with Serve's Python proxy instead (`RAY_SERVE_ENABLE_HA_PROXY=0`), then
+`transformers serve --continuous-batching --device cpu --dtype float32` on the same
+weights exported by `raytron export`; OMP_NUM_THREADS={THREADS} for all (two torch
+threads were slower for both servers: the HTTP side and the client need the other
+core). The load comes from a process of its own on the same 2 cores: the official
 `openai` client (asyncio), every request streamed, {NEW_TOKENS} new tokens of one prompt,
 temperature 0; closed loops of 1, 4, 16 and 64 requests in flight (after a round of
 warm-up), then {POISSON_REQUESTS} requests arriving as a Poisson process at
 {RATE_FRACTION:g}x raytron's requests/s at concurrency 16, the same rate for both.
 TTFT: to the first text chunk; ITL: the gaps between a request's chunks (a chunk is a
 token here); latency: the whole request; tokens/s: all output tokens / elapsed.
-Without OMP_NUM_THREADS, Ray gives the replica 1 torch thread (its 1 CPU).
 `transformers serve` needs accelerate (`pip install 'transformers[serving]'`), which
 raytron's extras do not install.
 
 {cores("raytron serve", ours)}.
+{cores(PYTHON_PROXY, proxied)}.
 {hf_line}.
 
 {table}
@@ -359,10 +365,13 @@ def main(quick: bool) -> None:
         run_dir = tiny_run(root)
         hf_dir = exported(run_dir, root / "hf")
         port = free_port()
-        servers["raytron serve"] = measure(
-            "raytron serve", [tool("raytron"), "serve", str(run_dir), "--port", str(port),
-                              "--max-num-seqs", str(MAX_NUM_SEQS)],
-            "tiny", port, root, None, quick)
+        raytron = [tool("raytron"), "serve", str(run_dir), "--port", str(port),
+                   "--max-num-seqs", str(MAX_NUM_SEQS)]
+        servers["raytron serve"] = measure("raytron serve", raytron, "tiny", port, root,
+                                           None, quick)
+        servers[PYTHON_PROXY] = measure(PYTHON_PROXY, raytron, "tiny", port, root,
+                                        servers["raytron serve"]["rate"], quick,
+                                        {"RAY_SERVE_ENABLE_HA_PROXY": "0"})
         try:  # its model answers to the folder it was given (its /v1/models lists none)
             servers["transformers serve"] = measure(
                 "transformers serve", [tool("transformers"), "serve", "--continuous-batching",
@@ -383,8 +392,9 @@ def main(quick: bool) -> None:
               {load: r["tokens_per_request"] for load, r in result["loads"].items()})
     print(targets(servers["raytron serve"], servers.get("transformers serve")))
     if not quick:
-        write_report(servers["raytron serve"], servers.get("transformers serve"), failure,
-                     transformers.__version__, table)
+        write_report(servers["raytron serve"], servers[PYTHON_PROXY],
+                     servers.get("transformers serve"), failure, transformers.__version__,
+                     table)
 
 
 def parse_args() -> argparse.Namespace:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from raytron.model.gpt import GPT
+from raytron.model.gpt import GPT, GPTShape
 from raytron.model.kv_cache import KVCache
 from raytron.model.sampling import Sampling, next_tokens, penalized
 
@@ -42,6 +42,13 @@ def check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
             raise PromptError(f"prompt {number} of {len(prompts)} has {len(prompt)} tokens; a "
                               f"prompt needs 1 to {context - 1} (the model's context is "
                               f"{context} tokens)")
+
+
+def check_prompt(prompt: Sequence[int], context: int, vocab_size: int) -> None:
+    """A prompt an engine of `context` positions per slot can continue, of known ids."""
+    check_prompts([prompt], context)
+    if not all(isinstance(t, int) and 0 <= t < vocab_size for t in prompt):
+        raise PromptError(f"a prompt's token ids must be integers from 0 to {vocab_size - 1}")
 
 
 class QueueFull(RuntimeError):
@@ -66,6 +73,10 @@ class EngineLimits:
                              "must still prefill")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be 2 or more, not {self.max_model_len}")
+
+    def positions(self, shape: GPTShape) -> int:
+        """Positions per slot: `max_model_len`, never beyond the model's context."""
+        return min(self.max_model_len or shape.max_seq_len, shape.max_seq_len)
 
 
 DEFAULT_LIMITS = EngineLimits()
@@ -143,7 +154,7 @@ class Engine:
                  limits: EngineLimits = DEFAULT_LIMITS):
         self.model, self.end_ids, self.limits = model, set(end_ids), limits
         shape = model.shape
-        self.max_len = min(limits.max_model_len or shape.max_seq_len, shape.max_seq_len)
+        self.max_len = limits.positions(shape)
         weight = next(model.parameters())
         self.device = weight.device
         size = (limits.max_num_seqs, shape.n_kv_heads, self.max_len, shape.head_dim)
@@ -184,10 +195,7 @@ class Engine:
         return request
 
     def check_prompt(self, prompt: Sequence[int]) -> None:
-        check_prompts([prompt], self.max_len)
-        vocab = self.model.shape.vocab_size
-        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
-            raise PromptError(f"a prompt's token ids must be integers from 0 to {vocab - 1}")
+        check_prompt(prompt, self.max_len, self.model.shape.vocab_size)
 
     def cancel(self, request: Request) -> None:
         """End the request at the next step (a client went away); its slot is freed."""
@@ -217,7 +225,8 @@ class Engine:
         if self.thread is not None:
             self.thread.join()
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, after_step: Callable[[], None] | None = None) -> None:
+        """Step whenever there is work, until `stop()`; `after_step` after each step."""
         while True:
             with self.lock:
                 while not self.stopping and not self.busy():
@@ -225,6 +234,8 @@ class Engine:
                 if self.stopping:
                     return
             self.step()
+            if after_step is not None:
+                after_step()
 
     def step(self) -> None:
         """One iteration: cancelled requests leave, waiting ones take free slots, every
@@ -410,6 +421,15 @@ class Engine:
 
     def slots_in_use(self) -> int:
         return sum(slot is not None for slot in self.slots)
+
+    def state(self) -> dict[str, int]:
+        """What a server reports of its engine (`/stats`, Ray's metrics)."""
+        used = self.slots_in_use()
+        return {"running": used, "waiting": len(self.waiting),
+                "kv_slots": self.limits.max_num_seqs, "kv_slots_used": used,
+                "generated_tokens": self.stats.generated_tokens,
+                "prefilled_tokens": self.stats.prefilled_tokens,
+                "finished": self.stats.finished}
 
 
 def greedy_choices(ready: list[tuple[Request, torch.Tensor]]) -> list[int | None]:

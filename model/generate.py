@@ -111,6 +111,16 @@ class Generation:
     finish_reason: str  # "stop": an end token or a stop string; "length": a limit
 
 
+def encode_prompt(tokenizer: Tokenizer, prompt: str, end_ids: Sequence[int],
+                  bos_id: int | None) -> list[int]:
+    """The prompt's ids as training saw a document start: BOS first when the model was
+    trained with one; an empty prompt is a document's start (after an end)."""
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    if bos_id is not None:
+        return [bos_id, *ids]
+    return ids or list(end_ids[:1])
+
+
 class TextGenerator:
     """A model and its tokenizer: prompts in, text out (streamed as it comes)."""
 
@@ -121,12 +131,7 @@ class TextGenerator:
         self.timing = Timing()  # of the last `generate`
 
     def encode(self, prompt: str) -> list[int]:
-        """The prompt's ids as training saw a document start: BOS first when the model
-        was trained with one; an empty prompt is a document's start (after an end)."""
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        if self.bos_id is not None:
-            return [self.bos_id, *ids]
-        return ids or self.end_ids[:1]
+        return encode_prompt(self.tokenizer, prompt, self.end_ids, self.bos_id)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
                  sampling: Sampling = SAMPLE, seed: int | None = None,

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 from openai import (
     AuthenticationError,
@@ -492,23 +493,40 @@ def test_replicas_are_placed_by_the_gpus_they_ask_for(run_dir):
     assert placed["free"].get("GPU", 0) == 0 and placed["free"]["CPU"] >= 1
 
 
-def test_a_killed_replica_is_replaced_and_serving_goes_on(served, client):
-    """Last in the module: it kills the replica the other tests use."""
+def test_a_dead_engine_or_replica_is_replaced_and_serving_goes_on(served, client):
+    """Last in the module: it kills what the other tests use. An engine's process that
+    dies fails its replica's health check, and Serve replaces the replica; a replica
+    that dies takes its engine's process with it (the process sees its socket close)."""
     import ray
 
     def replicas() -> set[str]:
         return {actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
                 if actor["name"].startswith("SERVE_REPLICA::raytron#ModelServer")}
 
-    (victim,) = replicas()
-    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if replicas() - {victim}:
-            try:
-                if client.completions.create(model="small", prompt="a", max_tokens=2).choices:
-                    return
-            except Exception:  # the proxy may route to the dead one for a moment
-                pass
-        time.sleep(1)
-    pytest.fail("no replica replaced the killed one within 120 s")
+    def engine_of(name: str) -> psutil.Process:
+        pid = ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(
+            lambda _replica: __import__("os").getpid()))
+        (engine,) = [child for child in psutil.Process(pid).children()
+                     if "raytron.platform.serving.engine_main" in " ".join(child.cmdline())]
+        return engine
+
+    def replaced(victim: str) -> str:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            for name in replicas() - {victim}:
+                try:
+                    if client.completions.create(model="small", prompt="a",
+                                                 max_tokens=2).choices:
+                        return name
+                except Exception:  # routed to the dead one for a moment
+                    pass
+            time.sleep(1)
+        pytest.fail(f"no replica replaced {victim} within 120 s")
+
+    (first,) = replicas()
+    engine_of(first).kill()
+    second = replaced(first)
+    engine = engine_of(second)
+    ray.kill(ray.get_actor(second, namespace="serve"), no_restart=True)
+    engine.wait(timeout=30)  # psutil.TimeoutExpired if it outlived its replica
+    replaced(second)

@@ -1,10 +1,12 @@
 """`raytron serve`'s Ray Serve application: a model behind OpenAI's completion routes.
 
-Each replica loads the model once and runs one decoding engine (`model/engine.py`) in a
-thread of its own: every request, streamed or not, is submitted to it and decoded in its
-one batch, which requests join and leave at every step; handlers only parse, wait on
-the engine's events and answer, so `/health` and every stream stay responsive while it
-decodes. A client that leaves cancels its sequences.
+Each replica runs one decoding engine (`model/engine.py`) in a process of its own
+(`engine_process.py`), which loads the model once: every request, streamed or not, is
+submitted to it and decoded in its one batch, which requests join and leave at every
+step; handlers only parse, wait on the engine's events and answer, so `/health` and
+every stream stay responsive while it decodes. A client that leaves cancels its
+sequences; a replica whose engine's process ended fails its health check and is
+replaced.
 Whatever a client sends is answered: 401 without the key, 415 for a body that is not
 JSON (a web page can post text/plain to a local server, never JSON without CORS, and no
 CORS header is sent), 429 beyond the replica's limit, 413 and 400 for what the request
@@ -25,9 +27,11 @@ from pydantic import BaseModel, Field, field_validator
 from ray import serve
 
 from raytron.model.engine import DEFAULT_LIMITS as DEFAULT_ENGINE
-from raytron.model.engine import Engine, EngineLimits, PromptError, QueueFull
+from raytron.model.engine import EngineLimits, PromptError, QueueFull, check_prompt
+from raytron.model.generate import encode_prompt
 from raytron.platform.serving.access import API_KEY_VARIABLE, authorized, checked_key
 from raytron.platform.serving.completions import Completions, Finished
+from raytron.platform.serving.engine_process import EngineFailed, EngineProcess
 from raytron.platform.serving.engine_stats import EngineStats
 from raytron.platform.serving.gpus import (
     cluster_gpus,
@@ -116,20 +120,28 @@ class ModelServer:
     def __init__(self, source: str, name: str, api_key: str | None = None,
                  engine: EngineLimits = DEFAULT_ENGINE, tracking_uri: str | None = None,
                  limits: Limits = DEFAULT_LIMITS):
-        from raytron.platform.models.loading import load_model
+        from raytron.platform.models.sources import open_source
 
         self.api_key = checked_key(api_key, "the API key")
-        self.loaded = load_model(source, device=replica_device())
+        self.source = open_source(source)
+        self.tokenizer = self.source.tokenizer
         self.metrics = RequestMetrics(name, tracking_uri)
         self.name, self.limits = name, limits
         self.admission = Admission(limits.max_queued)
-        self.engine = Engine(self.loaded.model, self.loaded.generator.end_ids, EngineLimits(
-            engine.max_num_seqs, engine.max_model_len, engine.token_budget,
-            max_waiting=limits.max_queued * MAX_SEQUENCES))  # what admission lets in
-        self.engine.start()
-        self.stats = EngineStats(self.engine, name)
-        self.context = self.engine.max_len
+        engine = EngineLimits(engine.max_num_seqs, engine.max_model_len, engine.token_budget,
+                              max_waiting=limits.max_queued * MAX_SEQUENCES)  # admission's
+        self.engine = EngineProcess(self.source, replica_device(), engine)
+        self.stats = EngineStats(lambda: self.engine.state, name)
+        self.context = engine.positions(self.source.shape)
         self.created = int(time.time())
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose engine's process ended is replaced."""
+        if not self.engine.alive():
+            raise EngineFailed(self.engine.ended or "the engine's process ended")
+
+    def encode(self, prompt: str) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt, self.source.end_ids, self.source.bos_id)
 
     def refused(self, request: Request) -> "JSONResponse | None":
         if self.api_key is not None and \
@@ -159,9 +171,9 @@ class ModelServer:
         return parsed, [encoded[index // per_prompt] for index in range(len(parsed.jobs))]
 
     def encoded(self, prompt: Prompt) -> list[int]:
-        ids = self.loaded.generator.encode(prompt) if isinstance(prompt, str) else prompt
+        ids = self.encode(prompt) if isinstance(prompt, str) else prompt
         try:
-            self.engine.check_prompt(ids)
+            check_prompt(ids, self.context, self.source.shape.vocab_size)
         except PromptError as problem:
             raise BadRequest(str(problem), "prompt") from None
         return ids
@@ -171,7 +183,7 @@ class ModelServer:
         if not parsed.echo:
             return [""] * len(parsed.jobs)
         return [job.prompt if isinstance(job.prompt, str) else
-                self.loaded.tokenizer.decode(job.prompt) for job in parsed.jobs]
+                self.tokenizer.decode(job.prompt) for job in parsed.jobs]
 
     @api.get("/health")
     async def health(self) -> dict:
@@ -189,12 +201,12 @@ class ModelServer:
         async def tokens(body: dict) -> dict:
             if "messages" in body:
                 parsed = parse({**body, "max_tokens": 1}, self.name, self.context, chat=True)
-                ids = self.loaded.generator.encode(parsed.prompts[0])
+                ids = self.encode(parsed.prompts[0])
             else:
                 prompt = body.get("prompt")
                 if not isinstance(prompt, str):
                     raise BadRequest("prompt must be a string (or give messages)", "prompt")
-                ids = self.loaded.generator.encode(prompt)
+                ids = self.encode(prompt)
             return {"count": len(ids), "max_model_len": self.context, "tokens": ids}
 
         return await self.small(request, tokens)
@@ -204,25 +216,24 @@ class ModelServer:
         """vLLM's: {tokens} to the text they decode to."""
         async def text(body: dict) -> dict:
             tokens = body.get("tokens")
-            vocab = self.loaded.model.shape.vocab_size
+            vocab = self.source.shape.vocab_size
             if not isinstance(tokens, list) or not all(
                     isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                     for t in tokens):
                 raise BadRequest(f"tokens must be a list of token ids from 0 to {vocab - 1}",
                                  "tokens")
-            return {"prompt": self.loaded.tokenizer.decode(tokens)}
+            return {"prompt": self.tokenizer.decode(tokens)}
 
         return await self.small(request, text)
 
     @api.get("/tokenizer_info")
     async def tokenizer_info(self, request: Request):
-        tokenizer, generator = self.loaded.tokenizer, self.loaded.generator
-        piece = tokenizer.id_to_token
+        source, piece = self.source, self.tokenizer.id_to_token
         return self.refused(request) or {
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": self.context,
-            "vocab_size": tokenizer.get_vocab_size(),
-            "eos_token": piece(generator.end_ids[0]) if generator.end_ids else None,
-            "bos_token": None if generator.bos_id is None else piece(generator.bos_id)}
+            "vocab_size": self.tokenizer.get_vocab_size(),
+            "eos_token": piece(source.end_ids[0]) if source.end_ids else None,
+            "bos_token": None if source.bos_id is None else piece(source.bos_id)}
 
     async def small(self, request: Request, answer) -> JSONResponse | dict:
         """A request that runs no model: the key, JSON, a bounded body, 400 for the rest."""
@@ -274,19 +285,23 @@ class ModelServer:
         try:
             parsed, prompts = await asyncio.wait_for(self.parsed(request, chat),
                                                      deadline - time.perf_counter())
-            completions = Completions(self.engine, self.loaded.generator, parsed.jobs,
-                                      prompts, parsed.logprobs, parsed.echo)
+            completions = Completions(self.engine, parsed.jobs, prompts, parsed.logprobs,
+                                      parsed.echo)
         except BadRequest as problem:
             self.metrics.record(Served(route, problem.status, time.perf_counter() - started))
             return JSONResponse(problem.body(), status_code=problem.status)
         except TimeoutError:
             self.metrics.record(Served(route, 504, time.perf_counter() - started))
             return error(504, *self.timed_out())
+        except EngineFailed as ended:
+            self.metrics.record(Served(route, 503, time.perf_counter() - started))
+            return error(503, str(ended), "server_error",
+                         headers={"Retry-After": str(RETRY_AFTER_S)})
         except QueueFull as full:
             self.metrics.record(Served(route, 429, time.perf_counter() - started))
             return error(429, f"{full}; retry after {RETRY_AFTER_S} s", "rate_limit_error",
                          headers={"Retry-After": str(RETRY_AFTER_S)})
-        bodies = Bodies(parsed, self.loaded.tokenizer, self.name, self.echoed(parsed))
+        bodies = Bodies(parsed, self.tokenizer, self.name, self.echoed(parsed))
         if parsed.stream:
             return HeldStream(self.events(parsed, completions, bodies, route, started,
                                           deadline), self.admission.release)

@@ -227,7 +227,9 @@ def serve_command(args: argparse.Namespace) -> int:
     from ray import serve
 
     from raytron.platform.serving.app import build_app
+    from raytron.platform.serving.ingress import choose_local_ingress
 
+    ingress = "" if address else f", behind {choose_local_ingress()}"
     ray.init(address=address or "local", include_dashboard=False if not address else None,
              log_to_driver=False)
     # Serve's driver lines repeat what the line below says ("Connecting to existing Serve
@@ -243,7 +245,8 @@ def serve_command(args: argparse.Namespace) -> int:
         else str(args.replicas)
     device = f"{gpus:g} GPU each" if gpus else "on CPUs"
     print(f"Serving '{name}' ({source.describe()}) at http://{args.host}:{args.port}/v1 "
-          f"with {replicas} replica(s), {device}{'; API key required' if key else ''}"
+          f"with {replicas} replica(s), {device}{ingress}"
+          f"{'; API key required' if key else ''}"
           f"{'; request metrics to MLflow' if tracking_uri else ''}.", flush=True)
     if args.detach:
         print(f"Left running in the cluster; stop it with `serve delete {APP_NAME}`.")

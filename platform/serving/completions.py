@@ -1,6 +1,6 @@
 """One HTTP request's completions, decoded by the replica's engine among everyone else's.
 
-The engine steps in a thread of its own; what it says of a request (text as it becomes
+The engine steps in a process of its own; what it says of a request (text as it becomes
 final, the scores of tokens, the end) reaches the request's handler on the event loop
 through an asyncio queue, so that handlers never run model code. A handler that stops
 listening (its client left, its time ran out) cancels its sequences, which leave the
@@ -14,8 +14,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from raytron.model.engine import Engine, Event, Request, Scored
-from raytron.model.generate import TextGenerator, TextStream
+from raytron.model.engine import ERROR, Scored
+from raytron.platform.serving.engine_process import EngineProcess
 from raytron.platform.serving.requests import Job
 
 
@@ -34,17 +34,6 @@ class Finished:
     token_gaps_s: list[float] = field(default_factory=list)  # between its tokens
 
 
-@dataclass
-class Heard:
-    """What the engine said of one completion so far (written by the engine's thread,
-    read once its end is on the queue)."""
-
-    tokens: list[int] = field(default_factory=list)
-    scores: list[Scored] = field(default_factory=list)
-    prompt: list[Scored | None] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-
-
 def prompt_logprobs(echo: bool, logprobs: int | None, job: Job) -> int | None:
     """Score the prompt when it is echoed with logprobs, or (scored with none) to echo
     it alone: max_tokens 0 generates nothing."""
@@ -54,71 +43,39 @@ def prompt_logprobs(echo: bool, logprobs: int | None, job: Job) -> int | None:
 
 
 class Completions:
-    """Submits `jobs` (prompts as ids) to `engine`; `batches()` yields lists of ("text",
-    index, text) as each completion's text becomes final and ("end", index, Finished) as
-    each ends."""
+    """Submits `jobs` (prompts as ids) to the replica's engine; `batches()` yields lists
+    of ("text", index, text) as each completion's text becomes final and ("end", index,
+    Finished) as each ends."""
 
-    def __init__(self, engine: Engine, generator: TextGenerator, jobs: Sequence[Job],
+    def __init__(self, engine: EngineProcess, jobs: Sequence[Job],
                  prompts: Sequence[list[int]], logprobs: int | None = None,
                  echo: bool = False):
-        self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.engine, self.prompts = engine, prompts
-        self.stream = TextStream(generator.tokenizer, jobs[0].stop if jobs else (),
-                                 self.text)
-        self.heard = [Heard() for _ in jobs]
-        self.requests: list[Request] = []
-        self.ended = 0
-        try:
-            for index, (job, prompt) in enumerate(zip(jobs, prompts, strict=True)):
-                self.requests.append(engine.submit(
-                    prompt, job.max_tokens, job.sampling, self.listener(index), job.seed,
-                    self.stops(index), logprobs, prompt_logprobs(echo, logprobs, job)))
-        except Exception:
-            self.cancel()
-            raise
-
-    def stops(self, index: int):
-        return lambda ids: self.stream.on_token(index, ids)
-
-    def text(self, index: int, text: str) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, ("text", index, text))
-
-    def listener(self, index: int):
-        heard, started = self.heard[index], time.perf_counter()
-
-        def hear(event: Event) -> None:
-            if event.prompt is not None:
-                heard.prompt = list(event.prompt)
-            elif event.token is not None:
-                heard.tokens.append(event.token)
-                heard.times.append(time.perf_counter())
-                if event.scored is not None:
-                    heard.scores.append(event.scored)
-            else:
-                text = self.stream.finish(index, heard.tokens)
-                gaps = [b - a for a, b in zip(heard.times, heard.times[1:], strict=False)]
-                finished = Finished(text, heard.tokens, list(self.prompts[index]),
-                                    event.finish_reason, event.error, heard.scores,
-                                    heard.prompt, heard.times[0] - started if heard.times
-                                    else None, gaps)
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, ("end", index, finished))
-
-        return hear
+        self.engine, self.jobs, self.prompts = engine, jobs, prompts
+        self.ended: set[int] = set()
+        self.number = engine.submit(list(jobs), list(prompts), logprobs, echo, self.queue)
 
     async def batches(self, deadline: float) -> AsyncIterator[list[tuple]]:
         """Until every completion ended, what has come since the last batch (at least
         one item): a stream sends it at once, in one message, rather than a message a
         token. TimeoutError at `deadline` (perf_counter)."""
-        while self.ended < len(self.requests):
+        while len(self.ended) < len(self.jobs):
             batch = [await asyncio.wait_for(self.queue.get(), deadline - time.perf_counter())]
             while not self.queue.empty():
                 batch.append(self.queue.get_nowait())
-            self.ended += sum(item[0] == "end" for item in batch)
+            batch = [item for got in batch for item in self.ends_of_failure(got)]
+            self.ended.update(index for kind, index, _ in batch if kind == "end")
             yield batch
 
+    def ends_of_failure(self, item: tuple) -> list[tuple]:
+        """The item; for the engine's end, an end with its error for each completion."""
+        if item[0] != "failed":
+            return [item]
+        return [("end", index, Finished("", [], list(self.prompts[index]), ERROR, item[2]))
+                for index in range(len(self.jobs)) if index not in self.ended]
+
     async def results(self, deadline: float) -> list[Finished]:
-        finished: list[Finished | None] = [None] * len(self.requests)
+        finished: list[Finished | None] = [None] * len(self.jobs)
         async for batch in self.batches(deadline):
             for kind, index, value in batch:
                 if kind == "end":
@@ -126,7 +83,5 @@ class Completions:
         return finished
 
     def cancel(self) -> None:
-        """The sequences not yet ended leave the engine at its next step."""
-        for request in self.requests:
-            if request.finish_reason is None:
-                self.engine.cancel(request)
+        """Hear no more; the sequences not yet ended leave the engine at its next step."""
+        self.engine.release(self.number, cancel=len(self.ended) < len(self.jobs))

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from ray.util import metrics
 
-from raytron.model.engine import Engine
 from raytron.platform.serving.completions import Finished
 
 SAMPLE_S = 1.0
@@ -17,8 +17,9 @@ LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 
 
 class EngineStats:
-    def __init__(self, engine: Engine, model: str):
-        self.engine, self.tags = engine, {"model": model}
+    def __init__(self, state: Callable[[], dict[str, int]], model: str):
+        """`state`: the engine's latest `Engine.state()`."""
+        self.state, self.tags = state, {"model": model}
         keys = ("model",)
         self.running = metrics.Gauge("raytron_engine_running",
                                      "sequences in the engine's slots", tag_keys=keys)
@@ -39,20 +40,13 @@ class EngineStats:
                          daemon=True).start()
 
     def snapshot(self) -> dict:
-        engine = self.engine
-        used = engine.slots_in_use()
-        return {"running": used, "waiting": len(engine.waiting),
-                "kv_slots": engine.limits.max_num_seqs, "kv_slots_used": used,
-                "tokens_per_s": self.tokens_per_s,
-                "generated_tokens": engine.stats.generated_tokens,
-                "prefilled_tokens": engine.stats.prefilled_tokens,
-                "finished": engine.stats.finished}
+        return {**self.state(), "tokens_per_s": self.tokens_per_s}
 
     def sample_forever(self) -> None:
-        last, then = self.engine.stats.generated_tokens, time.perf_counter()
+        last, then = self.state()["generated_tokens"], time.perf_counter()
         while True:
             time.sleep(SAMPLE_S)
-            now, generated = time.perf_counter(), self.engine.stats.generated_tokens
+            now, generated = time.perf_counter(), self.state()["generated_tokens"]
             self.tokens_per_s = (generated - last) / (now - then)
             last, then = generated, now
             state = self.snapshot()
