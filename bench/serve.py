@@ -49,7 +49,11 @@ STARTUP_S = 300
 PREVIOUS = """The previous implementation (`@serve.batch`, `max_batch_size` 16, measured
 2026-11-24 at an older commit by the earlier version of this bench, non-streamed
 requests from threads of the server's own process; not re-measured): 462 / 1449 /
-1848 output tokens/s at concurrency 1 / 4 / 16, streamed TTFT p50 at 16: 665 ms."""
+1848 output tokens/s at concurrency 1 / 4 / 16, streamed TTFT p50 at 16: 665 ms.
+
+Torch threads (a `--quick` run of this bench on 2026-12-05, through Serve's proxy, not
+re-measured): with OMP_NUM_THREADS=2, 963 tokens/s at concurrency 16 for raytron and
+1768 for `transformers serve`; with 1, 1594 and 2404."""
 
 
 def requests_for(concurrency: int, quick: bool) -> int:

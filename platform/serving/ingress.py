@@ -2,7 +2,7 @@
 
 Ray Serve's default ingress is a proxy actor in Python: every request, and every chunk
 of every stream, crosses it on its way to a replica. On 2 cores it took as much CPU as
-the engine, and 16 concurrent streams got 1.6k tokens/s (bench/serve.py). Ray's
+the engine, and 16 concurrent streams got 1.5k tokens/s (bench/serve.py). Ray's
 high-throughput mode puts HAProxy on the port instead, and each replica serves HTTP
 itself behind it (direct ingress): 3.1k. raytron's own Ray runs in that mode wherever
 an HAProxy binary is found (`ray[serve]` brings one on Linux), unless the environment
