@@ -136,11 +136,17 @@ class TextGenerator:
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
                  sampling: Sampling = SAMPLE, seed: int | None = None,
                  stop: Sequence[str] = (), batch_size: int = 8,
-                 on_text: Callable[[int, str], None] | None = None) -> list[Generation]:
+                 on_text: Callable[[int, str], None] | None = None,
+                 keep_last: bool = False) -> list[Generation]:
         """Completions of `prompts`, `batch_size` decoded together (a prompt starts as
         soon as one before it ends). `on_text(index, text)` receives each prompt's new
-        text as it is generated."""
+        text as it is generated. `keep_last`: a prompt too long to leave room for
+        `max_new_tokens` keeps its last tokens (an evaluation's few-shot prompt) rather
+        than being refused."""
         encoded = [self.encode(prompt) for prompt in prompts]
+        if keep_last:
+            room = max(1, self.model.shape.max_seq_len - max_new_tokens)
+            encoded = [ids[-room:] for ids in encoded]
         stream = TextStream(self.tokenizer, stop, on_text)
         result = generate_ids(self.model, encoded, max_new_tokens, sampling, self.end_ids,
                               seed, stream.on_token, batch_size)

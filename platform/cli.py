@@ -197,8 +197,8 @@ def add_model_commands(commands) -> None:
         ("generate", "generate text from a trained model, streamed token by token",
          model_commands.GENERATE_EPILOG, model_commands.add_generate_arguments,
          model_commands.generate_command),
-        ("eval", "score a model on a corpus: mean negative log-likelihood and perplexity, "
-         "printed, written as JSON and logged to MLflow", None,
+        ("eval", "score a model: perplexity on a corpus (--data), or lm-evaluation-harness "
+         "tasks (--tasks); printed, written as JSON and logged to MLflow", None,
          model_commands.add_eval_arguments, model_commands.eval_command),
         ("export", "write a model as a Hugging Face folder that transformers loads",
          model_commands.EXPORT_EPILOG, model_commands.add_export_arguments,

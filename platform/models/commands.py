@@ -142,9 +142,10 @@ def separator(index: int, total: int) -> str:
 
 def add_eval_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
-    command.add_argument("--data", required=True, metavar="PATH_OR_SOURCES",
-                         help="what to score, as data.sources takes it: a file, folder, glob "
-                              "or URI (s3://, gs://; .gz/.zst/.bz2/.lz4 read as they are), "
+    command.add_argument("--data", metavar="PATH_OR_SOURCES",
+                         help="perplexity of a corpus, as data.sources takes it: a file, "
+                              "folder, glob or URI (s3://, gs://; .gz/.zst/.bz2/.lz4 read as "
+                              "they are), "
                               "or a YAML list such as '[a.txt, {path: b.jsonl, "
                               "text_field: body}]'")
     command.add_argument("--seq-len", type=checked(int, 2), metavar="N",
@@ -152,8 +153,23 @@ def add_eval_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--stride", type=checked(int, 1), metavar="S",
                          help="tokens a window moves (default: half of --seq-len); each "
                               "token is scored once, with up to N - S tokens of context")
-    command.add_argument("--batch", type=checked(int, 1), default=8, metavar="B",
-                         help="windows per forward pass (default 8)")
+    command.add_argument("--tasks", metavar="NAMES",
+                         help="lm-evaluation-harness tasks instead, comma-separated: names "
+                              "lm_eval knows, raytron's own (raytron_last_word, "
+                              "raytron_next_line) or task YAML files (needs the [eval] extra)")
+    command.add_argument("--num-fewshot", type=checked(int, 0), metavar="K",
+                         help="--tasks: examples before each question (default: the task's)")
+    command.add_argument("--limit", type=checked(float, 0, above=True), metavar="N",
+                         help="--tasks: the first N samples of each task (below 1: that "
+                              "share of them)")
+    command.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                         help="--tasks: a folder of your own task YAMLs (repeatable)")
+    command.add_argument("--log-samples", action="store_true",
+                         help="--tasks: each sample's prompt, answers and scores in the "
+                              "output too")
+    command.add_argument("--batch", "--batch-size", type=checked(int, 1), default=8,
+                         metavar="B", help="windows (or task requests) per forward pass "
+                                           "(default 8)")
     command.add_argument("--split", choices=("all", "held-out"), default="all",
                          help="all documents (default), or only those the run held out of "
                               "training (data.val_share, by content hash)")
@@ -209,11 +225,18 @@ def sources_of(data: str) -> list:
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    if (args.data is None) == (args.tasks is None):
+        raise ConfigError(["raytron eval scores --data (perplexity) or --tasks (lm-evaluation-"
+                           "harness tasks). Fix: give one of them."])
+    if args.tasks is not None:
+        from raytron.platform.models.task_eval import task_eval_command
+
+        return task_eval_command(args)
     from raytron.platform.models.evaluate import (
         HELD_OUT,
         default_name,
         evaluate,
-        log_to_mlflow,
+        result_metrics,
     )
     from raytron.platform.models.loading import load_model
     from raytron.platform.models.sources import open_source
@@ -242,14 +265,24 @@ def eval_command(args: argparse.Namespace) -> int:
           f"{result.tokens} tokens of {result.documents} documents"
           f"{f' ({skipped} bad records skipped: {result.skipped})' if skipped else ''}; "
           f"written to {output}")
+    log_result(args, source, result_metrics(result), output,
+               f"eval/{name}/loss and eval/{name}/perplexity")
+    return 0
+
+
+def log_result(args: argparse.Namespace, source, metrics: dict[str, float], output: Path,
+               what: str) -> None:
+    """`metrics` at the checkpoint's step, and the `output` file, to the MLflow run of
+    --run-id, else of the SOURCE run (none for a folder outside a run)."""
+    from raytron.platform.models.evaluate import log_to_mlflow
+
     uri, run_id = mlflow_target(args, source)
     if run_id and uri:
-        log_to_mlflow(result, uri, run_id, output)
-        print(f"Logged eval/{name}/loss and eval/{name}/perplexity to MLflow run {run_id}")
+        log_to_mlflow(metrics, source.step, uri, run_id, output)
+        print(f"Logged {what} to MLflow run {run_id}")
     elif run_id:
         print("Not logged to MLflow: the run's tracking URI holds credentials raytron does "
               "not save. Fix: set MLFLOW_TRACKING_URI or --tracking-uri.", file=sys.stderr)
-    return 0
 
 
 def held_out_problem(source) -> None:

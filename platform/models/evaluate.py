@@ -144,9 +144,15 @@ def default_name(sources: Sequence[SourceConfig]) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", stem)
 
 
-def log_to_mlflow(result: EvalResult, uri: str, run_id: str, json_file: Path) -> None:
-    """`eval/<name>/loss` and `eval/<name>/perplexity` at the checkpoint's step, and the
-    result's JSON as an artifact."""
+def result_metrics(result: EvalResult) -> dict[str, float]:
+    return {f"eval/{result.name}/{key}": float(value)
+            for key, value in (("loss", result.loss), ("perplexity", result.perplexity),
+                               ("tokens", result.tokens))}
+
+
+def log_to_mlflow(metrics: dict[str, float], step: int | None, uri: str, run_id: str,
+                  json_file: Path) -> None:
+    """`metrics` at the checkpoint's step, and the result's JSON as an artifact."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
@@ -155,9 +161,6 @@ def log_to_mlflow(result: EvalResult, uri: str, run_id: str, json_file: Path) ->
     quiet_mlflow()
     client = MlflowClient(tracking_uri=uri)
     now = int(time.time() * 1000)
-    step = result.step or 0
-    client.log_batch(run_id, metrics=[
-        Metric(f"eval/{result.name}/{key}", float(value), now, step)
-        for key, value in (("loss", result.loss), ("perplexity", result.perplexity),
-                           ("tokens", result.tokens))])
+    client.log_batch(run_id, metrics=[Metric(name, value, now, step or 0)
+                                      for name, value in metrics.items()])
     client.log_artifact(run_id, str(json_file), artifact_path="eval")

@@ -197,16 +197,22 @@ class ModelServer:
     @api.post("/tokenize")
     async def tokenize(self, request: Request):
         """vLLM's: {prompt} or {messages} (with add_generation_prompt) to token ids, as
-        the server encodes a prompt."""
+        the server encodes a prompt; `add_special_tokens: false` leaves out the BOS of a
+        model trained with one (lm-evaluation-harness's remote tokenizer asks so)."""
         async def tokens(body: dict) -> dict:
+            special = body.get("add_special_tokens", True)
+            if not isinstance(special, bool):
+                raise BadRequest("add_special_tokens must be true or false",
+                                 "add_special_tokens")
             if "messages" in body:
                 parsed = parse({**body, "max_tokens": 1}, self.name, self.context, chat=True)
-                ids = self.encode(parsed.prompts[0])
+                text = parsed.prompts[0]
             else:
-                prompt = body.get("prompt")
-                if not isinstance(prompt, str):
+                text = body.get("prompt")
+                if not isinstance(text, str):
                     raise BadRequest("prompt must be a string (or give messages)", "prompt")
-                ids = self.encode(prompt)
+            ids = self.encode(text) if special else \
+                self.tokenizer.encode(text, add_special_tokens=False).ids
             return {"count": len(ids), "max_model_len": self.context, "tokens": ids}
 
         return await self.small(request, tokens)

@@ -1,0 +1,55 @@
+"""The data of raytron's own lm-evaluation-harness tasks, built from the Python language
+reference that every CPython carries (raytron's embedded pre-training corpus), so that
+they need no file and no network, and the tiny preset's progress shows as accuracy:
+
+- `raytron_last_word`: a paragraph without its last word, and that word (a cloze task,
+  as LAMBADA): accuracy is how often greedy decoding gives exactly the word.
+- `raytron_next_line`: a line of the reference, and four lines to follow it, one of
+  them the line that does (multiple choice; chance is 25%).
+
+The same items every time (a fixed seed): `ITEMS` of each, drawn from all candidates.
+"""
+
+import random
+import re
+
+import datasets
+
+from raytron.pipelines.embedded import PYTHON_REFERENCE, embedded_texts
+
+ITEMS = 300
+CHOICES = 4
+ENDS_WITH_A_WORD = re.compile(r"(.{60,}\S) ([A-Za-z]{3,})\.")
+
+
+def last_word(**_metadata) -> datasets.DatasetDict:
+    candidates = []
+    for text in embedded_texts(PYTHON_REFERENCE):
+        for paragraph in text.split("\n\n"):
+            found = ENDS_WITH_A_WORD.fullmatch(" ".join(paragraph.split()))
+            if found:
+                candidates.append({"context": found[1], "target": " " + found[2]})
+    return test_split(candidates)
+
+
+def next_line(**_metadata) -> datasets.DatasetDict:
+    pairs = []
+    for text in embedded_texts(PYTHON_REFERENCE):
+        lines = [line.strip() for line in text.splitlines() if len(line.strip()) >= 20]
+        pairs += zip(lines, lines[1:], strict=False)
+    followers = sorted({follower for _, follower in pairs})
+    generator = random.Random(1)
+    candidates = []
+    for line, follower in pairs:
+        others = [other for other in generator.sample(followers, CHOICES + 1)
+                  if other != follower][: CHOICES - 1]
+        choices = [follower, *others]
+        generator.shuffle(choices)
+        candidates.append({"line": line, "choices": choices,
+                           "label": choices.index(follower)})
+    return test_split(candidates)
+
+
+def test_split(candidates: list[dict]) -> datasets.DatasetDict:
+    items = random.Random(0).sample(candidates, min(ITEMS, len(candidates)))
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(items)})

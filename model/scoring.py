@@ -1,0 +1,75 @@
+"""How likely a model finds a continuation of a context: the log-probability of its
+tokens, and whether greedy decoding would have produced exactly them. What evaluation
+harnesses ask of a model for multiple-choice and cloze tasks (lm-evaluation-harness's
+`loglikelihood`), and for the perplexity of a whole text (`loglikelihood_rolling`).
+
+Plain PyTorch: a forward pass over each batch of sequences, the longest first (so that
+each batch pads little, and the first shows at once whether memory suffices).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from raytron.model.gpt import GPT
+
+
+@dataclass(frozen=True)
+class Scored:
+    logprob: float  # the continuation's tokens, summed
+    greedy: bool  # each of them the most likely at its position
+
+
+def continuation_scores(model: GPT, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                        batch_size: int = 8,
+                        on_batch: Callable[[int], None] | None = None,
+                        max_length: int | None = None) -> list[Scored]:
+    """For each (context ids, continuation ids), with a context of at least one token,
+    the continuation's score. A pair longer than `max_length` (default and at most: the
+    model's context) keeps its last `max_length + 1` tokens, the context cut from the
+    left. `on_batch(n)` after each batch of n pairs (a progress bar)."""
+    limit = min(max_length or model.shape.max_seq_len, model.shape.max_seq_len)
+    rows = []
+    for context, continuation in pairs:
+        if not context or not continuation:
+            raise ValueError("a context and a continuation of at least one token each")
+        if len(continuation) > limit:
+            raise ValueError(f"a continuation of {len(continuation)} tokens does not fit the "
+                             f"model's context of {limit}")
+        rows.append((list(context) + list(continuation))[-(limit + 1):])
+    order = sorted(range(len(rows)), key=lambda index: -len(rows[index]))
+    scores: list[Scored | None] = [None] * len(rows)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        for index, score in zip(batch, scored_batch(model, [rows[i] for i in batch],
+                                                    [len(pairs[i][1]) for i in batch],
+                                                    device), strict=True):
+            scores[index] = score
+        if on_batch is not None:
+            on_batch(len(batch))
+    return scores
+
+
+@torch.inference_mode()
+def scored_batch(model: GPT, rows: list[list[int]], continuations: list[int],
+                 device: torch.device) -> list[Scored]:
+    """Rows of ids, each ending with a continuation of the given length: the inputs are
+    all but a row's last token, padded on the right (causal attention keeps the padding
+    out of every real position)."""
+    width = max(len(row) for row in rows) - 1
+    inputs = torch.zeros(len(rows), width, dtype=torch.long)
+    for index, row in enumerate(rows):
+        inputs[index, : len(row) - 1] = torch.tensor(row[:-1])
+    logits = model(inputs.to(device))
+    scores = []
+    for index, (row, length) in enumerate(zip(rows, continuations, strict=True)):
+        end = len(row) - 1  # the inputs' length: position end - 1 predicts the last token
+        logprobs = logits[index, end - length : end].float().log_softmax(dim=-1)
+        targets = torch.tensor(row[-length:], device=logprobs.device)
+        chosen = logprobs.gather(-1, targets[:, None]).sum()
+        scores.append(Scored(float(chosen), bool((logprobs.argmax(-1) == targets).all())))
+    return scores

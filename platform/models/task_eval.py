@@ -1,0 +1,142 @@
+"""`raytron eval --tasks`: lm-evaluation-harness tasks scored on a model in this process
+(`harness.py`), with lm_eval's own task definitions, few-shot sampling and metrics.
+
+Offline first: tasks read local files (task YAMLs with `dataset_path: json` and
+`data_files`, found through `--include-path`), raytron's own tasks need nothing
+(`configs/tasks/`), and where the Hugging Face Hub cannot be reached its offline
+switches are set before anything imports `datasets`, so that no call waits on it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+from raytron.platform.config.schema import ConfigError
+from raytron.platform.models.loading import LoadedModel
+
+OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+HUB = "https://huggingface.co"
+
+
+def raytron_tasks() -> Path:
+    """The folder of raytron's own tasks (installed with its configs)."""
+    from raytron.platform.config.load import preset_dirs
+
+    return next(folder / "tasks" for folder in preset_dirs() if (folder / "tasks").is_dir())
+
+
+def offline_unless_hub_answers(timeout_s: float = 3.0) -> bool:
+    """Sets the Hub's offline switches, unless they are set already or its host takes a
+    connection within `timeout_s`; True when offline."""
+    if any(name in os.environ for name in OFFLINE_SWITCHES):
+        return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    address = urlparse(os.environ.get("HF_ENDPOINT", HUB))
+    try:
+        socket.create_connection((address.hostname, address.port or 443), timeout_s).close()
+        return False
+    except OSError:
+        for name in OFFLINE_SWITCHES:
+            os.environ[name] = "1"
+        return True
+
+
+def task_manager(tasks: Sequence[str], include_paths: Sequence[str]):
+    """lm_eval's index of tasks, raytron's and `include_paths`' among them; a ConfigError
+    naming any of `tasks` it does not hold (nor is a task YAML file)."""
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on every custom task
+    manager = TaskManager(include_path=[str(raytron_tasks()), *include_paths])
+    unknown = [task for task in tasks if task not in manager.all_tasks and not
+               Path(task).is_file()]
+    if unknown:
+        raise ConfigError([f"--tasks: no task named {', '.join(unknown)}. Fix: give a name "
+                           "lm_eval knows (`lm-eval ls tasks`; raytron's own: "
+                           "raytron_last_word, raytron_next_line), a task YAML file, or the "
+                           "folder of your task YAMLs with --include-path."])
+    return manager
+
+
+def score_tasks(loaded: LoadedModel, tasks: Sequence[str], manager,
+                num_fewshot: int | None, limit: float | None, batch_size: int,
+                log_samples: bool) -> dict:
+    """lm_eval's results of `tasks` (names in `manager`, or task YAML files)."""
+    from lm_eval import simple_evaluate
+
+    from raytron.platform.models.harness import RaytronLM
+
+    try:
+        return simple_evaluate(model=RaytronLM(loaded, batch_size), tasks=list(tasks),
+                               num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                               log_samples=log_samples)
+    except FileNotFoundError as missing:
+        raise ConfigError([f"--tasks: a task's data was not found ({missing}). Fix: a task "
+                           "YAML's data_files are read from the folder raytron runs in; give "
+                           "absolute paths, or run from the folder they are relative to."]
+                          ) from None
+    except ConnectionError as unreachable:
+        raise ConfigError([f"--tasks: a task's data is not in the Hugging Face cache and the "
+                           f"Hub cannot be reached ({unreachable}). Fix: run once where the "
+                           "Hub answers (the data stays in HF_HOME's cache), or give the task "
+                           "as a YAML reading local files."]) from None
+
+
+def task_metrics(results: dict) -> dict[str, float]:
+    """`eval/<task>/<metric>` for each number lm_eval reports (a filter other than
+    `none` appended to the metric's name), standard errors left out."""
+    metrics = {}
+    for task, values in results["results"].items():
+        for key, value in values.items():
+            metric, _, chosen = key.partition(",")
+            if isinstance(value, int | float) and not isinstance(value, bool) and \
+                    chosen and not metric.endswith("_stderr"):
+                suffix = "" if chosen == "none" else f"_{chosen}"
+                metrics[f"eval/{task}/{metric}{suffix}"] = float(value)
+    return metrics
+
+
+def results_json(results: dict) -> str:
+    from lm_eval.utils import handle_non_serializable
+
+    return json.dumps(results, indent=2, default=handle_non_serializable) + "\n"
+
+
+def task_eval_command(args) -> int:
+    """`raytron eval SOURCE --tasks ...`: lm_eval's table printed, its results written
+    beside the run's other evaluations and logged to its MLflow run."""
+    from raytron.platform.models.commands import default_output, log_result
+    from raytron.platform.models.loading import load_model
+    from raytron.platform.models.sources import open_source
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(["--tasks needs lm-evaluation-harness. Fix: pip install -e "
+                           "'.[eval]' (or pip install lm_eval)."])
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    if not tasks:
+        raise ConfigError(["--tasks is empty. Fix: name at least one task, e.g. "
+                           "--tasks raytron_next_line."])
+    source = open_source(args.source)
+    if offline_unless_hub_answers():
+        print("The Hugging Face Hub does not answer: offline (HF_HUB_OFFLINE=1); tasks read "
+              "local files and the datasets cache.", file=sys.stderr)
+    manager = task_manager(tasks, args.include_path)
+    results = score_tasks(load_model(source, args.device), tasks, manager, args.num_fewshot,
+                          args.limit, args.batch, args.log_samples)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    output = Path(args.output) if args.output else default_output(source, "tasks")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(results_json(results))
+    print(f"Written to {output}")
+    metrics = task_metrics(results)
+    log_result(args, source, metrics, output, f"{len(metrics)} eval/<task>/<metric> values")
+    return 0
