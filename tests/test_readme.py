@@ -47,6 +47,11 @@ NOT_RUN = {
     "ruff check": "the linter, run by the hook before a commit",
     "python bench/": "benchmarks, minutes each (docs/benchmarks.md)",
     "from openai import OpenAI": "asks a running server: tests/test_serve.py",
+    "lm-eval run": "asks a running server: tests/test_task_eval.py runs lm_eval's "
+                   "local-completions on raytron serve",
+    "raytron eval runs/tiny --tasks hellaswag": "hellaswag's data is on the Hugging Face "
+                                                "Hub: tests/test_task_eval.py scores tasks "
+                                                "from local files",
 }
 # trainings whose configs are checked (`raytron config`) but not run here: more devices
 # than a test machine has, or what other tests train already (a training costs ~25 s)

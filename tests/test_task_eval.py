@@ -100,6 +100,46 @@ def test_lm_evals_local_completions_on_raytron_serve_gives_the_same_scores(expor
         assert ours["results"][task]["acc,none"] == theirs["results"][task]["acc,none"]
 
 
+def test_generation_on_raytron_serve_gives_the_text_of_generation_in_process(
+        exported, served, tmp_path):
+    """A generate_until task (greedy, stop strings): the same text either way."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    items = tmp_path / "lines.jsonl"
+    items.write_text("".join(json.dumps({"context": text, "answer": ""}) + "\n"
+                             for text in ("The import statement", "A class is", "x = 1",
+                                          "Objects are", "def f():", "The while loop")))
+    (tmp_path / "continue.yaml").write_text(f"""task: continue_lines
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {items}
+output_type: generate_until
+test_split: test
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n", "."]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""")
+    manager = TaskManager(include_path=[str(tmp_path)])
+
+    def texts(model) -> list[str]:
+        results = simple_evaluate(model=model, tasks=["continue_lines"], log_samples=True,
+                                  task_manager=manager)
+        samples = sorted(results["samples"]["continue_lines"], key=lambda s: s["doc_id"])
+        return [sample["resps"][0][0] for sample in samples]
+
+    ours = texts(RaytronLM(load_model(exported[0])))
+    theirs = texts(LocalCompletionsAPI(model="run", base_url=f"{served}/v1/completions",
+                                       tokenizer_backend="remote", tokenized_requests=True,
+                                       max_length=128))
+    assert ours == theirs and len(ours) == 6 and any(ours)
+
+
 def test_the_command_prints_writes_and_names_its_metrics(exported, tmp_path):
     run_dir, _ = exported
     output = tmp_path / "scores.json"
