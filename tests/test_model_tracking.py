@@ -41,6 +41,19 @@ def test_eval_logs_to_the_runs_mlflow_run(tracked_run, tmp_path):
     assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/notes_step30.json"]
 
 
+def test_task_scores_log_to_the_runs_mlflow_run(tracked_run, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run_dir, client, run_id = tracked_run
+    code, printed, err = run_cli("eval", str(run_dir), "--tasks", "raytron_next_line",
+                                 "--limit", "5")
+    assert code == 0, err
+    history = client.get_metric_history(run_id, "eval/raytron_next_line/acc")
+    assert [m.step for m in history] == [30] and 0 <= history[0].value <= 1
+    assert "eval/tasks_step30.json" in [a.path for a in client.list_artifacts(run_id, "eval")]
+    assert f"Logged 2 eval/<task>/<metric> values to MLflow run {run_id}" in printed
+
+
 def test_export_logs_and_registers_a_transformers_model(tracked_run, tmp_path):
     import mlflow
 
