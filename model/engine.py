@@ -108,7 +108,7 @@ def scored(logits: torch.Tensor, token: int, top: int) -> Scored:
 class Event:
     """What `on_event` hears: a new token (scored when the request asked for logprobs);
     the prompt's scores (`echo`: None for its first token) once it is prefilled; or the
-    end, with why and the error if any."""
+    end, with why and the error if any (and, scored, the end token that ended it)."""
 
     token: int | None = None
     scored: Scored | None = None
@@ -386,8 +386,8 @@ class Engine:
                 request.counts[0, token] += 1
             score = None if request.logprobs is None else \
                 scored(raw, token, request.logprobs)
-            if token in self.end_ids:
-                self.finish(request, STOP)
+            if token in self.end_ids:  # ends it; scored, as evaluation harnesses expect
+                self.finish(request, STOP, scored=score)
                 return
             request.generated.append(token)
             self.stats.generated_tokens += 1
@@ -407,7 +407,8 @@ class Engine:
         except Exception as error:  # noqa: BLE001
             self.finish(request, ERROR, f"{type(error).__name__}: {error}")
 
-    def finish(self, request: Request, reason: str, error: str | None = None) -> None:
+    def finish(self, request: Request, reason: str, error: str | None = None,
+               scored: Scored | None = None) -> None:
         if request.slot is not None and self.slots[request.slot] is request:
             self.slots[request.slot] = None
         if request in self.admitted:
@@ -415,7 +416,7 @@ class Engine:
         request.finish_reason = reason
         self.stats.finished += 1
         try:
-            request.on_event(Event(finish_reason=reason, error=error))
+            request.on_event(Event(scored=scored, finish_reason=reason, error=error))
         except Exception:  # noqa: BLE001, S110 (a listener that fails hears no more)
             pass
 

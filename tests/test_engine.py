@@ -282,3 +282,19 @@ def test_logprobs_of_the_prompt_and_the_output_are_the_models_log_softmax(gpt):
     assert any(len(s.top) == 3 for s in scores)  # 2, and the unlikely token chosen
     assert scoring_only.tokens == [] and scoring_only.end.finish_reason == LENGTH
     assert only.generated == []
+
+
+def test_the_end_token_that_ends_a_scored_request_is_scored(gpt):
+    """lm-evaluation-harness asks for one token with logprobs and drops the last scored
+    one as the generated one: an end token is scored like any other."""
+    prompt = PROMPTS[0]
+    first = alone(gpt, prompt, 1)[0]
+    heard = Heard()
+    engine = Engine(gpt, end_ids=[first])
+    engine.submit(prompt, 1, GREEDY, heard, logprobs=2)
+    engine.run_until_done()
+    with torch.inference_mode():
+        expected = gpt(torch.tensor([prompt]))[0, -1].log_softmax(-1)[first]
+    assert heard.tokens == [] and heard.end.finish_reason == STOP
+    assert heard.end.scored.token == first
+    assert heard.end.scored.logprob == pytest.approx(float(expected), abs=1e-5)

@@ -6,6 +6,8 @@ they need no file and no network, and the tiny preset's progress shows as accura
   as LAMBADA): accuracy is how often greedy decoding gives exactly the word.
 - `raytron_next_line`: a line of the reference, and four lines to follow it, one of
   them the line that does (multiple choice; chance is 25%).
+- `raytron_word_choice`: a paragraph without its last word, and four words of about its
+  length to end it, one of them the word that does (multiple choice; chance is 25%).
 
 The same items every time (a fixed seed): `ITEMS` of each, drawn from all candidates.
 """
@@ -23,13 +25,36 @@ ENDS_WITH_A_WORD = re.compile(r"(.{60,}\S) ([A-Za-z]{3,})\.")
 
 
 def last_word(**_metadata) -> datasets.DatasetDict:
+    return test_split(paragraph_ends())
+
+
+def word_choice(**_metadata) -> datasets.DatasetDict:
+    ends = paragraph_ends()
+    words = sorted({end["target"] for end in ends})
+    generator = random.Random(2)
     candidates = []
+    for end in ends:
+        # the words closest in length (a model that knows nothing prefers short ones)
+        others = sorted((word for word in words if word != end["target"]),
+                        key=lambda word: (abs(len(word) - len(end["target"])),
+                                          generator.random()))[: CHOICES - 1]
+        choices = [end["target"], *others]
+        generator.shuffle(choices)
+        candidates.append({"context": end["context"], "choices": choices,
+                           "label": choices.index(end["target"])})
+    return test_split(candidates)
+
+
+def paragraph_ends() -> list[dict]:
+    """Each paragraph that ends with a word and a full stop: the text before the word,
+    and the word with its space (" word")."""
+    ends = []
     for text in embedded_texts(PYTHON_REFERENCE):
         for paragraph in text.split("\n\n"):
             found = ENDS_WITH_A_WORD.fullmatch(" ".join(paragraph.split()))
             if found:
-                candidates.append({"context": found[1], "target": " " + found[2]})
-    return test_split(candidates)
+                ends.append({"context": found[1], "target": " " + found[2]})
+    return ends
 
 
 def next_line(**_metadata) -> datasets.DatasetDict:

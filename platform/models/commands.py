@@ -155,8 +155,9 @@ def add_eval_arguments(command: argparse.ArgumentParser) -> None:
                               "token is scored once, with up to N - S tokens of context")
     command.add_argument("--tasks", metavar="NAMES",
                          help="lm-evaluation-harness tasks instead, comma-separated: names "
-                              "lm_eval knows, raytron's own (raytron_last_word, "
-                              "raytron_next_line) or task YAML files (needs the [eval] extra)")
+                              "lm_eval knows, raytron's own (raytron_word_choice, "
+                              "raytron_next_line, raytron_last_word) or task YAML files "
+                              "(needs the [eval] extra)")
     command.add_argument("--num-fewshot", type=checked(int, 0), metavar="K",
                          help="--tasks: examples before each question (default: the task's)")
     command.add_argument("--limit", type=checked(float, 0, above=True), metavar="N",

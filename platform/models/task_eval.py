@@ -60,8 +60,9 @@ def task_manager(tasks: Sequence[str], include_paths: Sequence[str]):
     if unknown:
         raise ConfigError([f"--tasks: no task named {', '.join(unknown)}. Fix: give a name "
                            "lm_eval knows (`lm-eval ls tasks`; raytron's own: "
-                           "raytron_last_word, raytron_next_line), a task YAML file, or the "
-                           "folder of your task YAMLs with --include-path."])
+                           "raytron_word_choice, raytron_next_line, raytron_last_word), a "
+                           "task YAML file, or the folder of your task YAMLs with "
+                           "--include-path."])
     return manager
 
 

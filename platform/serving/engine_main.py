@@ -109,6 +109,8 @@ class Decoding:
             elif self.failure is not None:
                 self.end(index, ERROR, self.failure)
             else:
+                if event.scored is not None:  # the end token: scored, not text
+                    heard.scores.append(event.scored)
                 self.end(index, event.finish_reason, event.error)
 
         return hear

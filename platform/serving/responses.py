@@ -75,8 +75,10 @@ class Bodies:
             return None
         if self.parsed.chat:
             return {"content": [self.chat_entry(s) for s in finished.scores]}
-        ids, scores = finished.tokens, list[Scored | None]()
-        scores += finished.scores
+        # the scored tokens: those generated and the end token that ended them, if one
+        # did (vLLM's shape: lm-evaluation-harness drops the last as the generated one)
+        scores: list[Scored | None] = list(finished.scores)
+        ids = [score.token for score in finished.scores]
         if self.parsed.echo:
             ids, scores = [*finished.prompt_ids, *ids], [*finished.prompt_scores, *scores]
         tokens = [self.piece(token) for token in ids]

@@ -1,0 +1,169 @@
+"""Scoring lm-evaluation-harness tasks: raytron in process and through `raytron serve`,
+against lm_eval's own `hf` model on the export.
+
+    python bench/tasks.py          # ~10 minutes on 2 cores; writes docs/benchmarks.md
+    python bench/tasks.py --quick  # a few samples, a trial: writes nothing
+
+raytron's two shipped tasks (raytron_next_line: 4 choices a sample; raytron_last_word:
+one continuation) on random weights of two shapes, a run directory and the same weights
+exported by `raytron export` (fp32, CPU): timed once each, (a) lm_eval's `raytron` model
+in this process, (b) lm_eval's `hf` model on the export, (c) lm_eval's
+`local-completions` model against `raytron serve` on the run (started for it, one torch
+thread as in bench/serve.py, 8 requests in flight). The same batch size for (a) and (b).
+Target (issue 24): in process at least 1.5x `hf`'s speed, with the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # model_runs.py
+from report import machine, markdown_table, write_section  # noqa: E402
+from serve import exported, free_port, stop, tool, wait_healthy  # noqa: E402
+
+TASKS = ["raytron_next_line", "raytron_last_word"]
+BATCH = 16
+CONCURRENT = 8
+SHAPES = {  # name: (shape arguments, vocabulary, samples of each task)
+    "tiny (1.3M)": (dict(n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, ffn_hidden=384,
+                         max_seq_len=256, tie_embeddings=False), 2048, None),
+    "gpt2-124m shape (88M)": (dict(n_layers=12, d_model=768, n_heads=12, n_kv_heads=12,
+                                   ffn_hidden=2048, max_seq_len=512), 4096, 60),
+}
+
+
+def run_of(root: Path, name: str, arguments: dict, vocab: int) -> Path:
+    from raytron.model.gpt import GPT, GPTShape
+
+    from model_runs import small_tokenizer, write_run
+
+    shape = GPTShape(vocab_size=vocab, **arguments)
+    return write_run(root, name, GPT(shape, seed=0).eval(), small_tokenizer(vocab))
+
+
+def timed(model, limit: int | None) -> tuple[float, dict]:
+    """The seconds the model spent answering lm_eval's requests (building the tasks and
+    their prompts, the same for every model, left out), and lm_eval's results."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from raytron.platform.models.task_eval import raytron_tasks
+
+    spent = [0.0]
+    answer = model.loglikelihood
+
+    def loglikelihood(requests, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return answer(requests, *args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - started
+
+    model.loglikelihood = loglikelihood  # what both tasks ask (an instance's own)
+    results = simple_evaluate(model=model, tasks=TASKS, limit=limit, log_samples=True,
+                              task_manager=TaskManager(include_path=str(raytron_tasks())))
+    return spent[0], results
+
+
+def served(run_dir: Path, context: int, limit: int | None, folder: Path
+           ) -> tuple[float, dict]:
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    port, log = free_port(), folder / "serve.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with log.open("w") as out:
+        server = subprocess.Popen([tool("raytron"), "serve", str(run_dir), "--port",
+                                   str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                  env=env, start_new_session=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", server, log)
+        return timed(LocalCompletionsAPI(
+            model=run_dir.name, base_url=f"http://127.0.0.1:{port}/v1/completions",
+            tokenizer_backend="remote", tokenized_requests=True, max_length=context,
+            num_concurrent=CONCURRENT), limit)
+    finally:
+        stop(server)
+
+
+def samples(results: dict) -> int:
+    return sum(results["n-samples"][task]["effective"] for task in TASKS)
+
+
+def largest_gap(ours: dict, theirs: dict) -> float:
+    """The largest difference between the two's log-likelihoods, request by request."""
+    def scores(results: dict) -> list[float]:
+        return [float(response[0][0]) for task in TASKS
+                for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"])
+                for response in sample["resps"]]
+    return max(abs(a - b) for a, b in zip(scores(ours), scores(theirs), strict=True))
+
+
+def accuracies(results: dict) -> str:
+    return " / ".join(f"{results['results'][task]['acc,none']:.3f}" for task in TASKS)
+
+
+def main(quick: bool) -> None:
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from raytron.platform.models import load_model
+    from raytron.platform.models.harness import RaytronLM
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(2)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        for name, (arguments, vocab, limit) in SHAPES.items():
+            limit = 4 if quick else limit
+            run_dir = run_of(root, name.split()[0], arguments, vocab)
+            hf_dir = exported(run_dir, root / f"{run_dir.name}-hf")
+            ours_s, ours = timed(RaytronLM(load_model(run_dir), batch_size=BATCH), limit)
+            hf_s, hf = timed(HFLM(pretrained=str(hf_dir), batch_size=BATCH, device="cpu",
+                                  dtype="float32"), limit)
+            # the server's prompt holds one token less (it generates one): compared with
+            # a model in process keeping as many
+            context = arguments["max_seq_len"]
+            served_s, through = served(run_dir, context, limit, root)
+            same = RaytronLM(load_model(run_dir), batch_size=BATCH, max_length=context - 2)
+            _, alike = timed(same, limit)
+            rows.append([name, str(samples(ours)), f"{ours_s:.1f}", f"{hf_s:.1f}",
+                         f"{hf_s / ours_s:.2f}x", f"{served_s:.1f}",
+                         f"{largest_gap(ours, hf):.1e}", f"{largest_gap(alike, through):.1e}",
+                         f"{accuracies(ours)} | {accuracies(hf)} | {accuracies(through)}"])
+            print(rows[-1], flush=True)
+    table = markdown_table(
+        ["model", "samples", "raytron in process (s)", "lm_eval hf (s)", "speed vs hf",
+         "through raytron serve (s)", "largest gap vs hf", "largest gap, served",
+         "accuracy next_line / last_word: raytron | hf | served"], rows)
+    print(table)
+    if not quick:
+        write_section("tasks", f"""## Scoring tasks (`bench/tasks.py`)
+
+`python bench/tasks.py` on {machine()}; 2 torch threads in process, 1 in the server.
+Times: the seconds each model spent answering lm_eval's log-likelihood requests (building
+the tasks, the same for all, left out).
+raytron's shipped tasks raytron_next_line (4 choices a sample) and raytron_last_word, on
+random weights (all samples of each at the tiny shape, the first
+{SHAPES["gpt2-124m shape (88M)"][2]} at the gpt2-124m shape), timed once each: lm_eval's
+`raytron` model in process, lm_eval's `hf` model on `raytron export`'s folder (both batch
+{BATCH}), and lm_eval's `local-completions` against `raytron serve` ({CONCURRENT} requests
+in flight, tokenizing through the server). Gaps: the largest difference of a request's
+log-likelihood (served: against raytron in process keeping the tokens a server prompt
+keeps). Target (issue 24): in process at least 1.5x `hf`'s speed, with the same numbers.
+
+{table}
+""")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    main(parser.parse_args().quick)
