@@ -137,12 +137,12 @@ def main(quick: bool) -> None:
             rows.append([name, str(samples(ours)), f"{ours_s:.1f}", f"{hf_s:.1f}",
                          f"{hf_s / ours_s:.2f}x", f"{served_s:.1f}",
                          f"{largest_gap(ours, hf):.1e}", f"{largest_gap(alike, through):.1e}",
-                         f"{accuracies(ours)} | {accuracies(hf)} | {accuracies(through)}"])
+                         accuracies(ours), accuracies(hf), accuracies(through)])
             print(rows[-1], flush=True)
     table = markdown_table(
         ["model", "samples", "raytron in process (s)", "lm_eval hf (s)", "speed vs hf",
          "through raytron serve (s)", "largest gap vs hf", "largest gap, served",
-         "accuracy next_line / last_word: raytron | hf | served"], rows)
+         "accuracy next_line / last_word", "hf's", "served"], rows)
     print(table)
     if not quick:
         write_section("tasks", f"""## Scoring tasks (`bench/tasks.py`)
