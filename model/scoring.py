@@ -18,7 +18,7 @@ from raytron.model.gpt import GPT
 
 
 @dataclass(frozen=True)
-class Scored:
+class ContinuationScore:
     logprob: float  # the continuation's tokens, summed
     greedy: bool  # each of them the most likely at its position
 
@@ -26,7 +26,7 @@ class Scored:
 def continuation_scores(model: GPT, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
                         batch_size: int = 8,
                         on_batch: Callable[[int], None] | None = None,
-                        max_length: int | None = None) -> list[Scored]:
+                        max_length: int | None = None) -> list[ContinuationScore]:
     """For each (context ids, continuation ids), with a context of at least one token,
     the continuation's score. A pair longer than `max_length` (default and at most: the
     model's context) keeps its last `max_length + 1` tokens, the context cut from the
@@ -41,7 +41,7 @@ def continuation_scores(model: GPT, pairs: Sequence[tuple[Sequence[int], Sequenc
                              f"model's context of {limit}")
         rows.append((list(context) + list(continuation))[-(limit + 1):])
     order = sorted(range(len(rows)), key=lambda index: -len(rows[index]))
-    scores: list[Scored | None] = [None] * len(rows)
+    scores: list[ContinuationScore | None] = [None] * len(rows)
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
@@ -56,7 +56,7 @@ def continuation_scores(model: GPT, pairs: Sequence[tuple[Sequence[int], Sequenc
 
 @torch.inference_mode()
 def scored_batch(model: GPT, rows: list[list[int]], continuations: list[int],
-                 device: torch.device) -> list[Scored]:
+                 device: torch.device) -> list[ContinuationScore]:
     """Rows of ids, each ending with a continuation of the given length: the inputs are
     all but a row's last token, padded on the right (causal attention keeps the padding
     out of every real position)."""
@@ -71,5 +71,6 @@ def scored_batch(model: GPT, rows: list[list[int]], continuations: list[int],
         logprobs = logits[index, end - length : end].float().log_softmax(dim=-1)
         targets = torch.tensor(row[-length:], device=logprobs.device)
         chosen = logprobs.gather(-1, targets[:, None]).sum()
-        scores.append(Scored(float(chosen), bool((logprobs.argmax(-1) == targets).all())))
+        greedy = bool((logprobs.argmax(-1) == targets).all())
+        scores.append(ContinuationScore(float(chosen), greedy))
     return scores
