@@ -32,6 +32,29 @@ def continuation_scores(model: GPT, pairs: Sequence[tuple[Sequence[int], Sequenc
     model's context) keeps its last `max_length + 1` tokens, the context cut from the
     left. `on_batch(n)` after each batch of n pairs (a progress bar)."""
     limit = min(max_length or model.shape.max_seq_len, model.shape.max_seq_len)
+    rows = scored_rows(pairs, limit)
+    order = sorted(range(len(rows)), key=lambda index: -len(rows[index]))
+    scores: list[ContinuationScore | None] = [None] * len(rows)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        chosen = [rows[i] for i in batch]
+        with torch.inference_mode():
+            logits = model(padded_inputs(chosen, max(len(row) for row in chosen) - 1)
+                           .to(device))
+        for index, score in zip(batch, row_scores(logits, chosen,
+                                                  [len(pairs[i][1]) for i in batch]),
+                                strict=True):
+            scores[index] = score
+        if on_batch is not None:
+            on_batch(len(batch))
+    return scores
+
+
+def scored_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], limit: int
+                ) -> list[list[int]]:
+    """Each pair as one row of ids, its last `limit + 1` at most; a ValueError for a pair
+    without a context or a continuation, or a continuation that does not fit."""
     rows = []
     for context, continuation in pairs:
         if not context or not continuation:
@@ -40,31 +63,22 @@ def continuation_scores(model: GPT, pairs: Sequence[tuple[Sequence[int], Sequenc
             raise ValueError(f"a continuation of {len(continuation)} tokens does not fit the "
                              f"model's context of {limit}")
         rows.append((list(context) + list(continuation))[-(limit + 1):])
-    order = sorted(range(len(rows)), key=lambda index: -len(rows[index]))
-    scores: list[ContinuationScore | None] = [None] * len(rows)
-    device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        for index, score in zip(batch, scored_batch(model, [rows[i] for i in batch],
-                                                    [len(pairs[i][1]) for i in batch],
-                                                    device), strict=True):
-            scores[index] = score
-        if on_batch is not None:
-            on_batch(len(batch))
-    return scores
+    return rows
 
 
-@torch.inference_mode()
-def scored_batch(model: GPT, rows: list[list[int]], continuations: list[int],
-                 device: torch.device) -> list[ContinuationScore]:
-    """Rows of ids, each ending with a continuation of the given length: the inputs are
-    all but a row's last token, padded on the right (causal attention keeps the padding
-    out of every real position)."""
-    width = max(len(row) for row in rows) - 1
+def padded_inputs(rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    """The inputs of `rows` (all but each row's last id), padded on the right to `width`
+    (causal attention keeps the padding out of every real position)."""
     inputs = torch.zeros(len(rows), width, dtype=torch.long)
     for index, row in enumerate(rows):
         inputs[index, : len(row) - 1] = torch.tensor(row[:-1])
-    logits = model(inputs.to(device))
+    return inputs
+
+
+def row_scores(logits: torch.Tensor, rows: Sequence[Sequence[int]],
+               continuations: Sequence[int]) -> list[ContinuationScore]:
+    """The scores of `rows` (each ending with a continuation of the given length) from
+    the logits of their `padded_inputs` (any rows past `rows` are ignored)."""
     scores = []
     for index, (row, length) in enumerate(zip(rows, continuations, strict=True)):
         end = len(row) - 1  # the inputs' length: position end - 1 predicts the last token

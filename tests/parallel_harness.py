@@ -17,6 +17,7 @@ from raytron.platform.config.resolve import resolve_model
 from raytron.platform.models.initial import with_initial_model
 from raytron.platform.storage.checkpoint import CheckpointStore
 from raytron.platform.worker.layout import build_mesh
+from raytron.platform.worker.task_scoring import score_in_layout
 from raytron.platform.worker.trainer import Sequences, Trainer
 
 from gloo import run_on_gloo
@@ -49,9 +50,10 @@ def batch(step: int, cfg, rows: int | None = None) -> Batch:
 
 
 def train(overrides: list[str], start: int, stop: int, checkpoints: Path | None,
-          resume: bool) -> dict:
+          resume: bool, pairs: list | None = None) -> dict:
     """Steps [start, stop) of the run; loads the checkpoint at `start` when `resume`,
-    saves one at `stop` when `checkpoints` is given. Returns losses, norms, val loss."""
+    saves one at `stop` when `checkpoints` is given. Returns losses, norms, val loss, and
+    the scores of `pairs` (context and continuation ids) after the last step."""
     cfg = config(overrides)
     layout = Layout.of(cfg)
     trainer = Trainer(cfg, layout, torch.device("cpu"), build_mesh(layout, "cpu"))
@@ -74,23 +76,27 @@ def train(overrides: list[str], start: int, stop: int, checkpoints: Path | None,
     val_share = len(held_out) // layout.dp
     mine = held_out.rows(dp_rank * val_share, (dp_rank + 1) * val_share)
     val = trainer.evaluate(Sequences.of(mine, cpu)).item()
+    scores = score_in_layout(trainer, pairs) if pairs else None
     if store:
         store.save(stop, trainer.parts, trainer.optimizers, {})
-    return {"losses": losses, "norms": norms, "val_loss": val, "idle": idle}
+    return {"losses": losses, "norms": norms, "val_loss": val, "idle": idle,
+            "task_scores": scores}
 
 
 def run_parallel(overrides: list[str], start: int = 0, stop: int = 6,
-                 checkpoints: Path | None = None, resume: bool = False) -> dict:
+                 checkpoints: Path | None = None, resume: bool = False,
+                 pairs: list | None = None) -> dict:
     """`train` on as many spawned gloo ranks as the layout in `overrides` needs."""
     cfg = config(overrides)
     world = cfg.parallel.pp * int(cfg.parallel.dp) * cfg.parallel.tp
-    return run_on_gloo(world, train, overrides, start, stop, checkpoints, resume)
+    return run_on_gloo(world, train, overrides, start, stop, checkpoints, resume, pairs)
 
 
 def run_single(overrides: list[str] = (), start: int = 0, stop: int = 6,
-               checkpoints: Path | None = None, resume: bool = False) -> dict:
+               checkpoints: Path | None = None, resume: bool = False,
+               pairs: list | None = None) -> dict:
     """The reference: the same run in this process, no process group, no parallelism."""
-    return train(list(overrides), start, stop, checkpoints, resume)
+    return train(list(overrides), start, stop, checkpoints, resume, pairs)
 
 
 def final_parameters(checkpoints: Path, step: int) -> dict[str, torch.Tensor]:

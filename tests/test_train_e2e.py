@@ -104,6 +104,7 @@ def kill_tree(pid: int) -> None:
 
 RAYTRON_LINE = re.compile(
     r"(|Training a \d+-token byte-level BPE tokenizer on the corpus|Starting run '|Continuing run '"
+    r"|Preparing train\.eval_tasks: "
     r"|  applied from the resumed step on: |MLflow run |  http://127\.0\.0\.1:\d+/#/experiments/"
     r"|Layout pp=|Ray's and the workers' own output: |Ray dashboard: http://127\.0\.0\.1:\d+$"
     r"|step +\d+/\d+ \| "
@@ -140,10 +141,14 @@ def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
+TASKS = ("train.eval_tasks=[raytron_word_choice]", "train.eval_task_limit=20")
+
+
 @pytest.fixture(scope="module")
 def whole(root) -> str:
-    """The uninterrupted one-worker run every other run is compared with; its output."""
-    return run_to_end(root, "whole")
+    """The uninterrupted one-worker run every other run is compared with; its output. It
+    scores a task as it trains (at each validation: steps 12 and 24)."""
+    return run_to_end(root, "whole", TASKS)
 
 
 def test_the_run_learns_checkpoints_and_is_tracked(root, whole):
@@ -161,6 +166,10 @@ def test_the_run_learns_checkpoints_and_is_tracked(root, whole):
     for metric in ("lr", "grad_norm", names.TOKENS_PER_S, names.STEP_TIME_S,
                    names.INPUT_WAIT_S, names.VAL_LOSS, names.VAL_PERPLEXITY):
         assert metric in run.data.metrics, metric
+    for metric in ("acc", "acc_norm"):
+        scored = client.get_metric_history(run.info.run_id, f"Eval/raytron_word_choice/{metric}")
+        assert sorted(m.step for m in scored) == [12, 24], scored
+    assert re.search(r"step 24/24 \| raytron_word_choice acc [0-9.]+ acc_norm ", output)
     assert names.MFU not in run.data.metrics and "MFU" not in output  # no peak on a CPU
     assert not [m for m in run.data.metrics if m.startswith(("layout/", "startup/"))]
     system = [m.split("/") for m in run.data.metrics if m.startswith("system/")]
@@ -233,6 +242,11 @@ def test_a_trained_run_generates_evaluates_exports_and_starts_another(root, whol
     first_loss = min(history, key=lambda m: m.step).value
     assert result["loss"] < first_loss - 0.7
     assert run.data.metrics["eval/python-reference/loss"] == pytest.approx(result["loss"])
+    cli(root, "eval", "whole", "--tasks", "raytron_word_choice", "--limit", "20")
+    scored = json.loads((root / "whole" / "eval" / "tasks_step24.json").read_text())
+    for metric in ("acc", "acc_norm"):  # in process as during training, to the last digit
+        assert scored["results"]["raytron_word_choice"][f"{metric},none"] == \
+            client.get_run(run.info.run_id).data.metrics[f"Eval/raytron_word_choice/{metric}"]
     cli(root, "export", "whole", "whole-hf")
     output = run_to_end(root, "tuned", (f"model.init_from={root / 'whole-hf'}",
                                         "parallel.dp=2", "train.steps=4"))

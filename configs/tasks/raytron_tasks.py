@@ -7,7 +7,8 @@ they need no file and no network, and the tiny preset's progress shows as accura
 - `raytron_next_line`: a line of the reference, and four lines to follow it, one of
   them the line that does (multiple choice; chance is 25%).
 - `raytron_word_choice`: a paragraph without its last word, and four words of about its
-  length to end it, one of them the word that does (multiple choice; chance is 25%).
+  length that end paragraphs, one of them the word that ends this one (multiple choice;
+  chance is 25%, and a model that knows nothing scores it).
 
 The same items every time (a fixed seed): `ITEMS` of each, drawn from all candidates.
 """
@@ -30,19 +31,36 @@ def last_word(**_metadata) -> datasets.DatasetDict:
 
 def word_choice(**_metadata) -> datasets.DatasetDict:
     ends = paragraph_ends()
-    words = sorted({end["target"] for end in ends})
+    by_length: dict[int, list[str]] = {}
+    for end in ends:
+        by_length.setdefault(len(end["target"]), []).append(end["target"])
     generator = random.Random(2)
     candidates = []
     for end in ends:
-        # the words closest in length (a model that knows nothing prefers short ones)
-        others = sorted((word for word in words if word != end["target"]),
-                        key=lambda word: (abs(len(word) - len(end["target"])),
-                                          generator.random()))[: CHOICES - 1]
-        choices = [end["target"], *others]
+        choices = [end["target"], *wrong_words(end["target"], by_length, generator)]
         generator.shuffle(choices)
         candidates.append({"context": end["context"], "choices": choices,
                            "label": choices.index(end["target"])})
     return test_split(candidates)
+
+
+def wrong_words(word: str, by_length: dict[int, list[str]], generator: random.Random
+                ) -> list[str]:
+    """`CHOICES - 1` other words that end paragraphs, of about the length of `word`,
+    each drawn as often as it ends one: the right word and the wrong ones come from one
+    distribution, so that a model that knows nothing (it prefers words of fewer tokens:
+    frequent ones) is at chance."""
+    for spread in range(max(by_length)):
+        pool = [other for length in range(len(word) - spread, len(word) + spread + 1)
+                for other in by_length.get(length, []) if other != word]
+        if len(set(pool)) >= CHOICES - 1:
+            break
+    chosen: list[str] = []
+    while len(chosen) < CHOICES - 1:
+        other = generator.choice(pool)
+        if other not in chosen:
+            chosen.append(other)
+    return chosen
 
 
 def paragraph_ends() -> list[dict]:

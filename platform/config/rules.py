@@ -113,6 +113,11 @@ def natural(key: str, value: Any) -> str | None:
     return None
 
 
+def natural_or_none(key: str, value: Any) -> str | None:
+    """A whole number from 0, or None."""
+    return None if value is None else natural(key, value)
+
+
 def number(minimum: float = 0.0, positive: bool = True, below: float | None = None,
            optional: bool = False) -> Rule:
     """A finite number above `minimum` (or from it, unless `positive`), below `below`."""

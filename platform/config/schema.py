@@ -31,6 +31,7 @@ from raytron.platform.config.rules import (
     folder_name,
     key,
     natural,
+    natural_or_none,
     number,
     one_of,
     optional_list,
@@ -137,6 +138,15 @@ class TrainConfig:
     log_interval: int = key(10, count(), FREE)
     # 0 disables validation
     eval_interval: int = key(100, natural, FREE)
+    # lm-evaluation-harness tasks scored on the trained weights, charted as
+    # Eval/<task>/<metric>: names, or task YAML files (needs the [eval] extra)
+    eval_tasks: list[str] = key([], a_list(), FREE, entries=text())
+    # steps between scorings of eval_tasks (and at the last step); 0: never
+    eval_task_interval: int = key("${train.eval_interval}", natural, FREE)
+    # documents of each task scored, at most (lm_eval's --limit); None: all
+    eval_task_limit: int | None = key(None, count(optional=True), FREE)
+    # few-shot examples before each document; None: each task's own
+    eval_task_fewshot: int | None = key(None, natural_or_none, FREE)
     # per device, for MFU; None: known GPU table or measured
     peak_flops: float | None = key(None, number(optional=True), FREE)
     # none | full | selective | k: recompute every k-th layer; selective: every layer,
@@ -281,6 +291,8 @@ class FaultsConfig:
     checkpoint_timeout_s: float = key(1800.0, number(), FREE)
     # ... while it runs validation
     eval_timeout_s: float = key(1800.0, number(), FREE)
+    # ... while it scores train.eval_tasks
+    eval_task_timeout_s: float = key(1800.0, number(), FREE)
     # drills: "kill rank 1 at step 7", ...
     inject: list[str] = key([], a_list(), FREE, entries=drill)
     # with parallel.dp=auto: the fewest replicas the run goes on with

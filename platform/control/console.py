@@ -61,6 +61,21 @@ def format_validation(step: int, total: int, m: dict[str, float]) -> str:
             f"val perplexity {m[names.VAL_PERPLEXITY]:.2f}")
 
 
+def format_task_scores(step: int, total: int, m: dict[str, float]) -> str | None:
+    """`step 50/300 | raytron_word_choice acc 0.3120 acc_norm 0.3010`, one part per task
+    of train.eval_tasks; None when `m` holds no task score."""
+    tasks: dict[str, list[str]] = {}
+    for key, value in m.items():
+        prefix, _, rest = key.partition("/")
+        if prefix == names.EVAL_TASKS:
+            task, _, metric = rest.rpartition("/")
+            tasks.setdefault(task, []).append(f"{metric} {value:.4f}")
+    if not tasks:
+        return None
+    return " | ".join([f"step {step:>{len(str(total))}}/{total}",
+                       *(f"{task} {' '.join(parts)}" for task, parts in tasks.items())])
+
+
 class Console:
     """The progress bar and the log lines of a training. The bar starts at the first step
     a worker group reports, and again after each relaunch, so that its rate and time left
@@ -96,6 +111,8 @@ class Console:
                     self.bar.set_postfix(loss=f"{metrics[names.TRAIN_LOSS]:.3f}")
             if names.VAL_LOSS in metrics:
                 self.write(format_validation(step, self.total, metrics))
+            if scores := format_task_scores(step, self.total, metrics):
+                self.write(scores)
             if "checkpoint_step" in metrics:
                 self.write(f"checkpoint committed at step {step}")
             if self.bar is not None and not self.bar.disable:

@@ -25,7 +25,7 @@ def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, actors: di
 
     f = config.faults
     longest_wait = max(f.hang_timeout_s, FIRST_STEP_GRACE_S, f.checkpoint_timeout_s,
-                       f.eval_timeout_s)
+                       f.eval_timeout_s, f.eval_task_timeout_s)
     return TorchTrainer(
         train_loop,
         train_loop_config={"config": config, "checkpoint_dir": str(paths.checkpoints),

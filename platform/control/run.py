@@ -62,7 +62,8 @@ def train_holding(config: RaytronConfig, leases: RunLeases, log: RunLog) -> int:
     console = Console(None if auto else c.train.steps, done)
     status, code, message = "FINISHED", 0, ""
     try:
-        with run_actors(c, run.spec, tracking.uri, run_id, console, log) as actors:
+        with run_actors(c, run.spec, run.tokenizer.to_str(), tracking.uri, run_id, console,
+                        log) as actors:
             if auto:
                 c = with_counted_steps(c, actors["feeder"], console)
                 tracking.record_event(run_id, "steps", done, f"train.steps=auto: the data "

@@ -79,8 +79,24 @@ def settle(config: RaytronConfig) -> SettledRun:
         spec = with_tokenizer(spec, tokenizer)
     except ValueError as error:  # the tokenizer lacks an EOS, or the BOS asked for
         raise ConfigError([f"data.tokenizer: {error}"]) from None
+    check_eval_tasks(config, tokenizer)
     return SettledRun(config, paths, spec, tokenizer, gpus, committed,
                       applied)
+
+
+def check_eval_tasks(config: RaytronConfig, tokenizer: Tokenizer) -> None:
+    """train.eval_tasks' requests built once (as the run's judge will build them): a task
+    lm_eval does not know, data it cannot read or requests longer than the training's
+    sequences are a ConfigError now, not a failure once the workers run."""
+    if not config.train.eval_tasks:
+        return
+    from raytron.platform.models.task_eval import require_harness
+
+    require_harness("train.eval_tasks")
+    from raytron.platform.models.task_judge import TaskJudge
+
+    print(f"Preparing train.eval_tasks: {', '.join(config.train.eval_tasks)}")
+    TaskJudge(config, tokenizer.to_str())
 
 
 def checkpoints_owner(config: RaytronConfig, paths: RunPaths, store: CheckpointStore,

@@ -20,7 +20,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from raytron.platform.config.schema import ConfigError
-from raytron.platform.models.loading import LoadedModel
 
 OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 HUB = "https://huggingface.co"
@@ -48,7 +47,14 @@ def offline_unless_hub_answers(timeout_s: float = 3.0) -> bool:
         return True
 
 
-def task_manager(tasks: Sequence[str], include_paths: Sequence[str]):
+def require_harness(key: str) -> None:
+    """A ConfigError, naming `key`, where lm-evaluation-harness is not installed."""
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError([f"{key} needs lm-evaluation-harness. Fix: pip install -e "
+                           "'.[eval]' (or pip install lm_eval)."])
+
+
+def task_manager(tasks: Sequence[str], include_paths: Sequence[str], key: str = "--tasks"):
     """lm_eval's index of tasks, raytron's and `include_paths`' among them; a ConfigError
     naming any of `tasks` it does not hold (nor is a task YAML file)."""
     from lm_eval.tasks import TaskManager
@@ -58,40 +64,37 @@ def task_manager(tasks: Sequence[str], include_paths: Sequence[str]):
     unknown = [task for task in tasks if task not in manager.all_tasks and not
                Path(task).is_file()]
     if unknown:
-        raise ConfigError([f"--tasks: no task named {', '.join(unknown)}. Fix: give a name "
+        where = "--include-path" if key == "--tasks" else "a task YAML file's path"
+        raise ConfigError([f"{key}: no task named {', '.join(unknown)}. Fix: give a name "
                            "lm_eval knows (`lm-eval ls tasks`; raytron's own: "
                            "raytron_word_choice, raytron_next_line, raytron_last_word), a "
-                           "task YAML file, or the folder of your task YAMLs with "
-                           "--include-path."])
+                           f"task YAML file, or the folder of your task YAMLs with {where}."])
     return manager
 
 
-def score_tasks(loaded: LoadedModel, tasks: Sequence[str], manager,
-                num_fewshot: int | None, limit: float | None, batch_size: int,
-                log_samples: bool) -> dict:
-    """lm_eval's results of `tasks` (names in `manager`, or task YAML files)."""
+def score_tasks(model, tasks: Sequence[str], manager, num_fewshot: int | None,
+                limit: float | None, log_samples: bool, key: str = "--tasks") -> dict:
+    """lm_eval's results of `tasks` (names in `manager`, or task YAML files) on `model`
+    (an lm_eval model)."""
     from lm_eval import simple_evaluate
 
-    from raytron.platform.models.harness import RaytronLM
-
     try:
-        return simple_evaluate(model=RaytronLM(loaded, batch_size), tasks=list(tasks),
-                               num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                               log_samples=log_samples)
+        return simple_evaluate(model=model, tasks=list(tasks), num_fewshot=num_fewshot,
+                               limit=limit, task_manager=manager, log_samples=log_samples)
     except FileNotFoundError as missing:
-        raise ConfigError([f"--tasks: a task's data was not found ({missing}). Fix: a task "
+        raise ConfigError([f"{key}: a task's data was not found ({missing}). Fix: a task "
                            "YAML's data_files are read from the folder raytron runs in; give "
                            "absolute paths, or run from the folder they are relative to."]
                           ) from None
     except ConnectionError as unreachable:
-        raise ConfigError([f"--tasks: a task's data is not in the Hugging Face cache and the "
+        raise ConfigError([f"{key}: a task's data is not in the Hugging Face cache and the "
                            f"Hub cannot be reached ({unreachable}). Fix: run once where the "
                            "Hub answers (the data stays in HF_HOME's cache), or give the task "
                            "as a YAML reading local files."]) from None
 
 
-def task_metrics(results: dict) -> dict[str, float]:
-    """`eval/<task>/<metric>` for each number lm_eval reports (a filter other than
+def task_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
+    """`<prefix>/<task>/<metric>` for each number lm_eval reports (a filter other than
     `none` appended to the metric's name), standard errors left out."""
     metrics = {}
     for task, values in results["results"].items():
@@ -100,7 +103,7 @@ def task_metrics(results: dict) -> dict[str, float]:
             if isinstance(value, int | float) and not isinstance(value, bool) and \
                     chosen and not metric.endswith("_stderr"):
                 suffix = "" if chosen == "none" else f"_{chosen}"
-                metrics[f"eval/{task}/{metric}{suffix}"] = float(value)
+                metrics[f"{prefix}/{task}/{metric}{suffix}"] = float(value)
     return metrics
 
 
@@ -117,9 +120,7 @@ def task_eval_command(args) -> int:
     from raytron.platform.models.loading import load_model
     from raytron.platform.models.sources import open_source
 
-    if importlib.util.find_spec("lm_eval") is None:
-        raise ConfigError(["--tasks needs lm-evaluation-harness. Fix: pip install -e "
-                           "'.[eval]' (or pip install lm_eval)."])
+    require_harness("--tasks")
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     if not tasks:
         raise ConfigError(["--tasks is empty. Fix: name at least one task, e.g. "
@@ -129,8 +130,11 @@ def task_eval_command(args) -> int:
         print("The Hugging Face Hub does not answer: offline (HF_HUB_OFFLINE=1); tasks read "
               "local files and the datasets cache.", file=sys.stderr)
     manager = task_manager(tasks, args.include_path)
-    results = score_tasks(load_model(source, args.device), tasks, manager, args.num_fewshot,
-                          args.limit, args.batch, args.log_samples)
+    from raytron.platform.models.harness import RaytronLM
+
+    model = RaytronLM(load_model(source, args.device), args.batch)
+    results = score_tasks(model, tasks, manager, args.num_fewshot, args.limit,
+                          args.log_samples)
     from lm_eval.utils import make_table
 
     print(make_table(results))

@@ -63,7 +63,7 @@ def absolute(location: str) -> str:
 
 def with_locations(config: RaytronConfig, convert: Callable[[str, str], str]) -> RaytronConfig:
     """`config` with each local path it names (run root, checkpoints, a SQLite store, local
-    sources, the tokenizer, the token cache, the initial weights) replaced by
+    sources, the tokenizer, the token cache, the initial weights, task YAML files) replaced by
     `convert(key, path)`; URIs (`s3://...`) and the embedded corpora are no paths and stay
     as they are."""
     def each(key: str, location: str | None) -> str | None:
@@ -75,10 +75,16 @@ def with_locations(config: RaytronConfig, convert: Callable[[str, str], str]) ->
         return [dataclasses.replace(s, path=each(f"{key}.{i}.path", s.path))
                 for i, s in enumerate(group)]
 
+    def tasks(key: str, names: list[str]) -> list[str]:  # task YAML files among task names
+        return [each(f"{key}.{i}", name) if name.endswith((".yaml", ".yml")) else name
+                for i, name in enumerate(names)]
+
     d = config.data
     return dataclasses.replace(
         config,
         run=dataclasses.replace(config.run, root=each("run.root", config.run.root)),
+        train=dataclasses.replace(config.train,
+                                  eval_tasks=tasks("train.eval_tasks", config.train.eval_tasks)),
         model=dataclasses.replace(config.model,
                                   init_from=each("model.init_from", config.model.init_from)),
         checkpoint=dataclasses.replace(config.checkpoint,

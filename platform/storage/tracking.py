@@ -267,6 +267,12 @@ class Tracker:
             for s, why in skipped)
         self.pending.append((step, {"event": line}))
 
+    def note(self, step: int, kind: str, text: str) -> None:
+        """Something the run should know but that does not stop it: an event in MLflow
+        and a line on the console."""
+        record_event(self.client, self.run_id, kind, step, text)
+        self.pending.append((step, {"event": text}))
+
     def drain(self) -> list[tuple[int, dict]]:
         records, self.pending = self.pending, []
         return records

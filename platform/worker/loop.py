@@ -39,6 +39,7 @@ from raytron.platform.worker.hardware import (
 )
 from raytron.platform.worker.layout import build_mesh, check_tensor_parallel_on_one_node
 from raytron.platform.worker.system_metrics import SystemSampler
+from raytron.platform.worker.task_scoring import score_in_layout
 from raytron.platform.worker.trainer import Sequences, Trainer
 
 SEND_TIMEOUT_S = 30.0  # the longest a sample of system metrics waits for the tracker
@@ -54,6 +55,7 @@ class WorkerArgs:
     launched_at: float  # when the controller launched this worker group (time.time())
     leases: dict[str, str]  # folder -> the run's lease token, checked before each commit
     committed: list[int]  # the committed steps the controller listed: the ones to resume from
+    judge: Any = None  # TaskJudge actor handle, when the run scores train.eval_tasks
 
 
 def train_loop(args: dict) -> None:
@@ -88,6 +90,7 @@ class WorkerLoop:
         self.injector = FaultInjector(self.config.faults.inject, rank, self.layout.world,
                                       self.store.fs, self.store.root, self.layout.describe(rank))
         self.validation: Sequences | None = None
+        self.task_requests: list | None = None  # train.eval_tasks' pairs, asked once
         self.staged: StagedBatch | None = None  # the next step's batch, fetched early
         args.coordinator.join.remote(rank, ray.get_runtime_context().get_node_id())
         self.boundary = StepBoundary(args.coordinator, rank)
@@ -164,6 +167,11 @@ class WorkerLoop:
                 with watchdog.busy("was validating", faults.eval_timeout_s,
                                    "faults.eval_timeout_s"):
                     self.evaluate(step)
+            if self.args.judge is not None and train.eval_task_interval and (
+                    step % train.eval_task_interval == 0 or step == train.steps):
+                with watchdog.busy("was scoring train.eval_tasks", faults.eval_task_timeout_s,
+                                   "faults.eval_task_timeout_s"):
+                    self.score_tasks(step)
             if step % self.config.checkpoint.interval == 0 or step == train.steps:
                 with self.saving():
                     self.save(step, tokens_seen)
@@ -316,6 +324,15 @@ class WorkerLoop:
         loss = self.trainer.evaluate(self.validation).item()
         self.report(step, {names.VAL_LOSS: loss,
                            names.VAL_PERPLEXITY: math.exp(min(loss, 50.0))})
+
+    def score_tasks(self, step: int) -> None:
+        """train.eval_tasks' requests scored on the weights of step `step`; rank 0 hands
+        the scores to the judge, which logs lm_eval's metrics while training goes on."""
+        if self.task_requests is None:
+            self.task_requests = ray.get(self.args.judge.requests.remote())
+        scores = score_in_layout(self.trainer, self.task_requests)
+        if self.rank == 0:
+            self.args.judge.judge.remote(step, scores, self.args.tracker)
 
     def save(self, step: int, tokens_seen: int, background: bool = True) -> None:
         """Write `step`'s checkpoint; commit it now, or (checkpoint.async_save) once the

@@ -296,22 +296,36 @@ class Trainer:
             if isinstance(part, FSDPModule):
                 part.set_requires_gradient_sync(now)
 
-    @torch.no_grad()
     def evaluate(self, batch: Sequences) -> torch.Tensor:
         """Loss over the held-out sequences of every replica (this one holds `batch`)."""
+        total = torch.zeros((), device=self.device)
+        with self.evaluating():
+            for micro in batch.split(self.config.train.micro_batch):
+                with self.context():
+                    logits = self.logits(micro)
+                    if logits is not None:
+                        loss = cross_entropy(logits, micro.labels, reduction="sum")
+                        total += whole_value(loss) / batch.target_count
+        return self.sum_over_replicas(self.sum_over_stages(total))
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The parts in evaluation mode, without gradients, for the block."""
         for part in self.parts:
             part.eval()
-        total = torch.zeros((), device=self.device)
-        for micro in batch.split(self.config.train.micro_batch):
-            with self.context():
-                logits = self.parts[0](micro.inputs, **micro.model_kwargs()) \
-                    if self.schedule is None else self.pipeline_forward(micro)
-                if logits is not None:
-                    loss = cross_entropy(logits, micro.labels, reduction="sum")
-                    total += whole_value(loss) / batch.target_count
-        for part in self.parts:
-            part.train()
-        return self.sum_over_replicas(self.sum_over_stages(total))
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for part in self.parts:
+                part.train()
+
+    def logits(self, micro: Sequences) -> torch.Tensor | None:
+        """A forward pass of the whole model: the logits on the ranks holding the last
+        stage (a DTensor under tensor parallelism), None on the others."""
+        if self.schedule is None:
+            return self.parts[0](micro.inputs, **micro.model_kwargs())
+        return self.pipeline_forward(micro)
 
     def pipeline_forward(self, micro: Sequences) -> torch.Tensor | None:
         """Forward-only through the stages (no schedule): the logits on the rank holding

@@ -1,0 +1,51 @@
+"""Scoring `train.eval_tasks`' requests on the weights the workers train, in the
+training layout and with no second copy of the model: each data-parallel replica scores
+its share of the (context, continuation) pairs, the tensor-parallel ranks of a replica
+together, through the pipeline stages. Every replica runs the same number of forward
+passes (FSDP gathers parameters in each), of the training shape (micro_batch rows of
+data.seq_len tokens, so that sequence parallelism splits them and a compiled model does
+not compile again). The scores are summed over the ranks: each pair is scored by one
+rank (tensor rank 0 of the last stage of its replica) and every rank ends with all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from raytron.model.scoring import padded_inputs, row_scores, scored_rows
+from raytron.platform.worker.trainer import Sequences, Trainer, whole_value
+
+
+def score_in_layout(trainer: Trainer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
+                    ) -> list[tuple[float, bool]]:
+    """(log-probability, greedy) of each pair's continuation, on every rank (collective:
+    every rank of the group calls it with the same pairs)."""
+    layout, micro = trainer.layout, trainer.config.train.micro_batch
+    width = trainer.config.data.seq_len
+    rows = scored_rows(pairs, width)
+    lengths = [len(continuation) for _, continuation in pairs]
+    share = -(-max(1, -(-len(rows) // layout.dp)) // micro) * micro  # whole micro-batches
+    first = trainer.coordinates["dp"] * share
+    scorer = trainer.last and trainer.coordinates["tp"] == 0
+    results = torch.zeros(len(rows), 2, dtype=torch.float64, device=trainer.device)
+    with trainer.evaluating():
+        for start in range(first, first + share, micro):
+            chunk = rows[start : start + micro]
+            filler = [[0, 0]] * (micro - len(chunk))  # rows past the pairs: never read
+            inputs = padded_inputs(chunk + filler, width).to(trainer.device)
+            with trainer.context():
+                logits = trainer.logits(Sequences(inputs, inputs, None, 1))
+            if logits is None:
+                continue
+            logits = whole_value(logits)  # collective over the tensor-parallel group
+            if scorer and chunk:
+                scores = row_scores(logits, chunk, lengths[start : start + len(chunk)])
+                results[start : start + len(chunk)] = torch.tensor(
+                    [(score.logprob, float(score.greedy)) for score in scores],
+                    dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(results)
+    return [(logprob, greedy > 0.5) for logprob, greedy in results.tolist()]
