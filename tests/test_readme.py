@@ -62,6 +62,8 @@ CONFIG_ONLY = {
     "run.name=longer": "the README's first training, longer",
     "run.name=books": "folders and JSONL files: the mix below reads both",
     "run.name=plays": "paragraph documents of a folder: the mix below reads them",
+    "train.eval_tasks": "tests/test_train_e2e.py trains a run that scores a task at steps "
+                        "12 and 24",
 }
 
 

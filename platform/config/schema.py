@@ -147,6 +147,8 @@ class TrainConfig:
     eval_task_limit: int | None = key(None, count(optional=True), FREE)
     # few-shot examples before each document; None: each task's own
     eval_task_fewshot: int | None = key(None, natural_or_none, FREE)
+    # the folder of the mtnlg tasks' data (as raytron eval --data-dir)
+    eval_task_data_dir: str | None = key(None, text(optional=True), FREE)
     # per device, for MFU; None: known GPU table or measured
     peak_flops: float | None = key(None, number(optional=True), FREE)
     # none | full | selective | k: recompute every k-th layer; selective: every layer,

@@ -156,8 +156,9 @@ def add_eval_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--tasks", metavar="NAMES",
                          help="lm-evaluation-harness tasks instead, comma-separated: names "
                               "lm_eval knows, raytron's own (raytron_word_choice, "
-                              "raytron_next_line, raytron_last_word) or task YAML files "
-                              "(needs the [eval] extra)")
+                              "raytron_next_line, raytron_last_word; mtnlg, the MT-NLG "
+                              "zero-shot set, or one of it: mtnlg_lambada, mtnlg_piqa, ...) "
+                              "or task YAML files (needs the [eval] extra)")
     command.add_argument("--num-fewshot", type=checked(int, 0), metavar="K",
                          help="--tasks: examples before each question (default: the task's)")
     command.add_argument("--limit", type=checked(float, 0, above=True), metavar="N",
@@ -165,6 +166,10 @@ def add_eval_arguments(command: argparse.ArgumentParser) -> None:
                               "share of them)")
     command.add_argument("--include-path", action="append", default=[], metavar="DIR",
                          help="--tasks: a folder of your own task YAMLs (repeatable)")
+    command.add_argument("--data-dir", metavar="DIR",
+                         help="--tasks: the folder holding the local copies of the mtnlg "
+                              "tasks' data, each as its official release unpacks (README: "
+                              "Score tasks)")
     command.add_argument("--log-samples", action="store_true",
                          help="--tasks: each sample's prompt, answers and scores in the "
                               "output too")

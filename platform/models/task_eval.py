@@ -54,13 +54,17 @@ def require_harness(key: str) -> None:
                            "'.[eval]' (or pip install lm_eval)."])
 
 
-def task_manager(tasks: Sequence[str], include_paths: Sequence[str], key: str = "--tasks"):
-    """lm_eval's index of tasks, raytron's and `include_paths`' among them; a ConfigError
-    naming any of `tasks` it does not hold (nor is a task YAML file)."""
+def task_manager(tasks: Sequence[str], include_paths: Sequence[str], key: str = "--tasks",
+                 data_dir: str | None = None):
+    """lm_eval's index of tasks, raytron's and `include_paths`' among them, with
+    `data_dir` for the tasks that read local copies of their data (the `mtnlg` tasks); a
+    ConfigError naming any of `tasks` it does not hold (nor is a task YAML file)."""
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on every custom task
-    manager = TaskManager(include_path=[str(raytron_tasks()), *include_paths])
+    manager = TaskManager(include_path=[str(raytron_tasks()), *include_paths],
+                          metadata={"data_dir": str(Path(data_dir).absolute())}
+                          if data_dir else None)
     unknown = [task for task in tasks if task not in manager.all_tasks and not
                Path(task).is_file()]
     if unknown:
@@ -82,10 +86,11 @@ def score_tasks(model, tasks: Sequence[str], manager, num_fewshot: int | None,
         return simple_evaluate(model=model, tasks=list(tasks), num_fewshot=num_fewshot,
                                limit=limit, task_manager=manager, log_samples=log_samples)
     except FileNotFoundError as missing:
-        raise ConfigError([f"{key}: a task's data was not found ({missing}). Fix: a task "
-                           "YAML's data_files are read from the folder raytron runs in; give "
-                           "absolute paths, or run from the folder they are relative to."]
-                          ) from None
+        raise ConfigError([f"{key}: a task's data was not found: {missing}. Fix: put the "
+                           "file there (the mtnlg tasks read the data folder, --data-dir or "
+                           "train.eval_task_data_dir); a task YAML's data_files are read from "
+                           "the folder raytron runs in: give absolute paths, or run from the "
+                           "folder they are relative to."]) from None
     except ConnectionError as unreachable:
         raise ConfigError([f"{key}: a task's data is not in the Hugging Face cache and the "
                            f"Hub cannot be reached ({unreachable}). Fix: run once where the "
@@ -129,7 +134,7 @@ def task_eval_command(args) -> int:
     if offline_unless_hub_answers():
         print("The Hugging Face Hub does not answer: offline (HF_HUB_OFFLINE=1); tasks read "
               "local files and the datasets cache.", file=sys.stderr)
-    manager = task_manager(tasks, args.include_path)
+    manager = task_manager(tasks, args.include_path, data_dir=args.data_dir)
     from raytron.platform.models.harness import RaytronLM
 
     model = RaytronLM(load_model(source, args.device), args.batch)

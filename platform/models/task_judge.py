@@ -80,7 +80,7 @@ class TaskJudge:
         self.model_args = (tokenizer, bos_id(tokenizer) if config.data.bos else None,
                            end_ids(tokenizer), self.width)
         offline_unless_hub_answers()
-        self.manager = task_manager(self.tasks, [], KEY)
+        self.manager = task_manager(self.tasks, [], KEY, t.eval_task_data_dir)
         recorder = AnsweredLM(*self.model_args)
         self.evaluate(recorder)
         self.pairs = list(recorder.asked)

@@ -63,9 +63,9 @@ def absolute(location: str) -> str:
 
 def with_locations(config: RaytronConfig, convert: Callable[[str, str], str]) -> RaytronConfig:
     """`config` with each local path it names (run root, checkpoints, a SQLite store, local
-    sources, the tokenizer, the token cache, the initial weights, task YAML files) replaced by
-    `convert(key, path)`; URIs (`s3://...`) and the embedded corpora are no paths and stay
-    as they are."""
+    sources, the tokenizer, the token cache, the initial weights, task YAML files and task
+    data) replaced by `convert(key, path)`; URIs (`s3://...`) and the embedded corpora are
+    no paths and stay as they are."""
     def each(key: str, location: str | None) -> str | None:
         if location and location.startswith(SQLITE):
             return SQLITE + convert(key, location.removeprefix(SQLITE))
@@ -83,8 +83,9 @@ def with_locations(config: RaytronConfig, convert: Callable[[str, str], str]) ->
     return dataclasses.replace(
         config,
         run=dataclasses.replace(config.run, root=each("run.root", config.run.root)),
-        train=dataclasses.replace(config.train,
-                                  eval_tasks=tasks("train.eval_tasks", config.train.eval_tasks)),
+        train=dataclasses.replace(
+            config.train, eval_tasks=tasks("train.eval_tasks", config.train.eval_tasks),
+            eval_task_data_dir=each("train.eval_task_data_dir", config.train.eval_task_data_dir)),
         model=dataclasses.replace(config.model,
                                   init_from=each("model.init_from", config.model.init_from)),
         checkpoint=dataclasses.replace(config.checkpoint,
