@@ -102,8 +102,10 @@ def test_lm_evals_local_completions_on_raytron_serve_gives_the_same_scores(expor
 
 def test_generation_on_raytron_serve_gives_the_text_of_generation_in_process(
         exported, served, tmp_path):
-    """A generate_until task (greedy, stop strings): the same text either way."""
-    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    """A generate_until task (greedy, stop strings): the same text either way, as text
+    and as conversations."""
+    from lm_eval.models.openai_completions import LocalChatCompletion, LocalCompletionsAPI
+    from lm_eval.utils import RemoteTokenizer
 
     items = tmp_path / "lines.jsonl"
     items.write_text("".join(json.dumps({"context": text, "answer": ""}) + "\n"
@@ -127,9 +129,9 @@ metric_list:
 """)
     manager = TaskManager(include_path=[str(tmp_path)])
 
-    def texts(model) -> list[str]:
+    def texts(model, **options) -> list[str]:
         results = simple_evaluate(model=model, tasks=["continue_lines"], log_samples=True,
-                                  task_manager=manager)
+                                  task_manager=manager, **options)
         samples = sorted(results["samples"]["continue_lines"], key=lambda s: s["doc_id"])
         return [sample["resps"][0][0] for sample in samples]
 
@@ -138,6 +140,15 @@ metric_list:
                                        tokenizer_backend="remote", tokenized_requests=True,
                                        max_length=128))
     assert ours == theirs and len(ours) == 6 and any(ours)
+    # as conversations: lm_eval's chat client, the server rendering its chat template
+    ours = texts(RaytronLM(load_model(exported[0])), apply_chat_template=True)
+    theirs = texts(LocalChatCompletion(model="run", base_url=f"{served}/v1/chat/completions",
+                                       max_length=128), apply_chat_template=True)
+    assert ours == theirs and any(ours)
+    remote = RemoteTokenizer(f"{served}/v1/completions")  # the template /tokenizer_info gives
+    conversation = [{"role": "user", "content": "Hi"}]
+    assert remote.apply_chat_template(conversation) == \
+        RaytronLM(load_model(exported[0])).apply_chat_template(conversation)
 
 
 def test_the_command_prints_writes_and_names_its_metrics(exported, tmp_path):

@@ -170,6 +170,10 @@ def add_eval_arguments(command: argparse.ArgumentParser) -> None:
                          help="--tasks: the folder holding the local copies of the mtnlg "
                               "tasks' data, each as its official release unpacks (README: "
                               "Score tasks)")
+    command.add_argument("--apply-chat-template", action="store_true",
+                         help="--tasks: each prompt as a user turn of a conversation, in the "
+                              "chat template raytron's fine-tuning and serving use (a "
+                              "fine-tuned chat model)")
     command.add_argument("--log-samples", action="store_true",
                          help="--tasks: each sample's prompt, answers and scores in the "
                               "output too")

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from raytron.model.sampling import Sampling
 from raytron.model.scoring import ContinuationScore, continuation_scores
+from raytron.pipelines.chat import DEFAULT_TEMPLATE, render
 from raytron.platform.models.loading import LoadedModel, load_model
 
 MODEL_NAME = "raytron"
@@ -64,6 +65,19 @@ class RaytronTokens(TemplateLM):
 
     def tok_decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return "raytron"
+
+    def chat_template(self, chat_template: bool | str = False) -> str:
+        return DEFAULT_TEMPLATE
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        """lm_eval's `--apply_chat_template`: the conversation as raytron's fine-tuning
+        and `raytron serve`'s /v1/chat/completions render it."""
+        return render(chat_history, add_generation_prompt=add_generation_prompt)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **_unused
                               ) -> list[tuple[float, bool]]:

@@ -77,14 +77,16 @@ def task_manager(tasks: Sequence[str], include_paths: Sequence[str], key: str = 
 
 
 def score_tasks(model, tasks: Sequence[str], manager, num_fewshot: int | None,
-                limit: float | None, log_samples: bool, key: str = "--tasks") -> dict:
+                limit: float | None, log_samples: bool, key: str = "--tasks",
+                chat: bool = False) -> dict:
     """lm_eval's results of `tasks` (names in `manager`, or task YAML files) on `model`
-    (an lm_eval model)."""
+    (an lm_eval model); with `chat`, each prompt in the model's chat template."""
     from lm_eval import simple_evaluate
 
     try:
         return simple_evaluate(model=model, tasks=list(tasks), num_fewshot=num_fewshot,
-                               limit=limit, task_manager=manager, log_samples=log_samples)
+                               limit=limit, task_manager=manager, log_samples=log_samples,
+                               apply_chat_template=chat)
     except FileNotFoundError as missing:
         raise ConfigError([f"{key}: a task's data was not found: {missing}. Fix: put the "
                            "file there (the mtnlg tasks read the data folder, --data-dir or "
@@ -139,7 +141,7 @@ def task_eval_command(args) -> int:
 
     model = RaytronLM(load_model(source, args.device), args.batch)
     results = score_tasks(model, tasks, manager, args.num_fewshot, args.limit,
-                          args.log_samples)
+                          args.log_samples, chat=args.apply_chat_template)
     from lm_eval.utils import make_table
 
     print(make_table(results))

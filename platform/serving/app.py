@@ -29,6 +29,7 @@ from ray import serve
 from raytron.model.engine import DEFAULT_LIMITS as DEFAULT_ENGINE
 from raytron.model.engine import EngineLimits, PromptError, QueueFull, check_prompt
 from raytron.model.generate import encode_prompt
+from raytron.pipelines.chat import DEFAULT_TEMPLATE
 from raytron.platform.serving.access import API_KEY_VARIABLE, authorized, checked_key
 from raytron.platform.serving.completions import Completions, Finished
 from raytron.platform.serving.engine_process import EngineFailed, EngineProcess
@@ -239,7 +240,8 @@ class ModelServer:
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": self.context,
             "vocab_size": self.tokenizer.get_vocab_size(),
             "eos_token": piece(source.end_ids[0]) if source.end_ids else None,
-            "bos_token": None if source.bos_id is None else piece(source.bos_id)}
+            "bos_token": None if source.bos_id is None else piece(source.bos_id),
+            "chat_template": DEFAULT_TEMPLATE}  # what /v1/chat/completions renders
 
     async def small(self, request: Request, answer) -> JSONResponse | dict:
         """A request that runs no model: the key, JSON, a bounded body, 400 for the rest."""
