@@ -3,8 +3,10 @@ tokens, and whether greedy decoding would have produced exactly them. What evalu
 harnesses ask of a model for multiple-choice and cloze tasks (lm-evaluation-harness's
 `loglikelihood`), and for the perplexity of a whole text (`loglikelihood_rolling`).
 
-Plain PyTorch: a forward pass over each batch of sequences, the longest first (so that
-each batch pads little, and the first shows at once whether memory suffices).
+Plain PyTorch: a forward pass over each batch of contexts, the longest first (so that
+each batch pads little, and the first shows at once whether memory suffices), and one
+over their continuations, which read the contexts from a KV cache: a multiple-choice
+question's context is computed once, not once per choice.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from raytron.model.gpt import GPT
+from raytron.model.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -30,24 +33,76 @@ def continuation_scores(model: GPT, pairs: Sequence[tuple[Sequence[int], Sequenc
     """For each (context ids, continuation ids), with a context of at least one token,
     the continuation's score. A pair longer than `max_length` (default and at most: the
     model's context) keeps its last `max_length + 1` tokens, the context cut from the
-    left. `on_batch(n)` after each batch of n pairs (a progress bar)."""
+    left. Pairs with the same context (a multiple-choice question's choices) are scored
+    together: the context once, into a KV cache each continuation reads. Batches hold
+    about `batch_size` continuations, the longest contexts first; `on_batch(n)` after
+    each batch of n pairs (a progress bar)."""
     limit = min(max_length or model.shape.max_seq_len, model.shape.max_seq_len)
     rows = scored_rows(pairs, limit)
-    order = sorted(range(len(rows)), key=lambda index: -len(rows[index]))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, (row, (_, continuation)) in enumerate(zip(rows, pairs, strict=True)):
+        groups.setdefault(tuple(row[: len(row) - len(continuation)]), []).append(index)
+    ordered = sorted(groups.items(), key=lambda group: -len(group[0]))
     scores: list[ContinuationScore | None] = [None] * len(rows)
-    device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        chosen = [rows[i] for i in batch]
-        with torch.inference_mode():
-            logits = model(padded_inputs(chosen, max(len(row) for row in chosen) - 1)
-                           .to(device))
-        for index, score in zip(batch, row_scores(logits, chosen,
-                                                  [len(pairs[i][1]) for i in batch]),
-                                strict=True):
+    def longest(members: list[int]) -> int:
+        return max(len(pairs[i][1]) for i in members)
+
+    for batch in batches_of_groups(ordered, batch_size, longest, limit):
+        indices = [index for _, members in batch for index in members]
+        for index, score in zip(indices, shared_context_scores(
+                model, [list(context) for context, _ in batch],
+                [[list(pairs[i][1]) for i in members] for _, members in batch]),
+                strict=True):
             scores[index] = score
         if on_batch is not None:
-            on_batch(len(batch))
+            on_batch(len(indices))
+    return scores
+
+
+def batches_of_groups(groups: list[tuple[tuple[int, ...], list[int]]], size: int,
+                      longest: Callable[[list[int]], int], limit: int) -> list[list]:
+    """Consecutive (context, members) groups, about `size` members a batch (a larger
+    group alone), none longer than `limit` positions: the longest context and the
+    longest continuation (`longest(members)`) of a batch, but one token, fit it."""
+    batches: list[list] = []
+    for group in groups:
+        batch = batches[-1] if batches else []
+        members = sum(len(g[1]) for g in batch) + len(group[1])
+        span = max(len(g[0]) for g in [*batch, group]) + \
+            max(longest(g[1]) for g in [*batch, group]) - 1
+        if batch and members <= size and span <= limit:
+            batch.append(group)
+        else:
+            batches.append([group])
+    return batches
+
+
+@torch.inference_mode()
+def shared_context_scores(model: GPT, contexts: list[list[int]],
+                          continuations: list[list[list[int]]]) -> list[ContinuationScore]:
+    """The scores of each context's continuations, in order: the contexts in one padded
+    forward into a KV cache (their last logits predict each continuation's first token),
+    the cache copied for each continuation, then every continuation but its last token
+    in one forward over it."""
+    shape, parameter = model.shape, next(model.parameters())
+    device = parameter.device
+    flat = [continuation for group in continuations for continuation in group]
+    owners = [owner for owner, group in enumerate(continuations) for _ in group]
+    lengths = [len(context) for context in contexts]
+    width = max(lengths)
+    rest = max(len(continuation) for continuation in flat) - 1
+    cache = KVCache(len(contexts), width + rest, shape.n_layers,
+                    shape.n_kv_heads or shape.n_heads, shape.head_dim, parameter.dtype, device)
+    firsts = model(padded(contexts, width).to(device), cache,
+                   logits_at=torch.tensor(lengths, device=device) - 1)[:, 0]
+    cache.set_lengths(lengths)
+    cache.keep(owners)
+    following = model(padded([c[:-1] for c in flat], rest).to(device), cache) if rest else None
+    scores = []
+    for row, (owner, continuation) in enumerate(zip(owners, flat, strict=True)):
+        logits = firsts[owner][None] if following is None else \
+            torch.cat([firsts[owner][None], following[row, : len(continuation) - 1]])
+        scores.append(score_of(logits, continuation))
     return scores
 
 
@@ -66,25 +121,31 @@ def scored_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], limit: int
     return rows
 
 
-def padded_inputs(rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
-    """The inputs of `rows` (all but each row's last id), padded on the right to `width`
-    (causal attention keeps the padding out of every real position)."""
+def padded(rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    """Rows of ids padded on the right to `width` (causal attention keeps the padding out
+    of every real position)."""
     inputs = torch.zeros(len(rows), width, dtype=torch.long)
     for index, row in enumerate(rows):
-        inputs[index, : len(row) - 1] = torch.tensor(row[:-1])
+        inputs[index, : len(row)] = torch.tensor(row, dtype=torch.long)
     return inputs
 
 
 def row_scores(logits: torch.Tensor, rows: Sequence[Sequence[int]],
                continuations: Sequence[int]) -> list[ContinuationScore]:
     """The scores of `rows` (each ending with a continuation of the given length) from
-    the logits of their `padded_inputs` (any rows past `rows` are ignored)."""
+    the logits of their inputs, all but each row's last id, `padded` (any rows past
+    `rows` are ignored)."""
     scores = []
     for index, (row, length) in enumerate(zip(rows, continuations, strict=True)):
         end = len(row) - 1  # the inputs' length: position end - 1 predicts the last token
-        logprobs = logits[index, end - length : end].float().log_softmax(dim=-1)
-        targets = torch.tensor(row[-length:], device=logprobs.device)
-        chosen = logprobs.gather(-1, targets[:, None]).sum()
-        greedy = bool((logprobs.argmax(-1) == targets).all())
-        scores.append(ContinuationScore(float(chosen), greedy))
+        scores.append(score_of(logits[index, end - length : end], row[-length:]))
     return scores
+
+
+def score_of(logits: torch.Tensor, continuation: Sequence[int]) -> ContinuationScore:
+    """A continuation's score from the logits (its length, vocab) that predict it."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    targets = torch.tensor(continuation, device=logprobs.device)
+    chosen = logprobs.gather(-1, targets[:, None]).sum()
+    greedy = bool((logprobs.argmax(-1) == targets).all())
+    return ContinuationScore(float(chosen), greedy)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from raytron.model.scoring import padded_inputs, row_scores, scored_rows
+from raytron.model.scoring import padded, row_scores, scored_rows
 from raytron.platform.worker.trainer import Sequences, Trainer, whole_value
 
 
@@ -34,8 +34,8 @@ def score_in_layout(trainer: Trainer, pairs: Sequence[tuple[Sequence[int], Seque
     with trainer.evaluating():
         for start in range(first, first + share, micro):
             chunk = rows[start : start + micro]
-            filler = [[0, 0]] * (micro - len(chunk))  # rows past the pairs: never read
-            inputs = padded_inputs(chunk + filler, width).to(trainer.device)
+            filler = [[]] * (micro - len(chunk))  # rows past the pairs: never read
+            inputs = padded([row[:-1] for row in chunk] + filler, width).to(trainer.device)
             with trainer.context():
                 logits = trainer.logits(Sequences(inputs, inputs, None, 1))
             if logits is None:
