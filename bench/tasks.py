@@ -4,10 +4,12 @@ against lm_eval's own `hf` model on the export.
     python bench/tasks.py          # ~10 minutes on 2 cores; writes docs/benchmarks.md
     python bench/tasks.py --quick  # a few samples, a trial: writes nothing
 
-raytron's two shipped tasks (raytron_next_line: 4 choices a sample; raytron_last_word:
-one continuation) on random weights of two shapes, a run directory and the same weights
-exported by `raytron export` (fp32, CPU): timed once each, (a) lm_eval's `raytron` model
-in this process, (b) lm_eval's `hf` model on the export, (c) lm_eval's
+raytron's four shipped tasks (raytron_word_choice: a paragraph and 4 words that may end
+it; raytron_last_sentence: a paragraph and 4 sentences that may end it;
+raytron_next_line: a line and 4 lines that may follow it; raytron_last_word: one
+continuation) on random weights of two shapes, a run directory and the same weights
+exported by `raytron export` (fp32, CPU): each task timed once with (a) lm_eval's
+`raytron` model in this process, (b) lm_eval's `hf` model on the export, (c) lm_eval's
 `local-completions` model against `raytron serve` on the run (started for it, one torch
 thread as in bench/serve.py, 8 requests in flight). The same batch size for (a) and (b).
 Target (issue 24): in process at least 1.5x `hf`'s speed, with the same numbers.
@@ -16,6 +18,7 @@ Target (issue 24): in process at least 1.5x `hf`'s speed, with the same numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -28,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # mod
 from report import machine, markdown_table, write_section  # noqa: E402
 from serve import exported, free_port, stop, tool, wait_healthy  # noqa: E402
 
-TASKS = ["raytron_next_line", "raytron_last_word"]
+TASKS = ["raytron_word_choice", "raytron_last_sentence", "raytron_next_line",
+         "raytron_last_word"]
 BATCH = 16
 CONCURRENT = 8
 SHAPES = {  # name: (shape arguments, vocabulary, samples of each task)
@@ -48,9 +52,9 @@ def run_of(root: Path, name: str, arguments: dict, vocab: int) -> Path:
     return write_run(root, name, GPT(shape, seed=0).eval(), small_tokenizer(vocab))
 
 
-def timed(model, limit: int | None) -> tuple[float, dict]:
-    """The seconds the model spent answering lm_eval's requests (building the tasks and
-    their prompts, the same for every model, left out), and lm_eval's results."""
+def timed(model, task: str, limit: int | None) -> tuple[float, dict]:
+    """The seconds the model spent answering lm_eval's requests of `task` (building the
+    task and its prompts, the same for every model, left out), and lm_eval's results."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -66,14 +70,18 @@ def timed(model, limit: int | None) -> tuple[float, dict]:
         finally:
             spent[0] += time.perf_counter() - started
 
-    model.loglikelihood = loglikelihood  # what both tasks ask (an instance's own)
-    results = simple_evaluate(model=model, tasks=TASKS, limit=limit, log_samples=True,
-                              task_manager=TaskManager(include_path=str(raytron_tasks())))
+    model.loglikelihood = loglikelihood  # what the tasks ask (an instance's own)
+    try:
+        results = simple_evaluate(model=model, tasks=[task], limit=limit, log_samples=True,
+                                  task_manager=TaskManager(include_path=str(raytron_tasks())))
+    finally:
+        model.loglikelihood = answer
     return spent[0], results
 
 
-def served(run_dir: Path, context: int, limit: int | None, folder: Path
-           ) -> tuple[float, dict]:
+@contextlib.contextmanager
+def served(run_dir: Path, context: int, folder: Path):
+    """lm_eval's client of `raytron serve`, serving the run for the block."""
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     port, log = free_port(), folder / "serve.log"
@@ -84,29 +92,25 @@ def served(run_dir: Path, context: int, limit: int | None, folder: Path
                                   env=env, start_new_session=True)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", server, log)
-        return timed(LocalCompletionsAPI(
+        yield LocalCompletionsAPI(
             model=run_dir.name, base_url=f"http://127.0.0.1:{port}/v1/completions",
             tokenizer_backend="remote", tokenized_requests=True, max_length=context,
-            num_concurrent=CONCURRENT), limit)
+            num_concurrent=CONCURRENT)
     finally:
         stop(server)
 
 
-def samples(results: dict) -> int:
-    return sum(results["n-samples"][task]["effective"] for task in TASKS)
-
-
-def largest_gap(ours: dict, theirs: dict) -> float:
+def largest_gap(ours: dict, theirs: dict, task: str) -> float:
     """The largest difference between the two's log-likelihoods, request by request."""
     def scores(results: dict) -> list[float]:
-        return [float(response[0][0]) for task in TASKS
+        return [float(response[0][0])
                 for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"])
                 for response in sample["resps"]]
     return max(abs(a - b) for a, b in zip(scores(ours), scores(theirs), strict=True))
 
 
-def accuracies(results: dict) -> str:
-    return " / ".join(f"{results['results'][task]['acc,none']:.3f}" for task in TASKS)
+def accuracy(results: dict, task: str) -> str:
+    return f"{results['results'][task]['acc,none']:.3f}"
 
 
 def main(quick: bool) -> None:
@@ -125,24 +129,30 @@ def main(quick: bool) -> None:
             limit = 4 if quick else limit
             run_dir = run_of(root, name.split()[0], arguments, vocab)
             hf_dir = exported(run_dir, root / f"{run_dir.name}-hf")
-            ours_s, ours = timed(RaytronLM(load_model(run_dir), batch_size=BATCH), limit)
-            hf_s, hf = timed(HFLM(pretrained=str(hf_dir), batch_size=BATCH, device="cpu",
-                                  dtype="float32"), limit)
+            ours_model = RaytronLM(load_model(run_dir), batch_size=BATCH)
+            hf_model = HFLM(pretrained=str(hf_dir), batch_size=BATCH, device="cpu",
+                            dtype="float32")
             # the server's prompt holds one token less (it generates one): compared with
             # a model in process keeping as many
             context = arguments["max_seq_len"]
-            served_s, through = served(run_dir, context, limit, root)
-            same = RaytronLM(load_model(run_dir), batch_size=BATCH, max_length=context - 2)
-            _, alike = timed(same, limit)
-            rows.append([name, str(samples(ours)), f"{ours_s:.1f}", f"{hf_s:.1f}",
-                         f"{hf_s / ours_s:.2f}x", f"{served_s:.1f}",
-                         f"{largest_gap(ours, hf):.1e}", f"{largest_gap(alike, through):.1e}",
-                         accuracies(ours), accuracies(hf), accuracies(through)])
-            print(rows[-1], flush=True)
+            alike_model = RaytronLM(load_model(run_dir), batch_size=BATCH,
+                                    max_length=context - 2)
+            with served(run_dir, context, root) as server:
+                for task in TASKS:
+                    ours_s, ours = timed(ours_model, task, limit)
+                    hf_s, hf = timed(hf_model, task, limit)
+                    served_s, through = timed(server, task, limit)
+                    _, alike = timed(alike_model, task, limit)
+                    rows.append([name, task, str(ours["n-samples"][task]["effective"]),
+                                 f"{ours_s:.1f}", f"{hf_s:.1f}", f"{hf_s / ours_s:.2f}x",
+                                 f"{served_s:.1f}", f"{largest_gap(ours, hf, task):.1e}",
+                                 f"{largest_gap(alike, through, task):.1e}",
+                                 " / ".join(accuracy(r, task) for r in (ours, hf, through))])
+                    print(rows[-1], flush=True)
     table = markdown_table(
-        ["model", "samples", "raytron in process (s)", "lm_eval hf (s)", "speed vs hf",
-         "through raytron serve (s)", "largest gap vs hf", "largest gap, served",
-         "accuracy next_line / last_word", "hf's", "served"], rows)
+        ["model", "task", "samples", "raytron in process (s)", "lm_eval hf (s)",
+         "speed vs hf", "through raytron serve (s)", "largest gap vs hf",
+         "largest gap, served", "accuracy: raytron / hf / served"], rows)
     print(table)
     if not quick:
         write_section("tasks", f"""## Scoring tasks (`bench/tasks.py`)
@@ -150,14 +160,18 @@ def main(quick: bool) -> None:
 `python bench/tasks.py` on {machine()}; 2 torch threads in process, 1 in the server.
 Times: the seconds each model spent answering lm_eval's log-likelihood requests (building
 the tasks, the same for all, left out).
-raytron's shipped tasks raytron_next_line (4 choices a sample) and raytron_last_word, on
-random weights (all samples of each at the tiny shape, the first
-{SHAPES["gpt2-124m shape (88M)"][2]} at the gpt2-124m shape), timed once each: lm_eval's
-`raytron` model in process, lm_eval's `hf` model on `raytron export`'s folder (both batch
-{BATCH}), and lm_eval's `local-completions` against `raytron serve` ({CONCURRENT} requests
-in flight, tokenizing through the server). Gaps: the largest difference of a request's
-log-likelihood (served: against raytron in process keeping the tokens a server prompt
-keeps). Target (issue 24): in process at least 1.5x `hf`'s speed, with the same numbers.
+raytron's shipped tasks raytron_word_choice (a paragraph and 4 words that may end it: a
+long shared context and short choices, as in MMLU or ARC), raytron_last_sentence (a
+paragraph and 4 sentences that may end it: choices of many tokens, as in HellaSwag),
+raytron_next_line (a line and 4 lines that may follow it: short contexts) and
+raytron_last_word (one continuation), on random weights (all samples of each at the tiny
+shape, the first {SHAPES["gpt2-124m shape (88M)"][2]} at the gpt2-124m shape), timed once
+each: lm_eval's `raytron` model in process, lm_eval's `hf` model on `raytron export`'s
+folder (both batch {BATCH}), and lm_eval's `local-completions` against `raytron serve`
+({CONCURRENT} requests in flight, tokenizing through the server). Gaps: the largest
+difference of a request's log-likelihood (served: against raytron in process keeping the
+tokens a server prompt keeps). Target (issue 24): in process at least 1.5x `hf`'s speed,
+with the same numbers.
 
 {table}
 """)

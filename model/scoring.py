@@ -3,10 +3,11 @@ tokens, and whether greedy decoding would have produced exactly them. What evalu
 harnesses ask of a model for multiple-choice and cloze tasks (lm-evaluation-harness's
 `loglikelihood`), and for the perplexity of a whole text (`loglikelihood_rolling`).
 
-Plain PyTorch: a forward pass over each batch of contexts, the longest first (so that
-each batch pads little, and the first shows at once whether memory suffices), and one
-over their continuations, which read the contexts from a KV cache: a multiple-choice
-question's context is computed once, not once per choice.
+Plain PyTorch: a forward pass over each batch of sequences, the longest first (so that
+each batch pads little, and the first shows at once whether memory suffices); where the
+choices of a question share a context longer than they are, a forward over the contexts
+into a KV cache and one over the choices reading it: the context is computed once, not
+once per choice.
 """
 
 from __future__ import annotations
@@ -33,21 +34,41 @@ def continuation_scores(model: GPT, pairs: Sequence[tuple[Sequence[int], Sequenc
     """For each (context ids, continuation ids), with a context of at least one token,
     the continuation's score. A pair longer than `max_length` (default and at most: the
     model's context) keeps its last `max_length + 1` tokens, the context cut from the
-    left. Pairs with the same context (a multiple-choice question's choices) are scored
-    together: the context once, into a KV cache each continuation reads. Batches hold
-    about `batch_size` continuations, the longest contexts first; `on_batch(n)` after
-    each batch of n pairs (a progress bar)."""
+    left. Choices of one question whose context is longer than they are (a paragraph and
+    the words that may end it) are scored together: the context once, into a KV cache
+    each choice reads. Batches hold about `batch_size` pairs, the longest first;
+    `on_batch(n)` after each batch of n pairs (a progress bar)."""
     limit = min(max_length or model.shape.max_seq_len, model.shape.max_seq_len)
     rows = scored_rows(pairs, limit)
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, (row, (_, continuation)) in enumerate(zip(rows, pairs, strict=True)):
         groups.setdefault(tuple(row[: len(row) - len(continuation)]), []).append(index)
-    ordered = sorted(groups.items(), key=lambda group: -len(group[0]))
-    scores: list[ContinuationScore | None] = [None] * len(rows)
+
     def longest(members: list[int]) -> int:
         return max(len(pairs[i][1]) for i in members)
 
-    for batch in batches_of_groups(ordered, batch_size, longest, limit):
+    def shares(context: tuple[int, ...], members: list[int]) -> bool:
+        return len(members) > 1 and len(context) > longest(members)
+
+    shared = sorted(((context, members) for context, members in groups.items()
+                     if shares(context, members)), key=lambda group: -len(group[0]))
+    alone = sorted((i for context, members in groups.items() if not shares(context, members)
+                    for i in members), key=lambda i: -len(rows[i]))
+    scores: list[ContinuationScore | None] = [None] * len(rows)
+    device = next(model.parameters()).device
+    for start in range(0, len(alone), batch_size):
+        batch = alone[start : start + batch_size]
+        chosen = [rows[i] for i in batch]
+        with torch.inference_mode():
+            logits = model(padded([row[:-1] for row in chosen],
+                                  max(len(row) for row in chosen) - 1).to(device))
+        for index, score in zip(batch, row_scores(logits, chosen,
+                                                  [len(pairs[i][1]) for i in batch]),
+                                strict=True):
+            scores[index] = score
+        if on_batch is not None:
+            on_batch(len(batch))
+    for batch in batches_of_groups(shared, batch_size, longest, limit):
         indices = [index for _, members in batch for index in members]
         for index, score in zip(indices, shared_context_scores(
                 model, [list(context) for context, _ in batch],

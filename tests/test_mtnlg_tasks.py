@@ -208,3 +208,14 @@ def test_a_missing_file_says_where_to_get_it(run_dir, tmp_path):
     assert "piqa/valid.jsonl is not there" in err and "https://yonatanbisk.com/piqa" in err
     code, _, err = run_cli("eval", str(run_dir), "--tasks", "mtnlg_boolq")
     assert code == 2 and "--data-dir DIR" in err and "BoolQ.zip" in err
+
+
+def test_training_scores_them_from_the_data_folder_too(data_dir):
+    """train.eval_task_data_dir: the judge of a run asks BoolQ's two questions, two
+    answers each."""
+    from raytron.platform.config.load import load_config
+    from raytron.platform.models.task_judge import TaskJudge
+
+    config = load_config("tiny", ["data.seq_len=64", "train.eval_tasks=[mtnlg_boolq]",
+                                  f"train.eval_task_data_dir={data_dir}"])
+    assert len(TaskJudge(config, small_tokenizer().to_str()).requests()) == 4

@@ -6,6 +6,9 @@ they need no file and no network, and the tiny preset's progress shows as accura
   as LAMBADA): accuracy is how often greedy decoding gives exactly the word.
 - `raytron_next_line`: a line of the reference, and four lines to follow it, one of
   them the line that does (multiple choice; chance is 25%).
+- `raytron_last_sentence`: a paragraph without its last sentence, and four sentences
+  that end paragraphs, one of them the one that ends this one (multiple choice, as
+  HellaSwag: a long context shared by choices of many tokens; chance is 25%).
 - `raytron_word_choice`: a paragraph without its last word, and four words of about its
   length that end paragraphs, one of them the word that ends this one (multiple choice;
   chance is 25%, and a model that knows nothing scores it).
@@ -23,6 +26,7 @@ from raytron.pipelines.embedded import PYTHON_REFERENCE, embedded_texts
 ITEMS = 300
 CHOICES = 4
 ENDS_WITH_A_WORD = re.compile(r"(.{60,}\S) ([A-Za-z]{3,})\.")
+SENTENCE_END = re.compile(r"(?<=[.!?]) (?=[A-Z])")
 
 
 def last_word(**_metadata) -> datasets.DatasetDict:
@@ -73,6 +77,29 @@ def paragraph_ends() -> list[dict]:
             if found:
                 ends.append({"context": found[1], "target": " " + found[2]})
     return ends
+
+
+def last_sentence(**_metadata) -> datasets.DatasetDict:
+    """Paragraphs of three sentences or more: all but the last, and four last sentences
+    of paragraphs, this one's among them (the shape of HellaSwag's questions: a long
+    context, choices of a sentence each)."""
+    paragraphs = []
+    for text in embedded_texts(PYTHON_REFERENCE):
+        for paragraph in text.split("\n\n"):
+            sentences = SENTENCE_END.split(" ".join(paragraph.split()))
+            if len(sentences) >= 3 and sum(map(len, sentences)) > 150:
+                paragraphs.append((" ".join(sentences[:-1]), " " + sentences[-1]))
+    endings = sorted({ending for _, ending in paragraphs})
+    generator = random.Random(3)
+    candidates = []
+    for context, ending in paragraphs:
+        others = [other for other in generator.sample(endings, CHOICES + 1)
+                  if other != ending][: CHOICES - 1]
+        choices = [ending, *others]
+        generator.shuffle(choices)
+        candidates.append({"context": context, "choices": choices,
+                           "label": choices.index(ending)})
+    return test_split(candidates)
 
 
 def next_line(**_metadata) -> datasets.DatasetDict:
