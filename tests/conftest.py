@@ -29,6 +29,16 @@ S3_TEXTS = [f"Paragraph {i}: " + "the quick brown fox jumps over the lazy dog. "
 
 
 @pytest.fixture(scope="module")
+def hub_offline(tmp_path_factory):
+    """The Hugging Face Hub's offline switches and a datasets cache of the module's own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        patch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets")))
+        yield
+
+
+@pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on a free port; credentials and endpoint in the environment,
     where pyarrow, s3fs and botocore all find them."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("lm_eval")  # the [eval] extra; CI installs it
+pytestmark = pytest.mark.usefixtures("hub_offline")  # no call may wait on the Hub
 
 from lm_eval.tasks import TaskManager  # noqa: E402
 
@@ -113,15 +114,6 @@ def data_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("mtnlg")
     write_releases(folder)
     return folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets")))
-        yield
 
 
 def requests(manager: TaskManager, spec) -> list:

@@ -8,6 +8,7 @@ import socket
 import pytest
 
 pytest.importorskip("lm_eval")  # the [eval] extra; CI installs it
+pytestmark = pytest.mark.usefixtures("hub_offline")  # no call may wait on the Hub
 
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
@@ -20,15 +21,6 @@ from model_runs import run_cli, small_model, small_tokenizer, write_run  # noqa:
 
 TASKS = ["raytron_last_word", "raytron_next_line"]
 LIMIT = 24
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:  # no call may wait on the Hub
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets")))
-        yield
 
 
 @pytest.fixture(scope="module")

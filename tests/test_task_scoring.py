@@ -10,6 +10,7 @@ import pytest
 import torch
 
 pytest.importorskip("lm_eval")  # the [eval] extra; CI installs it
+pytestmark = pytest.mark.usefixtures("hub_offline")  # no call may wait on the Hub
 
 from raytron.model.gpt import GPT  # noqa: E402
 from raytron.model.scoring import continuation_scores  # noqa: E402
@@ -18,10 +19,7 @@ from raytron.pipelines.sources import embedded_records  # noqa: E402
 from raytron.pipelines.tokenizer import end_ids, train_bpe  # noqa: E402
 from raytron.platform.config.layout import Layout  # noqa: E402
 from raytron.platform.config.load import load_config  # noqa: E402
-from raytron.platform.config.resolve import (
-    gpt_shape,  # noqa: E402
-    resolve_model,  # noqa: E402
-)
+from raytron.platform.config.resolve import gpt_shape, resolve_model  # noqa: E402
 from raytron.platform.config.schema import ConfigError  # noqa: E402
 from raytron.platform.models.task_judge import TaskJudge  # noqa: E402
 from raytron.platform.worker.task_scoring import score_in_layout  # noqa: E402
@@ -33,15 +31,6 @@ from parallel_harness import config, final_parameters, run_parallel, run_single 
 SEQ_LEN = 16  # the harness's training shape: longer requests keep their last 17 tokens
 VOCAB = 128  # the harness's model: the tokenizer's ids are folded into it
 LAYOUTS = {"pp2": ["parallel.pp=2"], "dp2-tp2": ["parallel.dp=2", "parallel.tp=2"]}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets")))
-        yield
 
 
 def judge_config(*overrides: str):

@@ -27,6 +27,7 @@ ITEMS = 300
 CHOICES = 4
 ENDS_WITH_A_WORD = re.compile(r"(.{60,}\S) ([A-Za-z]{3,})\.")
 SENTENCE_END = re.compile(r"(?<=[.!?]) (?=[A-Z])")
+LONGEST_SENTENCE = 160  # characters of a choice: it fits the tiny preset's 128 tokens
 
 
 def last_word(**_metadata) -> datasets.DatasetDict:
@@ -87,19 +88,10 @@ def last_sentence(**_metadata) -> datasets.DatasetDict:
     for text in embedded_texts(PYTHON_REFERENCE):
         for paragraph in text.split("\n\n"):
             sentences = SENTENCE_END.split(" ".join(paragraph.split()))
-            if len(sentences) >= 3 and sum(map(len, sentences)) > 150:
+            if len(sentences) >= 3 and sum(map(len, sentences)) > 150 and \
+                    len(sentences[-1]) <= LONGEST_SENTENCE:
                 paragraphs.append((" ".join(sentences[:-1]), " " + sentences[-1]))
-    endings = sorted({ending for _, ending in paragraphs})
-    generator = random.Random(3)
-    candidates = []
-    for context, ending in paragraphs:
-        others = [other for other in generator.sample(endings, CHOICES + 1)
-                  if other != ending][: CHOICES - 1]
-        choices = [ending, *others]
-        generator.shuffle(choices)
-        candidates.append({"context": context, "choices": choices,
-                           "label": choices.index(ending)})
-    return test_split(candidates)
+    return test_split(with_wrong_choices(paragraphs, "context", 3))
 
 
 def next_line(**_metadata) -> datasets.DatasetDict:
@@ -107,17 +99,22 @@ def next_line(**_metadata) -> datasets.DatasetDict:
     for text in embedded_texts(PYTHON_REFERENCE):
         lines = [line.strip() for line in text.splitlines() if len(line.strip()) >= 20]
         pairs += zip(lines, lines[1:], strict=False)
-    followers = sorted({follower for _, follower in pairs})
-    generator = random.Random(1)
+    return test_split(with_wrong_choices(pairs, "line", 1))
+
+
+def with_wrong_choices(pairs: list[tuple[str, str]], key: str, seed: int) -> list[dict]:
+    """Each (context, right choice) as a sample of `CHOICES`: the right one, and others
+    drawn from the right choices of the other samples."""
+    pool = sorted({right for _, right in pairs})
+    generator = random.Random(seed)
     candidates = []
-    for line, follower in pairs:
-        others = [other for other in generator.sample(followers, CHOICES + 1)
-                  if other != follower][: CHOICES - 1]
-        choices = [follower, *others]
+    for context, right in pairs:
+        others = [other for other in generator.sample(pool, CHOICES + 1)
+                  if other != right][: CHOICES - 1]
+        choices = [right, *others]
         generator.shuffle(choices)
-        candidates.append({"line": line, "choices": choices,
-                           "label": choices.index(follower)})
-    return test_split(candidates)
+        candidates.append({key: context, "choices": choices, "label": choices.index(right)})
+    return candidates
 
 
 def test_split(candidates: list[dict]) -> datasets.DatasetDict:

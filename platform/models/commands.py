@@ -156,7 +156,8 @@ def add_eval_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--tasks", metavar="NAMES",
                          help="lm-evaluation-harness tasks instead, comma-separated: names "
                               "lm_eval knows, raytron's own (raytron_word_choice, "
-                              "raytron_next_line, raytron_last_word; mtnlg, the MT-NLG "
+                              "raytron_last_sentence, raytron_next_line, raytron_last_word; "
+                              "mtnlg, the MT-NLG "
                               "zero-shot set, or one of it: mtnlg_lambada, mtnlg_piqa, ...) "
                               "or task YAML files (needs the [eval] extra)")
     command.add_argument("--num-fewshot", type=checked(int, 0), metavar="K",

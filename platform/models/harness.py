@@ -21,6 +21,7 @@ from tqdm import tqdm
 from raytron.model.sampling import Sampling
 from raytron.model.scoring import ContinuationScore, continuation_scores
 from raytron.pipelines.chat import DEFAULT_TEMPLATE, render
+from raytron.platform.config.schema import ConfigError
 from raytron.platform.models.loading import LoadedModel, load_model
 
 MODEL_NAME = "raytron"
@@ -128,8 +129,12 @@ class RaytronLM(RaytronTokens):
 
     def score_pairs(self, pairs: Pairs, on_batch: Callable[[int], None]
                     ) -> list[ContinuationScore]:
-        return continuation_scores(self.loaded.model, pairs, self.batch_size, on_batch,
-                                   self.max_length)
+        try:
+            return continuation_scores(self.loaded.model, pairs, self.batch_size, on_batch,
+                                       self.max_length)
+        except ValueError as error:  # a continuation longer than the model's context
+            raise ConfigError([f"--tasks: {error}. Fix: leave out the task, or score a "
+                               "model with a longer context."]) from None
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Each context continued until one of its stop strings or `max_gen_toks`

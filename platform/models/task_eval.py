@@ -71,8 +71,9 @@ def task_manager(tasks: Sequence[str], include_paths: Sequence[str], key: str = 
         where = "--include-path" if key == "--tasks" else "a task YAML file's path"
         raise ConfigError([f"{key}: no task named {', '.join(unknown)}. Fix: give a name "
                            "lm_eval knows (`lm-eval ls tasks`; raytron's own: "
-                           "raytron_word_choice, raytron_next_line, raytron_last_word), a "
-                           f"task YAML file, or the folder of your task YAMLs with {where}."])
+                           "raytron_word_choice, raytron_last_sentence, raytron_next_line, "
+                           "raytron_last_word; mtnlg and its mtnlg_* tasks), a task YAML "
+                           f"file, or the folder of your task YAMLs with {where}."])
     return manager
 
 
