@@ -174,6 +174,15 @@ tokens a server prompt keeps). Target (issue 24): in process at least 1.5x `hf`'
 with the same numbers.
 
 {table}
+
+On a CPU both models are bound by the same matrix products, so speed comes from
+computing less: raytron computes a context its choices share once, into a KV cache each
+choice reads, where the choices are shorter than the context; lm_eval's `hf` model does
+so only for choices of one token (its logits cache). Hence the gain on
+raytron_last_sentence (choices of many tokens), less on raytron_word_choice (mostly
+one-token choices, which `hf` shares too), and none where nothing is shared
+(raytron_last_word) or the context is short (raytron_next_line). Through the server,
+each choice is a request of its own and the context is computed for each.
 """)
 
 
