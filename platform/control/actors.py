@@ -16,7 +16,7 @@ from raytron.platform.control.placement import dashboard_address, start_ray
 from raytron.platform.control.run_log import RunLog
 
 POLL_S = 0.5  # how often the console shows what the tracker received
-JUDGE_WAIT_S = 600.0  # the longest the end of a run waits for the last task scores
+JUDGE_WAIT_S = 120.0  # the longest the end of a run waits for the last task scores
 
 
 @contextlib.contextmanager
