@@ -307,7 +307,9 @@ def test_a_full_replica_answers_429_and_a_slow_request_504(tight):
     with socket.create_connection(("127.0.0.1", port), timeout=30) as held:
         held.sendall(b"POST /tight/v1/completions HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
-        deadline, refused = time.time() + 1.5, None  # the held one reaches the replica
+        # until the held one reaches the replica and while it holds it (2 s): on a busy
+        # machine the proxy may take over a second to route it
+        deadline, refused = time.time() + 8, None
         while refused is None and time.time() < deadline:
             try:
                 client.completions.create(model="small", prompt="a", max_tokens=1)
