@@ -3,13 +3,14 @@ training layout and with no second copy of the model: each data-parallel replica
 its share of the (context, continuation) pairs, the tensor-parallel ranks of a replica
 together, through the pipeline stages. Every replica runs the same number of forward
 passes (FSDP gathers parameters in each), of the training shape (micro_batch rows of
-data.seq_len tokens, so that sequence parallelism splits them and a compiled model does
-not compile again). The scores are summed over the ranks: each pair is scored by one
+data.seq_len tokens, so that sequence parallelism splits them and a compiled model meets
+no new shape). The scores are summed over the ranks: each pair is scored by one
 rank (tensor rank 0 of the last stage of its replica) and every rank ends with all.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -27,7 +28,8 @@ def score_in_layout(trainer: Trainer, pairs: Sequence[tuple[Sequence[int], Seque
     width = trainer.config.data.seq_len
     rows = scored_rows(pairs, width)
     lengths = [len(continuation) for _, continuation in pairs]
-    share = -(-max(1, -(-len(rows) // layout.dp)) // micro) * micro  # whole micro-batches
+    per_replica = max(1, math.ceil(len(rows) / layout.dp))
+    share = math.ceil(per_replica / micro) * micro  # whole micro-batches
     first = trainer.coordinates["dp"] * share
     scorer = trainer.last and trainer.coordinates["tp"] == 0
     results = torch.zeros(len(rows), 2, dtype=torch.float64, device=trainer.device)
