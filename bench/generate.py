@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, markdown_table, write_section  # noqa: E402
 
+from raytron.model.families import FAMILIES  # noqa: E402
 from raytron.model.generate import generate_ids  # noqa: E402
 from raytron.model.gpt import GPT, GPTShape  # noqa: E402
 from raytron.model.hf import hf_config, to_hf  # noqa: E402
@@ -41,9 +42,9 @@ SHAPES = {  # name: (shape, prompt tokens, new tokens)
 def transformers_twin(model: GPT):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**hf_config(model.shape, "float32", None, 0, 0))
+    config = LlamaConfig(**hf_config(model.shape, FAMILIES["llama"], "float32", None, 0, 0))
     twin = LlamaForCausalLM(config).eval()
-    twin.load_state_dict(to_hf(model.state_dict(), model.shape), strict=False)
+    twin.load_state_dict(to_hf(model.state_dict(), model.shape, FAMILIES["llama"]), strict=False)
     twin.tie_weights()
     return twin
 

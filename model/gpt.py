@@ -2,6 +2,9 @@
 
 Token embedding -> N x [RMSNorm -> causal self-attention with RoPE (optionally
 grouped-query) -> residual, RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> logits.
+The options of the open model families: biases on the q/k/v projections (Qwen2), an
+RMSNorm on each head's query and key (Qwen3), a head size apart from d_model / n_heads,
+and RoPE scaling (Llama 3.1's `llama3`, `linear`, `yarn`), computed as transformers does.
 Given a `KVCache` (generation), attention appends the new keys and values to it and
 attends over everything cached, each sequence at its own positions.
 Layers live in a ModuleDict keyed by their index so that a pipeline stage that keeps
@@ -39,10 +42,21 @@ class GPTShape:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    head_dim: int | None = None  # None: d_model // n_heads
+    qkv_bias: bool = False  # a bias on the q, k and v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm on each head's query and key, before RoPE (Qwen3)
+    rope_scaling: str = "none"  # none | linear | llama3 | yarn
+    rope_factor: float = 1.0  # how much longer the context is than the pre-trained one
+    rope_original_max_seq_len: int | None = None  # the pre-trained context (llama3, yarn)
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_attention_factor: float | None = None  # yarn's cos/sin scale; None: 0.1 ln(factor) + 1
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
 
 
 def llama_ffn_hidden(d_model: int, multiple_of: int) -> int:
@@ -51,11 +65,64 @@ def llama_ffn_hidden(d_model: int, multiple_of: int) -> int:
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
+
+
+def rope_tables(shape: GPTShape) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles, shape (max_seq_len, head_dim / 2)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    inv_freq, scale = rope_frequencies(shape)
+    angles = torch.outer(torch.arange(shape.max_seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos() * scale, angles.sin() * scale
+
+
+def rope_frequencies(shape: GPTShape) -> tuple[torch.Tensor, float]:
+    """The rotation frequency of each pair of a head's dimensions, and the factor on cos
+    and sin, with the shape's scaling: transformers' `modeling_rope_utils`, step by step."""
+    dim = shape.head_dim
+    base = 1.0 / shape.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    factor = shape.rope_factor
+    if shape.rope_scaling == "linear":
+        return base / factor, 1.0
+    if shape.rope_scaling == "llama3":
+        return llama3_frequencies(base, shape), 1.0
+    if shape.rope_scaling == "yarn":
+        return yarn_frequencies(base, shape), yarn_attention_factor(shape)
+    return base, 1.0
+
+
+def llama3_frequencies(base: torch.Tensor, shape: GPTShape) -> torch.Tensor:
+    """Llama 3.1: long wavelengths slowed by the factor, short ones kept, those between
+    interpolated."""
+    factor, context = shape.rope_factor, shape.rope_original_max_seq_len
+    low, high = shape.rope_low_freq_factor, shape.rope_high_freq_factor
+    wavelength = 2 * math.pi / base
+    scaled = torch.where(wavelength > context / low, base / factor, base)
+    smooth = (context / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    between = ~(wavelength < context / high) * ~(wavelength > context / low)
+    return torch.where(between, smoothed, scaled)
+
+
+def yarn_frequencies(base: torch.Tensor, shape: GPTShape) -> torch.Tensor:
+    """YaRN: dimensions that rotate fewer than beta_slow times over the pre-trained context
+    interpolated, more than beta_fast times kept, a linear ramp between."""
+    dim, theta, context = shape.head_dim, shape.rope_theta, shape.rope_original_max_seq_len
+
+    def dimension_of(rotations: float) -> float:
+        return dim * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(dimension_of(shape.rope_beta_fast)), 0)
+    high = min(math.ceil(dimension_of(shape.rope_beta_slow)), dim - 1)
+    ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low if high > low
+                                                                   else 0.001)
+    kept = 1 - ramp.clamp(0, 1)
+    return base / shape.rope_factor * (1 - kept) + base * kept
+
+
+def yarn_attention_factor(shape: GPTShape) -> float:
+    if shape.rope_attention_factor is not None:
+        return shape.rope_attention_factor
+    return 1.0 if shape.rope_factor <= 1 else 0.1 * math.log(shape.rope_factor) + 1.0
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -70,10 +137,15 @@ class Attention(nn.Module):
     def __init__(self, shape: GPTShape):
         super().__init__()
         self.head_dim = shape.head_dim
-        self.wq = nn.Linear(shape.d_model, shape.n_heads * shape.head_dim, bias=False)
-        self.wk = nn.Linear(shape.d_model, shape.n_kv_heads * shape.head_dim, bias=False)
-        self.wv = nn.Linear(shape.d_model, shape.n_kv_heads * shape.head_dim, bias=False)
+        bias = shape.qkv_bias
+        self.wq = nn.Linear(shape.d_model, shape.n_heads * shape.head_dim, bias=bias)
+        self.wk = nn.Linear(shape.d_model, shape.n_kv_heads * shape.head_dim, bias=bias)
+        self.wv = nn.Linear(shape.d_model, shape.n_kv_heads * shape.head_dim, bias=bias)
         self.wo = nn.Linear(shape.n_heads * shape.head_dim, shape.d_model, bias=False)
+        self.q_norm = nn.RMSNorm(shape.head_dim, eps=shape.norm_eps) if shape.qk_norm \
+            else nn.Identity()
+        self.k_norm = nn.RMSNorm(shape.head_dim, eps=shape.norm_eps) if shape.qk_norm \
+            else nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: Mask = CAUSAL, cache: LayerCache | None = None) -> torch.Tensor:
@@ -81,8 +153,8 @@ class Attention(nn.Module):
         of x, or which start with them; `mask`: which keys each query sees."""
         batch, seq, _ = x.shape
         # -1 instead of the head count: under tensor parallelism each rank holds a share.
-        q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.wq(x).view(batch, seq, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.wk(x).view(batch, seq, -1, self.head_dim)).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         cos, sin = cos[..., :seq, :], sin[..., :seq, :]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -163,15 +235,15 @@ class GPT(nn.Module):
             self.init_rope()
 
     def initial_value(self, seed: int, name: str, shape: torch.Size) -> torch.Tensor:
-        """The whole initial tensor of parameter `name`: ones for RMSNorm gains, else
-        Normal(0, init_std), the projections into the residual stream scaled by
+        """The whole initial tensor of parameter `name`: ones for RMSNorm gains, zeros for
+        biases, else Normal(0, init_std), the projections into the residual stream scaled by
         1/sqrt(2 * n_layers) (GPT-2) so the residual variance does not grow with depth.
         Drawn from a generator seeded by `seed` and the name alone, so any part of the
         model (a pipeline stage, a rank's shard) gets the values the whole model would
         have: the layout never changes the init. A tied head that lives apart from the
         embedding (another pipeline stage) starts as the embedding does."""
         if len(shape) < 2:
-            return torch.ones(shape)
+            return torch.zeros(shape) if name.endswith(".bias") else torch.ones(shape)
         if name == "output.weight" and self.shape.tie_embeddings:
             name = "tok_embeddings.weight"
         residual = name.endswith(("wo.weight", "w2.weight"))
@@ -181,7 +253,7 @@ class GPT(nn.Module):
 
     def init_rope(self) -> None:
         """The rotary tables, which are no parameters: computed, never loaded."""
-        cos, sin = rope_tables(self.shape.head_dim, self.shape.max_seq_len, self.shape.rope_theta)
+        cos, sin = rope_tables(self.shape)
         self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,

@@ -1,10 +1,12 @@
-"""Hugging Face Llama <-> raytron GPT: parameter names, the RoPE permutation, config.json.
+"""Hugging Face <-> raytron GPT: parameter names, the RoPE permutation, config.json, for
+each family of `families.py`.
 
 The architectures are the same but for one detail: raytron's RoPE rotates consecutive
 pairs of a head's dimensions (Meta's reference), transformers' rotates its two halves.
 The q and k projections' rows are therefore permuted on the way out and back on the way
-in (transformers' `convert_llama_weights_to_hf.py` does the same); without it the model
-loads and is subtly wrong, which is why the tests compare logits.
+in (transformers' `convert_llama_weights_to_hf.py` does the same), and so are their
+biases and the gains of the per-head norms; without it the model loads and is subtly
+wrong, which is why the tests compare logits.
 """
 
 from __future__ import annotations
@@ -15,33 +17,23 @@ from typing import Any
 
 import torch
 
-from raytron.model.gpt import GPTShape
+from raytron.model.families import FAMILIES, Family
+from raytron.model.gpt import ROPE_SCALINGS, GPTShape
 
-# raytron name (in a layer) -> transformers name (in model.layers.<i>)
-LAYER_NAMES = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
 TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight",
              "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def hf_name(name: str) -> str:
+def hf_name(name: str, family: Family) -> str:
+    """The transformers name of a raytron parameter; KeyError for one the family lacks."""
     if name in TOP_NAMES:
         return TOP_NAMES[name]
     _, index, inner = name.split(".", 2)  # layers.<i>.<inner>
-    return f"model.layers.{index}.{LAYER_NAMES[inner]}"
+    return f"model.layers.{index}.{family.layer_names[inner]}"
 
 
-def raytron_name(name: str) -> str | None:
+def raytron_name(name: str, family: Family) -> str | None:
     """The raytron name of a transformers parameter; None for one raytron has no use for
     (e.g. `rotary_emb.inv_freq`, which both compute)."""
     for ours, theirs in TOP_NAMES.items():
@@ -49,33 +41,34 @@ def raytron_name(name: str) -> str | None:
             return ours
     parts = name.split(".", 3)  # model.layers.<i>.<inner>
     if len(parts) == 4 and parts[:2] == ["model", "layers"]:
-        for ours, theirs in LAYER_NAMES.items():
+        for ours, theirs in family.layer_names.items():
             if parts[3] == theirs:
                 return f"layers.{parts[2]}.{ours}"
     return None
 
 
-def pairs_to_halves(weight: torch.Tensor, heads: int) -> torch.Tensor:
+def pairs_to_halves(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     """Rows of each head reordered from (x0, y0, x1, y1, ...) to (x0, x1, ..., y0, y1, ...)."""
-    rows, columns = weight.shape
-    return weight.view(heads, rows // heads // 2, 2, columns).transpose(1, 2).reshape(rows,
-                                                                                    columns)
+    return tensor.unflatten(0, (heads, -1, 2)).transpose(1, 2).reshape(tensor.shape)
 
 
-def halves_to_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    rows, columns = weight.shape
-    return weight.view(heads, 2, rows // heads // 2, columns).transpose(1, 2).reshape(rows,
-                                                                                    columns)
+def halves_to_pairs(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    return tensor.unflatten(0, (heads, 2, -1)).transpose(1, 2).reshape(tensor.shape)
 
 
 def rotary_heads(name: str, shape: GPTShape) -> int | None:
-    """The head count to permute a q or k projection by; None for every other weight."""
-    if name.endswith("attention.wq.weight"):
+    """The number of heads whose rows to permute in a q or k projection (weight or bias)
+    or a per-head norm's gain (one head's worth); None for every other parameter."""
+    module = name.rsplit(".", 1)[0]
+    if module.endswith("attention.wq"):
         return shape.n_heads
-    return shape.n_kv_heads if name.endswith("attention.wk.weight") else None
+    if module.endswith("attention.wk"):
+        return shape.n_kv_heads
+    return 1 if module.endswith(("attention.q_norm", "attention.k_norm")) else None
 
 
-def to_hf(state: dict[str, torch.Tensor], shape: GPTShape) -> dict[str, torch.Tensor]:
+def to_hf(state: dict[str, torch.Tensor], shape: GPTShape, family: Family
+          ) -> dict[str, torch.Tensor]:
     """transformers' state dict of a raytron one (a tied head is left out, as transformers
     saves it)."""
     converted = {}
@@ -83,14 +76,16 @@ def to_hf(state: dict[str, torch.Tensor], shape: GPTShape) -> dict[str, torch.Te
         if name == "output.weight" and shape.tie_embeddings:
             continue
         heads = rotary_heads(name, shape)
-        converted[hf_name(name)] = tensor if heads is None else pairs_to_halves(tensor, heads)
+        converted[hf_name(name, family)] = tensor if heads is None \
+            else pairs_to_halves(tensor, heads)
     return converted
 
 
-def from_hf(state: dict[str, torch.Tensor], shape: GPTShape) -> dict[str, torch.Tensor]:
+def from_hf(state: dict[str, torch.Tensor], shape: GPTShape, family: Family
+            ) -> dict[str, torch.Tensor]:
     converted = {}
     for name, tensor in state.items():
-        ours = raytron_name(name)
+        ours = raytron_name(name, family)
         if ours is None:
             continue
         heads = rotary_heads(ours, shape)
@@ -98,12 +93,12 @@ def from_hf(state: dict[str, torch.Tensor], shape: GPTShape) -> dict[str, torch.
     return converted
 
 
-def hf_config(shape: GPTShape, dtype: str, bos_id: int | None, eos_id: int,
+def hf_config(shape: GPTShape, family: Family, dtype: str, bos_id: int | None, eos_id: int,
               pad_id: int | None) -> dict[str, Any]:
-    """config.json of the `LlamaForCausalLM` that computes what `shape` computes."""
+    """config.json of the family's model that computes what `shape` computes."""
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
         "vocab_size": shape.vocab_size,
         "hidden_size": shape.d_model,
         "intermediate_size": shape.ffn_hidden,
@@ -115,10 +110,8 @@ def hf_config(shape: GPTShape, dtype: str, bos_id: int | None, eos_id: int,
         "max_position_embeddings": shape.max_seq_len,
         "rms_norm_eps": shape.norm_eps,
         "rope_theta": shape.rope_theta,
-        "rope_scaling": None,
-        "attention_bias": False,
+        "rope_scaling": rope_scaling_config(shape),
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "initializer_range": shape.init_std,
         "tie_word_embeddings": shape.tie_embeddings,
         "bos_token_id": bos_id,
@@ -126,22 +119,43 @@ def hf_config(shape: GPTShape, dtype: str, bos_id: int | None, eos_id: int,
         "pad_token_id": pad_id,
         "torch_dtype": dtype,
         "use_cache": True,
+        **family.config_fields(shape.n_layers),
     }
 
 
+# rope type -> (config.json key, GPTShape field) of its parameters
+ROPE_FIELDS = {
+    "linear": (("factor", "rope_factor"),),
+    "llama3": (("factor", "rope_factor"), ("low_freq_factor", "rope_low_freq_factor"),
+               ("high_freq_factor", "rope_high_freq_factor"),
+               ("original_max_position_embeddings", "rope_original_max_seq_len")),
+    "yarn": (("factor", "rope_factor"), ("beta_fast", "rope_beta_fast"),
+             ("beta_slow", "rope_beta_slow"),
+             ("original_max_position_embeddings", "rope_original_max_seq_len"),
+             ("attention_factor", "rope_attention_factor")),
+}
+
+
+def rope_scaling_config(shape: GPTShape) -> dict[str, Any] | None:
+    """config.json's `rope_scaling` (the form transformers 4 and 5 both read)."""
+    if shape.rope_scaling == "none":
+        return None
+    fields = {key: getattr(shape, field) for key, field in ROPE_FIELDS[shape.rope_scaling]}
+    return {"rope_type": shape.rope_scaling,
+            **{key: value for key, value in fields.items() if value is not None}}
+
+
 def shape_from_hf_config(config: dict[str, Any], maxima: Mapping[str, int]) -> GPTShape:
-    """The GPT shape of a Llama config.json. A folder is untrusted input: every value is
+    """The GPT shape of a config.json. A folder is untrusted input: every value is
     checked before anything is sized by it, each size against `maxima` (config.json key of
     each of `SIZES` -> the largest value raytron accepts). ValueError naming what raytron
     cannot run, or each value that is wrong, and the fix."""
-    if config.get("model_type") != "llama":
-        raise ValueError(f"its config.json has model_type {config.get('model_type')!r}; "
-                         "raytron reads Llama-architecture models (model_type 'llama'). Fix: "
-                         "give a Llama-architecture model folder")
-    unsupported = architecture_problems(config)
+    family = family_of(config)
+    unsupported = family.refusals(config) + architecture_problems(config)
     if unsupported:
         raise ValueError(f"raytron's GPT has no equivalent of {', '.join(unsupported)}. Fix: "
-                         "give a Llama-architecture model folder")
+                         f"give a model without {'them' if len(unsupported) > 1 else 'it'} "
+                         "(the README's \"Bring your own model\" lists what raytron runs)")
     problems = value_problems(config, maxima)
     if problems:
         raise ValueError(f"its config.json has {'; '.join(problems)}. Fix: correct these values "
@@ -156,7 +170,45 @@ def shape_from_hf_config(config: dict[str, Any], maxima: Mapping[str, int]) -> G
         norm_eps=float(numbers["rms_norm_eps"] or 1e-6),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         init_std=float(numbers["initializer_range"] or 0.02),
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        qkv_bias=family.qkv_bias, qk_norm=family.qk_norm,
+        **rope_shape_fields(config),
     )
+
+
+def family_of(config: dict[str, Any]) -> Family:
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"its config.json has model_type {model_type!r}; raytron reads the "
+                         f"families {', '.join(map(repr, FAMILIES))}. Fix: give a model of "
+                         "one of them")
+    return FAMILIES[model_type]
+
+
+def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """The RoPE parameters, wherever the config.json keeps them: transformers 5 writes
+    `rope_parameters` (with rope_theta), older ones `rope_scaling` (`type` before
+    `rope_type`)."""
+    merged = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        value = config.get(key)
+        if isinstance(value, dict):
+            merged.update(value)
+    merged.setdefault("rope_type", merged.get("type", "default"))
+    return merged
+
+
+def rope_shape_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The GPTShape rope_* fields of a checked config.json."""
+    rope = rope_parameters(config)
+    kind = "none" if rope["rope_type"] == "default" else rope["rope_type"]
+    rope.setdefault("original_max_position_embeddings",
+                    config.get("max_position_embeddings") or DEFAULT_POSITIONS)
+    if kind == "yarn" and rope.get("factor") is None:  # transformers' default
+        rope["factor"] = config["max_position_embeddings"] / \
+            rope["original_max_position_embeddings"]
+    return {"rope_scaling": kind, **{field: rope[key] for key, field in ROPE_FIELDS.get(kind, ())
+                                     if rope.get(key) is not None}}
 
 
 SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
@@ -166,15 +218,18 @@ DEFAULT_POSITIONS = 2048
 
 
 def architecture_problems(config: dict[str, Any]) -> list[str]:
-    """What a Llama `config` asks of the architecture that raytron's GPT does not compute."""
-    unsupported = [f"{key}={config[key]!r}" for key, fine in (
-        ("hidden_act", ("silu",)), ("attention_bias", (False,)), ("mlp_bias", (False,)),
-    ) if key in config and config[key] not in fine]
-    for key, old_name in (("rope_scaling", "type"), ("rope_parameters", "rope_type")):
-        rope = config.get(key) or {}
-        if not isinstance(rope, dict) or rope.get("rope_type", rope.get(old_name, "default")
-                                                  ) != "default":
-            unsupported.append(f"{key}={rope!r}")
+    """What `config` asks of the block that raytron's GPT does not compute, in any family."""
+    unsupported = [f"hidden_act={config['hidden_act']!r}"] \
+        if config.get("hidden_act", "silu") != "silu" else []
+    rope = rope_parameters(config)
+    if rope["rope_type"] != "default" and rope["rope_type"] not in ROPE_SCALINGS:
+        unsupported.append(f"rope_type={rope['rope_type']!r}")
+    if rope.get("truncate", True) is not True:
+        unsupported.append(f"rope truncate={rope['truncate']!r}")
+    unsupported += [f"rope {key}={rope[key]!r}" for key in ("mscale", "mscale_all_dim")
+                    if rope.get(key)]
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        unsupported.append(f"partial_rotary_factor={rope['partial_rotary_factor']!r}")
     return unsupported
 
 
@@ -186,6 +241,8 @@ def value_problems(config: dict[str, Any], maxima: Mapping[str, int]) -> list[st
     problems += [f"{key}={value!r}, not a positive finite number"
                  for key, value in floats_of(config).items()
                  if value is not None and not is_positive_number(value)]
+    problems += [f"{key}={config[key]!r}, not an object" for key in ("rope_scaling",
+                 "rope_parameters") if not isinstance(config.get(key) or {}, dict)]
     if config.get("tie_word_embeddings") not in (None, True, False):
         problems.append(f"tie_word_embeddings={config['tie_word_embeddings']!r}, not true or "
                         "false")
@@ -202,31 +259,39 @@ def size_problem(key: str, value: Any, maximum: int) -> str | None:
 
 
 def layout_problems(config: dict[str, Any]) -> list[str]:
-    """Heads must split the width into even head sizes, and kv heads the heads."""
+    """Heads must have an even size (hidden_size / num_attention_heads unless head_dim says
+    otherwise), and kv heads must divide the heads."""
     width, heads = config["hidden_size"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
-    if width % heads:
-        return [f"hidden_size={width}, not divisible by num_attention_heads={heads}"]
     problems = []
-    if config.get("head_dim") not in (None, width // heads):
-        problems.append(f"head_dim={config['head_dim']}, not hidden_size / num_attention_heads "
-                        f"= {width // heads} (the only head size raytron's GPT has)")
-    elif (width // heads) % 2:
-        problems.append(f"an odd head size hidden_size / num_attention_heads = {width // heads} "
-                        "(rotary embeddings rotate pairs of dimensions)")
+    if config.get("head_dim") is None and width % heads:
+        problems.append(f"hidden_size={width}, not divisible by num_attention_heads={heads} "
+                        "(and no head_dim)")
+    elif (config.get("head_dim") or width // heads) % 2:
+        problems.append(f"an odd head size {config.get('head_dim') or width // heads} (rotary "
+                        "embeddings rotate pairs of dimensions)")
     if heads % kv_heads:
         problems.append(f"num_attention_heads={heads}, not divisible by num_key_value_heads="
                         f"{kv_heads}")
+    original = rope_parameters(config).get("original_max_position_embeddings")
+    if original is not None and not (isinstance(original, int) and original >= 1):
+        problems.append(f"original_max_position_embeddings={original!r}, not a whole number "
+                        "of 1 or more")
     return problems
 
 
+ROPE_FLOATS = ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+               "attention_factor")
+
+
 def floats_of(config: dict[str, Any]) -> dict[str, Any]:
-    """The floats of a Llama config.json as written (None: absent); transformers 5 keeps
+    """The floats of a config.json as written (None: absent); transformers 5 keeps
     rope_theta in rope_parameters."""
-    rope = config.get("rope_parameters") or {}
+    rope = rope_parameters(config)
     return {"rope_theta": rope.get("rope_theta", config.get("rope_theta")),
             "rms_norm_eps": config.get("rms_norm_eps"),
-            "initializer_range": config.get("initializer_range")}
+            "initializer_range": config.get("initializer_range"),
+            **{key: rope.get(key) for key in ROPE_FLOATS}}
 
 
 def is_positive_number(value: Any) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -54,11 +55,12 @@ ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
 
 def tensor_parallel_dim(name: str) -> int | None:
     """The dimension of parameter `name` that tensor parallelism splits; None for the
-    ones every rank of a tensor-parallel group holds whole (the norms)."""
-    module = name.removesuffix(".weight")
+    ones every rank of a tensor-parallel group holds whole (the norms). A column-parallel
+    layer's bias is split with its output features."""
+    module, kind = name.rsplit(".", 1)
     if module in ("tok_embeddings", "output") or module.endswith(COLUMN_PARALLEL):
         return 0
-    return 1 if module.endswith(ROW_PARALLEL) else None
+    return 1 if module.endswith(ROW_PARALLEL) and kind == "weight" else None
 
 
 def parallelize(model: GPT, tp_mesh: DeviceMesh | None, dp_mesh: DeviceMesh | None,
@@ -111,6 +113,11 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, options: ParallelOpti
         if sp:
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
+        if isinstance(block.attention.q_norm, nn.RMSNorm):
+            # per-head norms (batch, seq, heads, head_dim): each rank normalizes its own
+            # heads, and the gains' gradients are summed over the ranks
+            plan["attention.q_norm"] = SequenceParallel(sequence_dim=2)
+            plan["attention.k_norm"] = SequenceParallel(sequence_dim=2)
         parallelize_module(block, tp_mesh, plan)
 
 

@@ -7,16 +7,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import math
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
+from raytron.model.families import FAMILIES
 from raytron.model.gpt import GPT, GPTShape
 from raytron.pipelines.sources import embedded_records
 from raytron.pipelines.tokenizer import train_bpe
 from raytron.platform.cli import main
 from raytron.platform.config.load import load_config, to_yaml
+from raytron.platform.config.resolve import model_fields
 from raytron.platform.storage.checkpoint import CheckpointStore
 from raytron.platform.storage.run_dir import CONFIG_FILE, TOKENIZER_FILE
 from raytron.platform.storage.tracking import RUN_ID_FILE
@@ -49,8 +52,10 @@ def write_run(root: Path, name: str, model: GPT, tokenizer: Tokenizer,
                                   f"checkpoint.dir={root / name / 'checkpoints'}",
                                   *([f"tracking.uri={tracking[0]}"] if tracking else []),
                                   *overrides])
-    fields = {f.name: getattr(shape, f.name) for f in dataclasses.fields(GPTShape)}
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, **fields))
+    family = next(name for name, f in FAMILIES.items()
+                  if (f.qkv_bias, f.qk_norm) == (shape.qkv_bias, shape.qk_norm))
+    config = dataclasses.replace(config, model=dataclasses.replace(
+        config.model, **model_fields(shape, family)))
     run_dir = root / name
     run_dir.mkdir(parents=True)
     (run_dir / CONFIG_FILE).write_text(to_yaml(config))
@@ -69,3 +74,24 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
             contextlib.suppress(SystemExit):
         return main(list(argv)), out.getvalue(), err.getvalue()
     return 2, out.getvalue(), err.getvalue()  # argparse exits with 2 on a usage error
+
+
+def hf_perplexity(hf, ids_per_document: list[list[int]], max_length: int, stride: int) -> float:
+    """transformers' "perplexity of fixed-length models", document by document."""
+    nll, count = 0.0, 0
+    for ids in ids_per_document:
+        ids = torch.tensor([ids])
+        previous_end = 0
+        for begin in range(0, ids.shape[1], stride):
+            end = min(begin + max_length, ids.shape[1])
+            window = ids[:, begin:end]
+            labels = window.clone()
+            labels[:, : -(end - previous_end)] = -100
+            scored = int((labels[:, 1:] != -100).sum())
+            with torch.no_grad():
+                nll += hf(window, labels=labels).loss.item() * scored
+            count += scored
+            previous_end = end
+            if end == ids.shape[1]:
+                break
+    return math.exp(nll / count)

@@ -3,7 +3,6 @@ and compute the same logits, tokens, greedy generations and perplexity; imported
 compute what transformers computes; import then export gives back the same bytes."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -15,7 +14,14 @@ from raytron.platform.models.export import export_hugging_face
 from raytron.platform.models.sources import open_source
 
 from conftest import CORPUS
-from model_runs import reference_texts, run_cli, small_model, small_tokenizer, write_run
+from model_runs import (
+    hf_perplexity,
+    reference_texts,
+    run_cli,
+    small_model,
+    small_tokenizer,
+    write_run,
+)
 
 
 @pytest.fixture(scope="module")
@@ -121,27 +127,6 @@ def test_greedy_generation_equals_transformers_generate(exported):
         assert generation.tokens == expected
         assert prompt + generation.text in out
         assert theirs_tok.decode(expected) == generation.text
-
-
-def hf_perplexity(hf, ids_per_document: list[list[int]], max_length: int, stride: int) -> float:
-    """transformers' "perplexity of fixed-length models", document by document."""
-    nll, count = 0.0, 0
-    for ids in ids_per_document:
-        ids = torch.tensor([ids])
-        previous_end = 0
-        for begin in range(0, ids.shape[1], stride):
-            end = min(begin + max_length, ids.shape[1])
-            window = ids[:, begin:end]
-            labels = window.clone()
-            labels[:, : -(end - previous_end)] = -100
-            scored = int((labels[:, 1:] != -100).sum())
-            with torch.no_grad():
-                nll += hf(window, labels=labels).loss.item() * scored
-            count += scored
-            previous_end = end
-            if end == ids.shape[1]:
-                break
-    return math.exp(nll / count)
 
 
 def test_staggered_engine_requests_equal_transformers_generate(exported):

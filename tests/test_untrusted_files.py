@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raytron.model.families import FAMILIES
 from raytron.model.gpt import GPT, GPTShape
 from raytron.model.hf import hf_config, to_hf
 from raytron.platform.config.load import load_config, to_yaml
@@ -80,10 +81,11 @@ def llama_folder(folder: Path, **changes: object) -> Path:
     from safetensors.torch import save_file
 
     folder.mkdir()
-    config = hf_config(SHAPE, "float32", 1, 2, None) | changes
+    config = hf_config(SHAPE, FAMILIES["llama"], "float32", 1, 2, None) | changes
     config = {key: value for key, value in config.items() if value is not ABSENT}
     (folder / HF_CONFIG).write_text(json.dumps(config))
-    save_file(to_hf(GPT(SHAPE, seed=1).state_dict(), SHAPE), folder / SAFETENSORS)
+    weights = to_hf(GPT(SHAPE, seed=1).state_dict(), SHAPE, FAMILIES["llama"])
+    save_file(weights, folder / SAFETENSORS)
     return folder
 
 
@@ -109,7 +111,9 @@ def test_a_well_formed_folder_opens(tmp_path):
     ({"num_key_value_heads": -2}, "num_key_value_heads=-2"),
     ({"num_hidden_layers": True}, "num_hidden_layers=True"),
     ({"vocab_size": ABSENT}, "no vocab_size"),
-    ({"num_attention_heads": 3}, "hidden_size=32, not divisible by num_attention_heads=3"),
+    ({"num_attention_heads": 3, "head_dim": ABSENT},
+     "hidden_size=32, not divisible by num_attention_heads=3"),
+    ({"head_dim": 7}, "odd head size 7"),
     ({"num_key_value_heads": 3}, "num_attention_heads=4, not divisible by num_key_value_heads=3"),
     ({"hidden_size": 12, "num_attention_heads": 4, "head_dim": ABSENT}, "odd head size"),
     ({"rms_norm_eps": "1e-5"}, "rms_norm_eps='1e-5'"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from raytron.model.families import FAMILIES
 from raytron.model.gpt import GPTShape, llama_ffn_hidden
 from raytron.pipelines.sources import SAMPLE_FORMATS, sample_kind
 from raytron.platform.config.layout import Layout
@@ -21,24 +22,34 @@ from raytron.platform.config.schema import (
 
 
 def resolve_model(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
-    """Fill the fields left to derive: vocabulary (padded), KV heads, MLP width."""
+    """Fill the fields left to derive: vocabulary (padded), KV heads, head size, MLP width."""
     multiple = model.vocab_multiple_of
     return dataclasses.replace(
         model,
         vocab_size=model.vocab_size or multiple * -(-tokenizer_vocab // multiple),
         n_kv_heads=model.n_kv_heads or model.n_heads,
+        head_dim=model.head_dim or model.d_model // model.n_heads,
         ffn_hidden=model.ffn_hidden or llama_ffn_hidden(model.d_model, model.ffn_multiple_of),
     )
 
 
 def gpt_shape(model: ModelConfig) -> GPTShape:
-    """The shape of a resolved model section."""
+    """The shape of a resolved model section; the family sets the attention's options."""
     fields = {f.name for f in dataclasses.fields(GPTShape)}
     values = {k: v for k, v in dataclasses.asdict(model).items() if k in fields}
-    missing = [k for k, v in values.items() if v is None]
+    missing = [k for k, v in values.items() if v is None and k != "rope_attention_factor"]
     if missing:
         raise ValueError(f"model fields {missing} are unresolved; call resolve_model first")
-    return GPTShape(**values)
+    family = FAMILIES[model.family]
+    return GPTShape(**values, qkv_bias=family.qkv_bias, qk_norm=family.qk_norm)
+
+
+def model_fields(shape: GPTShape, family: str) -> dict:
+    """The model section's keys that give `shape` (gpt_shape's inverse); a field the shape
+    leaves None is left out, for the section's default to derive it."""
+    keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    return {**{k: v for k, v in dataclasses.asdict(shape).items()
+               if k in keys and v is not None}, "family": family}
 
 
 def packs_samples(data: DataConfig) -> bool:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from raytron.model.families import DEFAULT_FAMILY, FAMILIES
+from raytron.model.gpt import ROPE_SCALINGS
 from raytron.model.parallelize import DP_SHARD_MODES
 from raytron.model.pipeline import SCHEDULES
 from raytron.pipelines.file_lists import ON_NEW_FILES
@@ -78,8 +80,30 @@ class ModelConfig:  # every key refused on resume (RaytronConfig.model)
     norm_eps: float = key(1e-5, number())
     tie_embeddings: bool = key(True, anything)
     init_std: float = key(0.02, number())
-    # start from these weights: a raytron run or checkpoint, or a Hugging Face Llama folder
-    # (its shape replaces the keys above; its tokenizer is used)
+    # the Hugging Face family it computes and exports as: llama | mistral | qwen2 (biases
+    # on q, k, v) | qwen3 (a norm on each head's query and key)
+    family: str = key(DEFAULT_FAMILY, one_of(tuple(FAMILIES)))
+    # None: d_model / n_heads
+    head_dim: int | None = key(None, count(MAX_WIDTH, optional=True))
+    # none | linear | llama3 | yarn: longer contexts than pre-training saw
+    rope_scaling: str = key("none", one_of(ROPE_SCALINGS))
+    # the context's growth (linear, llama3, yarn)
+    rope_factor: float = key(1.0, number())
+    # the pre-trained context (llama3, yarn)
+    rope_original_max_seq_len: int = key("${model.max_seq_len}", count(MAX_SEQUENCE))
+    # llama3: wavelengths longer than context / low are slowed by the factor...
+    rope_low_freq_factor: float = key(1.0, number())
+    # ... those shorter than context / high kept, those between interpolated
+    rope_high_freq_factor: float = key(4.0, number())
+    # yarn: dimensions turning more than beta_fast times over the context are kept...
+    rope_beta_fast: float = key(32.0, number())
+    # ... those turning fewer than beta_slow times interpolated
+    rope_beta_slow: float = key(1.0, number())
+    # yarn: the factor on cos and sin; None: 0.1 ln(rope_factor) + 1
+    rope_attention_factor: float | None = key(None, number(optional=True))
+    # start from these weights: a raytron run or checkpoint, a Hugging Face folder, or a
+    # Hub id in the local Hugging Face cache (its shape replaces the keys above; its
+    # tokenizer is used)
     init_from: str | None = key(None, text(optional=True))
 
 

@@ -63,16 +63,17 @@ def lookup(config: RaytronConfig, key: str) -> Any:
 
 def model_problems(config: RaytronConfig) -> list[str]:
     m, tp, problems = config.model, config.parallel.tp, []
-    if m.d_model % m.n_heads:
+    if m.head_dim is None and m.d_model % m.n_heads:
         problems.append(
             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}. "
             "Fix: pick n_heads among the divisors of d_model "
-            f"(e.g. {nearest_divisor(m.d_model, m.n_heads)})."
+            f"(e.g. {nearest_divisor(m.d_model, m.n_heads)}), or set model.head_dim."
         )
-    elif (m.d_model // m.n_heads) % 2:
+    elif (m.head_dim or m.d_model // m.n_heads) % 2:
         problems.append(
-            f"head size model.d_model/model.n_heads={m.d_model // m.n_heads} is odd; rotary "
-            "embeddings need an even head size. Fix: change model.n_heads or model.d_model."
+            f"the head size {m.head_dim or m.d_model // m.n_heads} is odd; rotary embeddings "
+            "need an even head size. Fix: change model.head_dim, or model.n_heads or "
+            "model.d_model."
         )
     kv_heads = m.n_kv_heads or m.n_heads
     if m.n_heads % kv_heads:
@@ -86,6 +87,11 @@ def model_problems(config: RaytronConfig) -> list[str]:
             f"model.n_heads={m.n_heads} and model.n_kv_heads={kv_heads} must both be divisible by "
             f"parallel.tp={tp}. Fix: lower parallel.tp or raise the head counts."
         )
+    if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        problems.append(
+            f"model.rope_high_freq_factor={m.rope_high_freq_factor} is not above "
+            f"model.rope_low_freq_factor={m.rope_low_freq_factor}; llama3 scaling interpolates "
+            "between them. Fix: e.g. 4.0 and 1.0 (Llama 3.1's).")
     if m.max_seq_len < config.data.seq_len:
         problems.append(f"model.max_seq_len={m.max_seq_len} is shorter than data.seq_len="
                         f"{config.data.seq_len}. Fix: leave model.max_seq_len unset (it follows "

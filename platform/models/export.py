@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, processors
 
+from raytron.model.families import FAMILIES
 from raytron.model.hf import DTYPES, hf_config, to_hf
 from raytron.pipelines.chat import DEFAULT_TEMPLATE, TURN_START
 from raytron.platform.config.schema import ConfigError
@@ -31,13 +32,13 @@ def export_hugging_face(source: ModelSource, out: Path, dtype: str = "float32",
         raise ConfigError([f"{source.path} has no tokenizer.json to export. Fix: export a "
                            "raytron run, or a Hugging Face folder with tokenizer.json."])
     out.mkdir(parents=True, exist_ok=True)
-    shape, tokenizer = source.shape, source.tokenizer
+    shape, tokenizer, family = source.shape, source.tokenizer, FAMILIES[source.family]
     weights = {name: tensor.to(DTYPES[dtype]).contiguous()
-               for name, tensor in to_hf(source.read_weights(), shape).items()}
+               for name, tensor in to_hf(source.read_weights(), shape, family).items()}
     save_torch_state_dict(weights, out, max_shard_size=max_shard_size)
     eos = source.end_ids[0]
     bos = source.bos_id if source.bos_id is not None else bos_token(tokenizer)
-    write_json(out / HF_CONFIG, hf_config(shape, dtype, bos, eos, eos))
+    write_json(out / HF_CONFIG, hf_config(shape, family, dtype, bos, eos, eos))
     write_json(out / "generation_config.json", {
         "bos_token_id": bos, "eos_token_id": source.end_ids if len(source.end_ids) > 1 else eos,
         "pad_token_id": eos})

@@ -1,9 +1,10 @@
 """`model.init_from`: a training run that starts from the weights of a raytron checkpoint
 or a Hugging Face Llama folder instead of random ones (with a fresh optimizer, at step 0).
 
-The model's shape comes from the source, as `from_pretrained` takes it from config.json:
-n_layers, d_model, n_heads, n_kv_heads, ffn_hidden, vocab_size, rope_theta, norm_eps and
-tie_embeddings replace the config's. Its tokenizer is the run's unless data.tokenizer
+The model's shape and family come from the source, as `from_pretrained` takes them from
+config.json: every key of the model section that shapes the network (n_layers, d_model,
+heads, head_dim, ffn_hidden, vocab_size, the RoPE keys, norm_eps, tie_embeddings,
+family) is replaced. Its tokenizer is the run's unless data.tokenizer
 names another. Every rank reads the whole tensors of its pipeline stages into host memory
 and keeps its shards of them on its device, so a source loads into any layout.
 """
@@ -14,13 +15,11 @@ import dataclasses
 
 from raytron.model.gpt import GPT
 from raytron.model.materialize import InitialValue, plain_name
+from raytron.platform.config.resolve import model_fields
 from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.models.loading import checked_weights
 from raytron.platform.models.sources import HUGGING_FACE, open_source
 from raytron.platform.storage.run_dir import TOKENIZER_FILE
-
-SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
-              "rope_theta", "norm_eps", "tie_embeddings")
 
 
 def with_initial_model(config: RaytronConfig) -> RaytronConfig:
@@ -32,7 +31,8 @@ def with_initial_model(config: RaytronConfig) -> RaytronConfig:
         source = open_source(config.model.init_from)
     except ConfigError as error:
         raise ConfigError([f"model.init_from: {p}" for p in error.problems]) from None
-    shape = {key: getattr(source.shape, key) for key in SHAPE_KEYS}
+    shape = {key: value for key, value in model_fields(source.shape, source.family).items()
+             if key not in ("max_seq_len", "init_std")}  # the run's own
     data = config.data
     if data.tokenizer is None:
         if source.tokenizer is None:

@@ -1,7 +1,8 @@
 """Where a trained model comes from: a run directory (its latest committed checkpoint), one
-checkpoint folder of a run, or a Hugging Face Llama folder. Each gives the model's shape,
-its weights under raytron's names (whole tensors, whatever layout wrote them), its
-tokenizer and end tokens, and, for a run, where its MLflow run is.
+checkpoint folder of a run, or a Hugging Face folder of a family raytron computes
+(`model/families.py`). Each gives the model's shape, its family, its weights under
+raytron's names (whole tensors, whatever layout wrote them), its tokenizer and end
+tokens, and, for a run, where its MLflow run is.
 
 Nothing is unpickled: checkpoints are read through `storage/safe_reading.py`, Hugging
 Face weights only from safetensors files.
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from raytron.model.families import FAMILIES
 from raytron.model.gpt import GPTShape
 from raytron.model.hf import from_hf, raytron_name, shape_from_hf_config
 from raytron.pipelines.tokenizer import bos_id, end_ids, eos_id
@@ -52,6 +54,7 @@ class ModelSource:
     tokenizer: Tokenizer | None  # None: a Hugging Face folder without tokenizer.json
     end_ids: list[int]  # tokens that end a generation
     bos_id: int | None  # put first in every prompt, as training put it before documents
+    family: str  # its Hugging Face family (families.py), which export writes
     step: int | None = None  # the checkpoint's step (raytron sources)
     run_dir: Path | None = None
     config: RaytronConfig | None = None  # the run's saved config (raytron sources)
@@ -59,7 +62,7 @@ class ModelSource:
     def read_weights(self, names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
         """Whole tensors under raytron's names: those in `names`, or all."""
         if self.kind == HUGGING_FACE:
-            return read_hf_weights(self.path, self.shape, names)
+            return read_hf_weights(self.path, self.shape, self.family, names)
         assert self.config is not None and self.step is not None
         store = CheckpointStore(self.config.checkpoint.dir, self.config.checkpoint.keep_last)
         return store.read_model(self.step, names)
@@ -118,7 +121,7 @@ def run_source(run_dir: Path, config: RaytronConfig, step: int, kind: str,
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     return ModelSource(kind, folder or run_dir, gpt_shape(config.model), tokenizer,
                        end_ids(tokenizer), bos_id(tokenizer) if config.data.bos else None,
-                       step, run_dir, config)
+                       config.model.family, step, run_dir, config)
 
 
 def hugging_face_source(folder: Path) -> ModelSource:
@@ -139,7 +142,7 @@ def hugging_face_source(folder: Path) -> ModelSource:
     if not end_ids and tokenizer is not None:
         end_ids = [eos_id(tokenizer)]
     return ModelSource(HUGGING_FACE, folder, shape, tokenizer, end_ids,
-                       added_bos(tokenizer, config.get("bos_token_id")))
+                       added_bos(tokenizer, config.get("bos_token_id")), config["model_type"])
 
 
 def token_ids(folder: Path, key: str, value: Any, vocab_size: int) -> list[int]:
@@ -160,17 +163,18 @@ def added_bos(tokenizer: Tokenizer | None, bos: int | None) -> int | None:
     return bos if with_special[:1] == [bos] else None
 
 
-def read_hf_weights(folder: Path, shape: GPTShape, names: Collection[str] | None
-                    ) -> dict[str, torch.Tensor]:
+def read_hf_weights(folder: Path, shape: GPTShape, family_name: str,
+                    names: Collection[str] | None) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
+    family = FAMILIES[family_name]
     weights: dict[str, torch.Tensor] = {}
     for file in weight_files(folder):
         with safe_open(str(folder / file), framework="pt") as tensors:
             for key in tensors.keys():  # noqa: SIM118 (safe_open has keys(), no iteration)
-                ours = raytron_name(key)
+                ours = raytron_name(key, family)
                 if ours is not None and (names is None or ours in names):
-                    weights.update(from_hf({key: tensors.get_tensor(key)}, shape))
+                    weights.update(from_hf({key: tensors.get_tensor(key)}, shape, family))
     return weights
 
 

