@@ -1,20 +1,28 @@
 """Chat and prompt-completion samples as tokens and a loss mask, for supervised fine-tuning.
 
-A conversation is rendered to text by a Jinja chat template, the form `transformers`
-uses (`tokenizer.chat_template`, rendered in a sandbox with `trim_blocks` and
-`lstrip_blocks`), so that `apply_chat_template` in transformers gives exactly the text
-raytron trains on. The loss mask is true on the tokens the model must learn to produce:
-each assistant turn and the end token after it. They are found by rendering: an
-assistant turn is what the conversation up to it adds after the generation prompt, up
-to and including its end text; a template must therefore render a conversation's first
-turns as a prefix of the whole, as chat templates do.
+A conversation is rendered to text by a Jinja chat template the way `transformers`
+renders `tokenizer.chat_template` (`apply_chat_template`): in an immutable sandbox with
+`trim_blocks`, `lstrip_blocks`, loop controls, transformers' `tojson`, `raise_exception`
+and `strftime_now`, and the tokenizer's special tokens as variables. So a model's own
+template (read from its Hugging Face folder by `model_chat_template`) gives exactly the
+text transformers gives, and raytron's ChatML default (`CHATML`) serves models without one.
+
+The loss mask is true on the tokens the model must learn to produce: each assistant turn
+and the end token after it. They are found by rendering, for any template: an assistant
+turn is what rendering the conversation up to and including it adds to the rendering of
+the turns before it with the generation prompt, less trailing whitespace (ChatML's
+`content<|im_end|>`, Llama 3's `content<|eot_id|>`). A template must therefore render a
+conversation's first turns as a prefix of the whole, as chat templates do; one that does
+not is refused with ChatError rather than trained on with a wrong mask.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
 
@@ -27,29 +35,80 @@ DEFAULT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 ROLES = ("system", "user", "assistant")
+TEMPLATE_FILE, TOKENIZER_CONFIG_FILE = "chat_template.jinja", "tokenizer_config.json"
+MAX_FILE_BYTES = 1 << 20  # a chat template or tokenizer config is kilobytes
 
 
 class ChatError(ValueError):
-    """A sample that is no conversation raytron can train on; the message says why."""
+    """A sample that is no conversation raytron can train on, or a chat template it cannot
+    use; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    """A Jinja chat template and the special tokens transformers passes it as variables
+    (None: not passed, so the template sees them undefined, as in transformers)."""
+
+    source: str
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+
+    def variables(self) -> dict[str, str]:
+        return {name: value for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+                if (value := getattr(self, name)) is not None}
+
+
+CHATML = ChatTemplate(DEFAULT_TEMPLATE)
 
 
 @lru_cache(maxsize=8)
-def compiled(template: str):
+def compiled(source: str):
+    """The template compiled as transformers compiles it (`_compile_jinja_template`);
+    chat templates come from model folders, so they are untrusted code for the sandbox."""
+    from datetime import datetime
+
     from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str):
         raise TemplateError(message)
 
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        """transformers' filter: Jinja's own escapes HTML characters."""
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def strftime_now(format: str) -> str:
+        return datetime.now().strftime(format)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[loopcontrols])
+    environment.filters["tojson"] = tojson
     environment.globals["raise_exception"] = raise_exception
-    return environment.from_string(template)
+    environment.globals["strftime_now"] = strftime_now
+    try:
+        return environment.from_string(source)
+    except TemplateError as error:
+        raise ChatError(f"the chat template does not compile: {error}") from None
 
 
-def render(messages: Sequence[dict], template: str = DEFAULT_TEMPLATE,
+def render(messages: Sequence[dict], template: ChatTemplate | str = CHATML,
            add_generation_prompt: bool = False) -> str:
-    return compiled(template).render(messages=list(messages),
-                                     add_generation_prompt=add_generation_prompt)
+    """The conversation as text; a plain string is a template without special tokens.
+    ChatError when the template refuses the conversation (`raise_exception`)."""
+    from jinja2.exceptions import TemplateError
+
+    if isinstance(template, str):
+        template = ChatTemplate(template)
+    try:
+        return compiled(template.source).render(
+            messages=list(messages), tools=None, documents=None,
+            add_generation_prompt=add_generation_prompt, **template.variables())
+    except TemplateError as error:
+        raise ChatError(f"the chat template refuses the conversation: {error}") from None
 
 
 def checked_messages(messages) -> list[dict]:
@@ -67,21 +126,25 @@ def checked_messages(messages) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def target_spans(messages: Sequence[dict], template: str = DEFAULT_TEMPLATE,
-                 end_text: str = TURN_END) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns, each up
-    to and including `end_text`."""
+def target_spans(messages: Sequence[dict], template: ChatTemplate = CHATML
+                 ) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns: from the
+    end of the turns before with the generation prompt to the end of the turn, less
+    trailing whitespace (the newline a template puts between turns is no target)."""
     text = render(messages, template)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prefix = render(messages[:index], template, add_generation_prompt=True)
-        end = text.find(end_text, len(prefix) + len(message["content"]))
-        if not text.startswith(prefix) or end < 0:
-            raise ChatError("the chat template does not render the conversation's first turns "
-                            f"as a prefix of the whole, or no {end_text} ends an assistant turn")
-        spans.append((len(prefix), end + len(end_text)))
+        turn = render(messages[: index + 1], template).rstrip()
+        if not (text.startswith(prefix) and text.startswith(turn) and len(prefix) <= len(turn)):
+            raise ChatError(
+                f"the chat template does not render the turns before assistant message {index} "
+                "(with the generation prompt) and up to it as prefixes of the whole "
+                "conversation, so its loss mask is unknown; fix: use a template that renders "
+                "earlier turns the same whatever follows them")
+        spans.append((len(prefix), len(turn)))
     return text, spans
 
 
@@ -93,11 +156,12 @@ def with_chat_tokens(tokenizer: Tokenizer) -> Tokenizer:
     return extended
 
 
-def encode_chat(tokenizer: Tokenizer, messages, template: str = DEFAULT_TEMPLATE,
-                end_text: str = TURN_END) -> tuple[list[int], list[bool]]:
-    """Token ids of the rendered conversation, and which of them are targets (a token is
-    one when its text lies in an assistant turn)."""
-    text, spans = target_spans(checked_messages(messages), template, end_text)
+def encode_chat(tokenizer: Tokenizer, messages, template: ChatTemplate = CHATML
+                ) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered conversation, as `apply_chat_template(tokenize=True)` gives
+    them, and which of them are targets (a token is one when its text lies in an
+    assistant turn)."""
+    text, spans = target_spans(checked_messages(messages), template)
     encoding = tokenizer.encode(text, add_special_tokens=False)
     mask = [any(start <= first and last <= end for start, end in spans)
             for first, last in encoding.offsets]
@@ -114,30 +178,107 @@ def encode_prompt_completion(tokenizer: Tokenizer, prompt: str, completion: str,
     return prompt_ids + completion_ids, [False] * len(prompt_ids) + [True] * len(completion_ids)
 
 
-def sample_text(sample_format: str, text: str) -> str:
+def sample_text(sample_format: str, text: str, template: ChatTemplate = CHATML) -> str:
     """The text a fine-tuning record trains on, for training a tokenizer on the corpus."""
     from raytron.pipelines.sources import CHAT
 
     value = json.loads(text)
     try:
         if sample_format == CHAT:
-            return render(checked_messages(value))
+            return render(checked_messages(value), template)
         return value["prompt"] + value["completion"]
     except (ChatError, KeyError, TypeError):
         return ""  # not trained on: the tokenizer stage counts it as invalid
 
 
 def encode_sample(tokenizer: Tokenizer, sample_format: str, text: str, eos: int,
-                  bos: int | None = None) -> tuple[list[int], list[bool]]:
+                  bos: int | None = None, template: ChatTemplate = CHATML
+                  ) -> tuple[list[int], list[bool]]:
     """A fine-tuning record as the reader hands it (JSON text: a chat's messages, or its
-    prompt and completion), with BOS first when given; ChatError when it is no sample."""
+    prompt and completion), with BOS first when given and the chat template did not put it
+    there already (Llama 3's does); ChatError when it is no sample."""
     from raytron.pipelines.sources import CHAT
 
     value = json.loads(text)
     if sample_format == CHAT:
-        ids, mask = encode_chat(tokenizer, value)
+        ids, mask = encode_chat(tokenizer, value, template)
     else:
         ids, mask = encode_prompt_completion(tokenizer, value["prompt"], value["completion"], eos)
-    if bos is None:
+    if bos is None or ids[:1] == [bos]:
         return ids, mask
     return [bos, *ids], [False, *mask]
+
+
+def model_chat_template(folder: Path) -> ChatTemplate | None:
+    """The chat template a Hugging Face model folder ships, as transformers loads it:
+    `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template` (its "default"
+    when it names several), with the config's special tokens; None when it has none.
+    The files are untrusted data: read bounded, parsed as JSON, rendered only in the
+    sandbox."""
+    config_file, template_file = folder / TOKENIZER_CONFIG_FILE, folder / TEMPLATE_FILE
+    config = tokenizer_config(config_file) if config_file.is_file() else {}
+    if template_file.is_file():
+        source, where = bounded_text(template_file), template_file
+    else:
+        source, where = named_template(config.get("chat_template"), config_file), config_file
+    if source is None:
+        return None
+    try:
+        compiled(source)  # fails here, not at the first sample
+    except ChatError as error:
+        raise ChatError(f"{where}: {error}; fix: correct the template's Jinja") from None
+    tokens = {name: special_token(config.get(name), name, config_file)
+              for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    return ChatTemplate(source, **tokens)
+
+
+def bounded_text(path: Path) -> str:
+    """A small UTF-8 file's text; ChatError for a file too big to be a template or config."""
+    with path.open("rb") as file:
+        data = file.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ChatError(f"{path} is over {MAX_FILE_BYTES} bytes, too big for a chat template or "
+                        "tokenizer config; fix: remove what is not the template from it, or "
+                        "use another model folder")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ChatError(f"{path} is not UTF-8 text; fix: save it as UTF-8") from None
+
+
+def tokenizer_config(path: Path) -> dict:
+    try:
+        config = json.loads(bounded_text(path))
+    except json.JSONDecodeError as error:
+        raise ChatError(f"{path} is not JSON ({error}); fix: repair or replace the file"
+                        ) from None
+    if not isinstance(config, dict):
+        raise ChatError(f"{path} is not a JSON object; fix: repair or replace the file")
+    return config
+
+
+def named_template(value, path: Path) -> str | None:
+    """The config's `chat_template`: a string, or a list of {"name", "template"} of which
+    transformers uses "default"."""
+    if isinstance(value, list):
+        templates = {entry.get("name"): entry.get("template") for entry in value
+                     if isinstance(entry, dict)}
+        if "default" not in templates:
+            raise ChatError(f"the chat_template list in {path} has no template named "
+                            "\"default\"; fix: name the one to train with \"default\"")
+        value = templates["default"]
+    if value is not None and not isinstance(value, str):
+        raise ChatError(f"the chat_template in {path} is a {type(value).__name__}, not Jinja "
+                        "text; fix: make it a string, or write the template to "
+                        f"{TEMPLATE_FILE} beside it")
+    return value
+
+
+def special_token(value, name: str, path: Path) -> str | None:
+    """A special token as a tokenizer config writes it: its text, or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise ChatError(f"{name} in {path} is neither text nor an AddedToken with text "
+                        "content; fix: make it the token's text")
+    return value
