@@ -24,14 +24,15 @@ def activation_bytes_per_layer(shape: GPTShape, micro_batch: int, seq_len: int, 
                                sequence_parallel: bool, dtype_bytes: int) -> float:
     """Activations one block keeps for its backward, for one micro-batch, per device.
 
-    Per token: the two norm inputs and outputs (4d), q and the attention output (2d),
-    k and v (2*kv), the four d_ff-wide MLP tensors (4f) in the compute dtype, plus q and
-    k before rotation in fp32 (d + kv). Attention itself (SDPA, flash or memory-efficient)
-    keeps no seq x seq matrix. Tensor parallelism divides the sharded tensors by tp, and
-    sequence parallelism the rest too.
+    Per token: the two norm inputs and outputs (4d), q and the attention output (2q, q =
+    heads x head size), k and v (2*kv), the four d_ff-wide MLP tensors (4f) in the compute
+    dtype, plus q and k before rotation in fp32 (q + kv). Attention itself (SDPA, flash or
+    memory-efficient) keeps no seq x seq matrix. Tensor parallelism divides the sharded
+    tensors by tp, and sequence parallelism the rest too.
     """
     d, f, kv = shape.d_model, shape.ffn_hidden, shape.n_kv_heads * shape.head_dim
-    sharded = (2 * d + 2 * kv + 4 * f) * dtype_bytes + (d + kv) * 4
+    q = shape.n_heads * shape.head_dim  # d, unless the head size is set apart (Qwen3)
+    sharded = (2 * q + 2 * kv + 4 * f) * dtype_bytes + (q + kv) * 4
     replicated = 4 * d * dtype_bytes
     per_token = sharded / tp + replicated / (tp if sequence_parallel else 1)
     return per_token * micro_batch * seq_len
@@ -41,11 +42,12 @@ def selective_bytes_per_layer(shape: GPTShape, micro_batch: int, seq_len: int, t
                               sequence_parallel: bool, dtype_bytes: int) -> float:
     """Activations a selectively recomputed block keeps: its input, and the outputs of
     its matmuls and of attention. Per token: q, k, v, the attention output and SwiGLU's
-    two up-projections (2d + 2kv + 2f, split by tp), the two projections back to the
+    two up-projections (2q + 2kv + 2f, split by tp), the two projections back to the
     residual stream (2d, whole on each rank before tensor parallelism's reduction)."""
     d, f, kv = shape.d_model, shape.ffn_hidden, shape.n_kv_heads * shape.head_dim
+    q = shape.n_heads * shape.head_dim
     block_input = d / (tp if sequence_parallel else 1)
-    per_token = ((2 * d + 2 * kv + 2 * f) / tp + 2 * d + block_input) * dtype_bytes
+    per_token = ((2 * q + 2 * kv + 2 * f) / tp + 2 * d + block_input) * dtype_bytes
     return per_token * micro_batch * seq_len
 
 

@@ -116,8 +116,8 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, options: ParallelOpti
         if isinstance(block.attention.q_norm, nn.RMSNorm):
             # per-head norms (batch, seq, heads, head_dim): each rank normalizes its own
             # heads, and the gains' gradients are summed over the ranks
-            plan["attention.q_norm"] = SequenceParallel(sequence_dim=2)
-            plan["attention.k_norm"] = SequenceParallel(sequence_dim=2)
+            plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+            plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         parallelize_module(block, tp_mesh, plan)
 
 

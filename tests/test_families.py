@@ -131,3 +131,73 @@ def test_eval_perplexity_equals_transformers(family_folder, tmp_path):
     expected = hf_perplexity(hf, documents, max_length=48 + 1, stride=16)
     assert json.loads(result_file.read_text())["perplexity"] == pytest.approx(expected,
                                                                                rel=1e-4)
+
+
+HARNESS = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+LAYOUT_FAMILIES = {  # the harness's shape (parallel_harness.BASE) in three families
+    "llama3.1": LlamaConfig(**HARNESS, tie_word_embeddings=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
+    "qwen2.5-yarn": Qwen2Config(**HARNESS, tie_word_embeddings=False, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+        "original_max_position_embeddings": 8}),
+    "qwen3": Qwen3Config(**HARNESS, head_dim=16, tie_word_embeddings=True),
+}
+LAYOUTS = {"dp2": ["parallel.dp=2"], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"],
+           "dp2xtp2": ["parallel.dp=2", "parallel.tp=2"]}
+
+
+@pytest.mark.parametrize("family", list(LAYOUT_FAMILIES))
+def test_init_from_a_family_trains_alike_in_every_layout(family, tmp_path):
+    """Two steps from the family's weights: the first loss is transformers' loss on that
+    batch, and dp2, tp2 (its biases split with their columns, its head norms per rank),
+    pp2 and dp2 x tp2 give one process's losses and gradient norms."""
+    from parallel_harness import batch, config, run_parallel, run_single
+
+    hf = randomized(AutoModelForCausalLM.from_config(LAYOUT_FAMILIES[family]))
+    hf.save_pretrained(tmp_path)
+    small_tokenizer(300).save(str(tmp_path / "tokenizer.json"))
+    start = [f"model.init_from={tmp_path}"]
+    assert config(start).model.family == hf.config.model_type
+    single = run_single(start, stop=2)
+    first = torch.from_numpy(batch(0, config(start)).tokens).long()
+    with torch.no_grad():
+        assert single["losses"][0] == pytest.approx(hf(first, labels=first).loss.item(),
+                                                    rel=1e-5)
+    for name, layout in LAYOUTS.items():
+        got = run_parallel(start + layout, stop=2)
+        assert got["losses"] == pytest.approx(single["losses"], rel=1e-5), name
+        assert got["norms"] == pytest.approx(single["norms"], rel=1e-4), name
+
+
+def test_a_hub_id_resolves_from_the_local_cache_and_never_downloads(tmp_path, monkeypatch):
+    """`model.init_from=<org>/<name>` and `raytron generate <org>/<name>` read the snapshot
+    in HF_HOME's cache; an id not cached is refused with the command that fetches it."""
+    from raytron.platform.config.load import load_config
+    from raytron.platform.models.initial import with_initial_model
+    from raytron.platform.storage.run_dir import absolute, with_locations
+
+    repo = tmp_path / "home" / "hub" / "models--tiny-org--tiny-qwen3"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    randomized(AutoModelForCausalLM.from_config(FAMILIES["qwen3"])).save_pretrained(snapshot)
+    small_tokenizer().save(str(snapshot / "tokenizer.json"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    source = open_source("tiny-org/tiny-qwen3")
+    assert (source.path, source.family) == (snapshot, "qwen3")
+    config = load_config("tiny", ["model.init_from=tiny-org/tiny-qwen3"])
+    assert with_locations(config, lambda key, path: absolute(path)).model.init_from \
+        == "tiny-org/tiny-qwen3"  # an id stays an id in the saved config
+    tuned = with_initial_model(config)
+    assert (tuned.model.family, tuned.model.head_dim) == ("qwen3", 32)
+    assert tuned.data.tokenizer == str(snapshot / "tokenizer.json")
+    code, _, err = run_cli("generate", "tiny-org/tiny-qwen3", "--prompt", "x", "--greedy",
+                           "--max-new-tokens", "2")
+    assert code == 0, err
+    code, _, err = run_cli("generate", "tiny-org/not-cached", "--prompt", "x")
+    assert code == 2 and "hf download tiny-org/not-cached" in err and "Traceback" not in err
+    assert not (tmp_path / "home" / "hub" / "models--tiny-org--not-cached").exists()

@@ -94,3 +94,33 @@ def test_custom_worker_resources_must_be_on_a_node():
     (problem,) = placement_problems(config, [{"CPU": 8, "trainer": 1}], 0)
     assert "(its 1 'trainer' at cluster.worker_resources.trainer=1)" in problem
     assert placement_problems(config, [{"CPU": 4, "trainer": 2}], 0) == []
+
+
+# the parameter counts of the released models (their model cards and safetensors indexes)
+RELEASED = {"llama3.2-1b": 1_235_814_400, "qwen2.5-0.5b": 494_032_768,
+            "qwen3-0.6b": 596_049_920, "llama3.1-8b": 8_030_261_248,
+            "qwen3-8b": 8_190_735_360}
+
+
+@pytest.mark.parametrize("preset", list(RELEASED))
+def test_a_family_preset_has_the_released_models_shape(preset):
+    """The preset's parameters are the released model's, and the config.json raytron would
+    export for it builds the family's transformers class with that many."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from raytron.model.families import FAMILIES
+    from raytron.model.gpt import GPT
+    from raytron.model.hf import hf_config
+    from raytron.platform.config.resolve import gpt_shape, resolve_model
+
+    config = load_config(preset)
+    shape = gpt_shape(resolve_model(config.model, 1000))
+    family = FAMILIES[config.model.family]
+    assert make_plan(resolve_layout(config)).total_params == RELEASED[preset]
+    with torch.device("meta"):
+        assert GPT(shape).num_params() == RELEASED[preset]
+        theirs = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            **hf_config(shape, family, "bfloat16", 1, 2, 2)))
+    assert type(theirs).__name__ == family.architecture
+    assert sum(p.numel() for p in theirs.parameters()) == RELEASED[preset]

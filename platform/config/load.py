@@ -44,7 +44,8 @@ def find_config_file(name_or_path: str) -> Path:
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
     for folder in preset_dirs():
-        candidate = folder / f"{path.stem if path.suffix else name_or_path}.yaml"
+        yaml_file = path.suffix in (".yaml", ".yml")  # a preset's name may hold dots
+        candidate = folder / f"{path.stem if yaml_file else name_or_path}.yaml"
         if candidate.is_file():
             return candidate
     raise ConfigError(

@@ -161,8 +161,9 @@ def describe(plan: Plan) -> str:
         + (f" (v={p.virtual_stages})" if p.schedule == "interleaved-1f1b" else "")
         + f"; data parallel {p.dp_shard}; sequence parallel "
         + ("on" if p.sequence_parallel else "off"),
-        f"model       {human(plan.total_params)} parameters; {c.model.n_layers} layers x "
-        f"{c.model.d_model} wide, {c.model.n_heads} heads ({c.model.n_kv_heads} KV), "
+        f"model       {human(plan.total_params)} parameters; {c.model.family}, "
+        f"{c.model.n_layers} layers x {c.model.d_model} wide, {c.model.n_heads} heads "
+        f"({c.model.n_kv_heads} KV) of {c.model.head_dim}, "
         f"vocabulary {c.model.vocab_size}, sequence {c.data.seq_len}",
         f"batch       {t.global_batch} sequences per step = {t.global_batch // int(p.dp)} per "
         f"replica in micro-batches of {t.micro_batch}"

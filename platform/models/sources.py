@@ -11,6 +11,7 @@ Face weights only from safetensors files.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,12 @@ from raytron.platform.config.rules import (
 )
 from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.storage.checkpoint import COMMIT_MARKER, CheckpointStore, step_of
-from raytron.platform.storage.run_dir import CONFIG_FILE, TOKENIZER_FILE, read_run_config
+from raytron.platform.storage.run_dir import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    is_hub_id,
+    read_run_config,
+)
 from raytron.platform.storage.tracking import RUN_ID_FILE, saved_tracking_uri
 
 RUN, CHECKPOINT, HUGGING_FACE = "run", "checkpoint", "huggingface"
@@ -81,8 +87,11 @@ class ModelSource:
 
 
 def open_source(path: str | Path) -> ModelSource:
-    """The model at `path`; ConfigError saying what to give instead when it holds none."""
+    """The model at `path`, or named by a Hub id (`Qwen/Qwen3-0.6B`) that is in the local
+    Hugging Face cache; ConfigError saying what to give instead when it holds none."""
     folder = Path(path).expanduser()
+    if is_hub_id(str(path)):
+        folder = hub_snapshot(str(path))
     if (folder / HF_CONFIG).is_file():
         return hugging_face_source(folder)
     if (folder / CONFIG_FILE).is_file():
@@ -108,6 +117,32 @@ def open_source(path: str | Path) -> ModelSource:
     raise ConfigError([f"{path} is no model. Fix: give a run directory (e.g. runs/tiny), one "
                        "of its checkpoint folders (runs/tiny/checkpoints/step_00000200) or a "
                        f"Hugging Face folder (with {HF_CONFIG} and safetensors weights)."])
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The cached snapshot of a Hub model. Nothing is downloaded: a run must not start
+    pulling gigabytes on every node, nor depend on the Hub being up."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    cache = hub_cache()
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError):
+        raise ConfigError([f"{repo_id} is no folder, and no model of that Hub id is in the "
+                           f"local Hugging Face cache ({cache}). Fix: download it once with "
+                           f"`hf download {repo_id}` (HF_HOME chooses the cache), or give "
+                           "the model's folder; raytron downloads nothing itself."]) from None
+
+
+def hub_cache() -> Path:
+    """The Hugging Face cache as the environment names it now (huggingface_hub reads it
+    once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) \
+        / "huggingface"
+    return Path(home).expanduser() / "hub"
 
 
 def run_source(run_dir: Path, config: RaytronConfig, step: int, kind: str,

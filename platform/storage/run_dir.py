@@ -56,6 +56,14 @@ def is_local_path(location: str) -> bool:
     return "://" not in location and not location.startswith("embedded:")
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
+def is_hub_id(location: str) -> bool:
+    """A Hugging Face Hub id (`Qwen/Qwen3-0.6B`) and no path that exists here."""
+    return HUB_ID.fullmatch(location) is not None and not Path(location).expanduser().exists()
+
+
 def absolute(location: str) -> str:
     """A local path made absolute; a URI or an embedded corpus as it is."""
     return str(Path(location).expanduser().absolute()) if is_local_path(location) else location
@@ -86,8 +94,8 @@ def with_locations(config: RaytronConfig, convert: Callable[[str, str], str]) ->
         train=dataclasses.replace(
             config.train, eval_tasks=tasks("train.eval_tasks", config.train.eval_tasks),
             eval_task_data_dir=each("train.eval_task_data_dir", config.train.eval_task_data_dir)),
-        model=dataclasses.replace(config.model,
-                                  init_from=each("model.init_from", config.model.init_from)),
+        model=dataclasses.replace(config.model, init_from=config.model.init_from if is_hub_id(
+            config.model.init_from or "") else each("model.init_from", config.model.init_from)),
         checkpoint=dataclasses.replace(config.checkpoint,
                                        dir=each("checkpoint.dir", config.checkpoint.dir)),
         tracking=dataclasses.replace(config.tracking,
