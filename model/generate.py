@@ -114,10 +114,11 @@ class Generation:
 def encode_prompt(tokenizer: Tokenizer, prompt: str, end_ids: Sequence[int],
                   bos_id: int | None) -> list[int]:
     """The prompt's ids as training saw a document start: BOS first when the model was
-    trained with one; an empty prompt is a document's start (after an end)."""
+    trained with one, unless the prompt holds it already (a chat template, such as Llama
+    3's, writes it); an empty prompt is a document's start (after an end)."""
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     if bos_id is not None:
-        return [bos_id, *ids]
+        return ids if ids[:1] == [bos_id] else [bos_id, *ids]
     return ids or list(end_ids[:1])
 
 

@@ -232,6 +232,13 @@ def model_chat_template(folder: Path) -> ChatTemplate | None:
     return ChatTemplate(source, **tokens)
 
 
+def save_chat_template(template: ChatTemplate, folder: Path) -> None:
+    """`template` where `model_chat_template` reads it back: a run keeps the template it
+    trained with beside its tokenizer, for every command that later chats with it."""
+    (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(
+        {"chat_template": template.source, **template.variables()}, indent=2) + "\n")
+
+
 def bounded_text(path: Path) -> str:
     """A small UTF-8 file's text; ChatError for a file too big to be a template or config."""
     with path.open("rb") as file:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from raytron.pipelines.chat import ChatError, encode_sample, sample_text
+from raytron.pipelines.chat import CHATML, ChatError, ChatTemplate, encode_sample, sample_text
 from raytron.pipelines.packing import Cursor, Packer, SamplePacker, TokenDoc, shuffled
 from raytron.pipelines.sources import (
     INVALID_SAMPLE,
@@ -101,6 +101,7 @@ class StreamSpec:
     document_mask: bool = True  # data.document_mask, with samples
     truncate: bool = False  # data.overlong=truncate, with samples
     cache: str | None = None  # data.cache: where tokenized files are kept; None: nowhere
+    chat_template: ChatTemplate = CHATML  # renders chat samples
 
     def packer(self, docs: Iterator[TokenDoc], seq_len: int, start: Cursor | None = None,
                skipped: dict[str, int] | None = None) -> Packer | SamplePacker:
@@ -115,7 +116,7 @@ class StreamSpec:
         if not self.cache or not self.tokenizer_json:
             return None
         return TokenCache.of(self.cache, self.tokenizer_json, self.eos, self.bos,
-                             sample_format(source))
+                             sample_format(source), self.chat_template)
 
     @property
     def training_keeps(self) -> str:
@@ -182,7 +183,7 @@ class Tokenize:
     for actors that restart (a pool's do)."""
 
     def __init__(self, tokenizer_json: str | list, eos: int, bos: int | None,
-                 sample_format: str | None = None):
+                 sample_format: str | None = None, template: ChatTemplate = CHATML):
         from tokenizers import Tokenizer
 
         if isinstance(tokenizer_json, list):
@@ -196,6 +197,7 @@ class Tokenize:
         self.eos = eos
         self.bos = bos
         self.sample_format = sample_format  # None: plain documents
+        self.template = template
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column("text").to_pylist()
@@ -213,7 +215,8 @@ class Tokenize:
         for i in good:
             try:
                 tokens[i], targets[i] = encode_sample(self.tokenizer, self.sample_format,
-                                                      texts[i], self.eos, self.bos)
+                                                      texts[i], self.eos, self.bos,
+                                                      self.template)
             except ChatError:
                 reasons[i] = INVALID_SAMPLE
         return (batch.drop_columns(["text", "reason"])
@@ -242,11 +245,11 @@ class TokenizeFiles:
 
     def __init__(self, files: list, tokenizer_json: list, eos: int, bos: int | None,
                  sample_format: str | None, keep: str, val_share: float,
-                 cache: TokenCache | None):
+                 cache: TokenCache | None, template: ChatTemplate):
         import ray
 
         self.files: list[CorpusFile] = ray.get(files[0])
-        self.encode = Tokenize(tokenizer_json, eos, bos, sample_format)
+        self.encode = Tokenize(tokenizer_json, eos, bos, sample_format, template)
         self.keep, self.val_share, self.cache = keep, val_share, cache
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -303,7 +306,8 @@ def stream_dataset(spec: StreamSpec, source: SourceSpec, items: list[dict], keep
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         TokenizeFiles, batch_size=1, batch_format="numpy",
         fn_constructor_args=([ray.put(source.files)], [ray.put(spec.tokenizer_json)], spec.eos,
-                             spec.bos, sample_format(source), keep, spec.val_share, cache),
+                             spec.bos, sample_format(source), keep, spec.val_share, cache,
+                             spec.chat_template),
         compute=ray.data.ActorPoolStrategy(size=spec.tokenizer_workers))
 
 
@@ -323,7 +327,8 @@ def file_tables(spec: StreamSpec, source: SourceSpec, items: list[dict], keep: s
             table = cache.read(file) if cache else None
             if table is None:  # gone or damaged since it was listed: tokenize it here
                 table = tokenized_file(Tokenize(spec.tokenizer_json, spec.eos, spec.bos,
-                                                sample_format(source)), file, 0, ALL,
+                                                sample_format(source), spec.chat_template),
+                                       file, 0, ALL,
                                        spec.val_share, cache if writing else None)
             yield item, selected(table, keep, spec.val_share, item["start"])
             continue

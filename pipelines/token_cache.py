@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from raytron.pipelines.sources import CorpusFile, filesystem_and_path
+from raytron.pipelines.chat import CHATML, ChatTemplate
+from raytron.pipelines.sources import CHAT, CorpusFile, filesystem_and_path
 
 FORMAT = 1  # bumped when what a shard holds changes
 SUFFIX = ".arrow"
@@ -45,15 +46,16 @@ class TokenCache:
     """The shards of one source's files for one tokenizer, under `root` (a path or URI)."""
 
     root: str
-    tokenizer: str  # sha256 of the tokenizer's JSON
+    tokenizer: str  # sha256 of the tokenizer's JSON (and of the chat template, for chats)
     eos: int
     bos: int | None
     sample_format: str | None  # chat or prompt_completion; None: documents
 
     @classmethod
     def of(cls, root: str, tokenizer_json: str, eos: int, bos: int | None,
-           sample_format: str | None) -> TokenCache:
-        digest = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+           sample_format: str | None, template: ChatTemplate = CHATML) -> TokenCache:
+        chat = json.dumps(dataclasses.asdict(template)) if sample_format == CHAT else ""
+        digest = hashlib.sha256((tokenizer_json + chat).encode()).hexdigest()
         return cls(root, digest, eos, bos, sample_format)
 
     @property

@@ -51,6 +51,8 @@ RECOMPUTE_NAMED = {"none": 0, "full": 1, "selective": 1}
 PRECISIONS = (AUTO, "bf16", "fp32")  # train.precision; auto: bf16 on GPUs, fp32 on CPUs
 PACKINGS = (AUTO, "stream", "samples")  # data.packing
 OVERLONG = ("drop", "truncate")  # data.overlong
+CHATML = "chatml"
+CHAT_TEMPLATES = (AUTO, CHATML)  # data.chat_template
 SAME_TOKENIZER = "the run keeps the tokenizer it started with"
 
 
@@ -249,6 +251,11 @@ class DataConfig:
     # else stream
     packing: str = key(AUTO, one_of(PACKINGS), refused(
         "it decides how samples fill the sequences every step sees"))
+    # how chat samples are rendered: auto: the template of model.init_from's model when it
+    # has one (a Hugging Face folder's, or a run's), else ChatML | chatml: ChatML (its
+    # turn markers added to the tokenizer when missing)
+    chat_template: str = key(AUTO, one_of(CHAT_TEMPLATES), refused(
+        "it changes the tokens of every chat sample"))
     # samples: each attends only within itself, positions from 0
     document_mask: bool = key(True, anything, FREE)
     # samples longer than seq_len + 1 tokens: drop (counted) | truncate

@@ -390,15 +390,11 @@ def shortage_fix(config: RaytronConfig, resource: str, most: float) -> str:
 
 
 def tokenizer_problems(config: RaytronConfig, tokenizer_vocab: int) -> list[str]:
-    """The model must have a row for every token (chat sources add the turn markers)."""
+    """The model must have a row for every token (one from model.init_from grows instead:
+    `initial.with_room_for`)."""
     size = config.model.vocab_size
     if size is None or size >= tokenizer_vocab:
         return []
-    if config.model.init_from:
-        return [f"model.init_from={config.model.init_from} has {size} token embeddings, fewer "
-                f"than the tokenizer's {tokenizer_vocab} tokens (chat sources add "
-                "<|im_start|> and <|im_end|> when it lacks them). Fix: use prompt_completion "
-                "sources, or a model whose tokenizer has these tokens (raytron's own do)."]
     return [f"model.vocab_size={size} is smaller than the tokenizer's {tokenizer_vocab} tokens. "
             f"Fix: leave model.vocab_size unset or raise it to {tokenizer_vocab} or more."]
 

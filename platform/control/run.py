@@ -9,6 +9,7 @@ import dataclasses
 import torch
 
 from raytron.model.gpt import GPT
+from raytron.pipelines.chat import save_chat_template
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.load import flatten, to_dict, to_yaml
 from raytron.platform.config.plan import human
@@ -57,6 +58,7 @@ def train_holding(config: RaytronConfig, leases: RunLeases, log: RunLog) -> int:
     paths.config_file.write_text(saved)
     CheckpointStore(paths.checkpoints, c.checkpoint.keep_last).claim(saved)
     run.tokenizer.save(str(paths.tokenizer_file))
+    save_chat_template(run.spec.chat_template, paths.dir)
     tracking, run_id, reopened = open_tracking(run, last_start)
     print(describe_start(run, tracking, run_id, reopened))
     console = Console(None if auto else c.train.steps, done)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-from raytron.pipelines.chat import with_chat_tokens
+from raytron.pipelines.chat import CHATML, ChatTemplate, with_chat_tokens
 from raytron.pipelines.file_lists import resumed_spec
 from raytron.pipelines.sources import CHAT, sample_kind
 from raytron.pipelines.stream import StreamSpec
@@ -26,6 +26,7 @@ from raytron.platform.config.load import flatten, to_dict
 from raytron.platform.config.redact import redact_text, redacted
 from raytron.platform.config.resolve import resolve_model
 from raytron.platform.config.resume import applied_changes, resume_problems
+from raytron.platform.config.schema import CHATML as CHATML_NAME
 from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.config.validate import (
     placement_problems,
@@ -34,6 +35,8 @@ from raytron.platform.config.validate import (
 )
 from raytron.platform.control.corpus import stream_spec, train_tokenizer, with_tokenizer
 from raytron.platform.control.placement import node_resources, with_tokenizer_workers, worker_gpus
+from raytron.platform.models.initial import initial_chat_template, with_room_for
+from raytron.platform.models.sources import chat_template_of
 from raytron.platform.storage.checkpoint import CheckpointStore
 from raytron.platform.storage.run_dir import RunPaths, absolute, with_locations
 from raytron.platform.storage.tracking import tracking_uri
@@ -63,9 +66,13 @@ def settle(config: RaytronConfig) -> SettledRun:
     owner = checkpoints_owner(config, paths, store, committed) if committed else None
     spec = stream_spec(config)
     tokenizer = run_tokenizer(config, paths, spec, resuming=bool(committed))
-    if any(sample_kind(s.path, s.format) == CHAT for s in config.data.sources):
+    template = run_chat_template(config, paths, resuming=bool(committed))
+    if template == CHATML and any(sample_kind(s.path, s.format) == CHAT
+                                  for s in config.data.sources):
         tokenizer = with_chat_tokens(tokenizer)
+    config = with_room_for(config, tokenizer.get_vocab_size())
     raise_problems(tokenizer_problems(config, tokenizer.get_vocab_size()))
+    spec = dataclasses.replace(spec, chat_template=template)
     config = dataclasses.replace(config, model=resolve_model(config.model,
                                                              tokenizer.get_vocab_size()))
     applied: list[str] = []
@@ -82,6 +89,18 @@ def settle(config: RaytronConfig) -> SettledRun:
     check_eval_tasks(config, tokenizer)
     return SettledRun(config, paths, spec, tokenizer, gpus, committed,
                       applied)
+
+
+def run_chat_template(config: RaytronConfig, paths: RunPaths, resuming: bool) -> ChatTemplate:
+    """The template chat samples are rendered with: a resuming run's own; else, unless
+    data.chat_template=chatml, model.init_from's model's; else ChatML."""
+    if resuming:
+        saved = chat_template_of(paths.dir)
+        if saved is not None:
+            return saved
+    if config.data.chat_template == CHATML_NAME:
+        return CHATML
+    return initial_chat_template(config) or CHATML
 
 
 def check_eval_tasks(config: RaytronConfig, tokenizer: Tokenizer) -> None:

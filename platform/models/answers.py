@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raytron.pipelines.chat import render
+from raytron.pipelines.chat import CHATML, render
 from raytron.pipelines.embedded import embedded_texts
 from raytron.pipelines.sources import is_validation
 from raytron.platform.models.loading import load_model
@@ -25,7 +25,9 @@ def exact_answers(run: str | Path, chats: list[list[dict]], max_new_tokens: int 
     """How many `chats` the model at `run` answers, greedily and on the CPU, with exactly
     the reply of their second message when given their first."""
     model = load_model(run, device="cpu")
-    answers = model.generate([render(chat[:1], add_generation_prompt=True) for chat in chats],
+    template = model.source.chat_template or CHATML
+    answers = model.generate([render(chat[:1], template, add_generation_prompt=True)
+                              for chat in chats],
                              max_new_tokens=max_new_tokens, greedy=True, batch_size=50)
     return sum(answer.text == chat[1]["content"]
                for answer, chat in zip(answers, chats, strict=True))

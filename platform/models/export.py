@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, processors
 
 from raytron.model.families import FAMILIES
 from raytron.model.hf import DTYPES, hf_config, to_hf
-from raytron.pipelines.chat import DEFAULT_TEMPLATE, TURN_START
+from raytron.pipelines.chat import CHATML, DEFAULT_TEMPLATE
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.models.sources import HF_CONFIG, ModelSource
 
@@ -56,7 +56,7 @@ def export_hugging_face(source: ModelSource, out: Path, dtype: str = "float32",
         "pad_token": tokenizer.id_to_token(eos),
         "model_max_length": shape.max_seq_len,
         "clean_up_tokenization_spaces": False,  # decode gives back the text as trained
-        **chat_template(tokenizer, source.bos_id is not None),
+        **chat_template(source),
     })
     mode = (out / HF_CONFIG).stat().st_mode & 0o777  # what the umask gives a new file
     for path in out.iterdir():  # the weights are written through a private (0600) temp file
@@ -64,13 +64,17 @@ def export_hugging_face(source: ModelSource, out: Path, dtype: str = "float32",
     return sorted(out.iterdir())
 
 
-def chat_template(tokenizer: Tokenizer, with_bos: bool) -> dict:
-    """The template chat fine-tuning renders with, for a tokenizer that has its turn
-    markers; `apply_chat_template` does not add special tokens, so a run that put BOS
-    first has the template do it."""
-    if tokenizer.token_to_id(TURN_START) is None:
+def chat_template(source: ModelSource) -> dict:
+    """The model's chat template, with the special tokens it renders (a model's own
+    template keeps the ones it was written for). `apply_chat_template` does not add
+    special tokens, so raytron's ChatML, for a run that put BOS first, writes it."""
+    template = source.chat_template
+    if template is None:
         return {}
-    return {"chat_template": ("{{ bos_token }}" if with_bos else "") + DEFAULT_TEMPLATE}
+    if template == CHATML:
+        return {"chat_template": ("{{ bos_token }}" if source.bos_id is not None else "")
+                + DEFAULT_TEMPLATE}
+    return {"chat_template": template.source, **template.variables()}
 
 
 def bos_token(tokenizer: Tokenizer) -> int | None:

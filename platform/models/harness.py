@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from raytron.model.sampling import Sampling
 from raytron.model.scoring import ContinuationScore, continuation_scores
-from raytron.pipelines.chat import DEFAULT_TEMPLATE, render
+from raytron.pipelines.chat import CHATML, ChatTemplate, render
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.models.loading import LoadedModel, load_model
 
@@ -35,9 +35,10 @@ class RaytronTokens(TemplateLM):
     scored by `score_pairs`, wherever the model runs."""
 
     def __init__(self, tokenizer: Tokenizer, bos_id: int | None, end_ids: Sequence[int],
-                 max_length: int):
+                 max_length: int, template: ChatTemplate = CHATML):
         super().__init__()
         self.tokenizer, self.bos_id, self.end_ids = tokenizer, bos_id, list(end_ids)
+        self.template = template
         self._max_length = max_length
 
     @abstractmethod
@@ -60,7 +61,8 @@ class RaytronTokens(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                    **_unused) -> list[int]:
         ids = self.tokenizer.encode(string, add_special_tokens=False).ids
-        if add_special_tokens is not False and self.bos_id is not None:
+        if add_special_tokens is not False and self.bos_id is not None \
+                and ids[:1] != [self.bos_id]:  # a chat template may have written it
             return [self.bos_id, *ids]
         return ids
 
@@ -72,13 +74,13 @@ class RaytronTokens(TemplateLM):
         return "raytron"
 
     def chat_template(self, chat_template: bool | str = False) -> str:
-        return DEFAULT_TEMPLATE
+        return self.template.source
 
     def apply_chat_template(self, chat_history: list[dict[str, str]],
                             add_generation_prompt: bool = True) -> str:
-        """lm_eval's `--apply_chat_template`: the conversation as raytron's fine-tuning
-        and `raytron serve`'s /v1/chat/completions render it."""
-        return render(chat_history, add_generation_prompt=add_generation_prompt)
+        """lm_eval's `--apply_chat_template`: the conversation in the model's template, as
+        fine-tuning and `raytron serve`'s /v1/chat/completions render it."""
+        return render(chat_history, self.template, add_generation_prompt=add_generation_prompt)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **_unused
                               ) -> list[tuple[float, bool]]:
@@ -124,7 +126,8 @@ class RaytronLM(RaytronTokens):
         generator = self.loaded.generator
         context = self.loaded.model.shape.max_seq_len
         super().__init__(self.loaded.tokenizer, generator.bos_id, generator.end_ids,
-                         min(int(max_length or context), context))
+                         min(int(max_length or context), context),
+                         self.loaded.source.chat_template or CHATML)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto": 8
 
     def score_pairs(self, pairs: Pairs, on_batch: Callable[[int], None]

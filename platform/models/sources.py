@@ -23,6 +23,13 @@ from tokenizers import Tokenizer
 from raytron.model.families import FAMILIES
 from raytron.model.gpt import GPTShape
 from raytron.model.hf import from_hf, raytron_name, shape_from_hf_config
+from raytron.pipelines.chat import (
+    CHATML,
+    TURN_START,
+    ChatError,
+    ChatTemplate,
+    model_chat_template,
+)
 from raytron.pipelines.tokenizer import bos_id, end_ids, eos_id
 from raytron.platform.config.resolve import gpt_shape
 from raytron.platform.config.rules import (
@@ -61,6 +68,7 @@ class ModelSource:
     end_ids: list[int]  # tokens that end a generation
     bos_id: int | None  # put first in every prompt, as training put it before documents
     family: str  # its Hugging Face family (families.py), which export writes
+    chat_template: ChatTemplate | None  # how to render a chat for it; None: it has none
     step: int | None = None  # the checkpoint's step (raytron sources)
     run_dir: Path | None = None
     config: RaytronConfig | None = None  # the run's saved config (raytron sources)
@@ -154,9 +162,12 @@ def run_source(run_dir: Path, config: RaytronConfig, step: int, kind: str,
         raise ConfigError([f"{run_dir} has no {TOKENIZER_FILE}. Fix: give the directory of a "
                            "run that `raytron train` started."])
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    # a run started before runs kept their template trained with ChatML, if with any
+    template = chat_template_of(run_dir) or (
+        CHATML if tokenizer.token_to_id(TURN_START) is not None else None)
     return ModelSource(kind, folder or run_dir, gpt_shape(config.model), tokenizer,
                        end_ids(tokenizer), bos_id(tokenizer) if config.data.bos else None,
-                       config.model.family, step, run_dir, config)
+                       config.model.family, template, step, run_dir, config)
 
 
 def hugging_face_source(folder: Path) -> ModelSource:
@@ -177,7 +188,15 @@ def hugging_face_source(folder: Path) -> ModelSource:
     if not end_ids and tokenizer is not None:
         end_ids = [eos_id(tokenizer)]
     return ModelSource(HUGGING_FACE, folder, shape, tokenizer, end_ids,
-                       added_bos(tokenizer, config.get("bos_token_id")), config["model_type"])
+                       added_bos(tokenizer, config.get("bos_token_id")), config["model_type"],
+                       chat_template_of(folder))
+
+
+def chat_template_of(folder: Path) -> ChatTemplate | None:
+    try:
+        return model_chat_template(folder)
+    except ChatError as error:
+        raise ConfigError([f"{folder}: {error}."]) from None
 
 
 def token_ids(folder: Path, key: str, value: Any, vocab_size: int) -> list[int]:

@@ -29,7 +29,7 @@ from ray import serve
 from raytron.model.engine import DEFAULT_LIMITS as DEFAULT_ENGINE
 from raytron.model.engine import EngineLimits, PromptError, QueueFull, check_prompt
 from raytron.model.generate import encode_prompt
-from raytron.pipelines.chat import DEFAULT_TEMPLATE
+from raytron.pipelines.chat import CHATML
 from raytron.platform.serving.access import API_KEY_VARIABLE, authorized, checked_key
 from raytron.platform.serving.completions import Completions, Finished
 from raytron.platform.serving.engine_process import EngineFailed, EngineProcess
@@ -126,6 +126,7 @@ class ModelServer:
         self.api_key = checked_key(api_key, "the API key")
         self.source = open_source(source)
         self.tokenizer = self.source.tokenizer
+        self.chat_template = self.source.chat_template or CHATML  # the model's own
         self.metrics = RequestMetrics(name, tracking_uri)
         self.name, self.limits = name, limits
         self.admission = Admission(limits.max_queued)
@@ -166,7 +167,8 @@ class ModelServer:
     async def parsed(self, request: Request, chat: bool
                      ) -> tuple[ParsedRequest, list[list[int]]]:
         """The request, and each completion's prompt as ids."""
-        parsed = parse(read_json(await body_bytes(request)), self.name, self.context, chat)
+        parsed = parse(read_json(await body_bytes(request)), self.name, self.context,
+                       self.chat_template if chat else None)
         encoded = {index: self.encoded(prompt) for index, prompt in enumerate(parsed.prompts)}
         per_prompt = len(parsed.jobs) // len(parsed.prompts)  # n
         return parsed, [encoded[index // per_prompt] for index in range(len(parsed.jobs))]
@@ -206,7 +208,8 @@ class ModelServer:
                 raise BadRequest("add_special_tokens must be true or false",
                                  "add_special_tokens")
             if "messages" in body:
-                parsed = parse({**body, "max_tokens": 1}, self.name, self.context, chat=True)
+                parsed = parse({**body, "max_tokens": 1}, self.name, self.context,
+                               self.chat_template)
                 text = parsed.prompts[0]
             else:
                 text = body.get("prompt")
@@ -241,7 +244,7 @@ class ModelServer:
             "vocab_size": self.tokenizer.get_vocab_size(),
             "eos_token": piece(source.end_ids[0]) if source.end_ids else None,
             "bos_token": None if source.bos_id is None else piece(source.bos_id),
-            "chat_template": DEFAULT_TEMPLATE}  # what /v1/chat/completions renders
+            "chat_template": self.chat_template.source}  # what /v1/chat/completions renders
 
     async def small(self, request: Request, answer) -> JSONResponse | dict:
         """A request that runs no model: the key, JSON, a bounded body, 400 for the rest."""

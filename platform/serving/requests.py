@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raytron.model.sampling import Sampling
+from raytron.pipelines.chat import ChatTemplate
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: 64 prompts of a 2048-token context fit in half of it
 MAX_SEQUENCES = 64  # prompts x n in one request
@@ -134,14 +135,15 @@ def number(body: dict, key: str, default: Any, kind: type, low: float, high: flo
     return kind(value)
 
 
-def parse(body: dict, served_model: str, context: int, chat: bool) -> ParsedRequest:
+def parse(body: dict, served_model: str, context: int, chat: ChatTemplate | None
+          ) -> ParsedRequest:
     """The request's jobs (`body` from `read_json`); BadRequest for anything the server
-    cannot honour."""
+    cannot honour. `chat`: the template of a chat request; None: a completions one."""
     model = body.get("model", served_model)
     if model != served_model:
         raise BadRequest(f"model '{shown(model)}' is not served here; this server serves "
                          f"'{served_model}'", "model")
-    echo = flag(body, "echo") if not chat else False
+    echo = flag(body, "echo") if chat is None else False
     max_tokens = number(body, "max_tokens", 16, int, 0 if echo else 1, context - 1)
     temperature = number(body, "temperature", 1.0, float, 0, 2)
     sampling = Sampling(
@@ -164,11 +166,12 @@ def parse(body: dict, served_model: str, context: int, chat: bool) -> ParsedRequ
                                                         bool):
         raise BadRequest("stream_options must be {\"include_usage\": true or false}",
                          "stream_options")
-    prompts = chat_prompt(body) if chat else completion_prompts(body, n)
+    prompts = completion_prompts(body, n) if chat is None else chat_prompt(body, chat)
     jobs = [Job(prompt, max_tokens, sampling, tuple(stop),
                 None if seed is None else seed + index)
             for prompt in prompts for index in range(n)]
-    return ParsedRequest(model, jobs, stream, chat, prompts, requested_logprobs(body, chat),
+    return ParsedRequest(model, jobs, stream, chat is not None, prompts,
+                         requested_logprobs(body, chat is not None),
                          echo, stream and options.get("include_usage", False))
 
 
@@ -214,8 +217,9 @@ def is_token(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def chat_prompt(body: dict) -> list[str]:
-    """The conversation, as text ending with the assistant's generation prompt."""
+def chat_prompt(body: dict, template: ChatTemplate) -> list[str]:
+    """The conversation in the model's template, ending with the assistant's generation
+    prompt."""
     from raytron.pipelines.chat import ChatError, render
 
     messages = body.get("messages")
@@ -225,6 +229,6 @@ def chat_prompt(body: dict) -> list[str]:
         raise BadRequest("messages must be a non-empty list of {role, content} with roles "
                          "system, user or assistant", "messages")
     try:
-        return [render(messages, add_generation_prompt=True)]
+        return [render(messages, template, add_generation_prompt=True)]
     except ChatError as error:
         raise BadRequest(str(error), "messages") from None
