@@ -168,6 +168,20 @@ def encode_chat(tokenizer: Tokenizer, messages, template: ChatTemplate = CHATML
     return encoding.ids, mask
 
 
+def turn_end_id(tokenizer: Tokenizer, template: ChatTemplate) -> int | None:
+    """The token that ends an assistant turn in `template` (ChatML's <|im_end|>, Llama 3's
+    <|eot_id|>): a generation ends there. None when a turn ends in no single token."""
+    reply = "raytron-reply"
+    user = [{"role": "user", "content": "?"}]
+    try:
+        turn = render([*user, {"role": "assistant", "content": reply}], template)
+    except ChatError:
+        return None
+    ending = turn.rstrip().rsplit(reply, 1)[-1]
+    ids = tokenizer.encode(ending, add_special_tokens=False).ids
+    return ids[0] if len(ids) == 1 else None
+
+
 def encode_prompt_completion(tokenizer: Tokenizer, prompt: str, completion: str,
                              end_id: int) -> tuple[list[int], list[bool]]:
     """Prompt then completion and the end token; the completion and the end are targets."""

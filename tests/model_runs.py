@@ -95,3 +95,21 @@ def hf_perplexity(hf, ids_per_document: list[list[int]], max_length: int, stride
             if end == ids.shape[1]:
                 break
     return math.exp(nll / count)
+
+
+def hf_chat_model(folder: Path, config, template: str, special: tuple[str, ...],
+                  tokens: dict[str, str]) -> Path:
+    """A random transformers model of `config` saved in `folder` as a Hub model is, with
+    the small tokenizer grown by the family's `special` tokens and the family's chat
+    `template` and special `tokens` in its tokenizer files."""
+    from tokenizers import AddedToken
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = small_tokenizer()
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in special])
+    assert tokenizer.get_vocab_size() <= config.vocab_size
+    torch.manual_seed(4)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, chat_template=template,
+                            **tokens).save_pretrained(folder)
+    return folder

@@ -9,6 +9,7 @@ from tokenizers import AddedToken, Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from raytron.pipelines.chat import (
+    CHATML,
     DEFAULT_TEMPLATE,
     MAX_FILE_BYTES,
     TURN_END,
@@ -19,6 +20,8 @@ from raytron.pipelines.chat import (
     encode_sample,
     model_chat_template,
     render,
+    save_chat_template,
+    turn_end_id,
     with_chat_tokens,
 )
 from raytron.pipelines.sources import CHAT
@@ -367,3 +370,35 @@ def test_an_oversized_or_malformed_template_is_refused(tmp_path, files, named):
         (tmp_path / name).write_text(text)
     with pytest.raises(ChatError, match=named):
         model_chat_template(tmp_path)
+
+
+def test_a_turn_ends_in_the_templates_own_token(family, tokenizer):
+    template, ours, _, end, _ = family
+    assert turn_end_id(ours, template) == ours.token_to_id(end)
+    assert turn_end_id(tokenizer, CHATML) == tokenizer.token_to_id(TURN_END)
+
+
+def test_the_pipeline_tokenizes_chats_in_the_runs_template_and_caches_them_apart(family,
+                                                                                 tmp_path):
+    """The Ray Data stage encodes each chat as `encode_chat` does in the run's template;
+    the token cache keeps chats of another template in another folder."""
+    import pyarrow as pa
+
+    from raytron.pipelines.stream import Tokenize
+    from raytron.pipelines.token_cache import TokenCache
+
+    template, ours, _, end, _ = family
+    eos = ours.token_to_id(end)
+    batch = pa.table({"text": [json.dumps(CONVERSATION)], "reason": [None]})
+    table = Tokenize(ours.to_str(), eos, None, CHAT, template)(batch)
+    assert (table.column("tokens").to_pylist()[0], table.column("targets").to_pylist()[0]) \
+        == tuple(encode_chat(ours, CONVERSATION, template))
+    folders = {TokenCache.of(str(tmp_path), ours.to_str(), eos, None, CHAT, t).folder
+               for t in (template, CHATML)}
+    assert len(folders) == 2
+
+
+def test_a_saved_template_reads_back_as_it_was(family, tmp_path):
+    template = family[0]
+    save_chat_template(template, tmp_path)
+    assert model_chat_template(tmp_path) == template

@@ -24,7 +24,7 @@ from raytron.platform.models import load_model
 from raytron.platform.models.export import export_hugging_face
 from raytron.platform.models.sources import open_source
 
-from model_runs import hf_perplexity, reference_texts, run_cli, small_tokenizer
+from model_runs import hf_chat_model, hf_perplexity, reference_texts, run_cli, small_tokenizer
 
 ORIGINAL_CONTEXT = 16  # the scaled models' pre-trained context; the tests go past it
 SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -201,3 +201,52 @@ def test_a_hub_id_resolves_from_the_local_cache_and_never_downloads(tmp_path, mo
     code, _, err = run_cli("generate", "tiny-org/not-cached", "--prompt", "x")
     assert code == 2 and "hf download tiny-org/not-cached" in err and "Traceback" not in err
     assert not (tmp_path / "home" / "hub" / "models--tiny-org--not-cached").exists()
+
+
+def test_a_model_without_room_for_the_runs_tokens_grows_rows_at_the_mean(tmp_path):
+    """ChatML's markers on a model whose embeddings are all taken: the vocabulary grows to
+    the next multiple of vocab_multiple_of, the model's rows kept and the new ones (of the
+    embedding and of an untied head) the mean of the model's."""
+    from raytron.model.gpt import GPT
+    from raytron.platform.config.load import load_config
+    from raytron.platform.config.resolve import gpt_shape, resolve_model
+    from raytron.platform.models.initial import initial_weights, with_initial_model, with_room_for
+
+    hf = randomized(AutoModelForCausalLM.from_config(FAMILIES["llama-linear"]))
+    hf.save_pretrained(tmp_path)
+    small_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    config = with_initial_model(load_config("tiny", [f"model.init_from={tmp_path}"]))
+    assert with_room_for(config, 512) is config
+    grown = with_room_for(config, 514)
+    assert grown.model.vocab_size == 576
+    with torch.device("meta"):
+        model = GPT(gpt_shape(resolve_model(grown.model, 514)))
+    initial = initial_weights([model], str(tmp_path))
+    for ours, theirs in (("tok_embeddings.weight", hf.model.embed_tokens.weight),
+                         ("output.weight", hf.lm_head.weight)):
+        rows = initial(ours, (576, 64))
+        assert rows.shape == (576, 64) and torch.equal(rows[:512], theirs)
+        assert torch.allclose(rows[512:], theirs.mean(dim=0).expand(64, -1))
+
+
+def test_the_runs_chat_template_is_its_own_then_the_models_then_chatml(tmp_path):
+    from test_chat import QWEN_2_5_SPECIAL, QWEN_2_5_TEMPLATE, QWEN_2_5_TOKENS
+
+    from raytron.pipelines.chat import CHATML, ChatTemplate, save_chat_template
+    from raytron.platform.config.load import load_config
+    from raytron.platform.control.settle import run_chat_template
+    from raytron.platform.storage.run_dir import RunPaths
+
+    folder = hf_chat_model(tmp_path / "qwen", FAMILIES["qwen3"], QWEN_2_5_TEMPLATE,
+                           QWEN_2_5_SPECIAL, QWEN_2_5_TOKENS)
+    qwen = ChatTemplate(QWEN_2_5_TEMPLATE, **QWEN_2_5_TOKENS)
+    run = [f"run.root={tmp_path / 'runs'}", "run.name=chat"]
+    config = load_config("tiny", [*run, f"model.init_from={folder}"])
+    paths = RunPaths.of(config)
+    assert run_chat_template(config, paths, resuming=False) == qwen
+    forced = load_config("tiny", [*run, f"model.init_from={folder}", "data.chat_template=chatml"])
+    assert run_chat_template(forced, paths, resuming=False) == CHATML
+    assert run_chat_template(load_config("tiny", run), paths, resuming=False) == CHATML
+    paths.dir.mkdir(parents=True)
+    save_chat_template(CHATML, paths.dir)  # a resumed run keeps what it trained with
+    assert run_chat_template(config, paths, resuming=True) == CHATML

@@ -55,6 +55,20 @@ NOT_RUN = {
     "raytron eval runs/tiny --tasks mtnlg": "the datasets are downloads: "
                                             "tests/test_mtnlg_tasks.py scores the set from "
                                             "files in their releases' formats",
+    "hf download": "a download from the Hub: tests/test_families.py writes a Hugging Face "
+                   "cache and reads a model from it by its id",
+    "raytron generate Qwen/": "a released model (a download): tests/test_families.py "
+                              "generates from a cached Hub id, and from each family as "
+                              "transformers does",
+    "raytron eval Qwen/": "a released model and the MT-NLG data (downloads): "
+                          "tests/test_families.py scores each family's perplexity as "
+                          "transformers does",
+    "raytron train qwen3-0.6b": "a released model: tests/test_families.py trains each "
+                                "family from its weights in every layout",
+    "raytron train sft-qwen3-0.6b": "a released model: tests/test_train_e2e.py fine-tunes an "
+                                    "imported Llama 3-style model in its own template",
+    "raytron export runs/sft-qwen3-0.6b": "a released model: tests/test_families.py exports "
+                                          "each family back bit for bit",
 }
 # trainings whose configs are checked (`raytron config`) but not run here: more devices
 # than a test machine has, or what other tests train already (a training costs ~25 s)

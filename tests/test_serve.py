@@ -35,7 +35,7 @@ from raytron.platform.models import load_model
 from raytron.platform.serving.command import replica_gpus
 from raytron.platform.serving.limits import Limits
 
-from model_runs import run_cli, small_model, small_tokenizer, write_run
+from model_runs import hf_chat_model, run_cli, small_model, small_tokenizer, write_run
 
 KEY = "test-key"
 
@@ -532,3 +532,56 @@ def test_a_dead_engine_or_replica_is_replaced_and_serving_goes_on(served, client
     ray.kill(ray.get_actor(second, namespace="serve"), no_restart=True)
     engine.wait(timeout=30)  # psutil.TimeoutExpired if it outlived its replica
     replaced(second)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_an_imported_model_chats_in_its_own_template(served, tmp_path, family):
+    """A Qwen3 folder with Qwen's template and a Llama 3.1-scaled folder with Llama 3.2's:
+    /v1/chat/completions renders the conversation as transformers' apply_chat_template
+    does, and answers what the model answers to that text; /tokenizer_info gives the
+    template."""
+    from ray import serve
+    from test_chat import (
+        LLAMA_3_2_SPECIAL,
+        LLAMA_3_2_TEMPLATE,
+        LLAMA_3_2_TOKENS,
+        QWEN_2_5_SPECIAL,
+        QWEN_2_5_TEMPLATE,
+        QWEN_2_5_TOKENS,
+    )
+    from transformers import AutoTokenizer, LlamaConfig, Qwen3Config
+
+    from raytron.platform.serving.app import build_app
+
+    small = dict(vocab_size=576, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 initializer_range=0.1)
+    if family == "qwen3":
+        folder = hf_chat_model(tmp_path, Qwen3Config(**small, head_dim=32), QWEN_2_5_TEMPLATE,
+                               QWEN_2_5_SPECIAL, QWEN_2_5_TOKENS)
+    else:
+        folder = hf_chat_model(tmp_path, LlamaConfig(**small, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}), LLAMA_3_2_TEMPLATE, LLAMA_3_2_SPECIAL,
+            LLAMA_3_2_TOKENS)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    local = load_model(folder)
+    prompt = render(messages, local.source.chat_template, add_generation_prompt=True)
+    assert prompt == AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    expected = local.generate(prompt, 12, greedy=True)[0]
+    serve.run(build_app(str(folder), family, api_key=KEY), name=family,
+              route_prefix=f"/{family}")
+    try:
+        client = OpenAI(base_url=f"{served[1]}/{family}/v1", api_key=KEY, max_retries=0)
+        response = client.chat.completions.create(model=family, messages=messages,
+                                                  max_tokens=12, temperature=0)
+        assert response.choices[0].message.content == expected.text
+        request = urllib.request.Request(f"{served[1]}/{family}/tokenizer_info",
+                                         headers={"Authorization": f"Bearer {KEY}"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            info = json.loads(answer.read())
+        assert info["chat_template"] == local.source.chat_template.source
+    finally:
+        serve.delete(family)

@@ -29,6 +29,7 @@ from raytron.pipelines.chat import (
     ChatError,
     ChatTemplate,
     model_chat_template,
+    turn_end_id,
 )
 from raytron.pipelines.tokenizer import bos_id, end_ids, eos_id
 from raytron.platform.config.resolve import gpt_shape
@@ -123,8 +124,10 @@ def open_source(path: str | Path) -> ModelSource:
                            "the run directory (<run.root>/<run.name>), which holds the "
                            "config and the tokenizer."])
     raise ConfigError([f"{path} is no model. Fix: give a run directory (e.g. runs/tiny), one "
-                       "of its checkpoint folders (runs/tiny/checkpoints/step_00000200) or a "
-                       f"Hugging Face folder (with {HF_CONFIG} and safetensors weights)."])
+                       "of its checkpoint folders (runs/tiny/checkpoints/step_00000200), a "
+                       f"Hugging Face folder (with {HF_CONFIG} and safetensors weights) or "
+                       "the Hub id of a model in the local Hugging Face cache "
+                       "(Qwen/Qwen3-0.6B)."])
 
 
 def hub_snapshot(repo_id: str) -> Path:
@@ -166,8 +169,16 @@ def run_source(run_dir: Path, config: RaytronConfig, step: int, kind: str,
     template = chat_template_of(run_dir) or (
         CHATML if tokenizer.token_to_id(TURN_START) is not None else None)
     return ModelSource(kind, folder or run_dir, gpt_shape(config.model), tokenizer,
-                       end_ids(tokenizer), bos_id(tokenizer) if config.data.bos else None,
+                       with_turn_end(end_ids(tokenizer), tokenizer, template),
+                       bos_id(tokenizer) if config.data.bos else None,
                        config.model.family, template, step, run_dir, config)
+
+
+def with_turn_end(ends: list[int], tokenizer: Tokenizer | None,
+                  template: ChatTemplate | None) -> list[int]:
+    """`ends` and the token that ends an assistant turn in the model's template."""
+    end = None if tokenizer is None or template is None else turn_end_id(tokenizer, template)
+    return ends if end is None or end in ends else [*ends, end]
 
 
 def hugging_face_source(folder: Path) -> ModelSource:
@@ -187,9 +198,11 @@ def hugging_face_source(folder: Path) -> ModelSource:
                         shape.vocab_size)
     if not end_ids and tokenizer is not None:
         end_ids = [eos_id(tokenizer)]
-    return ModelSource(HUGGING_FACE, folder, shape, tokenizer, end_ids,
+    template = chat_template_of(folder)
+    return ModelSource(HUGGING_FACE, folder, shape, tokenizer,
+                       with_turn_end(end_ids, tokenizer, template),
                        added_bos(tokenizer, config.get("bos_token_id")), config["model_type"],
-                       chat_template_of(folder))
+                       template)
 
 
 def chat_template_of(folder: Path) -> ChatTemplate | None:
