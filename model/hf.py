@@ -228,8 +228,9 @@ def architecture_problems(config: dict[str, Any]) -> list[str]:
         unsupported.append(f"rope truncate={rope['truncate']!r}")
     unsupported += [f"rope {key}={rope[key]!r}" for key in ("mscale", "mscale_all_dim")
                     if rope.get(key)]
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        unsupported.append(f"partial_rotary_factor={rope['partial_rotary_factor']!r}")
+    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        unsupported.append(f"partial_rotary_factor={partial!r}")
     return unsupported
 
 

@@ -148,6 +148,15 @@ LAYOUTS = {"dp2": ["parallel.dp=2"], "tp2": ["parallel.tp=2"], "pp2": ["parallel
            "dp2xtp2": ["parallel.dp=2", "parallel.tp=2"]}
 
 
+def layout_folder(family: str, folder) -> list[str]:
+    """The family's model saved in `folder`, and the harness's override that starts from
+    it."""
+    hf = randomized(AutoModelForCausalLM.from_config(LAYOUT_FAMILIES[family]))
+    hf.save_pretrained(folder)
+    small_tokenizer(300).save(str(folder / "tokenizer.json"))
+    return [f"model.init_from={folder}"]
+
+
 @pytest.mark.parametrize("family", list(LAYOUT_FAMILIES))
 def test_init_from_a_family_trains_alike_in_every_layout(family, tmp_path):
     """Two steps from the family's weights: the first loss is transformers' loss on that
@@ -155,10 +164,8 @@ def test_init_from_a_family_trains_alike_in_every_layout(family, tmp_path):
     pp2 and dp2 x tp2 give one process's losses and gradient norms."""
     from parallel_harness import batch, config, run_parallel, run_single
 
-    hf = randomized(AutoModelForCausalLM.from_config(LAYOUT_FAMILIES[family]))
-    hf.save_pretrained(tmp_path)
-    small_tokenizer(300).save(str(tmp_path / "tokenizer.json"))
-    start = [f"model.init_from={tmp_path}"]
+    start = layout_folder(family, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert config(start).model.family == hf.config.model_type
     single = run_single(start, stop=2)
     first = torch.from_numpy(batch(0, config(start)).tokens).long()
@@ -169,6 +176,24 @@ def test_init_from_a_family_trains_alike_in_every_layout(family, tmp_path):
         got = run_parallel(start + layout, stop=2)
         assert got["losses"] == pytest.approx(single["losses"], rel=1e-5), name
         assert got["norms"] == pytest.approx(single["norms"], rel=1e-4), name
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.compile=true"],
+    ["parallel.dp=2", "parallel.dp_shard=none", "parallel.tp=2",
+     "train.activation_checkpointing=selective"],
+], ids=["compiled", "ddp2-tp2-selective-recompute"])
+def test_a_qwen3_compiles_recomputes_and_replicates_alike(tmp_path, overrides):
+    """Qwen3's head norms and head size through inductor, and through DDP with tensor
+    parallelism and selective recomputation: one eager process's losses and norms."""
+    from parallel_harness import run_parallel, run_single
+
+    start = layout_folder("qwen3", tmp_path)
+    want = run_single(start, stop=2)
+    run = run_parallel if "parallel.dp=2" in overrides else run_single
+    got = run(start + overrides, stop=2)
+    assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
+    assert got["norms"] == pytest.approx(want["norms"], rel=1e-4)
 
 
 def test_a_hub_id_resolves_from_the_local_cache_and_never_downloads(tmp_path, monkeypatch):
@@ -230,9 +255,11 @@ def test_a_model_without_room_for_the_runs_tokens_grows_rows_at_the_mean(tmp_pat
 
 
 def test_the_runs_chat_template_is_its_own_then_the_models_then_chatml(tmp_path):
+    """And configs/sft-qwen3-0.6b.yaml, pointed at a Qwen3 folder, fine-tunes in Qwen's."""
     from test_chat import QWEN_2_5_SPECIAL, QWEN_2_5_TEMPLATE, QWEN_2_5_TOKENS
 
     from raytron.pipelines.chat import CHATML, ChatTemplate, save_chat_template
+    from raytron.platform.cli import checked_config
     from raytron.platform.config.load import load_config
     from raytron.platform.control.settle import run_chat_template
     from raytron.platform.storage.run_dir import RunPaths
@@ -250,3 +277,37 @@ def test_the_runs_chat_template_is_its_own_then_the_models_then_chatml(tmp_path)
     paths.dir.mkdir(parents=True)
     save_chat_template(CHATML, paths.dir)  # a resumed run keeps what it trained with
     assert run_chat_template(config, paths, resuming=True) == CHATML
+    # the shipped example, given this folder: a Qwen3 in its own template
+    example = checked_config("sft-qwen3-0.6b", [*run, f"model.init_from={folder}"])
+    assert (example.model.family, example.model.head_dim) == ("qwen3", 32)
+    assert run_chat_template(example, RunPaths.of(example), resuming=False) == qwen
+
+
+@pytest.mark.parametrize(("family", "changes", "named"), [
+    ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+     "rope_type='dynamic'"),
+    ("llama", {"rope_scaling": {"rope_type": "longrope", "factor": 2.0}},
+     "rope_type='longrope'"),
+    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "mscale": 0.7}},
+     "rope mscale=0.7"),
+    ("llama", {"attention_bias": True}, "attention_bias=True"),
+    ("llama", {"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ("mistral", {"sliding_window": 4096}, "sliding_window=4096"),
+    ("qwen2", {"use_sliding_window": True}, "use_sliding_window=True"),
+    ("qwen3", {"layer_types": ["sliding_attention", "full_attention"]}, "layer_types="),
+    ("qwen3", {"attention_bias": True}, "attention_bias=True"),
+    ("qwen3_moe", {}, "model_type 'qwen3_moe'"),
+])
+def test_what_no_family_computes_is_refused_naming_the_field(family, changes, named):
+    from raytron.model.families import FAMILIES as ADAPTERS
+    from raytron.model.gpt import GPTShape
+    from raytron.model.hf import hf_config, shape_from_hf_config
+    from raytron.platform.models.sources import HF_MAXIMA
+
+    shape = GPTShape(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96,
+                     vocab_size=512, max_seq_len=64)
+    config = hf_config(shape, ADAPTERS.get(family, ADAPTERS["qwen3"]), "float32", 1, 0, 0)
+    with pytest.raises(ValueError, match="Fix:") as refusal:
+        shape_from_hf_config({**config, "model_type": family, **changes}, HF_MAXIMA)
+    assert named in str(refusal.value)
