@@ -173,8 +173,8 @@ def add_eval_arguments(command: argparse.ArgumentParser) -> None:
                               "Score tasks)")
     command.add_argument("--apply-chat-template", action="store_true",
                          help="--tasks: each prompt as a user turn of a conversation, in the "
-                              "chat template raytron's fine-tuning and serving use (a "
-                              "fine-tuned chat model)")
+                              "model's chat template, as fine-tuning and serving render it "
+                              "(raytron's ChatML for a model without one)")
     command.add_argument("--log-samples", action="store_true",
                          help="--tasks: each sample's prompt, answers and scores in the "
                               "output too")
