@@ -1,17 +1,14 @@
 """raytron and Hugging Face `transformers`, against the real library: exported models load
-and compute the same logits, tokens, greedy generations and perplexity; imported models
-compute what transformers computes; import then export gives back the same bytes."""
+and compute the same logits, tokens, greedy generations and perplexity. (Imported models
+of every family, and their export back: tests/test_families.py.)"""
 
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from raytron.platform.models import load_model
-from raytron.platform.models.export import export_hugging_face
-from raytron.platform.models.sources import open_source
 
 from conftest import CORPUS
 from model_runs import (
@@ -186,28 +183,6 @@ def random_llama(tied: bool) -> LlamaForCausalLM:
                          rope_theta=50000.0, tie_word_embeddings=tied, bos_token_id=1,
                          eos_token_id=0, initializer_range=0.1)
     return LlamaForCausalLM(config).eval()
-
-
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_a_transformers_llama_imports_and_exports_bit_exactly(tmp_path, tokenizer, tied):
-    hf = random_llama(tied)
-    hf.save_pretrained(tmp_path / "hf")
-    tokenizer.save(str(tmp_path / "hf" / "tokenizer.json"))
-    ours = load_model(tmp_path / "hf")
-    tokens = torch.randint(0, 512, (2, 50), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(ours.model(tokens), hf(tokens).logits, rtol=0, atol=1e-4)
-    export_hugging_face(open_source(tmp_path / "hf"), tmp_path / "again")
-    original = load_file(tmp_path / "hf" / "model.safetensors")
-    again = load_file(tmp_path / "again" / "model.safetensors")
-    assert again.keys() == original.keys()
-    for name, tensor in original.items():
-        assert torch.equal(again[name], tensor), name
-    config = json.loads((tmp_path / "again" / "config.json").read_text())
-    for key in ("hidden_size", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings",
-                "max_position_embeddings", "vocab_size"):
-        assert config[key] == hf.config.to_dict()[key], key
-    assert config["rope_theta"] == 50000.0
 
 
 def test_large_weights_are_sharded_with_an_index(tmp_path, exported):
