@@ -192,14 +192,15 @@ def encode_prompt_completion(tokenizer: Tokenizer, prompt: str, completion: str,
     return prompt_ids + completion_ids, [False] * len(prompt_ids) + [True] * len(completion_ids)
 
 
-def sample_text(sample_format: str, text: str, template: ChatTemplate = CHATML) -> str:
-    """The text a fine-tuning record trains on, for training a tokenizer on the corpus."""
+def sample_text(sample_format: str, text: str) -> str:
+    """The text a fine-tuning record trains on, for training a tokenizer on the corpus (a
+    run that trains its tokenizer has no model's template: ChatML)."""
     from raytron.pipelines.sources import CHAT
 
     value = json.loads(text)
     try:
         if sample_format == CHAT:
-            return render(checked_messages(value), template)
+            return render(checked_messages(value))
         return value["prompt"] + value["completion"]
     except (ChatError, KeyError, TypeError):
         return ""  # not trained on: the tokenizer stage counts it as invalid

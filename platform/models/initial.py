@@ -1,12 +1,14 @@
 """`model.init_from`: a training run that starts from the weights of a raytron checkpoint
-or a Hugging Face Llama folder instead of random ones (with a fresh optimizer, at step 0).
+or a Hugging Face model (a folder, or a cached Hub id) instead of random ones (with a
+fresh optimizer, at step 0).
 
 The model's shape and family come from the source, as `from_pretrained` takes them from
 config.json: every key of the model section that shapes the network (n_layers, d_model,
 heads, head_dim, ffn_hidden, vocab_size, the RoPE keys, norm_eps, tie_embeddings,
-family) is replaced. Its tokenizer is the run's unless data.tokenizer
-names another. Every rank reads the whole tensors of its pipeline stages into host memory
-and keeps its shards of them on its device, so a source loads into any layout.
+family) is replaced. Its tokenizer and chat template are the run's unless data.tokenizer
+(data.chat_template) names others. Every rank reads the whole tensors of its pipeline
+stages into host memory and keeps its shards of them on its device, so a source loads
+into any layout.
 """
 
 from __future__ import annotations
