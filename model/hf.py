@@ -202,11 +202,10 @@ def rope_shape_fields(config: dict[str, Any]) -> dict[str, Any]:
     """The GPTShape rope_* fields of a checked config.json."""
     rope = rope_parameters(config)
     kind = "none" if rope["rope_type"] == "default" else rope["rope_type"]
-    rope.setdefault("original_max_position_embeddings",
-                    config.get("max_position_embeddings") or DEFAULT_POSITIONS)
+    positions = config.get("max_position_embeddings") or DEFAULT_POSITIONS
+    rope.setdefault("original_max_position_embeddings", positions)
     if kind == "yarn" and rope.get("factor") is None:  # transformers' default
-        rope["factor"] = config["max_position_embeddings"] / \
-            rope["original_max_position_embeddings"]
+        rope["factor"] = positions / rope["original_max_position_embeddings"]
     return {"rope_scaling": kind, **{field: rope[key] for key, field in ROPE_FIELDS.get(kind, ())
                                      if rope.get(key) is not None}}
 
