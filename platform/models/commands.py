@@ -12,8 +12,9 @@ from pathlib import Path
 from raytron.platform.config.schema import ConfigError
 
 SOURCE_HELP = ("a run directory (its latest committed checkpoint, e.g. runs/tiny), a "
-               "checkpoint folder (runs/tiny/checkpoints/step_00000200) or a Hugging Face "
-               "Llama folder")
+               "checkpoint folder (runs/tiny/checkpoints/step_00000200), a Hugging Face "
+               "folder (Llama, Mistral, Qwen2, Qwen3) or the Hub id of such a model in the "
+               "local Hugging Face cache (Qwen/Qwen3-0.6B)")
 
 
 def checked(kind: type, minimum: float, maximum: float | None = None,

@@ -51,7 +51,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def load_model(source: str | Path | ModelSource, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None) -> LoadedModel:
     """The model at `source`: a run directory (its latest committed checkpoint), a
-    checkpoint folder or a Hugging Face Llama folder."""
+    checkpoint folder, a Hugging Face folder or a cached Hub id."""
     source = source if isinstance(source, ModelSource) else open_source(source)
     if source.tokenizer is None:
         raise ConfigError([f"{source.path} has no tokenizer.json, which generation needs. "
