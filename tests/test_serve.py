@@ -380,9 +380,13 @@ def test_raytron_serve_runs_in_the_foreground_and_stops_on_ctrl_c(served, tmp_pa
                               daemon=True)
     reader.start()
     output = []
+    deadline = time.monotonic() + 300
     try:
-        while not output or "Ctrl-C stops it" not in output[-1]:
-            output.append(lines.get(timeout=180))  # the command says when it is ready
+        while not output or "Ctrl-C stops it" not in output[-1]:  # it says when it is ready
+            try:
+                output.append(lines.get(timeout=max(deadline - time.monotonic(), 0)))
+            except queue.Empty:
+                pytest.fail("not ready in 300 s:\n" + "".join(output))
         cli = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         assert cli.completions.create(model="cli", prompt="A class", max_tokens=4).choices
     finally:

@@ -153,3 +153,38 @@ def test_the_rayservice_requires_its_api_key():
             pending.extend(item)
     assert len(keys) == 2  # the head's and the GPU workers'
     assert all(k == {"name": "raytron-api-key", "key": "api-key"} for k in keys)
+
+
+def test_the_command_says_what_serve_waits_for_and_gives_up_once():
+    """Serve's own wait is silent and endless when a replica cannot be placed."""
+    from ray.serve.schema import (
+        ApplicationStatus,
+        ApplicationStatusOverview,
+        DeploymentStatus,
+        DeploymentStatusOverview,
+        DeploymentStatusTrigger,
+        ReplicaState,
+    )
+
+    from raytron.platform.serving.readiness import ServeStartFailed, wait_until_running
+
+    def application(status: str, message: str = "") -> ApplicationStatusOverview:
+        pending = DeploymentStatusOverview(
+            DeploymentStatus.UPDATING, DeploymentStatusTrigger.CONFIG_UPDATE_STARTED,
+            {ReplicaState.STARTING: 2}, "1 replica has taken more than 30s to be scheduled")
+        return ApplicationStatusOverview(ApplicationStatus(status), message, 0.0,
+                                         {"ModelServer": pending})
+
+    now = [0.0]
+    said: list[str] = []
+    statuses = iter([None, *[application("DEPLOYING")] * 2, application("RUNNING")])
+    wait_until_running(lambda: next(statuses), 60, said.append, clock=lambda: now[0],
+                       sleep=lambda s: now.__setitem__(0, now[0] + 20))
+    assert said == ["Waiting for the replicas (40 s): ModelServer: updating (2 starting): "
+                    "1 replica has taken more than 30s to be scheduled"]
+    with pytest.raises(ServeStartFailed, match="within --start-timeout-s 60: ModelServer"):
+        wait_until_running(lambda: application("DEPLOYING"), 60, said.append,
+                           clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + 7))
+    with pytest.raises(ServeStartFailed, match="failed to start: import failed; ModelServer"):
+        wait_until_running(lambda: application("DEPLOY_FAILED", "import failed"), 60,
+                           said.append)

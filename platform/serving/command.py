@@ -18,6 +18,7 @@ from raytron.platform.serving.access import API_KEY_VARIABLE, checked_key, loopb
 from raytron.platform.serving.gpus import default_gpus, gpus_problem
 from raytron.platform.serving.limits import DEFAULT_LIMITS, Limits
 from raytron.platform.serving.port import port_problem
+from raytron.platform.serving.readiness import ServeStartFailed, wait_until_running
 from raytron.platform.serving.requests import (
     MAX_BODY_BYTES,
     MAX_LOGPROBS,
@@ -114,6 +115,10 @@ def add_serve_arguments(command: argparse.ArgumentParser) -> None:
                          default=DEFAULT_LIMITS.request_timeout_s, metavar="S",
                          help="a request that takes longer gets a 504 (default "
                               f"{DEFAULT_LIMITS.request_timeout_s:g})")
+    command.add_argument("--start-timeout-s", type=checked(float, 0, 86400, above=True),
+                         default=900.0, metavar="S",
+                         help="give up when the replicas do not run within S seconds (what "
+                              "Serve waits for is printed every 30 s; default 900)")
     command.add_argument("--detach", action="store_true",
                          help="leave the application running in the cluster and return")
     command.add_argument("--mlflow", action="store_true",
@@ -237,10 +242,17 @@ def serve_command(args: argparse.Namespace) -> int:
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     gpus = replica_gpus(args.num_gpus, ray.cluster_resources().get("GPU", 0))
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(str(Path(args.source).resolve()), name, key, engine,
-                        args.replicas, autoscaling, tracking_uri, gpus,
-                        Limits(args.max_queued, args.request_timeout_s)),
-              name=APP_NAME, route_prefix="/")
+    serve._run(build_app(str(Path(args.source).resolve()), name, key, engine,
+                         args.replicas, autoscaling, tracking_uri, gpus,
+                         Limits(args.max_queued, args.request_timeout_s)),
+               name=APP_NAME, route_prefix="/", _blocking=False)
+    try:
+        wait_until_running(lambda: serve.status().applications.get(APP_NAME),
+                           args.start_timeout_s, lambda line: print(line, flush=True))
+    except ServeStartFailed as failure:
+        print(f"raytron: cannot serve: {failure}", file=sys.stderr, flush=True)
+        stop(bool(address))
+        return 1
     replicas = f"{args.min_replicas}-{args.max_replicas} (autoscaled)" if autoscaling \
         else str(args.replicas)
     device = f"{gpus:g} GPU each" if gpus else "on CPUs"
