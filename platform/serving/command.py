@@ -235,6 +235,8 @@ def serve_command(args: argparse.Namespace) -> int:
     from raytron.platform.serving.ingress import choose_local_ingress
 
     ingress = "" if address else f", behind {choose_local_ingress()}"
+    print(f"Starting '{name}' on {'the cluster at ' + address if address else 'a local Ray'}"
+          "...", flush=True)
     ray.init(address=address or "local", include_dashboard=False if not address else None,
              log_to_driver=False)
     # Serve's driver lines repeat what the line below says ("Connecting to existing Serve
