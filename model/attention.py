@@ -14,6 +14,8 @@ The kernel is chosen in one place, `choose_kernel`:
 - a masked description on CPU: SDPA with the dense bool mask, which the CPU's flash
   kernel takes (with grouped heads) forward and backward; FlexAttention has no
   backward on CPU (torch 2.13).
+- a context shard (a sequence split over ranks), any device: ring attention
+  (model/ring_attention.py), exact over the whole sequence.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 class Kernel(Enum):
     SDPA = "scaled_dot_product_attention"
     FLEX = "flex_attention"
+    RING = "ring_attention"
 
 
 class Causal:
@@ -94,8 +97,12 @@ class Documents(Masked):
 
     @classmethod
     def of_positions(cls, positions: torch.Tensor) -> Documents:
-        """From each token's position in its sample: a sample begins where it is 0."""
-        return cls((positions == 0).cumsum(dim=1))
+        return cls(cls.ids_of(positions))
+
+    @staticmethod
+    def ids_of(positions: torch.Tensor) -> torch.Tensor:
+        """Each token's sample, from its position in it: a sample begins where it is 0."""
+        return (positions == 0).cumsum(dim=1)
 
     def visible(self, row: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                 ) -> torch.Tensor:
@@ -121,19 +128,37 @@ class CachedQueries(Masked):
         return key <= self.positions[row, query]
 
 
-Mask = Causal | Masked | None  # None: every query sees every key
+class ContextShard:
+    """This rank's share of sequences split over a group of ranks (context parallelism):
+    each token's index in its whole sequence, its packed sample's id when samples are
+    masked from each other (else None), and the group holding the other shares. Causal
+    over the whole sequence, within each sample."""
+
+    def __init__(self, order: torch.Tensor, documents: torch.Tensor | None, group):
+        self.order, self.documents, self.group = order, documents, group
+
+
+Mask = Causal | Masked | ContextShard | None  # None: every query sees every key
 
 
 def choose_kernel(mask: Mask, device_type: str) -> Kernel:
-    """FlexAttention for a masked description on CUDA, SDPA otherwise (see the module
-    docstring for why)."""
+    """Ring attention for a context shard; FlexAttention for a masked description on
+    CUDA, SDPA otherwise (see the module docstring for why)."""
+    if isinstance(mask, ContextShard):
+        return Kernel.RING
     return Kernel.FLEX if isinstance(mask, Masked) and device_type == "cuda" else Kernel.SDPA
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
     """Softmax attention of q (batch, heads, queries, head_dim) over k, v (batch,
     kv_heads, keys, head_dim); heads share keys in groups when kv_heads < heads."""
-    if choose_kernel(mask, q.device.type) is Kernel.FLEX:
+    kernel = choose_kernel(mask, q.device.type)
+    if kernel is Kernel.RING:
+        from raytron.model.ring_attention import ring_attention
+
+        return ring_attention(q, k, v, mask.order, mask.order, mask.group, mask.documents,
+                              mask.documents)
+    if kernel is Kernel.FLEX:
         return flex(q, k, v, mask)
     return sdpa(q, k, v, mask)
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytron.model.attention import CAUSAL, Documents, Mask, attention
+from raytron.model.attention import CAUSAL, ContextShard, Documents, Mask, attention
 from raytron.model.kv_cache import KVCache, LayerCache
 
 
@@ -205,6 +205,9 @@ class GPT(nn.Module):
         self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        # The process group a sequence is split over when `order` is given: set from
+        # outside, as the other parallelisms are applied (model/parallelize.py).
+        self.context_group = None
         self.init_weights(seed)
 
     def tie_weights(self) -> None:
@@ -257,7 +260,8 @@ class GPT(nn.Module):
         self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, logits_at: torch.Tensor | None = None
+                positions: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
+                order: torch.Tensor | None = None, documents: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """Logits (batch, seq, vocab) for token ids (batch, seq); a stage without the
         embedding takes hidden states, one without the head returns them. With a `cache`,
@@ -266,15 +270,20 @@ class GPT(nn.Module):
         packed sequence: a sample starts at 0 and attends only within itself. With
         `logits_at` (batch,), the logits of that position of each row alone (batch, 1,
         vocab): a prompt's prefill needs only its last, and the head is a large matmul
-        per position."""
+        per position. With `order` (batch, seq), the tokens are this rank's share of
+        sequences split over `context_group`, each at that index of its sequence (its
+        position too, unless `positions` says otherwise), and `documents` (batch, seq),
+        when given, is the sample of each: attention spans the whole sequences."""
         x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         cos, sin, mask = self.rope_cos, self.rope_sin, CAUSAL
         if cache is not None:
             cos, sin = cache.advance(tokens.shape[1], cos, sin)
             mask = cache.mask
-        elif positions is not None:
-            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-            mask = Documents.of_positions(positions)
+        elif positions is not None or order is not None:
+            places = positions if positions is not None else order
+            cos, sin = cos[places].unsqueeze(1), sin[places].unsqueeze(1)
+            mask = Documents.of_positions(positions) if order is None else \
+                ContextShard(order, documents, self.context_group)
         for index, layer in self.layers.items():
             x = layer(x, cos, sin, mask, None if cache is None else cache.layers[int(index)])
         if logits_at is not None:

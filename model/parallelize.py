@@ -1,6 +1,7 @@
 """Applies parallelism to a plain GPT (or a pipeline stage of it) from outside.
 
-In this order: tensor + sequence parallelism on the `tp` mesh, activation
+In this order: tensor + sequence parallelism on the `tp` mesh, context parallelism
+(the group each sequence is split over, for ring attention), activation
 checkpointing, then data parallelism with FSDP2 on the data-parallel mesh. The
 pipeline split happens before (`pipeline.py`); the model file knows none of this.
 """
@@ -64,11 +65,15 @@ def tensor_parallel_dim(name: str) -> int | None:
 
 
 def parallelize(model: GPT, tp_mesh: DeviceMesh | None, dp_mesh: DeviceMesh | None,
-                options: ParallelOptions) -> GPT:
+                options: ParallelOptions, cp_mesh: DeviceMesh | None = None) -> GPT:
     """`model` with every requested parallelism applied in place; meshes of size 1 are
-    skipped."""
+    skipped. Under context parallelism (`cp_mesh`) the model is called with each rank's
+    share of the sequences and where they lie (`order`); FSDP's `dp_mesh` then spans
+    the context-parallel ranks too."""
     if tp_mesh is not None and tp_mesh.size() > 1:
         apply_tensor_parallel(model, tp_mesh, options)
+    if cp_mesh is not None and cp_mesh.size() > 1:
+        model.context_group = cp_mesh.get_group()
     if options.activation_checkpointing:
         apply_activation_checkpointing(model, options.activation_checkpointing,
                                        options.selective_recompute)

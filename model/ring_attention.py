@@ -87,7 +87,7 @@ class Ring:
 
     def start(self, tensors: list[torch.Tensor]) -> tuple[list, list[torch.Tensor]]:
         """Sends `tensors` on and receives as many from behind; (requests, received)."""
-        received = [torch.empty_like(t) for t in tensors]
+        received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, self.previous, self.group) for r in received]
         return dist.batch_isend_irecv(ops), received

@@ -1,4 +1,4 @@
-"""Runs the Trainer in any (pp, dp, tp) layout on spawned gloo processes, or in one plain
+"""Runs the Trainer in any (pp, dp, cp, tp) layout on spawned gloo processes, or in one plain
 process, on the same tiny model and data, so that tests can compare the two."""
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def run_parallel(overrides: list[str], start: int = 0, stop: int = 6,
                  pairs: list | None = None) -> dict:
     """`train` on as many spawned gloo ranks as the layout in `overrides` needs."""
     cfg = config(overrides)
-    world = cfg.parallel.pp * int(cfg.parallel.dp) * cfg.parallel.tp
-    return run_on_gloo(world, train, overrides, start, stop, checkpoints, resume, pairs)
+    return run_on_gloo(Layout.of(cfg).world, train, overrides, start, stop, checkpoints,
+                       resume, pairs)
 
 
 def run_single(overrides: list[str] = (), start: int = 0, stop: int = 6,

@@ -181,7 +181,7 @@ def test_help_is_complete(capsys):
       "model.tie_embeddings=false", "cluster.workers=2"],
      ["model.n_layers=4 is fewer than the 8 pipeline stages"]),
     (["parallel.pp=2", "parallel.tp=2", "parallel.dp=auto", "cluster.workers=6",
-      "model.tie_embeddings=false"], ["cluster.workers=6 is not a multiple of parallel.pp*tp"]),
+      "model.tie_embeddings=false"], ["cluster.workers=6 is not a multiple of parallel.pp*cp*tp"]),
     (["parallel.dp=2", "cluster.workers=2", "train.global_batch=24"],
      ["train.global_batch=24 is not divisible by train.micro_batch * parallel.dp"]),
     (["parallel.pp=4", "model.tie_embeddings=false", "train.micro_batch=8"],

@@ -17,7 +17,8 @@ from raytron.platform.config.schema import AUTO, ClusterConfig, ParallelConfig, 
 
 from conftest import REPO
 
-LAYOUTS = [Layout(1, 1, 1), Layout(2, 3, 2), Layout(4, 2, 1), Layout(1, 4, 2), Layout(3, 1, 4)]
+LAYOUTS = [Layout(1, 1, 1), Layout(2, 3, 2), Layout(4, 2, 1), Layout(1, 4, 2), Layout(3, 1, 4),
+           Layout(2, 2, 2, cp=2), Layout(1, 3, 1, cp=4)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
@@ -25,17 +26,21 @@ def test_coordinates_and_rank_of_are_inverse(layout):
     seen = set()
     for rank in range(layout.world):
         at = layout.coordinates(rank)
-        assert 0 <= at["pp"] < layout.pp and 0 <= at["dp"] < layout.dp and 0 <= at["tp"] < layout.tp
+        assert all(0 <= at[dim] < getattr(layout, dim) for dim in ("pp", "dp", "cp", "tp"))
         assert layout.rank_of(**at) == rank
-        seen.add((at["pp"], at["dp"], at["tp"]))
-    assert len(seen) == layout.world == layout.pp * layout.dp * layout.tp
+        seen.add(tuple(at.values()))
+    assert len(seen) == layout.world == layout.pp * layout.dp * layout.cp * layout.tp
 
 
 def test_ranks_are_laid_out_pp_major_tp_innermost():
     layout = Layout(pp=2, dp=2, tp=2)
     assert [tuple(layout.coordinates(r).values()) for r in range(8)] == list(
-        itertools.product(range(2), range(2), range(2)))
+        itertools.product(range(2), range(2), range(1), range(2)))
     assert layout.describe(5) == "rank 5 (pp=1, dp=0, tp=1)"
+    layout = Layout(pp=2, dp=2, tp=2, cp=2)  # a context-parallel group next to tp's
+    assert [tuple(layout.coordinates(r).values()) for r in range(16)] == list(
+        itertools.product(range(2), range(2), range(2), range(2)))
+    assert layout.describe(5) == "rank 5 (pp=0, dp=1, cp=0, tp=1)"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
@@ -70,11 +75,17 @@ def test_every_stage_has_one_owner(schedule, pp):
 def test_shard_and_replicate_degrees(dp_shard, shard, replicate):
     layout = Layout(pp=2, dp=4, tp=2, dp_shard=dp_shard)
     assert (layout.shard_degree, layout.replicate_degree) == (shard, replicate)
-    assert layout.mesh_shape == (2, replicate, shard, 2)
+    assert layout.mesh_shape == (2, replicate, shard, 1, 2)
     assert len(layout.mesh_shape) == len(MESH_DIMS)
     assert [layout.shard_rank(r) for r in layout.ranks_at(1)] == \
         [dp % shard for dp in range(4) for _ in range(2)]
     assert layout.tp_groups == 8 and layout.replica_size == 4
+    with_cp = dataclasses.replace(layout, cp=2)  # FSDP shards over dp_shard x cp
+    assert (with_cp.shard_degree, with_cp.replicate_degree) == (2 * shard, replicate)
+    assert with_cp.mesh_shape == (2, replicate, shard, 2, 2) and with_cp.batch_ranks == 8
+    assert [with_cp.shard_rank(r) for r in with_cp.ranks_at(1)] == \
+        [dp % shard * 2 + cp for dp in range(4) for cp in range(2) for _ in range(2)]
+    assert with_cp.replica_size == 8
 
 
 def config(dp, workers, **parallel) -> RaytronConfig:
@@ -88,7 +99,7 @@ def test_layout_of_a_config_resolves_dp():
     assert Layout.of(config(2, 8, pp=2, tp=2)).dp == 2
     assert Layout.of(config(AUTO, 12, pp=2, tp=2), dp=1).world == 4  # an elastic size
     layout = Layout.of(config(2, 4, pp=2, schedule="zero-bubble", dp_shard="none"))
-    assert dataclasses.astuple(layout) == (2, 2, 1, "none", "zero-bubble", 2)
+    assert dataclasses.astuple(layout) == (2, 2, 1, 1, "none", "zero-bubble", 2)
 
 
 # -- no other module computes what the layout owns ------------------------------------------

@@ -1,4 +1,4 @@
-"""The (pp, dp, tp) layout of a run: the only place that knows how ranks, pipeline
+"""The (pp, dp, cp, tp) layout of a run: the only place that knows how ranks, pipeline
 stages and FSDP shards follow from it.
 
 Every other module asks a `Layout` for the world size, a rank's coordinates (and the rank
@@ -6,10 +6,13 @@ at given coordinates), the pipeline stages, the shard and replicate degrees and 
 `parallel.dp=auto` stands for, so that a new dimension is a change to this module
 alone; tests/test_parallel_layout.py fails when another module computes one of them.
 
-Ranks are laid out pp-major, tp innermost: rank = (pp_i * dp + dp_i) * tp + tp_i, so the
-ranks of a tensor-parallel group are consecutive, which Ray Train places on one node
-when each node hosts a multiple of tp workers. The mesh splits dp into
-(dp_replicate, dp_shard) for FSDP2: all shard for FSDP/ZeRO, all replicate for DDP.
+Ranks are laid out pp-major, tp innermost: rank = ((pp_i * dp + dp_i) * cp + cp_i) * tp
++ tp_i, so the ranks of a tensor-parallel group are consecutive, which Ray Train places on
+one node when each node hosts a multiple of tp workers, and a context-parallel group
+(the ranks that split each sequence of a replica) comes next. The mesh splits dp into
+(dp_replicate, dp_shard) for FSDP2: all shard for FSDP/ZeRO, all replicate for DDP;
+FSDP shards parameters over dp_shard x cp (a context-parallel rank holds the whole
+model otherwise, as torchtitan does), and gradients and losses are summed over dp x cp.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from raytron.model import pipeline
 from raytron.platform.config.schema import AUTO, RaytronConfig
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")  # outermost first, as ranks are laid out
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost first, as ranks are
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class Layout:
     pp: int = 1
     dp: int = 1
     tp: int = 1
+    cp: int = 1
     dp_shard: str = "full"  # full | grad-op | none
     schedule: str = "1f1b"  # parallel.schedule: which pipeline stages a pp rank hosts
     virtual_stages: int = 2  # parallel.virtual_stages, for interleaved-1f1b
@@ -38,7 +42,7 @@ class Layout:
         `parallel.dp`, where `auto` means as many replicas as `cluster.workers` allow
         (at least 1: validation names a config that allows none)."""
         p = config.parallel
-        layout = cls(p.pp, 1, p.tp, p.dp_shard, p.schedule, p.virtual_stages)
+        layout = cls(p.pp, 1, p.tp, p.cp, p.dp_shard, p.schedule, p.virtual_stages)
         if dp is None:
             dp = (config.cluster.workers or 0) // layout.replica_size if p.dp == AUTO \
                 else int(p.dp)
@@ -47,7 +51,7 @@ class Layout:
     @property
     def replica_size(self) -> int:
         """Workers per data-parallel replica: dp=auto fills cluster.workers with them."""
-        return self.pp * self.tp
+        return self.pp * self.cp * self.tp
 
     @property
     def world(self) -> int:
@@ -59,42 +63,57 @@ class Layout:
         return self.world // self.tp
 
     @property
-    def shard_degree(self) -> int:
-        """The ranks FSDP shards each parameter over: all replicas, or one with DDP."""
+    def dp_shard_degree(self) -> int:
+        """The replicas FSDP shards each parameter over: all, or one with DDP."""
         return 1 if self.dp_shard == "none" else self.dp
+
+    @property
+    def shard_degree(self) -> int:
+        """The ranks FSDP shards each parameter over: those replicas' context-parallel
+        ranks."""
+        return self.dp_shard_degree * self.cp
 
     @property
     def replicate_degree(self) -> int:
         """The copies of each shard: one, or all replicas with DDP."""
-        return self.dp // self.shard_degree
+        return self.dp // self.dp_shard_degree
 
     @property
-    def mesh_shape(self) -> tuple[int, int, int, int]:
+    def batch_ranks(self) -> int:
+        """The ranks a step's batch is spread over (dp x cp): their gradients and losses
+        add up to the batch's."""
+        return self.dp * self.cp
+
+    @property
+    def mesh_shape(self) -> tuple[int, int, int, int, int]:
         """The sizes of `MESH_DIMS`."""
-        return (self.pp, self.replicate_degree, self.shard_degree, self.tp)
+        return (self.pp, self.replicate_degree, self.dp_shard_degree, self.cp, self.tp)
 
     def coordinates(self, rank: int) -> dict[str, int]:
-        """{"pp": ..., "dp": ..., "tp": ...} of a global rank."""
-        return {"pp": rank // (self.dp * self.tp), "dp": rank // self.tp % self.dp,
-                "tp": rank % self.tp}
+        """{"pp": ..., "dp": ..., "cp": ..., "tp": ...} of a global rank."""
+        return {"pp": rank // (self.dp * self.cp * self.tp),
+                "dp": rank // (self.cp * self.tp) % self.dp,
+                "cp": rank // self.tp % self.cp, "tp": rank % self.tp}
 
-    def rank_of(self, pp: int, dp: int, tp: int) -> int:
+    def rank_of(self, pp: int, dp: int, cp: int, tp: int) -> int:
         """The global rank at these coordinates (the inverse of `coordinates`)."""
-        return (pp * self.dp + dp) * self.tp + tp
+        return ((pp * self.dp + dp) * self.cp + cp) * self.tp + tp
 
     def shard_rank(self, rank: int) -> int:
         """A global rank's index among the ranks FSDP shards its parameters over."""
-        return self.coordinates(rank)["dp"] % self.shard_degree
+        c = self.coordinates(rank)
+        return c["dp"] % self.dp_shard_degree * self.cp + c["cp"]
 
     def ranks_at(self, pp_rank: int) -> range:
         """The global ranks of pipeline rank `pp_rank`, in the order of their other
         coordinates (the same for every pipeline rank): consecutive, pp being outermost."""
-        first = self.rank_of(pp_rank, 0, 0)
+        first = self.rank_of(pp_rank, 0, 0, 0)
         return range(first, first + self.world // self.pp)
 
     def describe(self, rank: int) -> str:
         c = self.coordinates(rank)
-        return f"rank {rank} (pp={c['pp']}, dp={c['dp']}, tp={c['tp']})"
+        cp = f", cp={c['cp']}" if self.cp > 1 else ""
+        return f"rank {rank} (pp={c['pp']}, dp={c['dp']}{cp}, tp={c['tp']})"
 
     @property
     def stages(self) -> int:

@@ -113,11 +113,13 @@ class ModelConfig:  # every key refused on resume (RaytronConfig.model)
 class ParallelConfig:
     # pipeline-parallel ranks
     pp: int = key(1, count(MAX_LAYERS), FREE)
-    # data-parallel replicas; auto: cluster.workers / (pp * tp)
+    # data-parallel replicas; auto: cluster.workers / (pp * cp * tp)
     dp: int | str = key(1, count_or((AUTO,), "set parallel.dp=auto to use every worker, or "
                                              "e.g. parallel.dp=2"), FREE)
     # tensor-parallel ranks per pipeline stage, on one node
     tp: int = key(1, count(MAX_WIDTH), FREE)
+    # context-parallel ranks: each sequence split over them, attention by ring
+    cp: int = key(1, count(MAX_WIDTH), FREE)
     # full (FSDP, ZeRO-3) | grad-op (ZeRO-2) | none (DDP)
     dp_shard: str = key("full", one_of(DP_SHARD_MODES), FREE)
     # shard norms and the residual stream over tp

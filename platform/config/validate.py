@@ -105,20 +105,22 @@ def parallel_problems(config: RaytronConfig) -> list[str]:
     replica = layout.replica_size
     if c.workers is None:  # only dp=auto leaves it unset
         return [f"parallel.dp=auto needs cluster.workers, the most workers the run may use. "
-                f"Fix: set cluster.workers to a multiple of parallel.pp*tp = {replica}."]
+                f"Fix: set cluster.workers to a multiple of parallel.pp*cp*tp = {replica}."]
     if p.dp == AUTO and c.workers % replica:
         problems.append(
-            f"parallel.dp=auto: cluster.workers={c.workers} is not a multiple of parallel.pp*tp "
-            f"= {replica}. Fix: use a multiple of {replica} workers."
+            f"parallel.dp=auto: cluster.workers={c.workers} is not a multiple of "
+            f"parallel.pp*cp*tp = {replica}. Fix: use a multiple of {replica} workers."
         )
     elif p.dp != AUTO and layout.world != c.workers:
         problems.append(
-            f"parallel.pp*dp*tp = {p.pp}*{p.dp}*{p.tp} = {layout.world} differs from "
+            f"parallel.pp*dp*cp*tp = {p.pp}*{p.dp}*{p.cp}*{p.tp} = {layout.world} differs from "
             f"cluster.workers={c.workers}. Fix: leave cluster.workers unset (it follows the "
             "layout), change the layout, or set parallel.dp=auto."
         )
     if p.tp > 1:
         problems += tensor_parallel_problems(config)
+    if p.cp > 1:
+        problems += context_parallel_problems(config)
     if p.pp > 1:
         problems += pipeline_problems(config)
     else:
@@ -157,6 +159,24 @@ def tensor_parallel_problems(config: RaytronConfig) -> list[str]:
         problems.append(f"data.seq_len={config.data.seq_len} is not divisible by parallel.tp="
                         f"{tp}, which sequence parallelism splits it over. Fix: use a multiple "
                         f"of {tp}, or parallel.sequence_parallel=false.")
+    return problems
+
+
+def context_parallel_problems(config: RaytronConfig) -> list[str]:
+    p, seq_len, problems = config.parallel, config.data.seq_len, []
+    if seq_len % (2 * p.cp):
+        problems.append(f"data.seq_len={seq_len} does not split into 2 x parallel.cp={p.cp} "
+                        "equal chunks (each context-parallel rank holds one chunk from the "
+                        f"start and one from the end). Fix: use a multiple of {2 * p.cp}.")
+    elif p.tp > 1 and p.sequence_parallel and seq_len // p.cp % p.tp:
+        problems.append(f"data.seq_len={seq_len} / parallel.cp={p.cp} = {seq_len // p.cp} "
+                        f"tokens per rank is not divisible by parallel.tp={p.tp}, which "
+                        f"sequence parallelism splits them over. Fix: use a multiple of "
+                        f"{2 * p.cp * p.tp}, or parallel.sequence_parallel=false.")
+    if config.train.compile:
+        problems.append(f"train.compile=true with parallel.cp={p.cp}: ring attention passes "
+                        "key/value blocks between ranks inside each layer, which torch.compile "
+                        "does not trace. Fix: set train.compile=false, or parallel.cp=1.")
     return problems
 
 

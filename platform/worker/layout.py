@@ -10,18 +10,22 @@ from raytron.platform.config.layout import MESH_DIMS, Layout
 
 
 def build_mesh(layout: Layout, device_type: str) -> DeviceMesh | None:
-    """The world's mesh with dims pp, dp_replicate, dp_shard, tp and a flattened `dp`;
-    None on a single process without a process group. Each group's communicator is made
-    here, by a first collective (NCCL makes them lazily, inside the first step, where a
-    slow or failing one looks like a slow or hung step)."""
+    """The world's mesh with dims pp, dp_replicate, dp_shard, cp, tp, flattened into
+    `dp` (the replicas), `dp_shard_cp` (what FSDP shards over) and `dp_cp` (what a step's
+    batch is spread over); None on a single process without a process group. Each
+    group's communicator is made here, by a first collective (NCCL makes them lazily,
+    inside the first step, where a slow or failing one looks like a slow or hung step)."""
     if not dist.is_initialized():
         return None
     if dist.get_world_size() != layout.world:
-        raise ValueError(f"the layout pp={layout.pp} dp={layout.dp} tp={layout.tp} needs "
+        raise ValueError(f"the layout pp={layout.pp} dp={layout.dp} cp={layout.cp} "
+                         f"tp={layout.tp} needs "
                          f"{layout.world} ranks, the process group has {dist.get_world_size()}")
     mesh = init_device_mesh(device_type, layout.mesh_shape, mesh_dim_names=MESH_DIMS)
     mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    for name in (*MESH_DIMS, "dp"):
+    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    for name in (*MESH_DIMS, "dp", "dp_cp"):
         if mesh[name].size() > 1:
             dist.barrier(group=mesh[name].get_group())
     return mesh

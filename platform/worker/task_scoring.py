@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from raytron.model.scoring import padded, row_scores, scored_rows
-from raytron.platform.worker.trainer import Sequences, Trainer, whole_value
+from raytron.platform.worker.trainer import Sequences, Trainer
 
 
 def score_in_layout(trainer: Trainer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
@@ -39,10 +39,9 @@ def score_in_layout(trainer: Trainer, pairs: Sequence[tuple[Sequence[int], Seque
             filler = [[]] * (micro - len(chunk))  # rows past the pairs: never read
             inputs = padded([row[:-1] for row in chunk] + filler, width).to(trainer.device)
             with trainer.context():
-                logits = trainer.logits(Sequences(inputs, inputs, None, 1))
+                logits = trainer.whole_logits(Sequences(inputs, inputs, None, 1))
             if logits is None:
                 continue
-            logits = whole_value(logits)  # collective over the tensor-parallel group
             if scorer and chunk:
                 scores = row_scores(logits, chunk, lengths[start : start + len(chunk)])
                 results[start : start + len(chunk)] = torch.tensor(

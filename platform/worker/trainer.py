@@ -26,6 +26,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from raytron.model.attention import Documents
 from raytron.model.gpt import GPT, IGNORE, cross_entropy
 from raytron.model.materialize import materialize
 from raytron.model.parallelize import ParallelOptions, parallelize
@@ -36,6 +37,7 @@ from raytron.model.pipeline import (
     stage_layers,
     tied_copies,
 )
+from raytron.model.ring_attention import shard_indices
 from raytron.pipelines.packing import Batch
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import gpt_shape, recompute_every, selective_recompute
@@ -49,12 +51,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class Sequences:
-    """A replica's share of a batch as the model reads it."""
+    """A replica's share of a batch as the model reads it (or a context-parallel rank's
+    share of that: some tokens of each sequence, `order` saying which)."""
 
     inputs: torch.Tensor  # (rows, seq)
     labels: torch.Tensor  # (rows, seq): the next token, or IGNORE where nothing is learned
     positions: torch.Tensor | None  # (rows, seq) per-sample positions: document masking
     target_count: int  # labels that are not IGNORE in the whole global batch
+    order: torch.Tensor | None = None  # (rows, seq) each token's index in its sequence
+    documents: torch.Tensor | None = None  # (rows, seq) with order: each token's sample
 
     @classmethod
     def of(cls, batch: Batch, device: torch.device) -> Sequences:
@@ -70,6 +75,23 @@ class Sequences:
     def __len__(self) -> int:
         return len(self.inputs)
 
+    def context_shard(self, cp: int, rank: int) -> Sequences:
+        """Context-parallel rank `rank`'s tokens of each sequence (head-and-tail chunks),
+        with their indices and, under document masking, their samples' ids, which only
+        the whole sequence tells."""
+        index = shard_indices(self.inputs.shape[1], cp, rank).to(self.inputs.device)
+        documents = None if self.positions is None else \
+            Documents.ids_of(self.positions)[:, index]
+        return Sequences(self.inputs[:, index], self.labels[:, index],
+                         None if self.positions is None else self.positions[:, index],
+                         self.target_count, index.expand(len(self), -1), documents)
+
+    def per_token(self) -> dict[str, torch.Tensor]:
+        """The model's inputs beside the tokens: (rows, seq) each, None ones left out."""
+        given = {"positions": self.positions, "order": self.order,
+                 "documents": self.documents}
+        return {name: value for name, value in given.items() if value is not None}
+
     def split(self, size: int) -> list[Sequences]:
         """Micro-batches of `size` rows, the last one padded with rows that learn nothing:
         every micro-batch has one shape, so a compiled model never compiles again for a
@@ -78,9 +100,15 @@ class Sequences:
         return [self.rows(i * size, (i + 1) * size).padded(size) for i in range(count)]
 
     def rows(self, start: int, stop: int) -> Sequences:
-        return Sequences(self.inputs[start:stop], self.labels[start:stop],
-                         None if self.positions is None else self.positions[start:stop],
-                         self.target_count)
+        return self.replaced(lambda tensor: tensor[start:stop])
+
+    def replaced(self, change: Callable[[torch.Tensor], torch.Tensor],
+                 labels: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Sequences:
+        """These sequences with `change` applied to every per-row tensor (`labels` to the
+        labels, when given)."""
+        given = {name: change(value) for name, value in self.per_token().items()}
+        return Sequences(change(self.inputs), (labels or change)(self.labels),
+                         target_count=self.target_count, **{"positions": None, **given})
 
     def padded(self, size: int) -> Sequences:
         """`size` rows: these, then copies of the first row whose labels are all IGNORE."""
@@ -91,13 +119,8 @@ class Sequences:
         def extend(rows: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
             return torch.cat([rows, fill.expand(missing, -1)])
 
-        return Sequences(extend(self.inputs, self.inputs[:1]),
-                         extend(self.labels, torch.full_like(self.labels[:1], IGNORE)),
-                         None if self.positions is None else
-                         extend(self.positions, self.positions[:1]), self.target_count)
-
-    def model_kwargs(self) -> dict:
-        return {} if self.positions is None else {"positions": self.positions}
+        return self.replaced(lambda rows: extend(rows, rows[:1]),
+                             lambda labels: extend(labels, torch.full_like(labels[:1], IGNORE)))
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -167,7 +190,8 @@ class Trainer:
         mesh = self.mesh
         for part in parts:
             parallelize(part, mesh["tp"] if mesh else None,
-                        mesh["dp_replicate", "dp_shard"] if mesh else None, options)
+                        mesh["dp_replicate", "dp_shard_cp"] if mesh else None, options,
+                        mesh["cp"] if mesh else None)
         initial = partial(whole.initial_value, train.seed)
         if self.config.model.init_from:
             from raytron.platform.models.initial import initial_weights
@@ -222,7 +246,8 @@ class Trainer:
         the replica passes it, each stage uses what it needs). Returns the loss over the
         whole global batch and the global gradient norm before clipping. `before_update`
         runs just before the parameters change (a checkpoint's copy finishing)."""
-        self.loss_scale = self.layout.dp / batch.target_count
+        self.loss_scale = self.layout.batch_ranks / batch.target_count
+        batch = self.local(batch)
         if self.schedule is None:
             loss = self.accumulate(batch)
         else:
@@ -237,10 +262,17 @@ class Trainer:
         self.start_at(self.step + 1)
         return self.sum_over_replicas(loss), grad_norm
 
+    def local(self, batch: Sequences) -> Sequences:
+        """This rank's share of a replica's sequences: all of them, or its context shard."""
+        if self.layout.cp == 1:
+            return batch
+        return batch.context_shard(self.layout.cp, self.coordinates["cp"])
+
     def scaled_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The summed loss of some rows times `loss_scale` (the replicas' gradients are
-        averaged, hence the factor dp): the gradients of all micro-batches of all
-        replicas then add up to the gradient of the global batch's mean loss."""
+        """The summed loss of some rows times `loss_scale` (the gradients of the replicas'
+        and context shards' ranks are averaged, hence the factor dp x cp): the gradients
+        of all micro-batches of all ranks then add up to the gradient of the global
+        batch's mean loss."""
         return cross_entropy(logits, labels, reduction="sum") * self.loss_scale
 
     def start_at(self, step: int) -> None:
@@ -257,11 +289,11 @@ class Trainer:
         for index, micro in enumerate(micro_batches):
             self.sync_gradients(index == len(micro_batches) - 1)
             with self.context():
-                loss = self.scaled_loss(self.parts[0](micro.inputs, **micro.model_kwargs()),
+                loss = self.scaled_loss(self.parts[0](micro.inputs, **micro.per_token()),
                                         micro.labels)
                 loss.backward()
             total += whole_value(loss).detach()
-        return total / self.layout.dp
+        return total / self.layout.batch_ranks
 
     def pipeline_accumulate(self, batch: Sequences) -> torch.Tensor:
         """Schedule calls of `call_size` sequences; only the last stage sees losses."""
@@ -275,11 +307,11 @@ class Trainer:
             with self.context():
                 self.schedule.step(*([rows.inputs] if self.first else []), losses=losses,
                                    **({"target": rows.labels} if self.last else {}),
-                                   **rows.model_kwargs())
+                                   **rows.per_token())
             if self.last:
                 total += torch.stack([whole_value(x).detach() for x in losses]).sum()
         self.busy.stop()
-        return self.sum_over_stages(total / self.layout.dp)
+        return self.sum_over_stages(total / self.layout.batch_ranks)
 
     def idle_shares(self) -> list[float]:
         """Share of the last step each pipeline rank spent waiting (the measured bubble),
@@ -299,6 +331,7 @@ class Trainer:
     def evaluate(self, batch: Sequences) -> torch.Tensor:
         """Loss over the held-out sequences of every replica (this one holds `batch`)."""
         total = torch.zeros((), device=self.device)
+        batch = self.local(batch)
         with self.evaluating():
             for micro in batch.split(self.config.train.micro_batch):
                 with self.context():
@@ -324,8 +357,26 @@ class Trainer:
         """A forward pass of the whole model: the logits on the ranks holding the last
         stage (a DTensor under tensor parallelism), None on the others."""
         if self.schedule is None:
-            return self.parts[0](micro.inputs, **micro.model_kwargs())
+            return self.parts[0](micro.inputs, **micro.per_token())
         return self.pipeline_forward(micro)
+
+    def whole_logits(self, micro: Sequences) -> torch.Tensor | None:
+        """The logits of whole sequences, whole over the vocabulary too: on the ranks
+        holding the last stage, gathered from the context-parallel group (collective),
+        None on the others."""
+        cp = self.layout.cp
+        logits = self.logits(self.local(micro))
+        if logits is None:
+            return None
+        logits = whole_value(logits)
+        if cp == 1:
+            return logits
+        shards = [torch.empty_like(logits) for _ in range(cp)]
+        dist.all_gather(shards, logits.contiguous(), group=self.mesh["cp"].get_group())
+        whole = logits.new_empty(len(micro), micro.inputs.shape[1], logits.shape[-1])
+        for rank, shard in enumerate(shards):
+            whole[:, shard_indices(whole.shape[1], cp, rank).to(whole.device)] = shard
+        return whole
 
     def pipeline_forward(self, micro: Sequences) -> torch.Tensor | None:
         """Forward-only through the stages (no schedule): the logits on the rank holding
@@ -336,7 +387,7 @@ class Trainer:
             dict(zip(self.stage_ids, self.parts, strict=True)), self.n_stages,
             self.layout.stage_owner, self.coordinates["pp"],
             self.mesh["pp"].get_group(), micro.inputs,
-            (len(micro), seq, self.config.model.d_model), micro.model_kwargs())
+            (len(micro), seq, self.config.model.d_model), micro.per_token())
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         """The gradient norm over every parameter of every rank; clipped to `max_norm`."""
@@ -360,8 +411,9 @@ class Trainer:
         return value
 
     def sum_over_replicas(self, value: torch.Tensor) -> torch.Tensor:
-        if self.layout.dp > 1:
-            dist.all_reduce(value, group=self.mesh["dp"].get_group())
+        """Summed over the ranks the batch is spread over (replicas, context shards)."""
+        if self.layout.batch_ranks > 1:
+            dist.all_reduce(value, group=self.mesh["dp_cp"].get_group())
         return value
 
     @property
