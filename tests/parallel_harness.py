@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from raytron.model.materialize import plain_name
 from raytron.pipelines.packing import Batch, SamplePacker, TokenDoc
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.load import load_config
@@ -18,7 +19,7 @@ from raytron.platform.models.initial import with_initial_model
 from raytron.platform.storage.checkpoint import CheckpointStore
 from raytron.platform.worker.layout import build_mesh
 from raytron.platform.worker.task_scoring import score_in_layout
-from raytron.platform.worker.trainer import Sequences, Trainer
+from raytron.platform.worker.trainer import Sequences, Trainer, whole_value
 
 from gloo import run_on_gloo
 
@@ -97,6 +98,27 @@ def run_single(overrides: list[str] = (), start: int = 0, stop: int = 6,
                pairs: list | None = None) -> dict:
     """The reference: the same run in this process, no process group, no parallelism."""
     return train(list(overrides), start, stop, checkpoints, resume, pairs)
+
+
+def first_gradients(overrides: list[str]) -> dict[str, torch.Tensor]:
+    """The whole gradient of each parameter after the first step's backward pass, before
+    any optimizer touches it (without a pipeline: rank 0 then holds every parameter)."""
+    cfg = config(overrides)
+    layout = Layout.of(cfg)
+    trainer = Trainer(cfg, layout, torch.device("cpu"), build_mesh(layout, "cpu"))
+    share = cfg.train.global_batch // layout.dp
+    dp_rank = layout.coordinates(dist.get_rank() if dist.is_initialized() else 0)["dp"]
+    mine = Sequences.of(batch(0, cfg).rows(dp_rank * share, (dp_rank + 1) * share),
+                        torch.device("cpu"))
+    trainer.loss_scale = layout.batch_ranks / mine.target_count
+    trainer.accumulate(trainer.local(mine))
+    return {plain_name(name): whole_value(param.grad).detach().clone()
+            for name, param in trainer.parts[0].named_parameters()}
+
+
+def parallel_gradients(overrides: list[str]) -> dict[str, torch.Tensor]:
+    """`first_gradients` on as many spawned gloo ranks as the layout needs."""
+    return run_on_gloo(Layout.of(config(overrides)).world, first_gradients, overrides)
 
 
 def final_parameters(checkpoints: Path, step: int) -> dict[str, torch.Tensor]:

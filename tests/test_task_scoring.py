@@ -1,5 +1,5 @@
 """train.eval_tasks: a task's requests scored on the trained weights in the training
-layout give, at pp2, dp2×tp2 and 1×1×1, the scores of the unsplit model scored alone
+layout give, at pp2×cp2, dp2×tp2 and 1×1×1, the scores of the unsplit model scored alone
 (within 1e-4) and the same lm_eval accuracies."""
 
 import dataclasses
@@ -30,7 +30,8 @@ from parallel_harness import config, final_parameters, run_parallel, run_single 
 
 SEQ_LEN = 16  # the harness's training shape: longer requests keep their last 17 tokens
 VOCAB = 128  # the harness's model: the tokenizer's ids are folded into it
-LAYOUTS = {"pp2": ["parallel.pp=2"], "dp2-tp2": ["parallel.dp=2", "parallel.tp=2"]}
+LAYOUTS = {"pp2-cp2": ["parallel.pp=2", "parallel.cp=2"],
+           "dp2-tp2": ["parallel.dp=2", "parallel.tp=2"]}
 
 
 def judge_config(*overrides: str):

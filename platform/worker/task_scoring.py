@@ -1,11 +1,12 @@
 """Scoring `train.eval_tasks`' requests on the weights the workers train, in the
 training layout and with no second copy of the model: each data-parallel replica scores
-its share of the (context, continuation) pairs, the tensor-parallel ranks of a replica
-together, through the pipeline stages. Every replica runs the same number of forward
-passes (FSDP gathers parameters in each), of the training shape (micro_batch rows of
-data.seq_len tokens, so that sequence parallelism splits them and a compiled model meets
-no new shape). The scores are summed over the ranks: each pair is scored by one
-rank (tensor rank 0 of the last stage of its replica) and every rank ends with all.
+its share of the (context, continuation) pairs, the tensor- and context-parallel ranks
+of a replica together, through the pipeline stages. Every replica runs the same number
+of forward passes (FSDP gathers parameters in each), of the training shape (micro_batch
+rows of data.seq_len tokens, so that sequence and context parallelism split them and a
+compiled model meets no new shape). The scores are summed over the ranks: each pair is scored by one
+rank (tensor and context rank 0 of the last stage of its replica) and every rank ends
+with all.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def score_in_layout(trainer: Trainer, pairs: Sequence[tuple[Sequence[int], Seque
     per_replica = max(1, math.ceil(len(rows) / layout.dp))
     share = math.ceil(per_replica / micro) * micro  # whole micro-batches
     first = trainer.coordinates["dp"] * share
-    scorer = trainer.last and trainer.coordinates["tp"] == 0
+    scorer = trainer.last and trainer.coordinates["tp"] == trainer.coordinates["cp"] == 0
     results = torch.zeros(len(rows), 2, dtype=torch.float64, device=trainer.device)
     with trainer.evaluating():
         for start in range(first, first + share, micro):
