@@ -1,4 +1,4 @@
-"""Memory of a GPT stage under a (pp, dp, tp) layout, estimated from its shape.
+"""Memory of a GPT stage under a (pp, dp, cp, tp) layout, estimated from its shape.
 
 What `raytron plan` prints, and what refuses a layout that cannot fit. Memory is an
 estimate (a lower bound: allocator slack, communication buffers and temporaries are
@@ -65,6 +65,19 @@ class MemoryPlan:
     @property
     def total(self) -> float:
         return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def ring_exchange_bytes(shape: GPTShape, layers: int, tokens: int, cp: int, tp: int,
+                        compute_bytes: int) -> float:
+    """Bytes one context-parallel rank sends per step through `layers` layers, for the
+    `tokens` tokens of its replica's sequences in the step: forward, its key/value share
+    of each sequence goes round the ring (cp - 1 sends); backward, the blocks go round
+    again (cp sends) with their fp32 gradients. Its tensor-parallel rank's heads only;
+    the positions and sample ids beside them (8 bytes a token) are not counted."""
+    if cp == 1:
+        return 0.0
+    block = tokens / cp * 2 * shape.n_kv_heads * shape.head_dim / tp  # k and v elements
+    return layers * block * ((cp - 1) * compute_bytes + cp * (compute_bytes + 4))
 
 
 def in_flight_microbatches(schedule: str, pp: int, pp_rank: int, microbatches: int,

@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     runs = commands.add_parser(
         "runs", help="the runs of an MLflow store in a table, newest first",
         description="One line per run of an experiment: name, state, last step, loss, "
-        "validation perplexity, last layout (pp x dp x tp), restarts, start time; newest "
-        "first. Starts nothing.")
+        "validation perplexity, last layout (pp x dp x tp; pp x dp x cp x tp with context "
+        "parallelism), restarts, start time; newest first. Starts nothing.")
     runs.add_argument("--tracking-uri", metavar="URI",
                       help="the store (default: $MLFLOW_TRACKING_URI, else "
                            "sqlite:///runs/mlflow.db, the local runs' store)")

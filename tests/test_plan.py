@@ -35,6 +35,27 @@ def test_plan_refuses_what_does_not_fit(capsys):
         assert text in out
 
 
+def test_plan_says_which_context_parallelism_a_long_sequence_needs(capsys):
+    """llama-1b at 128k tokens on 80 GB devices: 266 GB on one; cp=4 splits each sequence
+    (its activations and, FSDP sharding over dp x cp, its weights) into 66 GB."""
+    long = ["data.seq_len=131072", "train.global_batch=8", "train.micro_batch=1",
+            "cluster.device_memory_gb=80"]
+    assert main(["plan", "llama-1b", *long]) == EXIT_CONFIG_ERROR
+    out = capsys.readouterr().out
+    assert "parallel.cp=4 splits each sequence so that it fits: 66.4 GB" in out
+    one = make_plan(load_config("llama-1b", long[:-1]))
+    four = make_plan(load_config("llama-1b", [*long[:-1], "parallel.cp=4"]))
+    assert four.busiest.memory.activations == pytest.approx(
+        one.busiest.memory.activations / 4, rel=1e-6)
+    assert four.busiest.memory.held == pytest.approx(one.busiest.memory.held / 4, rel=1e-3)
+    # each device sends its k and v share round the ring: 3 times forward in bf16, 4 times
+    # backward with fp32 gradients; 16 layers, 8 sequences of 32k tokens per device
+    kv = 2 * 8 * 64 * 131072 // 4
+    assert four.ring_bytes == pytest.approx(16 * 8 * kv * (3 * 2 + 4 * (2 + 4)))
+    assert main(["plan", "llama-1b", *long, "parallel.cp=4"]) == 0
+    assert "32768 tokens of each sequence per device (cp=4)" in capsys.readouterr().out
+
+
 def test_stage_split_and_bubble_formulas():
     assert [len(r) for r in stage_layers(10, 4)] == [3, 3, 2, 2]
     assert [list(r) for r in stage_layers(4, 2, [3, 1])] == [[0, 1, 2], [3]]

@@ -110,6 +110,12 @@ class Layout:
         first = self.rank_of(pp_rank, 0, 0, 0)
         return range(first, first + self.world // self.pp)
 
+    def sizes(self) -> dict[str, int]:
+        """{"pp": ..., "dp": ..., "tp": ...}, and "cp" where it is above 1: what
+        checkpoints and tracking record (those of runs before cp have no "cp")."""
+        cp = {"cp": self.cp} if self.cp > 1 else {}
+        return {"pp": self.pp, "dp": self.dp, **cp, "tp": self.tp}
+
     def describe(self, rank: int) -> str:
         c = self.coordinates(rank)
         cp = f", cp={c['cp']}" if self.cp > 1 else ""

@@ -20,6 +20,7 @@ from raytron.model.estimates import (
     Shards,
     in_flight_microbatches,
     memory_plan,
+    ring_exchange_bytes,
 )
 from raytron.model.gpt import GPT
 from raytron.model.pipeline import bubble_fraction, cut_stage, stage_layers
@@ -54,6 +55,7 @@ class Plan:
     microbatches: int  # per schedule call
     bubble: float
     flops_per_step: float
+    ring_bytes: float  # what a context-parallel rank sends per step (its busiest stage)
 
     @property
     def busiest(self) -> RankPlan:
@@ -115,7 +117,7 @@ def make_plan(config: RaytronConfig) -> Plan:
             shape, sum(math.prod(size) for _, size in parameters), tp_local, held, layers,
             n_stages - 1 in stages, dp=dp,
             tp=p.tp, dp_shard=p.dp_shard, sequence_parallel=p.sequence_parallel,
-            micro_batch=t.micro_batch, seq_len=seq,
+            micro_batch=t.micro_batch, seq_len=seq // p.cp,
             in_flight=in_flight_microbatches(p.schedule, p.pp, pp_rank, per_call,
                                              p.virtual_stages),
             recompute_every=recompute_every(t.activation_checkpointing),
@@ -123,9 +125,27 @@ def make_plan(config: RaytronConfig) -> Plan:
             compute_bytes=compute_bytes,
         )
         ranks.append(RankPlan(pp_rank, stages, layers, memory, parameters))
+    busiest_layers = max(rank.layers for rank in ranks)
     return Plan(config, whole.num_params(), ranks, per_call,
                 bubble_fraction(p.schedule, p.pp, per_call, p.virtual_stages),
-                whole.flops_per_token(seq) * t.global_batch * seq)
+                whole.flops_per_token(seq) * t.global_batch * seq,
+                ring_exchange_bytes(shape, busiest_layers, t.global_batch // dp * seq, p.cp,
+                                    p.tp, compute_bytes))
+
+
+def context_parallelism_that_fits(config: RaytronConfig, limit: int = 1024
+                                  ) -> tuple[int, float] | None:
+    """The smallest parallel.cp above the config's (doubling it) whose busiest device
+    fits `cluster.device_memory_gb`, with that device's bytes; None when none up to
+    `limit` does, or the sequence does not split so far."""
+    cp = config.parallel.cp * 2
+    while cp <= limit and config.data.seq_len % (2 * cp) == 0:
+        plan = make_plan(dataclasses.replace(
+            config, parallel=dataclasses.replace(config.parallel, cp=cp)))
+        if plan.fits():
+            return cp, plan.busiest.memory.total
+        cp *= 2
+    return None
 
 
 def human(count: float) -> str:
@@ -157,7 +177,8 @@ def describe(plan: Plan) -> str:
     m = plan.busiest.memory
     recompute = t.activation_checkpointing
     lines = [
-        f"layout      pp={p.pp} dp={p.dp} tp={p.tp} on {world} devices; schedule {p.schedule}"
+        f"layout      pp={p.pp} dp={p.dp} cp={p.cp} tp={p.tp} on {world} devices; "
+        f"schedule {p.schedule}"
         + (f" (v={p.virtual_stages})" if p.schedule == "interleaved-1f1b" else "")
         + f"; data parallel {p.dp_shard}; sequence parallel "
         + ("on" if p.sequence_parallel else "off"),
@@ -191,6 +212,10 @@ def describe(plan: Plan) -> str:
         f"({plan.microbatches} micro-batches over {p.pp} stages)",
         f"compute     {plan.flops_per_step:.3g} model FLOPs per step",
     ]
+    if p.cp > 1:
+        lines.append(f"context     {c.data.seq_len // p.cp} tokens of each sequence per device "
+                     f"(cp={p.cp}); ring attention sends {plan.ring_bytes / GB:.2f} GB per "
+                     "device per step")
     if t.peak_flops:
         ideal = plan.flops_per_step / (world * t.peak_flops)
         lines.append(f"            {ideal:.2f} s per step at 100% of {t.peak_flops / 1e12:.0f} "
@@ -200,4 +225,8 @@ def describe(plan: Plan) -> str:
         verdict = "fits" if plan.fits() else "DOES NOT FIT"
         lines.append(f"memory      busiest device needs {m.total / GB:.1f} GB of {limit:g} GB: "
                      f"{verdict}")
+        needed = None if plan.fits() else context_parallelism_that_fits(c)
+        if needed:
+            lines.append(f"            parallel.cp={needed[0]} splits each sequence so that it "
+                         f"fits: {needed[1] / GB:.1f} GB (cluster.workers x{needed[0] // p.cp})")
     return "\n".join(lines)

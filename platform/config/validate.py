@@ -315,9 +315,10 @@ def memory_problems(config: RaytronConfig) -> list[str]:
     return [
         f"cluster.device_memory_gb={config.cluster.device_memory_gb:g}: pipeline rank "
         f"{busiest.pp_rank} needs about {busiest.memory.total / GB:.1f} GB per device. Fix: "
-        "raise parallel.tp or parallel.pp, shard with parallel.dp_shard=full, recompute "
-        "with train.activation_checkpointing=full, or lower train.micro_batch "
-        "(`raytron plan` shows where the memory goes)."
+        "raise parallel.tp or parallel.pp (or parallel.cp for long sequences), shard with "
+        "parallel.dp_shard=full, recompute with train.activation_checkpointing=full, or "
+        "lower train.micro_batch (`raytron plan` shows where the memory goes, and which "
+        "parallel.cp would fit)."
     ]
 
 

@@ -28,7 +28,7 @@ def run_rows(uri: str, experiment: str, limit: int) -> list[tuple[str, ...]]:
         history = client.get_metric_history(run.info.run_id, names.TRAIN_LOSS)
         step = str(max(m.step for m in history)) if history else "-"
         # "pp=1 dp=4 tp=1 (4 workers)" -> "1x4x1"
-        layout = "x".join(re.findall(r"\b[pdt]p=(\d+)", run.data.tags.get(LAYOUT_TAG, "")))
+        layout = "x".join(re.findall(r"\b[pdct]p=(\d+)", run.data.tags.get(LAYOUT_TAG, "")))
         rows.append((run.info.run_name, run.info.status, step,
                      f"{metrics[names.TRAIN_LOSS]:.4f}" if names.TRAIN_LOSS in metrics else "-",
                      f"{metrics[names.VAL_PERPLEXITY]:.2f}" if names.VAL_PERPLEXITY in metrics

@@ -48,7 +48,7 @@ def checkpoint_line(directory: str, keep_last: int, steps: int) -> str:
     saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta.get("time", 0)))
     layout = meta.get("layout", {})
     return (f"checkpoint   step {committed[-1]} of {steps}, saved {saved} by "
-            f"pp={layout.get('pp')} dp={layout.get('dp')} tp={layout.get('tp')}; "
+            f"{' '.join(f'{name}={size}' for name, size in layout.items())}; "
             f"committed: {', '.join(map(str, committed))} in {directory}")
 
 

@@ -174,10 +174,11 @@ def with_item(note: str, item: str) -> str:
 
 
 def layout_text(layout: dict[str, int]) -> str:
-    """"pp=1 dp=2 tp=1 (2 workers)": the `raytron.layout` tag."""
+    """"pp=1 dp=2 tp=1 (2 workers)" (with cp=N before tp where it is given): the
+    `raytron.layout` tag."""
     workers = layout["workers"]
-    return (f"pp={layout['pp']} dp={layout['dp']} tp={layout['tp']} "
-            f"({workers} worker{'s' if workers != 1 else ''})")
+    sizes = " ".join(f"{name}={size}" for name, size in layout.items() if name != "workers")
+    return f"{sizes} ({workers} worker{'s' if workers != 1 else ''})"
 
 
 def launch_text(start: int, layout: dict[str, int], startup: dict[str, float]) -> str:

@@ -194,8 +194,7 @@ class WorkerLoop:
         if self.rank != 0:
             return
         now = time.time()
-        layout = {"pp": self.layout.pp, "dp": self.layout.dp, "tp": self.layout.tp,
-                  "workers": self.layout.world}
+        layout = {**self.layout.sizes(), "workers": self.layout.world}
         self.args.tracker.launched.remote(start, layout, {
             **startup, "first_step_s": now - loaded, "total_s": now - self.args.launched_at})
 
@@ -342,7 +341,7 @@ class WorkerLoop:
             self.commit()
         cursor = ray.get(self.args.feeder.cursor.remote(step))
         meta = {"cursor": cursor, "tokens_seen": tokens_seen,
-                "layout": {"pp": self.layout.pp, "dp": self.layout.dp, "tp": self.layout.tp},
+                "layout": self.layout.sizes(),
                 "time": time.time()}
         background = background and self.config.checkpoint.async_save
         self.unsaved = self.store.write(step, self.trainer.parts, self.trainer.optimizers,
