@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from raytron.model.gpt import GPTShape
+from raytron.model.gpt import LOSS_CHUNK_ELEMENTS, GPTShape
 from raytron.model.parallelize import tensor_parallel_dim
 
 GB = 1e9
@@ -65,6 +65,14 @@ class MemoryPlan:
     @property
     def total(self) -> float:
         return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def loss_logits_bytes(shape: GPTShape, tokens: int, tp: int) -> float:
+    """The fp32 logits and their gradient that exist at once in the loss of `tokens`
+    tokens: a chunk's (`row_losses`), or, under tensor parallelism, all of them split
+    over the vocabulary."""
+    at_once = tokens if tp > 1 else min(tokens, max(1, LOSS_CHUNK_ELEMENTS // shape.vocab_size))
+    return at_once * shape.vocab_size * 4 * 2 / tp
 
 
 def ring_exchange_bytes(shape: GPTShape, layers: int, tokens: int, cp: int, tp: int,
@@ -143,7 +151,7 @@ def memory_plan(shape: GPTShape, params: int, tp_local: int, held: int, stage_la
                                        compute_bytes)
     block_input = micro_batch * seq_len * shape.d_model * compute_bytes / (
         tp if sequence_parallel else 1)
-    logits = micro_batch * seq_len * shape.vocab_size * 4 * 2 / tp if last else 0
+    logits = loss_logits_bytes(shape, micro_batch * seq_len, tp) if last else 0
     no_recompute = in_flight * stage_layers * layer + logits
     full = in_flight * stage_layers * block_input + layer + logits  # + one layer recomputed
     if selective:  # every layer, each keeping its matmul outputs

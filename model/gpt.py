@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from raytron.model.attention import CAUSAL, ContextShard, Documents, Mask, attention
 from raytron.model.kv_cache import KVCache, LayerCache
@@ -208,6 +209,9 @@ class GPT(nn.Module):
         # The process group a sequence is split over when `order` is given: set from
         # outside, as the other parallelisms are applied (model/parallelize.py).
         self.context_group = None
+        # Tokens whose logits the loss computes at once (`labels`); None: all of them
+        # (where the head's output is sharded over the vocabulary instead).
+        self.loss_chunk_tokens: int | None = max(1, LOSS_CHUNK_ELEMENTS // shape.vocab_size)
         self.init_weights(seed)
 
     def tie_weights(self) -> None:
@@ -261,8 +265,8 @@ class GPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
-                order: torch.Tensor | None = None, documents: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                order: torch.Tensor | None = None, documents: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab) for token ids (batch, seq); a stage without the
         embedding takes hidden states, one without the head returns them. With a `cache`,
         `tokens` continue each cached sequence (all of a prompt, then one at a time).
@@ -273,7 +277,9 @@ class GPT(nn.Module):
         per position. With `order` (batch, seq), the tokens are this rank's share of
         sequences split over `context_group`, each at that index of its sequence (its
         position too, unless `positions` says otherwise), and `documents` (batch, seq),
-        when given, is the sample of each: attention spans the whole sequences."""
+        when given, is the sample of each: attention spans the whole sequences. With
+        `labels` (batch, seq), a stage with the head returns each row's summed loss
+        (batch,) instead of logits, which never all exist at once (`row_losses`)."""
         x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         cos, sin, mask = self.rope_cos, self.rope_sin, CAUSAL
         if cache is not None:
@@ -290,7 +296,11 @@ class GPT(nn.Module):
             x = x[torch.arange(len(x), device=x.device), logits_at][:, None]
         if self.norm is not None:
             x = self.norm(x)
-        return self.output(x) if self.output is not None else x
+        if self.output is None:
+            return x
+        if labels is not None:
+            return row_losses(x, self.output, labels, self.loss_chunk_tokens)
+        return self.output(x)
 
     def num_params(self) -> int:
         """Distinct parameters (a tied output head counts once)."""
@@ -315,6 +325,33 @@ def name_seed(seed: int, name: str) -> int:
 
 
 IGNORE = -100  # a target id that is no target: the loss skips it
+LOSS_CHUNK_ELEMENTS = 1 << 26  # logits the loss computes at once: 256 MB in float32
+
+
+def row_losses(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+               chunk_tokens: int | None) -> torch.Tensor:
+    """Each row's summed next-token loss (batch,) in float32, from the hidden states
+    before the head. At long context the logits are a step's largest tensor (128k tokens
+    of a 128k vocabulary: 64 GB in float32, and as much again for their gradient), so
+    they are made `chunk_tokens` tokens at a time: each chunk's loss is recomputed in the
+    backward pass (one more head matmul) instead of keeping its logits."""
+    batch, seq = labels.shape
+    if chunk_tokens is None or batch * seq <= chunk_tokens:
+        return token_losses(head(hidden), labels).view(batch, seq).sum(dim=1)
+
+    def chunk_losses(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return token_losses(head(states), targets)
+
+    losses = [checkpoint(chunk_losses, states, targets, use_reentrant=False)
+              for states, targets in zip(hidden.flatten(0, 1).split(chunk_tokens),
+                                         labels.flatten().split(chunk_tokens), strict=True)]
+    return torch.cat(losses).view(batch, seq).sum(dim=1)
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each token's loss, 0 where its target is IGNORE; in float32."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(),
+                           ignore_index=IGNORE, reduction="none")
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"

@@ -90,6 +90,9 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, options: ParallelOpti
     norms and residual stream are sharded along the sequence between the blocks."""
     sp = options.sequence_parallel
     between = Shard(1) if sp else Replicate()  # layout of the residual stream
+    # the head's output is split over the vocabulary: its loss is not cut into chunks of
+    # tokens too (a sequence-sharded input would need gathering per chunk)
+    model.loss_chunk_tokens = None
     top_plan = {}
     if model.tok_embeddings is not None:
         top_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(),

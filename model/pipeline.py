@@ -110,8 +110,8 @@ def forward_only(parts: dict[int, torch.nn.Module], n_stages: int, owner: Callab
                  kwargs: dict) -> torch.Tensor | None:
     """Run one batch through all stages without a schedule (evaluation): each rank runs
     the stages it hosts (each given `kwargs`) and passes hidden states on. Returns the
-    logits on the rank hosting the last stage, None elsewhere. Works for every stage
-    placement."""
+    last stage's output (logits, or row losses given labels) on the rank hosting it,
+    None elsewhere. Works for every stage placement."""
     hidden = tokens
     for stage in range(n_stages):
         here = owner(stage)

@@ -51,13 +51,17 @@ def batch(step: int, cfg, rows: int | None = None) -> Batch:
 
 
 def train(overrides: list[str], start: int, stop: int, checkpoints: Path | None,
-          resume: bool, pairs: list | None = None) -> dict:
+          resume: bool, pairs: list | None = None, loss_chunk: int | None = None) -> dict:
     """Steps [start, stop) of the run; loads the checkpoint at `start` when `resume`,
     saves one at `stop` when `checkpoints` is given. Returns losses, norms, val loss, and
-    the scores of `pairs` (context and continuation ids) after the last step."""
+    the scores of `pairs` (context and continuation ids) after the last step. With
+    `loss_chunk`, the loss computes the logits of that many tokens at a time."""
     cfg = config(overrides)
     layout = Layout.of(cfg)
     trainer = Trainer(cfg, layout, torch.device("cpu"), build_mesh(layout, "cpu"))
+    if loss_chunk is not None:
+        for part in trainer.parts:
+            part.loss_chunk_tokens = loss_chunk
     rank = dist.get_rank() if dist.is_initialized() else 0
     dp_rank = layout.coordinates(rank)["dp"]
     share = cfg.train.global_batch // layout.dp
@@ -86,18 +90,18 @@ def train(overrides: list[str], start: int, stop: int, checkpoints: Path | None,
 
 def run_parallel(overrides: list[str], start: int = 0, stop: int = 6,
                  checkpoints: Path | None = None, resume: bool = False,
-                 pairs: list | None = None) -> dict:
+                 pairs: list | None = None, loss_chunk: int | None = None) -> dict:
     """`train` on as many spawned gloo ranks as the layout in `overrides` needs."""
     cfg = config(overrides)
     return run_on_gloo(Layout.of(cfg).world, train, overrides, start, stop, checkpoints,
-                       resume, pairs)
+                       resume, pairs, loss_chunk)
 
 
 def run_single(overrides: list[str] = (), start: int = 0, stop: int = 6,
                checkpoints: Path | None = None, resume: bool = False,
-               pairs: list | None = None) -> dict:
+               pairs: list | None = None, loss_chunk: int | None = None) -> dict:
     """The reference: the same run in this process, no process group, no parallelism."""
-    return train(list(overrides), start, stop, checkpoints, resume, pairs)
+    return train(list(overrides), start, stop, checkpoints, resume, pairs, loss_chunk)
 
 
 def first_gradients(overrides: list[str]) -> dict[str, torch.Tensor]:

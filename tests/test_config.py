@@ -71,9 +71,11 @@ def run_cli(capsys, *args):
     (["train.warmup_steps=-1"], ["train.warmup_steps=-1 must be a whole number of 0 or more"]),
     (["train.lr=-1"], ["train.lr=-1.0 must be a finite number more than 0", "e.g. 0.001"]),
     (["parallel.tp=0"], ["parallel.tp=0 must be a whole number of 1 or more"]),
-    (["parallel.cp=2", "data.seq_len=18", "train.compile=true"],
+    (["parallel.cp=2", "data.seq_len=18", "train.compile=true", "parallel.pp=2",
+      "parallel.schedule=zero-bubble"],
      ["data.seq_len=18 does not split into 2 x parallel.cp=2 equal chunks",
-      "train.compile=true with parallel.cp=2"]),
+      "train.compile=true with parallel.cp=2", "parallel.schedule=zero-bubble with "
+      "parallel.cp=2"]),
     (["parallel.cp=2", "parallel.tp=4", "data.seq_len=20"],
      ["data.seq_len=20 / parallel.cp=2 = 10 tokens per rank is not divisible by parallel.tp=4",
       "multiple of 16"]),

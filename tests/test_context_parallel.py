@@ -100,3 +100,14 @@ def test_a_cp2_tp2_checkpoint_resumes_in_other_layouts_and_back(tmp_path, refere
     losses = first["losses"] + middle["losses"] + last["losses"]
     assert losses == pytest.approx(want["losses"], rel=1e-5)
     assert last["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [[], ["parallel.pp=2", "parallel.schedule=zero-bubble"]],
+                         ids=["1x1x1", "pp2-zero-bubble"])
+def test_a_loss_over_chunks_of_five_tokens_trains_as_the_whole_logits_do(references,
+                                                                         overrides):
+    """The loss makes the logits of a few tokens at a time (recomputed in the backward
+    pass): the run of the whole logits, in one process and through a pipeline schedule
+    that splits the backward pass in two."""
+    run = run_parallel if overrides else run_single
+    assert_same_run(run(overrides, loss_chunk=5), references["plain"][0])

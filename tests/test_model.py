@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from raytron.model.gpt import GPT, IGNORE, GPTShape, cross_entropy, llama_ffn_hidden
 
@@ -97,3 +98,44 @@ def test_the_loss_skips_tokens_that_are_not_learned():
     by_hand = -(logits[0, 0].log_softmax(-1)[5] + logits[0, 2].log_softmax(-1)[7])
     torch.testing.assert_close(cross_entropy(logits, labels, reduction="sum"), by_hand)
     torch.testing.assert_close(cross_entropy(logits, labels), by_hand / 2)
+
+
+def test_the_chunked_loss_equals_the_whole_one_and_keeps_no_logits():
+    """Values and gradients of each row's loss, chunk by chunk (chunks that split rows,
+    a short last one) or all at once; what autograd keeps for the backward pass: the
+    whole logits (22 MB here) against the hidden states and labels of the chunks."""
+    from torch import nn
+
+    from raytron.model.gpt import row_losses
+
+    def kept_bytes(hidden, chunk):
+        storages = {}
+
+        def pack(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            return row_losses(hidden, head, labels, chunk), sum(storages.values())
+
+    torch.manual_seed(0)
+    head = nn.Linear(64, 5000, bias=False)
+    labels = torch.randint(0, 5000, (2, 512))
+    labels[0, :10] = IGNORE
+    runs = []
+    for chunk in (None, 300):
+        hidden = torch.randn(2, 512, 64, generator=torch.Generator().manual_seed(1),
+                             requires_grad=True)
+        head.zero_grad()
+        losses, kept = kept_bytes(hidden, chunk)
+        (losses * torch.tensor([1.0, 2.0])).sum().backward()
+        runs.append((losses.detach(), hidden.grad, head.weight.grad.clone(), kept))
+    (whole, *whole_grads, whole_kept), (chunked, *chunked_grads, chunked_kept) = runs
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=0)
+    for got, want in zip(chunked_grads, whole_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max())
+    assert whole_kept > 2 * 512 * 5000 * 4 > 50 * chunked_kept
+    by_hand = F.cross_entropy(head(torch.randn(2, 512, 64, generator=torch.Generator()
+                                               .manual_seed(1))).flatten(0, 1),
+                              labels.flatten(), ignore_index=IGNORE, reduction="none")
+    torch.testing.assert_close(whole, by_hand.view(2, 512).sum(1).detach())

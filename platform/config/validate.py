@@ -173,6 +173,11 @@ def context_parallel_problems(config: RaytronConfig) -> list[str]:
                         f"tokens per rank is not divisible by parallel.tp={p.tp}, which "
                         f"sequence parallelism splits them over. Fix: use a multiple of "
                         f"{2 * p.cp * p.tp}, or parallel.sequence_parallel=false.")
+    if p.pp > 1 and p.schedule == "zero-bubble":
+        problems.append(f"parallel.schedule=zero-bubble with parallel.cp={p.cp}: the schedule "
+                        "splits each backward pass in two, and ring attention's backward then "
+                        "trains other gradients than one process (measured). Fix: use 1f1b, "
+                        "interleaved-1f1b or gpipe.")
     if config.train.compile:
         problems.append(f"train.compile=true with parallel.cp={p.cp}: ring attention passes "
                         "key/value blocks between ranks inside each layer, which torch.compile "

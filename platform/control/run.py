@@ -180,9 +180,10 @@ def run_page(tracking: RunTracking, run_id: str) -> str:
 def layout_summary(c: RaytronConfig) -> str:
     """The layout the run asks for: "pp=1 dp=2 tp=1 on 2 worker(s)", or its elastic range."""
     p, workers = c.parallel, c.cluster.workers
-    size = (f"dp=auto tp={p.tp} on up to {workers} worker(s), elastic: dp from "
+    tp = f"cp={p.cp} tp={p.tp}" if p.cp > 1 else f"tp={p.tp}"
+    size = (f"dp=auto {tp} on up to {workers} worker(s), elastic: dp from "
             f"{c.faults.min_dp} to {Layout.of(c).dp}") if p.dp == AUTO \
-        else f"dp={p.dp} tp={p.tp} on {workers} worker(s)"
+        else f"dp={p.dp} {tp} on {workers} worker(s)"
     return f"pp={p.pp} {size}"
 
 

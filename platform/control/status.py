@@ -25,7 +25,8 @@ def describe_run(run_dir: str) -> str:
     config = read_run_config(folder)
     p = config.parallel
     lines = [f"run          {config.run.name} ({folder.resolve()})",
-             f"layout       pp={p.pp} dp={p.dp} tp={p.tp} on {config.cluster.workers} "
+             f"layout       pp={p.pp} dp={p.dp}{f' cp={p.cp}' if p.cp > 1 else ''} tp={p.tp} "
+             f"on {config.cluster.workers} "
              f"worker(s), schedule {p.schedule}"]
     lines.append(checkpoint_line(config.checkpoint.dir, config.checkpoint.keep_last,
                                  config.train.steps))

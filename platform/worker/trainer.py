@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from raytron.model.attention import Documents
-from raytron.model.gpt import GPT, IGNORE, cross_entropy
+from raytron.model.gpt import GPT, IGNORE
 from raytron.model.materialize import materialize
 from raytron.model.parallelize import ParallelOptions, parallelize
 from raytron.model.pipeline import (
@@ -268,12 +268,14 @@ class Trainer:
             return batch
         return batch.context_shard(self.layout.cp, self.coordinates["cp"])
 
-    def scaled_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The summed loss of some rows times `loss_scale` (the gradients of the replicas'
-        and context shards' ranks are averaged, hence the factor dp x cp): the gradients
-        of all micro-batches of all ranks then add up to the gradient of the global
-        batch's mean loss."""
-        return cross_entropy(logits, labels, reduction="sum") * self.loss_scale
+    def scaled_loss(self, row_losses: torch.Tensor, labels: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """The summed loss of some rows (the model's output given labels) times
+        `loss_scale` (the gradients of the replicas' and context shards' ranks are
+        averaged, hence the factor dp x cp): the gradients of all micro-batches of all
+        ranks then add up to the gradient of the global batch's mean loss. `labels`: what
+        a pipeline schedule passes beside, already in the model's loss."""
+        return row_losses.sum() * self.loss_scale
 
     def start_at(self, step: int) -> None:
         """Continue after `step` optimizer steps (after loading a checkpoint, too), with the
@@ -289,8 +291,7 @@ class Trainer:
         for index, micro in enumerate(micro_batches):
             self.sync_gradients(index == len(micro_batches) - 1)
             with self.context():
-                loss = self.scaled_loss(self.parts[0](micro.inputs, **micro.per_token()),
-                                        micro.labels)
+                loss = self.scaled_loss(self.outputs(micro, losses=True))
                 loss.backward()
             total += whole_value(loss).detach()
         return total / self.layout.batch_ranks
@@ -307,7 +308,7 @@ class Trainer:
             with self.context():
                 self.schedule.step(*([rows.inputs] if self.first else []), losses=losses,
                                    **({"target": rows.labels} if self.last else {}),
-                                   **rows.per_token())
+                                   **rows.per_token(), labels=rows.labels)
             if self.last:
                 total += torch.stack([whole_value(x).detach() for x in losses]).sum()
         self.busy.stop()
@@ -335,10 +336,9 @@ class Trainer:
         with self.evaluating():
             for micro in batch.split(self.config.train.micro_batch):
                 with self.context():
-                    logits = self.logits(micro)
-                    if logits is not None:
-                        loss = cross_entropy(logits, micro.labels, reduction="sum")
-                        total += whole_value(loss) / batch.target_count
+                    losses = self.outputs(micro, losses=True)
+                    if losses is not None:
+                        total += whole_value(losses).sum() / batch.target_count
         return self.sum_over_replicas(self.sum_over_stages(total))
 
     @contextlib.contextmanager
@@ -353,19 +353,21 @@ class Trainer:
             for part in self.parts:
                 part.train()
 
-    def logits(self, micro: Sequences) -> torch.Tensor | None:
-        """A forward pass of the whole model: the logits on the ranks holding the last
-        stage (a DTensor under tensor parallelism), None on the others."""
+    def outputs(self, micro: Sequences, losses: bool = False) -> torch.Tensor | None:
+        """A forward pass of the whole model: on the ranks holding the last stage the
+        logits (a DTensor under tensor parallelism), or with `losses` each row's summed
+        loss (the logits never all at once); None on the others."""
+        kwargs = {**micro.per_token(), **({"labels": micro.labels} if losses else {})}
         if self.schedule is None:
-            return self.parts[0](micro.inputs, **micro.per_token())
-        return self.pipeline_forward(micro)
+            return self.parts[0](micro.inputs, **kwargs)
+        return self.pipeline_forward(micro, kwargs)
 
     def whole_logits(self, micro: Sequences) -> torch.Tensor | None:
         """The logits of whole sequences, whole over the vocabulary too: on the ranks
         holding the last stage, gathered from the context-parallel group (collective),
         None on the others."""
         cp = self.layout.cp
-        logits = self.logits(self.local(micro))
+        logits = self.outputs(self.local(micro))
         if logits is None:
             return None
         logits = whole_value(logits)
@@ -378,16 +380,16 @@ class Trainer:
             whole[:, shard_indices(whole.shape[1], cp, rank).to(whole.device)] = shard
         return whole
 
-    def pipeline_forward(self, micro: Sequences) -> torch.Tensor | None:
-        """Forward-only through the stages (no schedule): the logits on the rank holding
-        the last stage, None on the others."""
+    def pipeline_forward(self, micro: Sequences, kwargs: dict) -> torch.Tensor | None:
+        """Forward-only through the stages (no schedule), each given `kwargs`: the last
+        stage's output on the rank holding it, None on the others."""
         p, tp = self.config.parallel, self.layout.tp
         seq = micro.inputs.shape[1] // (tp if p.sequence_parallel and tp > 1 else 1)
         return forward_only(
             dict(zip(self.stage_ids, self.parts, strict=True)), self.n_stages,
             self.layout.stage_owner, self.coordinates["pp"],
             self.mesh["pp"].get_group(), micro.inputs,
-            (len(micro), seq, self.config.model.d_model), micro.per_token())
+            (len(micro), seq, self.config.model.d_model), kwargs)
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         """The gradient norm over every parameter of every rank; clipped to `max_norm`."""
