@@ -156,8 +156,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> 
     if kernel is Kernel.RING:
         from raytron.model.ring_attention import ring_attention
 
-        return ring_attention(q, k, v, mask.order, mask.order, mask.group, mask.documents,
-                              mask.documents)
+        return ring_attention(q, k, v, mask.group, mask.order, mask.documents)
     if kernel is Kernel.FLEX:
         return flex(q, k, v, mask)
     return sdpa(q, k, v, mask)

@@ -1,6 +1,7 @@
 """Ring attention on gloo against one process's attention over the whole sequence: the
 outputs and the gradients of q, k and v, for 2 and 4 context-parallel ranks, grouped
-queries, causal and packed-sample (document) masks, head-and-tail sharding."""
+queries, causal and packed-sample (document) masks, head-and-tail sharding, with each
+block kernel."""
 
 from __future__ import annotations
 
@@ -44,14 +45,17 @@ def reference(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"out": out.detach(), "q": q.grad, "k": k.grad, "v": v.grad}
 
 
-def on_rank(documents: bool) -> bool:
+def on_rank(documents: bool, flash: bool) -> bool:
+    from raytron.model import ring_attention as ring
+
+    ring.flash_on = lambda device: flash  # the CPU's flash kernel, or the scores' math
     cp, rank = dist.get_world_size(), dist.get_rank()
     tensors, expected = whole(documents), reference(whole(documents))
     mine = shard_indices(SEQ, cp, rank)
     q, k, v = (tensors[n][:, :, mine].clone().requires_grad_() for n in ("q", "k", "v"))
     positions = mine.expand(BATCH, -1)
     ids = tensors["documents"][:, mine] if documents else None
-    out = ring_attention(q, k, v, positions, positions, dist.group.WORLD, ids, ids)
+    out = ring_attention(q, k, v, dist.group.WORLD, positions, ids)
     (out * tensors["weight"][:, :, mine]).sum().backward()
     for name, got in (("out", out), ("q", q.grad), ("k", k.grad), ("v", v.grad)):
         torch.testing.assert_close(got, expected[name][:, :, mine], rtol=1e-5, atol=1e-6,
@@ -59,10 +63,12 @@ def on_rank(documents: bool) -> bool:
     return True
 
 
-@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize(("cp", "flash"), [(2, True), (4, True), (4, False)],
+                         ids=["cp2-flash", "cp4-flash", "cp4-scores"])
 @pytest.mark.parametrize("documents", [False, True], ids=["causal", "documents"])
-def test_ring_attention_equals_attention_over_the_whole_sequence(cp, documents):
-    assert run_on_gloo(cp, on_rank, documents)
+def test_ring_attention_equals_attention_over_the_whole_sequence(cp, flash, documents):
+    """Either block kernel: the CPU's flash kernel, or the float32 scores used elsewhere."""
+    assert run_on_gloo(cp, on_rank, documents, flash)
 
 
 def test_head_and_tail_shards_cover_the_sequence_once_with_even_causal_work():
