@@ -1,6 +1,7 @@
 """Throughput of raytron's parallel layouts on this machine, one thread per rank.
 
-    python bench/parallel.py            # ~10 minutes on 2 cores; writes docs/benchmarks.md
+    python bench/parallel.py            # ~15 minutes on 2 cores; writes docs/benchmarks.md
+    python bench/parallel.py context    # part 5 alone, ~5 minutes
 
 1. Platform overhead: tokens/s of `raytron train` (1x1x1, Ray, DataFeeder, MLflow) over
    tokens/s of a bare PyTorch loop over the same model and batch shapes in one process.
@@ -9,6 +10,8 @@
 3. tp=2 and dp=2 tokens/s over 1x1x1 tokens/s, with the same two cores.
 4. Compiled blocks and full / selective recomputation over the eager run without
    recomputation: tokens/s and peak memory.
+5. Context parallelism: tokens/s and the memory a step adds per rank at sequences of
+   2k, 8k and 16k tokens, cp 1, 2 and 4, over cp=1 at the same length.
 """
 
 from __future__ import annotations
@@ -126,11 +129,79 @@ def raytron_train_tokens_per_s(overrides: list[str]) -> float:
         return statistics.median(m.value for m in history if m.step > WARMUP)
 
 
+CONTEXT_MODEL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4",
+                 "model.n_kv_heads=4", "model.ffn_hidden=192", "model.vocab_size=256",
+                 "train.global_batch=1", "train.micro_batch=1"]
+
+
+def context_rank(overrides: list[str]) -> tuple[float, float, float]:
+    """(tokens/s, peak resident GB, GB the steps add to what the rank held before them)
+    of one context-parallel rank, the busiest of its group."""
+    from raytron.platform.worker.hardware import memory_peaks
+
+    torch.set_num_threads(1)
+    cfg = config(CONTEXT_MODEL + overrides)
+    layout = Layout.of(cfg)
+    trainer = Trainer(cfg, layout, torch.device("cpu"), build_mesh(layout, "cpu"))
+    tokens = torch.randint(0, 256, (1, cfg.data.seq_len + 1),
+                           generator=torch.Generator().manual_seed(0))
+    before = memory_peaks(torch.device("cpu"))["peak"]  # starts the peak's count again
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        trainer.train_step(Sequences.of(Batch.of(list(tokens.numpy())), torch.device("cpu")))
+        times.append(time.perf_counter() - started)
+    peak = memory_peaks(torch.device("cpu"))["peak"]
+    mine = (cfg.data.seq_len / statistics.median(times[1:]), peak, peak - before)
+    if not torch.distributed.is_initialized():
+        return mine
+    every: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, mine)
+    return max(every, key=lambda row: row[2])
+
+
+def context_rows() -> list[list[str]]:
+    rows = []
+    for seq_len in (2048, 8192, 16384):
+        base = None
+        for cp in (1, 2, 4):
+            speed, peak, added = run_on_gloo(cp, context_rank, [f"data.seq_len={seq_len}",
+                                                                f"parallel.cp={cp}"])
+            base = base or (speed, added)
+            rows.append([f"{seq_len:,}", str(cp), f"{speed:,.0f}", f"{speed / base[0]:.2f}",
+                         f"{peak:.2f}", f"{added:.3f}", f"{added / base[1]:.2f}",
+                         f"{1 / cp:.2f}"])
+    return rows
+
+
+def context_section(rows: list[list[str]]) -> str:
+    with torch.device("meta"):
+        params = GPT(gpt_shape(config(CONTEXT_MODEL).model)).num_params()
+    table = markdown_table(["tokens", "cp", "tokens/s", "÷ cp=1", "peak RSS GB per rank",
+                            "GB a step adds per rank", "÷ cp=1", "1/cp"], rows)
+    return f"""### Context parallelism (`python bench/parallel.py context`)
+
+On {machine()}; one thread per rank, gloo between ranks (cp=4 puts 4 ranks on the 2
+cores). Model: {params / 1e3:.0f}k parameters (`{' '.join(CONTEXT_MODEL)}`), one
+sequence per step split over the cp ranks, fp32, AdamW; the median of 2 steps after 1
+of warm-up. Memory is the busiest rank's: its peak resident set during the steps, and
+what the steps added to what it held before them (activations, the ring's blocks,
+gradients and AdamW state, a share of which FSDP puts on each cp rank).
+
+{table}
+"""
+
+
 def ratio_row(name: str, value: float, base: float, bound: str = "") -> list[str]:
     return [name, f"{value:,.0f}", f"{value / base:.2f}", bound]
 
 
 def main() -> None:
+    if sys.argv[1:] == ["context"]:
+        body = context_section(context_rows())
+        print(body)
+        write_section("parallel-context", body)
+        return
     batch = ["train.global_batch=16"]
     bare = bare_loop_tokens_per_s(batch)
     platform = raytron_train_tokens_per_s(batch)
@@ -206,6 +277,9 @@ the same in every row, so the differences are activations and compiled code):
 """
     print(body)
     write_section("parallel", body)
+    context = context_section(context_rows())
+    print(context)
+    write_section("parallel-context", context)
 
 
 if __name__ == "__main__":
