@@ -36,17 +36,17 @@ def test_plan_refuses_what_does_not_fit(capsys):
 
 
 def test_plan_says_which_context_parallelism_a_long_sequence_needs(capsys):
-    """llama-1b at 128k tokens on 80 GB devices: 266 GB on one; cp=4 splits each sequence
-    (its activations and, FSDP sharding over dp x cp, its weights) into 66 GB."""
+    """llama-1b at 128k tokens on 80 GB devices: 232 GB on one; cp=4 splits each sequence
+    (its activations and, FSDP sharding over dp x cp, its weights) into 58 GB."""
     long = ["data.seq_len=131072", "train.global_batch=8", "train.micro_batch=1",
             "cluster.device_memory_gb=80"]
     assert main(["plan", "llama-1b", *long]) == EXIT_CONFIG_ERROR
     out = capsys.readouterr().out
-    assert "parallel.cp=4 splits each sequence so that it fits: 66.4 GB" in out
+    assert "parallel.cp=4 splits each sequence so that it fits: 58.4 GB" in out
     one = make_plan(load_config("llama-1b", long[:-1]))
     four = make_plan(load_config("llama-1b", [*long[:-1], "parallel.cp=4"]))
-    assert four.busiest.memory.activations == pytest.approx(
-        one.busiest.memory.activations / 4, rel=1e-6)
+    assert four.busiest.memory.activations == pytest.approx(  # the loss's chunk aside
+        one.busiest.memory.activations / 4, rel=0.01)
     assert four.busiest.memory.held == pytest.approx(one.busiest.memory.held / 4, rel=1e-3)
     # each device sends its k and v share round the ring: 3 times forward in bf16, 4 times
     # backward with fp32 gradients; 16 layers, 8 sequences of 32k tokens per device
@@ -54,6 +54,17 @@ def test_plan_says_which_context_parallelism_a_long_sequence_needs(capsys):
     assert four.ring_bytes == pytest.approx(16 * 8 * kv * (3 * 2 + 4 * (2 + 4)))
     assert main(["plan", "llama-1b", *long, "parallel.cp=4"]) == 0
     assert "32768 tokens of each sequence per device (cp=4)" in capsys.readouterr().out
+    # the docs' long-context layouts: llama-1b at 32k over cp=2, Llama 3.1 8B at 128k
+    # over its tp=8 and cp=4
+    assert make_plan(load_config("llama-1b", [
+        "data.seq_len=32768", "train.global_batch=32", "train.micro_batch=1",
+        "parallel.cp=2"])).busiest.memory.total == pytest.approx(35.7 * GB, abs=0.05 * GB)
+    eight = ["data.seq_len=131072", "train.global_batch=16", "cluster.device_memory_gb=80"]
+    assert main(["plan", "llama3.1-8b", *eight]) == EXIT_CONFIG_ERROR
+    assert "parallel.cp=2 splits each sequence so that it fits: 74.9 GB" in \
+        capsys.readouterr().out
+    assert make_plan(load_config("llama3.1-8b", [*eight, "parallel.cp=4"])
+                     ).busiest.memory.total == pytest.approx(37.4 * GB, abs=0.05 * GB)
 
 
 def test_stage_split_and_bubble_formulas():
