@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -102,6 +103,13 @@ def run_single(overrides: list[str] = (), start: int = 0, stop: int = 6,
                pairs: list | None = None, loss_chunk: int | None = None) -> dict:
     """The reference: the same run in this process, no process group, no parallelism."""
     return train(list(overrides), start, stop, checkpoints, resume, pairs, loss_chunk)
+
+
+def assert_same_run(got: dict, want: dict) -> None:
+    """Losses and validation loss within 1e-5, gradient norms within 1e-4, relative."""
+    assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
+    assert got["norms"] == pytest.approx(want["norms"], rel=1e-4)
+    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
 
 
 def first_gradients(overrides: list[str]) -> dict[str, torch.Tensor]:

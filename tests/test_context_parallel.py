@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from parallel_harness import (
+    assert_same_run,
     final_parameters,
     first_gradients,
     parallel_gradients,
@@ -43,12 +44,6 @@ def references(tmp_path_factory) -> dict:
         runs[name] = run_single(overrides, checkpoints=checkpoints), \
             final_parameters(checkpoints, 6)
     return runs
-
-
-def assert_same_run(got: dict, want: dict) -> None:
-    assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
-    assert got["norms"] == pytest.approx(want["norms"], rel=1e-4)
-    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)

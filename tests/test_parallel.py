@@ -6,7 +6,7 @@ which also proves checkpoints load across layouts."""
 import pytest
 import torch
 
-from parallel_harness import final_parameters, run_parallel, run_single
+from parallel_harness import assert_same_run, final_parameters, run_parallel, run_single
 
 LAYOUTS = {
     "dp2-fsdp": ["parallel.dp=2"],
@@ -37,12 +37,6 @@ def reference_checkpoints(tmp_path_factory):
 def reference(reference_checkpoints):
     result, checkpoints = reference_checkpoints
     return result, final_parameters(checkpoints, 6)
-
-
-def assert_same_run(got: dict, want: dict) -> None:
-    assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
-    assert got["norms"] == pytest.approx(want["norms"], rel=1e-4)
-    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
