@@ -67,22 +67,19 @@ def test_compiled_and_recomputed_steps_equal_eager_ones(reference, overrides):
     assert_same_run(run(overrides), reference[0])
 
 
-@pytest.mark.parametrize("resume_as", [["parallel.tp=2"], ["parallel.pp=2"], []],
-                         ids=["1x1x2", "2x1x1", "1x1x1"])
-def test_a_1x2x2_checkpoint_resumes_in_other_layouts(tmp_path, reference, resume_as):
-    """1x2x2 trains 3 steps and checkpoints; another layout resumes for 3 more and must
-    continue exactly like the uninterrupted single-process run."""
+def test_a_1x2x2_checkpoint_resumes_in_other_layouts(tmp_path, reference):
+    """1x2x2 trains 3 steps and checkpoints; 1x1x2, 2x1x1 and 1x1x1 each resume from the
+    checkpoint the layout before wrote and train one more: the losses continue exactly
+    like the uninterrupted single-process run."""
     want, _ = reference
-    checkpoints = tmp_path / "checkpoints"
-    first = run_parallel(["parallel.dp=2", "parallel.tp=2"], stop=3,
-                         checkpoints=checkpoints)
+    first = run_parallel(["parallel.dp=2", "parallel.tp=2"], stop=3, checkpoints=tmp_path)
     assert first["losses"] == pytest.approx(want["losses"][:3], rel=1e-5)
-    if resume_as:
-        resumed = run_parallel(resume_as, start=3, stop=6, checkpoints=checkpoints,
-                               resume=True)
-    else:
-        resumed = run_single([], start=3, stop=6, checkpoints=checkpoints, resume=True)
-    assert resumed["losses"] == pytest.approx(want["losses"][3:], rel=1e-5)
+    losses = []
+    for step, layout in ((3, ["parallel.tp=2"]), (4, ["parallel.pp=2"]), (5, [])):
+        run = run_parallel if layout else run_single
+        resumed = run(layout, start=step, stop=step + 1, checkpoints=tmp_path, resume=True)
+        losses += resumed["losses"]
+    assert losses == pytest.approx(want["losses"][3:], rel=1e-5)
     assert resumed["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
 
 

@@ -63,8 +63,8 @@ def on_rank(documents: bool, flash: bool) -> bool:
     return True
 
 
-@pytest.mark.parametrize(("cp", "flash"), [(2, True), (4, True), (4, False)],
-                         ids=["cp2-flash", "cp4-flash", "cp4-scores"])
+@pytest.mark.parametrize(("cp", "flash"), [(4, True), (2, False)],
+                         ids=["cp4-flash", "cp2-scores"])
 @pytest.mark.parametrize("documents", [False, True], ids=["causal", "documents"])
 def test_ring_attention_equals_attention_over_the_whole_sequence(cp, flash, documents):
     """Either block kernel: the CPU's flash kernel, or the float32 scores used elsewhere."""
