@@ -188,8 +188,8 @@ class RingAttention(torch.autograd.Function):
             requests, incoming = ring.start(block) if step < ring.size - 1 else ([], [])
             queries, keys, mask = ring.block_mask(step, q.shape[2], block, positions,
                                                   documents)
-            part = block_forward(q[:, :, queries], expanded(block[0], heads)[:, :, keys],
-                                 expanded(block[1], heads)[:, :, keys], mask)
+            part = block_forward(q[:, :, queries], expanded(block[0][:, :, keys], heads),
+                                 expanded(block[1][:, :, keys], heads), mask)
             out[:, :, queries], lse[:, :, queries] = merged(
                 out[:, :, queries], lse[:, :, queries], *part)
             wait(requests)
@@ -213,7 +213,7 @@ class RingAttention(torch.autograd.Function):
                                                   documents)
             dq, dk, dv = block_backward(
                 grad_out[:, :, queries], q[:, :, queries],
-                expanded(block[0], heads)[:, :, keys], expanded(block[1], heads)[:, :, keys],
+                expanded(block[0][:, :, keys], heads), expanded(block[1][:, :, keys], heads),
                 out[:, :, queries], lse[:, :, queries], mask)
             grad_q[:, :, queries] += dq
             grad_kv[0][:, :, keys] += grouped_sum(dk, kv_heads)

@@ -17,6 +17,7 @@ from raytron.platform.storage.tracking import (
     quiet_mlflow,
     run_url,
     saved_tracking_uri,
+    sizes_text,
 )
 
 
@@ -49,7 +50,7 @@ def checkpoint_line(directory: str, keep_last: int, steps: int) -> str:
     saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta.get("time", 0)))
     layout = meta.get("layout", {})
     return (f"checkpoint   step {committed[-1]} of {steps}, saved {saved} by "
-            f"{' '.join(f'{name}={size}' for name, size in layout.items())}; "
+            f"{sizes_text(layout)}; "
             f"committed: {', '.join(map(str, committed))} in {directory}")
 
 

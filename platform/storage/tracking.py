@@ -173,12 +173,21 @@ def with_item(note: str, item: str) -> str:
     return f"{head[:NOTE_LIMIT - len(item) - 2]}\n\n" + "\n".join(kept)
 
 
+SIZE_NAMES = ("pp", "dp", "cp", "tp")  # what `Layout.sizes()` records, in its order
+
+
+def sizes_text(sizes: dict) -> str:
+    """"pp=1 dp=2 cp=2 tp=1" from `Layout.sizes()` or what a checkpoint recorded of it:
+    only those names, and only whole numbers (a checkpoint's file is data)."""
+    return " ".join(f"{name}={sizes[name]}" for name in SIZE_NAMES
+                    if isinstance(sizes.get(name), int))
+
+
 def layout_text(layout: dict[str, int]) -> str:
     """"pp=1 dp=2 tp=1 (2 workers)" (with cp=N before tp where it is given): the
     `raytron.layout` tag."""
     workers = layout["workers"]
-    sizes = " ".join(f"{name}={size}" for name, size in layout.items() if name != "workers")
-    return f"{sizes} ({workers} worker{'s' if workers != 1 else ''})"
+    return f"{sizes_text(layout)} ({workers} worker{'s' if workers != 1 else ''})"
 
 
 def launch_text(start: int, layout: dict[str, int], startup: dict[str, float]) -> str:
