@@ -75,7 +75,7 @@ def run_cli(capsys, *args):
       "parallel.schedule=zero-bubble"],
      ["data.seq_len=18 does not split into 2 x parallel.cp=2 equal chunks",
       "train.compile=true with parallel.cp=2", "parallel.schedule=zero-bubble with "
-      "parallel.cp=2"]),
+      "parallel.dp_shard=full over 2 ranks", "parallel.dp_shard=grad-op"]),
     (["parallel.cp=2", "parallel.tp=4", "data.seq_len=20"],
      ["data.seq_len=20 / parallel.cp=2 = 10 tokens per rank is not divisible by parallel.tp=4",
       "multiple of 16"]),

@@ -1,8 +1,8 @@
 """Context parallelism (parallel.cp) against the single-process run of the same model,
 data and seed, on gloo: losses, gradient norms, validation loss and final parameters,
-alone and beside tp (sequence parallel), dp (FSDP and DDP) and pp (1F1B, interleaved),
-with packed samples that must not see each other, with recomputation; and checkpoints
-that move between cp and other layouts. Ring attention itself is tested in
+alone and beside tp (sequence parallel), dp (FSDP and DDP) and pp (1F1B, interleaved,
+zero-bubble), with packed samples that must not see each other, with recomputation; and
+checkpoints that move between cp and other layouts. Ring attention itself is tested in
 tests/test_ring_attention.py."""
 
 import pytest
@@ -29,6 +29,9 @@ LAYOUTS = {
     "cp2-pp2-1f1b-samples": ["parallel.cp=2", "parallel.pp=2", *SAMPLES],
     "cp2-pp2-interleaved": ["parallel.cp=2", "parallel.pp=2",
                             "parallel.schedule=interleaved-1f1b"],
+    "cp2-pp2-zero-bubble-grad-op-samples": ["parallel.cp=2", "parallel.pp=2",
+                                            "parallel.schedule=zero-bubble",
+                                            "parallel.dp_shard=grad-op", *SAMPLES],
     "pp2-cp2-tp2-selective-recompute-samples": [
         "parallel.pp=2", "parallel.cp=2", "parallel.tp=2",
         "train.activation_checkpointing=selective", *SAMPLES],

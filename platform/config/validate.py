@@ -173,11 +173,6 @@ def context_parallel_problems(config: RaytronConfig) -> list[str]:
                         f"tokens per rank is not divisible by parallel.tp={p.tp}, which "
                         f"sequence parallelism splits them over. Fix: use a multiple of "
                         f"{2 * p.cp * p.tp}, or parallel.sequence_parallel=false.")
-    if p.pp > 1 and p.schedule == "zero-bubble":
-        problems.append(f"parallel.schedule=zero-bubble with parallel.cp={p.cp}: the schedule "
-                        "splits each backward pass in two, and ring attention's backward then "
-                        "trains other gradients than one process (measured). Fix: use 1f1b, "
-                        "interleaved-1f1b or gpipe.")
     if config.train.compile:
         problems.append(f"train.compile=true with parallel.cp={p.cp}: ring attention passes "
                         "key/value blocks between ranks inside each layer, which torch.compile "
@@ -196,6 +191,15 @@ def pipeline_problems(config: RaytronConfig) -> list[str]:
         fix = (f"set train.micro_batch={fitting}" if fitting
                else "raise train.global_batch, or lower parallel.pp")
         problems.append(f"{shortfall}. Fix: {fix} (or change parallel.microbatches).")
+    if p.pp > 1 and p.schedule == "zero-bubble" and p.dp_shard == "full" \
+            and layout.shard_degree > 1:
+        problems.append(f"parallel.schedule=zero-bubble with parallel.dp_shard=full over "
+                        f"{layout.shard_degree} ranks (dp x cp): the schedule computes weight "
+                        "gradients in a pass of their own after the input gradients, which "
+                        "needs each block's gathered weights kept from its forward to that "
+                        "pass, and full sharding frees them after the forward. Fix: set "
+                        "parallel.dp_shard=grad-op (ZeRO-2) or none (DDP), or use another "
+                        "parallel.schedule.")
     if p.schedule == "interleaved-1f1b" and p.virtual_stages < 2:
         problems.append("interleaved-1f1b needs parallel.virtual_stages >= 2. Fix: set "
                         "parallel.virtual_stages=2, or use parallel.schedule=1f1b.")
