@@ -5,7 +5,9 @@ import pytest
 from raytron.platform.cli import EXIT_CONFIG_ERROR, main
 from raytron.platform.config.drills import LAST_RANK, Injection, parse_injections
 from raytron.platform.config.layout import Layout
+from raytron.platform.config.load import load_config
 from raytron.platform.control.capacity import Sizing
+from raytron.platform.control.supervisor import with_dp
 from raytron.platform.control.ray_train import failure_gist
 
 
@@ -48,6 +50,19 @@ def test_an_elastic_run_takes_only_sizes_that_keep_the_global_batch():
     assert sizing.candidates() == [4, 2, 1]  # 3 replicas cannot split 8 sequences evenly
     assert sizing.candidates(above=1) == [4, 2]
     assert Sizing(Layout(1, 6, 1), 2, 24, 4, {"CPU": 1}).candidates() == [6, 3, 2]
+
+
+def test_an_elastic_run_resizes_only_dp_and_keeps_each_replica_pp_cp_tp():
+    """A replica is pp x cp x tp workers: dp=auto fills the cluster with whole replicas, a
+    resize changes dp alone, and each tp group (cp of them per pipeline stage) is one
+    bundle that must share a node."""
+    config = load_config("tiny", ["parallel.dp=auto", "parallel.cp=2", "parallel.tp=2",
+                                  "cluster.workers=8"])
+    sizing = Sizing.of(config, gpus=0)
+    assert (sizing.max_dp, sizing.layout.world, sizing.layout.tp_groups) == (2, 8, 4)
+    shrunk = with_dp(config, 1)
+    assert (shrunk.parallel.cp, shrunk.parallel.tp, shrunk.cluster.workers) == (2, 2, 4)
+    assert Layout.of(shrunk).tp_groups == 2
 
 
 def test_failures_are_summarized_per_rank_with_coordinates():
