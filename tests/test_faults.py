@@ -7,8 +7,8 @@ from raytron.platform.config.drills import LAST_RANK, Injection, parse_injection
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.load import load_config
 from raytron.platform.control.capacity import Sizing
-from raytron.platform.control.supervisor import with_dp
 from raytron.platform.control.ray_train import failure_gist
+from raytron.platform.control.supervisor import with_dp
 
 
 def test_drills_parse():
