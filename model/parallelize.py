@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -56,12 +56,46 @@ ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
 
 def tensor_parallel_dim(name: str) -> int | None:
     """The dimension of parameter `name` that tensor parallelism splits; None for the
-    ones every rank of a tensor-parallel group holds whole (the norms). A column-parallel
-    layer's bias is split with its output features."""
+    ones every rank of a tensor-parallel group holds whole (the norms)."""
     module, kind = name.rsplit(".", 1)
-    if module in ("tok_embeddings", "output") or module.endswith(COLUMN_PARALLEL):
+    if module in ("tok_embeddings", "output"):
         return 0
-    return 1 if module.endswith(ROW_PARALLEL) and kind == "weight" else None
+    if module.endswith(COLUMN_PARALLEL):
+        return linear_split_dim("column", kind)
+    return linear_split_dim("row", kind) if module.endswith(ROW_PARALLEL) else None
+
+
+def linear_split_dim(kind: str, param: str) -> int | None:
+    """Which dim of a column- or row-parallel layer's `param` is split. Column-parallel:
+    the weight's, the bias's and a LoRA adapter's B's output rows (its A stays whole, as
+    the layer's input does). Row-parallel: the weight's and A's input columns (B and the
+    bias, which are applied after the partial sums, stay whole)."""
+    if kind == "column":
+        return None if param == "lora_a" else 0
+    return 1 if param in ("weight", "lora_a") else None
+
+
+class ColumnParallel(ColwiseParallel):
+    """ColwiseParallel that splits a LoRA adapter too (`linear_split_dim`)."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        split_linear(module, device_mesh, "column", self.src_data_rank)
+
+
+class RowParallel(RowwiseParallel):
+    """RowwiseParallel that splits a LoRA adapter too (`linear_split_dim`)."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        split_linear(module, device_mesh, "row", self.src_data_rank)
+
+
+def split_linear(module: nn.Module, mesh: DeviceMesh, kind: str, src_data_rank: int | None
+                 ) -> None:
+    for name, param in list(module.named_parameters()):
+        dim = linear_split_dim(kind, name)
+        split = distribute_tensor(param, mesh, [Replicate() if dim is None else Shard(dim)],
+                                  src_data_rank=src_data_rank)
+        module.register_parameter(name, nn.Parameter(split, requires_grad=param.requires_grad))
 
 
 def parallelize(model: GPT, tp_mesh: DeviceMesh | None, dp_mesh: DeviceMesh | None,
@@ -71,7 +105,10 @@ def parallelize(model: GPT, tp_mesh: DeviceMesh | None, dp_mesh: DeviceMesh | No
     share of the sequences and where they lie (`order`); FSDP's `dp_mesh` then spans
     the context-parallel ranks too."""
     if tp_mesh is not None and tp_mesh.size() > 1:
+        frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
         apply_tensor_parallel(model, tp_mesh, options)
+        for name, param in model.named_parameters():  # SequenceParallel's new parameters
+            param.requires_grad_(name not in frozen)  # all require gradients
     if cp_mesh is not None and cp_mesh.size() > 1:
         model.context_group = cp_mesh.get_group()
     if options.activation_checkpointing:
@@ -115,8 +152,8 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, options: ParallelOpti
                                                                    None, None)),
             "feed_forward": PrepareModuleInput(input_layouts=(between,),
                                                desired_input_layouts=(Replicate(),)),
-            **{name: ColwiseParallel() for name in COLUMN_PARALLEL},
-            **{name: RowwiseParallel(output_layouts=between) for name in ROW_PARALLEL},
+            **{name: ColumnParallel() for name in COLUMN_PARALLEL},
+            **{name: RowParallel(output_layouts=between) for name in ROW_PARALLEL},
         }
         if sp:
             plan["attention_norm"] = SequenceParallel()

@@ -125,7 +125,7 @@ def first_gradients(overrides: list[str]) -> dict[str, torch.Tensor]:
     trainer.loss_scale = layout.batch_ranks / mine.target_count
     trainer.accumulate(trainer.local(mine))
     return {plain_name(name): whole_value(param.grad).detach().clone()
-            for name, param in trainer.parts[0].named_parameters()}
+            for name, param in trainer.parts[0].named_parameters() if param.requires_grad}
 
 
 def parallel_gradients(overrides: list[str]) -> dict[str, torch.Tensor]:

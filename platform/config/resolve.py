@@ -9,6 +9,7 @@ import os
 
 from raytron.model.families import FAMILIES
 from raytron.model.gpt import GPTShape, llama_ffn_hidden
+from raytron.model.lora import LoraSpec
 from raytron.pipelines.sources import SAMPLE_FORMATS, sample_kind
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.rules import is_count
@@ -16,6 +17,7 @@ from raytron.platform.config.schema import (
     AUTO,
     RECOMPUTE_NAMED,
     DataConfig,
+    LoraConfig,
     ModelConfig,
     RaytronConfig,
 )
@@ -50,6 +52,13 @@ def model_fields(shape: GPTShape, family: str) -> dict:
     keys = {f.name for f in dataclasses.fields(ModelConfig)}
     return {**{k: v for k, v in dataclasses.asdict(shape).items()
                if k in keys and v is not None}, "family": family}
+
+
+def lora_spec(lora: LoraConfig) -> LoraSpec | None:
+    """The adapters `train.lora` asks for; None: none (the whole model trains)."""
+    if not lora.rank:
+        return None
+    return LoraSpec(lora.rank, lora.alpha, lora.dropout, tuple(dict.fromkeys(lora.targets)))
 
 
 def packs_samples(data: DataConfig) -> bool:

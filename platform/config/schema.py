@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from raytron.model.families import DEFAULT_FAMILY, FAMILIES
 from raytron.model.gpt import ROPE_SCALINGS
+from raytron.model.lora import TARGETS as LORA_TARGETS
 from raytron.model.parallelize import DP_SHARD_MODES
 from raytron.model.pipeline import SCHEDULES
 from raytron.pipelines.file_lists import ON_NEW_FILES
@@ -138,6 +139,20 @@ class ParallelConfig:
 
 
 @dataclass
+class LoraConfig:  # every key refused on resume (TrainConfig.lora)
+    # rank of each adapter's update; 0: no adapters (every weight trains). With a rank,
+    # the model's weights stay frozen and only the adapters train
+    rank: int = key(0, natural)
+    # the update is scaled by alpha / rank (PEFT's lora_alpha)
+    alpha: float = key(16.0, number())
+    # dropout on an adapter's input while training (PEFT's lora_dropout)
+    dropout: float = key(0.0, number(positive=False, below=1))
+    # the projections of each block that get an adapter: q, k, v, o, gate, up, down
+    targets: list[str] = key(list(LORA_TARGETS), a_list(non_empty=True),
+                             entries=one_of(tuple(LORA_TARGETS)))
+
+
+@dataclass
 class TrainConfig:
     # sequences per optimizer step, summed over data-parallel replicas
     global_batch: int = key(32, count(), APPLIED)
@@ -186,6 +201,9 @@ class TrainConfig:
                                 "k-th layer"), FREE)
     # torch.compile each transformer block (inductor; first steps slower)
     compile: bool = key(False, anything, FREE)
+    # LoRA adapters on a frozen model (train.lora.rank > 0 turns them on)
+    lora: LoraConfig = section(LoraConfig, refused(
+        "the adapters are the trained weights: their shape and where they sit are fixed"))
 
 
 @dataclass

@@ -18,6 +18,7 @@ import dataclasses
 import torch
 
 from raytron.model.gpt import GPT
+from raytron.model.lora import is_adapter
 from raytron.model.materialize import InitialValue, plain_name
 from raytron.pipelines.chat import ChatTemplate
 from raytron.platform.config.resolve import model_fields
@@ -91,7 +92,8 @@ def initial_weights(parts: list[GPT], init_from: str) -> InitialValue:
     the meta device or parallelized): the source's whole tensor, checked against the
     model (its vocabulary grown as `with_room_for` grew the model's)."""
     source = open_source(init_from)
-    names = {plain_name(name) for part in parts for name, _ in part.named_parameters()}
+    names = {plain_name(name) for part in parts for name, _ in part.named_parameters()
+             if not is_adapter(name)}
     weights = grown_vocabulary(source.read_weights(names | {"tok_embeddings.weight"}),
                                parts[0].shape.vocab_size)
     chosen = {}

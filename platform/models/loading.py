@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from raytron.model.generate import Generation, TextGenerator
 from raytron.model.gpt import GPT
+from raytron.model.lora import is_adapter
 from raytron.model.materialize import plain_name
 from raytron.model.sampling import Sampling
 from raytron.platform.config.schema import AUTO, ConfigError
@@ -86,10 +87,13 @@ def checked_weights(model: GPT, weights: dict[str, torch.Tensor], source: ModelS
     """The tensor of each parameter of `model` (a pipeline stage of it, possibly
     parallelized: names and shapes are the whole model's), or a ConfigError naming what
     is missing or does not fit. A tied head reads the embedding; one that sits on another
-    pipeline stage than the embedding takes it when the source holds no head."""
+    pipeline stage than the embedding takes it when the source holds no head. LoRA
+    adapters are no part of a base model: they keep their own start."""
     chosen, missing = {}, []
     for name, param in model.named_parameters():
         name = plain_name(name)
+        if is_adapter(name):
+            continue
         found = weights.get(name)
         if found is None and name == "output.weight" and model.shape.tie_embeddings:
             found = weights.get("tok_embeddings.weight")

@@ -28,6 +28,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from raytron.model.attention import Documents
 from raytron.model.gpt import GPT, IGNORE
+from raytron.model.lora import add_adapters, with_adapter_values
 from raytron.model.materialize import materialize
 from raytron.model.parallelize import ParallelOptions, parallelize
 from raytron.model.pipeline import (
@@ -40,7 +41,12 @@ from raytron.model.pipeline import (
 from raytron.model.ring_attention import shard_indices
 from raytron.pipelines.packing import Batch
 from raytron.platform.config.layout import Layout
-from raytron.platform.config.resolve import gpt_shape, recompute_every, selective_recompute
+from raytron.platform.config.resolve import (
+    gpt_shape,
+    lora_spec,
+    recompute_every,
+    selective_recompute,
+)
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.worker.hardware import autocast_dtype
 from raytron.platform.worker.optim import apply_hyperparameters, build_optimizer
@@ -172,8 +178,11 @@ class Trainer:
         initialized from the seed or from model.init_from: the same values whatever the
         layout."""
         p, train = self.config.parallel, self.config.train
+        lora = lora_spec(train.lora)
         with torch.device("meta"):
             whole = GPT(gpt_shape(self.config.model))
+            if lora:
+                add_adapters(whole, lora)
         n_stages = self.layout.stages
         stage_ids = self.layout.rank_stages(self.coordinates["pp"])
         if n_stages == 1:
@@ -197,6 +206,8 @@ class Trainer:
             from raytron.platform.models.initial import initial_weights
 
             initial = initial_weights(parts, self.config.model.init_from)
+        if lora:
+            initial = with_adapter_values(initial, train.seed)
         for part in parts:
             materialize(part, self.device, initial)
             part.init_rope()

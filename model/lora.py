@@ -1,0 +1,122 @@
+"""LoRA (Hu et al. 2021): a frozen base model and, on chosen projections, a trained
+low-rank update, y = x Wᵀ + (alpha / rank) · B A x, with A (rank × in) and B (out × rank).
+
+Added from outside the model, as the parallelisms are: `add_adapters` swaps the chosen
+`nn.Linear`s for `AdaptedLinear`s, which keep the base's parameter names (checkpoints,
+initial values and exports of the base are untouched) and gain `lora_a` and `lora_b`.
+B starts at zero, so the adapted model starts as the base exactly; A as PEFT's default
+(Kaiming-uniform). Tensor parallelism splits the adapters to match their base
+(model/parallelize.py): a column-parallel base's B by its output rows, a row-parallel
+base's A by its input columns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytron.model.gpt import name_seed
+from raytron.model.materialize import InitialValue
+
+# Short names users give (PEFT's target_modules for Llama, shortened) -> module paths in
+# a block, and the names Hugging Face Llama/Qwen checkpoints give the same projections.
+TARGETS = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv",
+           "o": "attention.wo", "gate": "feed_forward.w1", "up": "feed_forward.w3",
+           "down": "feed_forward.w2"}
+ADAPTER_PARAMS = ("lora_a", "lora_b")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = tuple(TARGETS)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class AdaptedLinear(nn.Linear):
+    """A linear layer whose weight (and bias) stay frozen, plus a low-rank update.
+    `adapter_on = False` gives the base alone (DPO's reference model, with no copy)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: LoraSpec,
+                 device: torch.device | None = None):
+        super().__init__(in_features, out_features, bias=bias, device=device)
+        self.lora_a = nn.Parameter(torch.empty(spec.rank, in_features, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, spec.rank, device=device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # training draws its own
+        self.scale = spec.scale
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout else nn.Identity()
+        self.adapter_on = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if not self.adapter_on:
+            return out
+        return out + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight with the update folded in (`raytron export --merge`)."""
+        return self.weight + self.scale * self.lora_b @ self.lora_a
+
+
+def add_adapters(model: nn.Module, spec: LoraSpec) -> nn.Module:
+    """`model` with each target projection of every block adapted (its weights kept)
+    and every other parameter frozen; on the meta device before parallelization."""
+    paths = tuple(TARGETS[target] for target in spec.targets)
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and name.endswith(paths):
+            parent_name, _, child = name.rpartition(".")
+            adapted = AdaptedLinear(module.in_features, module.out_features,
+                                    module.bias is not None, spec, module.weight.device)
+            adapted.weight, adapted.bias = module.weight, module.bias
+            model.get_submodule(parent_name).register_module(child, adapted)
+    freeze_base(model)
+    return model
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Only adapters train (tensor parallelism and FSDP keep `requires_grad`)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_adapter(name))
+
+
+def is_adapter(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ADAPTER_PARAMS
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return any(isinstance(module, AdaptedLinear) for module in model.modules())
+
+
+def with_adapter_values(initial: InitialValue, seed: int) -> InitialValue:
+    """`initial` for the base's parameters, and the adapters' own start, drawn from `seed`
+    and the name alone as the base's are (the same values in every layout). B: zeros,
+    so the adapted model starts as the base. A: Kaiming-uniform with a = √5 (PEFT's and
+    nn.Linear's default), uniform in ±1/√in."""
+    def value(name: str, shape: torch.Size) -> torch.Tensor:
+        if not is_adapter(name):
+            return initial(name, shape)
+        if name.endswith("lora_b"):
+            return torch.zeros(shape)
+        bound = 1 / math.sqrt(shape[1])
+        generator = torch.Generator().manual_seed(name_seed(seed, name))
+        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+    return value
+
+
+def adapters_on(model: nn.Module, on: bool) -> None:
+    for module in adapted_modules(model):
+        module.adapter_on = on
+
+
+def adapted_modules(model: nn.Module) -> Iterator[AdaptedLinear]:
+    return (module for module in model.modules() if isinstance(module, AdaptedLinear))
