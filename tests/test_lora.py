@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from parallel_harness import assert_same_run, batch, config, run_parallel, run_single
 from raytron.model.gpt import GPT
 from raytron.model.lora import TARGETS, LoraSpec, add_adapters, is_adapter
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import gpt_shape
 from raytron.platform.worker.trainer import Sequences, Trainer
+
+from parallel_harness import assert_same_run, batch, config, run_parallel, run_single
 
 LORA = ["train.lora.rank=4", "train.lora.alpha=8"]
 SPEC = LoraSpec(rank=4, alpha=8.0)
