@@ -13,6 +13,7 @@ from raytron.model.gpt import GPT
 from raytron.model.lora import TARGETS, LoraSpec, add_adapters, is_adapter
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import gpt_shape
+from raytron.platform.storage.checkpoint import CheckpointStore
 from raytron.platform.worker.trainer import Sequences, Trainer
 
 from parallel_harness import assert_same_run, batch, config, run_parallel, run_single
@@ -114,3 +115,13 @@ def test_adapter_layers_are_plain_linear_layers_for_everything_else():
     kinds = {type(m).__name__ for n, m in adapted.named_modules() if n.endswith("wq")}
     assert kinds == {"AdaptedLinear"} and isinstance(adapted.layers["0"].attention.wq, nn.Linear)
     assert type(adapted.layers["0"].attention.wk) is nn.Linear
+
+
+def test_checkpoints_hold_the_adapters_and_resume_in_another_layout(one_process, tmp_path):
+    """Written at tp2 with the adapters alone (and their optimizer state), resumed in one
+    process: the uninterrupted run's losses."""
+    run_parallel(LORA + ["parallel.tp=2"], stop=3, checkpoints=tmp_path)
+    saved = CheckpointStore(tmp_path, keep_last=10).read_model(3)
+    assert saved and all(is_adapter(name) for name in saved)
+    resumed = run_single(LORA, start=3, stop=6, checkpoints=tmp_path, resume=True)
+    assert resumed["losses"] == pytest.approx(one_process["losses"][3:], rel=1e-5)

@@ -22,6 +22,7 @@ from raytron.platform.control.console import Console
 from raytron.platform.control.run_log import LOG_FILE, RunLog
 from raytron.platform.control.settle import SettledRun, settle
 from raytron.platform.control.supervisor import Supervisor, not_retried
+from raytron.platform.models.lora_base import base_reference, record_base
 from raytron.platform.storage.checkpoint import CheckpointStore, CheckpointUnreadable
 from raytron.platform.storage.lease import RunLeases, run_folders
 from raytron.platform.storage.run_dir import RunPaths
@@ -56,7 +57,10 @@ def train_holding(config: RaytronConfig, leases: RunLeases, log: RunLog) -> int:
     paths.dir.mkdir(parents=True, exist_ok=True)
     saved = to_yaml(redacted(c))  # credentials never reach a file
     paths.config_file.write_text(saved)
-    CheckpointStore(paths.checkpoints, c.checkpoint.keep_last).claim(saved)
+    store = CheckpointStore(paths.checkpoints, c.checkpoint.keep_last)
+    store.claim(saved)
+    if c.train.lora.rank:
+        record_base(store, base_reference(c))
     run.tokenizer.save(str(paths.tokenizer_file))
     save_chat_template(run.spec.chat_template, paths.dir)
     tracking, run_id, reopened = open_tracking(run, last_start)

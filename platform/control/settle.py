@@ -36,6 +36,7 @@ from raytron.platform.config.validate import (
 from raytron.platform.control.corpus import stream_spec, train_tokenizer, with_tokenizer
 from raytron.platform.control.placement import node_resources, with_tokenizer_workers, worker_gpus
 from raytron.platform.models.initial import initial_chat_template, with_room_for
+from raytron.platform.models.lora_base import check_base
 from raytron.platform.models.sources import chat_template_of
 from raytron.platform.storage.checkpoint import CheckpointStore
 from raytron.platform.storage.run_dir import RunPaths, absolute, with_locations
@@ -80,6 +81,8 @@ def settle(config: RaytronConfig) -> SettledRun:
         saved = paths.saved_config() or owner  # as the run last started
         current = flatten(to_dict(redacted(config)))
         raise_problems(resume_problems(saved, current, config.run.name, committed[-1]))
+        if config.train.lora.rank:
+            check_base(store, config)
         applied = applied_changes(saved, current)
         spec = resumed_data(spec, store, committed, config.data.on_new_files)
     try:

@@ -75,11 +75,16 @@ class ModelSource:
     config: RaytronConfig | None = None  # the run's saved config (raytron sources)
 
     def read_weights(self, names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
-        """Whole tensors under raytron's names: those in `names`, or all."""
+        """Whole tensors under raytron's names: those in `names`, or all (a LoRA run's:
+        its base's with the adapters folded in)."""
         if self.kind == HUGGING_FACE:
             return read_hf_weights(self.path, self.shape, self.family, names)
         assert self.config is not None and self.step is not None
         store = CheckpointStore(self.config.checkpoint.dir, self.config.checkpoint.keep_last)
+        if self.config.train.lora.rank:  # adapters only: folded into the base
+            from raytron.platform.models.lora_base import merged_run_weights
+
+            return merged_run_weights(self.config, store, self.step, names)
         return store.read_model(self.step, names)
 
     def mlflow_run(self) -> tuple[str | None, str | None]:

@@ -58,6 +58,10 @@ PREFIX = "step_"
 RNG_FILE = "rng_rank{rank}.json"
 PICKLED_RNG_FILE = "rng_rank{rank}.pt"  # written by raytron before 0.2: never loaded
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)  # keyed by parameter name
+# A frozen parameter (a LoRA run's base) is read from its source, never saved; on load
+# every trained one is there (DCP raises for a key the checkpoint lacks), the frozen ones
+# are not: hence not strict.
+TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def step_of(folder: str) -> int | None:
@@ -265,7 +269,8 @@ class CheckpointStore:
                  planner=TensorsOnlyPlanner())
         for part, optimizer, (model_keys, optim_keys, groups) in zip(parts, optimizers, keys,
                                                                     strict=True):
-            set_model_state_dict(part, {k: state["model"][k] for k in model_keys})
+            set_model_state_dict(part, {k: state["model"][k] for k in model_keys},
+                                 options=TRAINED)
             loaded = {k: state["optim"][stored] for k, stored in optim_keys.items()}
             set_optimizer_state_dict(part, optimizer, {**loaded, **groups}, options=FLAT)
         if rng is not None:
@@ -377,7 +382,7 @@ def training_state(parts: list[torch.nn.Module], optimizers: list[torch.optim.Op
     optim_state: dict = {}
     keys = []
     for part, optimizer in zip(parts, optimizers, strict=True):
-        part_model = get_model_state_dict(part)
+        part_model = get_model_state_dict(part, options=TRAINED)
         part_optim = get_optimizer_state_dict(part, optimizer, options=FLAT)
         tensors = {k: v for k, v in part_optim.items() if isinstance(v, torch.Tensor)}
         groups = {k: v for k, v in part_optim.items() if k not in tensors}
