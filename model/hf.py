@@ -81,6 +81,32 @@ def to_hf(state: dict[str, torch.Tensor], shape: GPTShape, family: Family
     return converted
 
 
+PEFT_PREFIX = "base_model.model."
+PEFT_NAMES = {"lora_a": "lora_A", "lora_b": "lora_B"}
+
+
+def to_peft(adapters: dict[str, torch.Tensor], shape: GPTShape, family: Family
+            ) -> dict[str, torch.Tensor]:
+    """PEFT's state dict of LoRA adapters (`layers.<i>.attention.wq.lora_a` ->
+    `base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight`). B's rows are the
+    weight's output rows, permuted as the weight is for q and k; A's are not."""
+    converted = {}
+    for name, tensor in adapters.items():
+        module, kind = name.rsplit(".", 1)
+        heads = rotary_heads(name, shape) if kind == "lora_b" else None
+        target = hf_name(f"{module}.weight", family).removesuffix(".weight")
+        converted[f"{PEFT_PREFIX}{target}.{PEFT_NAMES[kind]}.weight"] = \
+            tensor if heads is None else pairs_to_halves(tensor, heads)
+    return converted
+
+
+def peft_target_modules(modules: list[str], family: Family) -> list[str]:
+    """PEFT's `target_modules` (q_proj, down_proj...) of raytron's module names."""
+    names = {family.layer_names[f"{module}.weight"].removesuffix(".weight").rsplit(".", 1)[-1]
+             for module in modules}
+    return sorted(names)
+
+
 def from_hf(state: dict[str, torch.Tensor], shape: GPTShape, family: Family
             ) -> dict[str, torch.Tensor]:
     converted = {}

@@ -323,6 +323,10 @@ def add_export_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                          help="larger weights are split into shards of at most SIZE, with "
                               "model.safetensors.index.json (default 5GB; e.g. 500MB)")
+    command.add_argument("--merge", action="store_true",
+                         help="a LoRA run (train.lora): write the whole model with the "
+                              "adapters folded into its weights, instead of the adapters in "
+                              "PEFT's format")
     command.add_argument("--mlflow", action="store_true",
                          help="log the folder to the run's MLflow run as a transformers model "
                               "(task text-generation); needs the hf extra: pip install "
@@ -341,11 +345,25 @@ tokenizer.json, tokenizer_config.json and generation_config.json:
   model = AutoModelForCausalLM.from_pretrained(OUT)
   tokenizer = AutoTokenizer.from_pretrained(OUT)
 
-The folder is also a SOURCE for generate, eval and model.init_from."""
+The folder is also a SOURCE for generate, eval and model.init_from.
+
+A LoRA run (train.lora) exports its adapters in PEFT's format instead:
+adapter_config.json and adapter_model.safetensors, on the base that
+base_model_name_or_path names (model.init_from's Hugging Face model, or else the base
+written to OUT/base):
+
+  from peft import PeftModel
+  model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), OUT)
+
+With --merge it writes the whole model with the adapters folded in, as above."""
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from raytron.platform.models.export import export_hugging_face, log_to_mlflow
+    from raytron.platform.models.export import (
+        export_adapter,
+        export_hugging_face,
+        log_to_mlflow,
+    )
     from raytron.platform.models.sources import open_source
 
     source = open_source(args.source)
@@ -359,8 +377,16 @@ def export_command(args: argparse.Namespace) -> int:
     if to_mlflow and importlib.util.find_spec("transformers") is None:
         raise ConfigError(["--mlflow logs a transformers model, and transformers is not "
                            "installed. Fix: pip install 'raytron[hf]'."])
+    adapters = source.config is not None and source.config.train.lora.rank > 0
+    if args.merge and not adapters:
+        raise ConfigError([f"--merge: {source.describe()} has no LoRA adapters to fold in "
+                           "(it was not trained with train.lora). Fix: leave --merge out."])
+    if adapters and to_mlflow and not args.merge:
+        raise ConfigError(["--mlflow logs a whole transformers model, and a LoRA run exports "
+                           "its adapters. Fix: add --merge."])
     out = Path(args.out)
-    files = export_hugging_face(source, out, args.dtype, args.max_shard_size)
+    files = export_adapter(source, out, args.dtype) if adapters and not args.merge else \
+        export_hugging_face(source, out, args.dtype, args.max_shard_size)
     print(f"Exported {source.describe()} to {out}: {', '.join(f.name for f in files[:6])}"
           f"{f' and {len(files) - 6} more' if len(files) > 6 else ''}")
     if to_mlflow:

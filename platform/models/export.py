@@ -11,30 +11,31 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, processors
 
 from raytron.model.families import FAMILIES
-from raytron.model.hf import DTYPES, hf_config, to_hf
+from raytron.model.hf import DTYPES, hf_config, peft_target_modules, to_hf, to_peft
 from raytron.pipelines.chat import CHATML, DEFAULT_TEMPLATE
-from raytron.platform.config.schema import ConfigError
-from raytron.platform.models.sources import HF_CONFIG, ModelSource
+from raytron.platform.config.resolve import lora_spec
+from raytron.platform.config.schema import ConfigError, RaytronConfig
+from raytron.platform.models.lora_base import base_weights, check_base
+from raytron.platform.models.sources import HF_CONFIG, HUGGING_FACE, ModelSource, open_source
+from raytron.platform.storage.checkpoint import CheckpointStore
+from raytron.platform.storage.run_dir import is_hub_id
 
 
 def export_hugging_face(source: ModelSource, out: Path, dtype: str = "float32",
-                        max_shard_size: str = "5GB") -> list[Path]:
-    """Write the folder; returns the files written. Refuses a folder that holds files."""
+                        max_shard_size: str = "5GB",
+                        weights: dict[str, torch.Tensor] | None = None) -> list[Path]:
+    """Write the folder (of `weights`, under raytron's names, instead of the source's
+    own when given); returns the files written. Refuses a folder that holds files."""
     from huggingface_hub import save_torch_state_dict
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError([f"{out} exists and is not an empty folder; raytron does not "
-                           "overwrite it. Fix: give a new folder, or delete this one first."])
-    if source.tokenizer is None:
-        raise ConfigError([f"{source.path} has no tokenizer.json to export. Fix: export a "
-                           "raytron run, or a Hugging Face folder with tokenizer.json."])
-    out.mkdir(parents=True, exist_ok=True)
+    new_folder(out, source)
     shape, tokenizer, family = source.shape, source.tokenizer, FAMILIES[source.family]
-    weights = {name: tensor.to(DTYPES[dtype]).contiguous()
-               for name, tensor in to_hf(source.read_weights(), shape, family).items()}
+    weights = {name: tensor.to(DTYPES[dtype]).contiguous() for name, tensor in
+               to_hf(weights or source.read_weights(), shape, family).items()}
     save_torch_state_dict(weights, out, max_shard_size=max_shard_size)
     eos = source.end_ids[0]
     bos = source.bos_id if source.bos_id is not None else bos_token(tokenizer)
@@ -62,6 +63,60 @@ def export_hugging_face(source: ModelSource, out: Path, dtype: str = "float32",
     for path in out.iterdir():  # the weights are written through a private (0600) temp file
         path.chmod(mode)
     return sorted(out.iterdir())
+
+
+def new_folder(out: Path, source: ModelSource) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError([f"{out} exists and is not an empty folder; raytron does not "
+                           "overwrite it. Fix: give a new folder, or delete this one first."])
+    if source.tokenizer is None:
+        raise ConfigError([f"{source.path} has no tokenizer.json to export. Fix: export a "
+                           "raytron run, or a Hugging Face folder with tokenizer.json."])
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export_adapter(source: ModelSource, out: Path, dtype: str = "float32") -> list[Path]:
+    """A LoRA run's adapters as PEFT writes them (adapter_config.json,
+    adapter_model.safetensors), loadable with `PeftModel.from_pretrained` on the base
+    that `base_model_name_or_path` names: model.init_from's Hugging Face model, or else
+    (a raytron run, the seed's weights, a grown vocabulary) the base exported to
+    OUT/base. Its tokenizer files are the run's, as AutoTokenizer reads them."""
+    from safetensors.torch import save_file
+
+    config = source.config
+    spec = lora_spec(config.train.lora)
+    store = CheckpointStore(config.checkpoint.dir, config.checkpoint.keep_last)
+    check_base(store, config)
+    new_folder(out, source)
+    base = hugging_face_base(config, source.shape.vocab_size)
+    if base is None:
+        export_hugging_face(source, out / "base", dtype, weights=base_weights(config, None))
+        base = str((out / "base").resolve())
+    family = FAMILIES[source.family]
+    adapters = store.read_model(source.step)
+    weights = {name: tensor.to(DTYPES[dtype]).contiguous()
+               for name, tensor in to_peft(adapters, source.shape, family).items()}
+    save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    modules = sorted({name.rsplit(".", 1)[0].split(".", 2)[2] for name in adapters})
+    write_json(out / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+        "target_modules": peft_target_modules(modules, family), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True})
+    source.tokenizer.save(str(out / "tokenizer.json"))
+    return sorted(out.iterdir())
+
+
+def hugging_face_base(config: RaytronConfig, vocab_size: int) -> str | None:
+    """model.init_from when it is a Hugging Face model whose embeddings the run kept."""
+    init_from = config.model.init_from
+    if not init_from:
+        return None
+    base = open_source(init_from)
+    if base.kind != HUGGING_FACE or base.shape.vocab_size != vocab_size:
+        return None
+    return init_from if is_hub_id(init_from) else str(Path(init_from).resolve())
 
 
 def chat_template(source: ModelSource) -> dict:

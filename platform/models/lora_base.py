@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from raytron.model.gpt import GPT
-from raytron.model.lora import TARGETS, LoraSpec
+from raytron.model.lora import LoraSpec
 from raytron.platform.config.resolve import gpt_shape, lora_spec
 from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.storage.checkpoint import CheckpointStore, write_atomically
@@ -139,10 +139,3 @@ def merged_run_weights(config: RaytronConfig, store: CheckpointStore, step: int,
     assert spec is not None
     adapters = store.read_model(step, None)
     return adapted_weights(base_weights(config, names), adapters, spec)
-
-
-def adapter_modules(config: RaytronConfig) -> list[str]:
-    """The module paths (layers.<i>.attention.wq, ...) a LoRA run adapts."""
-    spec = lora_spec(config.train.lora)
-    return [f"layers.{i}.{TARGETS[target]}" for i in range(config.model.n_layers)
-            for target in (spec.targets if spec else ())]
