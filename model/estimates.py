@@ -138,15 +138,17 @@ class Shards:
 def memory_plan(shape: GPTShape, params: int, tp_local: int, held: int, stage_layers: int,
                 last: bool, *, dp: int, tp: int, dp_shard: str, sequence_parallel: bool,
                 micro_batch: int, seq_len: int, in_flight: float, recompute_every: int,
-                compute_bytes: int, selective: bool = False) -> MemoryPlan:
+                compute_bytes: int, selective: bool = False, trained: int | None = None
+                ) -> MemoryPlan:
     """Memory of a device holding `held` of its stage's `params` parameters (`tp_local`
     before FSDP's sharding): fp32 master weights, gradients and AdamW state of what it
-    holds, plus the activations of the micro-batches in flight."""
+    holds (of the `trained` part of it alone: a LoRA run's base has neither), plus the
+    activations of the micro-batches in flight."""
     weights = held * MASTER_BYTES
     if dp_shard == "grad-op" and dp > 1:  # ZeRO-2: gathered weights stay from forward to backward
         weights += tp_local * compute_bytes
-    gradients = held * GRADIENT_BYTES
-    optimizer = held * OPTIMIZER_BYTES
+    gradients = (held if trained is None else trained) * GRADIENT_BYTES
+    optimizer = (held if trained is None else trained) * OPTIMIZER_BYTES
     layer = activation_bytes_per_layer(shape, micro_batch, seq_len, tp, sequence_parallel,
                                        compute_bytes)
     block_input = micro_batch * seq_len * shape.d_model * compute_bytes / (

@@ -311,12 +311,15 @@ class GPT(nn.Module):
 
         N counts the weights of every matmul, the output head included even when tied
         (it is a matmul either way), and not the embedding lookup, which is no matmul.
-        The attention term counts the full (not causal-halved) score matrix.
+        A frozen weight (LoRA's base) costs 4 of the 6: its backward pass computes the
+        input's gradient and not its own. The attention term counts the full (not
+        causal-halved) score matrix.
         """
-        matmul_params = sum(
-            m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)
-        )
-        return 6 * matmul_params + 12 * self.shape.n_layers * self.shape.d_model * seq_len
+        matmuls = [param for module in self.modules() if isinstance(module, nn.Linear)
+                   for param in module.parameters(recurse=False) if param.dim() == 2]
+        trained = sum(param.numel() for param in matmuls if param.requires_grad)
+        return 4 * sum(param.numel() for param in matmuls) + 2 * trained \
+            + 12 * self.shape.n_layers * self.shape.d_model * seq_len
 
 
 def name_seed(seed: int, name: str) -> int:

@@ -67,6 +67,23 @@ def test_plan_says_which_context_parallelism_a_long_sequence_needs(capsys):
                      ).busiest.memory.total == pytest.approx(37.4 * GB, abs=0.05 * GB)
 
 
+def test_a_lora_plan_counts_gradients_and_optimizer_state_of_the_adapters_alone(capsys):
+    """gpt2-124m with rank-16 adapters on every projection: 12 x 16 x (4 x (768 + 768) +
+    3 x (768 + 2048)) = 2.80M trained parameters, each with a gradient (4 bytes) and two
+    AdamW moments (8); the weights are all held; the base's backward computes no weight
+    gradients (4 FLOPs per weight and token instead of 6)."""
+    full = make_plan(load_config("gpt2-124m"))
+    lora = make_plan(load_config("gpt2-124m", ["train.lora.rank=16"]))
+    adapters = 12 * 16 * (4 * (768 + 768) + 3 * (768 + 2048))
+    assert lora.trained_params == adapters
+    memory = lora.busiest.memory
+    assert (memory.gradients, memory.optimizer) == (4 * adapters, 8 * adapters)
+    assert memory.weights > full.busiest.memory.weights  # the base and the adapters
+    assert 0.67 < lora.flops_per_step / full.flops_per_step < 0.75  # attention: unchanged
+    assert main(["plan", "gpt2-124m", "train.lora.rank=16"]) == 0
+    assert "2.80M trained parameters (2.22%)" in capsys.readouterr().out
+
+
 def test_stage_split_and_bubble_formulas():
     assert [len(r) for r in stage_layers(10, 4)] == [3, 3, 2, 2]
     assert [list(r) for r in stage_layers(4, 2, [3, 1])] == [[0, 1, 2], [3]]

@@ -12,17 +12,17 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from raytron.model.estimates import (
     GB,
+    GRADIENT_BYTES,
+    OPTIMIZER_BYTES,
     MemoryPlan,
     Shards,
     in_flight_microbatches,
     memory_plan,
     ring_exchange_bytes,
 )
-from raytron.model.gpt import GPT
+from raytron.model.lora import is_adapter
 from raytron.model.pipeline import bubble_fraction, cut_stage, stage_layers
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import (
@@ -30,6 +30,7 @@ from raytron.platform.config.resolve import (
     recompute_every,
     resolve_model,
     selective_recompute,
+    trained_model,
 )
 from raytron.platform.config.schema import RaytronConfig
 
@@ -51,6 +52,7 @@ class RankPlan:
 class Plan:
     config: RaytronConfig
     total_params: int
+    trained_params: int  # all of them, but for a LoRA run's frozen base
     ranks: list[RankPlan]
     microbatches: int  # per schedule call
     bubble: float
@@ -97,8 +99,7 @@ def make_plan(config: RaytronConfig) -> Plan:
     layout = Layout.of(config)
     dp, n_stages = layout.dp, layout.stages
     shape = gpt_shape(config.model)
-    with torch.device("meta"):
-        whole = GPT(shape)
+    whole = trained_model(config)
     ranges = stage_layers(shape.n_layers, n_stages, p.layers_per_stage if p.pp > 1 else None)
     stage_params = [[(name, tuple(x.shape)) for name, x in
                      cut_stage(whole, s, n_stages, ranges[s]).named_parameters()]
@@ -112,7 +113,10 @@ def make_plan(config: RaytronConfig) -> Plan:
         stages = layout.rank_stages(pp_rank)
         layers = sum(len(ranges[s]) for s in stages)
         parameters = [param for s in stages for param in stage_params[s]]
-        tp_local, held = held_elements(parameters, Shards(p.tp, 0, layout.shard_degree))
+        shards = Shards(p.tp, 0, layout.shard_degree)
+        tp_local, held = held_elements(parameters, shards)
+        trained = held_elements([x for x in parameters if is_adapter(x[0])], shards)[1] \
+            if t.lora.rank else held
         memory = memory_plan(
             shape, sum(math.prod(size) for _, size in parameters), tp_local, held, layers,
             n_stages - 1 in stages, dp=dp,
@@ -122,11 +126,12 @@ def make_plan(config: RaytronConfig) -> Plan:
                                              p.virtual_stages),
             recompute_every=recompute_every(t.activation_checkpointing),
             selective=selective_recompute(t.activation_checkpointing),
-            compute_bytes=compute_bytes,
+            compute_bytes=compute_bytes, trained=trained,
         )
         ranks.append(RankPlan(pp_rank, stages, layers, memory, parameters))
     busiest_layers = max(rank.layers for rank in ranks)
-    return Plan(config, whole.num_params(), ranks, per_call,
+    trained_params = sum(x.numel() for x in whole.parameters() if x.requires_grad)
+    return Plan(config, whole.num_params(), trained_params, ranks, per_call,
                 bubble_fraction(p.schedule, p.pp, per_call, p.virtual_stages),
                 whole.flops_per_token(seq) * t.global_batch * seq,
                 ring_exchange_bytes(shape, busiest_layers, t.global_batch // dp * seq, p.cp,
@@ -212,6 +217,13 @@ def describe(plan: Plan) -> str:
         f"({plan.microbatches} micro-batches over {p.pp} stages)",
         f"compute     {plan.flops_per_step:.3g} model FLOPs per step",
     ]
+    if t.lora.rank:
+        saved = m.held * (GRADIENT_BYTES + OPTIMIZER_BYTES) - m.gradients - m.optimizer
+        lines.append(f"lora        rank {t.lora.rank} on {','.join(t.lora.targets)}: "
+                     f"{human(plan.trained_params)} trained parameters "
+                     f"({100 * plan.trained_params / plan.total_params:.2f}%); the frozen base "
+                     f"holds no gradients or optimizer state: {saved / GB:.2f} GB per device "
+                     "less than a full fine-tune")
     if p.cp > 1:
         lines.append(f"context     {c.data.seq_len // p.cp} tokens of each sequence per device "
                      f"(cp={p.cp}); ring attention sends {plan.ring_bytes / GB:.2f} GB per "

@@ -7,9 +7,11 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import torch
+
 from raytron.model.families import FAMILIES
-from raytron.model.gpt import GPTShape, llama_ffn_hidden
-from raytron.model.lora import LoraSpec
+from raytron.model.gpt import GPT, GPTShape, llama_ffn_hidden
+from raytron.model.lora import LoraSpec, add_adapters
 from raytron.pipelines.sources import SAMPLE_FORMATS, sample_kind
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.rules import is_count
@@ -59,6 +61,15 @@ def lora_spec(lora: LoraConfig) -> LoraSpec | None:
     if not lora.rank:
         return None
     return LoraSpec(lora.rank, lora.alpha, lora.dropout, tuple(dict.fromkeys(lora.targets)))
+
+
+def trained_model(config: RaytronConfig) -> GPT:
+    """The config's whole model on the meta device, with its LoRA adapters (and its base
+    frozen) when train.lora asks for them."""
+    spec = lora_spec(config.train.lora)
+    with torch.device("meta"):
+        model = GPT(gpt_shape(config.model))
+        return add_adapters(model, spec) if spec else model
 
 
 def packs_samples(data: DataConfig) -> bool:

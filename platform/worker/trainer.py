@@ -28,7 +28,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from raytron.model.attention import Documents
 from raytron.model.gpt import GPT, IGNORE
-from raytron.model.lora import add_adapters, with_adapter_values
+from raytron.model.lora import with_adapter_values
 from raytron.model.materialize import materialize
 from raytron.model.parallelize import ParallelOptions, parallelize
 from raytron.model.pipeline import (
@@ -42,10 +42,9 @@ from raytron.model.ring_attention import shard_indices
 from raytron.pipelines.packing import Batch
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import (
-    gpt_shape,
-    lora_spec,
     recompute_every,
     selective_recompute,
+    trained_model,
 )
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.worker.hardware import autocast_dtype
@@ -178,11 +177,7 @@ class Trainer:
         initialized from the seed or from model.init_from: the same values whatever the
         layout."""
         p, train = self.config.parallel, self.config.train
-        lora = lora_spec(train.lora)
-        with torch.device("meta"):
-            whole = GPT(gpt_shape(self.config.model))
-            if lora:
-                add_adapters(whole, lora)
+        whole = trained_model(self.config)
         n_stages = self.layout.stages
         stage_ids = self.layout.rank_stages(self.coordinates["pp"])
         if n_stages == 1:
@@ -206,7 +201,7 @@ class Trainer:
             from raytron.platform.models.initial import initial_weights
 
             initial = initial_weights(parts, self.config.model.init_from)
-        if lora:
+        if train.lora.rank:
             initial = with_adapter_values(initial, train.seed)
         for part in parts:
             materialize(part, self.device, initial)
