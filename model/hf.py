@@ -88,11 +88,15 @@ PEFT_NAMES = {"lora_a": "lora_A", "lora_b": "lora_B"}
 def to_peft(adapters: dict[str, torch.Tensor], shape: GPTShape, family: Family
             ) -> dict[str, torch.Tensor]:
     """PEFT's state dict of LoRA adapters (`layers.<i>.attention.wq.lora_a` ->
-    `base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight`). B's rows are the
+    `base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight`), and of weights
+    trained whole beside them (`base_model.model.lm_head.weight`). B's rows are the
     weight's output rows, permuted as the weight is for q and k; A's are not."""
     converted = {}
     for name, tensor in adapters.items():
         module, kind = name.rsplit(".", 1)
+        if kind not in PEFT_NAMES:  # trained whole (modules_to_save): under its own name
+            converted[f"{PEFT_PREFIX}{hf_name(name, family)}"] = tensor
+            continue
         heads = rotary_heads(name, shape) if kind == "lora_b" else None
         target = hf_name(f"{module}.weight", family).removesuffix(".weight")
         converted[f"{PEFT_PREFIX}{target}.{PEFT_NAMES[kind]}.weight"] = \

@@ -29,6 +29,7 @@ TARGETS = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv",
            "o": "attention.wo", "gate": "feed_forward.w1", "up": "feed_forward.w3",
            "down": "feed_forward.w2"}
 ADAPTER_PARAMS = ("lora_a", "lora_b")
+EMBEDDINGS = ("tok_embeddings.", "output.")  # LoraSpec.train_embeddings
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class LoraSpec:
     alpha: float
     dropout: float = 0.0
     targets: tuple[str, ...] = tuple(TARGETS)
+    # the token embeddings and the head train whole too (PEFT's modules_to_save): what a
+    # chat template's tokens that the base never trained on need
+    train_embeddings: bool = False
 
     @property
     def scale(self) -> float:
@@ -70,7 +74,8 @@ class AdaptedLinear(nn.Linear):
 
 def add_adapters(model: nn.Module, spec: LoraSpec) -> nn.Module:
     """`model` with each target projection of every block adapted (its weights kept)
-    and every other parameter frozen; on the meta device before parallelization."""
+    and every other parameter frozen (but the embeddings with `train_embeddings`); on
+    the meta device before parallelization."""
     paths = tuple(TARGETS[target] for target in spec.targets)
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and name.endswith(paths):
@@ -79,14 +84,10 @@ def add_adapters(model: nn.Module, spec: LoraSpec) -> nn.Module:
                                     module.bias is not None, spec, module.weight.device)
             adapted.weight, adapted.bias = module.weight, module.bias
             model.get_submodule(parent_name).register_module(child, adapted)
-    freeze_base(model)
+    for name, param in model.named_parameters():  # tensor parallelism and FSDP keep it
+        param.requires_grad_(is_adapter(name) or spec.train_embeddings
+                             and name.startswith(EMBEDDINGS))
     return model
-
-
-def freeze_base(model: nn.Module) -> None:
-    """Only adapters train (tensor parallelism and FSDP keep `requires_grad`)."""
-    for name, param in model.named_parameters():
-        param.requires_grad_(is_adapter(name))
 
 
 def is_adapter(name: str) -> bool:

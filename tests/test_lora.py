@@ -37,6 +37,12 @@ def test_an_adapted_model_starts_as_its_base_exactly():
     assert len(trained) == 2 * len(TARGETS) * len(base.layers)
 
 
+def test_embeddings_train_whole_beside_the_adapters_when_asked():
+    adapted = add_adapters(tiny_model(), LoraSpec(rank=4, alpha=8.0, train_embeddings=True))
+    whole = {n for n, p in adapted.named_parameters() if p.requires_grad and not is_adapter(n)}
+    assert whole == {"tok_embeddings.weight", "output.weight"}
+
+
 def test_adapters_compute_a_hand_written_lora():
     """Logits and the adapters' gradients against the base model with the update added
     by forward hooks: y + (alpha / rank) * (x A^T) B^T."""

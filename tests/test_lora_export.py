@@ -14,7 +14,7 @@ from raytron.platform.storage.checkpoint import CheckpointStore
 from raytron.platform.storage.run_dir import read_run_config
 
 pytest.importorskip("peft")
-LORA = ("train.lora.rank=4", "train.lora.alpha=8")
+LORA = ("train.lora.rank=4", "train.lora.alpha=8", "train.lora.train_embeddings=true")
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +23,18 @@ def runs(tmp_path_factory):
 
 
 def lora_runs(root):
-    """A base run and a LoRA run on it, its adapters as after some training."""
+    """A base run and a LoRA run on it, its adapters (and its embeddings and head,
+    trained whole) as after some training."""
     tokenizer = small_tokenizer()
     base = small_model(tokenizer.get_vocab_size())
     base_dir = write_run(root, "base", base, tokenizer)
-    adapted = add_adapters(copy.deepcopy(base), LoraSpec(rank=4, alpha=8.0))
+    adapted = add_adapters(copy.deepcopy(base), LoraSpec(rank=4, alpha=8.0,
+                                                         train_embeddings=True))
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, param in adapted.named_parameters():
-            if name.endswith("lora_b"):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+            if name.endswith("lora_b") or name.startswith(("tok_embeddings", "output")):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
     lora_dir = write_run(root, "lora", adapted, tokenizer,
                          (*LORA, f"model.init_from={base_dir}"))
     config = read_run_config(lora_dir)

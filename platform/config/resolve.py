@@ -60,7 +60,8 @@ def lora_spec(lora: LoraConfig) -> LoraSpec | None:
     """The adapters `train.lora` asks for; None: none (the whole model trains)."""
     if not lora.rank:
         return None
-    return LoraSpec(lora.rank, lora.alpha, lora.dropout, tuple(dict.fromkeys(lora.targets)))
+    return LoraSpec(lora.rank, lora.alpha, lora.dropout, tuple(dict.fromkeys(lora.targets)),
+                    lora.train_embeddings)
 
 
 def trained_model(config: RaytronConfig) -> GPT:

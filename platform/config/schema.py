@@ -150,6 +150,10 @@ class LoraConfig:  # every key refused on resume (TrainConfig.lora)
     # the projections of each block that get an adapter: q, k, v, o, gate, up, down
     targets: list[str] = key(list(LORA_TARGETS), a_list(non_empty=True),
                              entries=one_of(tuple(LORA_TARGETS)))
+    # train the token embeddings and the head whole as well (PEFT's modules_to_save):
+    # for chat templates whose tokens the base never learned (e.g. a pre-trained model
+    # that never saw <|im_start|>), at the cost of their gradients and optimizer state
+    train_embeddings: bool = key(False, anything)
 
 
 @dataclass

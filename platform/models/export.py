@@ -15,7 +15,8 @@ import torch
 from tokenizers import Tokenizer, processors
 
 from raytron.model.families import FAMILIES
-from raytron.model.hf import DTYPES, hf_config, peft_target_modules, to_hf, to_peft
+from raytron.model.hf import DTYPES, hf_config, hf_name, peft_target_modules, to_hf, to_peft
+from raytron.model.lora import is_adapter
 from raytron.pipelines.chat import CHATML, DEFAULT_TEMPLATE
 from raytron.platform.config.resolve import lora_spec
 from raytron.platform.config.schema import ConfigError, RaytronConfig
@@ -97,12 +98,15 @@ def export_adapter(source: ModelSource, out: Path, dtype: str = "float32") -> li
     weights = {name: tensor.to(DTYPES[dtype]).contiguous()
                for name, tensor in to_peft(adapters, source.shape, family).items()}
     save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    modules = sorted({name.rsplit(".", 1)[0].split(".", 2)[2] for name in adapters})
+    modules = sorted({name.rsplit(".", 1)[0].split(".", 2)[2] for name in adapters
+                      if is_adapter(name)})
+    whole = sorted(hf_name(name, family).removesuffix(".weight").rsplit(".", 1)[-1]
+                   for name in adapters if not is_adapter(name))
     write_json(out / "adapter_config.json", {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
         "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
         "target_modules": peft_target_modules(modules, family), "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
+        "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": whole or None,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True})
     source.tokenizer.save(str(out / "tokenizer.json"))
     return sorted(out.iterdir())

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from raytron.model.gpt import GPT
-from raytron.model.lora import LoraSpec
+from raytron.model.lora import LoraSpec, is_adapter
 from raytron.platform.config.resolve import gpt_shape, lora_spec
 from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.storage.checkpoint import CheckpointStore, write_atomically
@@ -118,8 +118,9 @@ def base_weights(config: RaytronConfig, names: Collection[str] | None
 
 def adapted_weights(base: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor],
                     spec: LoraSpec) -> dict[str, torch.Tensor]:
-    """`base` with each adapter's update folded into its weight: W + (alpha/rank) B A."""
-    merged = dict(base)
+    """`base` with each adapter's update folded into its weight, W + (alpha/rank) B A,
+    and what trained whole (`train_embeddings`) taken as it trained."""
+    merged = {**base, **{name: t for name, t in adapters.items() if not is_adapter(name)}}
     for name, a in adapters.items():
         module = name.removesuffix(".lora_a")
         if module != name and f"{module}.weight" in merged:
