@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 
-from model_runs import run_cli, small_model, small_tokenizer, write_run
 from raytron.model.lora import LoraSpec, add_adapters
 from raytron.platform.models.lora_base import base_reference, record_base
 from raytron.platform.storage.checkpoint import CheckpointStore
 from raytron.platform.storage.run_dir import read_run_config
+
+from model_runs import run_cli, small_model, small_tokenizer, write_run
 
 pytest.importorskip("peft")
 LORA = ("train.lora.rank=4", "train.lora.alpha=8", "train.lora.train_embeddings=true")
