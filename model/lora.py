@@ -13,7 +13,6 @@ base's A by its input columns.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +47,7 @@ class LoraSpec:
 
 
 class AdaptedLinear(nn.Linear):
-    """A linear layer whose weight (and bias) stay frozen, plus a low-rank update.
-    `adapter_on = False` gives the base alone (DPO's reference model, with no copy)."""
+    """A linear layer whose weight (and bias) stay frozen, plus a low-rank update."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: LoraSpec,
                  device: torch.device | None = None):
@@ -59,17 +57,10 @@ class AdaptedLinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # training draws its own
         self.scale = spec.scale
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout else nn.Identity()
-        self.adapter_on = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        if not self.adapter_on:
-            return out
-        return out + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
-
-    def merged_weight(self) -> torch.Tensor:
-        """The base weight with the update folded in (`raytron export --merge`)."""
-        return self.weight + self.scale * self.lora_b @ self.lora_a
+        update = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)
+        return F.linear(x, self.weight, self.bias) + update * self.scale
 
 
 def add_adapters(model: nn.Module, spec: LoraSpec) -> nn.Module:
@@ -94,10 +85,6 @@ def is_adapter(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in ADAPTER_PARAMS
 
 
-def has_adapters(model: nn.Module) -> bool:
-    return any(isinstance(module, AdaptedLinear) for module in model.modules())
-
-
 def with_adapter_values(initial: InitialValue, seed: int) -> InitialValue:
     """`initial` for the base's parameters, and the adapters' own start, drawn from `seed`
     and the name alone as the base's are (the same values in every layout). B: zeros,
@@ -112,12 +99,3 @@ def with_adapter_values(initial: InitialValue, seed: int) -> InitialValue:
         generator = torch.Generator().manual_seed(name_seed(seed, name))
         return torch.empty(shape).uniform_(-bound, bound, generator=generator)
     return value
-
-
-def adapters_on(model: nn.Module, on: bool) -> None:
-    for module in adapted_modules(model):
-        module.adapter_on = on
-
-
-def adapted_modules(model: nn.Module) -> Iterator[AdaptedLinear]:
-    return (module for module in model.modules() if isinstance(module, AdaptedLinear))

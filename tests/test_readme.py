@@ -145,7 +145,8 @@ def argv_to_run(command: Command, trained: set[str]) -> list[str]:
     """The command's arguments as run here: raytron and python from this environment; a
     training with a few steps, under a run name of its own unless it names one (so that
     each trains, instead of finding runs/tiny finished), but the README's first
-    `raytron train`, which makes runs/tiny for the commands after it."""
+    `raytron train`, which makes runs/tiny for the commands after it, and the shipped
+    configs, which name their runs."""
     argv = list(command.argv)
     if argv[0] == "python":
         argv[0] = sys.executable
@@ -159,7 +160,10 @@ def argv_to_run(command: Command, trained: set[str]) -> list[str]:
     extra = list(FEW_STEPS)
     if any(preset in command.argv for preset in ("gpt2-124m", "llama-1b")):
         extra += SMALL_BATCH
-    if command.argv != ["raytron", "train"] and not any("run.name=" in a for a in argv):
+    shipped = any(a.startswith("configs/") for a in command.argv)  # its run is named in it,
+    # and later commands use that name (runs/sft-lora-tiny)
+    if command.argv != ["raytron", "train"] and not shipped \
+            and not any("run.name=" in a for a in argv):
         extra.append(f"run.name=readme-{len(trained)}")
     trained.add(command.text)
     return [*argv, *extra]
