@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from parallel_harness import (
+    assert_same_parameters,
     assert_same_run,
     final_parameters,
     first_gradients,
@@ -51,15 +52,12 @@ def references(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_context_parallel_layout_matches_one_process(tmp_path, references, name):
-    """The final parameters within 5e-5: ring attention sums in another order than SDPA
-    (the gradients agree to 4e-7 of their largest, below), and AdamW turns that into up
-    to 2e-5 in a weight whose gradient is near its eps, already after the first step."""
+    """Ring attention sums in another order than SDPA (the gradients agree to 4e-7 of
+    their largest, below): the final parameters as `assert_same_parameters` allows."""
     want, want_params = references["samples" if SAMPLES[0] in LAYOUTS[name] else "plain"]
     got = run_parallel(LAYOUTS[name], checkpoints=tmp_path)
     assert_same_run(got, want)
-    got_params = final_parameters(tmp_path, 6)
-    for key, value in want_params.items():
-        torch.testing.assert_close(got_params[key], value, rtol=1e-4, atol=5e-5, msg=key)
+    assert_same_parameters(final_parameters(tmp_path, 6), want_params)
 
 
 @pytest.mark.parametrize("overrides", [["parallel.cp=4"], ["parallel.cp=2", "parallel.tp=2"]],

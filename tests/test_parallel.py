@@ -6,7 +6,13 @@ which also proves checkpoints load across layouts."""
 import pytest
 import torch
 
-from parallel_harness import assert_same_run, final_parameters, run_parallel, run_single
+from parallel_harness import (
+    assert_same_parameters,
+    assert_same_run,
+    final_parameters,
+    run_parallel,
+    run_single,
+)
 
 LAYOUTS = {
     "dp2-fsdp": ["parallel.dp=2"],
@@ -47,10 +53,7 @@ def test_layout_matches_one_process(tmp_path, reference, name):
     assert_same_run(got, want)
     pp = 2 if any(o.startswith("parallel.pp=") for o in LAYOUTS[name]) else 0
     assert len(got["idle"]) == pp and all(0 <= share < 1 for share in got["idle"])
-    got_params = final_parameters(checkpoints, 6)
-    assert got_params.keys() == want_params.keys()
-    for key, value in want_params.items():
-        torch.testing.assert_close(got_params[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert_same_parameters(final_parameters(checkpoints, 6), want_params)
 
 
 @pytest.mark.parametrize("overrides", [
