@@ -12,7 +12,9 @@ base's A by its input columns.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +59,27 @@ class AdaptedLinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # training draws its own
         self.scale = spec.scale
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout else nn.Identity()
+        self.enabled = True  # False: the base alone (`adapters_off`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)
-        return F.linear(x, self.weight, self.bias) + update * self.scale
+        base = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return base
+        return base + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
+
+
+@contextlib.contextmanager
+def adapters_off(models: Iterable[nn.Module]) -> Iterator[None]:
+    """The base model within the block: DPO's reference, without a copy of the model."""
+    adapted = [module for model in models for module in model.modules()
+               if isinstance(module, AdaptedLinear)]
+    for module in adapted:
+        module.enabled = False
+    try:
+        yield
+    finally:
+        for module in adapted:
+            module.enabled = True
 
 
 def add_adapters(model: nn.Module, spec: LoraSpec) -> nn.Module:

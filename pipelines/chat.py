@@ -111,9 +111,9 @@ def render(messages: Sequence[dict], template: ChatTemplate | str = CHATML,
         raise ChatError(f"the chat template refuses the conversation: {error}") from None
 
 
-def checked_messages(messages) -> list[dict]:
+def checked_messages(messages, learned: bool = True) -> list[dict]:
     """The conversation, or ChatError: a list of {role, content} with known roles, string
-    contents, and at least one assistant turn to learn from."""
+    contents, and (when it is `learned` from) at least one assistant turn."""
     if not isinstance(messages, list) or not messages:
         raise ChatError("messages is not a non-empty list")
     for index, message in enumerate(messages):
@@ -121,7 +121,7 @@ def checked_messages(messages) -> list[dict]:
             raise ChatError(f"message {index} has no role among {', '.join(ROLES)}")
         if not isinstance(message.get("content"), str):
             raise ChatError(f"message {index} has no text content")
-    if not any(m["role"] == "assistant" for m in messages):
+    if learned and not any(m["role"] == "assistant" for m in messages):
         raise ChatError("the conversation has no assistant turn to learn from")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
@@ -192,15 +192,61 @@ def encode_prompt_completion(tokenizer: Tokenizer, prompt: str, completion: str,
     return prompt_ids + completion_ids, [False] * len(prompt_ids) + [True] * len(completion_ids)
 
 
+def encode_preference(tokenizer: Tokenizer, text: str, eos: int, bos: int | None = None,
+                      template: ChatTemplate = CHATML) -> tuple[list[int], list[bool], int]:
+    """A preference pair (JSON text of its prompt, chosen and rejected) as TRL's
+    DPOTrainer tokenizes it: the prompt followed by the chosen, and by the rejected
+    completion (text: each with EOS after it; chat messages: rendered by the template
+    after the prompt's turns), learned from where the prompt's own tokens and both
+    sequences first differ; BOS first as `encode_sample` puts it. Returns both sequences
+    end to end, which of their tokens are learned, and the length of the first.
+    ChatError when the pair is no pair or one side adds nothing to the prompt."""
+    pair = json.loads(text)
+    prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
+    if all(isinstance(value, str) for value in (prompt, chosen, rejected)):
+        if not chosen or not rejected:
+            raise ChatError("a pair needs a non-empty chosen and rejected completion")
+        texts, end = [prompt, prompt + chosen, prompt + rejected], [eos]
+    else:
+        prompt = checked_messages(prompt, learned=False)
+        answers = [checked_messages(turns) for turns in (chosen, rejected)]
+        texts = [render(prompt, template, add_generation_prompt=True),
+                 *(render(prompt + turns, template) for turns in answers)]
+        end = []
+    start = [] if bos is None else [bos]
+    head, *sequences = [ids if ids[:1] == start else start + ids for ids in
+                        (tokenizer.encode(text, add_special_tokens=False).ids for text in texts)]
+    sequences = [ids + end for ids in sequences]
+    learned_from = min(common_prefix(head, ids) for ids in sequences)
+    if any(len(ids) <= learned_from for ids in sequences):
+        raise ChatError("the chosen or the rejected completion adds no token to the prompt")
+    masks = [[index >= learned_from for index in range(len(ids))] for ids in sequences]
+    return sequences[0] + sequences[1], masks[0] + masks[1], len(sequences[0])
+
+
+def common_prefix(first: list[int], second: list[int]) -> int:
+    length = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
 def sample_text(sample_format: str, text: str) -> str:
     """The text a fine-tuning record trains on, for training a tokenizer on the corpus (a
     run that trains its tokenizer has no model's template: ChatML)."""
-    from raytron.pipelines.sources import CHAT
+    from raytron.pipelines.sources import CHAT, PREFERENCE
 
     value = json.loads(text)
     try:
         if sample_format == CHAT:
             return render(checked_messages(value))
+        if sample_format == PREFERENCE:
+            parts = [value[name] for name in ("prompt", "chosen", "rejected")]
+            if all(isinstance(part, str) for part in parts):
+                return "\n".join(parts)
+            return "\n".join(render(checked_messages(part, learned=False)) for part in parts)
         return value["prompt"] + value["completion"]
     except (ChatError, KeyError, TypeError):
         return ""  # not trained on: the tokenizer stage counts it as invalid

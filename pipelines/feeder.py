@@ -123,7 +123,8 @@ class DataFeeder:
                 start = reader.cursor()
                 with self.condition:
                     self.failed_at = (step, start)  # where a checkpoint of `step` begins
-                batch = Batch.of([reader.next_sequence() for _ in range(self.global_batch)],
+                samples = self.global_batch // self.spec.rows_per_sample
+                batch = Batch.of([reader.next_sequence() for _ in range(samples)],
                                  self.spec.document_mask)
                 with self.condition:
                     if generation != self.generation:
@@ -209,14 +210,15 @@ class DataFeeder:
             pass
         finally:
             reader.close()
-        return sequences // self.global_batch
+        return sequences * self.spec.rows_per_sample // self.global_batch
 
     def validation(self, dp_rank: int, dp_size: int) -> Batch:
         """This replica's share of the held-out sequences (the same ones at every evaluation)."""
         with self.validation_lock:
             if self.validation_set is None:
                 self.validation_set = self.build_validation_set()
-        share = len(self.validation_set) // dp_size
+        rows = self.spec.rows_per_sample  # a pair stays on one replica
+        share = len(self.validation_set) // dp_size // rows * rows
         return self.validation_set.rows(dp_rank * share, (dp_rank + 1) * share)
 
     def build_validation_set(self) -> Batch:
@@ -227,7 +229,7 @@ class DataFeeder:
         total = sum(s.weight for s in sources)
         sequences: list = []
         for index, source in enumerate(sources):
-            wanted = round(self.val_sequences * source.weight / total)
+            wanted = round(self.val_sequences * source.weight / total / self.spec.rows_per_sample)
             docs = token_docs(self.spec, source, index, Cursor(), ALL if separate else VALIDATION,
                               epochs=1)
             packer = self.spec.packer(docs, self.seq_len)
@@ -240,7 +242,8 @@ class DataFeeder:
                 docs.close()
         if not sequences:
             return Batch(np.zeros((0, self.seq_len + 1), np.int32))
-        return Batch.of(sequences[: self.val_sequences], self.spec.document_mask)
+        return Batch.of(sequences[: self.val_sequences // self.spec.rows_per_sample],
+                        self.spec.document_mask)
 
     def stats(self) -> dict[str, float]:
         """Skipped records by reason, each source's share and the pipeline's throughput, up

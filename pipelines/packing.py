@@ -44,6 +44,8 @@ class TokenDoc:
     targets: np.ndarray | None = None  # fine-tuning samples: which tokens are learned
     resume: Cursor | None = None  # where a stream restarts to yield this document first
     skipped: dict[str, int] = field(default_factory=dict)  # records skipped just before it
+    chosen_length: int | None = None  # a preference pair: its chosen sequence's tokens,
+    # which the rejected one's follow in `tokens` (and `targets`)
 
     def position(self) -> Cursor:
         return self.resume or Cursor(self.epoch, self.file, self.doc)
@@ -150,11 +152,14 @@ class SamplePacker:
             if not self.counted:
                 add_counts(self.skipped, doc.skipped)
             self.counted = False
-            if len(doc.tokens) > self.length and not self.truncate:
+            if self.too_long(doc) and not self.truncate:
                 add_counts(self.skipped, {TOO_LONG: 1})
                 continue
             self.pending = doc
         return self.pending
+
+    def too_long(self, doc: TokenDoc) -> bool:
+        return len(doc.tokens) > self.length
 
     def next_sequence(self) -> Packed:
         tokens, targets, positions, used = [], [], [], 0
@@ -183,6 +188,31 @@ class SamplePacker:
                       np.concatenate(positions).astype(np.int32))
 
 
+class PairPacker(SamplePacker):
+    """Preference pairs, one to two rows: its chosen sequence padded, then its rejected
+    one (TRL's DPO batches, unpacked), so that a pair is never split between ranks or
+    micro-batches when rows are cut in even numbers. A pair with a sequence longer than a
+    row is dropped as `too_long`, or with `truncate` each cut to the row."""
+
+    def too_long(self, doc: TokenDoc) -> bool:
+        return max(doc.chosen_length, len(doc.tokens) - doc.chosen_length) > self.length
+
+    def next_sequence(self) -> Packed:
+        """Both rows of the next pair, as one `Packed` of (2, seq_len + 1) arrays."""
+        doc = self.peek()
+        self.pending = None
+        rows = []
+        for part in (slice(0, doc.chosen_length), slice(doc.chosen_length, None)):
+            tokens, learned = doc.tokens[part][: self.length], doc.targets[part][: self.length]
+            padding = self.length - len(tokens)
+            rows.append(Packed(
+                np.concatenate([tokens, np.full(padding, self.pad)]).astype(np.int32),
+                np.concatenate([learned, np.zeros(padding, bool)]),
+                np.concatenate([np.arange(len(tokens)), np.arange(padding)]).astype(np.int32)))
+        return Packed(*(np.stack([getattr(row, name) for row in rows])
+                        for name in ("tokens", "targets", "positions")))
+
+
 def add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
     for reason, count in counts.items():
         total[reason] = total.get(reason, 0) + count
@@ -202,13 +232,14 @@ class Batch:
 
     @classmethod
     def of(cls, sequences: list, document_mask: bool = True) -> Batch:
-        """The batch of `Packer` (token arrays) or `SamplePacker` (`Packed`) sequences."""
+        """The batch of `Packer` (token arrays) or `SamplePacker` (`Packed`) sequences; a
+        `PairPacker`'s give two rows each."""
         if not isinstance(sequences[0], Packed):
             tokens = np.stack(sequences)
             return cls(tokens, target_count=tokens.shape[0] * (tokens.shape[1] - 1))
-        targets = np.stack([s.targets for s in sequences])
-        return cls(np.stack([s.tokens for s in sequences]), targets,
-                   np.stack([s.positions for s in sequences]) if document_mask else None,
+        targets = np.vstack([s.targets for s in sequences])
+        return cls(np.vstack([s.tokens for s in sequences]), targets,
+                   np.vstack([s.positions for s in sequences]) if document_mask else None,
                    int(targets[:, 1:].sum()))
 
     def __len__(self) -> int:

@@ -26,8 +26,9 @@ from raytron.pipelines.embedded import FORMATS as EMBEDDED_FORMATS
 from raytron.pipelines.embedded import embedded_texts
 
 EMBEDDED_PREFIX = "embedded:"
-CHAT, PROMPT_COMPLETION = "chat", "prompt_completion"
-SAMPLE_FORMATS = (CHAT, PROMPT_COMPLETION)  # fine-tuning samples, in JSONL or Parquet files
+CHAT, PROMPT_COMPLETION, PREFERENCE = "chat", "prompt_completion", "preference"
+# fine-tuning samples, in JSONL or Parquet files; preference: pairs (prompt, chosen, rejected)
+SAMPLE_FORMATS = (CHAT, PROMPT_COMPLETION, PREFERENCE)
 FORMATS = ("auto", "text", "jsonl", "parquet", *SAMPLE_FORMATS)  # auto: by extension
 DOCUMENTS = ("file", "paragraph")  # what one document of a text file is
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -47,7 +48,7 @@ MISSING_FIELD = "missing_field"
 EMPTY = "empty"
 UNREADABLE = "unreadable"
 OVERSIZED = "oversized"  # longer than data.max_document_mb: likely not prose
-INVALID_SAMPLE = "invalid_sample"  # a chat or prompt-completion sample raytron cannot learn from
+INVALID_SAMPLE = "invalid_sample"  # a fine-tuning sample raytron cannot learn from
 
 
 class SourceError(ValueError):
@@ -312,6 +313,8 @@ class CorpusFile:
     messages_field: str = "messages"  # format chat
     prompt_field: str = "prompt"  # format prompt_completion
     completion_field: str = "completion"
+    chosen_field: str = "chosen"  # format preference (with prompt_field)
+    rejected_field: str = "rejected"
     version: str = ""  # size and modification time when listed; empty: never cached
 
     @property
@@ -321,6 +324,8 @@ class CorpusFile:
             return [self.messages_field]
         if self.format == PROMPT_COMPLETION:
             return [self.prompt_field, self.completion_field]
+        if self.format == PREFERENCE:
+            return [self.prompt_field, self.chosen_field, self.rejected_field]
         return [self.text_field]
 
     @property
@@ -330,6 +335,8 @@ class CorpusFile:
             return ["messages_field"]
         if self.format == PROMPT_COMPLETION:
             return ["prompt_field", "completion_field"]
+        if self.format == PREFERENCE:
+            return ["prompt_field", "chosen_field", "rejected_field"]
         return ["text_field"]
 
     def value(self, row: dict):
@@ -343,6 +350,11 @@ class CorpusFile:
             if isinstance(prompt, str) and isinstance(completion, str):
                 return json.dumps({"prompt": prompt, "completion": completion})
             return None
+        if self.format == PREFERENCE:
+            pair = dict(zip(("prompt", "chosen", "rejected"), map(row.get, self.fields),
+                            strict=True))
+            kinds = {type(value) for value in pair.values()}
+            return json.dumps(pair) if kinds in ({str}, {list}) else None
         return row.get(self.text_field)
 
 
@@ -524,7 +536,8 @@ def row_record(index: int, file: CorpusFile, row) -> Record:
     """The record of a JSON value or a Parquet row: its document or sample, or a reason."""
     if not isinstance(row, dict):
         return Record(index, None, MISSING_FIELD)
-    if file.format == CHAT and nested_deeper(row.get(file.messages_field), MAX_SAMPLE_DEPTH):
+    if file.format in (CHAT, PREFERENCE) and any(
+            nested_deeper(row.get(name), MAX_SAMPLE_DEPTH) for name in file.fields):
         return Record(index, None, INVALID_SAMPLE)  # no chat; it would overflow json.dumps
     return field_record(index, file.value(row), file.max_document_bytes)
 

@@ -19,10 +19,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from raytron.pipelines.chat import CHATML, ChatError, ChatTemplate, encode_sample, sample_text
-from raytron.pipelines.packing import Cursor, Packer, SamplePacker, TokenDoc, shuffled
+from raytron.pipelines.chat import (
+    CHATML,
+    ChatError,
+    ChatTemplate,
+    encode_preference,
+    encode_sample,
+    sample_text,
+)
+from raytron.pipelines.packing import Cursor, Packer, PairPacker, SamplePacker, TokenDoc, shuffled
 from raytron.pipelines.sources import (
     INVALID_SAMPLE,
+    PREFERENCE,
     SAMPLE_FORMATS,
     UNREADABLE,
     CorpusFile,
@@ -66,7 +74,8 @@ class SourceSpec:
 
 
 def sample_format(source: SourceSpec) -> str | None:
-    """chat or prompt_completion for a source of fine-tuning samples; None for documents."""
+    """chat, prompt_completion or preference for a source of fine-tuning samples; None
+    for documents."""
     declared = source.files[0].format
     return declared if declared in SAMPLE_FORMATS else None
 
@@ -77,7 +86,8 @@ def source_spec(source, max_document_bytes: int,
     (file, version) list when it was listed already."""
     files = [CorpusFile(path, sample_kind(source.path, source.format), source.text_field,
                         source.document, max_document_bytes, source.messages_field,
-                        source.prompt_field, source.completion_field, version)
+                        source.prompt_field, source.completion_field, source.chosen_field,
+                        source.rejected_field, version)
              for path, version in (list_file_versions(source.path) if listed is None
                                    else listed)]
     return SourceSpec(files, source.weight, source.epochs)
@@ -107,6 +117,8 @@ class StreamSpec:
                skipped: dict[str, int] | None = None) -> Packer | SamplePacker:
         """Packs `docs`, which begin at `start` (a checkpoint's cursor; None: the start)."""
         resumed = start is not None
+        if self.pairs:
+            return PairPacker(docs, seq_len, self.eos, self.truncate, skipped, resumed)
         if self.samples:
             return SamplePacker(docs, seq_len, self.eos, self.truncate, skipped, resumed)
         return Packer(docs, seq_len, 0 if start is None else start.offset, skipped, resumed)
@@ -117,6 +129,16 @@ class StreamSpec:
             return None
         return TokenCache.of(self.cache, self.tokenizer_json, self.eos, self.bos,
                              sample_format(source), self.chat_template)
+
+    @property
+    def pairs(self) -> bool:
+        """Preference pairs: each packed as two rows, chosen then rejected."""
+        return any(sample_format(source) == PREFERENCE for source in self.sources)
+
+    @property
+    def rows_per_sample(self) -> int:
+        """Rows of a batch each `next_sequence` of a packer gives."""
+        return 2 if self.pairs else 1
 
     @property
     def training_keeps(self) -> str:
@@ -211,18 +233,26 @@ class Tokenize:
             return batch.drop_columns(["text"]).append_column(
                 "tokens", pa.array(tokens, type=pa.list_(pa.int32())))
         targets: list[list[bool]] = [[] for _ in texts]
+        firsts = [0] * len(texts)  # pairs: the length of the chosen sequence
         reasons = batch.column("reason").to_pylist()
         for i in good:
             try:
-                tokens[i], targets[i] = encode_sample(self.tokenizer, self.sample_format,
-                                                      texts[i], self.eos, self.bos,
-                                                      self.template)
+                if self.sample_format == PREFERENCE:
+                    tokens[i], targets[i], firsts[i] = encode_preference(
+                        self.tokenizer, texts[i], self.eos, self.bos, self.template)
+                else:
+                    tokens[i], targets[i] = encode_sample(self.tokenizer, self.sample_format,
+                                                          texts[i], self.eos, self.bos,
+                                                          self.template)
             except ChatError:
                 reasons[i] = INVALID_SAMPLE
-        return (batch.drop_columns(["text", "reason"])
-                .append_column("reason", pa.array(reasons, type=pa.string()))
-                .append_column("tokens", pa.array(tokens, type=pa.list_(pa.int32())))
-                .append_column("targets", pa.array(targets, type=pa.list_(pa.bool_()))))
+        table = (batch.drop_columns(["text", "reason"])
+                 .append_column("reason", pa.array(reasons, type=pa.string()))
+                 .append_column("tokens", pa.array(tokens, type=pa.list_(pa.int32())))
+                 .append_column("targets", pa.array(targets, type=pa.list_(pa.bool_()))))
+        if self.sample_format == PREFERENCE:
+            table = table.append_column("chosen_length", pa.array(firsts, type=pa.int32()))
+        return table
 
 
 def tokenized_file(encode: Tokenize, file: CorpusFile, start: int, keep: str,
@@ -394,6 +424,8 @@ def ordered_docs(spec: StreamSpec, source: SourceSpec, index: int, cursor: Curso
                 targets = table.column("targets").combine_chunks()
                 learned = targets.values.to_numpy(zero_copy_only=False)
                 learned_offsets = targets.offsets.to_numpy()
+            firsts = table.column("chosen_length").to_pylist() \
+                if "chosen_length" in table.column_names else None
             for row, (doc, reason) in enumerate(zip(table.column("doc").to_pylist(),
                                                     table.column("reason").to_pylist(),
                                                     strict=True)):
@@ -405,7 +437,8 @@ def ordered_docs(spec: StreamSpec, source: SourceSpec, index: int, cursor: Curso
                                values[offsets[row] : offsets[row + 1]],
                                None if learned is None else
                                learned[learned_offsets[row] : learned_offsets[row + 1]],
-                               skipped=skipped)
+                               skipped=skipped,
+                               chosen_length=None if firsts is None else firsts[row])
                 skipped = {}
     if whole and not found and keep != VALIDATION:
         raise no_document(index, source)

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raytron.pipelines.chat import CHATML, ChatTemplate
-from raytron.pipelines.sources import CHAT, CorpusFile, filesystem_and_path
+from raytron.pipelines.sources import CHAT, PREFERENCE, CorpusFile, filesystem_and_path
 
 FORMAT = 1  # bumped when what a shard holds changes
 SUFFIX = ".arrow"
@@ -37,6 +37,7 @@ KEY = b"raytron.token_cache.key"
 DOCUMENTS = pa.schema([("doc", pa.int64()), ("reason", pa.string()), ("split", pa.float64()),
                        ("tokens", pa.list_(pa.int32()))])
 SAMPLES = DOCUMENTS.append(pa.field("targets", pa.list_(pa.bool_())))
+PAIRS = SAMPLES.append(pa.field("chosen_length", pa.int32()))  # chosen, then rejected
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +50,21 @@ class TokenCache:
     tokenizer: str  # sha256 of the tokenizer's JSON (and of the chat template, for chats)
     eos: int
     bos: int | None
-    sample_format: str | None  # chat or prompt_completion; None: documents
+    sample_format: str | None  # chat, prompt_completion or preference; None: documents
 
     @classmethod
     def of(cls, root: str, tokenizer_json: str, eos: int, bos: int | None,
            sample_format: str | None, template: ChatTemplate = CHATML) -> TokenCache:
-        chat = json.dumps(dataclasses.asdict(template)) if sample_format == CHAT else ""
+        chat = json.dumps(dataclasses.asdict(template)) \
+            if sample_format in (CHAT, PREFERENCE) else ""
         digest = hashlib.sha256((tokenizer_json + chat).encode()).hexdigest()
         return cls(root, digest, eos, bos, sample_format)
 
     @property
     def schema(self) -> pa.Schema:
-        return DOCUMENTS if self.sample_format is None else SAMPLES
+        if self.sample_format is None:
+            return DOCUMENTS
+        return PAIRS if self.sample_format == PREFERENCE else SAMPLES
 
     @property
     def folder(self) -> str:

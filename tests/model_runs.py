@@ -5,6 +5,7 @@ done with a trained model."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 import math
@@ -65,6 +66,30 @@ def write_run(root: Path, name: str, model: GPT, tokenizer: Tokenizer,
     optimizer = torch.optim.AdamW(model.parameters())
     CheckpointStore(config.checkpoint.dir, keep_last=2).save(step, [model], [optimizer], {})
     return run_dir
+
+
+def lora_runs(root: Path, lora: tuple[str, ...]) -> tuple[Path, Path, Path, GPT]:
+    """A base run and a LoRA run on it (`lora`: its train.lora overrides), its adapters
+    (and its embeddings and head, when they train whole) as after some training."""
+    from raytron.model.lora import add_adapters
+    from raytron.platform.config.resolve import lora_spec
+    from raytron.platform.models.lora_base import base_reference, record_base
+    from raytron.platform.storage.run_dir import read_run_config
+
+    tokenizer = small_tokenizer()
+    base = small_model(tokenizer.get_vocab_size())
+    base_dir = write_run(root, "base", base, tokenizer)
+    spec = lora_spec(load_config("tiny", list(lora)).train.lora)
+    adapted = add_adapters(copy.deepcopy(base), spec)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if param.requires_grad and not name.endswith("lora_a"):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    lora_dir = write_run(root, "lora", adapted, tokenizer, (*lora, f"model.init_from={base_dir}"))
+    config = read_run_config(lora_dir)
+    record_base(CheckpointStore(config.checkpoint.dir, 2), base_reference(config))
+    return root, base_dir, lora_dir, adapted
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from raytron.model.materialize import plain_name
-from raytron.pipelines.packing import Batch, SamplePacker, TokenDoc
+from raytron.pipelines.packing import Batch, PairPacker, SamplePacker, TokenDoc
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.load import load_config
 from raytron.platform.config.resolve import resolve_model
@@ -38,10 +38,15 @@ def config(overrides: list[str]):
 
 def batch(step: int, cfg, rows: int | None = None) -> Batch:
     """Random tokens; under data.packing=samples, random samples of 3 to 12 tokens packed
-    whole, half of each learned, with per-sample positions when data.document_mask."""
+    whole, half of each learned, with per-sample positions when data.document_mask; under
+    train.objective=dpo, random preference pairs (`pair`)."""
     generator = np.random.default_rng(1000 + step)
     rows = rows or cfg.train.global_batch
     length = cfg.data.seq_len + 1
+    if cfg.train.objective == "dpo":
+        packer = PairPacker(iter([pair(generator) for _ in range(rows)]), cfg.data.seq_len, pad=0)
+        return Batch.of([packer.next_sequence() for _ in range(rows // 2)],
+                        cfg.data.document_mask)
     if cfg.data.packing != "samples":
         return Batch.of(list(generator.integers(0, 128, (rows, length), dtype=np.int32)))
     samples = iter([TokenDoc(0, 0, 0, generator.integers(0, 128, size, dtype=np.int32),
@@ -49,6 +54,17 @@ def batch(step: int, cfg, rows: int | None = None) -> Batch:
                     for size in generator.integers(3, 13, rows * length)])
     packer = SamplePacker(samples, cfg.data.seq_len, pad=0)
     return Batch.of([packer.next_sequence() for _ in range(rows)], cfg.data.document_mask)
+
+
+def pair(generator: np.random.Generator) -> TokenDoc:
+    """A preference pair: a prompt of 2 to 6 random tokens, then a chosen and a rejected
+    completion of 1 to 9 each (the prompt's tokens not learned)."""
+    prompt = generator.integers(0, 128, generator.integers(2, 7), dtype=np.int32)
+    sides = [np.concatenate([prompt, generator.integers(0, 128, generator.integers(1, 10),
+                                                         dtype=np.int32)]) for _ in range(2)]
+    return TokenDoc(0, 0, 0, np.concatenate(sides),
+                    targets=np.concatenate([np.arange(len(side)) >= len(prompt) for side in sides]),
+                    chosen_length=len(sides[0]))
 
 
 def train(overrides: list[str], start: int, stop: int, checkpoints: Path | None,
@@ -86,7 +102,8 @@ def train(overrides: list[str], start: int, stop: int, checkpoints: Path | None,
     if store:
         store.save(stop, trainer.parts, trainer.optimizers, {})
     return {"losses": losses, "norms": norms, "val_loss": val, "idle": idle,
-            "task_scores": scores}
+            "task_scores": scores, "pair_statistics": trainer.pair_statistics(),
+            "eval_statistics": trainer.eval_statistics}
 
 
 def run_parallel(overrides: list[str], start: int = 0, stop: int = 6,
@@ -110,6 +127,8 @@ def assert_same_run(got: dict, want: dict) -> None:
     assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
     assert got["norms"] == pytest.approx(want["norms"], rel=1e-4)
     assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    for statistics in ("pair_statistics", "eval_statistics"):  # DPO's
+        assert got[statistics] == pytest.approx(want[statistics], rel=1e-5, abs=5e-6)
 
 
 def first_gradients(overrides: list[str]) -> dict[str, torch.Tensor]:

@@ -2,17 +2,13 @@
 logits in `peft`, `--merge` gives the same whole model, and a base that changed since
 training is refused."""
 
-import copy
-
 import pytest
 import torch
 
-from raytron.model.lora import LoraSpec, add_adapters
-from raytron.platform.models.lora_base import base_reference, record_base
 from raytron.platform.storage.checkpoint import CheckpointStore
 from raytron.platform.storage.run_dir import read_run_config
 
-from model_runs import run_cli, small_model, small_tokenizer, write_run
+from model_runs import lora_runs, run_cli, small_model
 
 pytest.importorskip("peft")
 LORA = ("train.lora.rank=4", "train.lora.alpha=8", "train.lora.train_embeddings=true")
@@ -20,27 +16,7 @@ LORA = ("train.lora.rank=4", "train.lora.alpha=8", "train.lora.train_embeddings=
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return lora_runs(tmp_path_factory.mktemp("runs"))
-
-
-def lora_runs(root):
-    """A base run and a LoRA run on it, its adapters (and its embeddings and head,
-    trained whole) as after some training."""
-    tokenizer = small_tokenizer()
-    base = small_model(tokenizer.get_vocab_size())
-    base_dir = write_run(root, "base", base, tokenizer)
-    adapted = add_adapters(copy.deepcopy(base), LoraSpec(rank=4, alpha=8.0,
-                                                         train_embeddings=True))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in adapted.named_parameters():
-            if name.endswith("lora_b") or name.startswith(("tok_embeddings", "output")):
-                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-    lora_dir = write_run(root, "lora", adapted, tokenizer,
-                         (*LORA, f"model.init_from={base_dir}"))
-    config = read_run_config(lora_dir)
-    record_base(CheckpointStore(config.checkpoint.dir, 2), base_reference(config))
-    return root, base_dir, lora_dir, adapted
+    return lora_runs(tmp_path_factory.mktemp("runs"), LORA)
 
 
 def test_the_adapter_loads_in_peft_and_merged_equals_it(runs, tmp_path):
@@ -72,7 +48,7 @@ def test_the_adapter_loads_in_peft_and_merged_equals_it(runs, tmp_path):
 
 
 def test_a_base_that_changed_since_training_is_refused(tmp_path):
-    _, base_dir, lora_dir, _ = lora_runs(tmp_path)
+    _, base_dir, lora_dir, _ = lora_runs(tmp_path, LORA)
     config = read_run_config(base_dir)
     model = small_model(config.model.vocab_size, init_std=0.2)
     CheckpointStore(config.checkpoint.dir, keep_last=5).save(  # the base run trained on

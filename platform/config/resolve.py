@@ -127,8 +127,10 @@ def fitting_micro_batch(config: RaytronConfig) -> int | None:
     replica, rest = divmod(t.global_batch, layout.dp)
     if rest or replica == 0 or (p.microbatches is not None and not is_count(p.microbatches)):
         return None
+    pairs = 2 if t.objective == "dpo" else 1  # a micro-batch holds whole pairs
     for micro in range(min(t.micro_batch, replica), 0, -1):
-        if replica % micro == 0 and not schedule_shortfall(config, replica // micro):
+        if replica % micro == 0 and micro % pairs == 0 \
+                and not schedule_shortfall(config, replica // micro):
             return micro
     return None
 

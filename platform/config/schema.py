@@ -52,6 +52,8 @@ RECOMPUTE_NAMED = {"none": 0, "full": 1, "selective": 1}
 PRECISIONS = (AUTO, "bf16", "fp32")  # train.precision; auto: bf16 on GPUs, fp32 on CPUs
 PACKINGS = (AUTO, "stream", "samples")  # data.packing
 OVERLONG = ("drop", "truncate")  # data.overlong
+OBJECTIVES = ("lm", "dpo")  # train.objective
+DPO_LOSSES = ("sigmoid", "ipo")  # train.dpo.loss
 CHATML = "chatml"
 CHAT_TEMPLATES = (AUTO, CHATML)  # data.chat_template
 SAME_TOKENIZER = "the run keeps the tokenizer it started with"
@@ -157,6 +159,16 @@ class LoraConfig:  # every key refused on resume (TrainConfig.lora)
 
 
 @dataclass
+class DpoConfig:
+    # how far the model may move from the reference (TRL's beta): the rewards are beta
+    # times the log-probability ratios; lower lets the model drift further
+    beta: float = key(0.1, number(), APPLIED)
+    # sigmoid: the DPO paper's -log sigmoid(beta * margin) | ipo: IPO's squared loss on
+    # log-ratios averaged over each completion's tokens (TRL's loss_type)
+    loss: str = key("sigmoid", one_of(DPO_LOSSES), APPLIED)
+
+
+@dataclass
 class TrainConfig:
     # sequences per optimizer step, summed over data-parallel replicas
     global_batch: int = key(32, count(), APPLIED)
@@ -205,6 +217,11 @@ class TrainConfig:
                                 "k-th layer"), FREE)
     # torch.compile each transformer block (inductor; first steps slower)
     compile: bool = key(False, anything, FREE)
+    # lm: next-token loss on the learned tokens (pre-training, fine-tuning) | dpo: direct
+    # preference optimisation on preference pairs (data.sources of format preference)
+    objective: str = key("lm", one_of(OBJECTIVES), refused(
+        "it decides what the trained weights are optimised for"))
+    dpo: DpoConfig = section(DpoConfig)
     # LoRA adapters on a frozen model (train.lora.rank > 0 turns them on)
     lora: LoraConfig = section(LoraConfig, refused(
         "the adapters are the trained weights: their shape and where they sit are fixed"))
@@ -214,17 +231,22 @@ class TrainConfig:
 class SourceConfig:  # every key refused on resume (DataConfig.sources, validation_sources)
     # file, folder, glob, s3://, gs://, or the embedded reference
     path: str = key(EMBEDDED_CORPUS, text())
-    # auto (by extension) | text | jsonl | parquet | chat | prompt_completion
-    # (chat, prompt_completion: fine-tuning samples in JSONL, or Parquet by its extension)
+    # auto (by extension) | text | jsonl | parquet | chat | prompt_completion | preference
+    # (fine-tuning samples in JSONL, or Parquet by its extension; preference: pairs of a
+    # prompt and a chosen and a rejected completion, text or chat messages, for DPO)
     format: str = key(AUTO, one_of(FORMATS))
     # JSONL / Parquet field holding the document
     text_field: str = key("text", text())
     # chat: the list of {role, content} turns
     messages_field: str = key("messages", text())
-    # prompt_completion: the prompt (never learned) ...
+    # prompt_completion, preference: the prompt (never learned) ...
     prompt_field: str = key("prompt", text())
     # ... and the completion (learned, then EOS)
     completion_field: str = key("completion", text())
+    # preference: the completion preferred ...
+    chosen_field: str = key("chosen", text())
+    # ... and the one not
+    rejected_field: str = key("rejected", text())
     # text files: one document per file | per paragraph
     document: str = key("file", one_of(DOCUMENTS))
     # share of the training tokens, relative to the other sources

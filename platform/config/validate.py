@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from raytron.pipelines.sources import SourceError, list_files
+from raytron.pipelines.sources import PREFERENCE, SourceError, list_files, sample_kind
 from raytron.platform.config.drills import parse_injections
 from raytron.platform.config.keys import rule_of, schema_keys
 from raytron.platform.config.layout import Layout
@@ -33,7 +33,8 @@ def validate(config: RaytronConfig, check_paths: bool = True) -> None:
     problems = value_problems(config)
     if not problems:
         problems = (model_problems(config) + parallel_problems(config)
-                    + train_problems(config) + data_problems(config, check_paths)
+                    + train_problems(config) + preference_problems(config)
+                    + data_problems(config, check_paths)
                     + fault_problems(config))
     raise_problems(problems)
 
@@ -234,6 +235,49 @@ def train_problems(config: RaytronConfig) -> list[str]:
             f"train.min_lr={t.min_lr} must not exceed train.lr={t.lr}. "
             f"Fix: set train.min_lr to e.g. {t.lr / 10:g}."
         )
+    return problems
+
+
+def preference_problems(config: RaytronConfig) -> list[str]:
+    """DPO trains on preference pairs and on nothing else; a pair's two rows stay in one
+    micro-batch; the reference model is the base under the adapters."""
+    t, d = config.train, config.data
+    dpo, problems = t.objective == "dpo", []
+    for group in ("sources", "validation_sources"):
+        for index, source in enumerate(getattr(d, group)):
+            pairs = sample_kind(source.path, source.format) == PREFERENCE
+            if dpo and not pairs:
+                problems.append(
+                    f"data.{group}.{index} (format {source.format}) holds no preference "
+                    "pairs, and train.objective=dpo trains on pairs only. Fix: set "
+                    f"data.{group}.{index}.format=preference for a source of prompt, chosen "
+                    "and rejected fields, or leave the source out.")
+            elif pairs and not dpo:
+                problems.append(
+                    f"data.{group}.{index} holds preference pairs, which only "
+                    "train.objective=dpo learns from. Fix: set train.objective=dpo, or use "
+                    "a chat or prompt_completion source for supervised fine-tuning.")
+    if not dpo:
+        return problems
+    if t.micro_batch % 2:
+        problems.append(
+            f"train.micro_batch={t.micro_batch} is odd, and with train.objective=dpo a "
+            "micro-batch holds whole pairs (a chosen and a rejected row each). Fix: set "
+            f"train.micro_batch={t.micro_batch + 1} (or {max(t.micro_batch - 1, 2)}).")
+    if d.packing == "stream":
+        problems.append("data.packing=stream cuts samples apart, and DPO scores whole "
+                        "completions. Fix: set data.packing=auto (or samples).")
+    if not t.lora.rank:
+        problems.append(
+            "train.objective=dpo needs LoRA (train.lora.rank > 0): the reference model is "
+            "the starting model, which raytron reads as the base with the adapters off "
+            "(a full fine-tune's reference log-probabilities are not computed yet). Fix: "
+            "set train.lora.rank (e.g. 16).")
+    elif t.lora.train_embeddings:
+        problems.append(
+            "train.lora.train_embeddings=true with train.objective=dpo: the embeddings "
+            "would train, and the reference (the base with the adapters off) would move "
+            "with them. Fix: set train.lora.train_embeddings=false.")
     return problems
 
 

@@ -50,6 +50,9 @@ def format_step(step: int, total: int, m: dict[str, float]) -> str:
         parts.append(f"peak mem {m[names.PEAK_MEMORY_GB]:.2f} GB")
     if "pipeline/idle" in m:
         parts.append(f"pipeline idle {100 * m['pipeline/idle']:.0f}%")
+    if "rewards/accuracies" in m:
+        parts.append(f"reward acc {m['rewards/accuracies']:.2f} "
+                     f"margin {m['rewards/margins']:.3f}")
     skipped = sum(v for k, v in m.items() if k.startswith("data/skipped_"))
     if skipped:
         parts.append(f"skipped {skipped:.0f} records")
@@ -57,8 +60,12 @@ def format_step(step: int, total: int, m: dict[str, float]) -> str:
 
 
 def format_validation(step: int, total: int, m: dict[str, float]) -> str:
-    return (f"step {step:>{len(str(total))}}/{total} | val loss {m[names.VAL_LOSS]:.4f} | "
-            f"val perplexity {m[names.VAL_PERPLEXITY]:.2f}")
+    """The held-out loss with its perplexity, or under DPO with the share of held-out
+    pairs whose chosen completion has the higher reward."""
+    line = f"step {step:>{len(str(total))}}/{total} | val loss {m[names.VAL_LOSS]:.4f} | "
+    if names.VAL_PERPLEXITY in m:
+        return line + f"val perplexity {m[names.VAL_PERPLEXITY]:.2f}"
+    return line + f"val reward accuracy {m.get('eval_rewards/accuracies', math.nan):.3f}"
 
 
 def format_task_scores(step: int, total: int, m: dict[str, float]) -> str | None:

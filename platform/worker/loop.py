@@ -157,7 +157,8 @@ class WorkerLoop:
                     names.INPUT_WAIT_S: window_wait / window_steps,
                     names.TOKENS_PER_S: tokens_per_step / step_time,
                     **self.mfu(tokens_per_step / step_time),
-                    "tokens_seen": tokens_seen, **self.bubble_metrics(),
+                    "tokens_seen": tokens_seen, **self.trainer.pair_statistics(),
+                    **self.bubble_metrics(),
                     **self.memory_metrics(),
                 }, with_data_stats=True)
                 window_started, window_wait, window_steps = time.perf_counter(), 0.0, 0
@@ -312,13 +313,18 @@ class WorkerLoop:
         return staged.take()
 
     def evaluate(self, step: int) -> None:
-        """Loss and perplexity on the held-out sequences (the same ones every time)."""
+        """Loss and perplexity on the held-out sequences (the same ones every time);
+        under DPO its loss and TRL's eval_ statistics on the held-out pairs."""
         if self.validation is None:
             held_out = ray.get(self.args.feeder.validation.remote(self.dp_rank, self.layout.dp))
             self.validation = Sequences.of(held_out, self.device)
         if len(self.validation) == 0:
             return
         loss = self.trainer.evaluate(self.validation).item()
+        if self.trainer.dpo:
+            self.report(step, {names.VAL_LOSS: loss, **{
+                f"eval_{name}": value for name, value in self.trainer.eval_statistics.items()}})
+            return
         self.report(step, {names.VAL_LOSS: loss,
                            names.VAL_PERPLEXITY: math.exp(min(loss, 50.0))})
 

@@ -12,6 +12,7 @@ fine-tuning's masked tokens a mean of per-micro-batch means would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from raytron.model.attention import Documents
+from raytron.model.dpo import STATISTICS, pair_losses, statistic_means
 from raytron.model.gpt import GPT, IGNORE
-from raytron.model.lora import with_adapter_values
+from raytron.model.lora import adapters_off, with_adapter_values
 from raytron.model.materialize import materialize
 from raytron.model.parallelize import ParallelOptions, parallelize
 from raytron.model.pipeline import (
@@ -65,6 +67,9 @@ class Sequences:
     target_count: int  # labels that are not IGNORE in the whole global batch
     order: torch.Tensor | None = None  # (rows, seq) each token's index in its sequence
     documents: torch.Tensor | None = None  # (rows, seq) with order: each token's sample
+    # (rows, 2) DPO: each row's log-probability under the reference model and its count
+    # of learned tokens (0: a padding row), over the whole row whatever the shard
+    reference: torch.Tensor | None = None
 
     @classmethod
     def of(cls, batch: Batch, device: torch.device) -> Sequences:
@@ -89,7 +94,8 @@ class Sequences:
             Documents.ids_of(self.positions)[:, index]
         return Sequences(self.inputs[:, index], self.labels[:, index],
                          None if self.positions is None else self.positions[:, index],
-                         self.target_count, index.expand(len(self), -1), documents)
+                         self.target_count, index.expand(len(self), -1), documents,
+                         self.reference)
 
     def per_token(self) -> dict[str, torch.Tensor]:
         """The model's inputs beside the tokens: (rows, seq) each, None ones left out."""
@@ -108,12 +114,16 @@ class Sequences:
         return self.replaced(lambda tensor: tensor[start:stop])
 
     def replaced(self, change: Callable[[torch.Tensor], torch.Tensor],
-                 labels: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Sequences:
+                 labels: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 reference: Callable[[torch.Tensor], torch.Tensor] | None = None
+                 ) -> Sequences:
         """These sequences with `change` applied to every per-row tensor (`labels` to the
-        labels, when given)."""
+        labels, `reference` to the reference, when given)."""
         given = {name: change(value) for name, value in self.per_token().items()}
         return Sequences(change(self.inputs), (labels or change)(self.labels),
-                         target_count=self.target_count, **{"positions": None, **given})
+                         target_count=self.target_count, **{"positions": None, **given},
+                         reference=None if self.reference is None
+                         else (reference or change)(self.reference))
 
     def padded(self, size: int) -> Sequences:
         """`size` rows: these, then copies of the first row whose labels are all IGNORE."""
@@ -125,7 +135,8 @@ class Sequences:
             return torch.cat([rows, fill.expand(missing, -1)])
 
         return self.replaced(lambda rows: extend(rows, rows[:1]),
-                             lambda labels: extend(labels, torch.full_like(labels[:1], IGNORE)))
+                             lambda labels: extend(labels, torch.full_like(labels[:1], IGNORE)),
+                             lambda reference: extend(reference, torch.zeros_like(reference[:1])))
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -168,6 +179,12 @@ class Trainer:
                 self.busy.watch(stage)
             self.schedule = build_schedule(stages, p.schedule, per_call, self.scaled_loss)
         self.loss_scale = 1.0  # set by each train_step: dp / the global batch's target count
+        # DPO: its settings, and the sums of `STATISTICS` over this rank's pairs of the
+        # last step; the loss of a pair is every context shard's (they add up its row)
+        self.dpo = train.dpo if train.objective == "dpo" else None
+        self.pair_sums = torch.zeros(len(STATISTICS), device=device)
+        self.eval_statistics: dict[str, float] = {}
+        self.loss_copies = layout.cp if self.dpo else 1
         self.tied = tied_copies(self.parts)
         self.tied_group = self.tied_embedding_group()
 
@@ -253,6 +270,10 @@ class Trainer:
         whole global batch and the global gradient norm before clipping. `before_update`
         runs just before the parameters change (a checkpoint's copy finishing)."""
         self.loss_scale = self.layout.batch_ranks / batch.target_count
+        if self.dpo:
+            batch = self.with_reference(batch)
+            self.loss_scale = self.layout.batch_ranks / (self.config.train.global_batch // 2)
+            self.pair_sums.zero_()
         batch = self.local(batch)
         if self.schedule is None:
             loss = self.accumulate(batch)
@@ -274,14 +295,59 @@ class Trainer:
             return batch
         return batch.context_shard(self.layout.cp, self.coordinates["cp"])
 
-    def scaled_loss(self, row_losses: torch.Tensor, labels: torch.Tensor | None = None
+    def scaled_loss(self, row_losses: torch.Tensor, target: torch.Tensor | None = None
                     ) -> torch.Tensor:
         """The summed loss of some rows (the model's output given labels) times
         `loss_scale` (the gradients of the replicas' and context shards' ranks are
         averaged, hence the factor dp x cp): the gradients of all micro-batches of all
-        ranks then add up to the gradient of the global batch's mean loss. `labels`: what
-        a pipeline schedule passes beside, already in the model's loss."""
+        ranks then add up to the gradient of the global batch's mean loss. `target`: what
+        a pipeline schedule passes beside: the labels, already in the model's loss, or
+        under DPO the rows' `reference`, which makes it the loss of their pairs."""
+        if self.dpo:
+            losses, sums = self.pair_terms(row_losses, target)
+            self.pair_sums += sums
+            return losses.sum() * self.loss_scale
         return row_losses.sum() * self.loss_scale
+
+    def pair_terms(self, row_losses: torch.Tensor, reference: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DPO's loss of each pair of these rows and the sums of its `STATISTICS`."""
+        logps = -self.context_total(whole_value(row_losses))
+        return pair_losses(logps, reference[:, 0], reference[:, 1], self.dpo.beta,
+                           self.dpo.loss)
+
+    def context_total(self, partial: torch.Tensor) -> torch.Tensor:
+        """Each row's sum over its context shards, of which this rank holds one: the whole
+        row's value, with the gradient flowing to this rank's part."""
+        if self.layout.cp == 1:
+            return partial
+        total = partial.detach().clone()
+        dist.all_reduce(total, group=self.mesh["cp"].get_group())
+        return partial + (total - partial.detach())
+
+    def with_reference(self, batch: Sequences) -> Sequences:
+        """`batch` with each row's reference log-probability (the base model: adapters
+        off) and its count of learned tokens, computed a micro-batch at a time on every
+        rank that holds the head (zeros on the others, which never use them)."""
+        counts = (batch.labels != IGNORE).sum(dim=1).float()
+        logps = torch.zeros_like(counts)
+        size = self.config.train.micro_batch
+        with adapters_off(self.parts), self.evaluating():
+            for index, micro in enumerate(batch.split(size)):
+                with self.context():
+                    losses = self.outputs(self.local(micro), losses=True)
+                if losses is not None:
+                    rows = logps[index * size : (index + 1) * size]
+                    rows.copy_(-self.context_total(whole_value(losses))[: len(rows)])
+        return dataclasses.replace(batch, reference=torch.stack([logps, counts], dim=1))
+
+    def pair_statistics(self) -> dict[str, float]:
+        """TRL's DPO metrics of the last step (`STATISTICS` means over its pairs; empty
+        without DPO). Collective: every rank calls it at the same steps."""
+        if not self.dpo:
+            return {}
+        sums = self.sum_over_replicas(self.sum_over_stages(self.pair_sums.clone()))
+        return statistic_means((sums / self.loss_copies).tolist())
 
     def start_at(self, step: int) -> None:
         """Continue after `step` optimizer steps (after loading a checkpoint, too), with the
@@ -297,10 +363,10 @@ class Trainer:
         for index, micro in enumerate(micro_batches):
             self.sync_gradients(index == len(micro_batches) - 1)
             with self.context():
-                loss = self.scaled_loss(self.outputs(micro, losses=True))
+                loss = self.scaled_loss(self.outputs(micro, losses=True), micro.reference)
                 loss.backward()
             total += whole_value(loss).detach()
-        return total / self.layout.batch_ranks
+        return total / (self.layout.batch_ranks * self.loss_copies)
 
     def pipeline_accumulate(self, batch: Sequences) -> torch.Tensor:
         """Schedule calls of `call_size` sequences; only the last stage sees losses."""
@@ -312,13 +378,14 @@ class Trainer:
             losses: list[torch.Tensor] = []
             rows = batch.rows(call * self.call_size, (call + 1) * self.call_size)
             with self.context():
+                target = rows.reference if self.dpo else rows.labels
                 self.schedule.step(*([rows.inputs] if self.first else []), losses=losses,
-                                   **({"target": rows.labels} if self.last else {}),
+                                   **({"target": target} if self.last else {}),
                                    **rows.per_token(), labels=rows.labels)
             if self.last:
                 total += torch.stack([whole_value(x).detach() for x in losses]).sum()
         self.busy.stop()
-        return self.sum_over_stages(total / self.layout.batch_ranks)
+        return self.sum_over_stages(total / (self.layout.batch_ranks * self.loss_copies))
 
     def idle_shares(self) -> list[float]:
         """Share of the last step each pipeline rank spent waiting (the measured bubble),
@@ -337,6 +404,8 @@ class Trainer:
 
     def evaluate(self, batch: Sequences) -> torch.Tensor:
         """Loss over the held-out sequences of every replica (this one holds `batch`)."""
+        if self.dpo:
+            return self.evaluate_pairs(batch)
         total = torch.zeros((), device=self.device)
         batch = self.local(batch)
         with self.evaluating():
@@ -346,6 +415,22 @@ class Trainer:
                     if losses is not None:
                         total += whole_value(losses).sum() / batch.target_count
         return self.sum_over_replicas(self.sum_over_stages(total))
+
+    def evaluate_pairs(self, batch: Sequences) -> torch.Tensor:
+        """DPO's mean loss over the held-out pairs of every replica; their statistics
+        (`pair_statistics`' names) are left in `eval_statistics`."""
+        batch = self.with_reference(batch)
+        sums = torch.zeros(1 + len(STATISTICS), device=self.device)  # the loss, then those
+        with self.evaluating():
+            for micro in batch.split(self.config.train.micro_batch):
+                with self.context():
+                    losses = self.outputs(self.local(micro), losses=True)
+                if losses is not None:
+                    pair_loss, statistics = self.pair_terms(losses, micro.reference)
+                    sums += torch.cat([pair_loss.sum()[None], statistics])
+        sums = self.sum_over_replicas(self.sum_over_stages(sums)) / self.loss_copies
+        self.eval_statistics = statistic_means(sums[1:].tolist())
+        return sums[0] / sums[-1].clamp(min=1)
 
     @contextlib.contextmanager
     def evaluating(self):
