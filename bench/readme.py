@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, markdown_table, write_section  # noqa: E402
 
 from raytron.pipelines.embedded import REVERSE_WORDS  # noqa: E402
-from raytron.platform.models.answers import exact_answers, held_out_chats  # noqa: E402
+from raytron.platform.models.answers import exact_answers, held_out_samples  # noqa: E402
 
 STEP_LINE = re.compile(r"^step +(\d+)/(\d+) \| loss ([\d.]+) .*?\| ([\d.]+)k tok/s", re.M)
 
@@ -54,7 +54,7 @@ def training(output: str) -> dict[str, str]:
 
 def main() -> None:
     rows: list[list[str]] = []
-    chats = held_out_chats(REVERSE_WORDS, 0.05, 100)
+    chats = held_out_samples(REVERSE_WORDS, 0.05, 100)
     with tempfile.TemporaryDirectory(prefix="raytron-readme-") as scratch:
         folder = Path(scratch)
         command = "raytron train"

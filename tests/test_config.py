@@ -11,8 +11,8 @@ from raytron.platform.config.validate import validate
 
 
 @pytest.mark.parametrize("preset", ["tiny", "gpt2-124m", "llama-1b", "sft-tiny", "sft-lora-tiny",
-                                    "llama3.2-1b", "qwen2.5-0.5b", "qwen3-0.6b", "llama3.1-8b",
-                                    "qwen3-8b"])
+                                    "dpo-lora-tiny", "llama3.2-1b", "qwen2.5-0.5b", "qwen3-0.6b",
+                                    "llama3.1-8b", "qwen3-8b"])
 def test_presets_load_and_validate(preset):
     config = load_config(preset)
     validate(config)
@@ -94,6 +94,17 @@ def run_cli(capsys, *args):
     (["data.val_share=1.5"], ["data.val_share=1.5"]),
     (["checkpoint.keep_last=0"], ["checkpoint.keep_last=0 must be a whole number of 1 or more"]),
     (["tiny", "train.steps"], ["is not key=value"]),
+    (["train.objective=dpo"], ["data.sources.0 (format auto) holds no preference pairs",
+                               "format=preference", "needs LoRA (train.lora.rank > 0)"]),
+    (["data.sources=[{path: embedded:reverse-words-pairs}]"],
+     ["holds preference pairs, which only train.objective=dpo learns from"]),
+    (["train.objective=dpo", "train.lora.rank=4", "train.lora.train_embeddings=true",
+      "train.micro_batch=3", "train.global_batch=12", "data.packing=stream",
+      "data.sources=[{path: embedded:reverse-words-pairs}]"],
+     ["train.micro_batch=3 is odd", "train.micro_batch=4", "data.packing=stream cuts samples",
+      "train.lora.train_embeddings=false"]),
+    (["train.objective=ppo", "train.dpo.loss=hinge"], ["train.objective='ppo' is unknown",
+                                                       "train.dpo.loss='hinge' is unknown"]),
 ])
 def test_invalid_config_is_rejected_with_key_and_fix(capsys, args, expected):
     code, err = run_cli(capsys, *args)

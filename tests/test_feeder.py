@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 
 from raytron.pipelines.feeder import DataFeeder
 from raytron.pipelines.packing import Cursor
+from raytron.pipelines.sources import is_validation
 from raytron.pipelines.stream import ALL, TRAIN, VALIDATION, local_texts, token_docs
 from raytron.pipelines.tokenizer import train_bpe
 from raytron.platform.config.load import load_config
@@ -238,6 +239,58 @@ def test_fine_tuning_samples_are_encoded_masked_and_packed_whole(ray_session, tm
         resumed = ray.get(feeder.batch.remote(step, 0, 1))
         np.testing.assert_array_equal(resumed.tokens, reference[step].tokens)
         np.testing.assert_array_equal(resumed.targets, reference[step].targets)
+
+
+def test_preference_pairs_stream_as_adjacent_rows_counted_and_resumable(ray_session, tmp_path):
+    """Parquet preference pairs through the Ray Data pipeline: each pair is a chosen row
+    and the rejected row after it (as `encode_preference` tokenizes them), a pair that
+    adds nothing or does not fit is counted, replicas get whole pairs, a cursor resumes
+    the same batches, the held-out set and train.steps=auto count pairs as two rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raytron.pipelines.chat import encode_preference
+
+    ray = ray_session
+    pairs = [{"q": f"{n} plus one is", "good": f" {n + 1}", "bad": f" {n + 2}"}
+             for n in range(40)]
+    pairs.insert(2, {"q": "nothing", "good": "", "bad": " x"})
+    pairs.insert(4, {"q": "long " * 40, "good": " a", "bad": " b"})  # not held out
+    pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "pairs.parquet")
+    spec = make_spec(f"[{{path: {tmp_path / 'pairs.parquet'}, format: preference, "
+                     "prompt_field: q, chosen_field: good, rejected_field: bad, epochs: 1}]",
+                     "data.val_share=0.2", "train.objective=dpo", "train.lora.rank=2",
+                     sample=2**14)
+    assert spec.pairs and spec.rows_per_sample == 2
+    tokenizer = Tokenizer.from_str(spec.tokenizer_json)
+    feeder = new_feeder(ray, spec)
+    ray.get(feeder.seek.remote(0, {}))
+    cursors = {step: ray.get(feeder.cursor.remote(step)) for step in range(3)}
+    reference = [ray.get(feeder.batch.remote(step, 0, 1)) for step in range(3)]
+    first = reference[0]
+    assert first.tokens.shape == (GLOBAL_BATCH, SEQ_LEN + 1)
+    trained = [pair for pair in pairs if pair["good"] and not pair["q"].startswith("long")
+               and not is_validation(json.dumps({"prompt": pair["q"], "chosen": pair["good"],
+                                                 "rejected": pair["bad"]}), 0.2)]
+    ids, learned, chosen = encode_preference(tokenizer, json.dumps(
+        {"prompt": trained[0]["q"], "chosen": trained[0]["good"],
+         "rejected": trained[0]["bad"]}), spec.eos)
+    for row, part in ((0, slice(0, chosen)), (1, slice(chosen, None))):
+        length = len(ids[part])
+        np.testing.assert_array_equal(first.tokens[row][:length], ids[part])
+        np.testing.assert_array_equal(first.targets[row][1:length], learned[part][1:])
+        assert not first.targets[row][length:].any()  # padding
+    assert cursors[2]["skipped"][0] == {"invalid_sample": 1, "too_long": 1}
+    halves = ray.get([feeder.batch.remote(1, r, 2) for r in range(2)])
+    np.testing.assert_array_equal(np.concatenate([h.tokens for h in halves]),
+                                  reference[1].tokens)
+    ray.get(feeder.seek.remote(1, cursors[1]))
+    for step in (1, 2):
+        np.testing.assert_array_equal(ray.get(feeder.batch.remote(step, 0, 1)).tokens,
+                                      reference[step].tokens)
+    held_out = ray.get(feeder.validation.remote(0, 3))
+    assert len(held_out) % 2 == 0 and len(held_out) > 0
+    assert ray.get(feeder.count_steps.remote()) == 2 * len(trained) // GLOBAL_BATCH
 
 
 def test_a_restarted_worker_group_gets_the_held_batches_again(ray_session, spec):
