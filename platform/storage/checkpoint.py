@@ -91,6 +91,7 @@ class PendingSave:
     meta: dict
     future: Future | None = None  # the background write, if there is one
     staged: Future | None = None  # its copy of the state, when that runs in the background
+    group: dist.ProcessGroup | None = None  # the write's own group, ended once committed
 
     def written(self) -> bool:
         return self.future is None or self.future.done()
@@ -209,12 +210,11 @@ class CheckpointStore:
 
     def write(self, step: int, parts: list[torch.nn.Module],
               optimizers: list[torch.optim.Optimizer], meta: dict,
-              background: bool = False, group: dist.ProcessGroup | None = None
-              ) -> PendingSave:
+              background: bool = False) -> PendingSave:
         """Collective: every rank writes its shards of `step`, not yet committed. In the
         `background`, the write goes on in a thread once the state is copied (training may
-        then change the parameters), coordinating ranks on `group`: a gloo group of its
-        own, apart from the training's collectives."""
+        then change the parameters). Ranks coordinate on a group of the write's own
+        (`passing_group`), apart from the training's collectives."""
         folder = self.folder(step)
         if rank() == 0:
             self.check_lease()
@@ -223,8 +223,11 @@ class CheckpointStore:
         barrier()
         state, _ = training_state(parts, optimizers)
         future = staged = None
+        group = passing_group()
         if not background:
-            dcp.save(state, checkpoint_id=self.checkpoint_id(step))
+            dcp.save(state, checkpoint_id=self.checkpoint_id(step), process_group=group)
+            end_group(group)
+            group = None
         else:
             future = dcp.async_save(state, checkpoint_id=self.checkpoint_id(step),
                                     process_group=group, no_dist=not dist.is_initialized(),
@@ -233,7 +236,7 @@ class CheckpointStore:
                 future, staged = future.upload_completion, future.staging_completion
         self.fs.makedirs(folder, exist_ok=True)  # a background write may not have yet
         write_atomically(self.fs, f"{folder}/{RNG_FILE.format(rank=rank())}", rng_state_json())
-        return PendingSave(step, {"step": step, **meta}, future, staged)
+        return PendingSave(step, {"step": step, **meta}, future, staged, group)
 
     def commit(self, pending: PendingSave,
                before_commit: Callable[[], None] | None = None) -> None:
@@ -241,6 +244,7 @@ class CheckpointStore:
         `before_commit` runs on every rank just before (fault drills use it)."""
         if pending.future is not None:
             pending.future.result()  # raises what the background write raised
+        end_group(pending.group)
         if before_commit is not None:
             before_commit()
         barrier()
@@ -265,8 +269,10 @@ class CheckpointStore:
         if problem:
             raise ValueError(problem)
         state, keys = training_state(parts, optimizers)
+        group = passing_group()
         dcp.load(state, storage_reader=safe_reader(self.checkpoint_id(step), self.local),
-                 planner=TensorsOnlyPlanner())
+                 planner=TensorsOnlyPlanner(), process_group=group)
+        end_group(group)
         for part, optimizer, (model_keys, optim_keys, groups) in zip(parts, optimizers, keys,
                                                                     strict=True):
             set_model_state_dict(part, {k: state["model"][k] for k in model_keys},
@@ -446,3 +452,21 @@ def rank() -> int:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def passing_group() -> dist.ProcessGroup | None:
+    """A gloo group for one save or load (collective), None without a process group.
+
+    DCP gathers every rank's plan as one pickled object, large enough that gloo's worker
+    thread copies it with OpenMP, which gives that thread a team of its own: from then on
+    the process has more OpenMP threads than CPUs, and libgomp makes every team sleep
+    between parallel regions instead of spinning, which doubled a small model's step time
+    on 2 CPU cores. The threads of a group ended after its save (`end_group`) go with it."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+
+def end_group(group: dist.ProcessGroup | None) -> None:
+    """End `passing_group`'s group once every rank is done with it (collective)."""
+    if group is not None:
+        barrier()
+        dist.destroy_process_group(group)

@@ -92,8 +92,6 @@ class WorkerLoop:
         self.staged: StagedBatch | None = None  # the next step's batch, fetched early
         args.coordinator.join.remote(rank, ray.get_runtime_context().get_node_id())
         self.boundary = StepBoundary(args.coordinator, rank)
-        self.background_group = dist.new_group(backend="gloo") \
-            if self.config.checkpoint.async_save and dist.is_initialized() else None
         self.unsaved: PendingSave | None = None  # written in the background, not committed
         self.committed_step = 0
         self.watchdog: Watchdog | None = None
@@ -349,7 +347,7 @@ class WorkerLoop:
                 "time": time.time()}
         background = background and self.config.checkpoint.async_save
         self.unsaved = self.store.write(step, self.trainer.parts, self.trainer.optimizers,
-                                        meta, background, self.background_group)
+                                        meta, background)
         if not background:
             self.commit()
         self.report(step, {"checkpoint_save_s": time.perf_counter() - started})
