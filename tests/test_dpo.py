@@ -166,3 +166,11 @@ def test_ipo_is_the_squared_distance_of_the_length_averaged_margin_from_one_over
     losses, sums = pair_losses(logps, reference, lengths, beta=0.25, loss="ipo")
     assert losses.tolist() == pytest.approx([(1 / 2 + 1 / 4 - 2) ** 2, 0.0])
     assert sums[-1] == 1  # one real pair
+
+
+def test_a_resumed_dpo_run_trains_as_the_uninterrupted_one(tmp_path):
+    whole = run_single(DPO)
+    run_single(DPO, 0, 3, checkpoints=tmp_path)
+    resumed = run_single(DPO, 3, 6, checkpoints=tmp_path, resume=True)
+    assert resumed["losses"] == pytest.approx(whole["losses"][3:], rel=1e-6)
+    assert resumed["pair_statistics"] == pytest.approx(whole["pair_statistics"], rel=1e-6)
