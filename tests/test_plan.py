@@ -84,6 +84,22 @@ def test_a_lora_plan_counts_gradients_and_optimizer_state_of_the_adapters_alone(
     assert "2.80M trained parameters (2.22%)" in capsys.readouterr().out
 
 
+def test_a_dpo_plan_counts_the_reference_pass(capsys):
+    """DPO with LoRA adds the base's forward pass (a third of a full model's step) to a
+    LoRA step's FLOPs, and holds no second model."""
+    lora = ["train.lora.rank=16"]
+    plain = make_plan(load_config("gpt2-124m", lora))
+    dpo = ["train.objective=dpo", "data.sources=[{path: embedded:reverse-words-pairs}]", *lora]
+    aligned = make_plan(load_config("gpt2-124m", dpo))
+    full = make_plan(load_config("gpt2-124m"))
+    assert aligned.flops_per_step == pytest.approx(
+        plain.flops_per_step + full.flops_per_step / 3)
+    assert aligned.busiest.memory.total == plain.busiest.memory.total
+    assert main(["plan", "gpt2-124m", *dpo]) == 0
+    assert "pairs per step (beta 0.1, sigmoid); the reference is the base" in \
+        capsys.readouterr().out
+
+
 def test_stage_split_and_bubble_formulas():
     assert [len(r) for r in stage_layers(10, 4)] == [3, 3, 2, 2]
     assert [list(r) for r in stage_layers(4, 2, [3, 1])] == [[0, 1, 2], [3]]

@@ -30,6 +30,7 @@ from raytron.platform.config.resolve import (
     recompute_every,
     resolve_model,
     selective_recompute,
+    step_flops_per_token,
     trained_model,
 )
 from raytron.platform.config.schema import RaytronConfig
@@ -133,7 +134,7 @@ def make_plan(config: RaytronConfig) -> Plan:
     trained_params = sum(x.numel() for x in whole.parameters() if x.requires_grad)
     return Plan(config, whole.num_params(), trained_params, ranks, per_call,
                 bubble_fraction(p.schedule, p.pp, per_call, p.virtual_stages),
-                whole.flops_per_token(seq) * t.global_batch * seq,
+                step_flops_per_token(config) * t.global_batch * seq,
                 ring_exchange_bytes(shape, busiest_layers, t.global_batch // dp * seq, p.cp,
                                     p.tp, compute_bytes))
 
@@ -224,6 +225,10 @@ def describe(plan: Plan) -> str:
                      f"({100 * plan.trained_params / plan.total_params:.2f}%); the frozen base "
                      f"holds no gradients or optimizer state: {saved / GB:.2f} GB per device "
                      "less than a full fine-tune")
+    if t.objective == "dpo":
+        lines.append(f"dpo         {t.global_batch // 2} pairs per step (beta {t.dpo.beta:g}, "
+                     f"{t.dpo.loss}); the reference is the base with the adapters off: one "
+                     "more forward pass per step, counted in compute, and no second model")
     if p.cp > 1:
         lines.append(f"context     {c.data.seq_len // p.cp} tokens of each sequence per device "
                      f"(cp={p.cp}); ring attention sends {plan.ring_bytes / GB:.2f} GB per "

@@ -73,6 +73,17 @@ def trained_model(config: RaytronConfig) -> GPT:
         return add_adapters(model, spec) if spec else model
 
 
+def step_flops_per_token(config: RaytronConfig) -> float:
+    """The model FLOPs a training step spends per token: forward and backward, and under
+    DPO the reference model's forward pass (the base's, the adapters off) besides."""
+    seq_len = config.data.seq_len
+    flops = trained_model(config).flops_per_token(seq_len)
+    if config.train.objective == "dpo":
+        with torch.device("meta"):
+            flops += GPT(gpt_shape(config.model)).forward_flops_per_token(seq_len)
+    return flops
+
+
 def packs_samples(data: DataConfig) -> bool:
     """`data.packing`, with `auto` meaning samples when any source holds fine-tuning samples."""
     if data.packing != AUTO:

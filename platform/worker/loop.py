@@ -24,7 +24,7 @@ import torch.distributed as dist
 from raytron.pipelines.feeder import DataUnusable
 from raytron.pipelines.mixture import DataExhausted
 from raytron.platform.config.layout import Layout
-from raytron.platform.config.resolve import trained_model
+from raytron.platform.config.resolve import step_flops_per_token
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.storage import metric_names as names
 from raytron.platform.storage.checkpoint import CheckpointStore, PendingSave
@@ -81,8 +81,7 @@ class WorkerLoop:
             check_tensor_parallel_on_one_node(mesh, ray.get_runtime_context().get_node_id(),
                                               self.layout)
         self.trainer = Trainer(self.config, self.layout, self.device, mesh)
-        self.flops_per_token = trained_model(self.config).flops_per_token(
-            self.config.data.seq_len)
+        self.flops_per_token = step_flops_per_token(self.config)
         self.store = CheckpointStore(args.checkpoint_dir, self.config.checkpoint.keep_last,
                                      args.leases)
         self.injector = FaultInjector(self.config.faults.inject, rank, self.layout.world,
