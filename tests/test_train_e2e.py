@@ -290,6 +290,13 @@ def test_failures_in_a_four_worker_run_restart_it_and_change_nothing(root, whole
         assert text in status.stdout, status.stdout
 
 
+def ctrl_c_delivered() -> None:
+    """In the child before it runs: SIGINT raises KeyboardInterrupt there even when these
+    tests run where it is ignored (a background job of a script, under nohup), as a
+    terminal's foreground command has it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_run_says_where_and_the_same_command_resumes_it(root, whole):
     """SIGINT (Ctrl-C) after the first checkpoint: exit status 130, one line saying where
     the run stopped and how it goes on, the stop in MLflow and `raytron status`; the same
@@ -297,7 +304,8 @@ def test_ctrl_c_stops_the_run_says_where_and_the_same_command_resumes_it(root, w
     marker = root / "interrupted" / "checkpoints" / "step_00000006" / COMMIT_MARKER
     with open(root / "interrupted.log", "w") as log:
         process = subprocess.Popen(command(root, "interrupted"), cwd=root, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=ctrl_c_delivered)
     deadline = time.time() + 300
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
