@@ -22,8 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, markdown_table, write_section  # noqa: E402
 
-from raytron.pipelines.embedded import REVERSE_WORDS  # noqa: E402
-from raytron.platform.models.answers import exact_answers, held_out_samples  # noqa: E402
+from raytron.pipelines.embedded import REVERSE_WORDS, REVERSE_WORDS_PAIRS  # noqa: E402
+from raytron.platform.models.answers import (  # noqa: E402
+    exact_answers,
+    held_out_samples,
+    preferred_pairs,
+)
 
 STEP_LINE = re.compile(r"^step +(\d+)/(\d+) \| loss ([\d.]+) .*?\| ([\d.]+)k tok/s", re.M)
 
@@ -81,6 +85,14 @@ def main() -> None:
         rows.append([command, "wall time", f"{seconds:.0f} s"])
         rows.append([command, "exact answers of 100 chats",
                      str(exact_answers(folder / "runs" / "sft-epoch", chats))])
+        pairs = held_out_samples(REVERSE_WORDS_PAIRS, 0.05, 100)
+        rows.append(["(runs/tiny, before DPO)", "held-out pairs of 100 preferred",
+                     str(preferred_pairs(folder / "runs" / "tiny", pairs))])
+        command = "raytron train configs/dpo-lora-tiny.yaml"
+        output, seconds = raytron(folder, "train", "configs/dpo-lora-tiny.yaml")
+        rows.append([command, "wall time", f"{seconds:.0f} s"])
+        rows.append([command, "held-out pairs of 100 preferred",
+                     str(preferred_pairs(folder / "runs" / "dpo-lora-tiny", pairs))])
         runs, _ = raytron(folder, "runs")
     table = markdown_table(["command", "figure", "measured"], rows)
     print(f"{table}\n\n{runs}")
