@@ -47,6 +47,6 @@ def pair_losses(logps: torch.Tensor, reference: torch.Tensor, lengths: torch.Ten
 def statistic_means(sums: list[float]) -> dict[str, float]:
     """The means TRL logs, from `STATISTICS` sums (over every rank's pairs)."""
     pairs = max(sums[-1], 1.0)
-    means = {name: total / pairs for name, total in zip(STATISTICS[:-1], sums, strict=False)}
+    means = {name: total / pairs for name, total in zip(STATISTICS[:-1], sums[:-1], strict=True)}
     means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
     return means

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -217,20 +218,11 @@ def encode_preference(tokenizer: Tokenizer, text: str, eos: int, bos: int | None
     head, *sequences = [ids if ids[:1] == start else start + ids for ids in
                         (tokenizer.encode(text, add_special_tokens=False).ids for text in texts)]
     sequences = [ids + end for ids in sequences]
-    learned_from = min(common_prefix(head, ids) for ids in sequences)
+    learned_from = min(len(os.path.commonprefix([head, ids])) for ids in sequences)
     if any(len(ids) <= learned_from for ids in sequences):
         raise ChatError("the chosen or the rejected completion adds no token to the prompt")
     masks = [[index >= learned_from for index in range(len(ids))] for ids in sequences]
     return sequences[0] + sequences[1], masks[0] + masks[1], len(sequences[0])
-
-
-def common_prefix(first: list[int], second: list[int]) -> int:
-    length = 0
-    for a, b in zip(first, second, strict=False):
-        if a != b:
-            break
-        length += 1
-    return length
 
 
 def sample_text(sample_format: str, text: str) -> str:
