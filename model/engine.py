@@ -16,6 +16,7 @@ request's tokens and its end from that thread.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from raytron.model.adapter_bank import BASE, Adapter, AdapterBank
 from raytron.model.gpt import GPT, GPTShape
 from raytron.model.kv_cache import KVCache
 from raytron.model.sampling import Sampling, next_tokens, penalized
@@ -134,6 +136,8 @@ class Request:
     logprobs: int | None = None  # score each generated token, with this many top tokens
     prompt_logprobs: int | None = None  # score the prompt's tokens (echo)
     prompt_scores: list[Scored | None] = field(default_factory=lambda: [None])
+    adapter: Adapter | None = None  # None: the base model
+    bank_slot: int = BASE  # where the bank holds its adapter once admitted
 
     @property
     def cached(self) -> int:
@@ -150,9 +154,11 @@ class EngineStats:
 
 
 class Engine:
+    """`bank`: adapters that requests may ask for, rows of one batch each with its own."""
+
     def __init__(self, model: GPT, end_ids: Sequence[int] = (),
-                 limits: EngineLimits = DEFAULT_LIMITS):
-        self.model, self.end_ids, self.limits = model, set(end_ids), limits
+                 limits: EngineLimits = DEFAULT_LIMITS, bank: AdapterBank | None = None):
+        self.model, self.end_ids, self.limits, self.bank = model, set(end_ids), limits, bank
         shape = model.shape
         self.max_len = limits.positions(shape)
         weight = next(model.parameters())
@@ -174,19 +180,26 @@ class Engine:
     def submit(self, prompt: Sequence[int], max_tokens: int, sampling: Sampling,
                on_event: Callable[[Event], None], seed: int | None = None,
                stops: Callable[[list[int]], bool] | None = None,
-               logprobs: int | None = None, prompt_logprobs: int | None = None) -> Request:
+               logprobs: int | None = None, prompt_logprobs: int | None = None,
+               adapter: Adapter | None = None) -> Request:
         """Queue a request; its events come from the engine's thread. `logprobs`: score
         each generated token with that many most likely ones; `prompt_logprobs`: score
-        the prompt's tokens too (then `max_tokens` may be 0: scoring alone). Raises
-        PromptError for a prompt it cannot continue, QueueFull when too many wait."""
+        the prompt's tokens too (then `max_tokens` may be 0: scoring alone); `adapter`:
+        decode with it on the base. Raises PromptError for a prompt it cannot continue,
+        QueueFull when too many wait, ValueError for an adapter the bank cannot take."""
         self.check_prompt(prompt)
         if max_tokens < (0 if prompt_logprobs is not None else 1):
             raise ValueError(f"max_tokens must be 1 or more (0 only to score a prompt), not "
                              f"{max_tokens}")
+        if adapter is not None:
+            problem = "this engine has no adapter bank" if self.bank is None else \
+                self.bank.problem(adapter)
+            if problem:
+                raise ValueError(f"adapter '{adapter.name}' cannot be served: {problem}")
         generator = None if seed is None else \
             torch.Generator(self.device).manual_seed(seed % 2**64)
         request = Request(list(prompt), max_tokens, sampling, on_event, stops, generator,
-                          logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs, adapter=adapter)
         with self.lock:
             if len(self.waiting) >= self.limits.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting; retry later")
@@ -301,11 +314,26 @@ class Engine:
                 self.waiting.remove(request)
                 self.finish(request, CANCELLED)
             free = [index for index, slot in enumerate(self.slots) if slot is None]
-            while free and self.waiting:
-                request = self.waiting.popleft()
+            busy = {r.bank_slot for r in self.slots if r is not None}
+            for request in list(self.waiting):
+                if not free:
+                    break
+                if request.adapter is not None:  # waits while the bank has no room
+                    bank_slot = self.bank.place(request.adapter, busy)
+                    if bank_slot is None:
+                        continue
+                    request.bank_slot = bank_slot
+                    busy.add(bank_slot)
+                self.waiting.remove(request)
                 request.slot = free.pop(0)  # the lowest: decoding batches stay short
                 self.slots[request.slot] = request
                 self.admitted.append(request)
+
+    def adapters(self, rows: Sequence[Request | None]):
+        """Within the block, each row of a forward uses its request's adapter."""
+        if self.bank is None:
+            return contextlib.nullcontext()
+        return self.bank.rows([BASE if r is None else r.bank_slot for r in rows])
 
     def view(self, first: int, stop: int, lengths: list[int]) -> KVCache:
         return KVCache.over([(keys[first:stop], values[first:stop])
@@ -324,8 +352,9 @@ class Engine:
                 lengths[slot] = request.cached
         for request in decoding:
             tokens[request.slot][0] = request.generated[-1]
-        logits = self.model(torch.tensor(tokens, device=self.device),
-                            self.view(0, rows, lengths))[:, -1]
+        with self.adapters(self.slots[:rows]):
+            logits = self.model(torch.tensor(tokens, device=self.device),
+                                self.view(0, rows, lengths))[:, -1]
         return logits[torch.tensor([request.slot for request in decoding],
                                    device=self.device)]
 
@@ -336,9 +365,10 @@ class Engine:
         start = request.prefilled
         tokens = torch.tensor([request.prompt[start : start + chunk]], device=self.device)
         scoring = request.prompt_logprobs is not None  # then every position's logits
-        logits = self.model(tokens, self.view(request.slot, request.slot + 1, [start]),
-                            logits_at=None if scoring else
-                            torch.tensor([chunk - 1], device=self.device))
+        with self.adapters([request]):
+            logits = self.model(tokens, self.view(request.slot, request.slot + 1, [start]),
+                                logits_at=None if scoring else
+                                torch.tensor([chunk - 1], device=self.device))
         if scoring:
             following = request.prompt[start + 1 : start + chunk + 1]
             request.prompt_scores += [scored(logits[0, index], token, request.prompt_logprobs)
@@ -359,8 +389,9 @@ class Engine:
         keys = self.buffers[0][0]
         scratch = KVCache(len(requests), max(lengths), len(self.buffers), keys.shape[1],
                           keys.shape[3], keys.dtype, self.device)
-        logits = self.model(tokens.to(self.device), scratch,
-                            logits_at=torch.tensor(lengths, device=self.device) - 1)
+        with self.adapters(requests):
+            logits = self.model(tokens.to(self.device), scratch,
+                                logits_at=torch.tensor(lengths, device=self.device) - 1)
         for (keys, values), layer in zip(self.buffers, scratch.layers, strict=True):
             for row, request in enumerate(requests):
                 keys[request.slot, :, : lengths[row]] = layer.keys[row, :, : lengths[row]]
@@ -430,7 +461,8 @@ class Engine:
                 "kv_slots": self.limits.max_num_seqs, "kv_slots_used": used,
                 "generated_tokens": self.stats.generated_tokens,
                 "prefilled_tokens": self.stats.prefilled_tokens,
-                "finished": self.stats.finished}
+                "finished": self.stats.finished,
+                "adapters_loaded": 0 if self.bank is None else self.bank.loaded()}
 
 
 def greedy_choices(ready: list[tuple[Request, torch.Tensor]]) -> list[int | None]:

@@ -104,6 +104,30 @@ def to_peft(adapters: dict[str, torch.Tensor], shape: GPTShape, family: Family
     return converted
 
 
+def from_peft(state: dict[str, torch.Tensor], shape: GPTShape, family: Family
+              ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """raytron's adapters of PEFT's LoRA state dict, as (A, B) by module
+    (`layers.<i>.attention.wq`): `to_peft` inverted. ValueError naming a tensor that is
+    neither a LoRA A nor B of a projection the family has (an embedding's, DoRA's)."""
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        inner = key.removeprefix(PEFT_PREFIX).removesuffix(".weight")
+        module, _, kind = inner.rpartition(".")
+        ours = raytron_name(f"{module}.weight", family) if kind in ("lora_A", "lora_B") \
+            else None
+        if not key.startswith(PEFT_PREFIX) or ours is None:
+            raise ValueError(f"{key} is not the LoRA A or B of a projection of a "
+                             f"{family.model_type} model")
+        module = ours.removesuffix(".weight")
+        heads = rotary_heads(ours, shape) if kind == "lora_B" else None
+        halves.setdefault(module, {})[kind] = \
+            tensor if heads is None else halves_to_pairs(tensor, heads)
+    missing = sorted(module for module, pair in halves.items() if len(pair) != 2)
+    if missing:
+        raise ValueError(f"{missing[0]} has only one of its A and B")
+    return {module: (pair["lora_A"], pair["lora_B"]) for module, pair in halves.items()}
+
+
 def peft_target_modules(modules: list[str], family: Family) -> list[str]:
     """PEFT's `target_modules` (q_proj, down_proj...) of raytron's module names."""
     names = {family.layer_names[f"{module}.weight"].removesuffix(".weight").rsplit(".", 1)[-1]

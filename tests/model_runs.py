@@ -138,3 +138,21 @@ def hf_chat_model(folder: Path, config, template: str, special: tuple[str, ...],
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, chat_template=template,
                             **tokens).save_pretrained(folder)
     return folder
+
+
+def peft_adapters(model_dir: Path, folder: Path, configs: dict[str, dict]) -> Path:
+    """PEFT's own LoRA adapters, with random A and B, on the model in `model_dir` (a
+    raytron run, exported for transformers first): `folder`/NAME for each NAME of
+    `configs` (LoraConfig's arguments)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    exported = folder / "exported-base"
+    code, _, err = run_cli("export", str(model_dir), str(exported))
+    assert code == 0, err
+    for seed, (name, arguments) in enumerate(configs.items()):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(exported),
+                                    LoraConfig(init_lora_weights=False, **arguments))
+        peft_model.save_pretrained(folder / "adapters" / name)
+    return folder

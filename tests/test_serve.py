@@ -22,6 +22,7 @@ from openai import (
     AuthenticationError,
     BadRequestError,
     InternalServerError,
+    NotFoundError,
     OpenAI,
     RateLimitError,
 )
@@ -32,10 +33,18 @@ from raytron.model.sampling import Sampling
 from raytron.pipelines.chat import render
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.models import load_model
+from raytron.platform.serving.adapters import AdapterSettings
 from raytron.platform.serving.command import replica_gpus
 from raytron.platform.serving.limits import Limits
 
-from model_runs import hf_chat_model, run_cli, small_model, small_tokenizer, write_run
+from model_runs import (
+    hf_chat_model,
+    peft_adapters,
+    run_cli,
+    small_model,
+    small_tokenizer,
+    write_run,
+)
 
 KEY = "test-key"
 
@@ -53,14 +62,27 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(ray_session, run_dir):
+def adapters(run_dir, tmp_path_factory) -> Path:
+    """PEFT's random LoRA adapters "one" and "two" on the served model, in a folder."""
+    folder = tmp_path_factory.mktemp("peft")
+    return peft_adapters(run_dir, folder, {
+        "one": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "two": {"r": 8, "lora_alpha": 8, "target_modules": ["o_proj", "down_proj"]},
+    }) / "adapters"
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, run_dir, adapters):
+    """The model as "small", with adapter "one" given and "two" found in its folder."""
     from ray import serve
 
     from raytron.platform.serving.app import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(str(run_dir), "small", api_key=KEY), name="raytron", route_prefix="/")
+    serve.run(build_app(str(run_dir), "small", api_key=KEY, adapters=AdapterSettings(
+        {"one": str(adapters / "one")}, str(adapters), max_adapters=2)),
+              name="raytron", route_prefix="/")
     yield run_dir, f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -139,7 +161,6 @@ def test_streams_carry_the_same_text_and_end_with_a_reason(client, local):
 
 
 @pytest.mark.parametrize(("fields", "param", "says"), [
-    ({"model": "other"}, "model", "is not served here"),
     ({"prompt": ""}, "prompt", "non-empty"),
     ({"temperature": -1}, "temperature", "at least 0 and at most 2, not -1"),
     ({"temperature": 2.5}, "temperature", "at most 2"),
@@ -333,7 +354,7 @@ def test_invalid_json_gets_400_and_the_key_is_enforced(served, client):
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=base + "/v1", api_key=KEY + "x", max_retries=0).completions.create(
             model="small", prompt="a", max_tokens=2)
-    assert [m.id for m in client.models.list().data] == ["small"]
+    assert [m.id for m in client.models.list().data] == ["small", "small:one", "small:two"]
     with urllib.request.urlopen(base + "/health", timeout=30) as health:
         assert health.status == 200
 
@@ -354,7 +375,43 @@ def test_concurrent_requests_decode_together_and_give_what_each_gives_alone(clie
     assert texts == [g.text for g in local.generate(prompts, 10, greedy=True, batch_size=1)]
 
 
-def test_raytron_serve_runs_in_the_foreground_and_stops_on_ctrl_c(served, tmp_path,
+def test_adapters_and_the_base_decode_together_as_each_alone(client, local):
+    """Requests for the base, adapter "one" (given) and "two" (from the folder), at
+    once: each gives what it gives alone, and the adapters change the text."""
+    calls = [(model, f"def f{i}(x):") for i in range(3)
+             for model in ("small", "small:one", "two")]
+
+    def complete(call: tuple[str, str]) -> str:
+        response = client.completions.create(model=call[0], prompt=call[1], max_tokens=10,
+                                             temperature=0)
+        assert response.model == call[0]
+        return response.choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        together = list(pool.map(complete, calls))
+    assert together == [complete(call) for call in calls]
+    assert together[::3] == [g.text for g in local.generate(
+        [prompt for _, prompt in calls[::3]], 10, greedy=True, batch_size=1)]
+    assert len(set(together[:3])) == 3
+    assert client.chat.completions.create(model="small:two", max_tokens=4, messages=[
+        {"role": "user", "content": "hi"}]).choices[0].message.content is not None
+
+
+def test_an_unknown_model_is_a_404_in_openais_shape(served, client):
+    for model in ("small:three", "three", "other", "small:../one"):
+        with pytest.raises(NotFoundError) as missing:
+            client.completions.create(model=model, prompt="a", max_tokens=2)
+        assert missing.value.body == {
+            "message": f"the model '{model}' does not exist here: this server serves 'small' "
+                       "and its adapters as 'small:NAME' (GET /v1/models lists them)",
+            "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    listed = client.models.list().data
+    assert [(m.id, m.parent) for m in listed] == [
+        ("small", None), ("small:one", "small"), ("small:two", "small")]
+    assert client.completions.create(model="small", prompt="a", max_tokens=2).choices
+
+
+def test_raytron_serve_runs_in_the_foreground_and_stops_on_ctrl_c(served, adapters, tmp_path,
                                                                    monkeypatch):
     """On a Ray of its own (the tests' Ray is on this machine too), quietly: no Ray
     tracebacks when it stops, no "Connecting to existing Serve app"."""
@@ -364,6 +421,10 @@ def test_raytron_serve_runs_in_the_foreground_and_stops_on_ctrl_c(served, tmp_pa
 
     code, _, err = run_cli("serve", str(tmp_path), "--port", "1")
     assert code == 2 and "is no model" in err  # refused before Ray starts
+    code, _, err = run_cli("serve", str(served[0]), "--adapter", "a/b=x")
+    assert code == 2 and "an adapter's name is 1 to 64 letters" in err
+    code, _, err = run_cli("serve", str(served[0]), "--adapter", f"x={tmp_path}")
+    assert code == 2 and "neither a PEFT adapter folder (with adapter_config.json) nor" in err
     monkeypatch.setenv("RAYTRON_API_KEY", KEY)  # the other server answers with its key
     taken = served[1].rsplit(":", 1)[1]
     code, _, err = run_cli("serve", str(served[0]), "--port", taken)
@@ -373,7 +434,7 @@ def test_raytron_serve_runs_in_the_foreground_and_stops_on_ctrl_c(served, tmp_pa
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "raytron.platform.cli", "serve",
                                 str(served[0]), "--name", "cli", "--port", str(port),
-                                "--max-replicas", "2"],
+                                "--max-replicas", "2", "--adapter", f"mine={adapters}/one"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout],
@@ -389,6 +450,7 @@ def test_raytron_serve_runs_in_the_foreground_and_stops_on_ctrl_c(served, tmp_pa
                 pytest.fail("not ready in 300 s:\n" + "".join(output))
         cli = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         assert cli.completions.create(model="cli", prompt="A class", max_tokens=4).choices
+        assert cli.completions.create(model="cli:mine", prompt="A", max_tokens=4).choices
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=120)
@@ -399,7 +461,7 @@ def test_raytron_serve_runs_in_the_foreground_and_stops_on_ctrl_c(served, tmp_pa
     for noise in ("Traceback", "graceful_shutdown", "Connecting to existing", "(raylet)"):
         assert noise not in "".join(output), "".join(output)
     assert any(f"at http://127.0.0.1:{port}/v1 with 1-2 (autoscaled)" in line
-               for line in output)
+               and "adapters 'cli:mine'" in line for line in output)
     code, _, err = run_cli("serve", str(served[0]), "--replicas", "2", "--max-replicas", "3")
     assert code == 2 and "give one of them" in err
 
@@ -454,7 +516,7 @@ def test_serves_own_builder_takes_the_application_and_its_arguments(served, monk
     assert isinstance(app, Application)
     deployment = app._bound_deployment
     assert deployment.init_args == (str(served[0]), "served", "from-the-environment",
-                                    EngineLimits(4), None, Limits())
+                                    EngineLimits(4), None, Limits(), AdapterSettings())
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
     # the tests' Ray declares no GPU: no GPU by default, Serve's one CPU kept
     assert deployment.ray_actor_options == {"num_gpus": 0, "num_cpus": 1}

@@ -19,6 +19,7 @@ import hashlib
 import json
 from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from raytron.platform.config.resolve import gpt_shape, lora_spec
 from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.storage.checkpoint import CheckpointStore, write_atomically
 
+if TYPE_CHECKING:
+    from raytron.platform.models.sources import ModelSource
+
 BASE_FILE = "lora_base.json"  # beside the checkpoints, as config.yaml
 SAMPLED_BYTES = 1 << 20
 MAX_BASE_FILE_BYTES = 1 << 16
@@ -35,21 +39,27 @@ MAX_BASE_FILE_BYTES = 1 << 16
 
 def base_reference(config: RaytronConfig) -> dict[str, str]:
     """{"source", "fingerprint"} of the base the config trains adapters on."""
-    from raytron.platform.models.sources import HUGGING_FACE, open_source, weight_files
+    from raytron.platform.models.sources import open_source
 
     init_from = config.model.init_from
     if not init_from:
         shape = dataclasses.asdict(gpt_shape(config.model))
         return {"source": f"the initial weights of train.seed={config.train.seed}",
                 "fingerprint": digest(json.dumps([config.train.seed, shape]).encode())}
-    source = open_source(init_from)
+    return {"source": init_from, "fingerprint": model_fingerprint(open_source(init_from))}
+
+
+def model_fingerprint(source: ModelSource) -> str:
+    """The fingerprint of a Hugging Face folder's or a checkpoint's files."""
+    from raytron.platform.models.sources import HUGGING_FACE, weight_files
+
     if source.kind == HUGGING_FACE:
         folder, files = source.path, ["config.json", *weight_files(source.path)]
     else:
         store = CheckpointStore(source.config.checkpoint.dir, source.config.checkpoint.keep_last)
         folder = Path(store.folder(source.step))
         files = sorted(path.name for path in folder.iterdir() if path.is_file())
-    return {"source": init_from, "fingerprint": files_fingerprint(folder, files)}
+    return files_fingerprint(folder, files)
 
 
 def files_fingerprint(folder: Path, files: list[str]) -> str:

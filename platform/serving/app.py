@@ -31,6 +31,14 @@ from raytron.model.engine import EngineLimits, PromptError, QueueFull, check_pro
 from raytron.model.generate import encode_prompt
 from raytron.pipelines.chat import CHATML
 from raytron.platform.serving.access import API_KEY_VARIABLE, authorized, checked_key
+from raytron.platform.serving.adapters import (
+    DEFAULT_MAX_ADAPTERS,
+    DEFAULT_MAX_RANK,
+    AdapterError,
+    AdapterLibrary,
+    AdapterSettings,
+    name_problem,
+)
 from raytron.platform.serving.completions import Completions, Finished
 from raytron.platform.serving.engine_process import EngineFailed, EngineProcess
 from raytron.platform.serving.engine_stats import EngineStats
@@ -47,6 +55,7 @@ from raytron.platform.serving.limits import (
     Limits,
 )
 from raytron.platform.serving.metrics import RequestMetrics, Served, logger
+from raytron.platform.serving.model_names import ServedModels
 from raytron.platform.serving.requests import (
     MAX_BODY_BYTES,
     MAX_SEQUENCES,
@@ -120,7 +129,7 @@ def sse(value: dict) -> str:
 class ModelServer:
     def __init__(self, source: str, name: str, api_key: str | None = None,
                  engine: EngineLimits = DEFAULT_ENGINE, tracking_uri: str | None = None,
-                 limits: Limits = DEFAULT_LIMITS):
+                 limits: Limits = DEFAULT_LIMITS, adapters: AdapterSettings | None = None):
         from raytron.platform.models.sources import open_source
 
         self.api_key = checked_key(api_key, "the API key")
@@ -132,7 +141,10 @@ class ModelServer:
         self.admission = Admission(limits.max_queued)
         engine = EngineLimits(engine.max_num_seqs, engine.max_model_len, engine.token_budget,
                               max_waiting=limits.max_queued * MAX_SEQUENCES)  # admission's
-        self.engine = EngineProcess(self.source, replica_device(), engine)
+        adapters = adapters or AdapterSettings()
+        self.library = AdapterLibrary(adapters, self.source) if adapters.enabled else None
+        self.models = ServedModels(name, self.library)
+        self.engine = EngineProcess(self.source, replica_device(), engine, adapters)
         self.stats = EngineStats(lambda: self.engine.state, name)
         self.context = engine.positions(self.source.shape)
         self.created = int(time.time())
@@ -165,13 +177,20 @@ class ModelServer:
         return None
 
     async def parsed(self, request: Request, chat: bool
-                     ) -> tuple[ParsedRequest, list[list[int]]]:
-        """The request, and each completion's prompt as ids."""
+                     ) -> tuple[ParsedRequest, list[list[int]], str | None]:
+        """The request, each completion's prompt as ids, and the adapter it asks for."""
         parsed = parse(read_json(await body_bytes(request)), self.name, self.context,
                        self.chat_template if chat else None)
+        adapter = self.models.adapter_of(parsed.model)
+        if adapter is not None:
+            try:
+                self.library.adapter(adapter)  # read and checked, once per version
+            except AdapterError as problem:
+                raise BadRequest(str(problem), "model") from None
         encoded = {index: self.encoded(prompt) for index, prompt in enumerate(parsed.prompts)}
         per_prompt = len(parsed.jobs) // len(parsed.prompts)  # n
-        return parsed, [encoded[index // per_prompt] for index in range(len(parsed.jobs))]
+        return parsed, [encoded[index // per_prompt] for index in range(len(parsed.jobs))], \
+            adapter
 
     def encoded(self, prompt: Prompt) -> list[int]:
         ids = self.encode(prompt) if isinstance(prompt, str) else prompt
@@ -261,9 +280,9 @@ class ModelServer:
 
     @api.get("/v1/models")
     async def models(self, request: Request):
-        return self.refused(request) or {"object": "list", "data": [
-            {"id": self.name, "object": "model", "created": self.created,
-             "owned_by": "raytron"}]}
+        """The base, and each adapter as BASE:NAME with the base as its `parent`."""
+        return self.refused(request) or {"object": "list",
+                                         "data": self.models.listed(self.created)}
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
@@ -294,10 +313,10 @@ class ModelServer:
         arrival, so a body sent slowly does not hold the place longer."""
         deadline = started + self.limits.request_timeout_s
         try:
-            parsed, prompts = await asyncio.wait_for(self.parsed(request, chat),
-                                                     deadline - time.perf_counter())
+            parsed, prompts, adapter = await asyncio.wait_for(
+                self.parsed(request, chat), deadline - time.perf_counter())
             completions = Completions(self.engine, parsed.jobs, prompts, parsed.logprobs,
-                                      parsed.echo)
+                                      parsed.echo, adapter)
         except BadRequest as problem:
             self.metrics.record(Served(route, problem.status, time.perf_counter() - started))
             return JSONResponse(problem.body(), status_code=problem.status)
@@ -312,7 +331,7 @@ class ModelServer:
             self.metrics.record(Served(route, 429, time.perf_counter() - started))
             return error(429, f"{full}; retry after {RETRY_AFTER_S} s", "rate_limit_error",
                          headers={"Retry-After": str(RETRY_AFTER_S)})
-        bodies = Bodies(parsed, self.tokenizer, self.name, self.echoed(parsed))
+        bodies = Bodies(parsed, self.tokenizer, parsed.model, self.echoed(parsed))
         if parsed.stream:
             return HeldStream(self.events(parsed, completions, bodies, route, started,
                                           deadline), self.admission.release)
@@ -387,16 +406,18 @@ class ModelServer:
 def build_app(source: str, name: str, api_key: str | None = None,
               engine: EngineLimits = DEFAULT_ENGINE, replicas: int = 1,
               autoscaling: dict | None = None, tracking_uri: str | None = None,
-              num_gpus: float = 0, limits: Limits = DEFAULT_LIMITS):
+              num_gpus: float = 0, limits: Limits = DEFAULT_LIMITS,
+              adapters: AdapterSettings | None = None):
     """The application (`raytron serve` and Python): `replicas` copies, or as many as
     Serve's `autoscaling` config (min_replicas, max_replicas, target_ongoing_requests)
     asks for, each with `num_gpus` GPUs (0: on the CPU), an engine of `engine`'s slots
-    and budget, and `limits`; request metrics to MLflow at `tracking_uri`. An empty
-    `api_key` is refused (None: no key)."""
+    and budget, `limits`, and the LoRA `adapters` it serves by name; request metrics to
+    MLflow at `tracking_uri`. An empty `api_key` is refused (None: no key)."""
     scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
     return ModelServer.options(ray_actor_options={"num_gpus": num_gpus},
                                **limits.serve_options(), **scaling).bind(
-        source, name, checked_key(api_key, "the API key"), engine, tracking_uri, limits)
+        source, name, checked_key(api_key, "the API key"), engine, tracking_uri, limits,
+        adapters)
 
 
 class ServeArgs(BaseModel):
@@ -419,6 +440,18 @@ class ServeArgs(BaseModel):
     num_gpus: float | None = None
     max_queued: int = Field(Limits.max_queued, ge=1)  # requests a replica holds; then 429
     request_timeout_s: float = Field(Limits.request_timeout_s, gt=0)  # then 504
+    adapters: dict[str, str] = {}  # LoRA adapters by name: NAME -> PATH
+    adapters_dir: str | None = None  # each folder NAME in it: adapter NAME, on first use
+    max_adapters: int = Field(DEFAULT_MAX_ADAPTERS, ge=1)  # on a replica's device at once
+    max_lora_rank: int = Field(DEFAULT_MAX_RANK, ge=1)  # the largest adapter rank taken
+
+    @field_validator("adapters")
+    @classmethod
+    def named_well(cls, value: dict[str, str]) -> dict[str, str]:
+        problem = next(filter(None, map(name_problem, value)), None)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("num_gpus")
     @classmethod
@@ -439,4 +472,6 @@ def application(args: ServeArgs):
                      checked_key(os.environ.get(API_KEY_VARIABLE), f"${API_KEY_VARIABLE}"),
                      EngineLimits(args.max_num_seqs, args.max_model_len, args.token_budget),
                      args.replicas, autoscaling, args.tracking_uri, gpus,
-                     Limits(args.max_queued, args.request_timeout_s))
+                     Limits(args.max_queued, args.request_timeout_s),
+                     AdapterSettings(args.adapters, args.adapters_dir, args.max_adapters,
+                                     args.max_lora_rank))

@@ -15,6 +15,13 @@ from raytron.model.engine import EngineLimits
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.models.commands import SOURCE_HELP, checked
 from raytron.platform.serving.access import API_KEY_VARIABLE, checked_key, loopback
+from raytron.platform.serving.adapters import (
+    DEFAULT_MAX_ADAPTERS,
+    DEFAULT_MAX_RANK,
+    AdapterError,
+    AdapterSettings,
+    name_problem,
+)
 from raytron.platform.serving.gpus import default_gpus, gpus_problem
 from raytron.platform.serving.limits import DEFAULT_LIMITS, Limits
 from raytron.platform.serving.port import port_problem
@@ -52,6 +59,11 @@ request is one line of the replica's log; --mlflow also logs request metrics eve
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{{"model": "tiny", "prompt": "A class", "max_tokens": 20}}'
 
+LoRA adapters (--adapter NAME=PATH, --adapters-dir) are served on the one copy of the
+model: a request's model 'BASE:NAME' (as /v1/models lists it) or 'NAME' picks one, and
+requests for different adapters and for the base decode in the same batch, each row
+with its own adapter. An unknown model is a 404 (code model_not_found).
+
 The API key may come from ${API_KEY_VARIABLE} instead of --api-key (which other users
 of the machine can see in its process list); set and empty, it is refused. A --host
 other machines reach needs a key (or --allow-unauthenticated); put TLS in front of it
@@ -61,7 +73,8 @@ long as this command (--detach needs a cluster: `ray start --head`); a port that
 taken is refused before. For `serve run` and a KubeRay RayService the application is
 raytron.platform.serving.app:application, with arguments source, name, max_num_seqs,
 max_model_len, token_budget, replicas, min_replicas, max_replicas,
-target_ongoing_requests, tracking_uri, num_gpus, max_queued, request_timeout_s:
+target_ongoing_requests, tracking_uri, num_gpus, max_queued, request_timeout_s,
+adapters (a mapping NAME: PATH), adapters_dir, max_adapters, max_lora_rank:
 
   serve run raytron.platform.serving.app:application source=runs/tiny max_num_seqs=16"""
 
@@ -98,6 +111,25 @@ def add_serve_arguments(command: argparse.ArgumentParser) -> None:
                          help="tokens a decoding step computes: one per decoding sequence, "
                               "the rest prefill chunks (default "
                               f"{EngineLimits.token_budget}; more than --max-num-seqs)")
+    command.add_argument("--adapter", type=adapter_argument, action="append", default=[],
+                         metavar="NAME=PATH",
+                         help="serve a LoRA adapter on the model, asked for as model "
+                              "'BASE:NAME' or 'NAME': a PEFT adapter folder (`raytron "
+                              "export` of a LoRA run writes one) or a LoRA run trained on "
+                              "this model; repeat for more")
+    command.add_argument("--adapters-dir", metavar="DIR",
+                         help="serve each adapter folder DIR/NAME as adapter NAME, read on "
+                              "the first request for it (one added while serving is found; "
+                              "one changed is read again)")
+    command.add_argument("--max-adapters", type=checked(int, 1), default=DEFAULT_MAX_ADAPTERS,
+                         metavar="N",
+                         help="adapters a replica holds on its device at once; the least "
+                              "recently used one idle makes room for another (default "
+                              f"{DEFAULT_MAX_ADAPTERS})")
+    command.add_argument("--max-lora-rank", type=checked(int, 1), default=DEFAULT_MAX_RANK,
+                         metavar="R",
+                         help="the largest adapter rank served; the device holds "
+                              f"--max-adapters adapters of it (default {DEFAULT_MAX_RANK})")
     command.add_argument("--host", default="127.0.0.1",
                          help="address to listen on (default 127.0.0.1: this machine only)")
     command.add_argument("--port", type=checked(int, 1, 65535), default=8000,
@@ -136,6 +168,41 @@ def gpus_per_replica(text: str) -> float:
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return value
+
+
+def adapter_argument(text: str) -> tuple[str, str]:
+    """--adapter NAME=PATH, or a usage error."""
+    name, equals, path = text.partition("=")
+    problem = name_problem(name) if equals and path else \
+        f"give NAME=PATH (an adapter's name, then its folder), not {text!r}"
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return name, path
+
+
+def adapter_settings(args: argparse.Namespace, source) -> AdapterSettings:
+    """The adapters the flags serve, each read and checked against the model now."""
+    from raytron.platform.serving.adapters import AdapterLibrary
+
+    names = [name for name, _ in args.adapter]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError([f"--adapter names {', '.join(twice)} more than once. Fix: give "
+                           "each adapter a name of its own."])
+    if args.adapters_dir is not None and not Path(args.adapters_dir).expanduser().is_dir():
+        raise ConfigError([f"--adapters-dir {args.adapters_dir} is not a folder. Fix: create "
+                           "it (adapters put there are served by their folder's name)."])
+    settings = AdapterSettings({name: str(Path(path).expanduser().resolve())
+                                for name, path in args.adapter},
+                               args.adapters_dir and str(Path(args.adapters_dir).resolve()),
+                               args.max_adapters, args.max_lora_rank)
+    library = AdapterLibrary(settings, source)
+    try:
+        for name in names:
+            library.adapter(name)
+    except AdapterError as problem:
+        raise ConfigError([f"--adapter: {problem}"]) from None
+    return settings
 
 
 def replica_gpus(requested: float | None, cluster_gpus: float) -> float:
@@ -221,6 +288,7 @@ def serve_command(args: argparse.Namespace) -> int:
     autoscaling = autoscaling_config(args)
     tracking_uri = serving_tracking_uri(args, source)
     name = args.name or (source.run_dir or source.path).resolve().name
+    adapters = adapter_settings(args, source)
     key = api_key(args)
     # A local Ray is this command's own, and so is the port: a Ray found on the machine
     # (another `raytron serve`'s, a training's) is never joined. A cluster's Serve may
@@ -246,7 +314,7 @@ def serve_command(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": args.host, "port": args.port})
     serve._run(build_app(str(Path(args.source).resolve()), name, key, engine,
                          args.replicas, autoscaling, tracking_uri, gpus,
-                         Limits(args.max_queued, args.request_timeout_s)),
+                         Limits(args.max_queued, args.request_timeout_s), adapters),
                name=APP_NAME, route_prefix="/", _blocking=False)
     try:
         wait_until_running(lambda: serve.status().applications.get(APP_NAME),
@@ -259,7 +327,7 @@ def serve_command(args: argparse.Namespace) -> int:
         else str(args.replicas)
     device = f"{gpus:g} GPU each" if gpus else "on CPUs"
     print(f"Serving '{name}' ({source.describe()}) at http://{args.host}:{args.port}/v1 "
-          f"with {replicas} replica(s), {device}{ingress}"
+          f"with {replicas} replica(s), {device}{ingress}{served_adapters(name, adapters)}"
           f"{'; API key required' if key else ''}"
           f"{'; request metrics to MLflow' if tracking_uri else ''}.", flush=True)
     if args.detach:
@@ -276,6 +344,14 @@ def serve_command(args: argparse.Namespace) -> int:
     finally:
         stop(bool(address))
     return 0
+
+
+def served_adapters(name: str, settings: AdapterSettings) -> str:
+    """What the start line says of the adapters served."""
+    said = [f"'{name}:{adapter}'" for adapter in settings.paths]
+    if settings.directory:
+        said.append(f"those of {settings.directory} as '{name}:NAME'")
+    return f"; adapters {', '.join(said)}" if said else ""
 
 
 def stop(in_a_cluster: bool) -> None:

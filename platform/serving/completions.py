@@ -49,11 +49,12 @@ class Completions:
 
     def __init__(self, engine: EngineProcess, jobs: Sequence[Job],
                  prompts: Sequence[list[int]], logprobs: int | None = None,
-                 echo: bool = False):
+                 echo: bool = False, adapter: str | None = None):
         self.queue: asyncio.Queue = asyncio.Queue()
         self.engine, self.jobs, self.prompts = engine, jobs, prompts
         self.ended: set[int] = set()
-        self.number = engine.submit(list(jobs), list(prompts), logprobs, echo, self.queue)
+        self.number = engine.submit(list(jobs), list(prompts), logprobs, echo, self.queue,
+                                    adapter)
 
     async def batches(self, deadline: float) -> AsyncIterator[list[tuple]]:
         """Until every completion ended, what has come since the last batch (at least

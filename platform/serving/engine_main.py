@@ -18,8 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
+from raytron.model.adapter_bank import AdapterBank
 from raytron.model.engine import ERROR, Engine, EngineLimits, Event, Request, Scored
 from raytron.model.generate import TextStream
+from raytron.platform.serving.adapters import AdapterLibrary, AdapterSettings
 from raytron.platform.serving.completions import Finished, prompt_logprobs
 from raytron.platform.serving.requests import Job
 
@@ -70,14 +72,18 @@ class Decoding:
         self.failure: str | None = None  # set: what failed its submission
         self.started = time.perf_counter()
 
-    def submit(self, engine: Engine, logprobs: int | None, echo: bool) -> None:
-        """Every completion into the engine; one that cannot be submitted ends them all
-        with its error (those submitted are cancelled)."""
+    def submit(self, engine: Engine, logprobs: int | None, echo: bool,
+               adapter: str | None = None, library: AdapterLibrary | None = None) -> None:
+        """Every completion into the engine (with `adapter` of `library` on the base); one
+        that cannot be submitted ends them all with its error (those submitted are
+        cancelled)."""
         try:
+            weights = None if adapter is None else library.adapter(adapter)
             for index, (job, prompt) in enumerate(zip(self.jobs, self.prompts, strict=True)):
                 self.requests.append(engine.submit(
                     prompt, job.max_tokens, job.sampling, self.listener(index), job.seed,
-                    self.stops(index), logprobs, prompt_logprobs(echo, logprobs, job)))
+                    self.stops(index), logprobs, prompt_logprobs(echo, logprobs, job),
+                    weights))
         except Exception as error:  # noqa: BLE001 (QueueFull, a bad max_tokens: reported)
             self.failure = f"{type(error).__name__}: {error}"
             for index in range(len(self.requests), len(self.jobs)):
@@ -128,12 +134,13 @@ class Decoding:
 
 
 class Listener:
-    """Takes the replica's messages: ("submit", id, jobs, prompts, logprobs, echo) and
-    ("cancel", id). Ends the engine when the replica's end closes."""
+    """Takes the replica's messages: ("submit", id, jobs, prompts, logprobs, echo,
+    adapter) and ("cancel", id). Ends the engine when the replica's end closes."""
 
-    def __init__(self, connection: Connection, engine: Engine, outbox: Outbox, tokenizer):
+    def __init__(self, connection: Connection, engine: Engine, outbox: Outbox, tokenizer,
+                 library: AdapterLibrary | None = None):
         self.connection, self.engine, self.outbox = connection, engine, outbox
-        self.tokenizer = tokenizer
+        self.tokenizer, self.library = tokenizer, library
         self.decodings: dict[int, Decoding] = {}
 
     def listen(self) -> None:
@@ -150,27 +157,37 @@ class Listener:
             self.engine.stop()
 
     def submit(self, number: int, jobs: list[Job], prompts: list[list[int]],
-               logprobs: int | None, echo: bool) -> None:
+               logprobs: int | None, echo: bool, adapter: str | None) -> None:
         decoding = Decoding(number, jobs, prompts, self.outbox, self.tokenizer,
                             lambda done: self.decodings.pop(done, None))
         self.decodings[number] = decoding
-        decoding.submit(self.engine, logprobs, echo)
+        decoding.submit(self.engine, logprobs, echo, adapter, self.library)
         self.outbox.flush()  # a submission that failed says so now
+
+
+def served_adapters(model, settings: AdapterSettings, source
+                    ) -> tuple[AdapterBank | None, AdapterLibrary | None]:
+    """The bank the adapters decode in, and where they are read from; Nones: none."""
+    if not settings.enabled:
+        return None, None
+    return (AdapterBank(model, settings.max_adapters, settings.max_rank),
+            AdapterLibrary(settings, source))
 
 
 def main(argv: Sequence[str]) -> None:
     connection = Connection(int(argv[0]))
-    source, device, limits = connection.recv()
+    source, device, limits, adapters = connection.recv()
     try:
         from raytron.platform.models.loading import load_model
 
         loaded = load_model(source, device=device)
-        engine = Engine(loaded.model, loaded.generator.end_ids, EngineLimits(**limits))
+        bank, library = served_adapters(loaded.model, adapters, source)
+        engine = Engine(loaded.model, loaded.generator.end_ids, EngineLimits(**limits), bank)
     except Exception as error:  # noqa: BLE001 (the replica reports it)
         connection.send(("failed", f"{type(error).__name__}: {error}"))
         return
     outbox = Outbox(connection, engine)
-    listener = Listener(connection, engine, outbox, loaded.tokenizer)
+    listener = Listener(connection, engine, outbox, loaded.tokenizer, library)
     connection.send(("ready", engine.state()))
     threading.Thread(target=listener.listen, name="raytron-engine-listener",
                      daemon=True).start()

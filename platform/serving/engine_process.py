@@ -21,6 +21,7 @@ from dataclasses import asdict
 from multiprocessing.connection import Connection
 
 from raytron.model.engine import EngineLimits, QueueFull
+from raytron.platform.serving.adapters import AdapterSettings
 from raytron.platform.serving.requests import Job
 
 ENDED = "the engine's process ended (exit code {code}); the replica is being replaced"
@@ -35,7 +36,8 @@ class EngineProcess:
     with its reason if it cannot be). `submit` from the event loop; each request's items
     arrive on the asyncio queue it gave."""
 
-    def __init__(self, source, device: str, limits: EngineLimits):
+    def __init__(self, source, device: str, limits: EngineLimits,
+                 adapters: AdapterSettings | None = None):
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "raytron.platform.serving.engine_main",
@@ -43,7 +45,7 @@ class EngineProcess:
         theirs.close()
         self.socket, self.connection = ours, Connection(os.dup(ours.fileno()))
         self.limits = limits
-        self.connection.send((source, device, asdict(limits)))
+        self.connection.send((source, device, asdict(limits), adapters or AdapterSettings()))
         try:
             kind, value = self.connection.recv()
         except EOFError:
@@ -62,9 +64,10 @@ class EngineProcess:
                          daemon=True).start()
 
     def submit(self, jobs: list[Job], prompts: list[list[int]], logprobs: int | None,
-               echo: bool, queue: asyncio.Queue) -> int:
+               echo: bool, queue: asyncio.Queue, adapter: str | None = None) -> int:
         """The request's number; its ("text" | "end", index, value) items come on `queue`.
-        QueueFull beyond the engine's `max_waiting` sequences (all might wait at once)."""
+        `adapter`: the name of the adapter to decode with (None: the base). QueueFull
+        beyond the engine's `max_waiting` sequences (all might wait at once)."""
         if self.ended is not None:
             raise EngineFailed(self.ended)
         if self.outstanding + len(jobs) > self.limits.max_waiting:
@@ -75,7 +78,7 @@ class EngineProcess:
         self.queues[number] = queue
         with self.counting:
             self.outstanding += len(jobs)
-        self.send(("submit", number, jobs, prompts, logprobs, echo))
+        self.send(("submit", number, jobs, prompts, logprobs, echo, adapter))
         return number
 
     def release(self, number: int, cancel: bool) -> None:

@@ -45,7 +45,8 @@ def holder(host: str, port: int, api_key: str | None) -> str:
                                     timeout=2) as answer:
             models = json.loads(answer.read(1 << 16))["data"]
         if models and all(model["owned_by"] == "raytron" for model in models):
-            return f"another raytron serve (model {', '.join(m['id'] for m in models)})"
+            bases = [m["id"] for m in models if not m.get("parent")]  # not its adapters
+            return f"another raytron serve (model {', '.join(bases)})"
     except Exception:  # anything that is not raytron's answer: another program
         pass
     return "another program"

@@ -25,13 +25,14 @@ class BadRequest(ValueError):
     """A request the server refuses (400 unless `status` says otherwise); `param` names
     the field."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None):
         super().__init__(message)
-        self.param, self.status = param, status
+        self.param, self.status, self.code = param, status, code
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": "invalid_request_error",
-                          "param": self.param, "code": None}}
+                          "param": self.param, "code": self.code}}
 
 
 MAX_LOGPROBS = 20  # most likely tokens per position (vLLM's default limit)
@@ -138,11 +139,11 @@ def number(body: dict, key: str, default: Any, kind: type, low: float, high: flo
 def parse(body: dict, served_model: str, context: int, chat: ChatTemplate | None
           ) -> ParsedRequest:
     """The request's jobs (`body` from `read_json`); BadRequest for anything the server
-    cannot honour. `chat`: the template of a chat request; None: a completions one."""
+    cannot honour. `model` is `served_model` unless the body names one (which the caller
+    finds). `chat`: the template of a chat request; None: a completions one."""
     model = body.get("model", served_model)
-    if model != served_model:
-        raise BadRequest(f"model '{shown(model)}' is not served here; this server serves "
-                         f"'{served_model}'", "model")
+    if not isinstance(model, str):
+        raise BadRequest("model must be a string", "model")
     echo = flag(body, "echo") if chat is None else False
     max_tokens = number(body, "max_tokens", 16, int, 0 if echo else 1, context - 1)
     temperature = number(body, "temperature", 1.0, float, 0, 2)
