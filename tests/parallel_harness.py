@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from fsspec.implementations.local import LocalFileSystem
 
 from raytron.model.materialize import plain_name
 from raytron.pipelines.packing import Batch, PairPacker, SamplePacker, TokenDoc
@@ -19,6 +20,12 @@ from raytron.platform.config.resolve import resolve_model
 from raytron.platform.models.initial import with_initial_model
 from raytron.platform.storage.checkpoint import CheckpointStore
 from raytron.platform.worker.layout import build_mesh
+from raytron.platform.worker.references import (
+    ReferenceTable,
+    reference_rows,
+    store_table,
+    stored_table,
+)
 from raytron.platform.worker.task_scoring import score_in_layout
 from raytron.platform.worker.trainer import Sequences, Trainer, whole_value
 
@@ -88,22 +95,57 @@ def train(overrides: list[str], start: int, stop: int, checkpoints: Path | None,
         trainer.start_at(start)
     losses, norms = [], []
     cpu = torch.device("cpu")
+    references = full_dpo_references(trainer, cfg, rank, checkpoints)
     for step in range(start, stop):
-        mine = batch(step, cfg).rows(dp_rank * share, (dp_rank + 1) * share)
-        loss, norm = trainer.train_step(Sequences.of(mine, cpu))
+        mine = Sequences.of(batch(step, cfg).rows(dp_rank * share, (dp_rank + 1) * share), cpu)
+        if references is not None:
+            mine = references.attach(mine, step * cfg.train.global_batch + dp_rank * share)
+        loss, norm = trainer.train_step(mine)
         losses.append(loss.item())
         norms.append(norm.item())
     idle = trainer.idle_shares()
     held_out = batch(-1, cfg, cfg.data.val_sequences)
     val_share = len(held_out) // layout.dp
-    mine = held_out.rows(dp_rank * val_share, (dp_rank + 1) * val_share)
-    val = trainer.evaluate(Sequences.of(mine, cpu)).item()
+    mine = Sequences.of(held_out.rows(dp_rank * val_share, (dp_rank + 1) * val_share), cpu)
+    if references is not None:
+        mine = references.attach(mine, dp_rank * val_share, held_out=True)
+    val = trainer.evaluate(mine).item()
     scores = score_in_layout(trainer, pairs) if pairs else None
     if store:
         store.save(stop, trainer.parts, trainer.optimizers, {})
     return {"losses": losses, "norms": norms, "val_loss": val, "idle": idle,
             "task_scores": scores, "pair_statistics": trainer.pair_statistics(),
             "eval_statistics": trainer.eval_statistics}
+
+
+def full_dpo_references(trainer: Trainer, cfg, rank: int, checkpoints: Path | None
+                        ) -> ReferenceTable | None:
+    """Under DPO without LoRA, the run's reference table as the worker loop makes it: the
+    one stored with the checkpoints, or computed now (the weights are the starting ones)
+    for all train.steps and the held-out set, and stored."""
+    if cfg.train.objective != "dpo" or cfg.train.lora.rank:
+        return None
+    rows = cfg.train.steps * cfg.train.global_batch
+    if checkpoints is not None:
+        stored = stored_table(LocalFileSystem(), str(checkpoints),
+                              rows + cfg.data.val_sequences)
+        if stored is not None:
+            return stored
+    layout = Layout.of(cfg)
+    at = layout.coordinates(rank)
+    head = at["tp"] == 0 and at["cp"] == 0 and at["pp"] == layout.pp - 1
+    share = cfg.train.global_batch // layout.dp
+    cpu = torch.device("cpu")
+    steps = [(step * cfg.train.global_batch + at["dp"] * share, Sequences.of(
+        batch(step, cfg).rows(at["dp"] * share, (at["dp"] + 1) * share), cpu))
+        for step in range(cfg.train.steps)]
+    held_out = Sequences.of(batch(-1, cfg, cfg.data.val_sequences), cpu)
+    table = ReferenceTable(reference_rows(trainer, steps, rows, head),
+                           reference_rows(trainer, [(0, held_out)], len(held_out),
+                                          head and at["dp"] == 0))
+    if checkpoints is not None and rank == 0:
+        store_table(LocalFileSystem(), str(checkpoints), table)
+    return table
 
 
 def run_parallel(overrides: list[str], start: int = 0, stop: int = 6,

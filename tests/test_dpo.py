@@ -16,6 +16,7 @@ from raytron.pipelines.packing import TOO_LONG, Batch, PairPacker, TokenDoc
 from raytron.pipelines.sources import PREFERENCE, CorpusFile, row_record
 from raytron.pipelines.stream import Tokenize
 from raytron.pipelines.tokenizer import eos_id
+from raytron.platform.worker.references import REFERENCE_FILE
 from raytron.platform.worker.trainer import Sequences
 
 from model_runs import lora_runs, run_cli, small_tokenizer
@@ -157,6 +158,27 @@ def test_dpo_trains_alike_in_every_layout():
     for layout in (["parallel.dp=2"], ["parallel.tp=2"], ["parallel.cp=2"],
                    ["parallel.pp=2", "parallel.schedule=1f1b"]):
         assert_same_run(run_parallel(DPO + layout), want)
+
+
+FULL_DPO = [option for option in DPO if not option.startswith("train.lora")]
+
+
+def test_a_full_fine_tunes_dpo_takes_its_reference_from_a_pass_before_training(tmp_path):
+    """Without LoRA the reference log-probabilities come from the starting weights, in a
+    pass before the first step: the first loss is ln 2, the trained weights move away
+    from them, every layout trains alike, and a resume reads the stored table."""
+    want = run_single(FULL_DPO)
+    assert want["losses"][0] == pytest.approx(np.log(2), abs=1e-6)
+    # a reference recomputed from the weights as they train would give ln 2 at every step
+    assert all(abs(loss - np.log(2)) > 1e-3 for loss in want["losses"][1:])
+    for layout in (["parallel.dp=2"], ["parallel.tp=2"], ["parallel.pp=2",
+                                                         "parallel.schedule=1f1b"]):
+        assert_same_run(run_parallel(FULL_DPO + layout), want)
+    run_single(FULL_DPO, 0, 3, checkpoints=tmp_path)
+    assert (tmp_path / REFERENCE_FILE).is_file()
+    resumed = run_parallel(FULL_DPO + ["parallel.dp=2"], 3, 6, checkpoints=tmp_path,
+                           resume=True)
+    assert resumed["losses"] == pytest.approx(want["losses"][3:], rel=1e-5)
 
 
 def test_ipo_is_the_squared_distance_of_the_length_averaged_margin_from_one_over_two_beta():

@@ -86,7 +86,7 @@ def test_a_lora_plan_counts_gradients_and_optimizer_state_of_the_adapters_alone(
 
 def test_a_dpo_plan_counts_the_reference_pass(capsys):
     """DPO with LoRA adds the base's forward pass (a third of a full model's step) to a
-    LoRA step's FLOPs, and holds no second model."""
+    LoRA step's FLOPs, and holds no second model; without LoRA, steps cost what they do."""
     lora = ["train.lora.rank=16"]
     plain = make_plan(load_config("gpt2-124m", lora))
     dpo = ["train.objective=dpo", "data.sources=[{path: embedded:reverse-words-pairs}]", *lora]
@@ -98,6 +98,11 @@ def test_a_dpo_plan_counts_the_reference_pass(capsys):
     assert main(["plan", "gpt2-124m", *dpo]) == 0
     assert "pairs per step (beta 0.1, sigmoid); the reference is the base" in \
         capsys.readouterr().out
+    # a full fine-tune's reference is computed before the first step: steps cost as ever
+    whole = make_plan(load_config("gpt2-124m", dpo[:2]))
+    assert whole.flops_per_step == pytest.approx(full.flops_per_step)
+    assert main(["plan", "gpt2-124m", *dpo[:2]]) == 0
+    assert "the reference is the starting weights" in capsys.readouterr().out
 
 
 def test_stage_split_and_bubble_formulas():

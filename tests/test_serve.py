@@ -525,6 +525,13 @@ def test_serves_own_builder_takes_the_application_and_its_arguments(served, monk
     assert packed._bound_deployment.ray_actor_options["num_gpus"] == 0.5
     with pytest.raises(Exception, match="source"):
         call_user_app_builder_with_args_if_necessary(application, {"name": "x"})
+    adapted = call_user_app_builder_with_args_if_necessary(application, {
+        "source": str(served[0]), "adapters": {"one": "/adapters/one"}, "max_adapters": "4"})
+    assert adapted._bound_deployment.init_args[-1] == AdapterSettings(
+        {"one": "/adapters/one"}, None, 4, 16)
+    with pytest.raises(Exception, match="an adapter's name is"):
+        call_user_app_builder_with_args_if_necessary(application, {
+            "source": str(served[0]), "adapters": {"../x": "/adapters/one"}})
 
 
 def test_num_gpus_defaults_by_the_cluster_and_refuses_what_ray_cannot_give(tmp_path):

@@ -226,9 +226,12 @@ def describe(plan: Plan) -> str:
                      f"holds no gradients or optimizer state: {saved / GB:.2f} GB per device "
                      "less than a full fine-tune")
     if t.objective == "dpo":
+        reference = "the base with the adapters off: one more forward pass per step, " \
+            "counted in compute" if t.lora.rank else "the starting weights: their " \
+            "log-probabilities of every row computed in one forward pass before the " \
+            "first step, and stored"
         lines.append(f"dpo         {t.global_batch // 2} pairs per step (beta {t.dpo.beta:g}, "
-                     f"{t.dpo.loss}); the reference is the base with the adapters off: one "
-                     "more forward pass per step, counted in compute, and no second model")
+                     f"{t.dpo.loss}); the reference is {reference}, and no second model")
     if p.cp > 1:
         lines.append(f"context     {c.data.seq_len // p.cp} tokens of each sequence per device "
                      f"(cp={p.cp}); ring attention sends {plan.ring_bytes / GB:.2f} GB per "

@@ -75,10 +75,11 @@ def trained_model(config: RaytronConfig) -> GPT:
 
 def step_flops_per_token(config: RaytronConfig) -> float:
     """The model FLOPs a training step spends per token: forward and backward, and under
-    DPO the reference model's forward pass (the base's, the adapters off) besides."""
+    DPO with LoRA the reference model's forward pass (the base's, the adapters off)
+    besides (a full fine-tune's reference is computed once, before the first step)."""
     seq_len = config.data.seq_len
     flops = trained_model(config).flops_per_token(seq_len)
-    if config.train.objective == "dpo":
+    if config.train.objective == "dpo" and config.train.lora.rank:
         with torch.device("meta"):
             flops += GPT(gpt_shape(config.model)).forward_flops_per_token(seq_len)
     return flops

@@ -63,3 +63,23 @@ def changes(saved: dict[str, Any], current: dict[str, Any],
 def applied_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: old -> new' for each applied key that changed."""
     return changes(saved, current, lambda key: kind_of(key) == "applied")
+
+
+# what decides the rows of a full fine-tune's DPO reference table (worker/references.py)
+REFERENCE_ROWS = ("train.steps", "train.global_batch", "data.val_sequences")
+
+
+def reference_problems(saved: dict[str, Any], current: dict[str, Any], run_name: str,
+                       step: int) -> list[str]:
+    """train.objective=dpo without LoRA keeps what decides its reference table's rows:
+    its starting weights computed them once, and trained weights cannot compute more."""
+    if current.get("train.objective") != "dpo" or current.get("train.lora.rank"):
+        return []
+    diffs = changes(saved, current, lambda key: key in REFERENCE_ROWS)
+    if not diffs:
+        return []
+    return [f"{'; '.join(diffs)}: run '{run_name}' trains with train.objective=dpo without "
+            "LoRA, whose reference log-probabilities were computed before its first step "
+            "for the rows these keys gave, and trained weights cannot compute others; it "
+            f"cannot resume from step {step} with them. Fix: keep the saved values, or start "
+            f"a new run from its checkpoint (model.init_from, run.name={run_name}-2)."]

@@ -267,13 +267,7 @@ def preference_problems(config: RaytronConfig) -> list[str]:
     if d.packing == "stream":
         problems.append("data.packing=stream cuts samples apart, and DPO scores whole "
                         "completions. Fix: set data.packing=auto (or samples).")
-    if not t.lora.rank:
-        problems.append(
-            "train.objective=dpo needs LoRA (train.lora.rank > 0): the reference model is "
-            "the starting model, which raytron reads as the base with the adapters off "
-            "(a full fine-tune's reference log-probabilities are not computed yet). Fix: "
-            "set train.lora.rank (e.g. 16).")
-    elif t.lora.train_embeddings:
+    if t.lora.rank and t.lora.train_embeddings:
         problems.append(
             "train.lora.train_embeddings=true with train.objective=dpo: the embeddings "
             "would train, and the reference (the base with the adapters off) would move "

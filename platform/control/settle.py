@@ -25,7 +25,11 @@ from raytron.pipelines.tokenizer import load
 from raytron.platform.config.load import flatten, to_dict
 from raytron.platform.config.redact import redact_text, redacted
 from raytron.platform.config.resolve import resolve_model
-from raytron.platform.config.resume import applied_changes, resume_problems
+from raytron.platform.config.resume import (
+    applied_changes,
+    reference_problems,
+    resume_problems,
+)
 from raytron.platform.config.schema import CHATML as CHATML_NAME
 from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.config.validate import (
@@ -80,7 +84,8 @@ def settle(config: RaytronConfig) -> SettledRun:
     if owner is not None:
         saved = paths.saved_config() or owner  # as the run last started
         current = flatten(to_dict(redacted(config)))
-        raise_problems(resume_problems(saved, current, config.run.name, committed[-1]))
+        raise_problems(resume_problems(saved, current, config.run.name, committed[-1])
+                       + reference_problems(saved, current, config.run.name, committed[-1]))
         if config.train.lora.rank:
             check_base(store, config)
         applied = applied_changes(saved, current)

@@ -32,8 +32,10 @@ def not_retried() -> tuple[type[BaseException], ...]:
     from raytron.pipelines.mixture import DataExhausted
     from raytron.platform.config.schema import ConfigError
     from raytron.platform.storage.lease import LeaseLost
+    from raytron.platform.worker.references import ReferencesUnusable
 
-    return CheckpointUnreadable, DataExhausted, DataUnusable, LeaseLost, ConfigError
+    return (CheckpointUnreadable, DataExhausted, DataUnusable, LeaseLost, ConfigError,
+            ReferencesUnusable)
 
 
 class Supervisor:

@@ -426,15 +426,16 @@ def first_of_all_ranks(problem: str | None) -> str | None:
     return next((p for p in problems if p), None)
 
 
-def write_atomically(fs, path: str, text: str) -> None:
+def write_atomically(fs, path: str, text: str | bytes) -> None:
     """Local: write a temporary file, fsync it, rename it, fsync its directory (so that
     the name survives a power loss too). Object storage: one PUT, atomic by itself."""
+    data = text.encode() if isinstance(text, str) else text
     if not isinstance(fs, LocalFileSystem):
-        fs.pipe_file(path, text.encode())
+        fs.pipe_file(path, data)
         return
     temporary = f"{path}.tmp"
-    with open(temporary, "w") as handle:
-        handle.write(text)
+    with open(temporary, "wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)

@@ -37,6 +37,14 @@ from raytron.platform.worker.hardware import (
     training_device,
 )
 from raytron.platform.worker.layout import build_mesh, check_tensor_parallel_on_one_node
+from raytron.platform.worker.references import (
+    REFERENCE_FILE,
+    ReferencesUnusable,
+    ReferenceTable,
+    reference_rows,
+    store_table,
+    stored_table,
+)
 from raytron.platform.worker.system_metrics import SystemSampler
 from raytron.platform.worker.task_scoring import score_in_layout
 from raytron.platform.worker.trainer import Sequences, Trainer
@@ -87,6 +95,7 @@ class WorkerLoop:
         self.injector = FaultInjector(self.config.faults.inject, rank, self.layout.world,
                                       self.store.fs, self.store.root, self.layout.describe(rank))
         self.validation: Sequences | None = None
+        self.references: ReferenceTable | None = None  # a full fine-tune's DPO reference
         self.task_requests: list | None = None  # train.eval_tasks' pairs, asked once
         self.staged: StagedBatch | None = None  # the next step's batch, fetched early
         args.coordinator.join.remote(rank, ray.get_runtime_context().get_node_id())
@@ -121,6 +130,7 @@ class WorkerLoop:
         train, faults = self.config.train, self.config.faults
         loading = time.time()
         step, meta = self.resume()
+        self.references = self.dpo_references(step)
         loaded = time.time()
         startup = {"group_s": self.entered - self.args.launched_at,  # Ray, processes
                    "build_s": loading - self.entered,  # mesh, model, optimizer
@@ -283,6 +293,55 @@ class WorkerLoop:
             dist.barrier()
         return step, meta
 
+    def dpo_references(self, step: int) -> ReferenceTable | None:
+        """A full fine-tune's DPO reference table (`references.py`): the stored one, or,
+        before the first step, computed over every batch the run will train on and the
+        held-out set, then stored; the data then starts again from its beginning."""
+        train = self.config.train
+        if train.objective != "dpo" or train.lora.rank:
+            return None
+        rows = train.steps * train.global_batch
+        stored = stored_table(self.store.fs, self.store.root,
+                              rows + self.config.data.val_sequences)
+        if stored is not None:
+            return stored
+        if step > 0:
+            raise ReferencesUnusable(
+                f"the run is at step {step}, and the DPO reference table it wrote before its "
+                f"first step ({REFERENCE_FILE}) is missing from {self.store.root}; trained "
+                "weights cannot compute it again. Fix: restore the file from a backup of the "
+                "run, or start a new run.name.")
+        started = time.perf_counter()
+        at = self.layout.coordinates(self.rank)
+        head = at["tp"] == 0 and at["cp"] == 0 and at["pp"] == self.layout.pp - 1
+        held_out = Sequences.of(ray.get(self.args.feeder.validation.remote(0, 1)),
+                                self.device)  # whole on every replica, given by the first
+        table = ReferenceTable(
+            reference_rows(self.trainer, self.pass_batches(train.steps), rows, head),
+            reference_rows(self.trainer, [(0, held_out)] if len(held_out) else [],
+                           len(held_out), head and self.dp_rank == 0))
+        if self.rank == 0:
+            store_table(self.store.fs, self.store.root, table)
+            ray.get(self.args.feeder.seek.remote(0, {}))
+            self.args.tracker.note.remote(0, "dpo_reference", (
+                f"DPO reference: the starting weights' log-probabilities of {rows} rows and "
+                f"{len(table.validation)} held-out rows, computed in "
+                f"{time.perf_counter() - started:.0f} s before the first step, stored in "
+                f"{self.store.root}/{REFERENCE_FILE}"))
+        if dist.is_initialized():
+            dist.barrier()
+        return table
+
+    def pass_batches(self, steps: int):
+        """(first row, batch) of this replica's share of each step's batch, until the
+        data ends."""
+        for step in range(steps):
+            try:
+                batch = Sequences.of(ray.get(self.request(step)), self.device)
+            except (DataExhausted, DataUnusable):
+                return  # training stops there too, saying why
+            yield step * self.config.train.global_batch + self.dp_rank * len(batch), batch
+
     def request(self, step: int):
         """An object reference to this replica's slice of step `step`'s batch."""
         return self.args.feeder.batch.remote(step, self.dp_rank, self.layout.dp)
@@ -295,6 +354,9 @@ class WorkerLoop:
         is queued (on a GPU it still computes): the wait is then the feeder falling
         behind, not a round trip to it, and the copy does not hold up the device."""
         batch, wait = self.batch(step)
+        if self.references is not None:
+            batch = self.references.attach(batch, step * self.config.train.global_batch
+                                           + self.dp_rank * len(batch))
         following = self.request(step + 1) if step + 1 < self.config.train.steps else None
         before_update = None if self.unsaved is None else self.unsaved.wait_for_copy
         loss, grad_norm = self.trainer.train_step(batch, before_update)
@@ -315,6 +377,9 @@ class WorkerLoop:
         if self.validation is None:
             held_out = ray.get(self.args.feeder.validation.remote(self.dp_rank, self.layout.dp))
             self.validation = Sequences.of(held_out, self.device)
+            if self.references is not None:
+                self.validation = self.references.attach(
+                    self.validation, self.dp_rank * len(self.validation), held_out=True)
         if len(self.validation) == 0:
             return
         loss = self.trainer.evaluate(self.validation).item()

@@ -271,7 +271,8 @@ class Trainer:
         runs just before the parameters change (a checkpoint's copy finishing)."""
         self.loss_scale = self.layout.batch_ranks / batch.target_count
         if self.dpo:
-            batch = self.with_reference(batch)
+            if batch.reference is None:  # with LoRA: the base, now; else stored beforehand
+                batch = self.with_reference(batch)
             self.loss_scale = self.layout.batch_ranks / (self.config.train.global_batch // 2)
             self.pair_sums.zero_()
         batch = self.local(batch)
@@ -327,8 +328,9 @@ class Trainer:
 
     def with_reference(self, batch: Sequences) -> Sequences:
         """`batch` with each row's reference log-probability (the base model: adapters
-        off) and its count of learned tokens, computed a micro-batch at a time on every
-        rank that holds the head (zeros on the others, which never use them)."""
+        off; without LoRA, the model as it is, which before the first step is the
+        reference) and its count of learned tokens, computed a micro-batch at a time on
+        every rank that holds the head (zeros on the others, which never use them)."""
         counts = (batch.labels != IGNORE).sum(dim=1).float()
         logps = torch.zeros_like(counts)
         size = self.config.train.micro_batch
@@ -419,7 +421,8 @@ class Trainer:
     def evaluate_pairs(self, batch: Sequences) -> torch.Tensor:
         """DPO's mean loss over the held-out pairs of every replica; their statistics
         (`pair_statistics`' names) are left in `eval_statistics`."""
-        batch = self.with_reference(batch)
+        if batch.reference is None:
+            batch = self.with_reference(batch)
         sums = torch.zeros(1 + len(STATISTICS), device=self.device)  # the loss, then those
         with self.evaluating():
             for micro in batch.split(self.config.train.micro_batch):
