@@ -93,6 +93,14 @@ def main() -> None:
         rows.append([command, "wall time", f"{seconds:.0f} s"])
         rows.append([command, "held-out pairs of 100 preferred",
                      str(preferred_pairs(folder / "runs" / "dpo-lora-tiny", pairs))])
+        command = "raytron train configs/dpo-tiny.yaml"
+        output, seconds = raytron(folder, "train", "configs/dpo-tiny.yaml")
+        rows.append([command, "wall time", f"{seconds:.0f} s"])
+        reference = re.search(r"computed in (\d+) s before the first step", output)
+        rows.append([command, "reference pass", f"{reference.group(1)} s" if reference
+                     else output[-200:]])
+        rows.append([command, "held-out pairs of 100 preferred",
+                     str(preferred_pairs(folder / "runs" / "dpo-tiny", pairs))])
         runs, _ = raytron(folder, "runs")
     table = markdown_table(["command", "figure", "measured"], rows)
     print(f"{table}\n\n{runs}")

@@ -1,7 +1,8 @@
 """LoRA and DPO learning what the README says they learn, from the model `raytron
 train` pre-trains (runs/tiny), with the shipped configs: adapters alone teach it
-reverse-words (configs/sft-lora-tiny.yaml), and DPO with adapters teaches it to prefer
-the reversed words (configs/dpo-lora-tiny.yaml)."""
+reverse-words (configs/sft-lora-tiny.yaml), DPO with adapters teaches it to prefer
+the reversed words (configs/dpo-lora-tiny.yaml), and DPO of the whole model computes its
+reference once (configs/dpo-tiny.yaml)."""
 
 import subprocess
 import sys
@@ -66,11 +67,10 @@ def test_a_full_fine_tunes_dpo_computes_its_reference_once(root):
     """Without LoRA, a pass before the first step computes the reference (the first loss
     is ln 2) and stores it; the worker group killed at step 12 restarts from step 10's
     checkpoint and reads it, never computing it again; the model still learns."""
-    output = train(root, "dpo-lora-tiny", "run.name=dpo-full", "train.lora.rank=0",
-                   f"model.init_from={root / 'tiny'}", "train.steps=30", "train.lr=3e-4",
+    output = train(root, "dpo-tiny", f"model.init_from={root / 'tiny'}", "train.steps=30",
                    "checkpoint.interval=10", "faults.inject=[kill rank 0 at step 12]")
     assert "Finished 30 steps" in output
     assert output.count("DPO reference: the starting weights' log-probabilities of 960 "
                         "rows") == 1
     assert "step  1/30 | loss 0.6931" in output and "Resuming from step 10" in output
-    assert (root / "dpo-full" / "checkpoints" / "dpo_reference.safetensors").is_file()
+    assert (root / "dpo-tiny" / "checkpoints" / "dpo_reference.safetensors").is_file()

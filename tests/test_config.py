@@ -11,8 +11,8 @@ from raytron.platform.config.validate import validate
 
 
 @pytest.mark.parametrize("preset", ["tiny", "gpt2-124m", "llama-1b", "sft-tiny", "sft-lora-tiny",
-                                    "dpo-lora-tiny", "llama3.2-1b", "qwen2.5-0.5b", "qwen3-0.6b",
-                                    "llama3.1-8b", "qwen3-8b"])
+                                    "dpo-lora-tiny", "dpo-tiny", "llama3.2-1b", "qwen2.5-0.5b",
+                                    "qwen3-0.6b", "llama3.1-8b", "qwen3-8b"])
 def test_presets_load_and_validate(preset):
     config = load_config(preset)
     validate(config)

@@ -2,7 +2,12 @@
 
 from raytron.platform.config.keys import declaration, steps
 from raytron.platform.config.load import flatten, load_config, to_dict
-from raytron.platform.config.resume import applied_changes, kind_of, resume_problems
+from raytron.platform.config.resume import (
+    applied_changes,
+    kind_of,
+    reference_problems,
+    resume_problems,
+)
 
 KEYS = sorted(set(flatten(to_dict(load_config("tiny")))) | {
     "faults.inject.0", "parallel.layers_per_stage.0", "cluster.worker_resources.trainer",
@@ -42,3 +47,20 @@ def test_a_changed_source_list_is_refused_with_both_values_and_the_fix():
     assert "at step 100" in sources and "Fix:" in sources and "run.name=tiny-2" in sources
     assert any("train.seed: 1234 -> 7" in p for p in problems)
     assert applied_changes(saved, current) == ["train.lr: 0.003 -> 0.001"]
+
+
+def test_a_full_fine_tunes_dpo_keeps_the_rows_of_its_reference_table():
+    """Its reference log-probabilities were computed for the rows train.steps,
+    train.global_batch and data.val_sequences gave; with LoRA they are not stored."""
+    dpo = ["train.objective=dpo", "data.sources=[embedded:reverse-words-pairs]"]
+    saved = flatten(to_dict(load_config("tiny", dpo)))
+    current = flatten(to_dict(load_config("tiny", [*dpo, "train.steps=400", "train.lr=1e-3",
+                                                   "data.val_sequences=7"])))
+    [problem] = reference_problems(saved, current, "dpo", 100)
+    assert problem.startswith("data.val_sequences: 32 -> 7; train.steps: 200 -> 400: run "
+                              "'dpo' trains with train.objective=dpo without LoRA")
+    assert "Fix: keep the saved values" in problem
+    lora = [*dpo, "train.lora.rank=4"]
+    assert reference_problems(flatten(to_dict(load_config("tiny", lora))), flatten(to_dict(
+        load_config("tiny", [*lora, "train.steps=400"]))), "dpo", 100) == []
+    assert reference_problems(saved, saved, "dpo", 100) == []
