@@ -104,6 +104,7 @@ class AdapterBank:
             parent, _, child = name.rpartition(".")
             model.get_submodule(parent).register_module(child, banked)
             self.modules[name] = banked
+        self.shapes = {name: (m.in_features, m.out_features) for name, m in self.modules.items()}
         self.device = next(iter(self.modules.values())).weight.device
         self.held: dict[int, tuple[str, str]] = {}  # slot -> (name, version)
         self.last_used: dict[int, int] = {}
@@ -111,8 +112,7 @@ class AdapterBank:
 
     def problem(self, adapter: Adapter) -> str | None:
         """Why `adapter` does not fit this bank's model, or None."""
-        shapes = {name: (m.in_features, m.out_features) for name, m in self.modules.items()}
-        return fit_problem(adapter, shapes, self.max_rank)
+        return fit_problem(adapter, self.shapes, self.max_rank)
 
     def place(self, adapter: Adapter, busy: set[int]) -> int | None:
         """The slot holding `adapter`, loaded into one first if needed; None while every
