@@ -7,6 +7,7 @@ what cannot be served is refused saying why."""
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -186,3 +187,21 @@ def test_adapters_that_do_not_fit_the_base_are_refused(served, tmp_path):
         AdapterLibrary(AdapterSettings({"x": settings.paths["run"]}), hf).adapter("x")
     with pytest.raises(AdapterError, match="whole model"):
         AdapterLibrary(AdapterSettings({"x": str(source.path)}), source).adapter("x")
+
+
+def test_the_commands_folders_are_made_absolute_from_home_too(served, tmp_path, monkeypatch):
+    """`raytron serve --adapters-dir ~/adapters`: the replicas, started elsewhere, get
+    the folder itself."""
+    import argparse
+
+    from raytron.platform.serving.command import adapter_settings
+
+    _, source, settings, _ = served
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "adapters").mkdir()
+    args = argparse.Namespace(adapter=[("one", "~/one")], adapters_dir="~/adapters",
+                              max_adapters=2, max_lora_rank=8)
+    shutil.copytree(f"{settings.directory}/one", tmp_path / "one")
+    chosen = adapter_settings(args, source)
+    assert chosen.directory == str(tmp_path / "adapters")
+    assert chosen.paths == {"one": str(tmp_path / "one")}

@@ -86,9 +86,11 @@ def record_base(store: CheckpointStore, reference: dict[str, str]) -> None:
     write_atomically(store.fs, f"{store.root}/{BASE_FILE}", json.dumps(reference, indent=2))
 
 
-def check_base(store: CheckpointStore, config: RaytronConfig) -> None:
-    """ConfigError when the base the config names is not the one the run's adapters were
-    trained on (nothing recorded: a run whose first start wrote no checkpoint yet)."""
+def check_base(store: CheckpointStore, config: RaytronConfig,
+               current: dict[str, str] | None = None) -> None:
+    """ConfigError when the base the config names (`current`: its `base_reference`, when
+    the caller has it) is not the one the run's adapters were trained on (nothing
+    recorded: a run whose first start wrote no checkpoint yet)."""
     path = f"{store.root}/{BASE_FILE}"
     if not store.fs.exists(path):
         return
@@ -101,7 +103,7 @@ def check_base(store: CheckpointStore, config: RaytronConfig) -> None:
     if not isinstance(recorded, dict):
         raise ConfigError([f"{path} is not the base reference raytron writes. Fix: restore "
                            "it from a backup of the run, or start a new run.name."])
-    current = base_reference(config)
+    current = current or base_reference(config)
     if recorded.get("fingerprint") != current["fingerprint"]:
         raise ConfigError([
             f"the LoRA adapters in {store.root} were trained on {recorded.get('source')!r}, "

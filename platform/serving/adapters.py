@@ -37,7 +37,7 @@ NAME_RULE = "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_LISTED = 1000  # adapters of --adapters-dir that /v1/models lists
-DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK = 8, 16  # Ray Serve LLM's 16 per replica; vLLM's rank
+DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK = 8, 16  # per replica (SGLang's 8); vLLM's rank
 
 
 class AdapterError(ValueError):
@@ -160,13 +160,13 @@ class AdapterLibrary:
                                "--merge`) as a model of its own.")
         config = source.config
         store = CheckpointStore(config.checkpoint.dir, config.checkpoint.keep_last)
+        trained_on = base_reference(config)
         try:
-            check_base(store, config)
+            check_base(store, config, trained_on)
         except ConfigError as error:
             raise AdapterError(f"adapter '{name}': {' '.join(error.problems)}") from None
         if self.base_fingerprint is None:
             self.base_fingerprint = model_fingerprint(self.base)
-        trained_on = base_reference(config)
         if trained_on["fingerprint"] != self.base_fingerprint:
             raise AdapterError(f"adapter '{name}' ({path}) was trained on "
                                f"{trained_on['source']!r}, which is not the served model. "

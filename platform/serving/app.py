@@ -143,6 +143,8 @@ class ModelServer:
                               max_waiting=limits.max_queued * MAX_SEQUENCES)  # admission's
         adapters = adapters or AdapterSettings()
         self.library = AdapterLibrary(adapters, self.source) if adapters.enabled else None
+        for adapter in adapters.paths:  # one that cannot be served fails the replica now
+            self.library.adapter(adapter)  # (a RayService's, unchecked before)
         self.models = ServedModels(name, self.library)
         self.engine = EngineProcess(self.source, replica_device(), engine, adapters)
         self.stats = EngineStats(lambda: self.engine.state, name)

@@ -192,9 +192,11 @@ def adapter_settings(args: argparse.Namespace, source) -> AdapterSettings:
     if args.adapters_dir is not None and not Path(args.adapters_dir).expanduser().is_dir():
         raise ConfigError([f"--adapters-dir {args.adapters_dir} is not a folder. Fix: create "
                            "it (adapters put there are served by their folder's name)."])
-    settings = AdapterSettings({name: str(Path(path).expanduser().resolve())
-                                for name, path in args.adapter},
-                               args.adapters_dir and str(Path(args.adapters_dir).resolve()),
+    def absolute(path: str) -> str:  # what the replicas, elsewhere, can find
+        return str(Path(path).expanduser().resolve())
+
+    settings = AdapterSettings({name: absolute(path) for name, path in args.adapter},
+                               args.adapters_dir and absolute(args.adapters_dir),
                                args.max_adapters, args.max_lora_rank)
     library = AdapterLibrary(settings, source)
     try:
