@@ -109,7 +109,8 @@ RAYTRON_LINE = re.compile(
     r"|Layout pp=|Ray's and the workers' own output: |Ray dashboard: http://127\.0\.0\.1:\d+$"
     r"|step +\d+/\d+ \| "
     r"|checkpoint committed at step \d+$|Resuming from step \d+|failure \d+: |restarting from "
-    r"step \d+ in |Finished \d+ steps\. |train\.steps=auto: |Took over the lease of "
+    r"step \d+ (\(in-memory snapshot\) )?in |Finished \d+ steps\. |train\.steps=auto: "
+    r"|Took over the lease of "
     r"|Stopped at step \d+; |Training stopped: |Training failed: |What Ray and the workers said: "
     r"|The last committed checkpoint is kept in |raytron: rank \d+ \(pp=\d+, dp=\d+, tp=\d+\)"
     r"[ :])")
@@ -268,17 +269,23 @@ def assert_losses_match(root: Path, name: str, rel: float = 1e-4) -> dict:
 
 def test_failures_in_a_four_worker_run_restart_it_and_change_nothing(root, whole):
     """dp2 x tp2 on four Ray workers, with a killed rank, a hung rank caught by the
-    watchdog and a rank failing inside a checkpoint save: three restarts from the last
-    committed checkpoint, and the losses of the uninterrupted one-worker run."""
+    watchdog and a rank failing inside a checkpoint save: three restarts, each from the
+    in-memory snapshot of the last finished step (none computed twice, though the
+    checkpoints are 6 steps apart), and the losses of the uninterrupted one-worker run."""
     drills = ("faults.inject=[kill rank 1 at step 4, hang rank 2 at step 9, "
               "raise in rank 3 during checkpoint at step 12]")
     output = run_to_end(root, "faulty", ("parallel.dp=2", "parallel.tp=2", "cluster.workers=4",
                                          drills, "faults.hang_timeout_s=10",
                                          "faults.restart_backoff_s=0.5"))
     assert output.count("restarting from step") == 3
+    for finished in (3, 8, 12):  # before the kill at 4, the hang at 9, the raise at 12's save
+        assert f"restarting from step {finished} (in-memory snapshot) in" in output, output
+        assert f"Resuming from step {finished} (in-memory snapshot)" in output
     assert "rank 2 (pp=0, dp=1, tp=0)" in output  # failures name ranks and coordinates
     assert_only_raytron_lines(output)
     run = assert_losses_match(root, "faulty")
+    computed = [m.step for m in loss_history(root, "faulty")[2]]
+    assert len(computed) == len(set(computed)), "a restart computed a finished step again"
     assert run.data.metrics["restarts"] == 3 and run.info.status == "FINISHED"
     assert run.data.tags[LAYOUT_TAG] == "pp=1 dp=2 tp=2 (4 workers)"
     assert len(events(run, "launch")) == 4  # the first and one per restart

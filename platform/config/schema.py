@@ -321,6 +321,9 @@ class CheckpointConfig:
     keep_last: int = key(2, count(), FREE)
     # write shards in the background; committed at a later step
     async_save: bool = key(False, anything, FREE)
+    # steps between in-memory snapshots (each rank's state held by its node's keeper and
+    # copied to the next node's): a restart loads the newest one whole; 0: none
+    memory_interval: int = key(1, natural, FREE)
 
 
 @dataclass

@@ -5,18 +5,29 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.storage.run_dir import RunPaths
 
 
+@dataclass
+class StartFrom:
+    """What a worker group may start from besides the committed checkpoints."""
+
+    snapshot: int | None = None  # the step of a whole in-memory snapshot
+    keepers: dict[str, Any] = field(default_factory=dict)  # node id -> snapshot keeper
+
+
 def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, actors: dict,
-                 leases: dict[str, str], committed: list[int]):
+                 leases: dict[str, str], committed: list[int], start: StartFrom):
     """Ray Train does not restart it (the controller does, from raytron's commit marker);
     its collectives time out shortly after the watchdog would have fired. Every worker
     gets the run's lease tokens (checked before each commit) and the `committed` steps
-    the controller listed, so that all ranks try the same checkpoints."""
+    the controller listed, so that all ranks try the same checkpoints, and the snapshot
+    keepers with the in-memory snapshot to start from, if there is one."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -30,7 +41,8 @@ def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, actors: di
         train_loop,
         train_loop_config={"config": config, "checkpoint_dir": str(paths.checkpoints),
                            "launched_at": time.time(), "leases": leases,
-                           "committed": committed, **actors},
+                           "committed": committed, "keepers": start.keepers,
+                           "snapshot": start.snapshot, **actors},
         torch_config=TorchConfig(timeout_s=int(longest_wait) + 60),
         scaling_config=ScalingConfig(
             num_workers=config.cluster.workers, use_gpu=gpus > 0,

@@ -11,11 +11,13 @@ from raytron.platform.config.layout import Layout
 from raytron.platform.config.schema import AUTO, RaytronConfig
 from raytron.platform.control.console import Console
 from raytron.platform.control.ray_train import (
+    StartFrom,
     failure_gist,
     fit_beside,
     rank_failures,
     worker_group,
 )
+from raytron.platform.control.snapshot_keepers import SnapshotKeepers
 from raytron.platform.storage.checkpoint import CheckpointStore, CheckpointUnreadable
 from raytron.platform.storage.run_dir import RunPaths
 from raytron.platform.storage.tracking import RunTracking
@@ -40,7 +42,8 @@ def not_retried() -> tuple[type[BaseException], ...]:
 
 class Supervisor:
     """Runs worker groups until the run is done. After a failure it relaunches from the
-    last committed checkpoint, up to faults.max_restarts times with doubling back-off;
+    newest whole in-memory snapshot, else the last committed checkpoint, up to
+    faults.max_restarts times with doubling back-off;
     after a requested stop (a resize, a preemption notice) it relaunches without counting
     a failure. An elastic run (parallel.dp=auto) relaunches at the largest dp that fits."""
 
@@ -56,8 +59,16 @@ class Supervisor:
         self.sizing = Sizing.of(config, gpus)
         self.failures: list[str] = []
         self.dp: int | None = None
+        self.keepers = SnapshotKeepers() if config.checkpoint.memory_interval else None
 
     def run(self) -> None:
+        try:
+            self.supervise()
+        finally:
+            if self.keepers is not None:
+                self.keepers.close()
+
+    def supervise(self) -> None:
         import ray
 
         from raytron.platform.control.coordination import LaunchWatcher
@@ -75,7 +86,8 @@ class Supervisor:
             committed = self.store.committed_steps()  # listed once: every rank tries these
             try:
                 fit_beside(worker_group(launch, self.paths, self.gpus, self.actors,
-                                        self.leases, committed))
+                                        self.leases, committed,
+                                        self.start_from(launch, committed)))
             except Exception as error:  # the group failed: restart it, or give up
                 raise_if_not_retried(error)
                 self.failed(failure_gist(error, Layout.of(launch)), error)
@@ -94,6 +106,24 @@ class Supervisor:
                 continue
             self.console.write(f"stopped at step {step}: {reason}; relaunching")
             self.tracking.record_event(self.run_id, "stop", step, f"at step {step}: {reason}")
+
+    def start_from(self, launch: RaytronConfig, committed: list[int]) -> StartFrom:
+        """The keepers, on every live node, holding only the snapshot the group starts from:
+        the newest whole one after the last committed checkpoint, in the group's layout."""
+        if self.keepers is None:
+            return StartFrom()
+        keepers = self.keepers.place()
+        layout = repr(Layout.of(launch))
+        snapshot = self.snapshot_after(committed[-1] if committed else 0)
+        self.keepers.retain(snapshot, layout)
+        return StartFrom(snapshot, keepers)
+
+    def snapshot_after(self, step: int) -> int | None:
+        """The newest whole in-memory snapshot after `step` in the current layout."""
+        if self.keepers is None:
+            return None
+        layout = Layout.of(self.config, self.dp)
+        return self.keepers.newest_whole(repr(layout), layout.world, step)
 
     def next_launch(self) -> RaytronConfig | None:
         """The config of the next worker group; None after a failure to find room."""
@@ -126,8 +156,10 @@ class Supervisor:
                             f"faults.max_restarts={f.max_restarts}:\n  "
                             + "\n  ".join(self.failures)) from error
         backoff = min(60.0, f.restart_backoff_s * 2 ** (len(self.failures) - 1))
-        self.console.write(f"{self.failures[-1]}\nrestarting from step {step} in "
-                               f"{backoff:g} s ({len(self.failures)}/{f.max_restarts})")
+        snapshot = self.snapshot_after(step)
+        start = f"step {step}" if snapshot is None else f"step {snapshot} (in-memory snapshot)"
+        self.console.write(f"{self.failures[-1]}\nrestarting from {start} in "
+                           f"{backoff:g} s ({len(self.failures)}/{f.max_restarts})")
         time.sleep(backoff)
 
 

@@ -273,12 +273,7 @@ class CheckpointStore:
         dcp.load(state, storage_reader=safe_reader(self.checkpoint_id(step), self.local),
                  planner=TensorsOnlyPlanner(), process_group=group)
         end_group(group)
-        for part, optimizer, (model_keys, optim_keys, groups) in zip(parts, optimizers, keys,
-                                                                    strict=True):
-            set_model_state_dict(part, {k: state["model"][k] for k in model_keys},
-                                 options=TRAINED)
-            loaded = {k: state["optim"][stored] for k, stored in optim_keys.items()}
-            set_optimizer_state_dict(part, optimizer, {**loaded, **groups}, options=FLAT)
+        apply_training_state(parts, optimizers, state, keys)
         if rng is not None:
             set_rng_state(rng)
         return meta
@@ -397,6 +392,17 @@ def training_state(parts: list[torch.nn.Module], optimizers: list[torch.optim.Op
         optim_state.update({stored[key]: value for key, value in tensors.items()})
         keys.append((list(part_model), stored, groups))
     return {"model": model_state, "optim": optim_state}, keys
+
+
+def apply_training_state(parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer],
+                         state: dict, keys: list[tuple[list[str], dict[str, str], dict]]) -> None:
+    """Set model and optimizer from `training_state`'s tensors, once they hold what was
+    loaded into them."""
+    for part, optimizer, (model_keys, optim_keys, groups) in zip(parts, optimizers, keys,
+                                                                strict=True):
+        set_model_state_dict(part, {k: state["model"][k] for k in model_keys}, options=TRAINED)
+        loaded = {k: state["optim"][stored] for k, stored in optim_keys.items()}
+        set_optimizer_state_dict(part, optimizer, {**loaded, **groups}, options=FLAT)
 
 
 def stored_optimizer_key(part: torch.nn.Module, key: str) -> str:

@@ -264,17 +264,20 @@ class Tracker:
         record_event(self.client, self.run_id, "launch", start,
                      launch_text(start, layout, startup))
 
-    def resumed(self, step: int, skipped: list[tuple[int, str]]) -> None:
-        """A worker group loaded the checkpoint of `step`, after skipping those that did not
-        load: the `raytron.resumed_from_step` tag, an event per skipped one, a console line."""
+    def resumed(self, step: int, skipped: list[tuple[int, str]], from_memory: bool = False,
+                fallback: str | None = None) -> None:
+        """A worker group loaded the checkpoint of `step` (or its in-memory snapshot), after
+        skipping those that did not load: the `raytron.resumed_from_step` tag, an event per
+        skipped one, a console line."""
         self.client.set_tag(self.run_id, "raytron.resumed_from_step", str(step))
-        for skipped_step, why in skipped:
+        falls = [fallback] if fallback else []
+        falls += [f"checkpoint step {s} cannot be loaded ({why}); took the one before"
+                  for s, why in skipped]
+        for text in falls:
             record_event(self.client, self.run_id, "fallback", step,
-                         f"checkpoint step {skipped_step} cannot be loaded ({why}); "
-                         f"resumed from step {step}")
-        line = f"Resuming from step {step}" + "".join(
-            f"\n  checkpoint step {s} cannot be loaded ({why}); took the one before"
-            for s, why in skipped)
+                         f"{text}; resumed from step {step}")
+        line = f"Resuming from step {step}" + (" (in-memory snapshot)" if from_memory else "") \
+            + "".join(f"\n  {text}" for text in falls)
         self.pending.append((step, {"event": line}))
 
     def note(self, step: int, kind: str, text: str) -> None:

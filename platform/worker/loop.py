@@ -27,7 +27,7 @@ from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import step_flops_per_token
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.storage import metric_names as names
-from raytron.platform.storage.checkpoint import CheckpointStore, PendingSave
+from raytron.platform.storage.checkpoint import CheckpointStore, PendingSave, Resumed
 from raytron.platform.worker.boundary import StepBoundary
 from raytron.platform.worker.faults import FaultInjector, Watchdog
 from raytron.platform.worker.hardware import (
@@ -45,6 +45,7 @@ from raytron.platform.worker.references import (
     store_table,
     stored_table,
 )
+from raytron.platform.worker.snapshotting import Snapshotter
 from raytron.platform.worker.system_metrics import SystemSampler
 from raytron.platform.worker.task_scoring import score_in_layout
 from raytron.platform.worker.trainer import Sequences, Trainer
@@ -63,6 +64,8 @@ class WorkerArgs:
     leases: dict[str, str]  # folder -> the run's lease token, checked before each commit
     committed: list[int]  # the committed steps the controller listed: the ones to resume from
     judge: Any = None  # TaskJudge actor handle, when the run scores train.eval_tasks
+    keepers: dict[str, Any] | None = None  # node id -> snapshot keeper (memory_interval > 0)
+    snapshot: int | None = None  # the step of the in-memory snapshot to resume from, if any
 
 
 def train_loop(args: dict) -> None:
@@ -98,7 +101,10 @@ class WorkerLoop:
         self.references: ReferenceTable | None = None  # a full fine-tune's DPO reference
         self.task_requests: list | None = None  # train.eval_tasks' pairs, asked once
         self.staged: StagedBatch | None = None  # the next step's batch, fetched early
-        args.coordinator.join.remote(rank, ray.get_runtime_context().get_node_id())
+        node = ray.get_runtime_context().get_node_id()
+        args.coordinator.join.remote(rank, node)
+        self.snapshots = None if not args.keepers else Snapshotter(
+            args.keepers, node, rank, repr(self.layout))
         self.boundary = StepBoundary(args.coordinator, rank)
         self.unsaved: PendingSave | None = None  # written in the background, not committed
         self.committed_step = 0
@@ -150,10 +156,11 @@ class WorkerLoop:
                 self.end_of_data(step, tokens_seen, error)
                 return
             step += 1
+            tokens_seen += tokens_per_step
+            self.snapshot(step, tokens_seen)
             if step == first_step:
                 self.launched(step - 1, startup, loaded)
             watchdog.beat()
-            tokens_seen += tokens_per_step
             window_wait += wait
             window_steps += 1
             if step % train.log_interval == 0 or step == train.steps or step == first_step:
@@ -193,6 +200,17 @@ class WorkerLoop:
         if self.unsaved is not None:
             with self.saving():
                 self.commit()
+
+    def snapshot(self, step: int, tokens_seen: int) -> None:
+        """Every checkpoint.memory_interval steps, this rank's state to the keepers, before
+        anything else can fail (the data cursor from rank 0, which hands it to the feeder)."""
+        interval = self.config.checkpoint.memory_interval
+        if self.snapshots is None or step % interval or step == self.config.train.steps:
+            return
+        meta = {"tokens_seen": tokens_seen}
+        if self.rank == 0:
+            meta["cursor"] = ray.get(self.args.feeder.cursor.remote(step))
+        self.snapshots.take(step, self.trainer.parts, self.trainer.optimizers, meta)
 
     def launched(self, start: int, startup: dict[str, float], loaded: float) -> None:
         """Once its first step is done, rank 0 tells the tracker the group's layout and
@@ -281,17 +299,31 @@ class WorkerLoop:
     def resume(self) -> tuple[int, dict]:
         """Load the latest readable committed checkpoint, if any (`CheckpointUnreadable`
         when there are some and none loads), and point the feeder at its cursor."""
-        resumed = self.store.load_latest(self.trainer.parts, self.trainer.optimizers,
-                                         self.args.committed)
+        resumed, fallback = self.from_snapshot()
+        if resumed is None:
+            resumed = self.store.load_latest(self.trainer.parts, self.trainer.optimizers,
+                                             self.args.committed)
         step, meta = (resumed.step, resumed.meta) if resumed else (0, {})
         self.trainer.start_at(step)
         if self.rank == 0:
             if resumed:
-                ray.get(self.args.tracker.resumed.remote(step, resumed.skipped))
+                ray.get(self.args.tracker.resumed.remote(
+                    step, resumed.skipped, step == self.args.snapshot, fallback))
             ray.get(self.args.feeder.seek.remote(step, meta.get("cursor", {})))
         if dist.is_initialized():
             dist.barrier()
         return step, meta
+
+    def from_snapshot(self) -> tuple[Resumed | None, str | None]:
+        """The in-memory snapshot the controller chose, loaded on every rank, or on none;
+        then why not (the persistent checkpoint follows)."""
+        if self.args.snapshot is None or self.snapshots is None:
+            return None, None
+        resumed, problem = self.snapshots.restore(self.args.snapshot, self.trainer.parts,
+                                                  self.trainer.optimizers)
+        return resumed, None if problem is None else (
+            f"the in-memory snapshot of step {self.args.snapshot} could not be loaded "
+            f"({problem}); loading the last committed checkpoint instead")
 
     def dpo_references(self, step: int) -> ReferenceTable | None:
         """A full fine-tune's DPO reference table (`references.py`): the stored one, or,

@@ -1,0 +1,72 @@
+"""The run's snapshot keepers (`storage/snapshots.py`), seen from the controller: one
+per live node, placed before each worker group starts, asked after a failure which step
+every rank's share survived of, and told what the next group starts from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ASK_TIMEOUT_S = 30.0  # a keeper that does not answer counts as lost
+
+
+class SnapshotKeepers:
+    def __init__(self) -> None:
+        self.by_node: dict[str, Any] = {}
+
+    def place(self) -> dict[str, Any]:
+        """A keeper on every live node (those on lost nodes are gone, with what they held);
+        node id -> keeper, for the workers."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from raytron.platform.storage.snapshots import SnapshotKeeper
+
+        alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        self.by_node = {node: keeper for node, keeper in self.by_node.items() if node in alive}
+        for node in sorted(alive - set(self.by_node)):
+            self.by_node[node] = ray.remote(SnapshotKeeper).options(
+                num_cpus=0, max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+        return dict(self.by_node)
+
+    def held(self) -> list[tuple[int, int, str]]:
+        """(step, rank, layout) of every share a live keeper holds; keepers that fail to
+        answer are dropped."""
+        import ray
+
+        asked = {node: keeper.held.remote() for node, keeper in self.by_node.items()}
+        shares = []
+        for node, answer in asked.items():
+            try:
+                shares += ray.get(answer, timeout=ASK_TIMEOUT_S)
+            except (ray.exceptions.RayError, TimeoutError):
+                del self.by_node[node]
+        return shares
+
+    def newest_whole(self, layout: str, world: int, after: int) -> int | None:
+        """The newest step after `after` of which every one of `world` ranks' shares in
+        `layout` survived somewhere; None when there is none."""
+        ranks: dict[int, set[int]] = {}
+        for step, rank, written_in in self.held():
+            if written_in == layout and step > after:
+                ranks.setdefault(step, set()).add(rank)
+        whole = [step for step, held in ranks.items() if held == set(range(world))]
+        return max(whole, default=None)
+
+    def retain(self, step: int | None, layout: str) -> None:
+        """Keep only `step`'s shares (the next group starts from them), or none."""
+        import ray
+
+        answers = [keeper.retain.remote(step, layout) for keeper in self.by_node.values()]
+        for answer in answers:
+            try:
+                ray.get(answer, timeout=ASK_TIMEOUT_S)
+            except (ray.exceptions.RayError, TimeoutError):
+                pass  # lost with its node: it holds nothing any more
+
+    def close(self) -> None:
+        import ray
+
+        for keeper in self.by_node.values():
+            ray.kill(keeper)
+        self.by_node = {}

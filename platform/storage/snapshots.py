@@ -1,0 +1,112 @@
+"""In-memory snapshots of the training state, kept off the training processes (after
+Gemini, SOSP '23): a restart loads the last finished step from memory instead of the
+last persistent checkpoint, so a failure between two checkpoints loses no steps.
+
+Every `checkpoint.memory_interval` steps each rank hands its shard of the state (the
+tensors a checkpoint saves, its RNG, the data cursor) to the snapshot keeper of its
+node: a Ray actor that copies it into its own memory, so that the copy outlives the
+worker process; the worker waits for that, so a process failure loses no finished step.
+The keeper of the next node copies it too, in the background, so that the loss of a
+whole node leaves one. A keeper holds each
+rank's two newest steps: while a step is being handed over, the one before is still
+whole. A snapshot is usable only in the layout that wrote it (a resize commits a
+persistent checkpoint first) and only when every rank's share of one step survived.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.distributed.tensor import DTensor
+
+KEPT_PER_RANK = 2  # the step being handed over, and the whole one before it
+
+
+@dataclass
+class Share:
+    """One rank's part of a snapshot, as it travels: numpy arrays (zero-copy into the
+    object store), their torch dtypes, the rank's RNG state (JSON) and the step's meta."""
+
+    tensors: dict[str, np.ndarray]
+    dtypes: dict[str, str]
+    rng: str
+    meta: dict = field(default_factory=dict)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def share_of(state: dict[str, dict[str, torch.Tensor]], rng: str, meta: dict) -> Share:
+    """This rank's shard of `state` (`checkpoint.training_state`) on the host: numpy views
+    where the tensors already are there (the object store copies them when they are put),
+    bfloat16 viewed as int16 since numpy has no bfloat16."""
+    tensors, dtypes = {}, {}
+    for section, entries in state.items():
+        for key, tensor in entries.items():
+            host = local(tensor).detach().cpu()
+            name = f"{section}/{key}"
+            dtypes[name] = str(host.dtype).removeprefix("torch.")
+            if host.dtype == torch.bfloat16:
+                host = host.view(torch.int16)
+            tensors[name] = host.numpy()
+    return Share(tensors, dtypes, rng, meta)
+
+
+def restore_into(state: dict[str, dict[str, torch.Tensor]], share: Share) -> str | None:
+    """Copy `share` into `state`'s tensors in place; why it cannot be (another model or
+    layout wrote it), or None once copied."""
+    names = {f"{section}/{key}" for section, entries in state.items() for key in entries}
+    if names != set(share.tensors):
+        missing = sorted(names - set(share.tensors))[:3] or sorted(set(share.tensors) - names)[:3]
+        return f"the snapshot holds other tensors than this rank's state ({', '.join(missing)})"
+    for section, entries in state.items():
+        for key, tensor in entries.items():
+            target, name = local(tensor), f"{section}/{key}"
+            array = share.tensors[name]
+            if tuple(array.shape) != tuple(target.shape) \
+                    or share.dtypes[name] != str(target.dtype).removeprefix("torch."):
+                return (f"{name} is {share.dtypes[name]} {tuple(array.shape)} in the snapshot, "
+                        f"{target.dtype} {tuple(target.shape)} here")
+    with warnings.catch_warnings():  # the store's arrays are read-only; they are only read
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        for section, entries in state.items():
+            for key, tensor in entries.items():
+                target, name = local(tensor), f"{section}/{key}"
+                source = torch.from_numpy(share.tensors[name])
+                if target.dtype == torch.bfloat16:
+                    source = source.view(torch.bfloat16)
+                target.detach().copy_(source)
+    return None
+
+
+class SnapshotKeeper:
+    """Ray actor, one per node: holds ranks' shares by (step, rank) for one layout, copied
+    into its own memory (a worker's objects go with the worker)."""
+
+    def __init__(self) -> None:
+        self.shares: dict[tuple[int, int], tuple[str, Share]] = {}  # (step, rank) -> layout, share
+
+    def hold(self, step: int, rank: int, layout: str, share: Share) -> None:
+        share.tensors = {name: array.copy() for name, array in share.tensors.items()}
+        self.shares[(step, rank)] = (layout, share)
+        steps = sorted(s for s, r in self.shares if r == rank)
+        for old in steps[:-KEPT_PER_RANK]:
+            del self.shares[(old, rank)]
+
+    def held(self) -> list[tuple[int, int, str]]:
+        """(step, rank, layout) of every share held."""
+        return [(step, rank, layout) for (step, rank), (layout, _) in self.shares.items()]
+
+    def fetch(self, step: int, rank: int) -> Share | None:
+        held = self.shares.get((step, rank))
+        return None if held is None else held[1]
+
+    def retain(self, step: int | None, layout: str) -> None:
+        """Drop every share but those of `step` in `layout` (a new worker group starts from
+        it, and writes newer ones): nothing from another timeline can be mixed in later."""
+        self.shares = {key: held for key, held in self.shares.items()
+                       if key[0] == step and held[0] == layout}

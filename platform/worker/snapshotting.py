@@ -1,0 +1,76 @@
+"""A rank's side of the in-memory snapshots (`storage/snapshots.py`): hand its share of
+a finished step to its node's keeper, have the next node's keeper copy it, and read it
+back when a restarted group starts from it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from raytron.platform.storage.checkpoint import (
+    Resumed,
+    apply_training_state,
+    first_of_all_ranks,
+    training_state,
+)
+from raytron.platform.storage.rng_state import parse_rng_state, rng_state_json, set_rng_state
+from raytron.platform.storage.snapshots import Share, restore_into, share_of
+
+
+class Snapshotter:
+    def __init__(self, keepers: dict[str, Any], node: str, rank: int, layout: str):
+        nodes = sorted(keepers)
+        self.home = keepers.get(node)
+        after = [n for n in nodes if n > node] + [n for n in nodes if n < node]
+        self.peer = keepers[after[0]] if after else None  # on the next node, round the ring
+        self.others = [keepers[n] for n in after]
+        self.rank, self.layout = rank, layout
+        self.copying = None  # the peer's copy of the last share, not waited for yet
+
+    def take(self, step: int, parts: list[torch.nn.Module],
+             optimizers: list[torch.optim.Optimizer], meta: dict) -> None:
+        """Hand over this rank's share of `step` (no collective; before the next update):
+        the home keeper holds its copy once this returns, the peer's copy goes on in the
+        background, one at a time."""
+        import ray
+
+        if self.home is None:
+            return
+        if self.copying is not None:
+            try:
+                ray.get(self.copying)
+            except ray.exceptions.RayError:  # lost with its node: keepers are placed anew
+                self.peer = None  # when the next worker group starts
+            self.copying = None
+        state, _ = training_state(parts, optimizers)
+        share = ray.put(share_of(state, rng_state_json(), meta))  # once, for both keepers
+        ray.get(self.home.hold.remote(step, self.rank, self.layout, share))
+        if self.peer is not None:
+            self.copying = self.peer.hold.remote(step, self.rank, self.layout, share)
+
+    def fetch(self, step: int) -> Share | None:
+        """This rank's share of `step` from whichever keeper still has it."""
+        import ray
+
+        for keeper in [k for k in (self.home, *self.others) if k is not None]:
+            try:
+                share = ray.get(keeper.fetch.remote(step, self.rank))
+                if share is not None:
+                    return share
+            except ray.exceptions.RayError:
+                continue  # lost with its node: ask the next
+        return None
+
+    def restore(self, step: int, parts: list[torch.nn.Module],
+                optimizers: list[torch.optim.Optimizer]) -> tuple[Resumed | None, str | None]:
+        """Collective: every rank loads its share of `step`, or none does (why, then)."""
+        share = self.fetch(step)
+        state, keys = training_state(parts, optimizers)
+        problem = "no keeper holds it" if share is None else restore_into(state, share)
+        problem = first_of_all_ranks(problem)
+        if problem:
+            return None, problem
+        apply_training_state(parts, optimizers, state, keys)
+        set_rng_state(parse_rng_state(share.rng))
+        return Resumed(step, share.meta), None

@@ -1,0 +1,74 @@
+"""In-memory snapshots: a rank's share restores the exact training state (training then
+goes on as if uninterrupted), bfloat16 survives the trip, a share of another model is
+refused naming a tensor, and a keeper holds its own copy of each rank's two newest
+steps, of one timeline."""
+
+import numpy as np
+import pytest
+import torch
+from test_checkpoint import TRAIN, assert_same_weights, step, trainer
+
+from raytron.platform.storage.checkpoint import apply_training_state, training_state
+from raytron.platform.storage.rng_state import parse_rng_state, rng_state_json, set_rng_state
+from raytron.platform.storage.snapshots import SnapshotKeeper, restore_into, share_of
+from raytron.platform.worker.optim import apply_hyperparameters
+
+
+def test_a_share_restores_the_state_and_training_goes_on_alike():
+    model, optimizer = trainer()
+    for s in range(3):
+        step(model, optimizer, s, s)
+    keeper = SnapshotKeeper()  # its copy: the share's arrays are views of the live state
+    keeper.hold(3, 0, "1x1", share_of(training_state([model], [optimizer])[0],
+                                      rng_state_json(), {"at": 3}))
+    share = keeper.fetch(3, 0)
+    expected_noise = torch.rand(4)
+    for s in range(3, 5):
+        step(model, optimizer, s, s)
+
+    restored = trainer(seed=99)
+    state, keys = training_state([restored[0]], [restored[1]])
+    assert restore_into(state, share) is None
+    apply_training_state([restored[0]], [restored[1]], state, keys)
+    set_rng_state(parse_rng_state(share.rng))
+    assert torch.equal(torch.rand(4), expected_noise)  # the RNG is the snapshot's
+    apply_hyperparameters(restored[1], TRAIN, 3)
+    for s in range(3, 5):
+        step(*restored, s, s)
+    assert_same_weights(model, restored[0], rtol=0, atol=0)
+    assert share.meta == {"at": 3}
+
+
+def test_bfloat16_travels_as_int16_and_comes_back_exact():
+    weights = torch.randn(3, 5).to(torch.bfloat16)
+    share = share_of({"model": {"w": weights}}, "{}", {})
+    assert share.tensors["model/w"].dtype == np.int16 and share.dtypes["model/w"] == "bfloat16"
+    target = {"model": {"w": torch.zeros(3, 5, dtype=torch.bfloat16)}}
+    assert restore_into(target, share) is None
+    assert torch.equal(target["model"]["w"], weights)
+
+
+@pytest.mark.parametrize("other, named", [
+    ({"model": {"w": torch.zeros(3, 4)}}, "model/w is float32 (3, 5) in the snapshot"),
+    ({"model": {"v": torch.zeros(3, 5)}}, "other tensors than this rank's state (model/v)"),
+])
+def test_a_share_of_another_state_is_refused_naming_a_tensor(other, named):
+    share = share_of({"model": {"w": torch.ones(3, 5)}}, "{}", {})
+    assert named in restore_into(other, share)
+    assert all(not tensor.any() for tensor in other["model"].values())  # nothing copied
+
+
+def test_a_keeper_holds_its_own_copy_of_each_ranks_two_newest_steps():
+    keeper = SnapshotKeeper()
+    for at in range(1, 4):
+        for rank in (0, 1):
+            weights = torch.full((2,), float(at))
+            keeper.hold(at, rank, "dp2", share_of({"model": {"w": weights}}, "{}", {}))
+            weights.fill_(-1.0)  # training goes on: the held copy does not change
+    assert sorted(keeper.held()) == [(2, 0, "dp2"), (2, 1, "dp2"), (3, 0, "dp2"), (3, 1, "dp2")]
+    assert keeper.fetch(3, 1).tensors["model/w"].tolist() == [3.0, 3.0]
+    assert keeper.fetch(1, 0) is None
+    keeper.retain(2, "dp2")
+    assert sorted(keeper.held()) == [(2, 0, "dp2"), (2, 1, "dp2")]
+    keeper.retain(2, "dp1")  # another layout starts: nothing of this one is kept
+    assert keeper.held() == []
