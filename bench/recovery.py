@@ -3,15 +3,19 @@
     python bench/recovery.py     # ~10 minutes on 2 cores; writes docs/benchmarks.md
 
 For the tiny preset and a ~90M-parameter model (GPT-2 small's shape, a 4096-token
-vocabulary), two `raytron train` runs each:
+vocabulary), three `raytron train` runs each:
 
-1. synchronous checkpoints and the drill `kill rank 0 at step K` between two
-   checkpoints: the time from the kill (the drill's marker) to the first completed
-   step of the restarted worker group, in parts (detection, back-off, Ray starting the
-   group, building model and optimizer, loading the checkpoint, the first step), read
-   from the run's MLflow metrics and its launch events; and the steps lost;
-2. the same without the drill, with `checkpoint.async_save=true`: the training stall of
-   an async save, against the synchronous save of run 1 (the baseline).
+1. synchronous checkpoints, no in-memory snapshots (`checkpoint.memory_interval=0`), and
+   the drill `kill rank 0 at step K` between two checkpoints: the time from the kill
+   (the drill's marker) to the first completed step of the restarted worker group, in
+   parts (detection, back-off, Ray starting the group, building model and optimizer,
+   loading the checkpoint, the first step), read from the run's MLflow metrics and its
+   launch events; and the steps lost (the baseline);
+2. the same with an in-memory snapshot every step (`checkpoint.memory_interval=1`, the
+   default): the restart loads the snapshot instead; and the median step time against
+   run 1's, the snapshots' overhead;
+3. without the drill, with `checkpoint.async_save=true`: the training stall of an async
+   save, against the synchronous save of run 1.
 """
 
 from __future__ import annotations
@@ -81,11 +85,13 @@ def last_launch(tags: dict[str, str]) -> dict[str, float]:
     return {part: float(value) for part, value in LAUNCH.search(tags[key]).groupdict().items()}
 
 
-def recovery(root: Path, model: Model) -> tuple[dict[str, float], int, float, float, float]:
+def recovery(root: Path, model: Model, memory_interval: int
+             ) -> tuple[dict[str, float], int, float, float, float]:
     """Parts of the recovery (s), steps lost, mean sync save stall (s), checkpoint MB, and
     the median step time (s)."""
-    client, run_id, checkpoints = train(root, "sync", model,
-                                        (f"faults.inject=[kill rank 0 at step {model.kill_step}]",))
+    client, run_id, checkpoints = train(root, f"sync{memory_interval}", model, (
+        f"faults.inject=[kill rank 0 at step {model.kill_step}]",
+        f"checkpoint.memory_interval={memory_interval}"))
     killed_at = (checkpoints / "faults" / "0").stat().st_mtime
     detected = history(client, run_id, "restarts")[0]
     first = next(m for m in history(client, run_id, names.TRAIN_LOSS)  # logged every step:
@@ -95,7 +101,8 @@ def recovery(root: Path, model: Model) -> tuple[dict[str, float], int, float, fl
              "group start": launch["group"], "build": launch["build"],
              "checkpoint load": launch["load"], "first step": launch["first"]}
     parts["total"] = first.timestamp / 1e3 - killed_at
-    lost = (model.kill_step - 1) - detected.step  # finished steps the restart does again
+    resumed = int(client.get_run(run_id).data.tags["raytron.resumed_from_step"])
+    lost = (model.kill_step - 1) - resumed  # finished steps the restart does again
     stalls = [m.value for m in history(client, run_id, "checkpoint_save_s")]
     size = sum(f.stat().st_size for f in next(checkpoints.glob("step_*")).iterdir()) / 2**20
     step_time = statistics.median(m.value for m in history(client, run_id, names.STEP_TIME_S))
@@ -103,21 +110,27 @@ def recovery(root: Path, model: Model) -> tuple[dict[str, float], int, float, fl
 
 
 def async_stall(root: Path, model: Model) -> float:
-    client, run_id, _ = train(root, "async", model, ("checkpoint.async_save=true",))
+    client, run_id, _ = train(root, "async", model, ("checkpoint.async_save=true",
+                                                     "checkpoint.memory_interval=0"))
     return statistics.mean(m.value for m in history(client, run_id, "checkpoint_save_s"))
 
 
 def main() -> None:
-    recovery_rows, stall_rows = [], []
+    recovery_rows, stall_rows, snapshot_rows = [], [], []
     for model in MODELS:
         with tempfile.TemporaryDirectory() as folder:
-            parts, lost, sync, size, step_time = recovery(Path(folder), model)
+            parts, lost, sync, size, step_time = recovery(Path(folder), model, 0)
+            memory, memory_lost, _, _, snapshot_step = recovery(Path(folder), model, 1)
             background = async_stall(Path(folder), model)
-        recovery_rows.append([model.name, *(f"{parts[p]:.1f}" for p in PARTS),
-                              f"**{parts['total']:.1f}**", str(lost)])
+        for source, times, steps in (("checkpoint", parts, lost),
+                                     ("in-memory snapshot", memory, memory_lost)):
+            recovery_rows.append([model.name, source, *(f"{times[p]:.1f}" for p in PARTS),
+                                  f"**{times['total']:.1f}**", str(steps)])
         stall_rows.append([model.name, f"{size:,.0f}", f"{step_time:.2f}", f"{sync:.2f}",
                            f"{background:.2f}", f"{background / sync:.2f}"])
-        print(recovery_rows[-1], stall_rows[-1], flush=True)
+        snapshot_rows.append([model.name, f"{size:,.0f}", f"{step_time:.3f}",
+                              f"{snapshot_step:.3f}", f"{snapshot_step / step_time:.2f}"])
+        print(recovery_rows[-2:], stall_rows[-1], snapshot_rows[-1], flush=True)
     tiny, big = MODELS
     body = f"""## Recovery (`bench/recovery.py`)
 
@@ -127,7 +140,7 @@ between two checkpoints (tiny: interval {tiny.interval}, K={tiny.kill_step}; ~90
 interval {big.interval}, K={big.kill_step}). Seconds from the kill to the restarted
 group's first completed step:
 
-{markdown_table(["model", *PARTS, "total", "steps lost"], recovery_rows)}
+{markdown_table(["model", "restarts from", *PARTS, "total", "steps lost"], recovery_rows)}
 
 Detection runs from the kill until the controller holds the failure: Ray noticing the
 dead actor, Ray Train failing and tearing down the group. Group start is Ray Train
@@ -142,6 +155,13 @@ re-tokenized. Steps lost are the finished
 steps after the last commit, which the restarted group computes again (on average half
 a `checkpoint.interval`; a preemption notice or a resize checkpoints first and loses
 none).
+
+The snapshots' cost with no failure: the median step time with no snapshots (baseline)
+against a snapshot after every step (each rank waits until its node's keeper holds its
+copy; the next node's copy goes on in the background):
+
+{markdown_table(["model", "state MB", "step s, none", "step s, every step",
+                 "ratio"], snapshot_rows)}
 
 Training stall per checkpoint, synchronous (baseline) against `checkpoint.async_save`:
 

@@ -51,8 +51,10 @@ train.micro_batch is given.
 Ray: joins cluster.address or $RAY_ADDRESS when set (e.g. under `ray job submit`),
 otherwise starts a local Ray.
 
-Failures: the worker group restarts from the last committed checkpoint up to
-faults.max_restarts times; faults.hang_timeout_s fails a rank without progress
+Failures: the worker group restarts from the in-memory snapshot of the last finished
+step (checkpoint.memory_interval, default every step; its node's and the next node's
+keepers hold it), else the last committed checkpoint, up to faults.max_restarts times;
+faults.hang_timeout_s fails a rank without progress
 (faults.checkpoint_timeout_s while it saves, faults.eval_timeout_s while it validates);
 faults.inject='[kill rank 1 at step 7]' runs a failure drill. Elastic: with
 parallel.dp=auto the run shrinks when capacity drops and grows back when it returns

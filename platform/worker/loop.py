@@ -174,6 +174,7 @@ class WorkerLoop:
                     "tokens_seen": tokens_seen, **self.trainer.pair_statistics(),
                     **self.bubble_metrics(),
                     **self.memory_metrics(),
+                    **self.snapshot_metrics(),
                 }, with_data_stats=True)
                 window_started, window_wait, window_steps = time.perf_counter(), 0.0, 0
             if train.eval_interval and (step % train.eval_interval == 0 or step == train.steps):
@@ -269,6 +270,12 @@ class WorkerLoop:
         if shares:
             metrics["pipeline/idle"] = sum(shares) / len(shares)
         return metrics
+
+    def snapshot_metrics(self) -> dict[str, float]:
+        """How long rank 0's last in-memory snapshot held its step up."""
+        if self.snapshots is None or self.snapshots.stall_s is None:
+            return {}
+        return {names.SNAPSHOT_S: self.snapshots.stall_s}
 
     def mfu(self, tokens_per_s: float) -> dict[str, float]:
         """Model FLOPs utilization over the devices' peak, where one is known (not on CPUs)."""

@@ -1,9 +1,10 @@
 """A rank's side of the in-memory snapshots (`storage/snapshots.py`): hand its share of
-a finished step to its node's keeper, have the next node's keeper copy it, and read it
-back when a restarted group starts from it."""
+a finished step to its node's keeper and the next node's, and read it back when a
+restarted group starts from it."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from raytron.platform.storage.checkpoint import (
 from raytron.platform.storage.rng_state import parse_rng_state, rng_state_json, set_rng_state
 from raytron.platform.storage.snapshots import Share, restore_into, share_of
 
+PEER_TIMEOUT_S = 60.0  # the longest a rank waits for the next node's copy of its share
+
 
 class Snapshotter:
     def __init__(self, keepers: dict[str, Any], node: str, rank: int, layout: str):
@@ -26,28 +29,29 @@ class Snapshotter:
         self.peer = keepers[after[0]] if after else None  # on the next node, round the ring
         self.others = [keepers[n] for n in after]
         self.rank, self.layout = rank, layout
-        self.copying = None  # the peer's copy of the last share, not waited for yet
+        self.stall_s: float | None = None  # how long the last hand-over held the step up
 
     def take(self, step: int, parts: list[torch.nn.Module],
              optimizers: list[torch.optim.Optimizer], meta: dict) -> None:
-        """Hand over this rank's share of `step` (no collective; before the next update):
-        the home keeper holds its copy once this returns, the peer's copy goes on in the
-        background, one at a time."""
+        """Hand over this rank's share of `step` (no collective; before the next update),
+        to both keepers at once; back once both hold it, so that the step survives this
+        process and this node. A peer that fails is left out until the next group."""
         import ray
 
         if self.home is None:
             return
-        if self.copying is not None:
-            try:
-                ray.get(self.copying)
-            except ray.exceptions.RayError:  # lost with its node: keepers are placed anew
-                self.peer = None  # when the next worker group starts
-            self.copying = None
+        started = time.perf_counter()
         state, _ = training_state(parts, optimizers)
         share = ray.put(share_of(state, rng_state_json(), meta))  # once, for both keepers
-        ray.get(self.home.hold.remote(step, self.rank, self.layout, share))
+        held = self.home.hold.remote(step, self.rank, self.layout, share)
         if self.peer is not None:
-            self.copying = self.peer.hold.remote(step, self.rank, self.layout, share)
+            try:
+                ray.get(self.peer.hold.remote(step, self.rank, self.layout, share),
+                        timeout=PEER_TIMEOUT_S)
+            except (ray.exceptions.RayError, TimeoutError):  # lost with its node
+                self.peer = None
+        ray.get(held)
+        self.stall_s = time.perf_counter() - started
 
     def fetch(self, step: int) -> Share | None:
         """This rank's share of `step` from whichever keeper still has it."""
