@@ -69,7 +69,11 @@ def test_a_keeper_holds_its_own_copy_of_each_ranks_two_newest_steps():
     assert keeper.fetch(3, 1).tensors["model/w"].tolist() == [3.0, 3.0]  # in step 1's buffers
     assert keeper.fetch(2, 1).tensors["model/w"].tolist() == [2.0, 2.0]
     assert keeper.fetch(1, 0) is None
+    step_3_buffer = keeper.fetch(3, 0).tensors["model/w"]
     keeper.retain(2, "dp2")
     assert sorted(keeper.held()) == [(2, 0, "dp2"), (2, 1, "dp2")]
+    keeper.hold(3, 0, "dp2", share_of({"model": {"w": torch.full((2,), 5.0)}}, "{}", {}))
+    assert keeper.fetch(3, 0).tensors["model/w"] is step_3_buffer  # the restart's spare
+    assert keeper.fetch(3, 0).tensors["model/w"].tolist() == [5.0, 5.0]
     keeper.retain(2, "dp1")  # another layout starts: nothing of this one is kept
     assert keeper.held() == []

@@ -25,7 +25,8 @@ class SnapshotKeepers:
 
         usable = {node["NodeID"] for node in ray.nodes() if node["Alive"]} \
             - set(draining_nodes())
-        self.by_node = {node: keeper for node, keeper in self.by_node.items() if node in usable}
+        for node in set(self.by_node) - usable:  # lost, or going
+            ray.kill(self.by_node.pop(node))
         for node in sorted(usable - set(self.by_node)):
             self.by_node[node] = ray.remote(SnapshotKeeper).options(
                 num_cpus=0, max_restarts=0,

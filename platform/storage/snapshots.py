@@ -105,13 +105,15 @@ class SnapshotKeeper:
 
     def __init__(self) -> None:
         self.shares: dict[tuple[int, int], tuple[str, Share]] = {}  # (step, rank) -> layout, share
+        self.spare: dict[int, dict[str, np.ndarray]] = {}  # rank -> buffers `retain` freed
 
     def hold(self, step: int, rank: int, layout: str, share: Share) -> None:
         """Keep a copy of `share`, in the buffers of the rank's oldest share once it has
-        KEPT_PER_RANK of them."""
+        KEPT_PER_RANK of them (or those a restart left spare)."""
         mine = sorted(s for s, r in self.shares if r == rank)
         oldest = step if step in mine else mine[0] if len(mine) >= KEPT_PER_RANK else None
-        recycled = {} if oldest is None else self.shares.pop((oldest, rank))[1].tensors
+        recycled = self.spare.pop(rank, {}) if oldest is None \
+            else self.shares.pop((oldest, rank))[1].tensors
         share.tensors = copied(share.tensors, recycled)
         self.shares[(step, rank)] = (layout, share)
 
@@ -125,6 +127,13 @@ class SnapshotKeeper:
 
     def retain(self, step: int | None, layout: str) -> None:
         """Drop every share but those of `step` in `layout` (a new worker group starts from
-        it, and writes newer ones): nothing from another timeline can be mixed in later."""
-        self.shares = {key: held for key, held in self.shares.items()
-                       if key[0] == step and held[0] == layout}
+        it, and writes newer ones): nothing from another timeline can be mixed in later.
+        The buffers of the others in `layout` stay, for the group's next shares."""
+        kept: dict[tuple[int, int], tuple[str, Share]] = {}
+        self.spare = {}
+        for (at, rank), (written_in, share) in self.shares.items():
+            if written_in == layout and at == step:
+                kept[(at, rank)] = (written_in, share)
+            elif written_in == layout:
+                self.spare[rank] = share.tensors
+        self.shares = kept
