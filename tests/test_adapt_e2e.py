@@ -65,12 +65,13 @@ def test_dpo_teaches_the_pretrained_model_a_preference(root):
 
 def test_a_full_fine_tunes_dpo_computes_its_reference_once(root):
     """Without LoRA, a pass before the first step computes the reference (the first loss
-    is ln 2) and stores it; the worker group killed at step 12 restarts from step 10's
-    checkpoint and reads it, never computing it again; the model still learns."""
+    is ln 2) and stores it; the worker group killed at step 12 restarts from step 11's
+    in-memory snapshot and reads it, never computing it again; the model still learns."""
     output = train(root, "dpo-tiny", f"model.init_from={root / 'tiny'}", "train.steps=30",
                    "checkpoint.interval=10", "faults.inject=[kill rank 0 at step 12]")
     assert "Finished 30 steps" in output
     assert output.count("DPO reference: the starting weights' log-probabilities of 960 "
                         "rows") == 1
-    assert "step  1/30 | loss 0.6931" in output and "Resuming from step 10" in output
+    assert "step  1/30 | loss 0.6931" in output
+    assert "Resuming from step 11 (in-memory snapshot)" in output
     assert (root / "dpo-tiny" / "checkpoints" / "dpo_reference.safetensors").is_file()
