@@ -49,7 +49,8 @@ def test_bfloat16_travels_as_int16_and_comes_back_exact():
 
 
 @pytest.mark.parametrize("other, named", [
-    ({"model": {"w": torch.zeros(3, 4)}}, "model/w is float32 (3, 5) in the snapshot"),
+    ({"model": {"w": torch.zeros(3, 4)}},
+     "model/w is float32 (3, 5) in the snapshot, float32 (3, 4) here"),
     ({"model": {"v": torch.zeros(3, 5)}}, "other tensors than this rank's state (model/v)"),
 ])
 def test_a_share_of_another_state_is_refused_naming_a_tensor(other, named):

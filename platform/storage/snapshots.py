@@ -66,11 +66,10 @@ def restore_into(state: dict[str, dict[str, torch.Tensor]], share: Share) -> str
     for section, entries in state.items():
         for key, tensor in entries.items():
             target, name = local(tensor), f"{section}/{key}"
-            array = share.tensors[name]
-            if tuple(array.shape) != tuple(target.shape) \
-                    or share.dtypes[name] != str(target.dtype).removeprefix("torch."):
+            array, dtype = share.tensors[name], str(target.dtype).removeprefix("torch.")
+            if tuple(array.shape) != tuple(target.shape) or share.dtypes[name] != dtype:
                 return (f"{name} is {share.dtypes[name]} {tuple(array.shape)} in the snapshot, "
-                        f"{target.dtype} {tuple(target.shape)} here")
+                        f"{dtype} {tuple(target.shape)} here")
     with warnings.catch_warnings():  # the store's arrays are read-only; they are only read
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         for section, entries in state.items():
