@@ -35,18 +35,23 @@ class SnapshotKeepers:
         return dict(self.by_node)
 
     def held(self) -> list[tuple[int, int, str]]:
-        """(step, rank, layout) of every share a live keeper holds; keepers that fail to
-        answer are dropped."""
+        """(step, rank, layout) of every share a live keeper holds."""
+        return [share for shares in self.ask("held").values() for share in shares]
+
+    def ask(self, method: str, *args: Any) -> dict[str, Any]:
+        """node id -> what each keeper's `method` answered; a keeper that fails to answer
+        within ASK_TIMEOUT_S is lost (with what it held), and ended."""
         import ray
 
-        asked = {node: keeper.held.remote() for node, keeper in self.by_node.items()}
-        shares = []
+        asked = {node: getattr(keeper, method).remote(*args)
+                 for node, keeper in self.by_node.items()}
+        answers = {}
         for node, answer in asked.items():
             try:
-                shares += ray.get(answer, timeout=ASK_TIMEOUT_S)
+                answers[node] = ray.get(answer, timeout=ASK_TIMEOUT_S)
             except (ray.exceptions.RayError, TimeoutError):
                 ray.kill(self.by_node.pop(node))
-        return shares
+        return answers
 
     def newest_whole(self, layout: str, world: int, after: int) -> int | None:
         """The newest step after `after` of which every one of `world` ranks' shares in
@@ -60,15 +65,7 @@ class SnapshotKeepers:
 
     def retain(self, step: int | None, layout: str) -> None:
         """Keep only `step`'s shares (the next group starts from them), or none."""
-        import ray
-
-        answers = {node: keeper.retain.remote(step, layout)
-                   for node, keeper in self.by_node.items()}
-        for node, answer in answers.items():
-            try:
-                ray.get(answer, timeout=ASK_TIMEOUT_S)
-            except (ray.exceptions.RayError, TimeoutError):  # lost: it holds nothing now
-                ray.kill(self.by_node.pop(node))
+        self.ask("retain", step, layout)
 
     def close(self) -> None:
         import ray
