@@ -52,10 +52,11 @@ Ray: joins cluster.address or $RAY_ADDRESS when set (e.g. under `ray job submit`
 otherwise starts a local Ray.
 
 Failures: the worker group restarts from the in-memory snapshot of the last finished
-step (checkpoint.memory_interval, default every step; its node's and the next node's
-keepers hold it), else the last committed checkpoint, up to faults.max_restarts times;
-faults.hang_timeout_s fails a rank without progress
-(faults.checkpoint_timeout_s while it saves, faults.eval_timeout_s while it validates);
+step (checkpoint.memory_interval, default auto: every step where the nodes' memory holds
+them; its node's and the next node's keepers hold it), else the last committed
+checkpoint, up to faults.max_restarts times; faults.hang_timeout_s fails a rank without
+progress (faults.checkpoint_timeout_s while it saves, faults.eval_timeout_s while it
+validates);
 faults.inject='[kill rank 1 at step 7]' runs a failure drill. Elastic: with
 parallel.dp=auto the run shrinks when capacity drops and grows back when it returns
 (faults.min_dp, faults.schedule_timeout_s, faults.capacity_check_s); a node Ray drains

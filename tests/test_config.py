@@ -70,6 +70,8 @@ def run_cli(capsys, *args):
     (["train.precision=fp8"], ["train.precision='fp8' is unknown"]),
     (["parallel.schedule=zigzag"], ["parallel.schedule='zigzag' is unknown"]),
     (["train.warmup_steps=-1"], ["train.warmup_steps=-1 must be a whole number of 0 or more"]),
+    (["checkpoint.memory_interval=often"], ["checkpoint.memory_interval='often' must be a whole "
+                                            "number of 0 or more or auto. Fix: use e.g. 1"]),
     (["train.lr=-1"], ["train.lr=-1.0 must be a finite number more than 0", "e.g. 0.001"]),
     (["parallel.tp=0"], ["parallel.tp=0 must be a whole number of 1 or more"]),
     (["parallel.cp=2", "data.seq_len=18", "train.compile=true", "parallel.pp=2",

@@ -7,7 +7,13 @@ from raytron.model.pipeline import bubble_fraction, stage_layers
 from raytron.platform.cli import EXIT_CONFIG_ERROR, main
 from raytron.platform.config.load import load_config
 from raytron.platform.config.plan import make_plan
-from raytron.platform.config.validate import placement_problems, resolve_layout, workers_on
+from raytron.platform.config.snapshot_room import snapshots_unfit
+from raytron.platform.config.validate import (
+    placement_problems,
+    resolve_layout,
+    snapshot_problems,
+    workers_on,
+)
 
 
 def test_mt_nlg_530b_plan_is_plausible():
@@ -164,6 +170,53 @@ def test_custom_worker_resources_must_be_on_a_node():
     (problem,) = placement_problems(config, [{"CPU": 8, "trainer": 1}], 0)
     assert "(its 1 'trainer' at cluster.worker_resources.trainer=1)" in problem
     assert placement_problems(config, [{"CPU": 4, "trainer": 2}], 0) == []
+
+
+def test_snapshots_fit_when_every_nodes_keeper_can_hold_two_steps_of_its_and_a_peers_ranks():
+    """llama3.1-8b on 8-GPU nodes: 12.05 GB per device; a keeper holds two steps of its
+    node's 8 devices and of another node's 8: 385.5 GB, so a node needs that much memory
+    for Ray's tasks and actors; a single node holds no peer's copy."""
+    plan = make_plan(load_config("llama3.1-8b", ["cluster.address=auto"]))
+    assert plan.snapshot_share == pytest.approx(12.05e9, rel=1e-3)
+    node = {"CPU": 64, "GPU": 8, "memory": 386e9}
+    assert snapshots_unfit(plan, 1, [node, node]) is None
+    small = {**node, "memory": 380e9}
+    assert snapshots_unfit(plan, 1, [node, small]) == (
+        "a node's keeper may hold 385.5 GB of snapshots (2 steps of 8 of its own workers' "
+        "shares and 8 of another node's, 12.0 GB each), and the node has 380.0 GB for them "
+        "(380.0 GB of memory for Ray's tasks and actors)")
+    assert snapshots_unfit(plan, 1, [small]) is None  # 192.8 GB: no peer's copy
+    head = {"CPU": 8, "memory": 200e9}  # no GPU, no worker: it holds a GPU node's copies
+    assert snapshots_unfit(plan, 1, [node, node, head]) is None
+    assert "keeper may hold 192.8 GB" in snapshots_unfit(plan, 1, [node, {**head, "memory": 1e9}])
+
+
+def test_workers_on_cpus_leave_their_own_state_out_of_the_snapshots_room():
+    config = load_config("gpt2-124m", ["cluster.address=auto", "cluster.gpus_per_worker=0",
+                                       "cluster.cpus_per_worker=4"])
+    plan = make_plan(config)
+    own = plan.busiest.memory.total
+    share = plan.snapshot_share
+    just = {"CPU": 4, "memory": own + 2 * share}
+    assert snapshots_unfit(plan, 0, [just]) is None
+    problem = snapshots_unfit(plan, 0, [{**just, "memory": own + share}])
+    assert problem.endswith(f"less {own / GB:.1f} GB for its 1 workers' own state)")
+
+
+def test_a_snapshot_interval_set_by_hand_is_refused_where_they_do_not_fit():
+    nodes = [{"CPU": 64, "GPU": 8, "memory": 100e9}] * 2
+    explicit = load_config("llama3.1-8b", ["cluster.address=auto",
+                                           "checkpoint.memory_interval=5"])
+    (problem,) = snapshot_problems(explicit, nodes, 1)
+    assert problem.startswith("checkpoint.memory_interval=5: the in-memory snapshots do not fit: "
+                              "a node's keeper may hold 385.5 GB")
+    assert problem.endswith("Fix: set checkpoint.memory_interval=auto (snapshots only where they "
+                            "fit) or 0 (restarts start from the last committed checkpoint), or "
+                            "give the nodes more memory.")
+    for interval in ("auto", "0"):  # auto turns them off where they do not fit, at launch
+        config = load_config("llama3.1-8b", ["cluster.address=auto",
+                                             f"checkpoint.memory_interval={interval}"])
+        assert snapshot_problems(config, nodes, 1) == []
 
 
 # the parameter counts of the released models (their model cards and safetensors indexes)

@@ -78,3 +78,20 @@ def test_a_keeper_holds_its_own_copy_of_each_ranks_two_newest_steps():
     assert keeper.fetch(3, 0).tensors["model/w"].tolist() == [5.0, 5.0]
     keeper.retain(2, "dp1")  # another layout starts: nothing of this one is kept
     assert keeper.held() == []
+
+
+def test_keepers_are_ended_where_the_nodes_memory_cannot_hold_the_snapshots(ray_session):
+    """On this machine's Ray: the tiny model's snapshots fit; llama3.1-8b's on CPUs do
+    not (its workers' own state alone passes the node's memory), and the keepers go."""
+    from raytron.platform.config.load import load_config
+    from raytron.platform.config.plan import make_plan
+    from raytron.platform.control.snapshot_keepers import SnapshotKeepers
+
+    keepers = SnapshotKeepers()
+    assert keepers.unfit(make_plan(load_config("tiny")), 0) is None
+    assert len(keepers.place()) == 1
+    big = make_plan(load_config("llama3.1-8b", ["cluster.gpus_per_worker=0",
+                                                "cluster.cpus_per_worker=1"]))
+    why = keepers.unfit(big, 0)  # 4 workers on the session's 4 CPUs
+    assert why is not None and why.startswith("a node's keeper may hold 96.4 GB of snapshots")
+    assert keepers.by_node == {} and keepers.held() == []

@@ -77,6 +77,13 @@ class Plan:
         limit = self.config.cluster.device_memory_gb
         return limit is None or self.busiest.memory.total <= limit * GB
 
+    @property
+    def snapshot_share(self) -> int:
+        """Bytes of the largest device's share of an in-memory snapshot: its trained
+        parameters and their AdamW moments, in fp32 (`storage/snapshots.py`)."""
+        return max(rank.memory.optimizer for rank in self.ranks) // OPTIMIZER_BYTES \
+            * (MASTER_BYTES + OPTIMIZER_BYTES)
+
 
 def held_elements(parameters: list[tuple[str, tuple[int, ...]]], shards: Shards
                   ) -> tuple[int, int]:
@@ -140,18 +147,21 @@ def make_plan(config: RaytronConfig) -> Plan:
                                     p.tp, compute_bytes))
 
 
-def snapshot_line(m: MemoryPlan, interval: int) -> str:
-    """The host memory in-memory snapshots take: a device's share is its trained
-    parameters and their AdamW moments, in fp32, held by two keepers (its node's and the
-    next node's) for its two newest snapshots (`storage/snapshots.py`)."""
+def snapshot_line(plan: Plan) -> str:
+    """The host memory in-memory snapshots take: a device's share is held by two keepers
+    (its node's and the next node's) for its two newest snapshots
+    (`storage/snapshots.py`)."""
+    from raytron.platform.config.schema import AUTO
     from raytron.platform.storage.snapshots import KEPT_PER_RANK
 
-    share = m.optimizer // OPTIMIZER_BYTES * (MASTER_BYTES + OPTIMIZER_BYTES)
-    held = 2 * KEPT_PER_RANK * share
-    return (f"snapshots   every {interval} step(s) (checkpoint.memory_interval): "
-            f"{share / GB:.2f} GB per device copied to host memory, {held / GB:.2f} GB of host "
-            f"memory per device held (two keepers x {KEPT_PER_RANK} steps); "
-            "checkpoint.memory_interval=0 turns them off")
+    interval = plan.config.checkpoint.memory_interval
+    every = "every step where the nodes' memory holds them" if interval == AUTO \
+        else f"every {interval} step(s)"
+    share = plan.snapshot_share
+    return (f"snapshots   {every} (checkpoint.memory_interval={interval}): "
+            f"{share / GB:.2f} GB per device copied to host memory, "
+            f"{2 * KEPT_PER_RANK * share / GB:.2f} GB of host memory per device held (two "
+            f"keepers x {KEPT_PER_RANK} steps); checkpoint.memory_interval=0 turns them off")
 
 
 def context_parallelism_that_fits(config: RaytronConfig, limit: int = 1024
@@ -248,7 +258,7 @@ def describe(plan: Plan) -> str:
         lines.append(f"dpo         {t.global_batch // 2} pairs per step (beta {t.dpo.beta:g}, "
                      f"{t.dpo.loss}); the reference is {reference}, and no second model")
     if c.checkpoint.memory_interval:
-        lines.append(snapshot_line(m, c.checkpoint.memory_interval))
+        lines.append(snapshot_line(plan))
     if p.cp > 1:
         lines.append(f"context     {c.data.seq_len // p.cp} tokens of each sequence per device "
                      f"(cp={p.cp}); ring attention sends {plan.ring_bytes / GB:.2f} GB per "

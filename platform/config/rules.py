@@ -144,11 +144,12 @@ def one_of(choices: tuple[str, ...]) -> Rule:
     return rule
 
 
-def count_or(choices: tuple[str, ...], meaning: str) -> Rule:
+def count_or(choices: tuple[str, ...], meaning: str, lowest: int = 1) -> Rule:
+    """One of `choices`, or a whole number from `lowest`."""
     def rule(key: str, value: Any) -> str | None:
-        if value in choices or is_int(value) and 1 <= value <= MAX_COUNT:
+        if value in choices or is_int(value) and lowest <= value <= MAX_COUNT:
             return None
-        return (f"{key}={value!r} must be a whole number of 1 or more or "
+        return (f"{key}={value!r} must be a whole number of {lowest} or more or "
                 f"{' or '.join(choices)}. Fix: {meaning}.")
     return rule
 

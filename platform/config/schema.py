@@ -322,8 +322,11 @@ class CheckpointConfig:
     # write shards in the background; committed at a later step
     async_save: bool = key(False, anything, FREE)
     # steps between in-memory snapshots (each rank's state held by its node's keeper and
-    # copied to the next node's): a restart loads the newest one whole; 0: none
-    memory_interval: int = key(1, natural, FREE)
+    # copied to the next node's): a restart loads the newest one whole; auto: every step
+    # when the nodes' memory holds them, else none; 0: none
+    memory_interval: int | str = key(AUTO, count_or(
+        (AUTO,), "use e.g. 1, auto for every step where they fit, or 0 for none", lowest=0),
+        FREE)
 
 
 @dataclass

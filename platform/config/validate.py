@@ -371,6 +371,23 @@ def memory_problems(config: RaytronConfig) -> list[str]:
 
 # -- rules that need the cluster or the tokenizer -------------------------------------------
 
+def snapshot_problems(config: RaytronConfig, nodes: list[dict[str, float]],
+                      gpus: float) -> list[str]:
+    """A checkpoint.memory_interval set to a number whose snapshots the nodes' memory
+    cannot hold (auto turns them off instead: `control/supervisor.py`)."""
+    interval = config.checkpoint.memory_interval
+    if interval in (0, AUTO):
+        return []
+    from raytron.platform.config.plan import make_plan
+    from raytron.platform.config.snapshot_room import snapshots_unfit
+
+    unfit = snapshots_unfit(make_plan(resolve_layout(config)), gpus, nodes)
+    return [] if unfit is None else [
+        f"checkpoint.memory_interval={interval}: the in-memory snapshots do not fit: {unfit}. "
+        "Fix: set checkpoint.memory_interval=auto (snapshots only where they fit) or 0 "
+        "(restarts start from the last committed checkpoint), or give the nodes more memory."]
+
+
 def worker_request(config: RaytronConfig, gpus: float) -> dict[str, float]:
     """The Ray resources one training worker asks for, all on one node."""
     c = config.cluster

@@ -88,13 +88,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# Of a machine's free memory, what a Ray started on it gives tasks and actors by default
+# (its object store takes the rest)
+LOCAL_ACTOR_MEMORY = 0.7
+
+
 def node_resources(config: RaytronConfig) -> list[dict[str, float]]:
     """Resources per node: this machine's for a local run (Ray not started yet), the
     alive nodes' of the cluster otherwise (joining takes no resources)."""
     if cluster_address(config) is None:
+        import psutil
         import torch
 
-        return [{"CPU": local_cpus(config), "GPU": torch.cuda.device_count()}]
+        return [{"CPU": local_cpus(config), "GPU": torch.cuda.device_count(),
+                 "memory": LOCAL_ACTOR_MEMORY * psutil.virtual_memory().available}]
     import ray
 
     start_ray(config)

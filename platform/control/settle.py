@@ -5,9 +5,9 @@ Settled are the tokenizer workers (from the CPUs the workers leave free), the mo
 shape (from the tokenizer: the run's own when it resumes, else given or trained), the
 absolute locations (so that the saved config names where things are, whatever the
 directory a later command runs from). Checked are the placement of a tensor-parallel
-group on a node, the vocabulary against the tokenizer, and, when the run resumes, every
-key a resumed run cannot change (`config/resume.py`) and the files its data cursor
-counts in (`pipelines/file_lists.py`).
+group on a node, the vocabulary against the tokenizer, the in-memory snapshots against
+the nodes' memory, and, when the run resumes, every key a resumed run cannot change
+(`config/resume.py`) and the files its data cursor counts in (`pipelines/file_lists.py`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from raytron.platform.config.schema import ConfigError, RaytronConfig
 from raytron.platform.config.validate import (
     placement_problems,
     raise_problems,
+    snapshot_problems,
     tokenizer_problems,
 )
 from raytron.platform.control.corpus import stream_spec, train_tokenizer, with_tokenizer
@@ -80,6 +81,7 @@ def settle(config: RaytronConfig) -> SettledRun:
     spec = dataclasses.replace(spec, chat_template=template)
     config = dataclasses.replace(config, model=resolve_model(config.model,
                                                              tokenizer.get_vocab_size()))
+    raise_problems(snapshot_problems(config, nodes, gpus))
     applied: list[str] = []
     if owner is not None:
         saved = paths.saved_config() or owner  # as the run last started

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from raytron.platform.config.plan import Plan
+from raytron.platform.config.snapshot_room import snapshots_unfit
+
 ASK_TIMEOUT_S = 30.0  # a keeper that does not answer counts as lost
 
 
@@ -13,18 +16,25 @@ class SnapshotKeepers:
     def __init__(self) -> None:
         self.by_node: dict[str, Any] = {}
 
+    def unfit(self, plan: Plan, gpus: float) -> str | None:
+        """Why the usable nodes' memory cannot hold the snapshots of a worker group in
+        `plan`'s layout (`config/snapshot_room.py`), having ended the keepers (a group
+        without snapshots starts from a checkpoint); None when it can."""
+        why = snapshots_unfit(plan, gpus, list(usable_nodes().values()))
+        if why is not None:
+            self.close()
+        return why
+
     def place(self) -> dict[str, Any]:
-        """A keeper on every live node that Ray is not draining (those on lost nodes are
-        gone, with what they held); node id -> keeper, for the workers. A keeper that is
-        not up within ASK_TIMEOUT_S is left out."""
+        """A keeper on every usable node (those on lost nodes are gone, with what they
+        held); node id -> keeper, for the workers. A keeper that is not up within
+        ASK_TIMEOUT_S is left out."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from raytron.platform.control.capacity import draining_nodes
         from raytron.platform.storage.snapshots import SnapshotKeeper
 
-        usable = {node["NodeID"] for node in ray.nodes() if node["Alive"]} \
-            - set(draining_nodes())
+        usable = set(usable_nodes())
         for node in set(self.by_node) - usable:  # lost, or going
             ray.kill(self.by_node.pop(node))
         for node in sorted(usable - set(self.by_node)):
@@ -73,3 +83,14 @@ class SnapshotKeepers:
         for keeper in self.by_node.values():
             ray.kill(keeper)
         self.by_node = {}
+
+
+def usable_nodes() -> dict[str, dict[str, float]]:
+    """Node id -> resources of every live node that Ray is not draining."""
+    import ray
+
+    from raytron.platform.control.capacity import draining_nodes
+
+    draining = set(draining_nodes())
+    return {node["NodeID"]: node["Resources"] for node in ray.nodes()
+            if node["Alive"] and node["NodeID"] not in draining}

@@ -8,6 +8,7 @@ import dataclasses
 import time
 
 from raytron.platform.config.layout import Layout
+from raytron.platform.config.plan import make_plan
 from raytron.platform.config.schema import AUTO, RaytronConfig
 from raytron.platform.control.console import Console
 from raytron.platform.control.ray_train import (
@@ -60,6 +61,7 @@ class Supervisor:
         self.failures: list[str] = []
         self.dp: int | None = None
         self.keepers = SnapshotKeepers() if config.checkpoint.memory_interval else None
+        self.unfit: str | None = None  # why the snapshots are off, when they are
 
     def run(self) -> None:
         try:
@@ -109,14 +111,31 @@ class Supervisor:
 
     def start_from(self, launch: RaytronConfig, committed: list[int]) -> StartFrom:
         """The keepers, on every live node, holding only the snapshot the group starts from:
-        the newest whole one after the last committed checkpoint, in the group's layout."""
+        the newest whole one after the last committed checkpoint, in the group's layout.
+        None where the nodes' memory cannot hold the group's snapshots."""
         if self.keepers is None:
+            return StartFrom()
+        unfit = self.keepers.unfit(make_plan(launch), self.gpus)
+        if unfit is not None and unfit != self.unfit:
+            self.snapshots_off(unfit)
+        self.unfit = unfit
+        if unfit is not None:
             return StartFrom()
         keepers = self.keepers.place()
         layout = repr(Layout.of(launch))
         snapshot = self.snapshot_after(committed[-1] if committed else 0)
         self.keepers.retain(snapshot, layout)
         return StartFrom(snapshot, keepers)
+
+    def snapshots_off(self, unfit: str) -> None:
+        """Say that the next worker groups take no snapshots: the nodes' memory cannot
+        hold them (an elastic run may have shrunk)."""
+        step = self.store.latest() or 0
+        text = (f"in-memory snapshots off (checkpoint.memory_interval="
+                f"{self.config.checkpoint.memory_interval}): {unfit}; a restart starts from "
+                "the last committed checkpoint")
+        self.console.write(text)
+        self.tracking.record_event(self.run_id, "snapshots", step, text)
 
     def snapshot_after(self, step: int) -> int | None:
         """The newest whole in-memory snapshot after `step` in the current layout."""

@@ -25,7 +25,7 @@ from raytron.pipelines.feeder import DataUnusable
 from raytron.pipelines.mixture import DataExhausted
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import step_flops_per_token
-from raytron.platform.config.schema import RaytronConfig
+from raytron.platform.config.schema import AUTO, RaytronConfig
 from raytron.platform.storage import metric_names as names
 from raytron.platform.storage.checkpoint import CheckpointStore, PendingSave, Resumed
 from raytron.platform.worker.boundary import StepBoundary
@@ -203,9 +203,11 @@ class WorkerLoop:
                 self.commit()
 
     def snapshot(self, step: int, tokens_seen: int) -> None:
-        """Every checkpoint.memory_interval steps, this rank's state to the keepers, before
+        """Every checkpoint.memory_interval steps (auto: every step; the controller gave
+        no keepers where they do not fit), this rank's state to the keepers, before
         anything else can fail (the data cursor from rank 0, which hands it to the feeder)."""
         interval = self.config.checkpoint.memory_interval
+        interval = 1 if interval == AUTO else interval
         if self.snapshots is None or step % interval or step == self.config.train.steps:
             return
         meta = {"tokens_seen": tokens_seen}
