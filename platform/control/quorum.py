@@ -1,0 +1,195 @@
+"""Replica mode's quorum (`faults.mode=replicas`): which data-parallel replicas compute
+each step, agreed in one place so that every replica acts alike.
+
+Before each step every live replica arrives; the quorum forms once each member of the
+last one has arrived, died (its heartbeat stopped) or was evicted (it did not arrive
+within the hang timeout). The members split the step's global batch among them and sum
+their gradients on a group of that membership (its `epoch`); then each votes, and the
+update is applied only when every member's sum succeeded, so that a replica lost in the
+middle of a step never leaves the others disagreeing: they compute the same step again
+without it. A replica that starts while others train (Ray Train replaced it) joins at a
+step boundary: the members wait for it to load the state of the step they finished
+(from the snapshot keepers), and it takes its share from the next step on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+BEAT_S = 0.25  # how often a replica says it is alive
+DEAD_AFTER_S = 1.5  # a replica whose heartbeat stopped this long ago has gone
+JOIN_WAIT_S = 120.0  # the longest the members wait for a joining replica to load
+WAKE_S = 0.1  # how often a waiting call looks at the heartbeats again
+
+
+@dataclass(frozen=True)
+class Membership:
+    """The replicas computing `step`, and the epoch naming their gradient group."""
+
+    epoch: int
+    step: int
+    members: tuple[int, ...]  # replica ids (their world ranks), ascending
+
+    def index(self, replica: int) -> int:
+        return self.members.index(replica)
+
+    @property
+    def leader(self) -> int:
+        """The member that logs, checkpoints and snapshots for all of them."""
+        return self.members[0]
+
+
+class Quorum:
+    """Ray actor (threaded: the members wait in it at once), on the controller's node."""
+
+    def __init__(self, expected: int, first_wait_s: float, hang_timeout_s: float):
+        self.expected, self.first_wait_s, self.hang_timeout_s = \
+            expected, first_wait_s, hang_timeout_s
+        self.changed = threading.Condition()
+        self.current: Membership | None = None  # the last quorum formed
+        self.outcome: bool | None = None  # whether its step was applied (None: not voted)
+        self.since = time.monotonic()  # when the current quorum formed or failed
+        self.arrivals: dict[int, int] = {}  # replica -> the step it waits to compute
+        self.votes: dict[int, bool] = {}  # member -> its sum succeeded (current quorum)
+        self.beats: dict[int, float] = {}  # replica -> its last heartbeat
+        self.evicted: set[int] = set()
+        self.joining: dict[int, int | None] = {}  # replica -> the step it loads (None: not yet)
+        self.asked_to_load = 0.0  # when the joiners were last told which step to load
+
+    # -- liveness ---------------------------------------------------------------------
+
+    def beat(self, replica: int) -> bool:
+        """A replica is alive; False once it was evicted (it must end: Ray Train replaces
+        it, and the replacement joins)."""
+        with self.changed:
+            self.beats[replica] = time.monotonic()
+            return replica not in self.evicted
+
+    def alive(self, replica: int) -> bool:
+        return replica not in self.evicted \
+            and time.monotonic() - self.beats.get(replica, 0.0) < DEAD_AFTER_S
+
+    def training(self) -> bool:
+        """Some member of the last quorum is alive."""
+        return self.current is not None and any(self.alive(m) for m in self.current.members)
+
+    def next_step(self) -> int:
+        assert self.current is not None
+        return self.current.step + 1 if self.outcome else self.current.step
+
+    # -- joining ----------------------------------------------------------------------
+
+    def join(self, replica: int) -> int | None:
+        """A starting replica: the step whose state it must load (the one the members have
+        just finished), once they wait for it; None when no replica trains: it starts from
+        the newest snapshot or checkpoint, as all do."""
+        with self.changed:
+            self.beats[replica] = time.monotonic()
+            self.evicted.discard(replica)
+            if not self.training():
+                return None
+            self.joining[replica] = None
+            self.changed.notify_all()
+            while self.joining.get(replica) is None and self.training():
+                self.changed.wait(WAKE_S)
+                self.beats[replica] = time.monotonic()
+            return self.joining.get(replica)
+
+    # -- steps ------------------------------------------------------------------------
+
+    def arrive(self, replica: int, step: int) -> Membership | None:
+        """Wait for the quorum of `step`; None when this replica is left out of it (it was
+        evicted, or it is not where the members are): it must end, and join again."""
+        with self.changed:
+            now = time.monotonic()
+            self.beats[replica] = now
+            if not self.training() and not self.arrivals:
+                self.since = now  # the first to arrive starts the wait for the others
+            self.arrivals[replica] = step
+            self.changed.notify_all()
+            while replica in self.arrivals:
+                if replica in self.evicted or self.training() and step != self.next_step():
+                    self.arrivals.pop(replica, None)
+                    return None
+                if not self.form(step):
+                    self.changed.wait(WAKE_S)
+                    self.beats[replica] = time.monotonic()
+            formed = self.current
+            return formed if formed is not None and replica in formed.members else None
+
+    def form(self, step: int) -> bool:
+        """Form the quorum of `step` if it can form now (with the lock held); then every
+        replica that waited for it leaves `arrivals`, member or not."""
+        now = time.monotonic()
+        waiting = {r for r, s in self.arrivals.items() if s == step and self.alive(r)}
+        if not self.training():  # the first quorum, or every member has gone
+            if len(waiting) < self.expected and now - self.since < self.first_wait_s:
+                return False
+            members = waiting
+        else:
+            last = self.current.members
+            missing = [m for m in last if self.alive(m) and m not in waiting]
+            if missing:
+                if now - self.since < self.hang_timeout_s:
+                    return False
+                self.evicted.update(missing)  # hung: not waited for any longer
+            if not self.joiners_ready(step, waiting):
+                return False
+            members = {m for m in waiting if m in last or m in self.joining}
+            for joiner in members - set(last):
+                del self.joining[joiner]
+        if not members:
+            return False
+        ordered = tuple(sorted(members))
+        last_quorum = self.current
+        same = last_quorum is not None and ordered == last_quorum.members \
+            and self.outcome is True
+        epoch = 0 if last_quorum is None else last_quorum.epoch + (0 if same else 1)
+        self.current, self.outcome = Membership(epoch, step, ordered), None
+        self.since, self.votes = now, {}
+        for replica in waiting:
+            del self.arrivals[replica]
+        self.changed.notify_all()
+        return True
+
+    def joiners_ready(self, step: int, waiting: set[int]) -> bool:
+        """Tell each joining replica to load step - 1; ready once each has loaded it and
+        arrived, died, or taken longer than JOIN_WAIT_S (it joins at a later step)."""
+        ready = True
+        for joiner, loads in list(self.joining.items()):
+            if not self.alive(joiner):
+                del self.joining[joiner]
+            elif loads != step - 1:
+                self.joining[joiner] = step - 1
+                self.asked_to_load = time.monotonic()
+                self.changed.notify_all()
+                ready = False
+            elif joiner not in waiting:
+                ready = ready and time.monotonic() - self.asked_to_load > JOIN_WAIT_S
+        return ready
+
+    def vote(self, replica: int, epoch: int, succeeded: bool) -> bool:
+        """Whether the step of `epoch` is applied: only when every member's gradient sum
+        succeeded; a member that dies, or hangs, before voting fails it."""
+        with self.changed:
+            self.beats[replica] = time.monotonic()
+            current = self.current
+            if current is None or current.epoch != epoch or replica not in current.members:
+                return False
+            self.votes[replica] = succeeded
+            self.changed.notify_all()
+            while self.outcome is None and self.current is current:
+                missing = [m for m in current.members if m not in self.votes]
+                late = time.monotonic() - self.since > self.hang_timeout_s
+                if not missing or late or not all(self.alive(m) for m in missing):
+                    self.outcome = not missing and all(self.votes.values())
+                    if late:
+                        self.evicted.update(missing)
+                    self.since = time.monotonic()
+                    self.changed.notify_all()
+                    break
+                self.changed.wait(WAKE_S)
+                self.beats[replica] = time.monotonic()
+            return self.current is current and bool(self.outcome)

@@ -1,0 +1,129 @@
+"""Replica mode's quorum, called from threads as the replicas' calls reach the actor: a
+step is applied only when every member's sum succeeded; a dead member fails the step
+and the others compute it again without it; a hung one is evicted; a replacement loads
+the step the members finished and joins at the next one."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from raytron.platform.control import quorum as quorum_module
+from raytron.platform.control.quorum import Membership, Quorum
+
+
+class Beats:
+    """Each replica's heartbeat, as its background thread sends it, until it stops."""
+
+    def __init__(self, quorum: Quorum, replicas: list[int]):
+        self.quorum, self.stopped = quorum, {r: threading.Event() for r in replicas}
+        self.threads = [threading.Thread(target=self.beat, args=(r,), daemon=True)
+                        for r in replicas]
+        for thread in self.threads:
+            thread.start()
+
+    def beat(self, replica: int) -> None:
+        while not self.stopped[replica].wait(0.05):
+            self.quorum.beat(replica)
+
+    def add(self, replica: int) -> None:
+        self.stopped[replica] = threading.Event()
+        threading.Thread(target=self.beat, args=(replica,), daemon=True).start()
+
+    def stop(self, replica: int | None = None) -> None:
+        for r, event in self.stopped.items():
+            if replica is None or r == replica:
+                event.set()
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch):
+    monkeypatch.setattr(quorum_module, "DEAD_AFTER_S", 0.4)
+    monkeypatch.setattr(quorum_module, "WAKE_S", 0.02)
+
+
+def arrive_all(pool, quorum, replicas, step) -> dict[int, Membership | None]:
+    futures = {r: pool.submit(quorum.arrive, r, step) for r in replicas}
+    return {r: f.result(timeout=10) for r, f in futures.items()}
+
+
+def vote_all(pool, quorum, votes: dict[int, bool], epoch: int) -> dict[int, bool]:
+    futures = {r: pool.submit(quorum.vote, r, epoch, ok) for r, ok in votes.items()}
+    return {r: f.result(timeout=10) for r, f in futures.items()}
+
+
+def test_a_lost_member_fails_its_step_and_the_others_compute_it_again_without_it():
+    quorum = Quorum(expected=3, first_wait_s=5, hang_timeout_s=30)
+    beats = Beats(quorum, [0, 1, 2])
+    with ThreadPoolExecutor(8) as pool:
+        formed = arrive_all(pool, quorum, [0, 1, 2], 1)
+        assert set(formed.values()) == {Membership(0, 1, (0, 1, 2))}
+        assert vote_all(pool, quorum, {0: True, 1: True, 2: True}, 0) == {0: True, 1: True,
+                                                                           2: True}
+        assert arrive_all(pool, quorum, [0, 1, 2], 2)[0] == Membership(0, 2, (0, 1, 2))
+        beats.stop(2)  # dies computing step 2: the others' sums fail
+        started = time.monotonic()
+        assert vote_all(pool, quorum, {0: False, 1: False}, 0) == {0: False, 1: False}
+        assert time.monotonic() - started < 1.5  # its heartbeat, not a timeout
+        again = arrive_all(pool, quorum, [0, 1], 2)
+        assert set(again.values()) == {Membership(1, 2, (0, 1))}
+        assert vote_all(pool, quorum, {0: True, 1: True}, 1) == {0: True, 1: True}
+        assert arrive_all(pool, quorum, [0, 1], 3)[1] == Membership(1, 3, (0, 1))
+    beats.stop()
+
+
+def test_a_step_is_applied_only_when_every_members_sum_succeeded():
+    quorum = Quorum(expected=2, first_wait_s=5, hang_timeout_s=30)
+    beats = Beats(quorum, [0, 1])
+    with ThreadPoolExecutor(8) as pool:
+        arrive_all(pool, quorum, [0, 1], 1)
+        assert vote_all(pool, quorum, {0: True, 1: False}, 0) == {0: False, 1: False}
+        assert set(arrive_all(pool, quorum, [0, 1], 1).values()) == {Membership(1, 1, (0, 1))}
+        assert quorum.arrive(0, 5) is None  # not where the members are
+    beats.stop()
+
+
+def test_a_hung_member_is_evicted_and_told_so():
+    quorum = Quorum(expected=3, first_wait_s=5, hang_timeout_s=0.5)
+    beats = Beats(quorum, [0, 1, 2])
+    with ThreadPoolExecutor(8) as pool:
+        arrive_all(pool, quorum, [0, 1, 2], 1)
+        vote_all(pool, quorum, {0: True, 1: True, 2: True}, 0)
+        started = time.monotonic()  # 2 beats on, but never arrives at step 2
+        assert set(arrive_all(pool, quorum, [0, 1], 2).values()) == {Membership(1, 2, (0, 1))}
+        assert 0.4 < time.monotonic() - started < 3
+        assert quorum.beat(2) is False and quorum.beat(0) is True
+    beats.stop()
+
+
+def test_a_replacement_loads_the_finished_step_and_joins_at_the_next():
+    quorum = Quorum(expected=2, first_wait_s=5, hang_timeout_s=30)
+    beats = Beats(quorum, [0, 1])
+    with ThreadPoolExecutor(8) as pool:
+        arrive_all(pool, quorum, [0, 1], 1)
+        vote_all(pool, quorum, {0: True, 1: True}, 0)
+        beats.add(2)
+        joined = pool.submit(quorum.join, 2)
+        time.sleep(0.2)
+        assert not joined.done()  # told at the members' next boundary
+        members = {r: pool.submit(quorum.arrive, r, 2) for r in (0, 1)}
+        assert joined.result(timeout=10) == 1  # the state of step 1, from the keepers
+        time.sleep(0.2)
+        assert not members[0].done()  # the members wait for it to load
+        assert quorum.arrive(2, 2) == Membership(1, 2, (0, 1, 2))
+        assert {f.result(timeout=10) for f in members.values()} == {Membership(1, 2, (0, 1, 2))}
+    beats.stop()
+
+
+def test_the_first_quorum_waits_for_every_replica_then_starts_with_those_there():
+    quorum = Quorum(expected=3, first_wait_s=0.5, hang_timeout_s=30)
+    beats = Beats(quorum, [0, 1])
+    assert quorum.join(0) is None  # nobody trains: start from the checkpoint
+    with ThreadPoolExecutor(8) as pool:
+        started = time.monotonic()
+        assert set(arrive_all(pool, quorum, [0, 1], 5).values()) == {Membership(0, 5, (0, 1))}
+        assert time.monotonic() - started >= 0.5
+    beats.stop()
