@@ -18,6 +18,7 @@ from raytron.platform.config.rules import is_count
 from raytron.platform.config.schema import (
     AUTO,
     RECOMPUTE_NAMED,
+    REPLICAS,
     DataConfig,
     LoraConfig,
     ModelConfig,
@@ -162,3 +163,16 @@ def schedule_shortfall(config: RaytronConfig, micro_batches: int) -> str | None:
         return (f"interleaved-1f1b needs the micro-batches per call ({per_call}) to be a "
                 f"multiple of parallel.pp={p.pp}")
     return None
+
+
+def replica_config(config: RaytronConfig) -> RaytronConfig:
+    """The config of one replica in faults.mode=replicas: one worker holding the whole
+    model, its own layout."""
+    return dataclasses.replace(
+        config, parallel=dataclasses.replace(config.parallel, dp=1),
+        cluster=dataclasses.replace(config.cluster, workers=1))
+
+
+def snapshot_layout(config: RaytronConfig) -> Layout:
+    """The layout a worker group's snapshots are written in: its own, or one replica's."""
+    return Layout.of(replica_config(config) if config.faults.mode == REPLICAS else config)

@@ -56,6 +56,8 @@ OBJECTIVES = ("lm", "dpo")  # train.objective
 DPO_LOSSES = ("sigmoid", "ipo")  # train.dpo.loss
 CHATML = "chatml"
 CHAT_TEMPLATES = (AUTO, CHATML)  # data.chat_template
+REPLICAS = "replicas"
+FAULT_MODES = ("restart", REPLICAS)  # faults.mode
 SAME_TOKENIZER = "the run keeps the tokenizer it started with"
 
 
@@ -366,7 +368,12 @@ class ClusterConfig:
 
 @dataclass
 class FaultsConfig:
-    # worker-group restarts from the last checkpoint before the run fails
+    # what a failed worker costs: restart: the worker group restarts from the newest
+    # in-memory snapshot or checkpoint | replicas: each worker is a data-parallel
+    # replica; the others go on without a lost one, which is replaced and joins again
+    mode: str = key("restart", one_of(FAULT_MODES), FREE)
+    # worker-group restarts from the last checkpoint before the run fails (replicas: a
+    # replaced replica counts as one)
     max_restarts: int = key(3, natural, FREE)
     # wait before a restart; doubles each time, at most 60 s
     restart_backoff_s: float = key(2.0, number(positive=False), FREE)

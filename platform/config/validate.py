@@ -24,7 +24,7 @@ from raytron.platform.config.resolve import (
     fitting_micro_batch,
     schedule_shortfall,
 )
-from raytron.platform.config.schema import AUTO, ConfigError, RaytronConfig
+from raytron.platform.config.schema import AUTO, REPLICAS, ConfigError, RaytronConfig
 
 
 def validate(config: RaytronConfig, check_paths: bool = True) -> None:
@@ -327,7 +327,8 @@ def is_file(path: str) -> bool:
 
 
 def fault_problems(config: RaytronConfig) -> list[str]:
-    f, problems = config.faults, []
+    f = config.faults
+    problems = replica_problems(config) if f.mode == REPLICAS else []
     if f.min_dp > 1 and config.parallel.dp != AUTO:
         problems.append(f"faults.min_dp={f.min_dp} applies only to elastic runs. Fix: set "
                         "parallel.dp=auto, or leave faults.min_dp at 1.")
@@ -345,6 +346,31 @@ def fault_problems(config: RaytronConfig) -> list[str]:
             problems.append(f"faults.inject.{injection.index}: rank {injection.rank} does not "
                             f"exist with cluster.workers={config.cluster.workers}. Fix: use a "
                             f"rank below {config.cluster.workers}.")
+    return problems
+
+
+def replica_problems(config: RaytronConfig) -> list[str]:
+    """faults.mode=replicas: each worker is a whole replica (pp, tp, cp of 1), fixed in
+    number, healed from the in-memory snapshots."""
+    p, t, problems = config.parallel, config.train, []
+    split = [f"parallel.{name}={getattr(p, name)}" for name in ("pp", "tp", "cp")
+             if getattr(p, name) > 1]
+    if split:
+        problems.append(f"faults.mode=replicas with {', '.join(split)}: a replica is one "
+                        "worker holding the whole model. Fix: set parallel.pp, parallel.tp "
+                        "and parallel.cp to 1, or use faults.mode=restart.")
+    if p.dp == AUTO:
+        problems.append("faults.mode=replicas with parallel.dp=auto: replicas keep their "
+                        "number, replacing lost ones. Fix: set parallel.dp to a number.")
+    if config.checkpoint.memory_interval not in (1, AUTO):
+        problems.append(f"faults.mode=replicas with checkpoint.memory_interval="
+                        f"{config.checkpoint.memory_interval}: a replacement loads the last "
+                        "finished step's snapshot. Fix: leave checkpoint.memory_interval at "
+                        "auto (or 1).")
+    if t.objective == "dpo" and not t.lora.rank:
+        problems.append("faults.mode=replicas with a full DPO fine-tune: its reference pass "
+                        "before the first step runs in restart mode only. Fix: use "
+                        "faults.mode=restart, or train.lora.rank for LoRA DPO.")
     return problems
 
 
@@ -374,18 +400,24 @@ def memory_problems(config: RaytronConfig) -> list[str]:
 def snapshot_problems(config: RaytronConfig, nodes: list[dict[str, float]],
                       gpus: float) -> list[str]:
     """A checkpoint.memory_interval set to a number whose snapshots the nodes' memory
-    cannot hold (auto turns them off instead: `control/supervisor.py`)."""
+    cannot hold (auto turns them off instead: `control/supervisor.py`; but replica mode
+    needs them)."""
     interval = config.checkpoint.memory_interval
-    if interval in (0, AUTO):
+    if interval == 0 or interval == AUTO and config.faults.mode != REPLICAS:
         return []
     from raytron.platform.config.plan import make_plan
     from raytron.platform.config.snapshot_room import snapshots_unfit
 
     unfit = snapshots_unfit(make_plan(resolve_layout(config)), gpus, nodes)
-    return [] if unfit is None else [
-        f"checkpoint.memory_interval={interval}: the in-memory snapshots do not fit: {unfit}. "
-        "Fix: set checkpoint.memory_interval=auto (snapshots only where they fit) or 0 "
-        "(restarts start from the last committed checkpoint), or give the nodes more memory."]
+    if unfit is None:
+        return []
+    if config.faults.mode == REPLICAS:
+        return [f"faults.mode=replicas: the in-memory snapshots a replacement loads do not "
+                f"fit: {unfit}. Fix: use faults.mode=restart, or give the nodes more memory."]
+    return [f"checkpoint.memory_interval={interval}: the in-memory snapshots do not fit: "
+            f"{unfit}. Fix: set checkpoint.memory_interval=auto (snapshots only where they "
+            "fit) or 0 (restarts start from the last committed checkpoint), or give the "
+            "nodes more memory."]
 
 
 def worker_request(config: RaytronConfig, gpus: float) -> dict[str, float]:

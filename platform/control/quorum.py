@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 BEAT_S = 0.25  # how often a replica says it is alive
 DEAD_AFTER_S = 1.5  # a replica whose heartbeat stopped this long ago has gone
@@ -57,6 +58,19 @@ class Quorum:
         self.evicted: set[int] = set()
         self.joining: dict[int, int | None] = {}  # replica -> the step it loads (None: not yet)
         self.asked_to_load = 0.0  # when the joiners were last told which step to load
+        self.store: Any = None  # the TCP store of the members' gradient groups
+
+    def store_address(self) -> tuple[str, int]:
+        """Where the replicas find each other for their gradient groups: a TCP store in
+        this actor, which outlives them all (made once, for the first to ask)."""
+        import ray
+        import torch.distributed as dist
+
+        with self.changed:
+            if self.store is None:
+                self.store = dist.TCPStore("0.0.0.0", 0, is_master=True,
+                                           wait_for_workers=False)
+            return ray.util.get_node_ip_address(), self.store.port
 
     # -- liveness ---------------------------------------------------------------------
 
@@ -193,3 +207,18 @@ class Quorum:
                 self.changed.wait(WAKE_S)
                 self.beats[replica] = time.monotonic()
             return self.current is current and bool(self.outcome)
+
+
+def quorum_actor(config: Any) -> Any:
+    """The Quorum of one worker group (`config`: its RaytronConfig), on this node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raytron.platform.config.layout import Layout
+    from raytron.platform.worker.faults import FIRST_STEP_GRACE_S
+
+    replicas = Layout.of(config).dp
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(Quorum).options(
+        num_cpus=0, max_concurrency=4 * replicas + 8, scheduling_strategy=here).remote(
+        replicas, FIRST_STEP_GRACE_S, config.faults.hang_timeout_s)

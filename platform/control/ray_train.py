@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raytron.platform.config.layout import Layout
-from raytron.platform.config.schema import RaytronConfig
+from raytron.platform.config.schema import REPLICAS, RaytronConfig
 from raytron.platform.storage.run_dir import RunPaths
 
 
@@ -37,13 +37,19 @@ def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, actors: di
     f = config.faults
     longest_wait = max(f.hang_timeout_s, FIRST_STEP_GRACE_S, f.checkpoint_timeout_s,
                        f.eval_timeout_s, f.eval_task_timeout_s)
+    torch_config, failures = TorchConfig(timeout_s=int(longest_wait) + 60), 0
+    if f.mode == REPLICAS:  # Ray Train replaces a lost replica; the others go on
+        from raytron.platform.control.replica_groups import ReplicaGroupsConfig
+
+        torch_config, failures = ReplicaGroupsConfig(timeout_s=int(longest_wait) + 60), \
+            f.max_restarts
     return TorchTrainer(
         train_loop,
         train_loop_config={"config": config, "checkpoint_dir": str(paths.checkpoints),
                            "launched_at": time.time(), "leases": leases,
                            "committed": committed, "keepers": start.keepers,
                            "snapshot": start.snapshot, **actors},
-        torch_config=TorchConfig(timeout_s=int(longest_wait) + 60),
+        torch_config=torch_config,
         scaling_config=ScalingConfig(
             num_workers=config.cluster.workers, use_gpu=gpus > 0,
             resources_per_worker={"CPU": config.cluster.cpus_per_worker,
@@ -51,7 +57,7 @@ def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, actors: di
                                   **config.cluster.worker_resources},
         ),
         run_config=RunConfig(name=config.run.name, storage_path=str(paths.dir / "ray_train"),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=failures)),
     )
 
 

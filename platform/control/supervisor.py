@@ -9,8 +9,10 @@ import time
 
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.plan import make_plan
-from raytron.platform.config.schema import AUTO, RaytronConfig
+from raytron.platform.config.resolve import snapshot_layout
+from raytron.platform.config.schema import AUTO, REPLICAS, RaytronConfig
 from raytron.platform.control.console import Console
+from raytron.platform.control.quorum import quorum_actor
 from raytron.platform.control.ray_train import (
     StartFrom,
     failure_gist,
@@ -86,16 +88,23 @@ class Supervisor:
                 coordinator, launch.cluster.workers, self.config.faults.capacity_check_s,
                 (lambda dp=launch.parallel.dp: self.sizing.room_to_grow(dp)) if grow else None)
             committed = self.store.committed_steps()  # listed once: every rank tries these
+            actors = self.actors
+            if self.config.faults.mode == REPLICAS:
+                actors = {**actors, "quorum": quorum_actor(launch)}
             try:
-                fit_beside(worker_group(launch, self.paths, self.gpus, self.actors,
+                fit_beside(worker_group(launch, self.paths, self.gpus, actors,
                                         self.leases, committed,
                                         self.start_from(launch, committed)))
             except Exception as error:  # the group failed: restart it, or give up
                 raise_if_not_retried(error)
+                if "quorum" in actors:  # Ray Train replaced replicas: max_restarts times
+                    raise RunFailed(self.replicas_failed(error)) from error
                 self.failed(failure_gist(error, Layout.of(launch)), error)
                 continue
             finally:
                 watcher.stop()
+                if "quorum" in actors:
+                    ray.kill(actors["quorum"])
             step = self.store.latest() or 0
             if step >= self.config.train.steps:
                 return
@@ -122,7 +131,7 @@ class Supervisor:
         if unfit is not None:
             return StartFrom()
         keepers = self.keepers.place()
-        layout = repr(Layout.of(launch))
+        layout = repr(snapshot_layout(launch))
         snapshot = self.snapshot_after(committed[-1] if committed else 0)
         self.keepers.retain(snapshot, layout)
         return StartFrom(snapshot, keepers)
@@ -141,7 +150,7 @@ class Supervisor:
         """The newest whole in-memory snapshot after `step` in the current layout."""
         if self.keepers is None:
             return None
-        layout = Layout.of(self.config, self.dp)
+        layout = snapshot_layout(with_dp(self.config, self.dp) if self.dp else self.config)
         return self.keepers.newest_whole(repr(layout), layout.world, step)
 
     def next_launch(self) -> RaytronConfig | None:
@@ -162,6 +171,16 @@ class Supervisor:
             self.tracking.record_event(self.run_id, "resize", step, text)
         self.dp = dp
         return with_dp(self.config, dp)
+
+    def replicas_failed(self, error: BaseException) -> str:
+        """Why a replica-mode run ends: Ray Train replaced lost replicas up to
+        faults.max_restarts times, then lost one more (or all at once that often)."""
+        step = self.store.latest() or 0
+        what = f"{failure_gist(error, Layout.of(self.config))} (last committed checkpoint: " \
+            f"step {step})"
+        self.tracking.record_failure(self.run_id, self.config.faults.max_restarts + 1, step, what)
+        return (f"the replicas failed more than faults.max_restarts="
+                f"{self.config.faults.max_restarts} times; the last: {what}")
 
     def failed(self, gist: str, error: BaseException | None = None) -> None:
         """Count a failure: give up past faults.max_restarts, else back off."""

@@ -66,13 +66,20 @@ class WorkerArgs:
     judge: Any = None  # TaskJudge actor handle, when the run scores train.eval_tasks
     keepers: dict[str, Any] | None = None  # node id -> snapshot keeper (memory_interval > 0)
     snapshot: int | None = None  # the step of the in-memory snapshot to resume from, if any
+    quorum: Any = None  # Quorum actor handle (faults.mode=replicas)
 
 
 def train_loop(args: dict) -> None:
     """Ray Train's `train_loop_per_worker`. An exception reaches the controller as it is
     (Ray Train's `WorkerGroupError.worker_failures`), which names the rank."""
     context = ray.train.get_context()
-    WorkerLoop(WorkerArgs(**args), context.get_world_rank(), context.get_local_rank()).run()
+    worker = WorkerArgs(**args)
+    if worker.quorum is not None:
+        from raytron.platform.worker.replica_loop import ReplicaLoop
+
+        ReplicaLoop(worker, context.get_world_rank(), context.get_local_rank()).run()
+        return
+    WorkerLoop(worker, context.get_world_rank(), context.get_local_rank()).run()
 
 
 class WorkerLoop:
@@ -109,6 +116,10 @@ class WorkerLoop:
         self.unsaved: PendingSave | None = None  # written in the background, not committed
         self.committed_step = 0
         self.watchdog: Watchdog | None = None
+
+    def leads(self) -> bool:
+        """Whether this rank logs, and hands the feeder's cursor on, for the group."""
+        return self.rank == 0
 
     def run(self) -> None:
         sampler = self.system_sampler()
@@ -211,14 +222,14 @@ class WorkerLoop:
         if self.snapshots is None or step % interval or step == self.config.train.steps:
             return
         meta = {"tokens_seen": tokens_seen}
-        if self.rank == 0:
+        if self.leads():
             meta["cursor"] = ray.get(self.args.feeder.cursor.remote(step))
         self.snapshots.take(step, self.trainer.parts, self.trainer.optimizers, meta)
 
     def launched(self, start: int, startup: dict[str, float], loaded: float) -> None:
         """Once its first step is done, rank 0 tells the tracker the group's layout and
         how long it took to get going, in parts (an event and a tag, not charts)."""
-        if self.rank != 0:
+        if not self.leads():
             return
         now = time.time()
         layout = {**self.layout.sizes(), "workers": self.layout.world}
@@ -250,7 +261,7 @@ class WorkerLoop:
         and what to do (the group itself ends without an error)."""
         with self.saving():
             self.keep_step(step, tokens_seen)
-        if self.rank != 0:
+        if not self.leads():
             return
         kept = f"step {step} is checkpointed" if step else "nothing was trained"
         if isinstance(error, DataExhausted):
@@ -314,7 +325,7 @@ class WorkerLoop:
                                              self.args.committed)
         step, meta = (resumed.step, resumed.meta) if resumed else (0, {})
         self.trainer.start_at(step)
-        if self.rank == 0:
+        if self.leads():
             if resumed:
                 ray.get(self.args.tracker.resumed.remote(
                     step, resumed.skipped, step == self.args.snapshot, fallback))
@@ -361,7 +372,7 @@ class WorkerLoop:
             reference_rows(self.trainer, self.pass_batches(train.steps), rows, head),
             reference_rows(self.trainer, [(0, held_out)] if len(held_out) else [],
                            len(held_out), head and self.dp_rank == 0))
-        if self.rank == 0:
+        if self.leads():
             store_table(self.store.fs, self.store.root, table)
             ray.get(self.args.feeder.seek.remote(0, {}))
             self.args.tracker.note.remote(0, "dpo_reference", (
@@ -437,7 +448,7 @@ class WorkerLoop:
         if self.task_requests is None:
             self.task_requests = ray.get(self.args.judge.requests.remote())
         scores = score_in_layout(self.trainer, self.task_requests)
-        if self.rank == 0:
+        if self.leads():
             self.args.judge.judge.remote(step, scores, self.args.tracker)
 
     def save(self, step: int, tokens_seen: int, background: bool = True) -> None:
@@ -465,7 +476,7 @@ class WorkerLoop:
         self.report(pending.step, {"checkpoint_step": pending.step})
 
     def report(self, step: int, metrics: dict[str, float], with_data_stats: bool = False) -> None:
-        if self.rank != 0:
+        if not self.leads():
             return
         if with_data_stats:
             metrics = {**metrics, **ray.get(self.args.feeder.stats.remote())}

@@ -53,6 +53,19 @@ class Snapshotter:
         ray.get(held)
         self.stall_s = time.perf_counter() - started
 
+    def newest(self) -> int | None:
+        """The newest step of which some live keeper holds this rank's share."""
+        import ray
+
+        steps = []
+        for keeper in [k for k in (self.home, *self.others) if k is not None]:
+            try:
+                steps += [step for step, rank, layout in ray.get(keeper.held.remote())
+                          if rank == self.rank and layout == self.layout]
+            except ray.exceptions.RayError:
+                continue  # lost with its node
+        return max(steps, default=None)
+
     def fetch(self, step: int) -> Share | None:
         """This rank's share of `step` from whichever keeper still has it."""
         import ray

@@ -55,6 +55,10 @@ from raytron.platform.worker.optim import apply_hyperparameters, build_optimizer
 if TYPE_CHECKING:
     from torch.distributed.pipelining import PipelineStage
 
+# a step's loss and trained parameters -> the loss summed with other replicas', their
+# gradients summed in place (`worker/replica_sync.py`)
+Combine = Callable[[torch.Tensor, list[torch.nn.Parameter]], torch.Tensor]
+
 
 @dataclass
 class Sequences:
@@ -263,12 +267,13 @@ class Trainer:
             stack.enter_context(loss_parallel())
         return stack
 
-    def train_step(self, batch: Sequences, before_update: Callable[[], None] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, batch: Sequences, before_update: Callable[[], None] | None = None,
+                   combine: Combine | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on this replica's share of the global batch (every rank of
         the replica passes it, each stage uses what it needs). Returns the loss over the
         whole global batch and the global gradient norm before clipping. `before_update`
-        runs just before the parameters change (a checkpoint's copy finishing)."""
+        runs just before the parameters change (a checkpoint's copy finishing);
+        `combine` sums the loss and gradients with other replicas' (replica mode)."""
         self.loss_scale = self.layout.batch_ranks / batch.target_count
         if self.dpo:
             if batch.reference is None:  # with LoRA: the base, now; else stored beforehand
@@ -281,6 +286,8 @@ class Trainer:
         else:
             loss = self.pipeline_accumulate(batch)
             self.sum_tied_gradients()
+        if combine is not None:
+            loss = self.combined(loss, combine)
         grad_norm = self.clip_gradients(self.config.train.grad_clip)
         if before_update is not None:
             before_update()
@@ -289,6 +296,15 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         self.start_at(self.step + 1)
         return self.sum_over_replicas(loss), grad_norm
+
+    def combined(self, loss: torch.Tensor, combine: Combine) -> torch.Tensor:
+        """`combine`'s loss; when it raises, none of this step's gradients are kept."""
+        try:
+            return combine(loss, [p for p in self.parameters() if p.requires_grad])
+        except BaseException:
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            raise
 
     def local(self, batch: Sequences) -> Sequences:
         """This rank's share of a replica's sequences: all of them, or its context shard."""

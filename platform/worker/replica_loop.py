@@ -1,0 +1,124 @@
+"""A worker in replica mode (`faults.mode=replicas`): one data-parallel replica that
+trains the whole model in a layout of its own (1x1x1) and meets the other replicas only
+in the quorum (`control/quorum.py`) and the sum of their gradients
+(`worker/replica_sync.py`).
+
+Each step, the members of its quorum split the global batch in whole micro-batches, so
+that every applied step sees the same data, and sum their losses (each its rows' summed
+loss over the whole batch's target count) and gradients: the step the uninterrupted run
+computes, up to summation order. When a member is lost mid-step no one applies it and
+the others compute it again; a replacement loads the last finished step from the
+snapshot keepers and joins at the next one. The quorum's leader (its lowest replica)
+logs, snapshots and checkpoints for all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import ray
+import torch
+
+from raytron.platform.config.layout import Layout
+from raytron.platform.config.resolve import replica_config
+from raytron.platform.control.quorum import Membership
+from raytron.platform.worker.faults import FIRST_STEP_GRACE_S, FaultInjector
+from raytron.platform.worker.loop import WorkerArgs, WorkerLoop
+from raytron.platform.worker.replica_sync import ReplicaSync, StepNotApplied
+from raytron.platform.worker.trainer import Sequences
+
+
+class ReplicaLoop(WorkerLoop):
+    def __init__(self, args: WorkerArgs, replica: int, local_rank: int):
+        whole = args.config
+        super().__init__(dataclasses.replace(args, config=replica_config(whole), snapshot=None),
+                         0, local_rank)
+        self.replica, self.replicas = replica, Layout.of(whole).dp
+        self.injector = FaultInjector(whole.faults.inject, replica, self.replicas,
+                                      self.store.fs, self.store.root, f"replica {replica}")
+        self.sync = ReplicaSync(args.quorum, replica,
+                                max(whole.faults.hang_timeout_s, FIRST_STEP_GRACE_S))
+        self.membership: Membership | None = None
+
+    def leads(self) -> bool:
+        if self.membership is None:
+            return self.replica == 0
+        return self.membership.leader == self.replica
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.sync.close()
+
+    def resume(self) -> tuple[int, dict]:
+        """Join the replicas that train, from the snapshot of the step they finished;
+        when none trains, start as every replica does: from the newest snapshot the
+        keepers hold (each is a whole replica's state), else the last checkpoint."""
+        target = self.sync.join()
+        if target is None:
+            newest = self.snapshots.newest() if self.snapshots else None
+            committed = self.args.committed[-1] if self.args.committed else 0
+            self.args.snapshot = newest if newest is not None and newest > committed else None
+            return super().resume()
+        started = time.perf_counter()
+        resumed, problem = self.snapshots.restore(target, self.trainer.parts,
+                                                  self.trainer.optimizers)
+        if resumed is None:
+            raise RuntimeError(f"replica {self.replica} cannot join at step {target + 1}: "
+                               f"the snapshot of step {target} {problem}")
+        self.trainer.start_at(target)
+        self.args.tracker.note.remote(target, "replicas", (
+            f"replica {self.replica} joined at step {target + 1}, with the state of step "
+            f"{target} from the snapshot keepers ({time.perf_counter() - started:.1f} s)"))
+        return target, resumed.meta
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Step `step + 1` with whichever replicas the quorum has; again, with the new
+        quorum, until every member applies it."""
+        while True:
+            last, self.membership = self.membership, self.sync.arrive(step + 1)
+            if last is not None and self.leads() and last.members != self.membership.members:
+                self.changed(last, self.membership)
+            started = time.perf_counter()
+            first, held = ray.get(self.args.feeder.part.remote(
+                step, self.membership.index(self.replica), len(self.membership.members),
+                self.config.train.micro_batch))
+            batch = Sequences.of(held, self.device)
+            wait = time.perf_counter() - started
+            before_update = None if self.unsaved is None else self.unsaved.wait_for_copy
+            try:
+                loss, grad_norm = self.trainer.train_step(
+                    batch, before_update, functools.partial(self.sync.summed, self.membership))
+            except StepNotApplied:
+                continue
+            return loss, grad_norm, wait
+
+    def changed(self, last: Membership, now: Membership) -> None:
+        gone = sorted(set(last.members) - set(now.members))
+        came = sorted(set(now.members) - set(last.members))
+        text = "; ".join(
+            [f"replica(s) {', '.join(map(str, gone))} lost: step {now.step} is computed "
+             f"again by {len(now.members)}"] * bool(gone)
+            + [f"replica(s) {', '.join(map(str, came))} joined: {len(now.members)} "
+               f"replicas from step {now.step}"] * bool(came))
+        self.args.tracker.note.remote(now.step, "replicas", text)
+
+    def snapshot(self, step: int, tokens_seen: int) -> None:
+        """The leader's state is every member's: one share per step, for the keepers."""
+        if self.leads():
+            super().snapshot(step, tokens_seen)
+
+    def evaluate(self, step: int) -> None:
+        if self.leads():
+            super().evaluate(step)
+
+    def score_tasks(self, step: int) -> None:
+        if self.leads():
+            super().score_tasks(step)
+
+    def save(self, step: int, tokens_seen: int, background: bool = True) -> None:
+        if self.leads():
+            super().save(step, tokens_seen, background)
