@@ -16,6 +16,12 @@ vocabulary), three `raytron train` runs each:
    run 1's, the snapshots' overhead;
 3. without the drill, with `checkpoint.async_save=true`: the training stall of an async
    save, against the synchronous save of run 1.
+
+Then two data-parallel replicas (two workers, one CPU each), killing rank 1 between two
+checkpoints, in restart mode with snapshots (the baseline) and in replica mode
+(`faults.mode=replicas`): the others' stall (kill to their next logged step), the time
+until both replicas compute again, the steps computed again; and the median step time
+of each mode with no failure.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class Model:
     overrides: tuple[str, ...]
     steps: int
     interval: int  # checkpoint.interval; the kill falls between two checkpoints
+    halves: str  # the micro-batch that gives each of two replicas the same share
 
     @property
     def kill_step(self) -> int:
@@ -52,10 +59,11 @@ class Model:
 
 
 MODELS = [
-    Model("tiny (1M)", "tiny", ("train.global_batch=8", "train.micro_batch=8"), 16, 4),
+    Model("tiny (1M)", "tiny", ("train.global_batch=8", "train.micro_batch=8"), 16, 4,
+          "train.micro_batch=4"),
     Model("~90M", "gpt2-124m", ("model.vocab_size=null", "data.vocab_size=4096",
                                 "train.global_batch=4", "train.micro_batch=4",
-                                "train.warmup_steps=1"), 6, 2),
+                                "train.warmup_steps=1"), 6, 2, "train.micro_batch=2"),
 ]
 PARTS = ["detection", "back-off", "group start", "build", "checkpoint load", "first step"]
 # the start-up times of a launch event (`launch_text` in platform/storage/tracking.py)
@@ -110,16 +118,35 @@ def recovery(root: Path, model: Model, memory_interval: int
     return parts, lost, statistics.mean(stalls), size, step_time
 
 
-def steady_step(root: Path, model: Model, memory_interval: int) -> tuple[float, float]:
+def steady_step(root: Path, model: Model, memory_interval: int,
+                extra: tuple[str, ...] = (), label: str = "") -> tuple[float, float]:
     """The median step time (s) of a run of 3x the model's steps with no failure and no
     checkpoint but the last, after its first 3 steps (the keepers' buffers are made in
     the first two); and the median time a snapshot held a step up (0 without)."""
     longer = dataclasses.replace(model, steps=3 * model.steps, interval=3 * model.steps)
-    client, run_id, _ = train(root, f"steady{memory_interval}", longer,
-                              (f"checkpoint.memory_interval={memory_interval}",))
+    client, run_id, _ = train(root, f"steady{memory_interval}{label}", longer,
+                              (f"checkpoint.memory_interval={memory_interval}", *extra))
     times = [m.value for m in history(client, run_id, names.STEP_TIME_S) if m.step > 3]
     stalls = [m.value for m in history(client, run_id, names.SNAPSHOT_S) if m.step > 3]
     return statistics.median(times), statistics.median(stalls) if stalls else 0.0
+
+
+def two_replicas(model: Model, mode: str) -> tuple[str, ...]:
+    return ("parallel.dp=2", "cluster.cpus_per_worker=1", model.halves, f"faults.mode={mode}")
+
+
+def replica_drill(root: Path, model: Model, mode: str) -> tuple[float, float, int]:
+    """Two replicas, rank 1 killed at the model's kill step: seconds from the kill to
+    the next logged step, seconds until two replicas compute again, and the finished
+    steps computed again."""
+    client, run_id, checkpoints = train(root, mode, model, (
+        *two_replicas(model, mode), f"faults.inject=[kill rank 1 at step {model.kill_step}]"))
+    killed_at = (checkpoints / "faults" / "0").stat().st_mtime * 1e3
+    after = next(m for m in history(client, run_id, names.TRAIN_LOSS) if m.timestamp > killed_at)
+    both = next((m for m in history(client, run_id, names.REPLICAS)
+                 if m.timestamp > killed_at and m.value == 2), after)
+    return ((after.timestamp - killed_at) / 1e3, (both.timestamp - killed_at) / 1e3,
+            model.kill_step - after.step)
 
 
 def async_stall(root: Path, model: Model) -> float:
@@ -129,7 +156,7 @@ def async_stall(root: Path, model: Model) -> float:
 
 
 def main() -> None:
-    recovery_rows, stall_rows, snapshot_rows = [], [], []
+    recovery_rows, stall_rows, snapshot_rows, replica_rows = [], [], [], []
     for model in MODELS:
         with tempfile.TemporaryDirectory() as folder:
             parts, lost, sync, size, step_time = recovery(Path(folder), model, 0)
@@ -137,6 +164,14 @@ def main() -> None:
             background = async_stall(Path(folder), model)
             plain, _ = steady_step(Path(folder), model, 0)
             snapshotted, stall = steady_step(Path(folder), model, 1)
+            drills = {mode: replica_drill(Path(folder), model, mode)
+                      for mode in ("restart", "replicas")}
+            steady = {mode: steady_step(Path(folder), model, 1, two_replicas(model, mode),
+                                        f"-{mode}")[0] for mode in ("restart", "replicas")}
+        for mode, (stall_s, both_s, again) in drills.items():
+            replica_rows.append([model.name, mode, f"{stall_s:.1f}", f"{both_s:.1f}", str(again),
+                                 f"{steady[mode]:.3f}",
+                                 f"{steady[mode] / steady['restart']:.2f}"])
         for source, times, steps in (("checkpoint", parts, lost),
                                      ("in-memory snapshot", memory, memory_lost)):
             recovery_rows.append([model.name, source, *(f"{times[p]:.1f}" for p in PARTS),
@@ -145,7 +180,8 @@ def main() -> None:
                            f"{background:.2f}", f"{background / sync:.2f}"])
         snapshot_rows.append([model.name, f"{size:,.0f}", f"{plain:.3f}", f"{snapshotted:.3f}",
                               f"{stall:.3f}", f"{snapshotted / plain:.2f}"])
-        print(recovery_rows[-2:], stall_rows[-1], snapshot_rows[-1], flush=True)
+        print(recovery_rows[-2:], stall_rows[-1], snapshot_rows[-1], replica_rows[-2:],
+              flush=True)
     tiny, big = MODELS
     body = f"""## Recovery (`bench/recovery.py`)
 
@@ -186,6 +222,18 @@ one node there is no next node to copy to):
 
 {markdown_table(["model", "state MB", "step s, none", "step s, every step",
                  "snapshot s", "ratio"], snapshot_rows)}
+
+Two data-parallel replicas (two workers of one CPU each, snapshots every step), rank 1
+killed at step K as above: in restart mode (the baseline) the whole group restarts from
+the snapshot; in replica mode (`faults.mode=replicas`) rank 0 goes on alone, computing
+step K again with both halves of the batch, and Ray Train's replacement joins from the
+snapshot keepers. "Others' stall" runs from the kill to the next step the run logs;
+"both again", to the first step two replicas computed (`Throughput/replicas`); the step
+time is the median of a run of {3 * tiny.steps} (tiny) or {3 * big.steps} (~90M) steps
+with no failure:
+
+{markdown_table(["model", "faults.mode", "others' stall s", "both again s",
+                 "steps computed again", "step s, no failure", "ratio"], replica_rows)}
 
 Training stall per checkpoint, synchronous (baseline) against `checkpoint.async_save`:
 

@@ -70,6 +70,16 @@ def run_cli(capsys, *args):
     (["train.precision=fp8"], ["train.precision='fp8' is unknown"]),
     (["parallel.schedule=zigzag"], ["parallel.schedule='zigzag' is unknown"]),
     (["train.warmup_steps=-1"], ["train.warmup_steps=-1 must be a whole number of 0 or more"]),
+    (["faults.mode=sometimes"], ["faults.mode='sometimes' is unknown"]),
+    (["faults.mode=replicas", "parallel.dp=3"],
+     ["faults.mode=replicas: train.global_batch=16 makes 2 micro-batches of "
+      "train.micro_batch=8, fewer than the parallel.dp=3 replicas",
+      "Fix: set train.micro_batch=4 (or less, dividing the batch)."]),
+    (["faults.mode=replicas", "parallel.tp=2", "parallel.dp=auto", "cluster.workers=4",
+      "checkpoint.memory_interval=0"],
+     ["faults.mode=replicas with parallel.tp=2: a replica is one worker holding the whole "
+      "model", "faults.mode=replicas with parallel.dp=auto", "faults.mode=replicas with "
+      "checkpoint.memory_interval=0: a replacement loads"]),
     (["checkpoint.memory_interval=often"], ["checkpoint.memory_interval='often' must be a whole "
                                             "number of 0 or more or auto. Fix: use e.g. 1"]),
     (["train.lr=-1"], ["train.lr=-1.0 must be a finite number more than 0", "e.g. 0.001"]),

@@ -96,6 +96,8 @@ def test_a_hung_member_is_evicted_and_told_so():
         assert set(arrive_all(pool, quorum, [0, 1], 2).values()) == {Membership(1, 2, (0, 1))}
         assert 0.4 < time.monotonic() - started < 3
         assert quorum.beat(2) is False and quorum.beat(0) is True
+        quorum.welcome(2)  # its replacement starts
+        assert quorum.beat(2) is True
     beats.stop()
 
 

@@ -113,7 +113,7 @@ RAYTRON_LINE = re.compile(
     r"|Took over the lease of "
     r"|Stopped at step \d+; |Training stopped: |Training failed: |What Ray and the workers said: "
     r"|The last committed checkpoint is kept in |raytron: rank \d+ \(pp=\d+, dp=\d+, tp=\d+\)"
-    r"[ :])")
+    r"[ :]|raytron: replica \d+: |replicas? [\d, ]+ (lost|joined)[:, ])")
 
 
 def assert_only_raytron_lines(output: str) -> None:
@@ -295,6 +295,35 @@ def test_failures_in_a_four_worker_run_restart_it_and_change_nothing(root, whole
     for text in ("FINISHED", "restarts     3", "checkpoint   step 24 of 24", "pp=1 dp=2 tp=2",
                  "failure 3:"):
         assert text in status.stdout, status.stdout
+
+
+def test_lost_replicas_cost_the_others_one_step_and_are_replaced(root, whole):
+    """faults.mode=replicas, dp=3 (each Ray worker a whole replica): replica 2 killed at
+    the start of step 5 and replica 1 hung at step 14. The others never restart: they go
+    on between them (taking the lost replica's micro-batches) and wait
+    faults.hang_timeout_s for the hung one before they evict it; meanwhile Ray Train's
+    replacement of replica 2 is up, loads the last finished step from the snapshot
+    keepers and joins at step 14. Every step is logged once and the losses are the
+    uninterrupted one-worker run's."""
+    output = run_to_end(root, "replicas", (
+        "faults.mode=replicas", "parallel.dp=3", "train.micro_batch=2",
+        "faults.inject=[kill rank 2 at step 5, hang rank 1 at step 14]",
+        "faults.hang_timeout_s=20"))
+    assert "replica 2 lost: 2 replicas from step 5 on" in output, output[-5000:]
+    assert "replica 2 joined at step 14, with the state of step 13 from the snapshot " \
+        "keepers" in output, output[-5000:]
+    assert "replica 1 lost, replica 2 joined: 2 replicas from step 14 on" in output, output
+    assert "Resuming" not in output and "restarting" not in output  # no group restart
+    assert_only_raytron_lines(output)
+    run = assert_losses_match(root, "replicas")
+    computed = [m.step for m in loss_history(root, "replicas")[2]]
+    assert len(computed) == len(set(computed)), "a step was logged twice"
+    assert run.info.status == "FINISHED"
+    assert len(events(run, "launch")) == 1
+    assert run.data.tags[LAYOUT_TAG] == "pp=1 dp=3 tp=1 (3 workers)"
+    replicas = {m.step: m.value for m in loss_history(root, "replicas")[0].get_metric_history(
+        run.info.run_id, names.REPLICAS)}
+    assert [replicas[s] for s in (4, 5, 13, 14)] == [3, 2, 2, 2]
 
 
 def ctrl_c_delivered() -> None:
@@ -564,6 +593,46 @@ def test_a_lost_node_costs_no_step_when_the_next_node_holds_its_snapshot(root, w
     computed = [m.step for m in loss_history(root, "node-lost")[2]]
     assert len(computed) == len(set(computed)), "a restart computed a finished step again"
     assert run.data.metrics["restarts"] == 1 and run.info.status == "FINISHED"
+
+
+def test_a_lost_node_costs_a_replica_run_nothing_but_its_replica(root, whole):
+    """faults.mode=replicas with two replicas, one per node: the last replica's node is
+    lost at the start of step 8 (its raylet killed). Replica 0 computes step 8 alone,
+    with both halves of the batch, and goes on; once a node joins, Ray Train places the
+    replacement there, and it joins from the snapshot replica 0 handed its own node's
+    keeper. Nothing restarts, and the losses are the one-worker run's."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+    worker_node = {"num_cpus": 2, "resources": {"trainer": 1}}
+    for _ in range(2):
+        cluster.add_node(**worker_node)
+    process = subprocess.Popen(
+        command(root, "replica-node", (
+            f"cluster.address={cluster.address}", "faults.mode=replicas", "parallel.dp=2",
+            "cluster.worker_resources={trainer: 1}", "data.tokenizer_workers=1",
+            "faults.inject=[lose a node at step 8]")),
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("replica 1 lost"):
+                cluster.add_node(**worker_node)  # capacity returns
+        assert process.wait(timeout=60) == 0, "".join(lines)[-5000:]
+    finally:
+        process.kill()
+        cluster.shutdown()
+    output = "".join(lines)
+    assert "injected loss of the node of the last rank at step 8" in output
+    assert "replica 1 lost: 1 replica from step 8 on" in output, output[-5000:]
+    assert "Resuming" not in output and "restarting" not in output
+    run = assert_losses_match(root, "replica-node")
+    computed = [m.step for m in loss_history(root, "replica-node")[2]]
+    assert len(computed) == len(set(computed)), "a step was logged twice"
+    assert run.info.status == "FINISHED"
 
 
 def reverse_words_exact_matches(run_dir: Path) -> int:

@@ -218,6 +218,8 @@ def pipeline_problems(config: RaytronConfig) -> list[str]:
 
 def train_problems(config: RaytronConfig) -> list[str]:
     t, dp, problems = config.train, Layout.of(config).dp, []
+    if config.faults.mode == REPLICAS:  # replicas split a step by whole micro-batches,
+        dp = 1  # unevenly where they must (`replica_problems`)
     if t.global_batch % (t.micro_batch * dp):
         step = t.micro_batch * dp
         problems.append(
@@ -362,6 +364,14 @@ def replica_problems(config: RaytronConfig) -> list[str]:
     if p.dp == AUTO:
         problems.append("faults.mode=replicas with parallel.dp=auto: replicas keep their "
                         "number, replacing lost ones. Fix: set parallel.dp to a number.")
+    elif t.global_batch // t.micro_batch < p.dp:
+        fitting = max(d for d in range(1, max(1, t.global_batch // p.dp) + 1)
+                      if t.global_batch % d == 0)
+        problems.append(f"faults.mode=replicas: train.global_batch={t.global_batch} makes "
+                        f"{t.global_batch // t.micro_batch} micro-batches of "
+                        f"train.micro_batch={t.micro_batch}, fewer than the parallel.dp="
+                        f"{p.dp} replicas, which take one each at least. Fix: set "
+                        f"train.micro_batch={fitting} (or less, dividing the batch).")
     if config.checkpoint.memory_interval not in (1, AUTO):
         problems.append(f"faults.mode=replicas with checkpoint.memory_interval="
                         f"{config.checkpoint.memory_interval}: a replacement loads the last "

@@ -46,7 +46,8 @@ def format_step(step: int, total: int, m: dict[str, float]) -> str:
              *([f"MFU {100 * m[names.MFU]:.1f}%"] if names.MFU in m else []),
              f"{1e3 * m[names.STEP_TIME_S]:.0f} ms/step",
              f"wait {1e3 * m[names.INPUT_WAIT_S]:.1f} ms",
-             *([f"snapshot {1e3 * m[names.SNAPSHOT_S]:.0f} ms"] if names.SNAPSHOT_S in m else [])]
+             *([f"snapshot {1e3 * m[names.SNAPSHOT_S]:.0f} ms"] if names.SNAPSHOT_S in m else []),
+             *([f"{m[names.REPLICAS]:.0f} replicas"] if names.REPLICAS in m else [])]
     if names.PEAK_MEMORY_GB in m:
         parts.append(f"peak mem {m[names.PEAK_MEMORY_GB]:.2f} GB")
     if "pipeline/idle" in m:

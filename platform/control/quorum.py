@@ -14,6 +14,7 @@ step boundary: the members wait for it to load the state of the step they finish
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -95,13 +96,18 @@ class Quorum:
 
     # -- joining ----------------------------------------------------------------------
 
+    def welcome(self, replica: int) -> None:
+        """A new process of `replica` starts: the eviction of the one it replaces is over."""
+        with self.changed:
+            self.beats[replica] = time.monotonic()
+            self.evicted.discard(replica)
+
     def join(self, replica: int) -> int | None:
         """A starting replica: the step whose state it must load (the one the members have
         just finished), once they wait for it; None when no replica trains: it starts from
         the newest snapshot or checkpoint, as all do."""
         with self.changed:
             self.beats[replica] = time.monotonic()
-            self.evicted.discard(replica)
             if not self.training():
                 return None
             self.joining[replica] = None
@@ -149,6 +155,8 @@ class Quorum:
                 if now - self.since < self.hang_timeout_s:
                     return False
                 self.evicted.update(missing)  # hung: not waited for any longer
+                say(f"step {step}: evicted replicas {missing}: not there within "
+                    f"{self.hang_timeout_s:g} s")
             if not self.joiners_ready(step, waiting):
                 return False
             members = {m for m in waiting if m in last or m in self.joining}
@@ -162,6 +170,8 @@ class Quorum:
             and self.outcome is True
         epoch = 0 if last_quorum is None else last_quorum.epoch + (0 if same else 1)
         self.current, self.outcome = Membership(epoch, step, ordered), None
+        if not same:
+            say(f"step {step}: replicas {list(ordered)} (epoch {epoch})")
         self.since, self.votes = now, {}
         for replica in waiting:
             del self.arrivals[replica]
@@ -177,6 +187,7 @@ class Quorum:
                 del self.joining[joiner]
             elif loads != step - 1:
                 self.joining[joiner] = step - 1
+                say(f"step {step}: replica {joiner} joins once it has loaded step {step - 1}")
                 self.asked_to_load = time.monotonic()
                 self.changed.notify_all()
                 ready = False
@@ -199,6 +210,9 @@ class Quorum:
                 late = time.monotonic() - self.since > self.hang_timeout_s
                 if not missing or late or not all(self.alive(m) for m in missing):
                     self.outcome = not missing and all(self.votes.values())
+                    if not self.outcome:
+                        say(f"step {current.step} not applied: votes {self.votes}, "
+                            f"no vote from {missing}")
                     if late:
                         self.evicted.update(missing)
                     self.since = time.monotonic()
@@ -222,3 +236,8 @@ def quorum_actor(config: Any) -> Any:
     return ray.remote(Quorum).options(
         num_cpus=0, max_concurrency=4 * replicas + 8, scheduling_strategy=here).remote(
         replicas, FIRST_STEP_GRACE_S, config.faults.hang_timeout_s)
+
+
+def say(text: str) -> None:
+    """A line in the run's raytron.log (the actor's output goes there)."""
+    print(f"quorum: {text}", file=sys.stderr, flush=True)

@@ -39,6 +39,7 @@ class RunLog:
         self.handler: logging.Handler | None = None
         self.console_handlers: list[logging.Handler] = []
         self.showwarning = warnings.showwarning
+        self.printer: Any = None  # Ray's own printer of the raylets' notices, while replaced
 
     def __enter__(self) -> RunLog:
         import ray  # noqa: F401 (importing it installs its console handler, replaced here)
@@ -72,25 +73,33 @@ class RunLog:
 
     def capture_workers(self) -> None:
         """The lines Ray's workers print, which Ray forwards to this driver, into the log:
-        instead of Ray's printer of them, never beside it."""
+        instead of Ray's printer of them, never beside it; and the raylets' error notices
+        ("a worker died ..."), which Ray prints to the console directly."""
+        import ray._private.worker as ray_worker
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
         dispatcher.remove_handler(RAY_PRINTER)
         dispatcher.remove_handler(OURS)
         dispatcher.add_handler(OURS, self.worker_lines)
+        self.printer = ray_worker.print_to_stdstream
+        ray_worker.print_to_stdstream = lambda data, ignore_prefix: self.worker_lines(data)
 
     def release_workers(self) -> None:
         try:
+            import ray._private.worker as ray_worker
             from ray._private.ray_logging import global_worker_stdstream_dispatcher
         except ImportError:  # no Ray in this process
             return
         global_worker_stdstream_dispatcher.remove_handler(OURS)
+        if self.printer is not None:
+            ray_worker.print_to_stdstream = self.printer
 
     def worker_lines(self, data: dict[str, Any]) -> None:
         """One batch of a worker's forwarded output: `lines` with who said them. A line
         raytron's own worker code printed (a drill firing, the watchdog failing a rank:
         `raytron: ...`) is shown on the console too."""
-        who = data.get("actor_name") or data.get("task_name") or "worker"
+        who = data.get("actor_name") or data.get("task_name") or (
+            "raylet" if data.get("pid") == "raylet" else "worker")
         prefix = f"({who} pid={data.get('pid')}{', stderr' if data.get('is_err') else ''}) "
         lines = data.get("lines", [])
         self.file.write("".join(f"{prefix}{line}\n" for line in lines))

@@ -17,5 +17,6 @@ MFU = "Throughput/mfu"
 STEP_TIME_S = "Throughput/step_time_s"
 INPUT_WAIT_S = "Throughput/input_wait_s"
 SNAPSHOT_S = "Throughput/snapshot_s"  # the step's wait for its in-memory snapshot
+REPLICAS = "Throughput/replicas"  # replica mode: how many replicas computed the step
 PEAK_MEMORY_GB = "memory/peak_gb"  # the busiest rank's; memory/peak_gb_pp<N> per pipeline rank
 RESERVED_MEMORY_GB = "memory/reserved_gb"  # on GPUs: the allocator's peak reservation

@@ -88,6 +88,7 @@ class WorkerLoop:
         self.args, self.config = args, args.config
         self.rank, self.local_rank = rank, local_rank
         self.layout = Layout.of(self.config)
+        self.group_layout = self.layout  # the whole group's: in replica mode, all replicas'
         self.dp_rank = self.layout.coordinates(rank)["dp"]
         torch.set_num_threads(self.config.cluster.cpus_per_worker)
         if self.config.train.compile:
@@ -186,6 +187,7 @@ class WorkerLoop:
                     **self.bubble_metrics(),
                     **self.memory_metrics(),
                     **self.snapshot_metrics(),
+                    **self.replica_metrics(),
                 }, with_data_stats=True)
                 window_started, window_wait, window_steps = time.perf_counter(), 0.0, 0
             if train.eval_interval and (step % train.eval_interval == 0 or step == train.steps):
@@ -232,7 +234,8 @@ class WorkerLoop:
         if not self.leads():
             return
         now = time.time()
-        layout = {**self.layout.sizes(), "workers": self.layout.world}
+        whole = self.group_layout
+        layout = {**whole.sizes(), "workers": whole.world}
         self.args.tracker.launched.remote(start, layout, {
             **startup, "first_step_s": now - loaded, "total_s": now - self.args.launched_at})
 
@@ -289,6 +292,10 @@ class WorkerLoop:
         if self.snapshots is None or self.snapshots.stall_s is None:
             return {}
         return {names.SNAPSHOT_S: self.snapshots.stall_s}
+
+    def replica_metrics(self) -> dict[str, float]:
+        """How many replicas computed the step, in replica mode."""
+        return {}
 
     def mfu(self, tokens_per_s: float) -> dict[str, float]:
         """Model FLOPs utilization over the devices' peak, where one is known (not on CPUs)."""
@@ -459,7 +466,7 @@ class WorkerLoop:
             self.commit()
         cursor = ray.get(self.args.feeder.cursor.remote(step))
         meta = {"cursor": cursor, "tokens_seen": tokens_seen,
-                "layout": self.layout.sizes(),
+                "layout": self.group_layout.sizes(),
                 "time": time.time()}
         background = background and self.config.checkpoint.async_save
         self.unsaved = self.store.write(step, self.trainer.parts, self.trainer.optimizers,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
 
 import ray
@@ -24,6 +25,7 @@ import torch
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import replica_config
 from raytron.platform.control.quorum import Membership
+from raytron.platform.storage import metric_names as names
 from raytron.platform.worker.faults import FIRST_STEP_GRACE_S, FaultInjector
 from raytron.platform.worker.loop import WorkerArgs, WorkerLoop
 from raytron.platform.worker.replica_sync import ReplicaSync, StepNotApplied
@@ -35,7 +37,9 @@ class ReplicaLoop(WorkerLoop):
         whole = args.config
         super().__init__(dataclasses.replace(args, config=replica_config(whole), snapshot=None),
                          0, local_rank)
-        self.replica, self.replicas = replica, Layout.of(whole).dp
+        self.group_layout = Layout.of(whole)
+        self.replica, self.replicas = replica, self.group_layout.dp
+        self.joined: int | None = None  # the step it joined the training replicas after
         self.injector = FaultInjector(whole.faults.inject, replica, self.replicas,
                                       self.store.fs, self.store.root, f"replica {replica}")
         self.sync = ReplicaSync(args.quorum, replica,
@@ -58,7 +62,10 @@ class ReplicaLoop(WorkerLoop):
         when none trains, start as every replica does: from the newest snapshot the
         keepers hold (each is a whole replica's state), else the last checkpoint."""
         target = self.sync.join()
-        if target is None:
+        print(f"replica {self.replica}: " + ("starts with the others" if target is None else
+              f"joins from the snapshot of step {target}"), file=sys.stderr, flush=True)
+        if target is None:  # listed now: the others may have committed more since the launch
+            self.args.committed = self.store.committed_steps()
             newest = self.snapshots.newest() if self.snapshots else None
             committed = self.args.committed[-1] if self.args.committed else 0
             self.args.snapshot = newest if newest is not None and newest > committed else None
@@ -70,6 +77,7 @@ class ReplicaLoop(WorkerLoop):
             raise RuntimeError(f"replica {self.replica} cannot join at step {target + 1}: "
                                f"the snapshot of step {target} {problem}")
         self.trainer.start_at(target)
+        self.joined = target
         self.args.tracker.note.remote(target, "replicas", (
             f"replica {self.replica} joined at step {target + 1}, with the state of step "
             f"{target} from the snapshot keepers ({time.perf_counter() - started:.1f} s)"))
@@ -97,14 +105,24 @@ class ReplicaLoop(WorkerLoop):
             return loss, grad_norm, wait
 
     def changed(self, last: Membership, now: Membership) -> None:
+        """Say who left and who came, once, from the leader."""
         gone = sorted(set(last.members) - set(now.members))
         came = sorted(set(now.members) - set(last.members))
-        text = "; ".join(
-            [f"replica(s) {', '.join(map(str, gone))} lost: step {now.step} is computed "
-             f"again by {len(now.members)}"] * bool(gone)
-            + [f"replica(s) {', '.join(map(str, came))} joined: {len(now.members)} "
-               f"replicas from step {now.step}"] * bool(came))
-        self.args.tracker.note.remote(now.step, "replicas", text)
+        changes = [f"{replicas(gone)} lost"] * bool(gone) \
+            + [f"{replicas(came)} joined"] * bool(came)
+        count = f"{len(now.members)} replica{'s' * (len(now.members) > 1)}"
+        then = f"compute step {now.step} again" if now.step == last.step \
+            else f"from step {now.step} on"
+        self.args.tracker.note.remote(now.step, "replicas",
+                                      f"{', '.join(changes)}: {count} {then}")
+
+    def launched(self, start: int, startup: dict[str, float], loaded: float) -> None:
+        """A launch is the group's start, not a replacement's joining."""
+        if self.joined is None:
+            super().launched(start, startup, loaded)
+
+    def replica_metrics(self) -> dict[str, float]:
+        return {names.REPLICAS: len(self.membership.members)} if self.membership else {}
 
     def snapshot(self, step: int, tokens_seen: int) -> None:
         """The leader's state is every member's: one share per step, for the keepers."""
@@ -122,3 +140,7 @@ class ReplicaLoop(WorkerLoop):
     def save(self, step: int, tokens_seen: int, background: bool = True) -> None:
         if self.leads():
             super().save(step, tokens_seen, background)
+
+
+def replicas(ids: list[int]) -> str:
+    return f"replica{'s' * (len(ids) > 1)} {', '.join(map(str, ids))}"

@@ -39,8 +39,7 @@ class ReplicaSync:
         self.store = dist.TCPStore(host, port, is_master=False, timeout=self.timeout)
         self.group: tuple[int, dist.ProcessGroup] | None = None  # (epoch, its gloo group)
         self.stopped = threading.Event()
-        self.heart = threading.Thread(target=self.beat, daemon=True)
-        self.heart.start()
+        self.heart = threading.Thread(target=self.beat, daemon=True)  # from `join` on
 
     def beat(self) -> None:
         """Every BEAT_S; once the quorum has evicted this replica (it hung), end the
@@ -58,7 +57,10 @@ class ReplicaSync:
 
     def join(self) -> int | None:
         """The step whose state this replica loads from the keepers before it takes part
-        (the members wait for it); None when no replica trains yet."""
+        (the members wait for it); None when no replica trains yet. Its heartbeat starts
+        here: the quorum forgets an eviction of the replica this one replaces."""
+        ray.get(self.quorum.welcome.remote(self.replica))
+        self.heart.start()
         return ray.get(self.quorum.join.remote(self.replica))
 
     def arrive(self, step: int) -> Membership:
@@ -99,4 +101,5 @@ class ReplicaSync:
 
     def close(self) -> None:
         self.stopped.set()
-        self.heart.join()
+        if self.heart.is_alive():
+            self.heart.join()
