@@ -5,8 +5,10 @@ the step the members finished and joins at the next one."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -45,6 +47,19 @@ def quick(monkeypatch):
     monkeypatch.setattr(quorum_module, "WAKE_S", 0.02)
 
 
+@contextlib.contextmanager
+def running(replicas: list[int], expected: int, hang_timeout_s: float = 30,
+            first_wait_s: float = 5) -> Iterator[tuple[Quorum, Beats, ThreadPoolExecutor]]:
+    """A quorum, the heartbeats of `replicas`, and threads for their calls."""
+    quorum = Quorum(expected, first_wait_s, hang_timeout_s)
+    beats = Beats(quorum, replicas)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            yield quorum, beats, pool
+    finally:
+        beats.stop()
+
+
 def arrive_all(pool, quorum, replicas, step) -> dict[int, Membership | None]:
     futures = {r: pool.submit(quorum.arrive, r, step) for r in replicas}
     return {r: f.result(timeout=10) for r, f in futures.items()}
@@ -56,9 +71,7 @@ def vote_all(pool, quorum, votes: dict[int, bool], epoch: int) -> dict[int, bool
 
 
 def test_a_lost_member_fails_its_step_and_the_others_compute_it_again_without_it():
-    quorum = Quorum(expected=3, first_wait_s=5, hang_timeout_s=30)
-    beats = Beats(quorum, [0, 1, 2])
-    with ThreadPoolExecutor(8) as pool:
+    with running([0, 1, 2], 3) as (quorum, beats, pool):
         formed = arrive_all(pool, quorum, [0, 1, 2], 1)
         assert set(formed.values()) == {Membership(0, 1, (0, 1, 2))}
         assert vote_all(pool, quorum, {0: True, 1: True, 2: True}, 0) == {0: True, 1: True,
@@ -72,24 +85,18 @@ def test_a_lost_member_fails_its_step_and_the_others_compute_it_again_without_it
         assert set(again.values()) == {Membership(1, 2, (0, 1))}
         assert vote_all(pool, quorum, {0: True, 1: True}, 1) == {0: True, 1: True}
         assert arrive_all(pool, quorum, [0, 1], 3)[1] == Membership(1, 3, (0, 1))
-    beats.stop()
 
 
 def test_a_step_is_applied_only_when_every_members_sum_succeeded():
-    quorum = Quorum(expected=2, first_wait_s=5, hang_timeout_s=30)
-    beats = Beats(quorum, [0, 1])
-    with ThreadPoolExecutor(8) as pool:
+    with running([0, 1], 2) as (quorum, beats, pool):
         arrive_all(pool, quorum, [0, 1], 1)
         assert vote_all(pool, quorum, {0: True, 1: False}, 0) == {0: False, 1: False}
         assert set(arrive_all(pool, quorum, [0, 1], 1).values()) == {Membership(1, 1, (0, 1))}
         assert quorum.arrive(0, 5) is None  # not where the members are
-    beats.stop()
 
 
 def test_a_hung_member_is_evicted_and_told_so():
-    quorum = Quorum(expected=3, first_wait_s=5, hang_timeout_s=0.5)
-    beats = Beats(quorum, [0, 1, 2])
-    with ThreadPoolExecutor(8) as pool:
+    with running([0, 1, 2], 3, hang_timeout_s=0.5) as (quorum, beats, pool):
         arrive_all(pool, quorum, [0, 1, 2], 1)
         vote_all(pool, quorum, {0: True, 1: True, 2: True}, 0)
         started = time.monotonic()  # 2 beats on, but never arrives at step 2
@@ -98,13 +105,10 @@ def test_a_hung_member_is_evicted_and_told_so():
         assert quorum.beat(2) is False and quorum.beat(0) is True
         quorum.welcome(2)  # its replacement starts
         assert quorum.beat(2) is True
-    beats.stop()
 
 
 def test_a_replacement_loads_the_finished_step_and_joins_at_the_next():
-    quorum = Quorum(expected=2, first_wait_s=5, hang_timeout_s=30)
-    beats = Beats(quorum, [0, 1])
-    with ThreadPoolExecutor(8) as pool:
+    with running([0, 1], 2) as (quorum, beats, pool):
         arrive_all(pool, quorum, [0, 1], 1)
         vote_all(pool, quorum, {0: True, 1: True}, 0)
         beats.add(2)
@@ -117,15 +121,11 @@ def test_a_replacement_loads_the_finished_step_and_joins_at_the_next():
         assert not members[0].done()  # the members wait for it to load
         assert quorum.arrive(2, 2) == Membership(1, 2, (0, 1, 2))
         assert {f.result(timeout=10) for f in members.values()} == {Membership(1, 2, (0, 1, 2))}
-    beats.stop()
 
 
 def test_the_first_quorum_waits_for_every_replica_then_starts_with_those_there():
-    quorum = Quorum(expected=3, first_wait_s=0.5, hang_timeout_s=30)
-    beats = Beats(quorum, [0, 1])
-    assert quorum.join(0) is None  # nobody trains: start from the checkpoint
-    with ThreadPoolExecutor(8) as pool:
+    with running([0, 1], 3, first_wait_s=0.5) as (quorum, _, pool):
+        assert quorum.join(0) is None  # nobody trains: start from the checkpoint
         started = time.monotonic()
         assert set(arrive_all(pool, quorum, [0, 1], 5).values()) == {Membership(0, 5, (0, 1))}
         assert time.monotonic() - started >= 0.5
-    beats.stop()

@@ -9,9 +9,11 @@ from raytron.platform.control.run_log import RAY_PRINTER, RunLog
 
 def test_ray_logging_warnings_and_worker_output_go_to_the_log_file(tmp_path, capsys):
     import ray  # noqa: F401 (sets up Ray's "ray" logger and its console handler)
+    import ray._private.worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     handlers = list(logging.getLogger("ray").handlers)
+    printer = ray_worker.print_to_stdstream
     printed: list[dict] = []
     dispatcher.add_handler(RAY_PRINTER, printed.append)  # as ray.init does
     path = tmp_path / "raytron.log"
@@ -27,6 +29,10 @@ def test_ray_logging_warnings_and_worker_output_go_to_the_log_file(tmp_path, cap
             dispatcher.emit({"pid": 4712, "actor_name": "RayTrainWorker", "is_err": True,
                              "lines": ["raytron: rank 1 (pp=0, dp=1, tp=0): injected a kill "
                                        "at step 40"]})
+            ray_worker.print_to_stdstream({  # as Ray's listener of raylet errors calls it
+                "pid": "raylet", "is_err": False,
+                "lines": ["A worker died or was killed while executing a task"]},
+                ignore_prefix=False)
     finally:
         dispatcher.remove_handler(RAY_PRINTER)
     console = capsys.readouterr()
@@ -37,4 +43,6 @@ def test_ray_logging_warnings_and_worker_output_go_to_the_log_file(tmp_path, cap
     assert "FutureWarning: Slicing a flattened dim from root mesh" in text
     assert "(TrainController pid=4711, stderr) Started training worker group of size 1:" in text
     assert "(RayTrainWorker pid=4712, stderr) raytron: rank 1" in text
+    assert "(raylet pid=raylet) A worker died or was killed while executing a task" in text
     assert logging.getLogger("ray").handlers == handlers  # Ray's own are back after it
+    assert ray_worker.print_to_stdstream is printer

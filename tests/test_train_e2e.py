@@ -555,12 +555,10 @@ def test_an_elastic_run_shrinks_and_grows_with_its_nodes(root, whole):
         assert text in status.stdout, status.stdout
 
 
-def test_a_lost_node_costs_no_step_when_the_next_node_holds_its_snapshot(root, whole):
-    """dp2 over two single-worker nodes: the last rank's node is lost after step 7 (its
-    raylet killed, with its worker and its snapshot keeper). The restarted group, on a
-    node that joins, loads rank 1's share from the copy the next node's keeper took: it
-    starts at step 7, computes no finished step again, and ends with the losses of the
-    uninterrupted one-worker run."""
+def lose_a_node(root: Path, name: str, extra: tuple[str, ...], then_add_one: str) -> str:
+    """A dp=2 run over two single-worker nodes (and a head without workers) that loses
+    the last rank's node (its raylet killed) at step 8; a node joins once a console line
+    starts with `then_add_one`. The run's output, once it ended well."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -570,22 +568,32 @@ def test_a_lost_node_costs_no_step_when_the_next_node_holds_its_snapshot(root, w
     for _ in range(2):
         cluster.add_node(**worker_node)
     process = subprocess.Popen(
-        command(root, "node-lost", (
-            f"cluster.address={cluster.address}", "parallel.dp=2", "cluster.workers=2",
+        command(root, name, (
+            f"cluster.address={cluster.address}", "parallel.dp=2",
             "cluster.worker_resources={trainer: 1}", "data.tokenizer_workers=1",
-            "faults.inject=[lose a node at step 8]", "faults.restart_backoff_s=0.5")),
+            "faults.inject=[lose a node at step 8]", *extra)),
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     try:
         for line in process.stdout:
             lines.append(line)
-            if line.startswith("failure 1: "):
-                cluster.add_node(**worker_node)  # capacity returns for the fixed-size run
+            if line.startswith(then_add_one):
+                cluster.add_node(**worker_node)  # capacity returns
         assert process.wait(timeout=60) == 0, "".join(lines)[-5000:]
     finally:
         process.kill()
         cluster.shutdown()
-    output = "".join(lines)
+    return "".join(lines)
+
+
+def test_a_lost_node_costs_no_step_when_the_next_node_holds_its_snapshot(root, whole):
+    """dp2 over two single-worker nodes: the last rank's node is lost after step 7 (its
+    raylet killed, with its worker and its snapshot keeper). The restarted group, on a
+    node that joins, loads rank 1's share from the copy the next node's keeper took: it
+    starts at step 7, computes no finished step again, and ends with the losses of the
+    uninterrupted one-worker run."""
+    output = lose_a_node(root, "node-lost", ("cluster.workers=2",
+                                             "faults.restart_backoff_s=0.5"), "failure 1: ")
     assert "injected loss of the node of the last rank at step 8" in output
     assert "restarting from step 7 (in-memory snapshot) in" in output, output[-5000:]
     assert "Resuming from step 7 (in-memory snapshot)" in output
@@ -601,31 +609,7 @@ def test_a_lost_node_costs_a_replica_run_nothing_but_its_replica(root, whole):
     with both halves of the batch, and goes on; once a node joins, Ray Train places the
     replacement there, and it joins from the snapshot replica 0 handed its own node's
     keeper. Nothing restarts, and the losses are the one-worker run's."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": False,
-        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
-    worker_node = {"num_cpus": 2, "resources": {"trainer": 1}}
-    for _ in range(2):
-        cluster.add_node(**worker_node)
-    process = subprocess.Popen(
-        command(root, "replica-node", (
-            f"cluster.address={cluster.address}", "faults.mode=replicas", "parallel.dp=2",
-            "cluster.worker_resources={trainer: 1}", "data.tokenizer_workers=1",
-            "faults.inject=[lose a node at step 8]")),
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    try:
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("replica 1 lost"):
-                cluster.add_node(**worker_node)  # capacity returns
-        assert process.wait(timeout=60) == 0, "".join(lines)[-5000:]
-    finally:
-        process.kill()
-        cluster.shutdown()
-    output = "".join(lines)
+    output = lose_a_node(root, "replica-node", ("faults.mode=replicas",), "replica 1 lost")
     assert "injected loss of the node of the last rank at step 8" in output
     assert "replica 1 lost: 1 replica from step 8 on" in output, output[-5000:]
     assert "Resuming" not in output and "restarting" not in output

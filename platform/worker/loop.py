@@ -118,6 +118,10 @@ class WorkerLoop:
         self.committed_step = 0
         self.watchdog: Watchdog | None = None
 
+    def describe(self) -> str:
+        """This rank, as failures name it."""
+        return self.layout.describe(self.rank)
+
     def leads(self) -> bool:
         """Whether this rank logs, and hands the feeder's cursor on, for the group."""
         return self.rank == 0
@@ -154,8 +158,7 @@ class WorkerLoop:
                    "build_s": loading - self.entered,  # mesh, model, optimizer
                    "load_s": loaded - loading}  # the checkpoint
         self.committed_step = step
-        self.watchdog = watchdog = Watchdog(faults.hang_timeout_s,
-                                            self.layout.describe(self.rank))
+        self.watchdog = watchdog = Watchdog(faults.hang_timeout_s, self.describe())
         first_step = step + 1  # logged too, so every (re)start shows where it begins
         tokens_seen = meta.get("tokens_seen", 0)
         tokens_per_step = train.global_batch * self.config.data.seq_len

@@ -15,7 +15,6 @@ logs, snapshots and checkpoints for all.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 import time
 
@@ -24,7 +23,7 @@ import torch
 
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import replica_config
-from raytron.platform.control.quorum import Membership
+from raytron.platform.control.quorum import JOIN_WAIT_S, Membership
 from raytron.platform.storage import metric_names as names
 from raytron.platform.worker.faults import FIRST_STEP_GRACE_S, FaultInjector
 from raytron.platform.worker.loop import WorkerArgs, WorkerLoop
@@ -41,10 +40,13 @@ class ReplicaLoop(WorkerLoop):
         self.replica, self.replicas = replica, self.group_layout.dp
         self.joined: int | None = None  # the step it joined the training replicas after
         self.injector = FaultInjector(whole.faults.inject, replica, self.replicas,
-                                      self.store.fs, self.store.root, f"replica {replica}")
+                                      self.store.fs, self.store.root, self.describe())
         self.sync = ReplicaSync(args.quorum, replica,
                                 max(whole.faults.hang_timeout_s, FIRST_STEP_GRACE_S))
         self.membership: Membership | None = None
+
+    def describe(self) -> str:
+        return f"replica {self.replica}"
 
     def leads(self) -> bool:
         if self.membership is None:
@@ -87,7 +89,8 @@ class ReplicaLoop(WorkerLoop):
         """Step `step + 1` with whichever replicas the quorum has; again, with the new
         quorum, until every member applies it."""
         while True:
-            last, self.membership = self.membership, self.sync.arrive(step + 1)
+            with self.waiting("waited for the other replicas"):
+                last, self.membership = self.membership, self.sync.arrive(step + 1)
             if last is not None and self.leads() and last.members != self.membership.members:
                 self.changed(last, self.membership)
             started = time.perf_counter()
@@ -98,11 +101,20 @@ class ReplicaLoop(WorkerLoop):
             wait = time.perf_counter() - started
             before_update = None if self.unsaved is None else self.unsaved.wait_for_copy
             try:
-                loss, grad_norm = self.trainer.train_step(
-                    batch, before_update, functools.partial(self.sync.summed, self.membership))
+                loss, grad_norm = self.trainer.train_step(batch, before_update, self.summed)
             except StepNotApplied:
                 continue
             return loss, grad_norm, wait
+
+    def summed(self, loss: torch.Tensor, parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+        with self.waiting("summed gradients with the other replicas"):
+            return self.sync.summed(self.membership, loss, parameters)
+
+    def waiting(self, doing: str):
+        """The watchdog's budget while the quorum decides: it waits faults.hang_timeout_s
+        for a hung replica, and up to JOIN_WAIT_S for a joining one to load."""
+        budget = 2 * self.config.faults.hang_timeout_s + JOIN_WAIT_S
+        return self.watchdog.busy(doing, budget, "faults.hang_timeout_s")
 
     def changed(self, last: Membership, now: Membership) -> None:
         """Say who left and who came, once, from the leader."""
