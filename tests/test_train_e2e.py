@@ -606,9 +606,9 @@ def test_a_lost_node_costs_no_step_when_the_next_node_holds_its_snapshot(root, w
 def test_a_lost_node_costs_a_replica_run_nothing_but_its_replica(root, whole):
     """faults.mode=replicas with two replicas, one per node: the last replica's node is
     lost at the start of step 8 (its raylet killed). Replica 0 computes step 8 alone,
-    with both halves of the batch, and goes on; once a node joins, Ray Train places the
-    replacement there, and it joins from the snapshot replica 0 handed its own node's
-    keeper. Nothing restarts, and the losses are the one-worker run's."""
+    with both halves of the batch, and trains on; once a node joins, Ray Train places
+    the replacement there (here it is up only after replica 0 finished: it finds the run
+    done and ends). Nothing restarts, and the losses are the one-worker run's."""
     output = lose_a_node(root, "replica-node", ("faults.mode=replicas",), "replica 1 lost")
     assert "injected loss of the node of the last rank at step 8" in output
     assert "replica 1 lost: 1 replica from step 8 on" in output, output[-5000:]
