@@ -1,6 +1,7 @@
 """What a failure costs: recovery time in parts, steps lost, and the checkpoint stall.
 
-    python bench/recovery.py     # ~10 minutes on 2 cores; writes docs/benchmarks.md
+    python bench/recovery.py     # ~25 minutes on 2 cores; writes docs/benchmarks.md
+    python bench/recovery.py --replicas     # the last comparison alone (~10 minutes)
 
 For the tiny preset and a ~90M-parameter model (GPT-2 small's shape, a 4096-token
 vocabulary), three `raytron train` runs each:
@@ -136,17 +137,18 @@ def two_replicas(model: Model, mode: str) -> tuple[str, ...]:
 
 
 def replica_drill(root: Path, model: Model, mode: str) -> tuple[float, float, int]:
-    """Two replicas, rank 1 killed at the model's kill step: seconds from the kill to
-    the next logged step, seconds until two replicas compute again, and the finished
-    steps computed again."""
+    """Two replicas, rank 1 killed as step K starts: seconds from the kill until step K
+    is logged, seconds until a step two replicas computed is, and the steps logged twice
+    (finished steps a restart computed again)."""
     client, run_id, checkpoints = train(root, mode, model, (
         *two_replicas(model, mode), f"faults.inject=[kill rank 1 at step {model.kill_step}]"))
     killed_at = (checkpoints / "faults" / "0").stat().st_mtime * 1e3
-    after = next(m for m in history(client, run_id, names.TRAIN_LOSS) if m.timestamp > killed_at)
+    losses = history(client, run_id, names.TRAIN_LOSS)
+    after = next(m for m in losses if m.timestamp > killed_at and m.step >= model.kill_step)
     both = next((m for m in history(client, run_id, names.REPLICAS)
-                 if m.timestamp > killed_at and m.value == 2), after)
+                 if m.step >= model.kill_step and m.value == 2), after)
     return ((after.timestamp - killed_at) / 1e3, (both.timestamp - killed_at) / 1e3,
-            model.kill_step - after.step)
+            len(losses) - len({m.step for m in losses}))
 
 
 def async_stall(root: Path, model: Model) -> float:
@@ -156,7 +158,7 @@ def async_stall(root: Path, model: Model) -> float:
 
 
 def main() -> None:
-    recovery_rows, stall_rows, snapshot_rows, replica_rows = [], [], [], []
+    recovery_rows, stall_rows, snapshot_rows = [], [], []
     for model in MODELS:
         with tempfile.TemporaryDirectory() as folder:
             parts, lost, sync, size, step_time = recovery(Path(folder), model, 0)
@@ -164,14 +166,6 @@ def main() -> None:
             background = async_stall(Path(folder), model)
             plain, _ = steady_step(Path(folder), model, 0)
             snapshotted, stall = steady_step(Path(folder), model, 1)
-            drills = {mode: replica_drill(Path(folder), model, mode)
-                      for mode in ("restart", "replicas")}
-            steady = {mode: steady_step(Path(folder), model, 1, two_replicas(model, mode),
-                                        f"-{mode}")[0] for mode in ("restart", "replicas")}
-        for mode, (stall_s, both_s, again) in drills.items():
-            replica_rows.append([model.name, mode, f"{stall_s:.1f}", f"{both_s:.1f}", str(again),
-                                 f"{steady[mode]:.3f}",
-                                 f"{steady[mode] / steady['restart']:.2f}"])
         for source, times, steps in (("checkpoint", parts, lost),
                                      ("in-memory snapshot", memory, memory_lost)):
             recovery_rows.append([model.name, source, *(f"{times[p]:.1f}" for p in PARTS),
@@ -180,8 +174,7 @@ def main() -> None:
                            f"{background:.2f}", f"{background / sync:.2f}"])
         snapshot_rows.append([model.name, f"{size:,.0f}", f"{plain:.3f}", f"{snapshotted:.3f}",
                               f"{stall:.3f}", f"{snapshotted / plain:.2f}"])
-        print(recovery_rows[-2:], stall_rows[-1], snapshot_rows[-1], replica_rows[-2:],
-              flush=True)
+        print(recovery_rows[-2:], stall_rows[-1], snapshot_rows[-1], flush=True)
     tiny, big = MODELS
     body = f"""## Recovery (`bench/recovery.py`)
 
@@ -223,18 +216,6 @@ one node there is no next node to copy to):
 {markdown_table(["model", "state MB", "step s, none", "step s, every step",
                  "snapshot s", "ratio"], snapshot_rows)}
 
-Two data-parallel replicas (two workers of one CPU each, snapshots every step), rank 1
-killed at step K as above: in restart mode (the baseline) the whole group restarts from
-the snapshot; in replica mode (`faults.mode=replicas`) rank 0 goes on alone, computing
-step K again with both halves of the batch, and Ray Train's replacement joins from the
-snapshot keepers. "Others' stall" runs from the kill to the next step the run logs;
-"both again", to the first step two replicas computed (`Throughput/replicas`); the step
-time is the median of a run of {3 * tiny.steps} (tiny) or {3 * big.steps} (~90M) steps
-with no failure:
-
-{markdown_table(["model", "faults.mode", "others' stall s", "both again s",
-                 "steps computed again", "step s, no failure", "ratio"], replica_rows)}
-
 Training stall per checkpoint, synchronous (baseline) against `checkpoint.async_save`:
 
 {markdown_table(["model", "checkpoint MB", "step s", "sync stall s", "async stall s",
@@ -251,5 +232,42 @@ every few iterations with a snapshot-then-persist pipeline, the same split as
     write_section("recovery", body)
 
 
+def replicas() -> None:
+    """Restart mode against replica mode, two replicas of each model."""
+    rows = []
+    for model in MODELS:
+        with tempfile.TemporaryDirectory() as folder:
+            drills = {mode: replica_drill(Path(folder), model, mode) for mode in MODES}
+            steady = {mode: steady_step(Path(folder), model, 1, two_replicas(model, mode),
+                                        f"-{mode}")[0] for mode in MODES}
+        for mode, (stall_s, both_s, again) in drills.items():
+            rows.append([model.name, mode, f"{stall_s:.1f}", f"{both_s:.1f}", str(again),
+                         f"{steady[mode]:.3f}", f"{steady[mode] / steady['restart']:.2f}"])
+        print(rows[-2:], flush=True)
+    tiny, big = MODELS
+    body = f"""## Recovery with replicas (`bench/recovery.py --replicas`)
+
+`python bench/recovery.py --replicas` on {machine()}: two data-parallel replicas (two
+workers of one CPU each, an in-memory snapshot every step), rank 1 killed as step K
+starts (tiny: K={tiny.kill_step}; ~90M: K={big.kill_step}). In restart mode (the baseline)
+the whole group restarts from the snapshot; in replica mode (`faults.mode=replicas`)
+rank 0 goes on alone with both halves of each batch, and Ray Train's replacement joins
+from the snapshot keepers. "Others' stall" runs from the kill until step K is logged;
+"both again", until a step both replicas computed is (`Throughput/replicas`; the run may
+end first, then it is the same as the stall); steps computed again are the finished
+steps logged twice. The step time is the median of a run of {3 * tiny.steps} (tiny) or
+{3 * big.steps} (~90M) steps with no failure, after its third:
+
+{markdown_table(["model", "faults.mode", "others' stall s", "both again s",
+                 "steps computed again", "step s, no failure", "ratio"], rows)}
+"""
+    print(body)
+    write_section("recovery-replicas", body)
+
+
+MODES = ("restart", "replicas")
+
 if __name__ == "__main__":
-    main()
+    if "--replicas" not in sys.argv[1:]:
+        main()
+    replicas()
