@@ -72,6 +72,9 @@ class ReplicaLoop(WorkerLoop):
             committed = self.args.committed[-1] if self.args.committed else 0
             self.args.snapshot = newest if newest is not None and newest > committed else None
             return super().resume()
+        if self.snapshots is None:  # the nodes' memory no longer holds them
+            raise RuntimeError(f"replica {self.replica} cannot join at step {target + 1}: "
+                               "there are no in-memory snapshots to load the state from")
         started = time.perf_counter()
         resumed, problem = self.snapshots.restore(target, self.trainer.parts,
                                                   self.trainer.optimizers)
