@@ -183,15 +183,13 @@ class DataFeeder:
         share = len(batch) // dp_size
         return batch.rows(dp_rank * share, (dp_rank + 1) * share)
 
-    def part(self, step: int, index: int, count: int, unit: int) -> tuple[int, Batch]:
+    def part(self, step: int, index: int, count: int, unit: int) -> Batch:
         """Member `index` of `count`'s part of step `step`'s global batch, in whole units
         of `unit` rows (micro-batches), as even as they split (replica mode: whichever
-        replicas compute a step, together they take the whole batch); with its first
-        row's index in the batch."""
+        replicas compute a step, together they take the whole batch)."""
         _, batch = self.wait_for(step)
         units = len(batch) // unit
-        start, stop = index * units // count * unit, (index + 1) * units // count * unit
-        return start, batch.rows(start, stop)
+        return batch.rows(index * units // count * unit, (index + 1) * units // count * unit)
 
     def cursor(self, step: int) -> dict:
         """Where the batch of `step` begins in the corpus, with the file lists it counts in

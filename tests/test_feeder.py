@@ -2,7 +2,6 @@
 held-out data, bad records."""
 
 import dataclasses
-import itertools
 import json
 import math
 from pathlib import Path
@@ -112,11 +111,10 @@ def test_order_is_deterministic_sliced_by_replica_and_resumes_exactly(ray_sessio
     for step in range(5, 8):  # as replica mode's quorums split it: in whole micro-batches
         for members in (3, 2):
             parts = ray.get([second.part.remote(step, i, members, 2) for i in range(members)])
-            rows = [len(part.tokens) for _, part in parts]
+            rows = [len(part.tokens) for part in parts]
             assert sum(rows) == GLOBAL_BATCH and max(rows) - min(rows) <= 2
-            assert [first for first, _ in parts] == [0, *itertools.accumulate(rows[:-1])]
-            np.testing.assert_array_equal(
-                np.concatenate([part.tokens for _, part in parts]), reference[step])
+            np.testing.assert_array_equal(  # in order, each row once
+                np.concatenate([part.tokens for part in parts]), reference[step])
     skipped = [sum(sum(c.values()) for c in cursors[s]["skipped"]) for s in steps]
     assert skipped == sorted(skipped) and skipped[-1] > skipped[0]
 

@@ -97,7 +97,7 @@ class ReplicaLoop(WorkerLoop):
             if last is not None and self.leads() and last.members != self.membership.members:
                 self.changed(last, self.membership)
             started = time.perf_counter()
-            first, held = ray.get(self.args.feeder.part.remote(
+            held = ray.get(self.args.feeder.part.remote(
                 step, self.membership.index(self.replica), len(self.membership.members),
                 self.config.train.micro_batch))
             batch = Sequences.of(held, self.device)
