@@ -23,7 +23,8 @@ class StartFrom:
 
 def worker_group(config: RaytronConfig, paths: RunPaths, gpus: float, actors: dict,
                  leases: dict[str, str], committed: list[int], start: StartFrom):
-    """Ray Train does not restart it (the controller does, from raytron's commit marker);
+    """Ray Train does not restart it (the controller does, from raytron's commit marker;
+    in replica mode Ray Train replaces a failed replica, up to faults.max_restarts times);
     its collectives time out shortly after the watchdog would have fired. Every worker
     gets the run's lease tokens (checked before each commit) and the `committed` steps
     the controller listed, so that all ranks try the same checkpoints, and the snapshot
