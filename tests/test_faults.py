@@ -81,6 +81,29 @@ def test_failures_are_summarized_per_rank_with_coordinates():
     assert failure_gist(ValueError("boom\nlast words"), Layout()) == "ValueError: boom"
 
 
+def test_a_drill_fires_once_at_its_step_or_the_first_step_its_rank_computes_after(tmp_path):
+    """A replacement replica that joins at step 9 fires the drill of step 7 it missed
+    there, once; the marker keeps any later process of the rank from firing it again."""
+    import fsspec
+
+    from raytron.platform.worker.faults import FaultInjector
+
+    entries = ["raise in rank 1 at step 7", "raise in rank 1 at step 12",
+               "raise in rank 1 during checkpoint at step 8", "raise in rank 0 at step 3"]
+    fs = fsspec.filesystem("file")
+    joined = FaultInjector(entries, 1, 2, fs, str(tmp_path), "replica 1")
+    joined.at_step(6)
+    with pytest.raises(RuntimeError, match="injected raise of rank 1 at step 7"):
+        joined.at_step(9)
+    joined.at_step(10)  # fired: not again; the checkpoint drill waits for a checkpoint
+    with pytest.raises(RuntimeError, match="during the checkpoint at step 8"):
+        joined.at_step(10, during_checkpoint=True)
+    again = FaultInjector(entries, 1, 2, fs, str(tmp_path), "replica 1")
+    again.at_step(11)
+    with pytest.raises(RuntimeError, match="at step 12"):
+        again.at_step(12)
+
+
 WATCHED = """
 import sys, time
 from raytron.platform.worker.faults import Watchdog

@@ -123,9 +123,58 @@ def test_a_replacement_loads_the_finished_step_and_joins_at_the_next():
         assert {f.result(timeout=10) for f in members.values()} == {Membership(1, 2, (0, 1, 2))}
 
 
+def test_a_replacement_that_loaded_but_hangs_is_evicted_after_the_hang_timeout():
+    """Loading may take up to JOIN_WAIT_S; once loaded, a joiner that does not arrive is
+    waited for no longer than a hung member."""
+    with running([0, 1], 2, hang_timeout_s=0.5) as (quorum, beats, pool):
+        arrive_all(pool, quorum, [0, 1], 1)
+        vote_all(pool, quorum, {0: True, 1: True}, 0)
+        beats.add(2)
+        joined = pool.submit(quorum.join, 2)
+        members = {r: pool.submit(quorum.arrive, r, 2) for r in (0, 1)}
+        assert joined.result(timeout=10) == 1
+        time.sleep(1.0)
+        assert not members[0].done()  # loading: waited for
+        quorum.has_loaded(2)  # ... and then hangs
+        started = time.monotonic()
+        assert {f.result(timeout=10) for f in members.values()} == {Membership(0, 2, (0, 1))}
+        assert 0.4 < time.monotonic() - started < 3
+        assert quorum.beat(2) is False  # told to end, to be replaced
+
+
+def test_the_replacement_of_the_last_member_does_not_wait_for_itself():
+    """The last member dies and its replacement starts before the heartbeat has gone
+    quiet: no one trains, so it starts from the newest snapshot at once."""
+    with running([0], 1) as (quorum, beats, pool):
+        arrive_all(pool, quorum, [0], 1)
+        vote_all(pool, quorum, {0: True}, 0)
+        beats.stop(0)
+        quorum.welcome(0)
+        beats.add(0)
+        assert pool.submit(quorum.join, 0).result(timeout=2) is None
+
+
 def test_the_first_quorum_waits_for_every_replica_then_starts_with_those_there():
     with running([0, 1], 3, first_wait_s=0.5) as (quorum, _, pool):
         assert quorum.join(0) is None  # nobody trains: start from the checkpoint
         started = time.monotonic()
         assert set(arrive_all(pool, quorum, [0, 1], 5).values()) == {Membership(0, 5, (0, 1))}
         assert time.monotonic() - started >= 0.5
+
+
+@pytest.mark.parametrize("fate", ["hangs", "dies"])
+def test_a_replica_lost_before_the_first_quorum_is_not_waited_for(fate):
+    """At a launch the others wait up to first_wait_s for every replica to arrive, but
+    not for one that died, and for one that has loaded its state and hangs only the hang
+    timeout."""
+    with running([0, 1, 2], 3, hang_timeout_s=0.5, first_wait_s=30) as (quorum, beats, pool):
+        quorum.welcome(2)  # it started,
+        quorum.has_loaded(2)  # loaded, and never arrives
+        if fate == "dies":
+            beats.stop(2)
+        started = time.monotonic()
+        assert set(arrive_all(pool, quorum, [0, 1], 1).values()) == {Membership(0, 1, (0, 1))}
+        assert time.monotonic() - started < 3
+        if fate == "hangs":
+            assert time.monotonic() - started > 0.4
+            assert quorum.beat(2) is False

@@ -9,7 +9,9 @@ update is applied only when every member's sum succeeded, so that a replica lost
 middle of a step never leaves the others disagreeing: they compute the same step again
 without it. A replica that starts while others train (Ray Train replaced it) joins at a
 step boundary: the members wait for it to load the state of the step they finished
-(from the snapshot keepers), and it takes its share from the next step on.
+(from the snapshot keepers), and it takes its share from the next step on. The first
+quorum of a worker group waits for every replica to start, but not for one that died
+first; a replica that has loaded its state is waited for no longer than a member.
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ class Quorum:
         self.votes: dict[int, bool] = {}  # member -> its sum succeeded (current quorum)
         self.beats: dict[int, float] = {}  # replica -> its last heartbeat
         self.evicted: set[int] = set()
+        self.replaced: set[int] = set()  # replicas whose process started since the last quorum
         self.joining: dict[int, int | None] = {}  # replica -> the step it loads (None: not yet)
+        self.loaded: dict[int, float] = {}  # replica -> when it loaded its state (not a member)
         self.asked_to_load = 0.0  # when the joiners were last told which step to load
         self.store: Any = None  # the TCP store of the members' gradient groups
 
@@ -86,9 +90,15 @@ class Quorum:
         return replica not in self.evicted \
             and time.monotonic() - self.beats.get(replica, 0.0) < DEAD_AFTER_S
 
+    def still_member(self, replica: int) -> bool:
+        """The process that was a member of the last quorum is alive (not a replacement
+        of it, which beats under the same id)."""
+        return self.alive(replica) and replica not in self.replaced
+
     def training(self) -> bool:
         """Some member of the last quorum is alive."""
-        return self.current is not None and any(self.alive(m) for m in self.current.members)
+        return self.current is not None \
+            and any(self.still_member(m) for m in self.current.members)
 
     def next_step(self) -> int:
         assert self.current is not None
@@ -96,11 +106,23 @@ class Quorum:
 
     # -- joining ----------------------------------------------------------------------
 
-    def welcome(self, replica: int) -> None:
-        """A new process of `replica` starts: the eviction of the one it replaces is over."""
+    def welcome(self, replica: int) -> bool:
+        """A new process of `replica` starts: the eviction of the one it replaces is over,
+        and that one is a member no longer, though the new one beats under its id.
+        Whether replicas of this worker group trained before (it replaces one)."""
         with self.changed:
             self.beats[replica] = time.monotonic()
             self.evicted.discard(replica)
+            self.loaded.pop(replica, None)
+            self.replaced.add(replica)
+            return self.current is not None
+
+    def has_loaded(self, replica: int) -> None:
+        """A starting or joining replica holds its state: from now on it must arrive
+        within the hang timeout, as a member must."""
+        with self.changed:
+            self.loaded[replica] = time.monotonic()
+            self.changed.notify_all()
 
     def join(self, replica: int) -> int | None:
         """A starting replica: the step whose state it must load (the one the members have
@@ -115,6 +137,8 @@ class Quorum:
             while self.joining.get(replica) is None and self.training():
                 self.changed.wait(WAKE_S)
                 self.beats[replica] = time.monotonic()
+            if self.joining.get(replica) is None:  # the members have gone meanwhile
+                del self.joining[replica]
             return self.joining.get(replica)
 
     # -- steps ------------------------------------------------------------------------
@@ -144,13 +168,17 @@ class Quorum:
         replica that waited for it leaves `arrivals`, member or not."""
         now = time.monotonic()
         waiting = {r for r, s in self.arrivals.items() if s == step and self.alive(r)}
+        self.evict_loaded_but_absent(step, waiting, now)
         if not self.training():  # the first quorum, or every member has gone
-            if len(waiting) < self.expected and now - self.since < self.first_wait_s:
+            heard = {r for r in self.beats if self.alive(r)}
+            gone = len(self.beats) - len(heard)  # died or evicted
+            if (heard - waiting or len(waiting) + gone < self.expected) \
+                    and now - self.since < self.first_wait_s:
                 return False
             members = waiting
         else:
             last = self.current.members
-            missing = [m for m in last if self.alive(m) and m not in waiting]
+            missing = [m for m in last if self.still_member(m) and m not in waiting]
             if missing:
                 if now - self.since < self.hang_timeout_s:
                     return False
@@ -160,11 +188,13 @@ class Quorum:
             if not self.joiners_ready(step, waiting):
                 return False
             members = {m for m in waiting if m in last or m in self.joining}
-            for joiner in members - set(last):
-                del self.joining[joiner]
         if not members:
             return False
         ordered = tuple(sorted(members))
+        for member in ordered:  # a member now, whatever it was
+            self.joining.pop(member, None)
+            self.loaded.pop(member, None)
+            self.replaced.discard(member)
         last_quorum = self.current
         same = last_quorum is not None and ordered == last_quorum.members \
             and self.outcome is True
@@ -180,20 +210,35 @@ class Quorum:
 
     def joiners_ready(self, step: int, waiting: set[int]) -> bool:
         """Tell each joining replica to load step - 1; ready once each has loaded it and
-        arrived, died, or taken longer than JOIN_WAIT_S (it joins at a later step)."""
-        ready = True
+        arrived, died, was evicted or took longer than JOIN_WAIT_S to load (it joins at a
+        later step)."""
+        ready, now = True, time.monotonic()
         for joiner, loads in list(self.joining.items()):
             if not self.alive(joiner):
                 del self.joining[joiner]
             elif loads != step - 1:
                 self.joining[joiner] = step - 1
+                self.loaded.pop(joiner, None)
                 say(f"step {step}: replica {joiner} joins once it has loaded step {step - 1}")
-                self.asked_to_load = time.monotonic()
+                self.asked_to_load = now
                 self.changed.notify_all()
                 ready = False
             elif joiner not in waiting:
-                ready = ready and time.monotonic() - self.asked_to_load > JOIN_WAIT_S
+                ready = ready and now - self.asked_to_load > JOIN_WAIT_S
         return ready
+
+    def evict_loaded_but_absent(self, step: int, waiting: set[int], now: float) -> None:
+        """Evict the replicas that hold their state (`has_loaded`) but have not arrived
+        within the hang timeout since: hung before their first step."""
+        late = sorted(r for r, at in self.loaded.items()
+                      if r not in waiting and self.alive(r) and now - at > self.hang_timeout_s)
+        for replica in late:
+            del self.loaded[replica]
+            self.joining.pop(replica, None)
+            self.evicted.add(replica)
+        if late:
+            say(f"step {step}: evicted replicas {late}: loaded, but not there within "
+                f"{self.hang_timeout_s:g} s")
 
     def vote(self, replica: int, epoch: int, succeeded: bool) -> bool:
         """Whether the step of `epoch` is applied: only when every member's gradient sum
@@ -208,7 +253,7 @@ class Quorum:
             while self.outcome is None and self.current is current:
                 missing = [m for m in current.members if m not in self.votes]
                 late = time.monotonic() - self.since > self.hang_timeout_s
-                if not missing or late or not all(self.alive(m) for m in missing):
+                if not missing or late or not all(self.still_member(m) for m in missing):
                     self.outcome = not missing and all(self.votes.values())
                     if not self.outcome:
                         say(f"step {current.step} not applied: votes {self.votes}, "

@@ -90,9 +90,20 @@ def rank_failures(error: BaseException) -> dict[int, BaseException]:
     return dict(error.worker_failures) if isinstance(error, WorkerGroupError) else {}
 
 
+def controller_failed(error: BaseException) -> bool:
+    """Ray Train's controller itself failed (not a worker). In replica mode Ray 2.60's
+    does when two replicas are lost within one health check: replacing the first, it asks
+    the other lost one to clear its results."""
+    from ray.train.v2.api.exceptions import ControllerError
+
+    return isinstance(error, ControllerError)
+
+
 def failure_gist(error: BaseException, layout: Layout) -> str:
     """One line per failed rank, with its mesh coordinates."""
     failures = rank_failures(error)
+    if controller_failed(error):
+        return f"Ray Train's controller failed: {first_line(error.controller_failure)}"
     if not failures:
         return first_line(error)
     return "; ".join(f"{layout.describe(rank)}: {first_line(failure)}"

@@ -15,6 +15,7 @@ from raytron.platform.control.console import Console
 from raytron.platform.control.quorum import quorum_actor
 from raytron.platform.control.ray_train import (
     StartFrom,
+    controller_failed,
     failure_gist,
     fit_beside,
     rank_failures,
@@ -48,7 +49,9 @@ class Supervisor:
     newest whole in-memory snapshot, else the last committed checkpoint, up to
     faults.max_restarts times with doubling back-off;
     after a requested stop (a resize, a preemption notice) it relaunches without counting
-    a failure. An elastic run (parallel.dp=auto) relaunches at the largest dp that fits."""
+    a failure. An elastic run (parallel.dp=auto) relaunches at the largest dp that fits.
+    In replica mode Ray Train replaces lost replicas itself; the group relaunches only
+    when Ray Train's controller fails (as when two replicas are lost at once)."""
 
     def __init__(self, config: RaytronConfig, paths: RunPaths, tracking: RunTracking,
                  run_id: str, gpus: float, console: Console, actors: dict,
@@ -97,7 +100,8 @@ class Supervisor:
                                         self.start_from(launch, committed)))
             except Exception as error:  # the group failed: restart it, or give up
                 raise_if_not_retried(error)
-                if "quorum" in actors:  # Ray Train replaced replicas: max_restarts times
+                if "quorum" in actors and not controller_failed(error):
+                    # Ray Train replaced lost replicas max_restarts times, then lost one more
                     raise RunFailed(self.replicas_failed(error)) from error
                 self.failed(failure_gist(error, Layout.of(launch)), error)
                 continue

@@ -2,8 +2,9 @@
 
 `faults.inject` entries (`config/drills.py`) make a run fail on purpose, each once per
 run: a marker beside the checkpoints remembers that it fired, so the restarted group
-does not fire it again. Losing a node never takes the head node, which would take the
-whole cluster with it.
+does not fire it again. A drill whose rank did not compute its step (a replica being
+replaced) fires at the first step after it that the rank computes. Losing a node never
+takes the head node, which would take the whole cluster with it.
 
 The watchdog fails a rank that has not finished a step for `faults.hang_timeout_s`,
 much sooner than the 30-minute default of a stuck collective; the first step of a
@@ -36,9 +37,13 @@ class FaultInjector:
         self.describe_rank = describe_rank
 
     def at_step(self, step: int, during_checkpoint: bool = False) -> None:
-        for injection in self.pending:
-            if (injection.step, injection.during_checkpoint) == (step, during_checkpoint):
-                self.fire(injection)
+        """Fire the drills due by `step`: those of `step`, and those of earlier steps that
+        this rank did not compute (a replacement replica that joined after them)."""
+        due = [i for i in self.pending
+               if i.step <= step and i.during_checkpoint == during_checkpoint]
+        for injection in due:
+            self.pending.remove(injection)
+            self.fire(injection)
 
     def fire(self, injection: Injection) -> None:
         marker = f"{self.folder}/{injection.index}"
@@ -80,10 +85,10 @@ class Watchdog:
     """Kills its own process when the rank finishes no step for `timeout` seconds (the
     first step of a worker group gets at least FIRST_STEP_GRACE_S, a checkpoint save or a
     validation the budget `busy` gives it), so that a hang becomes a failure the
-    controller restarts from. `stop` ends its thread."""
+    controller restarts from (`then` says what follows). `stop` ends its thread."""
 
-    def __init__(self, timeout: float, describe_rank: str):
-        self.timeout, self.describe_rank = timeout, describe_rank
+    def __init__(self, timeout: float, describe_rank: str, then: str = "the run restarts"):
+        self.timeout, self.describe_rank, self.then = timeout, describe_rank, then
         self.allowed, self.doing = max(timeout, FIRST_STEP_GRACE_S), "made no progress"
         self.setting = "faults.hang_timeout_s"
         self.last = time.monotonic()
@@ -115,6 +120,6 @@ class Watchdog:
             waited = time.monotonic() - self.last
             if waited > self.allowed:
                 print(f"raytron: {self.describe_rank} {self.doing} for {waited:.0f} s "
-                      f"({self.setting}); failing it so the run restarts",
+                      f"({self.setting}); failing it so that {self.then}",
                       file=sys.stderr, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)

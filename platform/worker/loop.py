@@ -122,6 +122,10 @@ class WorkerLoop:
         """This rank, as failures name it."""
         return self.layout.describe(self.rank)
 
+    def after_a_hang(self) -> str:
+        """What follows when the watchdog fails this rank, for its message."""
+        return "the run restarts"
+
     def leads(self) -> bool:
         """Whether this rank logs, and hands the feeder's cursor on, for the group."""
         return self.rank == 0
@@ -158,7 +162,8 @@ class WorkerLoop:
                    "build_s": loading - self.entered,  # mesh, model, optimizer
                    "load_s": loaded - loading}  # the checkpoint
         self.committed_step = step
-        self.watchdog = watchdog = Watchdog(faults.hang_timeout_s, self.describe())
+        self.watchdog = watchdog = Watchdog(faults.hang_timeout_s, self.describe(),
+                                            self.after_a_hang())
         first_step = step + 1  # logged too, so every (re)start shows where it begins
         tokens_seen = meta.get("tokens_seen", 0)
         tokens_per_step = train.global_batch * self.config.data.seq_len

@@ -38,7 +38,7 @@ class ReplicaLoop(WorkerLoop):
                          0, local_rank)
         self.group_layout = Layout.of(whole)
         self.replica, self.replicas = replica, self.group_layout.dp
-        self.joined: int | None = None  # the step it joined the training replicas after
+        self.joining: str | None = None  # what to say once it is a member
         self.injector = FaultInjector(whole.faults.inject, replica, self.replicas,
                                       self.store.fs, self.store.root, self.describe())
         self.sync = ReplicaSync(args.quorum, replica,
@@ -47,6 +47,9 @@ class ReplicaLoop(WorkerLoop):
 
     def describe(self) -> str:
         return f"replica {self.replica}"
+
+    def after_a_hang(self) -> str:
+        return "Ray Train replaces the replica"
 
     def leads(self) -> bool:
         if self.membership is None:
@@ -68,10 +71,14 @@ class ReplicaLoop(WorkerLoop):
               f"joins from the snapshot of step {target}"), file=sys.stderr, flush=True)
         if target is None:  # listed now: the others may have committed more since the launch
             self.args.committed = self.store.committed_steps()
-            newest = self.snapshots.newest() if self.snapshots else None
             committed = self.args.committed[-1] if self.args.committed else 0
+            if committed >= self.config.train.steps:  # replaced after the others finished
+                return committed, {}
+            newest = self.snapshots.newest() if self.snapshots else None
             self.args.snapshot = newest if newest is not None and newest > committed else None
-            return super().resume()
+            resumed = super().resume()
+            self.sync.has_loaded()
+            return resumed
         if self.snapshots is None:  # the nodes' memory no longer holds them
             raise RuntimeError(f"replica {self.replica} cannot join at step {target + 1}: "
                                "there are no in-memory snapshots to load the state from")
@@ -82,10 +89,10 @@ class ReplicaLoop(WorkerLoop):
             raise RuntimeError(f"replica {self.replica} cannot join at step {target + 1}: "
                                f"the snapshot of step {target} {problem}")
         self.trainer.start_at(target)
-        self.joined = target
-        self.args.tracker.note.remote(target, "replicas", (
-            f"replica {self.replica} joined at step {target + 1}, with the state of step "
-            f"{target} from the snapshot keepers ({time.perf_counter() - started:.1f} s)"))
+        self.sync.has_loaded()
+        self.joining = (f"replica {self.replica} joined at step {target + 1}, with the state "
+                        f"of step {target} from the snapshot keepers "
+                        f"({time.perf_counter() - started:.1f} s)")
         return target, resumed.meta
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -94,6 +101,9 @@ class ReplicaLoop(WorkerLoop):
         while True:
             with self.waiting("waited for the other replicas"):
                 last, self.membership = self.membership, self.sync.arrive(step + 1)
+            if self.joining is not None:  # said once it is a member
+                self.args.tracker.note.remote(step, "replicas", self.joining)
+                self.joining = None
             if last is not None and self.leads() and last.members != self.membership.members:
                 self.changed(last, self.membership)
             started = time.perf_counter()
@@ -132,8 +142,9 @@ class ReplicaLoop(WorkerLoop):
                                       f"{', '.join(changes)}: {count} {then}")
 
     def launched(self, start: int, startup: dict[str, float], loaded: float) -> None:
-        """A launch is the group's start, not a replacement's joining."""
-        if self.joined is None:
+        """A launch is the group's start, not a replacement's (joining, or resuming
+        once every replica was lost)."""
+        if not self.sync.replacing:
             super().launched(start, startup, loaded)
 
     def replica_metrics(self) -> dict[str, float]:

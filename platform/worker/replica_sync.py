@@ -38,6 +38,7 @@ class ReplicaSync:
         host, port = ray.get(quorum.store_address.remote())
         self.store = dist.TCPStore(host, port, is_master=False, timeout=self.timeout)
         self.group: tuple[int, dist.ProcessGroup] | None = None  # (epoch, its gloo group)
+        self.replacing = False  # replicas of this worker group trained before this one
         self.stopped = threading.Event()
         self.heart = threading.Thread(target=self.beat, daemon=True)  # from `join` on
 
@@ -59,9 +60,14 @@ class ReplicaSync:
         """The step whose state this replica loads from the keepers before it takes part
         (the members wait for it); None when no replica trains yet. Its heartbeat starts
         here: the quorum forgets an eviction of the replica this one replaces."""
-        ray.get(self.quorum.welcome.remote(self.replica))
+        self.replacing = ray.get(self.quorum.welcome.remote(self.replica))
         self.heart.start()
         return ray.get(self.quorum.join.remote(self.replica))
+
+    def has_loaded(self) -> None:
+        """The state `join` named is loaded: the members now wait for this replica only as
+        long as for one of them."""
+        ray.get(self.quorum.has_loaded.remote(self.replica))
 
     def arrive(self, step: int) -> Membership:
         membership = ray.get(self.quorum.arrive.remote(self.replica, step))
