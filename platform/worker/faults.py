@@ -17,11 +17,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 import time
 
 from raytron.platform.config.drills import LAST_RANK, Injection, parse_injections
+from raytron.platform.worker.stderr import say
 
 FIRED_DIR = "faults"
 
@@ -51,8 +51,7 @@ class FaultInjector:
             return
         self.fs.makedirs(self.folder, exist_ok=True)
         self.fs.pipe_file(marker, injection.describe().encode())
-        print(f"raytron: {self.describe_rank}: {injection.describe()}", file=sys.stderr,
-              flush=True)
+        say(f"raytron: {self.describe_rank}: {injection.describe()}")
         if injection.kind == "lose":
             lose_this_node()
         if injection.kind == "kill":
@@ -119,7 +118,6 @@ class Watchdog:
         while not self.stopped.wait(min(1.0, self.timeout / 10)):
             waited = time.monotonic() - self.last
             if waited > self.allowed:
-                print(f"raytron: {self.describe_rank} {self.doing} for {waited:.0f} s "
-                      f"({self.setting}); failing it so that {self.then}",
-                      file=sys.stderr, flush=True)
+                say(f"raytron: {self.describe_rank} {self.doing} for {waited:.0f} s "
+                    f"({self.setting}); failing it so that {self.then}")
                 os.kill(os.getpid(), signal.SIGKILL)

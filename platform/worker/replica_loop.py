@@ -15,7 +15,6 @@ logs, snapshots and checkpoints for all.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 
 import ray
@@ -28,6 +27,7 @@ from raytron.platform.storage import metric_names as names
 from raytron.platform.worker.faults import FIRST_STEP_GRACE_S, FaultInjector
 from raytron.platform.worker.loop import WorkerArgs, WorkerLoop
 from raytron.platform.worker.replica_sync import ReplicaSync, StepNotApplied
+from raytron.platform.worker.stderr import say
 from raytron.platform.worker.trainer import Sequences
 
 
@@ -67,8 +67,8 @@ class ReplicaLoop(WorkerLoop):
         when none trains, start as every replica does: from the newest snapshot the
         keepers hold (each is a whole replica's state), else the last checkpoint."""
         target = self.sync.join()
-        print(f"replica {self.replica}: " + ("starts with the others" if target is None else
-              f"joins from the snapshot of step {target}"), file=sys.stderr, flush=True)
+        say(f"replica {self.replica}: " + ("starts with the others" if target is None else
+            f"joins from the snapshot of step {target}"))
         if target is None:  # listed now: the others may have committed more since the launch
             self.args.committed = self.store.committed_steps()
             committed = self.args.committed[-1] if self.args.committed else 0

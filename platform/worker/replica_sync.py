@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 import threading
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from raytron.platform.control.quorum import BEAT_S, Membership
+from raytron.platform.worker.stderr import say
 
 
 class LeftOut(RuntimeError):
@@ -51,9 +51,8 @@ class ReplicaSync:
             except (ray.exceptions.RayError, TimeoutError):
                 continue
             if not kept:
-                print(f"replica {self.replica} was evicted from the quorum (it did not arrive "
-                      "at a step in time): ending it, to be replaced", file=sys.stderr,
-                      flush=True)
+                say(f"replica {self.replica} was evicted from the quorum (it did not arrive "
+                    "at a step in time): ending it, to be replaced")
                 os._exit(1)
 
     def join(self) -> int | None:
