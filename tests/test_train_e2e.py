@@ -113,7 +113,8 @@ RAYTRON_LINE = re.compile(
     r"|Took over the lease of "
     r"|Stopped at step \d+; |Training stopped: |Training failed: |What Ray and the workers said: "
     r"|The last committed checkpoint is kept in |raytron: rank \d+ \(pp=\d+, dp=\d+, tp=\d+\)"
-    r"[ :]|raytron: replica \d+[ :]|replicas? [\d, ]+ (lost|joined)[:, ])")
+    r"[ :]|raytron: replica \d+[ :]|replicas? [\d, ]+ (lost|joined)[:, ]"
+    r"|every replica had been lost: )")
 
 
 def assert_only_raytron_lines(output: str) -> None:

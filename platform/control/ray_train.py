@@ -91,9 +91,9 @@ def rank_failures(error: BaseException) -> dict[int, BaseException]:
 
 
 def controller_failed(error: BaseException) -> bool:
-    """Ray Train's controller itself failed (not a worker). In replica mode Ray 2.60's
-    does when two replicas are lost within one health check: replacing the first, it asks
-    the other lost one to clear its results."""
+    """Ray Train's controller itself failed (not a worker): in replica mode, as Ray
+    2.60's does when it replaces a replica while another's worker has died, unless
+    `replica_groups.replace_around_lost_groups` catches that."""
     from ray.train.v2.api.exceptions import ControllerError
 
     return isinstance(error, ControllerError)

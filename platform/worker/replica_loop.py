@@ -39,6 +39,7 @@ class ReplicaLoop(WorkerLoop):
         self.group_layout = Layout.of(whole)
         self.replica, self.replicas = replica, self.group_layout.dp
         self.joining: str | None = None  # what to say once it is a member
+        self.after_loss = False  # it resumed once every replica had been lost
         self.injector = FaultInjector(whole.faults.inject, replica, self.replicas,
                                       self.store.fs, self.store.root, self.describe())
         self.sync = ReplicaSync(args.quorum, replica,
@@ -78,6 +79,7 @@ class ReplicaLoop(WorkerLoop):
             self.args.snapshot = newest if newest is not None and newest > committed else None
             resumed = super().resume()
             self.sync.has_loaded()
+            self.after_loss = self.sync.replacing
             return resumed
         if self.snapshots is None:  # the nodes' memory no longer holds them
             raise RuntimeError(f"replica {self.replica} cannot join at step {target + 1}: "
@@ -104,6 +106,11 @@ class ReplicaLoop(WorkerLoop):
             if self.joining is not None:  # said once it is a member
                 self.args.tracker.note.remote(step, "replicas", self.joining)
                 self.joining = None
+            if self.after_loss and self.leads():
+                self.args.tracker.note.remote(step, "replicas", (
+                    f"every replica had been lost: {replicas(list(self.membership.members))} "
+                    f"resumed at step {self.membership.step}, from the newest snapshot"))
+            self.after_loss = False
             if last is not None and self.leads() and last.members != self.membership.members:
                 self.changed(last, self.membership)
             started = time.perf_counter()

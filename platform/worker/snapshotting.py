@@ -5,6 +5,7 @@ restarted group starts from it."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -53,31 +54,26 @@ class Snapshotter:
         ray.get(held)
         self.stall_s = time.perf_counter() - started
 
-    def newest(self) -> int | None:
-        """The newest step of which some live keeper holds this rank's share."""
+    def answers(self, method: str, *args: Any) -> Iterator[Any]:
+        """What each keeper answers to `method`, its own node's first; one lost with its
+        node is skipped."""
         import ray
 
-        steps = []
         for keeper in [k for k in (self.home, *self.others) if k is not None]:
             try:
-                steps += [step for step, rank, layout in ray.get(keeper.held.remote())
-                          if rank == self.rank and layout == self.layout]
+                yield ray.get(getattr(keeper, method).remote(*args))
             except ray.exceptions.RayError:
-                continue  # lost with its node
-        return max(steps, default=None)
+                continue
+
+    def newest(self) -> int | None:
+        """The newest step of which some live keeper holds this rank's share."""
+        return max((step for held in self.answers("held") for step, rank, layout in held
+                    if rank == self.rank and layout == self.layout), default=None)
 
     def fetch(self, step: int) -> Share | None:
         """This rank's share of `step` from whichever keeper still has it."""
-        import ray
-
-        for keeper in [k for k in (self.home, *self.others) if k is not None]:
-            try:
-                share = ray.get(keeper.fetch.remote(step, self.rank))
-                if share is not None:
-                    return share
-            except ray.exceptions.RayError:
-                continue  # lost with its node: ask the next
-        return None
+        return next((share for share in self.answers("fetch", step, self.rank)
+                     if share is not None), None)
 
     def restore(self, step: int, parts: list[torch.nn.Module],
                 optimizers: list[torch.optim.Optimizer]) -> tuple[Resumed | None, str | None]:
