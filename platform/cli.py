@@ -58,8 +58,8 @@ checkpoint, up to faults.max_restarts times; faults.hang_timeout_s fails a rank 
 progress (faults.checkpoint_timeout_s while it saves, faults.eval_timeout_s while it
 validates). faults.mode=replicas restarts nothing: each worker is a data-parallel replica
 of the whole model, the others compute a lost replica's step again without it, and Ray
-Train's replacement joins from the snapshot keepers. faults.inject='[kill rank 1 at
-step 7]' runs a failure drill. Elastic: with
+Train's replacement joins from the snapshot keepers (up to faults.max_restarts
+replacements). faults.inject='[kill rank 1 at step 7]' runs a failure drill. Elastic: with
 parallel.dp=auto the run shrinks when capacity drops and grows back when it returns
 (faults.min_dp, faults.schedule_timeout_s, faults.capacity_check_s); a node Ray drains
 (preemption) is checkpointed away from first. checkpoint.async_save=true writes

@@ -107,7 +107,7 @@ def test_a_drill_fires_once_at_its_step_or_the_first_step_its_rank_computes_afte
 WATCHED = """
 import sys, time
 from raytron.platform.worker.faults import Watchdog
-watchdog = Watchdog(0.5, "rank 0")
+watchdog = Watchdog(0.5, "rank 0", "the run restarts")
 watchdog.beat()
 if sys.argv[1] == "busy":
     with watchdog.busy("was saving a checkpoint", 5.0, "faults.checkpoint_timeout_s"):

@@ -372,8 +372,8 @@ class FaultsConfig:
     # in-memory snapshot or checkpoint | replicas: each worker is a data-parallel
     # replica; the others go on without a lost one, which is replaced and joins again
     mode: str = key("restart", one_of(FAULT_MODES), FREE)
-    # worker-group restarts from the last checkpoint before the run fails (replicas: a
-    # replaced replica counts as one)
+    # worker-group restarts from the last checkpoint before the run fails (replicas: the
+    # replicas Ray Train replaces in one worker group, each lost replica counting one)
     max_restarts: int = key(3, natural, FREE)
     # wait before a restart; doubles each time, at most 60 s
     restart_backoff_s: float = key(2.0, number(positive=False), FREE)

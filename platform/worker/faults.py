@@ -86,7 +86,7 @@ class Watchdog:
     validation the budget `busy` gives it), so that a hang becomes a failure the
     controller restarts from (`then` says what follows). `stop` ends its thread."""
 
-    def __init__(self, timeout: float, describe_rank: str, then: str = "the run restarts"):
+    def __init__(self, timeout: float, describe_rank: str, then: str):
         self.timeout, self.describe_rank, self.then = timeout, describe_rank, then
         self.allowed, self.doing = max(timeout, FIRST_STEP_GRACE_S), "made no progress"
         self.setting = "faults.hang_timeout_s"
