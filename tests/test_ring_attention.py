@@ -58,8 +58,10 @@ def on_rank(documents: bool, flash: bool) -> bool:
     out = ring_attention(q, k, v, dist.group.WORLD, positions, ids)
     (out * tensors["weight"][:, :, mine]).sum().backward()
     for name, got in (("out", out), ("q", q.grad), ("k", k.grad), ("v", v.grad)):
-        torch.testing.assert_close(got, expected[name][:, :, mine], rtol=1e-5, atol=1e-6,
-                                   msg=f"{name} on rank {rank}")
+        # atol: float32 sums in another order; a near-zero gradient came out 1.3e-6 off
+        # on an AMD EPYC, where Intel's kernels had stayed within 1e-6
+        torch.testing.assert_close(got, expected[name][:, :, mine], rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name} on rank {rank}: {m}")
     return True
 
 
