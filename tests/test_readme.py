@@ -71,7 +71,7 @@ NOT_RUN = {
                                           "each family back bit for bit",
 }
 # trainings whose configs are checked (`raytron config`) but not run here: more devices
-# than a test machine has, or what other tests train already (a training costs ~25 s)
+# than a test machine has, or what other tests train already (a training costs 25-60 s)
 CONFIG_ONLY = {
     "cluster.workers=8": "8 GPUs, or several nodes",
     "parallel.": "layouts: tests/test_parallel.py trains each against one process, "
@@ -81,6 +81,14 @@ CONFIG_ONLY = {
     "run.name=plays": "paragraph documents of a folder: the mix below reads them",
     "train.eval_tasks": "tests/test_train_e2e.py trains a run that scores a task at steps "
                         "12 and 24",
+    "run.name=mix": "weighted sources: tests/test_feeder.py mixes folders and JSONL files",
+    "data.tokenizer=tokenizer.json": "a trained tokenizer: tests/test_config.py trains one, "
+                                     "tests/test_task_scoring.py trains a run on one",
+    "run.name=sft-epoch": "sft-tiny with train.steps=auto: tests/test_train_e2e.py "
+                          "fine-tunes for one epoch",
+    "run.name=tiny-continued": "tests/test_train_e2e.py trains on from an export",
+    "configs/sft-tiny.yaml  #": "tests/test_train_e2e.py fine-tunes with it",
+    "configs/dpo-tiny.yaml": "tests/test_adapt_e2e.py trains it, killed once",
 }
 
 
