@@ -76,22 +76,25 @@ def test_a_lost_member_fails_its_step_and_the_others_compute_it_again_without_it
         assert set(formed.values()) == {Membership(0, 1, (0, 1, 2))}
         assert vote_all(pool, quorum, {0: True, 1: True, 2: True}, 0) == {0: True, 1: True,
                                                                            2: True}
-        assert arrive_all(pool, quorum, [0, 1, 2], 2)[0] == Membership(0, 2, (0, 1, 2))
+        assert arrive_all(pool, quorum, [0, 1, 2], 2)[0] == \
+            Membership(0, 2, (0, 1, 2), before=(0, 1, 2), before_step=1)
         beats.stop(2)  # dies computing step 2: the others' sums fail
         started = time.monotonic()
         assert vote_all(pool, quorum, {0: False, 1: False}, 0) == {0: False, 1: False}
         assert time.monotonic() - started < 1.5  # its heartbeat, not a timeout
         again = arrive_all(pool, quorum, [0, 1], 2)
-        assert set(again.values()) == {Membership(1, 2, (0, 1))}
+        assert set(again.values()) == {Membership(1, 2, (0, 1), before=(0, 1, 2), before_step=2)}
         assert vote_all(pool, quorum, {0: True, 1: True}, 1) == {0: True, 1: True}
-        assert arrive_all(pool, quorum, [0, 1], 3)[1] == Membership(1, 3, (0, 1))
+        assert arrive_all(pool, quorum, [0, 1], 3)[1] == \
+            Membership(1, 3, (0, 1), before=(0, 1), before_step=2)
 
 
 def test_a_step_is_applied_only_when_every_members_sum_succeeded():
     with running([0, 1], 2) as (quorum, beats, pool):
         arrive_all(pool, quorum, [0, 1], 1)
         assert vote_all(pool, quorum, {0: True, 1: False}, 0) == {0: False, 1: False}
-        assert set(arrive_all(pool, quorum, [0, 1], 1).values()) == {Membership(1, 1, (0, 1))}
+        assert set(arrive_all(pool, quorum, [0, 1], 1).values()) == {
+            Membership(1, 1, (0, 1), before=(0, 1), before_step=1)}
         assert quorum.arrive(0, 5) is None  # not where the members are
 
 
@@ -100,7 +103,8 @@ def test_a_hung_member_is_evicted_and_told_so():
         arrive_all(pool, quorum, [0, 1, 2], 1)
         vote_all(pool, quorum, {0: True, 1: True, 2: True}, 0)
         started = time.monotonic()  # 2 beats on, but never arrives at step 2
-        assert set(arrive_all(pool, quorum, [0, 1], 2).values()) == {Membership(1, 2, (0, 1))}
+        assert set(arrive_all(pool, quorum, [0, 1], 2).values()) == {
+            Membership(1, 2, (0, 1), before=(0, 1, 2), before_step=1)}
         assert 0.4 < time.monotonic() - started < 3
         assert quorum.beat(2) is False and quorum.beat(0) is True
         quorum.welcome(2)  # its replacement starts
@@ -119,8 +123,9 @@ def test_a_replacement_loads_the_finished_step_and_joins_at_the_next():
         assert joined.result(timeout=10) == 1  # the state of step 1, from the keepers
         time.sleep(0.2)
         assert not members[0].done()  # the members wait for it to load
-        assert quorum.arrive(2, 2) == Membership(1, 2, (0, 1, 2))
-        assert {f.result(timeout=10) for f in members.values()} == {Membership(1, 2, (0, 1, 2))}
+        formed = Membership(1, 2, (0, 1, 2), before=(0, 1), before_step=1)
+        assert quorum.arrive(2, 2) == formed  # the leader says who joined
+        assert {f.result(timeout=10) for f in members.values()} == {formed}
 
 
 def test_a_replacement_that_loaded_but_hangs_is_evicted_after_the_hang_timeout():
@@ -137,7 +142,8 @@ def test_a_replacement_that_loaded_but_hangs_is_evicted_after_the_hang_timeout()
         assert not members[0].done()  # loading: waited for
         quorum.has_loaded(2)  # ... and then hangs
         started = time.monotonic()
-        assert {f.result(timeout=10) for f in members.values()} == {Membership(0, 2, (0, 1))}
+        assert {f.result(timeout=10) for f in members.values()} == {
+            Membership(0, 2, (0, 1), before=(0, 1), before_step=1)}
         assert 0.4 < time.monotonic() - started < 3
         assert quorum.beat(2) is False  # told to end, to be replaced
 

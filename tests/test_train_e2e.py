@@ -299,21 +299,22 @@ def test_failures_in_a_four_worker_run_restart_it_and_change_nothing(root, whole
 
 
 def test_lost_replicas_cost_the_others_one_step_and_are_replaced(root, whole):
-    """faults.mode=replicas, dp=3 (each Ray worker a whole replica): replica 2 killed at
-    the start of step 5 and replica 1 hung at step 14. The others never restart: they go
-    on between them (taking the lost replica's micro-batches) and wait
-    faults.hang_timeout_s for the hung one before they evict it; meanwhile Ray Train's
-    replacement of replica 2 is up, loads the last finished step from the snapshot
-    keepers and joins at step 14. Every step is logged once and the losses are the
-    uninterrupted one-worker run's."""
+    """faults.mode=replicas, dp=3 (each Ray worker a whole replica): replica 0, the
+    leader, killed at the start of step 5 and replica 1 hung at step 14. The others never
+    restart: they go on between them (taking the lost replica's micro-batches; replica 1
+    leads) and wait faults.hang_timeout_s for the hung one before they evict it;
+    meanwhile Ray Train's replacement of replica 0 is up, loads the last finished step
+    from the snapshot keepers, joins at step 14 and, leading again, says who came and
+    went. Every step is logged once and the losses are the uninterrupted one-worker
+    run's."""
     output = run_to_end(root, "replicas", (
         "faults.mode=replicas", "parallel.dp=3", "train.micro_batch=2",
-        "faults.inject=[kill rank 2 at step 5, hang rank 1 at step 14]",
+        "faults.inject=[kill rank 0 at step 5, hang rank 1 at step 14]",
         "faults.hang_timeout_s=20"))
-    assert "replica 2 lost: 2 replicas from step 5 on" in output, output[-5000:]
-    assert "replica 2 joined at step 14, with the state of step 13 from the snapshot " \
+    assert "replica 0 lost: 2 replicas from step 5 on" in output, output[-5000:]
+    assert "replica 0 joined at step 14, with the state of step 13 from the snapshot " \
         "keepers" in output, output[-5000:]
-    assert "replica 1 lost, replica 2 joined: 2 replicas from step 14 on" in output, output
+    assert "replica 1 lost, replica 0 joined: 2 replicas from step 14 on" in output, output
     assert "Resuming" not in output and "restarting" not in output  # no group restart
     assert_only_raytron_lines(output)
     run = assert_losses_match(root, "replicas")

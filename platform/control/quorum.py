@@ -35,6 +35,8 @@ class Membership:
     epoch: int
     step: int
     members: tuple[int, ...]  # replica ids (their world ranks), ascending
+    before: tuple[int, ...] = ()  # the members of the quorum before (none for the first)
+    before_step: int | None = None  # the step that quorum computed
 
     def index(self, replica: int) -> int:
         return self.members.index(replica)
@@ -199,7 +201,9 @@ class Quorum:
         same = last_quorum is not None and ordered == last_quorum.members \
             and self.outcome is True
         epoch = 0 if last_quorum is None else last_quorum.epoch + (0 if same else 1)
-        self.current, self.outcome = Membership(epoch, step, ordered), None
+        self.current, self.outcome = Membership(
+            epoch, step, ordered, *((last_quorum.members, last_quorum.step) if last_quorum
+                                    else ())), None
         if not same:
             say(f"step {step}: replicas {list(ordered)} (epoch {epoch})")
         self.since, self.votes = now, {}

@@ -102,7 +102,7 @@ class ReplicaLoop(WorkerLoop):
         quorum, until every member applies it."""
         while True:
             with self.waiting("waited for the other replicas"):
-                last, self.membership = self.membership, self.sync.arrive(step + 1)
+                self.membership = self.sync.arrive(step + 1)
             if self.joining is not None:  # said once it is a member
                 self.args.tracker.note.remote(step, "replicas", self.joining)
                 self.joining = None
@@ -110,9 +110,9 @@ class ReplicaLoop(WorkerLoop):
                 self.args.tracker.note.remote(step, "replicas", (
                     f"every replica had been lost: {replicas(list(self.membership.members))} "
                     f"resumed at step {self.membership.step}, from the newest snapshot"))
+            elif self.leads():  # a joiner that leads now says it too
+                self.changed(self.membership)
             self.after_loss = False
-            if last is not None and self.leads() and last.members != self.membership.members:
-                self.changed(last, self.membership)
             started = time.perf_counter()
             held = ray.get(self.args.feeder.part.remote(
                 step, self.membership.index(self.replica), len(self.membership.members),
@@ -136,14 +136,16 @@ class ReplicaLoop(WorkerLoop):
         budget = 2 * self.config.faults.hang_timeout_s + JOIN_WAIT_S
         return self.watchdog.busy(doing, budget, "faults.hang_timeout_s")
 
-    def changed(self, last: Membership, now: Membership) -> None:
-        """Say who left and who came, once, from the leader."""
-        gone = sorted(set(last.members) - set(now.members))
-        came = sorted(set(now.members) - set(last.members))
+    def changed(self, now: Membership) -> None:
+        """Say who left and who came since the quorum before, once, from the leader."""
+        if not now.before or now.before == now.members:
+            return
+        gone = sorted(set(now.before) - set(now.members))
+        came = sorted(set(now.members) - set(now.before))
         changes = [f"{replicas(gone)} lost"] * bool(gone) \
             + [f"{replicas(came)} joined"] * bool(came)
         count = f"{len(now.members)} replica{'s' * (len(now.members) > 1)}"
-        then = f"compute step {now.step} again" if now.step == last.step \
+        then = f"compute step {now.step} again" if now.step == now.before_step \
             else f"from step {now.step} on"
         self.args.tracker.note.remote(now.step, "replicas",
                                       f"{', '.join(changes)}: {count} {then}")
