@@ -201,9 +201,10 @@ class Quorum:
         same = last_quorum is not None and ordered == last_quorum.members \
             and self.outcome is True
         epoch = 0 if last_quorum is None else last_quorum.epoch + (0 if same else 1)
-        self.current, self.outcome = Membership(
-            epoch, step, ordered, *((last_quorum.members, last_quorum.step) if last_quorum
-                                    else ())), None
+        self.current = Membership(epoch, step, ordered,
+                                  before=last_quorum.members if last_quorum else (),
+                                  before_step=last_quorum.step if last_quorum else None)
+        self.outcome = None
         if not same:
             say(f"step {step}: replicas {list(ordered)} (epoch {epoch})")
         self.since, self.votes = now, {}
