@@ -59,7 +59,7 @@ def on_rank(documents: bool, flash: bool) -> bool:
     (out * tensors["weight"][:, :, mine]).sum().backward()
     for name, got in (("out", out), ("q", q.grad), ("k", k.grad), ("v", v.grad)):
         # atol: float32 sums in another order; a near-zero gradient came out 1.3e-6 off
-        # on an AMD EPYC, where Intel's kernels had stayed within 1e-6
+        # on an AMD EPYC; the machines before it had stayed within 1e-6
         torch.testing.assert_close(got, expected[name][:, :, mine], rtol=1e-5, atol=1e-5,
                                    msg=lambda m, name=name: f"{name} on rank {rank}: {m}")
     return True
