@@ -30,7 +30,8 @@ WAKE_S = 0.1  # how often a waiting call looks at the heartbeats again
 
 @dataclass(frozen=True)
 class Membership:
-    """The replicas computing `step`, and the epoch naming their gradient group."""
+    """The replicas computing `step`, the epoch naming their gradient group, and the
+    quorum before (so that whoever leads, a replacement too, can say what changed)."""
 
     epoch: int
     step: int
