@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 from raytron.model.adapter_bank import BASE, Adapter, AdapterBank
-from raytron.model.gpt import GPT, GPTShape
+from raytron.model.engine_limits import DEFAULT_LIMITS, EngineLimits
+from raytron.model.gpt import GPT
 from raytron.model.kv_cache import KVCache
 from raytron.model.sampling import Sampling, next_tokens, penalized
 
@@ -55,33 +56,6 @@ def check_prompt(prompt: Sequence[int], context: int, vocab_size: int) -> None:
 
 class QueueFull(RuntimeError):
     """`max_waiting` requests already wait for a slot: come back later."""
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    max_num_seqs: int = 16  # slots: sequences decoded together
-    max_model_len: int | None = None  # positions per slot, prompt and output (None: the
-    # model's context)
-    token_budget: int = 512  # tokens a step computes: a token per decoding sequence, the
-    # rest prefill chunks
-    max_waiting: int = 256  # requests waiting for a slot; beyond, `submit` raises QueueFull
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be 1 or more, not {self.max_num_seqs}")
-        if self.token_budget <= self.max_num_seqs:
-            raise ValueError(f"token_budget ({self.token_budget}) must exceed max_num_seqs "
-                             f"({self.max_num_seqs}): with every slot decoding, a step "
-                             "must still prefill")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be 2 or more, not {self.max_model_len}")
-
-    def positions(self, shape: GPTShape) -> int:
-        """Positions per slot: `max_model_len`, never beyond the model's context."""
-        return min(self.max_model_len or shape.max_seq_len, shape.max_seq_len)
-
-
-DEFAULT_LIMITS = EngineLimits()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from raytron.model.families import FAMILIES, Family
-from raytron.model.gpt import ROPE_SCALINGS, GPTShape
+from raytron.model.spec import ROPE_SCALINGS, GPTShape
 
 TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight",
              "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}

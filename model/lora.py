@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,29 +22,10 @@ from torch import nn
 
 from raytron.model.gpt import name_seed
 from raytron.model.materialize import InitialValue
+from raytron.model.spec import TARGETS, LoraSpec
 
-# Short names users give (PEFT's target_modules for Llama, shortened) -> module paths in
-# a block, and the names Hugging Face Llama/Qwen checkpoints give the same projections.
-TARGETS = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv",
-           "o": "attention.wo", "gate": "feed_forward.w1", "up": "feed_forward.w3",
-           "down": "feed_forward.w2"}
 ADAPTER_PARAMS = ("lora_a", "lora_b")
 EMBEDDINGS = ("tok_embeddings.", "output.")  # LoraSpec.train_embeddings
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    rank: int
-    alpha: float
-    dropout: float = 0.0
-    targets: tuple[str, ...] = tuple(TARGETS)
-    # the token embeddings and the head train whole too (PEFT's modules_to_save): what a
-    # chat template's tokens that the base never trained on need
-    train_embeddings: bool = False
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
 
 class AdaptedLinear(nn.Linear):

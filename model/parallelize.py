@@ -32,8 +32,6 @@ from torch.utils.checkpoint import (
 
 from raytron.model.gpt import GPT
 
-DP_SHARD_MODES = ("full", "grad-op", "none")
-
 
 @dataclass(frozen=True)
 class ParallelOptions:

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raytron.model.gpt import GPT, IGNORE, GPTShape, cross_entropy, llama_ffn_hidden
+from raytron.model.gpt import GPT, IGNORE, GPTShape, cross_entropy
+from raytron.model.spec import llama_ffn_hidden
 
 
 def shape(**changes) -> GPTShape:

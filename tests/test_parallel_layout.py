@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from raytron.model.pipeline import SCHEDULES
+from raytron.model.stages import SCHEDULES
 from raytron.platform.config.layout import MESH_DIMS, Layout
 from raytron.platform.config.schema import AUTO, ClusterConfig, ParallelConfig, RaytronConfig
 
@@ -107,7 +107,7 @@ def test_layout_of_a_config_resolves_dp():
 OWNER = Path("platform/config/layout.py")
 SCANNED = ("platform", "model", "pipelines", "bench")
 DIMS = {"pp", "dp", "tp"}
-STAGE_ARITHMETIC = {"stages_per_rank", "rank_stages", "stage_owner"}  # model/pipeline.py's
+STAGE_ARITHMETIC = {"stages_per_rank", "rank_stages", "stage_owner"}  # model/stages.py's
 
 
 def names_in(node: ast.AST) -> set[str]:
@@ -144,11 +144,11 @@ def layout_arithmetic(tree: ast.AST, path: Path) -> list[tuple[int, str]]:
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.FloorDiv, ast.Mod)) \
                 and reads_rank(node.left) and names_in(node.right) & DIMS:
             found.append((node.lineno, "a rank's coordinate"))
-        if path != Path("model/pipeline.py") and (
+        if path != Path("model/stages.py") and (
                 isinstance(node, ast.Name) and node.id in STAGE_ARITHMETIC
                 or isinstance(node, ast.alias) and node.name in STAGE_ARITHMETIC
                 or isinstance(node, ast.Attribute) and node.attr in STAGE_ARITHMETIC
-                and isinstance(node.value, ast.Name) and node.value.id == "pipeline"):
+                and isinstance(node.value, ast.Name) and node.value.id == "stages"):
             found.append((getattr(node, "lineno", 0), "pipeline stages"))
         if isinstance(node, ast.Compare) and "dp_shard" in names_in(node) and any(
                 isinstance(c, ast.Constant) and c.value == "none" for c in ast.walk(node)):
@@ -175,7 +175,7 @@ def test_only_the_layout_does_layout_arithmetic():
     ("coords = rank // (dp * p.tp), rank // p.tp % dp, rank % p.tp", "platform/config/plan.py"),
     ("workers = p.pp * int(p.dp) * p.tp", "platform/control/supervisor.py"),
     ("n = p.pp * stages_per_rank(p.schedule, p.virtual_stages)", "platform/worker/trainer.py"),
-    ("from raytron.model.pipeline import rank_stages", "platform/config/plan.py"),
+    ("from raytron.model.stages import rank_stages", "platform/config/plan.py"),
     ("shard = 1 if p.dp_shard == 'none' else dp", "platform/config/plan.py"),
     ("elastic = config.parallel.dp == 'auto'", "platform/control/supervisor.py"),
 ])

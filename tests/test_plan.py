@@ -3,7 +3,7 @@
 import pytest
 
 from raytron.model.estimates import GB, in_flight_microbatches
-from raytron.model.pipeline import bubble_fraction, stage_layers
+from raytron.model.stages import bubble_fraction, stage_layers
 from raytron.platform.cli import EXIT_CONFIG_ERROR, main
 from raytron.platform.config.load import load_config
 from raytron.platform.config.plan import make_plan

@@ -33,7 +33,7 @@ from raytron.model.sampling import Sampling
 from raytron.pipelines.chat import render
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.models import load_model
-from raytron.platform.serving.adapters import AdapterSettings
+from raytron.platform.serving.adapter_names import AdapterSettings
 from raytron.platform.serving.command import replica_gpus
 from raytron.platform.serving.limits import Limits
 

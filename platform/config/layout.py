@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from raytron.model import pipeline
+from raytron.model import stages
 from raytron.platform.config.schema import AUTO, RaytronConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost first, as ranks are
@@ -128,14 +128,14 @@ class Layout:
         zero-bubble V)."""
         if self.pp == 1:
             return 1
-        return self.pp * pipeline.stages_per_rank(self.schedule, self.virtual_stages)
+        return self.pp * stages.stages_per_rank(self.schedule, self.virtual_stages)
 
     def rank_stages(self, pp_rank: int) -> list[int]:
         """The stage indices pipeline rank `pp_rank` hosts, in execution order."""
         if self.pp == 1:
             return [0]
-        return pipeline.rank_stages(self.schedule, pp_rank, self.pp, self.virtual_stages)
+        return stages.rank_stages(self.schedule, pp_rank, self.pp, self.virtual_stages)
 
     def stage_owner(self, stage: int) -> int:
         """The pipeline rank hosting `stage` (the inverse of `rank_stages`)."""
-        return pipeline.stage_owner(self.schedule, stage, self.pp)
+        return stages.stage_owner(self.schedule, stage, self.pp)

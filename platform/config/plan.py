@@ -24,7 +24,8 @@ from raytron.model.estimates import (
     ring_exchange_bytes,
 )
 from raytron.model.lora import is_adapter
-from raytron.model.pipeline import bubble_fraction, cut_stage, stage_layers
+from raytron.model.pipeline import cut_stage
+from raytron.model.stages import bubble_fraction, stage_layers
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import (
     gpt_shape,

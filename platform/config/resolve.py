@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from raytron.model.families import FAMILIES
-from raytron.model.gpt import GPT, GPTShape, llama_ffn_hidden
-from raytron.model.lora import LoraSpec, add_adapters
+from raytron.model.spec import GPTShape, LoraSpec, llama_ffn_hidden
 from raytron.pipelines.sources import SAMPLE_FORMATS, sample_kind
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.rules import is_count
@@ -24,6 +22,9 @@ from raytron.platform.config.schema import (
     ModelConfig,
     RaytronConfig,
 )
+
+if TYPE_CHECKING:
+    from raytron.model.gpt import GPT
 
 
 def resolve_model(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
@@ -68,6 +69,11 @@ def lora_spec(lora: LoraConfig) -> LoraSpec | None:
 def trained_model(config: RaytronConfig) -> GPT:
     """The config's whole model on the meta device, with its LoRA adapters (and its base
     frozen) when train.lora asks for them."""
+    import torch
+
+    from raytron.model.gpt import GPT
+    from raytron.model.lora import add_adapters
+
     spec = lora_spec(config.train.lora)
     with torch.device("meta"):
         model = GPT(gpt_shape(config.model))
@@ -78,6 +84,10 @@ def step_flops_per_token(config: RaytronConfig) -> float:
     """The model FLOPs a training step spends per token: forward and backward, and under
     DPO with LoRA the reference model's forward pass (the base's, the adapters off)
     besides (a full fine-tune's reference is computed once, before the first step)."""
+    import torch
+
+    from raytron.model.gpt import GPT
+
     seq_len = config.data.seq_len
     flops = trained_model(config).flops_per_token(seq_len)
     if config.train.objective == "dpo" and config.train.lora.rank:

@@ -13,10 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raytron.model.families import DEFAULT_FAMILY, FAMILIES
-from raytron.model.gpt import ROPE_SCALINGS
-from raytron.model.lora import TARGETS as LORA_TARGETS
-from raytron.model.parallelize import DP_SHARD_MODES
-from raytron.model.pipeline import SCHEDULES
+from raytron.model.spec import DP_SHARD_MODES, ROPE_SCALINGS
+from raytron.model.spec import TARGETS as LORA_TARGETS
+from raytron.model.stages import SCHEDULES
 from raytron.pipelines.file_lists import ON_NEW_FILES
 from raytron.pipelines.sources import DOCUMENTS, FORMATS
 from raytron.platform.config.rules import (

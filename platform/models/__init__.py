@@ -6,6 +6,16 @@ into one process, generating, evaluating, and exporting it to Hugging Face.
     print(model.generate(["The ", "A list"], max_new_tokens=30, greedy=True)[0].text)
 """
 
-from raytron.platform.models.loading import LoadedModel, load_model
+from __future__ import annotations
 
 __all__ = ["LoadedModel", "load_model"]
+
+
+def __getattr__(name: str):
+    """`loading` (torch) is imported when a model is loaded, not when a command of this
+    package is only named (`raytron --help` lists them)."""
+    if name in __all__:
+        from raytron.platform.models import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,36 +28,12 @@ from raytron.platform.config.resolve import lora_spec
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.models.lora_base import base_reference, check_base, model_fingerprint
 from raytron.platform.models.sources import HUGGING_FACE, ModelSource, open_source
+from raytron.platform.serving.adapter_names import AdapterError, AdapterSettings, name_problem
 from raytron.platform.storage.checkpoint import CheckpointStore
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-NAME_RULE = "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_LISTED = 1000  # adapters of --adapters-dir that /v1/models lists
-DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK = 8, 16  # per replica (SGLang's 8); vLLM's rank
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be served: why, and the fix."""
-
-
-@dataclass
-class AdapterSettings:
-    paths: dict[str, str] = field(default_factory=dict)  # NAME -> PATH (--adapter)
-    directory: str | None = None  # --adapters-dir: NAME is the folder DIR/NAME
-    max_adapters: int = DEFAULT_MAX_ADAPTERS  # on the device at once, per replica
-    max_rank: int = DEFAULT_MAX_RANK  # the largest rank the bank takes
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.paths) or self.directory is not None
-
-
-def name_problem(name: str) -> str | None:
-    if not NAME.fullmatch(name):
-        return f"an adapter's name is {NAME_RULE}, and {name[:80]!r} is not"
-    return None
 
 
 class AdapterLibrary:

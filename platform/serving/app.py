@@ -26,19 +26,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 from ray import serve
 
-from raytron.model.engine import DEFAULT_LIMITS as DEFAULT_ENGINE
 from raytron.model.engine import EngineLimits, PromptError, QueueFull, check_prompt
+from raytron.model.engine_limits import DEFAULT_LIMITS as DEFAULT_ENGINE
 from raytron.model.generate import encode_prompt
 from raytron.pipelines.chat import CHATML
 from raytron.platform.serving.access import API_KEY_VARIABLE, authorized, checked_key
-from raytron.platform.serving.adapters import (
+from raytron.platform.serving.adapter_names import (
     DEFAULT_MAX_ADAPTERS,
     DEFAULT_MAX_RANK,
     AdapterError,
-    AdapterLibrary,
     AdapterSettings,
     name_problem,
 )
+from raytron.platform.serving.adapters import AdapterLibrary
 from raytron.platform.serving.completions import Completions, Finished
 from raytron.platform.serving.engine_process import EngineFailed, EngineProcess
 from raytron.platform.serving.engine_stats import EngineStats

@@ -11,11 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-from raytron.model.engine import EngineLimits
+from raytron.model.engine_limits import EngineLimits
 from raytron.platform.config.schema import ConfigError
 from raytron.platform.models.commands import SOURCE_HELP, checked
 from raytron.platform.serving.access import API_KEY_VARIABLE, checked_key, loopback
-from raytron.platform.serving.adapters import (
+from raytron.platform.serving.adapter_names import (
     DEFAULT_MAX_ADAPTERS,
     DEFAULT_MAX_RANK,
     AdapterError,

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from multiprocessing.connection import Connection
 
 from raytron.model.engine import EngineLimits, QueueFull
-from raytron.platform.serving.adapters import AdapterSettings
+from raytron.platform.serving.adapter_names import AdapterSettings
 from raytron.platform.serving.requests import Job
 
 ENDED = "the engine's process ended (exit code {code}); the replica is being replaced"

@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from raytron.model.sampling import Sampling
 from raytron.pipelines.chat import ChatTemplate
+
+if TYPE_CHECKING:
+    from raytron.model.sampling import Sampling
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: 64 prompts of a 2048-token context fit in half of it
 MAX_SEQUENCES = 64  # prompts x n in one request
@@ -141,6 +143,8 @@ def parse(body: dict, served_model: str, context: int, chat: ChatTemplate | None
     """The request's jobs (`body` from `read_json`); BadRequest for anything the server
     cannot honour. `model` is `served_model` unless the body names one (which the caller
     finds). `chat`: the template of a chat request; None: a completions one."""
+    from raytron.model.sampling import Sampling  # torch: `raytron serve --help` reads the bounds
+
     model = body.get("model", served_model)
     if not isinstance(model, str):
         raise BadRequest("model must be a string", "model")

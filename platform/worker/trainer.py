@@ -33,14 +33,9 @@ from raytron.model.gpt import GPT, IGNORE
 from raytron.model.lora import adapters_off, with_adapter_values
 from raytron.model.materialize import materialize
 from raytron.model.parallelize import ParallelOptions, parallelize
-from raytron.model.pipeline import (
-    build_schedule,
-    cut_stage,
-    forward_only,
-    stage_layers,
-    tied_copies,
-)
+from raytron.model.pipeline import build_schedule, cut_stage, forward_only, tied_copies
 from raytron.model.ring_attention import shard_indices
+from raytron.model.stages import stage_layers
 from raytron.pipelines.packing import Batch
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import (
