@@ -25,10 +25,9 @@ class SnapshotKeepers:
             self.close()
         return why
 
-    def place(self) -> dict[str, Any]:
+    def start(self) -> None:
         """A keeper on every usable node (those on lost nodes are gone, with what they
-        held); node id -> keeper, for the workers. A keeper that is not up within
-        ASK_TIMEOUT_S is left out."""
+        held), not waited for: the first ones start beside the run's other actors."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -41,6 +40,11 @@ class SnapshotKeepers:
             self.by_node[node] = ray.remote(SnapshotKeeper).options(
                 num_cpus=0, max_restarts=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+
+    def place(self) -> dict[str, Any]:
+        """`start`, then node id -> keeper, for the workers. A keeper that is not up within
+        ASK_TIMEOUT_S is left out."""
+        self.start()
         self.held()  # waits for new keepers to start; drops those that do not
         return dict(self.by_node)
 

@@ -80,6 +80,8 @@ class Supervisor:
 
         from raytron.platform.control.coordination import LaunchWatcher
 
+        if self.keepers is not None:
+            self.keepers.start()  # while the coordinator starts, not after it
         while True:
             launch = self.next_launch()
             if launch is None:
