@@ -37,12 +37,14 @@ def root(tmp_path_factory) -> Path:
 
 def test_lora_adapters_alone_learn_reverse_words(root):
     """Rank-64 adapters (and the embeddings, for the chat tokens the base never read) on
-    the frozen base, one epoch: >= 90 of 100 held-out chats answered exactly."""
+    the frozen base, 450 of the epoch's 808 steps (the LR decaying over them): >= 85 of
+    100 held-out chats answered exactly (93 measured; the whole epoch gives the README's
+    97, 300 steps 68)."""
     chats = held_out_samples(REVERSE_WORDS, 0.05, 100)
     output = train(root, "sft-lora-tiny", f"model.init_from={root / 'tiny'}",
-                   "checkpoint.interval=1000")
-    assert "Finished 808 steps" in output
-    assert exact_answers(root / "sft-lora-tiny", chats) >= 90
+                   "train.steps=450", "checkpoint.interval=1000")
+    assert "Finished 450 steps" in output
+    assert exact_answers(root / "sft-lora-tiny", chats) >= 85
 
 
 def test_dpo_teaches_the_pretrained_model_a_preference(root):
