@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from raytron.pipelines.stream import StreamSpec
 from raytron.platform.config.schema import RaytronConfig
 from raytron.platform.control.console import Console
-from raytron.platform.control.placement import dashboard_address
+from raytron.platform.control.placement import dashboard_address, start_ray
 from raytron.platform.control.run_log import RunLog
 
 POLL_S = 0.5  # how often the console shows what the tracker received
@@ -23,9 +23,8 @@ JUDGE_WAIT_S = 120.0  # the longest the end of a run waits for the last task sco
 def run_actors(config: RaytronConfig, spec: StreamSpec, tokenizer_json: str,
                tracking_uri: str, run_id: str, console: Console, log: RunLog
                ) -> Iterator[dict]:
-    """In the Ray this process started or joined (`placement.start_ray`), start the run's
-    actors, show the tracker's records on `console` (and what the actors print in `log`)
-    while the block runs, and stop them all after."""
+    """Start (or join) Ray and the run's actors, show the tracker's records on `console`
+    (and what the actors print in `log`) while the block runs, and stop them all after."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -33,6 +32,7 @@ def run_actors(config: RaytronConfig, spec: StreamSpec, tokenizer_json: str,
     from raytron.platform.control.coordination import Coordinator
     from raytron.platform.storage.tracking import Tracker
 
+    start_ray(config)
     log.capture_workers()
     if dashboard := dashboard_address():  # Ray's own line saying so is in the log
         console.write(f"Ray dashboard: {dashboard}")

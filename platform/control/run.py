@@ -5,7 +5,6 @@ while settling it, before any Ray resource is taken."""
 from __future__ import annotations
 
 import dataclasses
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -20,7 +19,6 @@ from raytron.platform.config.resume import changes
 from raytron.platform.config.schema import AUTO, ConfigError, RaytronConfig
 from raytron.platform.control.actors import run_actors
 from raytron.platform.control.console import Console
-from raytron.platform.control.placement import start_ray
 from raytron.platform.control.run_log import LOG_FILE, RunLog
 from raytron.platform.control.settle import SettledRun, settle
 from raytron.platform.control.supervisor import Supervisor, not_retried
@@ -65,7 +63,7 @@ def train_holding(config: RaytronConfig, leases: RunLeases, log: RunLog) -> int:
         record_base(store, base_reference(c))
     run.tokenizer.save(str(paths.tokenizer_file))
     save_chat_template(run.spec.chat_template, paths.dir)
-    tracking, run_id, reopened = open_tracking_beside_ray(run, last_start)
+    tracking, run_id, reopened = open_tracking(run, last_start)
     print(describe_start(run, tracking, run_id, reopened))
     console = Console(None if auto else c.train.steps, done)
     status, code, message = "FINISHED", 0, ""
@@ -139,17 +137,6 @@ def with_counted_steps(c: RaytronConfig, feeder, console: Console) -> RaytronCon
                       f"{c.train.global_batch} sequences")
     console.resize(steps)
     return dataclasses.replace(c, train=dataclasses.replace(c.train, steps=steps))
-
-
-def open_tracking_beside_ray(run: SettledRun, last_start: dict | None
-                             ) -> tuple[RunTracking, str, bool]:
-    """`open_tracking` in a thread while Ray starts here: each takes seconds (MLflow's
-    imports and a new store's schema migrations; Ray's processes) and neither needs the
-    other."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        opening = pool.submit(open_tracking, run, last_start)
-        start_ray(run.config)
-        return opening.result()
 
 
 def open_tracking(run: SettledRun, last_start: dict | None) -> tuple[RunTracking, str, bool]:
