@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 # every worker and command would pay for it otherwise.
 
 
-
 def cut_stage(model: GPT, stage: int, n_stages: int, layers: range) -> GPT:
     """A copy of `model` (best on the meta device) holding only stage `stage`; only the
     stage's own layers are copied."""
