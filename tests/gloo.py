@@ -35,10 +35,18 @@ def _rank_main(rank: int, world: int, folder: str, fn: Callable, args: tuple,
     os._exit(0)
 
 
+# Ranks are forked from a server process that imported torch and the parallel harness once
+# and never ran an op or made a group, so each rank starts clean without importing torch
+# again (a spawned rank spends seconds on it: most of a small layout test's time).
+FORK_SERVER = mp.get_context("forkserver")
+FORK_SERVER.set_forkserver_preload(["torch", "torch.distributed", "parallel_harness"])
+
+
 def run_on_gloo(world: int, fn: Callable, *args, threads: int = 1):
-    """`fn(*args)` on `world` spawned ranks with a gloo process group; returns rank 0's
+    """`fn(*args)` on `world` fresh ranks with a gloo process group; returns rank 0's
     result. `fn` must be importable (a module-level function)."""
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_rank_main, args=(world, folder, fn, args, threads), nprocs=world)
+        mp.start_processes(_rank_main, args=(world, folder, fn, args, threads), nprocs=world,
+                           start_method="forkserver")
         return pickle.loads(Path(folder, "result.pkl").read_bytes())

@@ -166,6 +166,8 @@ def argv_to_run(command: Command, trained: set[str]) -> list[str]:
     if any(text in command.text for text in CONFIG_ONLY):
         return [*argv[:3], "config", *argv[4:]]
     extra = list(FEW_STEPS)
+    if trained:  # the first training starts Ray's dashboard as a user's does; the rest
+        extra.append("cluster.dashboard=false")  # need not pay its ~8 s again
     if any(preset in command.argv for preset in ("gpt2-124m", "llama-1b")):
         extra += SMALL_BATCH
     shipped = any(a.startswith("configs/") for a in command.argv)  # its run is named in it,

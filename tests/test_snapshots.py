@@ -10,8 +10,9 @@ from test_checkpoint import TRAIN, assert_same_weights, step, trainer
 
 from raytron.platform.storage.checkpoint import apply_training_state, training_state
 from raytron.platform.storage.rng_state import parse_rng_state, rng_state_json, set_rng_state
-from raytron.platform.storage.snapshots import SnapshotKeeper, restore_into, share_of
+from raytron.platform.storage.snapshots import SnapshotKeeper
 from raytron.platform.worker.optim import apply_hyperparameters
+from raytron.platform.worker.snapshotting import restore_into, share_of
 
 
 def test_a_share_restores_the_state_and_training_goes_on_alike():

@@ -15,12 +15,9 @@ persistent checkpoint first) and only when every rank's share of one step surviv
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch.distributed.tensor import DTensor
 
 KEPT_PER_RANK = 2  # the step being handed over, and the whole one before it
 
@@ -28,58 +25,14 @@ KEPT_PER_RANK = 2  # the step being handed over, and the whole one before it
 @dataclass
 class Share:
     """One rank's part of a snapshot, as it travels: numpy arrays (zero-copy into the
-    object store), their torch dtypes, the rank's RNG state (JSON) and the step's meta."""
+    object store), their torch dtypes, the rank's RNG state (JSON) and the step's meta.
+    Made and read by the ranks (`worker/snapshotting.py`); the keepers never import torch
+    (seconds of every keeper's start)."""
 
     tensors: dict[str, np.ndarray]
     dtypes: dict[str, str]
     rng: str
     meta: dict = field(default_factory=dict)
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def share_of(state: dict[str, dict[str, torch.Tensor]], rng: str, meta: dict) -> Share:
-    """This rank's shard of `state` (`checkpoint.training_state`) on the host: numpy views
-    where the tensors already are there (the object store copies them when they are put),
-    bfloat16 viewed as int16 since numpy has no bfloat16."""
-    tensors, dtypes = {}, {}
-    for section, entries in state.items():
-        for key, tensor in entries.items():
-            host = local(tensor).detach().cpu()
-            name = f"{section}/{key}"
-            dtypes[name] = str(host.dtype).removeprefix("torch.")
-            if host.dtype == torch.bfloat16:
-                host = host.view(torch.int16)
-            tensors[name] = host.numpy()
-    return Share(tensors, dtypes, rng, meta)
-
-
-def restore_into(state: dict[str, dict[str, torch.Tensor]], share: Share) -> str | None:
-    """Copy `share` into `state`'s tensors in place; why it cannot be (another model or
-    layout wrote it), or None once copied."""
-    names = {f"{section}/{key}" for section, entries in state.items() for key in entries}
-    if names != set(share.tensors):
-        missing = sorted(names - set(share.tensors))[:3] or sorted(set(share.tensors) - names)[:3]
-        return f"the snapshot holds other tensors than this rank's state ({', '.join(missing)})"
-    for section, entries in state.items():
-        for key, tensor in entries.items():
-            target, name = local(tensor), f"{section}/{key}"
-            array, dtype = share.tensors[name], str(target.dtype).removeprefix("torch.")
-            if tuple(array.shape) != tuple(target.shape) or share.dtypes[name] != dtype:
-                return (f"{name} is {share.dtypes[name]} {tuple(array.shape)} in the snapshot, "
-                        f"{dtype} {tuple(target.shape)} here")
-    with warnings.catch_warnings():  # the store's arrays are read-only; they are only read
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        for section, entries in state.items():
-            for key, tensor in entries.items():
-                target, name = local(tensor), f"{section}/{key}"
-                source = torch.from_numpy(share.tensors[name])
-                if target.dtype == torch.bfloat16:
-                    source = source.view(torch.bfloat16)
-                target.detach().copy_(source)
-    return None
 
 
 def copied(arrays: dict[str, np.ndarray], into: dict[str, np.ndarray]

@@ -5,10 +5,12 @@ restarted group starts from it."""
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from raytron.platform.storage.checkpoint import (
     Resumed,
@@ -17,9 +19,56 @@ from raytron.platform.storage.checkpoint import (
     training_state,
 )
 from raytron.platform.storage.rng_state import parse_rng_state, rng_state_json, set_rng_state
-from raytron.platform.storage.snapshots import Share, restore_into, share_of
+from raytron.platform.storage.snapshots import Share
 
 PEER_TIMEOUT_S = 60.0  # the longest a rank waits for the next node's copy of its share
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def share_of(state: dict[str, dict[str, torch.Tensor]], rng: str, meta: dict) -> Share:
+    """This rank's shard of `state` (`checkpoint.training_state`) on the host: numpy views
+    where the tensors already are there (the object store copies them when they are put),
+    bfloat16 viewed as int16 since numpy has no bfloat16."""
+    tensors, dtypes = {}, {}
+    for section, entries in state.items():
+        for key, tensor in entries.items():
+            host = local(tensor).detach().cpu()
+            name = f"{section}/{key}"
+            dtypes[name] = str(host.dtype).removeprefix("torch.")
+            if host.dtype == torch.bfloat16:
+                host = host.view(torch.int16)
+            tensors[name] = host.numpy()
+    return Share(tensors, dtypes, rng, meta)
+
+
+def restore_into(state: dict[str, dict[str, torch.Tensor]], share: Share) -> str | None:
+    """Copy `share` into `state`'s tensors in place; why it cannot be (another model or
+    layout wrote it), or None once copied."""
+    names = {f"{section}/{key}" for section, entries in state.items() for key in entries}
+    if names != set(share.tensors):
+        missing = sorted(names - set(share.tensors))[:3] or sorted(set(share.tensors) - names)[:3]
+        return f"the snapshot holds other tensors than this rank's state ({', '.join(missing)})"
+    for section, entries in state.items():
+        for key, tensor in entries.items():
+            target, name = local(tensor), f"{section}/{key}"
+            array, dtype = share.tensors[name], str(target.dtype).removeprefix("torch.")
+            if tuple(array.shape) != tuple(target.shape) or share.dtypes[name] != dtype:
+                return (f"{name} is {share.dtypes[name]} {tuple(array.shape)} in the snapshot, "
+                        f"{dtype} {tuple(target.shape)} here")
+    with warnings.catch_warnings():  # the store's arrays are read-only; they are only read
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        for section, entries in state.items():
+            for key, tensor in entries.items():
+                target, name = local(tensor), f"{section}/{key}"
+                source = torch.from_numpy(share.tensors[name])
+                if target.dtype == torch.bfloat16:
+                    source = source.view(torch.bfloat16)
+                target.detach().copy_(source)
+    return None
+
 
 
 class Snapshotter:
