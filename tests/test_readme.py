@@ -77,6 +77,8 @@ CONFIG_ONLY = {
     "parallel.": "layouts: tests/test_parallel.py trains each against one process, "
                  "tests/test_train_e2e.py dp2 x tp2 with failures",
     "run.name=longer": "the README's first training, longer",
+    "train my-run.yaml  ": "the README's first training with its keys in a YAML file, as "
+                           "the shipped configs/*.yaml that tests/test_adapt_e2e.py trains",
     "run.name=books": "folders and JSONL files: the mix below reads both",
     "run.name=plays": "paragraph documents of a folder: the mix below reads them",
     "train.eval_tasks": "tests/test_train_e2e.py trains a run that scores a task at steps "

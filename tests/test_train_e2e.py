@@ -429,18 +429,20 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_when_no_checkpoint_loads_the_run_fails_and_changes_nothing(root, limited):
-    """Every shard of the committed checkpoint damaged: exit 1 naming it and why, no
-    restart, no fresh start at step 0, nothing pruned or overwritten."""
+    """Every shard of the committed checkpoint damaged: exit 1 naming it and why, before
+    Ray starts; no restart, no fresh start at step 0, nothing pruned or overwritten."""
     checkpoints = root / "limited" / "checkpoints"
     for shard in checkpoints.glob("step_*/*.distcp"):
         shard.write_bytes(shard.read_bytes()[:64])
     before = snapshot(checkpoints)
+    rays = (root / "limited" / "raytron.log").read_text().count("Started a local Ray")
     result = subprocess.run(command(root, "limited", LIMITED), capture_output=True, text=True,
                             timeout=600, cwd=root)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Cannot resume run 'limited': none of the 1 committed checkpoint(s)" in result.stdout
     assert "step 6: " in result.stdout and "Nothing was deleted or overwritten" in result.stdout
     assert "restarting" not in result.stdout and "step  1/24" not in result.stdout
+    assert (root / "limited" / "raytron.log").read_text().count("Started a local Ray") == rays
     assert snapshot(checkpoints) == before
 
 

@@ -68,6 +68,7 @@ def train_holding(config: RaytronConfig, leases: RunLeases, log: RunLog) -> int:
     console = Console(None if auto else c.train.steps, done)
     status, code, message = "FINISHED", 0, ""
     try:
+        store.check_one_intact(run.committed)
         with run_actors(c, run.spec, run.tokenizer.to_str(), tracking.uri, run_id, console,
                         log) as actors:
             if auto:

@@ -330,7 +330,17 @@ class CheckpointStore:
                 skipped.append((step, reason(error)))
         if not skipped:
             return None
-        raise CheckpointUnreadable(
+        raise self.unreadable(skipped)
+
+    def check_one_intact(self, committed: list[int]) -> None:
+        """`CheckpointUnreadable` when `committed` steps exist and each is visibly damaged
+        (`intact`): the driver's check, so that such a run stops before it starts Ray."""
+        damaged = [(step, self.intact(step)) for step in reversed(committed)]
+        if damaged and all(why for _, why in damaged):
+            raise self.unreadable(damaged)
+
+    def unreadable(self, skipped: list[tuple[int, str]]) -> CheckpointUnreadable:
+        return CheckpointUnreadable(
             f"none of the {len(skipped)} committed checkpoint(s) in {self.root} can be "
             "loaded:\n" + "\n".join(f"  step {step}: {why}" for step, why in skipped)
             + "\nNothing was deleted or overwritten. Fix: if the model code or its parameter "
