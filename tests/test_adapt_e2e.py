@@ -2,7 +2,8 @@
 train` pre-trains (runs/tiny), with the shipped configs: adapters alone teach it
 reverse-words (configs/sft-lora-tiny.yaml), DPO with adapters teaches it to prefer
 the reversed words (configs/dpo-lora-tiny.yaml), and DPO of the whole model computes its
-reference once (configs/dpo-tiny.yaml)."""
+reference once (configs/dpo-tiny.yaml). The two learning runs take minutes each: they
+are marked `learning`, out of the default run (`python -m pytest -m learning`)."""
 
 import subprocess
 import sys
@@ -35,6 +36,7 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.learning
 def test_lora_adapters_alone_learn_reverse_words(root):
     """Rank-64 adapters (and the embeddings, for the chat tokens the base never read) on
     the frozen base, 450 of the epoch's 808 steps (the LR decaying over them): >= 85 of
@@ -47,6 +49,7 @@ def test_lora_adapters_alone_learn_reverse_words(root):
     assert exact_answers(root / "sft-lora-tiny", chats) >= 85
 
 
+@pytest.mark.learning
 def test_dpo_teaches_the_pretrained_model_a_preference(root):
     """Of 100 reverse-words pairs held out of training, the model prefers the chosen
     completion (by log-probability) in about half before, and in >= 90 after; TRL's
