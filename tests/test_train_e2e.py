@@ -40,9 +40,24 @@ def command(root: Path, name: str, extra: tuple[str, ...] = ()) -> list[str]:
             f"run.root={root}", f"run.name={name}", *SMALL, *extra]
 
 
+def completed(argv: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`argv` run to its end in a session of its own. Past `timeout` it is killed with
+    every process it started (a Ray left training would slow every test after it), and
+    the test fails with what it printed."""
+    process = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(process.pid)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(argv[3:])} did not end in {timeout} s:\n{stdout[-3000:]}\n"
+                    f"{stderr[-3000:]}")
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
 def run_to_end(root: Path, name: str, extra: tuple[str, ...] = ()) -> str:
-    result = subprocess.run(command(root, name, extra), capture_output=True, text=True,
-                            timeout=600, cwd=root)
+    result = completed(command(root, name, extra), root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -226,8 +241,7 @@ def test_running_a_finished_run_again_changes_nothing(root, whole):
 
 
 def cli(root: Path, *argv: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "raytron.platform.cli", *argv],
-                            capture_output=True, text=True, timeout=300, cwd=root)
+    result = completed([sys.executable, "-m", "raytron.platform.cli", *argv], root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -408,8 +422,7 @@ LIMITED = ("faults.max_restarts=0", "faults.inject=[kill rank 0 at step 8]")
 @pytest.fixture(scope="module")
 def limited(root) -> subprocess.CompletedProcess:
     """A run that fails once with no restart allowed, its checkpoint at step 6 left."""
-    return subprocess.run(command(root, "limited", LIMITED), capture_output=True, text=True,
-                          timeout=600, cwd=root)
+    return completed(command(root, "limited", LIMITED), root)
 
 
 def test_too_many_failures_fail_the_run_and_keep_the_checkpoint(root, limited):
@@ -436,8 +449,7 @@ def test_when_no_checkpoint_loads_the_run_fails_and_changes_nothing(root, limite
         shard.write_bytes(shard.read_bytes()[:64])
     before = snapshot(checkpoints)
     rays = (root / "limited" / "raytron.log").read_text().count("Started a local Ray")
-    result = subprocess.run(command(root, "limited", LIMITED), capture_output=True, text=True,
-                            timeout=600, cwd=root)
+    result = completed(command(root, "limited", LIMITED), root)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Cannot resume run 'limited': none of the 1 committed checkpoint(s)" in result.stdout
     assert "step 6: " in result.stdout and "Nothing was deleted or overwritten" in result.stdout
@@ -451,9 +463,8 @@ def test_a_changed_source_list_is_refused_before_anything_starts(root, whole, tm
     more = tmp_path / "more.jsonl"
     more.write_text('{"text": "more text"}\n')
     before = snapshot(root / "whole" / "checkpoints")
-    result = subprocess.run(command(root, "whole", (
-        f"data.sources=[embedded:python-reference, {more}]", "train.steps=30")),
-        capture_output=True, text=True, timeout=300, cwd=root)
+    result = completed(command(root, "whole", (
+        f"data.sources=[embedded:python-reference, {more}]", "train.steps=30")), root)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"data.sources.1.path: None -> '{more}'" in result.stderr
     assert "cannot resume from its checkpoint at step 24" in result.stderr
@@ -795,8 +806,7 @@ def test_steps_auto_trains_exactly_the_data_and_a_second_training_is_refused(roo
 def test_data_that_runs_out_ends_the_run_at_once_with_a_checkpoint(root, limited_data):
     """train.steps beyond what one epoch gives: no restart, one line with the fix, the last
     step checkpointed; the same command ends the same way, at once."""
-    result = subprocess.run(command(root, "runs-out", (*limited_data, "train.steps=1000")),
-                            capture_output=True, text=True, timeout=600, cwd=root)
+    result = completed(command(root, "runs-out", (*limited_data, "train.steps=1000")), root)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
     steps = data_steps(root / "paragraphs.jsonl", root / "runs-out" / "tokenizer.json", 64, 8)
@@ -810,8 +820,7 @@ def test_data_that_runs_out_ends_the_run_at_once_with_a_checkpoint(root, limited
     _, run, _ = loss_history(root, "runs-out")
     assert run.info.status == "FAILED"
     assert f"training stopped: the data ran out after step {steps}" in events(run, "stop")[0]
-    again = subprocess.run(command(root, "runs-out", (*limited_data, "train.steps=1000")),
-                           capture_output=True, text=True, timeout=600, cwd=root)
+    again = completed(command(root, "runs-out", (*limited_data, "train.steps=1000")), root)
     assert again.returncode == 1
     assert f"the data ran out after step {steps} of train.steps=1000" in again.stdout
     assert f"step {steps + 1}/1000" not in again.stdout
