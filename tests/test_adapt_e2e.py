@@ -5,7 +5,6 @@ the reversed words (configs/dpo-lora-tiny.yaml), and DPO of the whole model comp
 reference once (configs/dpo-tiny.yaml). The two learning runs take minutes each: they
 are marked `learning`, out of the default run (`python -m pytest -m learning`)."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,15 +13,14 @@ import pytest
 from raytron.pipelines.embedded import REVERSE_WORDS, REVERSE_WORDS_PAIRS
 from raytron.platform.models.answers import exact_answers, held_out_samples, preferred_pairs
 
-from test_train_e2e import assert_only_raytron_lines
+from test_train_e2e import assert_only_raytron_lines, completed
 
 QUIET = ("cluster.dashboard=false", "train.log_interval=100")
 
 
 def train(root: Path, *argv: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "raytron.platform.cli", "train", *argv,
-                             f"run.root={root}", *QUIET],
-                            capture_output=True, text=True, timeout=600, cwd=root)
+    result = completed([sys.executable, "-m", "raytron.platform.cli", "train", *argv,
+                        f"run.root={root}", *QUIET], root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_only_raytron_lines(result.stdout + result.stderr)
     return result.stdout + result.stderr
