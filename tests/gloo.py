@@ -38,8 +38,7 @@ def _rank_main(rank: int, world: int, folder: str, fn: Callable, args: tuple,
 # Ranks are forked from a server process that imported torch and the parallel harness once
 # and never ran an op or made a group, so each rank starts clean without importing torch
 # again (a spawned rank spends seconds on it: most of a small layout test's time).
-FORK_SERVER = mp.get_context("forkserver")
-FORK_SERVER.set_forkserver_preload(["torch", "torch.distributed", "parallel_harness"])
+mp.set_forkserver_preload(["torch", "torch.distributed", "parallel_harness"])
 
 
 def run_on_gloo(world: int, fn: Callable, *args, threads: int = 1):

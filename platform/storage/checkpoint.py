@@ -335,8 +335,13 @@ class CheckpointStore:
     def check_one_intact(self, committed: list[int]) -> None:
         """`CheckpointUnreadable` when `committed` steps exist and each is visibly damaged
         (`intact`): the driver's check, so that such a run stops before it starts Ray."""
-        damaged = [(step, self.intact(step)) for step in reversed(committed)]
-        if damaged and all(why for _, why in damaged):
+        damaged = []
+        for step in reversed(committed):  # newest first: usually the only one read
+            why = self.intact(step)
+            if why is None:
+                return
+            damaged.append((step, why))
+        if damaged:
             raise self.unreadable(damaged)
 
     def unreadable(self, skipped: list[tuple[int, str]]) -> CheckpointUnreadable:
