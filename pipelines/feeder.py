@@ -72,6 +72,7 @@ class DataFeeder:
         self.wanted = 0  # highest step a worker asked for
         self.next_step = 0  # the step the producer makes next
         self.generation = 0  # bumped by seek(); an older producer thread stops
+        self.origin: tuple[int, dict] | None = None  # where that thread began reading
         self.kept_from = 0  # batches from here on are kept: the last committed checkpoint's
         self.checkpointing = 0  # the step of the checkpoint written last (maybe uncommitted)
         self.error: BaseException | None = None
@@ -81,14 +82,20 @@ class DataFeeder:
         self.validation_set: Batch | None = None
         self.validation_lock = threading.Lock()
 
-    def seek(self, step: int, cursor: dict) -> bool:
+    def seek(self, step: int, cursor: dict, ahead: bool = False) -> bool:
         """Serve batches from `step` on, reading from `cursor` (a checkpoint's, or the start).
         True when they are still held (a worker group resuming from a checkpoint that this
-        feeder made the batches after): they are served again, nothing is re-read."""
+        feeder made the batches after) or being made (asked for `ahead` by the driver,
+        before the first workers asked: ignored after that): nothing is re-read."""
         cursor = {key: value for key, value in cursor.items() if key != "files"}
         with self.condition:
+            if ahead and self.origin is not None:
+                return False
             self.kept_from = self.checkpointing = step
-            if self.error is None and step in self.ready and self.ready[step][0] == cursor:
+            held = step in self.ready and self.ready[step][0] == cursor
+            begun_there = self.origin == (step, cursor) and (
+                step in self.ready or self.next_step == step)
+            if self.error is None and (held or begun_there):
                 for old in [s for s in self.ready if s < step]:
                     del self.ready[old]
                 self.wanted = step
@@ -98,6 +105,7 @@ class DataFeeder:
             self.ready.clear()
             self.error = self.failed_at = None
             self.wanted = self.next_step = step
+            self.origin = (step, cursor)
             self.condition.notify_all()
         thread = threading.Thread(target=self.produce, args=(self.generation, step, cursor),
                                   daemon=True)

@@ -179,10 +179,11 @@ def test_when_no_checkpoint_loads_the_run_is_refused_and_nothing_changes(tmp_pat
     assert "step 2: " in message and "model.head.weight" in message
     assert "step 1: " in message and "Nothing was deleted or overwritten" in message
     assert snapshot(tmp_path) == before
-    store.check_one_intact([1, 2])  # step 2 looks whole: only loading it tells
+    assert store.newest_intact([1, 2]) == 2  # it looks whole: only loading it tells
+    assert store.newest_intact([]) is None
     truncate_shards(store.folder(2))
     with pytest.raises(CheckpointUnreadable) as refused:  # the driver's check, before Ray
-        store.check_one_intact([1, 2])
+        store.newest_intact([1, 2])
     assert "step 2: " in str(refused.value) and "its metadata needs" in str(refused.value)
 
 

@@ -83,7 +83,10 @@ def test_order_is_deterministic_sliced_by_replica_and_resumes_exactly(ray_sessio
     ray = ray_session
     first = new_feeder(ray, spec)
     second = new_feeder(ray, dataclasses.replace(spec, tokenizer_workers=2))  # same batches
-    ray.get([first.seek.remote(0, {}), second.seek.remote(0, {})])
+    ray.get([first.seek.remote(0, {}, ahead=True), second.seek.remote(0, {})])
+    assert ray.get(first.seek.remote(0, {}))  # asked ahead by the driver, then by the
+    # workers: the reading begun there goes on
+    assert not ray.get(second.seek.remote(7, {}, ahead=True))  # after the workers: ignored
     steps = range(100)  # more than one epoch of both sources
     cursors = {}
     reference = batches(ray, first, steps, cursors=cursors)

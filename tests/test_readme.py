@@ -66,7 +66,7 @@ NOT_RUN = {
     "raytron train qwen3-0.6b": "a released model: tests/test_families.py trains each "
                                 "family from its weights in every layout",
     "raytron train sft-qwen3-0.6b": "a released model: tests/test_train_e2e.py fine-tunes an "
-                                    "imported Llama 3-style model in its own template",
+                                    "imported Mistral in its own template",
     "raytron export runs/sft-qwen3-0.6b": "a released model: tests/test_families.py exports "
                                           "each family back bit for bit",
 }
@@ -87,7 +87,7 @@ CONFIG_ONLY = {
     "data.tokenizer=tokenizer.json": "a trained tokenizer: tests/test_config.py trains one, "
                                      "tests/test_task_scoring.py trains a run on one",
     "run.name=sft-epoch": "sft-tiny with train.steps=auto: tests/test_train_e2e.py "
-                          "fine-tunes for one epoch",
+                          "fine-tunes for one epoch (python -m pytest -m learning)",
     "run.name=tiny-continued": "tests/test_train_e2e.py trains on from an export",
     "configs/sft-tiny.yaml  #": "tests/test_train_e2e.py fine-tunes with it",
     "configs/dpo-tiny.yaml": "tests/test_adapt_e2e.py trains it, killed once",

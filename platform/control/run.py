@@ -68,7 +68,7 @@ def train_holding(config: RaytronConfig, leases: RunLeases, log: RunLog) -> int:
     console = Console(None if auto else c.train.steps, done)
     status, code, message = "FINISHED", 0, ""
     try:
-        store.check_one_intact(run.committed)
+        start = store.newest_intact(run.committed)
         with run_actors(c, run.spec, run.tokenizer.to_str(), tracking.uri, run_id, console,
                         log) as actors:
             if auto:
@@ -78,6 +78,7 @@ def train_holding(config: RaytronConfig, leases: RunLeases, log: RunLog) -> int:
             if done >= c.train.steps:
                 message = finished_already(paths, done, c.train.steps)
             else:
+                read_ahead(actors["feeder"], store, start)
                 Supervisor(c, paths, tracking, run_id, run.gpus, console, actors,
                            leases.tokens()).run()
     except KeyboardInterrupt:
@@ -101,6 +102,14 @@ def train_holding(config: RaytronConfig, leases: RunLeases, log: RunLog) -> int:
     print(message or f"Finished {c.train.steps} steps. Checkpoints: {paths.checkpoints}\n"
                      f"MLflow run {run_id} in {tracking.uri}\n{run_page(tracking, run_id)}")
     return code
+
+
+def read_ahead(feeder, store: CheckpointStore, start: int | None) -> None:
+    """Have the feeder make the first batches while the workers start: from where they
+    will most likely resume (the newest intact checkpoint's cursor), else the start. When
+    they ask for another place, it reads from there instead."""
+    feeder.seek.remote(start or 0, store.meta(start).get("cursor", {}) if start else {},
+                       ahead=True)
 
 
 def stopped(c: RaytronConfig, paths: RunPaths, tracking: RunTracking, run_id: str,

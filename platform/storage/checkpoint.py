@@ -332,17 +332,19 @@ class CheckpointStore:
             return None
         raise self.unreadable(skipped)
 
-    def check_one_intact(self, committed: list[int]) -> None:
-        """`CheckpointUnreadable` when `committed` steps exist and each is visibly damaged
-        (`intact`): the driver's check, so that such a run stops before it starts Ray."""
+    def newest_intact(self, committed: list[int]) -> int | None:
+        """The newest of the `committed` steps that is not visibly damaged (`intact`; None
+        when there are none), or `CheckpointUnreadable` when each is: the driver's check,
+        so that such a run stops before it starts Ray."""
         damaged = []
         for step in reversed(committed):  # newest first: usually the only one read
             why = self.intact(step)
             if why is None:
-                return
+                return step
             damaged.append((step, why))
         if damaged:
             raise self.unreadable(damaged)
+        return None
 
     def unreadable(self, skipped: list[tuple[int, str]]) -> CheckpointUnreadable:
         return CheckpointUnreadable(

@@ -55,8 +55,7 @@ class SystemSampler:
         self.send = send
         self.interval_s = interval_s
         self.prefix = f"{SYSTEM_PREFIX}{node or node_name()}/"
-        self.monitors = monitors()
-        self.sample()  # CPU use is measured between two samples: this one starts the first
+        self.monitors: list = []
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.loop, name="raytron-system-metrics",
                                        daemon=True)
@@ -72,6 +71,10 @@ class SystemSampler:
         return {self.prefix + name: value for name, value in metrics.items()}
 
     def loop(self) -> None:
+        """Finds the monitors first (importing MLflow's takes a second or more), here
+        rather than on the way to the first training step."""
+        self.monitors = monitors()
+        self.sample()  # CPU use is measured between two samples: this one starts the first
         while not self.stopped.wait(self.interval_s):
             self.send_sample()
 
