@@ -28,35 +28,47 @@ def train(root: Path, *argv: str) -> str:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    """A folder holding runs/tiny as the README's `raytron train` leaves it."""
-    root = tmp_path_factory.mktemp("adapt")
+    return tmp_path_factory.mktemp("adapt")
+
+
+@pytest.fixture(scope="module")
+def pretrained(root) -> Path:
+    """runs/tiny as the README's `raytron train` leaves it: what the learning runs start
+    from (the README's figures are theirs)."""
     train(root, "checkpoint.interval=200")
-    return root
+    return root / "tiny"
+
+
+@pytest.fixture(scope="module")
+def briefly_pretrained(root) -> Path:
+    """The tiny preset trained 20 steps: a base for what does not hang on what it knows."""
+    train(root, "run.name=brief", "train.steps=20")
+    return root / "brief"
 
 
 @pytest.mark.learning
-def test_lora_adapters_alone_learn_reverse_words(root):
+def test_lora_adapters_alone_learn_reverse_words(root, pretrained):
     """Rank-64 adapters (and the embeddings, for the chat tokens the base never read) on
     the frozen base, 450 of the epoch's 808 steps (the LR decaying over them): >= 85 of
     100 held-out chats answered exactly (93 measured; the whole epoch gives the README's
     97, 300 steps 68)."""
     chats = held_out_samples(REVERSE_WORDS, 0.05, 100)
-    output = train(root, "sft-lora-tiny", f"model.init_from={root / 'tiny'}",
+    output = train(root, "sft-lora-tiny", f"model.init_from={pretrained}",
                    "train.steps=450", "checkpoint.interval=1000")
     assert "Finished 450 steps" in output
     assert exact_answers(root / "sft-lora-tiny", chats) >= 85
 
 
 @pytest.mark.learning
-def test_dpo_teaches_the_pretrained_model_a_preference(root):
+def test_dpo_teaches_the_pretrained_model_a_preference(root, pretrained):
     """Of 100 reverse-words pairs held out of training, the model prefers the chosen
     completion (by log-probability) in about half before, and in >= 90 after; TRL's
     statistics are charted in MLflow."""
     from mlflow import MlflowClient
 
     pairs = held_out_samples(REVERSE_WORDS_PAIRS, 0.05, 100)
-    assert 30 <= preferred_pairs(root / "tiny", pairs) <= 70
-    output = train(root, "dpo-lora-tiny", f"model.init_from={root / 'tiny'}")
+    assert 30 <= preferred_pairs(pretrained, pairs) <= 70
+    output = train(root, "dpo-lora-tiny", f"model.init_from={pretrained}")
     assert "Finished 300 steps" in output and "val reward accuracy" in output
     assert preferred_pairs(root / "dpo-lora-tiny", pairs) >= 90
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -66,11 +78,11 @@ def test_dpo_teaches_the_pretrained_model_a_preference(root):
     assert run.data.metrics["eval_rewards/accuracies"] >= 0.9
 
 
-def test_a_full_fine_tunes_dpo_computes_its_reference_once(root):
+def test_a_full_fine_tunes_dpo_computes_its_reference_once(root, briefly_pretrained):
     """Without LoRA, a pass before the first step computes the reference (the first loss
     is ln 2) and stores it; the worker group killed at step 12 restarts from step 11's
-    in-memory snapshot and reads it, never computing it again; the model still learns."""
-    output = train(root, "dpo-tiny", f"model.init_from={root / 'tiny'}", "train.steps=30",
+    in-memory snapshot and reads it, never computing it again."""
+    output = train(root, "dpo-tiny", f"model.init_from={briefly_pretrained}", "train.steps=30",
                    "checkpoint.interval=10", "faults.inject=[kill rank 0 at step 12]")
     assert "Finished 30 steps" in output
     assert output.count("DPO reference: the starting weights' log-probabilities of 960 "

@@ -196,3 +196,19 @@ def test_metadata_pointing_outside_the_checkpoint_is_refused(tmp_path, path):
     reader = safe_reader(str(dcp_checkpoint(tmp_path / "step", path)), local=True)
     with pytest.raises(UnsafeCheckpoint, match=re.escape(repr(path))):
         reader.read_metadata()
+
+
+@pytest.mark.parametrize("text", [
+    "", "not json", "[]", '{"step": "3", "global_batch": 8}', '{"step": 3}',
+    '{"step": 3, "global_batch": 16}', '{"step": true, "global_batch": 8}',
+    '{"step": 3, "global_batch": 8' + " " * 2000 + "}"])
+def test_where_the_data_ran_out_is_believed_only_as_written(tmp_path, text):
+    """A run's data_end.json, read before Ray starts to say at once that a resume would
+    run out again: anything but what the driver writes (at this global batch, within a
+    bounded read) is as if nothing were recorded, and the run goes through Ray."""
+    from raytron.platform.storage.data_end import DATA_END_FILE, data_ended_at, record_data_end
+
+    (tmp_path / DATA_END_FILE).write_text(text)
+    assert data_ended_at(tmp_path, global_batch=8) is None
+    record_data_end(tmp_path, 3, 8)
+    assert data_ended_at(tmp_path, global_batch=8) == 3

@@ -10,6 +10,7 @@ import torch
 
 from raytron.model.gpt import GPT
 from raytron.pipelines.chat import save_chat_template
+from raytron.pipelines.mixture import DataExhausted, ran_out
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.load import flatten, to_dict, to_yaml
 from raytron.platform.config.plan import human
@@ -24,6 +25,7 @@ from raytron.platform.control.settle import SettledRun, settle
 from raytron.platform.control.supervisor import Supervisor, not_retried
 from raytron.platform.models.lora_base import base_reference, record_base
 from raytron.platform.storage.checkpoint import CheckpointStore, CheckpointUnreadable
+from raytron.platform.storage.data_end import data_ended_at, record_data_end
 from raytron.platform.storage.lease import RunLeases, run_folders
 from raytron.platform.storage.run_dir import RunPaths
 from raytron.platform.storage.tracking import (
@@ -53,6 +55,9 @@ def train_holding(config: RaytronConfig, leases: RunLeases, log: RunLog) -> int:
     if not auto and done >= c.train.steps:
         print(finished_already(paths, done, c.train.steps))
         return 0
+    if not auto and run.committed and data_ended_at(paths.dir, c.train.global_batch) == done:
+        print(f"\nTraining stopped: {ran_out(done, c.train.steps)}")  # as the last time,
+        return 1  # without starting Ray only to run out again
     last_start = paths.saved_config()  # before this start's config replaces it
     paths.dir.mkdir(parents=True, exist_ok=True)
     saved = to_yaml(redacted(c))  # credentials never reach a file
@@ -91,6 +96,8 @@ def train_holding(config: RaytronConfig, leases: RunLeases, log: RunLog) -> int:
         status, code, message = "FAILED", 1, f"\nTraining stopped: {error}"
         step = CheckpointStore(paths.checkpoints, c.checkpoint.keep_last).latest() or 0
         tracking.record_event(run_id, "stop", step, f"training stopped: {error}")
+        if isinstance(error, DataExhausted):
+            record_data_end(paths.dir, step, c.train.global_batch)
     except Exception as error:
         status, code = "FAILED", 1
         message = (f"\nTraining failed: {error}\nWhat Ray and the workers said: {log.path}\n"

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from raytron.pipelines.feeder import DataUnusable
-from raytron.pipelines.mixture import DataExhausted
+from raytron.pipelines.mixture import DataExhausted, ran_out
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import step_flops_per_token
 from raytron.platform.config.schema import AUTO, RaytronConfig
@@ -276,11 +276,7 @@ class WorkerLoop:
             return
         kept = f"step {step} is checkpointed" if step else "nothing was trained"
         if isinstance(error, DataExhausted):
-            why: BaseException = DataExhausted(
-                f"the data ran out after step {step} of train.steps={self.config.train.steps}: "
-                f"every source with an epoch limit (data.sources.<i>.epochs) was read to its "
-                f"end; {kept}. Fix: train.steps=auto trains exactly the steps the data "
-                "gives; or raise the sources' epochs, or lower train.steps.")
+            why: BaseException = ran_out(step, self.config.train.steps)
         else:
             why = DataUnusable(f"{error} (at step {step + 1}; {kept}). Fix: correct the data "
                                "or data.sources, then run the same command again.")
