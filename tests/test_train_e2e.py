@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -488,7 +487,7 @@ def mlflow_server(tmp_path_factory):
     env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": SECRET,
            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only"}
     server = subprocess.Popen(
-        [shutil.which("mlflow") or "mlflow", "server", "--app-name", "basic-auth",
+        [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
          "--backend-store-uri", f"sqlite:///{folder / 'store.db'}", "--artifacts-destination",
          str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],  # its default 4 processes would crowd 2 cores
