@@ -273,13 +273,16 @@ def test_a_trained_run_generates_evaluates_exports_and_starts_another(root, whol
 
 
 def assert_losses_match(root: Path, name: str, rel: float = 1e-4,
-                        reference: str = "whole") -> dict:
+                        reference: str = "whole", computed_once: bool = True) -> dict:
     """Every loss `name` logged (before and after any restart) equals the one-worker run's
-    (`reference`), and no step was logged twice."""
+    (`reference`); with `computed_once`, no step was logged twice (else steps after the
+    last checkpoint may have been computed again, as after Ctrl-C)."""
     _, _, whole = loss_history(root, reference)
     _, run, other = loss_history(root, name)
     expected = {m.step: m.value for m in whole}
-    assert sorted(m.step for m in other) == sorted(expected), "a step was logged twice"
+    steps = [m.step for m in other]
+    assert sorted(steps if computed_once else set(steps)) == sorted(expected), \
+        "a step missing or logged twice" if computed_once else "a step missing"
     for metric in other:
         assert metric.value == pytest.approx(expected[metric.step], rel=rel), metric
     return run
@@ -413,7 +416,8 @@ def test_ctrl_c_stops_the_run_says_where_and_the_same_command_resumes_it(root, w
     assert "state        KILLED" in status and "(Ctrl-C)" in status
     assert "writer       none" in status
     run_to_end(root, "interrupted")
-    assert assert_losses_match(root, "interrupted").info.status == "FINISHED"
+    run = assert_losses_match(root, "interrupted", computed_once=False)  # no checkpoint on
+    assert run.info.status == "FINISHED"  # Ctrl-C: the steps after the last are computed again
 
 
 LIMITED = ("faults.max_restarts=0", "faults.inject=[kill rank 0 at step 8]")
@@ -601,7 +605,8 @@ def test_an_elastic_run_shrinks_and_grows_with_its_nodes(root, whole):
     assert resizes == ["dp 2 -> 1", "dp 1 -> 2", "dp 2 -> 1"], output[-5000:]
     assert "injected loss of the node of the last rank at step 8" in output
     assert "is being preempted" in output
-    run = assert_losses_match(root, "elastic")
+    # a snapshot loads only in its own layout: shrunk after the node's loss, the run
+    run = assert_losses_match(root, "elastic", computed_once=False)  # resumes from step 6
     assert run.data.metrics["restarts"] == 1 and run.info.status == "FINISHED"
     layouts = [launch.split(" dp=")[1].split()[0] for launch in events(run, "launch")]
     assert layouts == ["2", "1", "2", "1"], layouts
