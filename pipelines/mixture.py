@@ -20,12 +20,16 @@ class DataExhausted(RuntimeError):
     """Every source reached its epoch limit before the run's last step."""
 
 
+def kept(step: int) -> str:
+    """What a run that the data ended after `step` (committed) keeps, in words."""
+    return f"step {step} is checkpointed" if step else "nothing was trained"
+
+
 def ran_out(step: int, steps: int) -> DataExhausted:
     """What ends a run whose data ran out after `step` (committed) of `steps`."""
-    kept = f"step {step} is checkpointed" if step else "nothing was trained"
     return DataExhausted(
         f"the data ran out after step {step} of train.steps={steps}: every source with an "
-        f"epoch limit (data.sources.<i>.epochs) was read to its end; {kept}. Fix: "
+        f"epoch limit (data.sources.<i>.epochs) was read to its end; {kept(step)}. Fix: "
         "train.steps=auto trains exactly the steps the data gives; or raise the sources' "
         "epochs, or lower train.steps.")
 

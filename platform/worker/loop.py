@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from raytron.pipelines.feeder import DataUnusable
-from raytron.pipelines.mixture import DataExhausted, ran_out
+from raytron.pipelines.mixture import DataExhausted, kept, ran_out
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import step_flops_per_token
 from raytron.platform.config.schema import AUTO, RaytronConfig
@@ -274,11 +274,10 @@ class WorkerLoop:
             self.keep_step(step, tokens_seen)
         if not self.leads():
             return
-        kept = f"step {step} is checkpointed" if step else "nothing was trained"
         if isinstance(error, DataExhausted):
             why: BaseException = ran_out(step, self.config.train.steps)
         else:
-            why = DataUnusable(f"{error} (at step {step + 1}; {kept}). Fix: correct the data "
+            why = DataUnusable(f"{error} (at step {step + 1}; {kept(step)}). Fix: correct the data "
                                "or data.sources, then run the same command again.")
         ray.get(self.args.coordinator.end_run.remote(why))
 
