@@ -1,10 +1,10 @@
 """What a failure costs: recovery time in parts, steps lost, and the checkpoint stall.
 
-    python bench/recovery.py     # ~25 minutes on 2 cores; writes docs/benchmarks.md
+    python bench/recovery.py     # ~35 minutes on 2 cores; writes docs/benchmarks.md
     python bench/recovery.py --replicas     # the last comparison alone (~10 minutes)
 
 For the tiny preset and a ~90M-parameter model (GPT-2 small's shape, a 4096-token
-vocabulary), three `raytron train` runs each:
+vocabulary), `raytron train` runs:
 
 1. synchronous checkpoints, no in-memory snapshots (`checkpoint.memory_interval=0`), and
    the drill `kill rank 0 at step K` between two checkpoints: the time from the kill
@@ -16,7 +16,8 @@ vocabulary), three `raytron train` runs each:
    default): the restart loads the snapshot instead; and the median step time against
    run 1's, the snapshots' overhead;
 3. without the drill, with `checkpoint.async_save=true`: the training stall of an async
-   save, against the synchronous save of run 1.
+   save, against the synchronous save of run 1; once copying the state itself, once
+   written from the in-memory snapshot of the step.
 
 Then two data-parallel replicas (two workers, one CPU each), killing rank 1 between two
 checkpoints, in restart mode with snapshots (the baseline) and in replica mode
@@ -151,9 +152,11 @@ def replica_drill(root: Path, model: Model, mode: str) -> tuple[float, float, in
             len(losses) - len({m.step for m in losses}))
 
 
-def async_stall(root: Path, model: Model) -> float:
-    client, run_id, _ = train(root, "async", model, ("checkpoint.async_save=true",
-                                                     "checkpoint.memory_interval=0"))
+def async_stall(root: Path, model: Model, memory_interval: int) -> float:
+    """The mean stall of an async save: copying the state itself (no snapshots), or
+    written from the step's in-memory snapshot (one every step)."""
+    client, run_id, _ = train(root, f"async{memory_interval}", model, (
+        "checkpoint.async_save=true", f"checkpoint.memory_interval={memory_interval}"))
     return statistics.mean(m.value for m in history(client, run_id, "checkpoint_save_s"))
 
 
@@ -163,7 +166,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             parts, lost, sync, size, step_time = recovery(Path(folder), model, 0)
             memory, memory_lost, _, _, _ = recovery(Path(folder), model, 1)
-            background = async_stall(Path(folder), model)
+            background = async_stall(Path(folder), model, 0)
+            from_snapshot = async_stall(Path(folder), model, 1)
             plain, _ = steady_step(Path(folder), model, 0)
             snapshotted, stall = steady_step(Path(folder), model, 1)
         for source, times, steps in (("checkpoint", parts, lost),
@@ -171,7 +175,8 @@ def main() -> None:
             recovery_rows.append([model.name, source, *(f"{times[p]:.1f}" for p in PARTS),
                                   f"**{times['total']:.1f}**", str(steps)])
         stall_rows.append([model.name, f"{size:,.0f}", f"{step_time:.2f}", f"{sync:.2f}",
-                           f"{background:.2f}", f"{background / sync:.2f}"])
+                           f"{background:.2f}", f"{background / sync:.2f}",
+                           f"{from_snapshot:.2f}", f"{from_snapshot / sync:.2f}"])
         snapshot_rows.append([model.name, f"{size:,.0f}", f"{plain:.3f}", f"{snapshotted:.3f}",
                               f"{stall:.3f}", f"{snapshotted / plain:.2f}"])
         print(recovery_rows[-2:], stall_rows[-1], snapshot_rows[-1], flush=True)
@@ -209,17 +214,21 @@ still the seconds of starting a new worker group.
 The snapshots' cost with no failure, in two more runs of {3 * tiny.steps} (tiny) and
 {3 * big.steps} (~90M) steps with no checkpoint but the last: the median step time after
 the third step with no snapshots (baseline) against a snapshot after every step, and
-the median time a snapshot held its step up (`Throughput/snapshot_s`: the state put
-into Ray's object store, then copied by the node's keeper, which the rank waits for; on
-one node there is no next node to copy to):
+the median time a snapshot held training up (`Throughput/snapshot_s`: starting the
+hand-over, and the next step's wait for it before its update; meanwhile a thread puts the
+state into Ray's object store and the node's keeper copies it, while the next step
+computes on the same 2 cores; on one node there is no next node to copy to):
 
 {markdown_table(["model", "state MB", "step s, none", "step s, every step",
                  "snapshot s", "ratio"], snapshot_rows)}
 
-Training stall per checkpoint, synchronous (baseline) against `checkpoint.async_save`:
+Training stall per checkpoint, synchronous (baseline) against `checkpoint.async_save`,
+which copies the state and writes it in the background; with in-memory snapshots on, it
+writes the step's snapshot from Ray's object store instead, with no copy of its own:
 
 {markdown_table(["model", "checkpoint MB", "step s", "sync stall s", "async stall s",
-                 "async / sync"], stall_rows)}
+                 "async / sync", "async from the snapshot s", "ratio to sync"],
+                stall_rows)}
 
 Anchors: Ray Train restarts the whole worker group from the last reported checkpoint
 too (`FailureConfig.max_failures`), so its recovery has the same parts; raytron adds

@@ -1,7 +1,8 @@
 """In-memory snapshots: a rank's share restores the exact training state (training then
 goes on as if uninterrupted), bfloat16 survives the trip, a share of another model is
-refused naming a tensor, and a keeper holds its own copy of each rank's two newest
-steps (the oldest one's buffers taking the newest), of one timeline."""
+refused naming a tensor, a keeper holds its own copy of each rank's two newest
+steps (the oldest one's buffers taking the newest), of one timeline, and a rank hands
+its share over while training goes on, a checkpoint of the step written from it."""
 
 import numpy as np
 import pytest
@@ -96,3 +97,48 @@ def test_keepers_are_ended_where_the_nodes_memory_cannot_hold_the_snapshots(ray_
     why = keepers.unfit(big, 0)  # 4 workers on the session's 4 CPUs
     assert why is not None and why.startswith("a node's keeper may hold 96.4 GB of snapshots")
     assert keepers.by_node == {} and keepers.held() == []
+
+
+def test_a_share_is_handed_over_while_training_goes_on_and_a_checkpoint_is_written_from_it(
+        ray_session, tmp_path):
+    """`take` comes back before the keeper holds the share; `settle` (before the next
+    update) waits for it, and a joiner asking meanwhile waits for it too. A checkpoint
+    of the step is written from the kept share while the live state moves on: loading
+    either the snapshot or the checkpoint, the next step gives the live model's weights."""
+    import time
+
+    from raytron.platform.storage.checkpoint import CheckpointStore
+    from raytron.platform.worker.snapshotting import Snapshotter
+
+    class SlowKeeper(SnapshotKeeper):  # its copy takes a while, as a large share's does
+        def hold(self, *args):
+            time.sleep(1.0)
+            super().hold(*args)
+
+    keeper = ray_session.remote(SlowKeeper).options(num_cpus=0).remote()
+    snapshots = Snapshotter({"node": keeper}, "node", 0, "1x1")
+    model, optimizer = trainer()
+    step(model, optimizer, 0, 0)
+    started = time.perf_counter()
+    snapshots.take(1, [model], [optimizer], {"at": 1}, keep=True)
+    assert time.perf_counter() - started < 0.5 and snapshots.stall_s < 0.5
+    assert snapshots.fetch(1, wait_s=0) is None  # still on its way
+    share = snapshots.fetch(1, wait_s=30)  # a joiner waits for it
+    assert share is not None and share.meta == {"at": 1}
+    store = CheckpointStore(tmp_path, keep_last=1)
+    pending = store.write(1, [model], [optimizer], {}, background=True,
+                          copy=snapshots.host_copy(1, [model], [optimizer]))
+    snapshots.settle()
+    step(model, optimizer, 1, 1)  # the update: the checkpoint may still be being written
+    store.commit(pending)
+    for load in (lambda parts, optimizers: snapshots.restore(1, parts, optimizers)[0].meta,
+                 lambda parts, optimizers: store.load(1, parts, optimizers)):
+        restored = trainer(seed=99)
+        load([restored[0]], [restored[1]])
+        apply_hyperparameters(restored[1], TRAIN, 1)
+        step(*restored, 1, 1)
+        assert_same_weights(model, restored[0], rtol=0, atol=0)
+    snapshots.take(2, [model], [optimizer], {"at": 2})
+    assert snapshots.host_copy(2, [model], [optimizer]) is None  # not kept for a checkpoint
+    snapshots.settle()
+    assert snapshots.waited_s > 0.5  # the slow copy held the step up: counted as its stall

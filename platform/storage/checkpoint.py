@@ -102,6 +102,28 @@ class PendingSave:
             self.staged.result()
 
 
+@dataclass
+class HostCopy:
+    """A step's `training_state` already copied off the live tensors (an in-memory
+    snapshot's share) and its RNG state: a checkpoint of that step writes it as it is,
+    with no copy of its own."""
+
+    state: dict
+    rng: str
+
+
+class AsIs:
+    """DCP's `AsyncStager` for a `HostCopy`: it is staged already."""
+
+    should_synchronize_after_execute = False
+
+    def stage(self, state_dict: dict) -> dict:
+        return state_dict
+
+    def close(self) -> None:
+        pass
+
+
 class CheckpointStore:
     """The checkpoints of one run, in one folder: a local path or an fsspec URI
     (`s3://bucket/run`, `gs://...`; needs s3fs / gcsfs, e.g. `pip install raytron[s3]`)."""
@@ -210,18 +232,19 @@ class CheckpointStore:
 
     def write(self, step: int, parts: list[torch.nn.Module],
               optimizers: list[torch.optim.Optimizer], meta: dict,
-              background: bool = False) -> PendingSave:
+              background: bool = False, copy: HostCopy | None = None) -> PendingSave:
         """Collective: every rank writes its shards of `step`, not yet committed. In the
         `background`, the write goes on in a thread once the state is copied (training may
-        then change the parameters). Ranks coordinate on a group of the write's own
-        (`passing_group`), apart from the training's collectives."""
+        then change the parameters); from `copy` when the state is copied already. Ranks
+        coordinate on a group of the write's own (`passing_group`), apart from the
+        training's collectives."""
         folder = self.folder(step)
         if rank() == 0:
             self.check_lease()
             if self.fs.exists(folder):  # the leftover of a save that crashed
                 self.fs.rm(folder, recursive=True)
         barrier()
-        state, _ = training_state(parts, optimizers)
+        state = training_state(parts, optimizers)[0] if copy is None else copy.state
         future = staged = None
         group = passing_group()
         if not background:
@@ -231,11 +254,12 @@ class CheckpointStore:
         else:
             future = dcp.async_save(state, checkpoint_id=self.checkpoint_id(step),
                                     process_group=group, no_dist=not dist.is_initialized(),
-                                    async_stager=self.staging())
+                                    async_stager=self.staging() if copy is None else AsIs())
             if isinstance(future, AsyncSaveResponse):
                 future, staged = future.upload_completion, future.staging_completion
         self.fs.makedirs(folder, exist_ok=True)  # a background write may not have yet
-        write_atomically(self.fs, f"{folder}/{RNG_FILE.format(rank=rank())}", rng_state_json())
+        write_atomically(self.fs, f"{folder}/{RNG_FILE.format(rank=rank())}",
+                         rng_state_json() if copy is None else copy.rng)
         return PendingSave(step, {"step": step, **meta}, future, staged, group)
 
     def commit(self, pending: PendingSave,

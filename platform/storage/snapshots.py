@@ -6,11 +6,14 @@ Every `checkpoint.memory_interval` steps each rank hands its shard of the state 
 tensors a checkpoint saves, its RNG, the data cursor) to the snapshot keeper of its
 node: a Ray actor that copies it into its own memory, so that the copy outlives the
 worker process; the keeper of the next node copies it too, so that the loss of a whole
-node leaves one. The worker waits for both copies before it goes on: a process failure,
-or a node's, loses no finished step. A keeper holds each
-rank's two newest steps: while a step is being handed over, the one before is still
-whole. A snapshot is usable only in the layout that wrote it (a resize commits a
-persistent checkpoint first) and only when every rank's share of one step survived.
+node leaves one. The hand-over goes on in a thread while the next step computes (the
+share reads the state in place; the step waits for both copies before its update
+changes it): a process failure, or a node's, loses no finished step but the one being
+handed over. A keeper holds each rank's two newest steps: while a step is being handed
+over, the one before is still whole. A snapshot is usable only in the layout that wrote
+it (a resize commits a persistent checkpoint first) and only when every rank's share of
+one step survived. A persistent checkpoint of a step that has a snapshot is written from
+the share in the object store, with no copy of its own.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 `faults.inject` entries (`config/drills.py`) make a run fail on purpose, each once per
 run: a marker beside the checkpoints remembers that it fired, so the restarted group
 does not fire it again. A drill whose rank did not compute its step (a replica being
-replaced) fires at the first step after it that the rank computes. Losing a node never
+replaced) fires at the first step after it that the rank computes, and once the rank's
+in-memory snapshot of the step before is held: it shows the recovery from a finished
+step, not the window of a hand-over. Losing a node never
 takes the head node, which would take the whole cluster with it.
 
 The watchdog fails a rank that has not finished a step for `faults.hang_timeout_s`,
@@ -36,12 +38,15 @@ class FaultInjector:
         self.fs, self.folder = fs, f"{root}/{FIRED_DIR}"
         self.describe_rank = describe_rank
 
+    def due(self, step: int, during_checkpoint: bool = False) -> list[Injection]:
+        """The drills due by `step`: those of `step`, and those of earlier steps that this
+        rank did not compute (a replacement replica that joined after them)."""
+        return [i for i in self.pending
+                if i.step <= step and i.during_checkpoint == during_checkpoint]
+
     def at_step(self, step: int, during_checkpoint: bool = False) -> None:
-        """Fire the drills due by `step`: those of `step`, and those of earlier steps that
-        this rank did not compute (a replacement replica that joined after them)."""
-        due = [i for i in self.pending
-               if i.step <= step and i.during_checkpoint == during_checkpoint]
-        for injection in due:
+        """Fire the drills `due` by `step`."""
+        for injection in self.due(step, during_checkpoint):
             self.pending.remove(injection)
             self.fire(injection)
 

@@ -134,6 +134,8 @@ class WorkerLoop:
         sampler = self.system_sampler()
         try:
             self.train()
+            if self.snapshots is not None:
+                self.snapshots.settle()
         finally:
             self.store.close()
             self.boundary.close()
@@ -169,6 +171,8 @@ class WorkerLoop:
         tokens_per_step = train.global_batch * self.config.data.seq_len
         window_started, window_wait, window_steps = time.perf_counter(), 0.0, 0
         while step < train.steps:
+            if self.snapshots is not None and self.injector.due(step + 1):
+                self.snapshots.settle()  # a drill shows recovery from the step just held
             self.injector.at_step(step + 1)
             try:
                 loss, grad_norm, wait = self.train_step(step)
@@ -234,7 +238,8 @@ class WorkerLoop:
         meta = {"tokens_seen": tokens_seen}
         if self.leads():
             meta["cursor"] = ray.get(self.args.feeder.cursor.remote(step))
-        self.snapshots.take(step, self.trainer.parts, self.trainer.optimizers, meta)
+        self.snapshots.take(step, self.trainer.parts, self.trainer.optimizers, meta,
+                            keep=step % self.config.checkpoint.interval == 0)
 
     def launched(self, start: int, startup: dict[str, float], loaded: float) -> None:
         """Once its first step is done, rank 0 tells the tracker the group's layout and
@@ -420,11 +425,18 @@ class WorkerLoop:
             batch = self.references.attach(batch, step * self.config.train.global_batch
                                            + self.dp_rank * len(batch))
         following = self.request(step + 1) if step + 1 < self.config.train.steps else None
-        before_update = None if self.unsaved is None else self.unsaved.wait_for_copy
-        loss, grad_norm = self.trainer.train_step(batch, before_update)
+        loss, grad_norm = self.trainer.train_step(batch, self.before_update)
         if following is not None:
             self.staged = StagedBatch.fetch(step + 1, following, self.device)
         return loss, grad_norm, wait
+
+    def before_update(self) -> None:
+        """What must finish reading the state before a step changes it: a checkpoint's
+        copy, the last snapshot's hand-over."""
+        if self.unsaved is not None:
+            self.unsaved.wait_for_copy()
+        if self.snapshots is not None:
+            self.snapshots.settle()
 
     def batch(self, step: int) -> tuple[Sequences, float]:
         """Step `step`'s batch on the device and the time it was waited for."""
@@ -472,8 +484,10 @@ class WorkerLoop:
                 "layout": self.group_layout.sizes(),
                 "time": time.time()}
         background = background and self.config.checkpoint.async_save
-        self.unsaved = self.store.write(step, self.trainer.parts, self.trainer.optimizers,
-                                        meta, background)
+        parts, optimizers = self.trainer.parts, self.trainer.optimizers
+        copy = None if self.snapshots is None else \
+            self.snapshots.host_copy(step, parts, optimizers)  # the snapshot's, if it has one
+        self.unsaved = self.store.write(step, parts, optimizers, meta, background, copy)
         if not background:
             self.commit()
         self.report(step, {"checkpoint_save_s": time.perf_counter() - started})

@@ -27,6 +27,7 @@ from raytron.platform.storage import metric_names as names
 from raytron.platform.worker.faults import FIRST_STEP_GRACE_S, FaultInjector
 from raytron.platform.worker.loop import WorkerArgs, WorkerLoop
 from raytron.platform.worker.replica_sync import ReplicaSync, StepNotApplied
+from raytron.platform.worker.snapshotting import PEER_TIMEOUT_S
 from raytron.platform.worker.stderr import say
 from raytron.platform.worker.trainer import Sequences
 
@@ -85,8 +86,8 @@ class ReplicaLoop(WorkerLoop):
             raise RuntimeError(f"replica {self.replica} cannot join at step {target + 1}: "
                                "there are no in-memory snapshots to load the state from")
         started = time.perf_counter()
-        resumed, problem = self.snapshots.restore(target, self.trainer.parts,
-                                                  self.trainer.optimizers)
+        resumed, problem = self.snapshots.restore(  # the leader may still be handing it over
+            target, self.trainer.parts, self.trainer.optimizers, PEER_TIMEOUT_S)
         if resumed is None:
             raise RuntimeError(f"replica {self.replica} cannot join at step {target + 1}: "
                                f"the snapshot of step {target} {problem}")
@@ -119,9 +120,9 @@ class ReplicaLoop(WorkerLoop):
                 self.config.train.micro_batch))
             batch = Sequences.of(held, self.device)
             wait = time.perf_counter() - started
-            before_update = None if self.unsaved is None else self.unsaved.wait_for_copy
             try:
-                loss, grad_norm = self.trainer.train_step(batch, before_update, self.summed)
+                loss, grad_norm = self.trainer.train_step(batch, self.before_update,
+                                                          self.summed)
             except StepNotApplied:
                 continue
             return loss, grad_norm, wait

@@ -7,12 +7,14 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from raytron.platform.storage.checkpoint import (
+    HostCopy,
     Resumed,
     apply_training_state,
     first_of_all_ranks,
@@ -22,6 +24,7 @@ from raytron.platform.storage.rng_state import parse_rng_state, rng_state_json, 
 from raytron.platform.storage.snapshots import Share
 
 PEER_TIMEOUT_S = 60.0  # the longest a rank waits for the next node's copy of its share
+FETCH_AGAIN_S = 0.05  # how often a joining replica asks again for a share on its way
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -58,16 +61,37 @@ def restore_into(state: dict[str, dict[str, torch.Tensor]], share: Share) -> str
             if tuple(array.shape) != tuple(target.shape) or share.dtypes[name] != dtype:
                 return (f"{name} is {share.dtypes[name]} {tuple(array.shape)} in the snapshot, "
                         f"{dtype} {tuple(target.shape)} here")
-    with warnings.catch_warnings():  # the store's arrays are read-only; they are only read
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        for section, entries in state.items():
-            for key, tensor in entries.items():
-                target, name = local(tensor), f"{section}/{key}"
-                source = torch.from_numpy(share.tensors[name])
-                if target.dtype == torch.bfloat16:
-                    source = source.view(torch.bfloat16)
-                target.detach().copy_(source)
+    for section, entries in state.items():
+        for key, tensor in entries.items():
+            local(tensor).detach().copy_(tensor_of(share, f"{section}/{key}"))
     return None
+
+
+def tensor_of(share: Share, name: str) -> torch.Tensor:
+    """The tensor `name` of `share`, a view of its array (read-only in the object store:
+    only ever read)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        tensor = torch.from_numpy(share.tensors[name])
+    return tensor.view(torch.bfloat16) if share.dtypes[name] == "bfloat16" else tensor
+
+
+def on_host(state: dict[str, dict[str, torch.Tensor]], share: Share
+            ) -> dict[str, dict[str, torch.Tensor]]:
+    """`state` (`checkpoint.training_state`) as `share` holds it, for a checkpoint to write:
+    each tensor a view of the share's array, a sharded one a DTensor of its own mesh and
+    placements."""
+    host: dict[str, dict[str, torch.Tensor]] = {}
+    for section, entries in state.items():
+        host[section] = {}
+        for key, tensor in entries.items():
+            copy = tensor_of(share, f"{section}/{key}")
+            if isinstance(tensor, DTensor):
+                copy = DTensor.from_local(copy, tensor.device_mesh, tensor.placements,
+                                          run_check=False, shape=tensor.shape,
+                                          stride=tensor.stride())
+            host[section][key] = copy
+    return host
 
 
 
@@ -79,20 +103,36 @@ class Snapshotter:
         self.peer = keepers[after[0]] if after else None  # on the next node, round the ring
         self.others = [keepers[n] for n in after]
         self.rank, self.layout = rank, layout
-        self.stall_s: float | None = None  # how long the last hand-over held the step up
+        self.handing: Future | None = None  # the hand-over in flight, if any
+        self.kept: tuple[int, Future] | None = None  # a step whose share a checkpoint writes
+        self.mover = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
+        self.waited_s = 0.0  # what `settle` waited since the last `take`
+        self.stall_s: float | None = None  # how long the last snapshot held training up
 
     def take(self, step: int, parts: list[torch.nn.Module],
-             optimizers: list[torch.optim.Optimizer], meta: dict) -> None:
-        """Hand over this rank's share of `step` (no collective; before the next update),
-        to both keepers at once; back once both hold it, so that the step survives this
-        process and this node. A peer that fails is left out until the next group."""
-        import ray
-
+             optimizers: list[torch.optim.Optimizer], meta: dict, keep: bool = False) -> None:
+        """Start handing this rank's share of `step` to both keepers (no collective), in a
+        thread, while the next step computes: the share reads the state in place, so
+        `settle` must come before the next update changes it. `keep` it for a checkpoint
+        of `step` (`host_copy`)."""
         if self.home is None:
             return
+        self.settle()
         started = time.perf_counter()
         state, _ = training_state(parts, optimizers)
-        share = ray.put(share_of(state, rng_state_json(), meta))  # once, for both keepers
+        self.handing = self.mover.submit(self.hand_over, step, state, rng_state_json(), meta)
+        self.kept = (step, self.handing) if keep else None
+        self.stall_s = self.waited_s + time.perf_counter() - started
+        self.waited_s = 0.0
+
+    def hand_over(self, step: int, state: dict[str, dict[str, torch.Tensor]], rng: str,
+                  meta: dict) -> Any:
+        """Put the share in the object store once, for both keepers; back (with its
+        reference) once both hold it, so that the step survives this process and this
+        node. A peer that fails is left out until the next group."""
+        import ray
+
+        share = ray.put(share_of(state, rng, meta))
         held = self.home.hold.remote(step, self.rank, self.layout, share)
         if self.peer is not None:
             try:
@@ -101,7 +141,28 @@ class Snapshotter:
             except (ray.exceptions.RayError, TimeoutError):  # lost with its node
                 self.peer = None
         ray.get(held)
-        self.stall_s = time.perf_counter() - started
+        return share
+
+    def settle(self) -> None:
+        """Wait until the keepers hold the share in flight (raising what handing it over
+        raised): before the state changes, and before a drill ends this rank."""
+        handing, self.handing = self.handing, None
+        if handing is not None:
+            started = time.perf_counter()
+            handing.result()
+            self.waited_s += time.perf_counter() - started
+
+    def host_copy(self, step: int, parts: list[torch.nn.Module],
+                  optimizers: list[torch.optim.Optimizer]) -> HostCopy | None:
+        """The share of `step`, if it was taken to `keep`, for the checkpoint of `step`:
+        written from the object store's copy, with no copy of its own."""
+        import ray
+
+        kept, self.kept = self.kept, None
+        if kept is None or kept[0] != step:
+            return None
+        share = ray.get(kept[1].result())
+        return HostCopy(on_host(training_state(parts, optimizers)[0], share), share.rng)
 
     def answers(self, method: str, *args: Any) -> Iterator[Any]:
         """What each keeper answers to `method`, its own node's first; one lost with its
@@ -119,15 +180,23 @@ class Snapshotter:
         return max((step for held in self.answers("held") for step, rank, layout in held
                     if rank == self.rank and layout == self.layout), default=None)
 
-    def fetch(self, step: int) -> Share | None:
-        """This rank's share of `step` from whichever keeper still has it."""
-        return next((share for share in self.answers("fetch", step, self.rank)
-                     if share is not None), None)
+    def fetch(self, step: int, wait_s: float) -> Share | None:
+        """This rank's share of `step` from whichever keeper has it, waited for up to
+        `wait_s` (the rank that takes it may still be handing it over)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            share = next((share for share in self.answers("fetch", step, self.rank)
+                          if share is not None), None)
+            if share is not None or time.monotonic() >= deadline:
+                return share
+            time.sleep(FETCH_AGAIN_S)
 
     def restore(self, step: int, parts: list[torch.nn.Module],
-                optimizers: list[torch.optim.Optimizer]) -> tuple[Resumed | None, str | None]:
-        """Collective: every rank loads its share of `step`, or none does (why, then)."""
-        share = self.fetch(step)
+                optimizers: list[torch.optim.Optimizer], wait_s: float = 0.0
+                ) -> tuple[Resumed | None, str | None]:
+        """Collective: every rank loads its share of `step` (waited for up to `wait_s`),
+        or none does (why, then)."""
+        share = self.fetch(step, wait_s)
         state, keys = training_state(parts, optimizers)
         problem = "no keeper holds it" if share is None else restore_into(state, share)
         problem = first_of_all_ranks(problem)
