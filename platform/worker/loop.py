@@ -296,7 +296,7 @@ class WorkerLoop:
         return metrics
 
     def snapshot_metrics(self) -> dict[str, float]:
-        """How long rank 0's last in-memory snapshot held its step up."""
+        """How long rank 0's last in-memory snapshot held training up (`Snapshotter.stall_s`)."""
         if self.snapshots is None or self.snapshots.stall_s is None:
             return {}
         return {names.SNAPSHOT_S: self.snapshots.stall_s}
