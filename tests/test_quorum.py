@@ -112,6 +112,8 @@ def test_a_hung_member_is_evicted_and_told_so():
 
 
 def test_a_replacement_loads_the_finished_step_and_joins_at_the_next():
+    """The members wait for it; the step's snapshot is awaited while the leader that
+    takes it lives."""
     with running([0, 1], 2) as (quorum, beats, pool):
         arrive_all(pool, quorum, [0, 1], 1)
         vote_all(pool, quorum, {0: True, 1: True}, 0)
@@ -124,8 +126,12 @@ def test_a_replacement_loads_the_finished_step_and_joins_at_the_next():
         time.sleep(0.2)
         assert not members[0].done()  # the members wait for it to load
         formed = Membership(1, 2, (0, 1, 2), before=(0, 1), before_step=1)
+        assert quorum.snapshot_coming(1)  # its leader, 0, may still be handing it over
         assert quorum.arrive(2, 2) == formed  # the leader says who joined
         assert {f.result(timeout=10) for f in members.values()} == {formed}
+        beats.stop(0)
+        time.sleep(0.5)
+        assert not quorum.snapshot_coming(1)  # its leader died: it never comes
 
 
 def test_a_replacement_that_loaded_but_hangs_is_evicted_after_the_hang_timeout():

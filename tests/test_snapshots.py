@@ -102,8 +102,9 @@ def test_keepers_are_ended_where_the_nodes_memory_cannot_hold_the_snapshots(ray_
 def test_a_share_is_handed_over_while_training_goes_on_and_a_checkpoint_is_written_from_it(
         ray_session, tmp_path):
     """`take` comes back before the keeper holds the share; `settle` (before the next
-    update) waits for it, and a joiner asking meanwhile waits for it too. A checkpoint
-    of the step is written from the kept share while the live state moves on: loading
+    update) waits for it, and a joiner asking meanwhile waits for it while its taker
+    lives. A checkpoint of the step is written from the kept share, which it need not
+    wait for the keeper to copy, while the live state moves on: loading
     either the snapshot or the checkpoint, the next step gives the live model's weights."""
     import time
 
@@ -122,12 +123,15 @@ def test_a_share_is_handed_over_while_training_goes_on_and_a_checkpoint_is_writt
     started = time.perf_counter()
     snapshots.take(1, [model], [optimizer], {"at": 1}, keep=True)
     assert time.perf_counter() - started < 0.5 and snapshots.stall_s < 0.5
-    assert snapshots.fetch(1, wait_s=0) is None  # still on its way
-    share = snapshots.fetch(1, wait_s=30)  # a joiner waits for it
-    assert share is not None and share.meta == {"at": 1}
+    copy = snapshots.host_copy(1, [model], [optimizer])  # once put: the keeper still copies
+    assert time.perf_counter() - started < 0.5  # before the keeper's copy
     store = CheckpointStore(tmp_path, keep_last=1)
-    pending = store.write(1, [model], [optimizer], {}, background=True,
-                          copy=snapshots.host_copy(1, [model], [optimizer]))
+    pending = store.write(1, [model], [optimizer], {}, background=True, copy=copy)
+    share = snapshots.fetch(1, coming=lambda: True)  # a joiner waits for it
+    assert share is not None and share.meta == {"at": 1}
+    asked = time.perf_counter()
+    assert snapshots.fetch(2, coming=lambda: False) is None  # its taker died: not waited for
+    assert time.perf_counter() - asked < 0.5
     snapshots.settle()
     step(model, optimizer, 1, 1)  # the update: the checkpoint may still be being written
     store.commit(pending)

@@ -66,6 +66,7 @@ class Quorum:
         self.joining: dict[int, int | None] = {}  # replica -> the step it loads (None: not yet)
         self.loaded: dict[int, float] = {}  # replica -> when it loaded its state (not a member)
         self.asked_to_load = 0.0  # when the joiners were last told which step to load
+        self.applied: tuple[int, int] | None = None  # the last applied step and its leader
         self.store: Any = None  # the TCP store of the members' gradient groups
 
     def store_address(self) -> tuple[str, int]:
@@ -143,6 +144,13 @@ class Quorum:
             if self.joining.get(replica) is None:  # the members have gone meanwhile
                 del self.joining[replica]
             return self.joining.get(replica)
+
+    def snapshot_coming(self, step: int) -> bool:
+        """Whether the snapshot of `step`, which a joiner loads, may still be on its way:
+        the leader that applied `step`, and hands it over in the background, is alive."""
+        with self.changed:
+            return self.applied is not None and self.applied[0] == step \
+                and self.alive(self.applied[1])
 
     # -- steps ------------------------------------------------------------------------
 
@@ -261,7 +269,9 @@ class Quorum:
                 late = time.monotonic() - self.since > self.hang_timeout_s
                 if not missing or late or not all(self.still_member(m) for m in missing):
                     self.outcome = not missing and all(self.votes.values())
-                    if not self.outcome:
+                    if self.outcome:
+                        self.applied = (current.step, current.leader)
+                    else:
                         say(f"step {current.step} not applied: votes {self.votes}, "
                             f"no vote from {missing}")
                     if late:

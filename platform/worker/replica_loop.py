@@ -27,7 +27,6 @@ from raytron.platform.storage import metric_names as names
 from raytron.platform.worker.faults import FIRST_STEP_GRACE_S, FaultInjector
 from raytron.platform.worker.loop import WorkerArgs, WorkerLoop
 from raytron.platform.worker.replica_sync import ReplicaSync, StepNotApplied
-from raytron.platform.worker.snapshotting import PEER_TIMEOUT_S
 from raytron.platform.worker.stderr import say
 from raytron.platform.worker.trainer import Sequences
 
@@ -87,7 +86,8 @@ class ReplicaLoop(WorkerLoop):
                                "there are no in-memory snapshots to load the state from")
         started = time.perf_counter()
         resumed, problem = self.snapshots.restore(  # the leader may still be handing it over
-            target, self.trainer.parts, self.trainer.optimizers, PEER_TIMEOUT_S)
+            target, self.trainer.parts, self.trainer.optimizers,
+            lambda: self.sync.snapshot_coming(target))
         if resumed is None:
             raise RuntimeError(f"replica {self.replica} cannot join at step {target + 1}: "
                                f"the snapshot of step {target} {problem}")

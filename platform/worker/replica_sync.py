@@ -63,6 +63,9 @@ class ReplicaSync:
         self.heart.start()
         return ray.get(self.quorum.join.remote(self.replica))
 
+    def snapshot_coming(self, step: int) -> bool:
+        return ray.get(self.quorum.snapshot_coming.remote(step))
+
     def has_loaded(self) -> None:
         """The state `join` named is loaded: the members now wait for this replica only as
         long as for one of them."""

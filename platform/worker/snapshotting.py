@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -120,19 +120,27 @@ class Snapshotter:
         self.settle()
         started = time.perf_counter()
         state, _ = training_state(parts, optimizers)
-        self.handing = self.mover.submit(self.hand_over, step, state, rng_state_json(), meta)
-        self.kept = (step, self.handing) if keep else None
+        put: Future = Future()
+        self.handing = self.mover.submit(self.hand_over, step, state, rng_state_json(), meta,
+                                         put)
+        self.kept = (step, put) if keep else None
         self.stall_s = self.waited_s + time.perf_counter() - started
         self.waited_s = 0.0
 
     def hand_over(self, step: int, state: dict[str, dict[str, torch.Tensor]], rng: str,
-                  meta: dict) -> Any:
-        """Put the share in the object store once, for both keepers; back (with its
-        reference) once both hold it, so that the step survives this process and this
-        node. A peer that fails is left out until the next group."""
+                  meta: dict, put: Future) -> None:
+        """Put the share in the object store once, for both keepers (its reference on
+        `put` once there, for a checkpoint to write it meanwhile); back once both hold it,
+        so that the step survives this process and this node. A peer that fails is left
+        out until the next group."""
         import ray
 
-        share = ray.put(share_of(state, rng, meta))
+        try:
+            share = ray.put(share_of(state, rng, meta))
+        except BaseException as error:
+            put.set_exception(error)
+            raise
+        put.set_result(share)
         held = self.home.hold.remote(step, self.rank, self.layout, share)
         if self.peer is not None:
             try:
@@ -141,7 +149,6 @@ class Snapshotter:
             except (ray.exceptions.RayError, TimeoutError):  # lost with its node
                 self.peer = None
         ray.get(held)
-        return share
 
     def settle(self) -> None:
         """Wait until the keepers hold the share in flight (raising what handing it over
@@ -155,7 +162,8 @@ class Snapshotter:
     def host_copy(self, step: int, parts: list[torch.nn.Module],
                   optimizers: list[torch.optim.Optimizer]) -> HostCopy | None:
         """The share of `step`, if it was taken to `keep`, for the checkpoint of `step`:
-        written from the object store's copy, with no copy of its own."""
+        written from the object store's copy, with no copy of its own, as soon as it is
+        there (the keepers may still be copying it)."""
         import ray
 
         kept, self.kept = self.kept, None
@@ -180,23 +188,25 @@ class Snapshotter:
         return max((step for held in self.answers("held") for step, rank, layout in held
                     if rank == self.rank and layout == self.layout), default=None)
 
-    def fetch(self, step: int, wait_s: float) -> Share | None:
-        """This rank's share of `step` from whichever keeper has it, waited for up to
-        `wait_s` (the rank that takes it may still be handing it over)."""
-        deadline = time.monotonic() + wait_s
+    def fetch(self, step: int, coming: Callable[[], bool] | None = None) -> Share | None:
+        """This rank's share of `step` from whichever keeper has it; waited for while
+        `coming()` says the rank that takes it may still be handing it over (at most
+        PEER_TIMEOUT_S)."""
+        deadline = time.monotonic() + PEER_TIMEOUT_S
         while True:
+            going_on = coming is not None and time.monotonic() < deadline and coming()
             share = next((share for share in self.answers("fetch", step, self.rank)
                           if share is not None), None)
-            if share is not None or time.monotonic() >= deadline:
+            if share is not None or not going_on:  # asked once more after it stopped
                 return share
             time.sleep(FETCH_AGAIN_S)
 
     def restore(self, step: int, parts: list[torch.nn.Module],
-                optimizers: list[torch.optim.Optimizer], wait_s: float = 0.0
-                ) -> tuple[Resumed | None, str | None]:
-        """Collective: every rank loads its share of `step` (waited for up to `wait_s`),
+                optimizers: list[torch.optim.Optimizer],
+                coming: Callable[[], bool] | None = None) -> tuple[Resumed | None, str | None]:
+        """Collective: every rank loads its share of `step` (waited for while `coming()`),
         or none does (why, then)."""
-        share = self.fetch(step, wait_s)
+        share = self.fetch(step, coming)
         state, keys = training_state(parts, optimizers)
         problem = "no keeper holds it" if share is None else restore_into(state, share)
         problem = first_of_all_ranks(problem)
