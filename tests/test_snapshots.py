@@ -123,7 +123,7 @@ def test_a_share_is_handed_over_while_training_goes_on_and_a_checkpoint_is_writt
     started = time.perf_counter()
     snapshots.take(1, [model], [optimizer], {"at": 1}, keep=True)
     assert time.perf_counter() - started < 0.5 and snapshots.stall_s < 0.5
-    copy = snapshots.host_copy(1, [model], [optimizer])  # once put: the keeper still copies
+    copy = snapshots.host_copy(1)  # once put: the keeper still copies
     assert time.perf_counter() - started < 0.5  # before the keeper's copy
     store = CheckpointStore(tmp_path, keep_last=1)
     pending = store.write(1, [model], [optimizer], {}, background=True, copy=copy)
@@ -143,6 +143,6 @@ def test_a_share_is_handed_over_while_training_goes_on_and_a_checkpoint_is_writt
         step(*restored, 1, 1)
         assert_same_weights(model, restored[0], rtol=0, atol=0)
     snapshots.take(2, [model], [optimizer], {"at": 2})
-    assert snapshots.host_copy(2, [model], [optimizer]) is None  # not kept for a checkpoint
+    assert snapshots.host_copy(2) is None  # not kept for a checkpoint
     snapshots.settle()
     assert snapshots.waited_s > 0.5  # the slow copy held the step up: counted as its stall

@@ -484,10 +484,9 @@ class WorkerLoop:
                 "layout": self.group_layout.sizes(),
                 "time": time.time()}
         background = background and self.config.checkpoint.async_save
-        parts, optimizers = self.trainer.parts, self.trainer.optimizers
-        copy = None if self.snapshots is None else \
-            self.snapshots.host_copy(step, parts, optimizers)  # the snapshot's, if it has one
-        self.unsaved = self.store.write(step, parts, optimizers, meta, background, copy)
+        copy = None if self.snapshots is None else self.snapshots.host_copy(step)
+        self.unsaved = self.store.write(step, self.trainer.parts, self.trainer.optimizers,
+                                        meta, background, copy)  # from the snapshot's, if any
         if not background:
             self.commit()
         self.report(step, {"checkpoint_save_s": time.perf_counter() - started})

@@ -104,7 +104,7 @@ class Snapshotter:
         self.others = [keepers[n] for n in after]
         self.rank, self.layout = rank, layout
         self.handing: Future | None = None  # the hand-over in flight, if any
-        self.kept: tuple[int, Future] | None = None  # a step whose share a checkpoint writes
+        self.kept: tuple[int, dict, Future] | None = None  # step, state, put: for a checkpoint
         self.mover = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
         self.waited_s = 0.0  # what `settle` waited since the last `take`
         self.stall_s: float | None = None  # how long the last snapshot held training up
@@ -123,7 +123,7 @@ class Snapshotter:
         put: Future = Future()
         self.handing = self.mover.submit(self.hand_over, step, state, rng_state_json(), meta,
                                          put)
-        self.kept = (step, put) if keep else None
+        self.kept = (step, state, put) if keep else None
         self.stall_s = self.waited_s + time.perf_counter() - started
         self.waited_s = 0.0
 
@@ -159,8 +159,7 @@ class Snapshotter:
             handing.result()
             self.waited_s += time.perf_counter() - started
 
-    def host_copy(self, step: int, parts: list[torch.nn.Module],
-                  optimizers: list[torch.optim.Optimizer]) -> HostCopy | None:
+    def host_copy(self, step: int) -> HostCopy | None:
         """The share of `step`, if it was taken to `keep`, for the checkpoint of `step`:
         written from the object store's copy, with no copy of its own, as soon as it is
         there (the keepers may still be copying it)."""
@@ -169,8 +168,9 @@ class Snapshotter:
         kept, self.kept = self.kept, None
         if kept is None or kept[0] != step:
             return None
-        share = ray.get(kept[1].result())
-        return HostCopy(on_host(training_state(parts, optimizers)[0], share), share.rng)
+        _, state, put = kept
+        share = ray.get(put.result())
+        return HostCopy(on_host(state, share), share.rng)
 
     def answers(self, method: str, *args: Any) -> Iterator[Any]:
         """What each keeper answers to `method`, its own node's first; one lost with its
