@@ -13,6 +13,7 @@ import pytest
 from raytron.pipelines.embedded import REVERSE_WORDS, REVERSE_WORDS_PAIRS
 from raytron.platform.models.answers import exact_answers, held_out_samples, preferred_pairs
 
+from model_runs import small_model, small_tokenizer, write_run
 from test_train_e2e import assert_only_raytron_lines, completed
 
 QUIET = ("cluster.dashboard=false", "train.log_interval=100")
@@ -41,9 +42,10 @@ def pretrained(root) -> Path:
 
 @pytest.fixture(scope="module")
 def briefly_pretrained(root) -> Path:
-    """The tiny preset trained 20 steps: a base for what does not hang on what it knows."""
-    train(root, "run.name=brief", "train.steps=20")
-    return root / "brief"
+    """A small model's run with random weights, written without Ray: a base for what does
+    not hang on what the base knows (a pre-training would cost a minute)."""
+    tokenizer = small_tokenizer()
+    return write_run(root, "brief", small_model(tokenizer.get_vocab_size()), tokenizer)
 
 
 @pytest.mark.learning

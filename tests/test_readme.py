@@ -28,6 +28,9 @@ README = REPO / "README.md"
 # apply up to the step count; a later key=value wins)
 FEW_STEPS = ("train.steps=2", "checkpoint.interval=2", "train.eval_interval=0",
              "train.log_interval=1")
+# appended to a `raytron eval --tasks` without a --limit: each task's first items (the
+# README's three whole take half a minute; tests/test_task_scoring.py scores one whole)
+FEW_ITEMS = ("--limit", "20")
 # ... and to the GPU presets, whose steps take minutes on a CPU
 SMALL_BATCH = ("train.global_batch=4", "train.micro_batch=1", "data.seq_len=64")
 # commands that need a GPU, other nodes or a server left running: checked elsewhere, and
@@ -75,7 +78,7 @@ NOT_RUN = {
 CONFIG_ONLY = {
     "cluster.workers=8": "8 GPUs, or several nodes",
     "parallel.": "layouts: tests/test_parallel.py trains each against one process, "
-                 "tests/test_train_e2e.py dp2 x tp2 with failures",
+                 "tests/test_train_e2e.py dp2 with failures and dp=auto x tp2 resizing",
     "run.name=longer": "the README's first training, longer",
     "train my-run.yaml  ": "the README's first training with its keys in a YAML file, as "
                            "the shipped configs/*.yaml that tests/test_adapt_e2e.py trains",
@@ -153,16 +156,18 @@ def scratch(folder: Path, home: Path) -> None:
 
 def argv_to_run(command: Command, trained: set[str]) -> list[str]:
     """The command's arguments as run here: raytron and python from this environment; a
-    training with a few steps, under a run name of its own unless it names one (so that
-    each trains, instead of finding runs/tiny finished), but the README's first
-    `raytron train`, which makes runs/tiny for the commands after it, and the shipped
-    configs, which name their runs."""
+    task evaluation of a few items; a training with a few steps, under a run name of its
+    own unless it names one (so that each trains, instead of finding runs/tiny finished),
+    but the README's first `raytron train`, which makes runs/tiny for the commands after
+    it, and the shipped configs, which name their runs."""
     argv = list(command.argv)
     if argv[0] == "python":
         argv[0] = sys.executable
     if argv[0] != "raytron":
         return argv
     argv = [sys.executable, "-m", "raytron.platform.cli", *argv[1:]]
+    if command.argv[1:2] == ["eval"] and "--tasks" in argv and "--limit" not in argv:
+        return [*argv, *FEW_ITEMS]
     if command.argv[1:2] != ["train"]:
         return argv
     if any(text in command.text for text in CONFIG_ONLY):

@@ -288,30 +288,30 @@ def assert_losses_match(root: Path, name: str, rel: float = 1e-4,
     return run
 
 
-def test_failures_in_a_four_worker_run_restart_it_and_change_nothing(root, whole):
-    """dp2 x tp2 on four Ray workers, with a killed rank, a hung rank caught by the
-    watchdog and a rank failing inside a checkpoint save: three restarts, each from the
-    in-memory snapshot of the last finished step (none computed twice, though the
-    checkpoints are 6 steps apart), and the losses of the uninterrupted one-worker run."""
-    drills = ("faults.inject=[kill rank 1 at step 4, hang rank 2 at step 9, "
-              "raise in rank 3 during checkpoint at step 12]")
-    output = run_to_end(root, "faulty", ("parallel.dp=2", "parallel.tp=2", "cluster.workers=4",
-                                         drills, "faults.hang_timeout_s=10",
+def test_failures_restart_a_run_from_its_last_step_and_change_nothing(root, whole):
+    """dp2 on two Ray workers, with a killed rank, a hung rank caught by the watchdog and a
+    rank failing inside a checkpoint save: three restarts, each from the in-memory
+    snapshot of the last finished step (none computed twice, though the checkpoints are 6
+    steps apart), and the losses of the uninterrupted one-worker run. (Tensor parallelism
+    restarts in the elastic run below.)"""
+    drills = ("faults.inject=[kill rank 1 at step 4, hang rank 0 at step 9, "
+              "raise in rank 1 during checkpoint at step 12]")
+    output = run_to_end(root, "faulty", ("parallel.dp=2", drills, "faults.hang_timeout_s=10",
                                          "faults.restart_backoff_s=0.5"))
     assert output.count("restarting from step") == 3
     for finished in (3, 8, 12):  # before the kill at 4, the hang at 9, the raise at 12's save
         assert f"restarting from step {finished} (in-memory snapshot) in" in output, output
         assert f"Resuming from step {finished} (in-memory snapshot)" in output
-    assert "rank 2 (pp=0, dp=1, tp=0)" in output  # failures name ranks and coordinates
+    assert "rank 0 (pp=0, dp=0, tp=0)" in output  # failures name ranks and coordinates
     assert_only_raytron_lines(output)
     run = assert_losses_match(root, "faulty")
     assert run.data.metrics["restarts"] == 3 and run.info.status == "FINISHED"
-    assert run.data.tags[LAYOUT_TAG] == "pp=1 dp=2 tp=2 (4 workers)"
+    assert run.data.tags[LAYOUT_TAG] == "pp=1 dp=2 tp=1 (2 workers)"
     assert len(events(run, "launch")) == 4  # the first and one per restart
     assert sum(tag.startswith("raytron.event.failure_") for tag in run.data.tags) == 3
     status = subprocess.run([sys.executable, "-m", "raytron.platform.cli", "status",
                              str(root / "faulty")], capture_output=True, text=True, timeout=120)
-    for text in ("FINISHED", "restarts     3", "checkpoint   step 24 of 24", "pp=1 dp=2 tp=2",
+    for text in ("FINISHED", "restarts     3", "checkpoint   step 24 of 24", "pp=1 dp=2 tp=1",
                  "failure 3:"):
         assert text in status.stdout, status.stdout
 
