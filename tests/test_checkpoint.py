@@ -265,6 +265,35 @@ def test_background_saves_copy_into_the_buffers_of_one_stager(tmp_path):
     assert store.stager is None
 
 
+def test_a_background_save_from_a_copy_on_its_way_returns_before_the_copy_is_made(tmp_path):
+    """A checkpoint written from a copy being made elsewhere (an in-memory snapshot's
+    share): `write` comes back at once, DCP's thread waits for the copy, and the
+    checkpoint holds the copy, not the live state that moved on meanwhile."""
+    import threading
+    from concurrent.futures import Future
+
+    from raytron.platform.storage.rng_state import rng_state_json
+
+    store = CheckpointStore(tmp_path, keep_last=2)
+    model, optimizer = trainer()
+    step(model, optimizer, 0, 0)
+    copied: Future = Future()
+    state = checkpoint.training_state([model], [optimizer])[0]
+    at_step_1 = {section: {key: tensor.clone() for key, tensor in entries.items()}
+                 for section, entries in state.items()}
+    pending = store.write(1, [model], [optimizer], {}, background=True,
+                          copy=checkpoint.HostCopy(copied, rng_state_json()))
+    assert not pending.written()  # back before the copy exists
+    step(model, optimizer, 1, 1)  # the live state moves on
+    threading.Timer(0.2, copied.set_result, (at_step_1,)).start()
+    store.commit(pending)
+    fresh = trainer(seed=3)
+    store.load(1, [fresh[0]], [fresh[1]])
+    loaded = fresh[0].state_dict()
+    for name, value in at_step_1["model"].items():
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
+
+
 def test_a_damaged_newest_checkpoint_does_not_push_out_a_good_one(tmp_path):
     """keep_last=2 counts the checkpoints that look whole: with step 2 damaged, step 3's
     commit keeps 1 and 3 (and leaves 2, which it does not count, to be looked at)."""

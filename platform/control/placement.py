@@ -40,6 +40,11 @@ def with_tokenizer_workers(config: RaytronConfig, nodes: list[dict[str, float]]
 
 
 DASHBOARD_PORT = 8265  # Ray's own default, where the README sends users
+# A local Ray's raylet gives its agents 15 s to write their ports and exits when they are
+# late, as on a machine busy with other work (ray-project/ray#65983): the start is tried
+# again once.
+LOCAL_STARTS = 2
+STARTUP_TIMEOUT = "timed out during startup"
 
 
 def start_ray(config: RaytronConfig) -> None:
@@ -60,9 +65,16 @@ def start_ray(config: RaytronConfig) -> None:
         # is in every process of this Ray.
         port = DASHBOARD_PORT if port_is_free(DASHBOARD_PORT) else free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=local_cpus(config),  # never a `ray start`'s
-             include_dashboard=config.cluster.dashboard, dashboard_host="127.0.0.1",
-             **({"dashboard_port": port} if port else {}))
+    for attempt in range(LOCAL_STARTS):
+        try:
+            ray.init(address="local", num_cpus=local_cpus(config),  # never a `ray start`'s
+                     include_dashboard=config.cluster.dashboard, dashboard_host="127.0.0.1",
+                     **({"dashboard_port": port} if port else {}))
+            return
+        except Exception as error:  # noqa: BLE001 (Ray raises a plain Exception)
+            if STARTUP_TIMEOUT not in str(error) or attempt == LOCAL_STARTS - 1:
+                raise
+            ray.shutdown()  # what the failed start left running
 
 
 def dashboard_address() -> str | None:

@@ -104,21 +104,25 @@ class PendingSave:
 
 @dataclass
 class HostCopy:
-    """A step's `training_state` already copied off the live tensors (an in-memory
-    snapshot's share) and its RNG state: a checkpoint of that step writes it as it is,
-    with no copy of its own."""
+    """A step's `training_state` being copied off the live tensors (an in-memory
+    snapshot's share, its future resolved once the copy is made) and its RNG state: a
+    checkpoint of that step writes the copy as it is, with no copy of its own."""
 
-    state: dict
+    state: Future
     rng: str
 
 
-class AsIs:
-    """DCP's `AsyncStager` for a `HostCopy`: it is staged already."""
+class Awaiting:
+    """DCP's `AsyncStager` for a `HostCopy`: its stage is the copy's future, which DCP's
+    write thread waits for, so that the save returns before the copy is made."""
 
     should_synchronize_after_execute = False
 
-    def stage(self, state_dict: dict) -> dict:
-        return state_dict
+    def __init__(self, copy: HostCopy):
+        self.copy = copy
+
+    def stage(self, state_dict: dict) -> Future:
+        return self.copy.state
 
     def close(self) -> None:
         pass
@@ -244,17 +248,19 @@ class CheckpointStore:
             if self.fs.exists(folder):  # the leftover of a save that crashed
                 self.fs.rm(folder, recursive=True)
         barrier()
-        state = training_state(parts, optimizers)[0] if copy is None else copy.state
         future = staged = None
         group = passing_group()
         if not background:
+            state = training_state(parts, optimizers)[0] if copy is None else copy.state.result()
             dcp.save(state, checkpoint_id=self.checkpoint_id(step), process_group=group)
             end_group(group)
             group = None
-        else:
+        else:  # from `copy`, DCP's thread waits for it: `{}` stands for the state it stages
+            state = training_state(parts, optimizers)[0] if copy is None else {}
             future = dcp.async_save(state, checkpoint_id=self.checkpoint_id(step),
                                     process_group=group, no_dist=not dist.is_initialized(),
-                                    async_stager=self.staging() if copy is None else AsIs())
+                                    async_stager=self.staging() if copy is None
+                                    else Awaiting(copy))
             if isinstance(future, AsyncSaveResponse):
                 future, staged = future.upload_completion, future.staging_completion
         self.fs.makedirs(folder, exist_ok=True)  # a background write may not have yet

@@ -104,7 +104,8 @@ class Snapshotter:
         self.others = [keepers[n] for n in after]
         self.rank, self.layout = rank, layout
         self.handing: Future | None = None  # the hand-over in flight, if any
-        self.kept: tuple[int, dict, Future] | None = None  # step, state, put: for a checkpoint
+        self.kept: tuple[int, dict, str, Future] | None = None  # step, state, rng, put: for
+        # a checkpoint of that step
         self.mover = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
         self.waited_s = 0.0  # what `settle` waited since the last `take`
         self.stall_s: float | None = None  # how long the last snapshot held training up
@@ -121,9 +122,9 @@ class Snapshotter:
         started = time.perf_counter()
         state, _ = training_state(parts, optimizers)
         put: Future = Future()
-        self.handing = self.mover.submit(self.hand_over, step, state, rng_state_json(), meta,
-                                         put)
-        self.kept = (step, state, put) if keep else None
+        rng = rng_state_json()
+        self.handing = self.mover.submit(self.hand_over, step, state, rng, meta, put)
+        self.kept = (step, state, rng, put) if keep else None
         self.stall_s = self.waited_s + time.perf_counter() - started
         self.waited_s = 0.0
 
@@ -161,16 +162,25 @@ class Snapshotter:
 
     def host_copy(self, step: int) -> HostCopy | None:
         """The share of `step`, if it was taken to `keep`, for the checkpoint of `step`:
-        written from the object store's copy, with no copy of its own, as soon as it is
-        there (the keepers may still be copying it)."""
-        import ray
-
+        at once, its state resolved once the share is in the object store (the keepers
+        may still be copying it), for the checkpoint to be written from, with no copy of
+        its own."""
         kept, self.kept = self.kept, None
         if kept is None or kept[0] != step:
             return None
-        _, state, put = kept
-        share = ray.get(put.result())
-        return HostCopy(on_host(state, share), share.rng)
+        _, state, rng, put = kept
+        copied: Future = Future()
+
+        def from_store(put: Future) -> None:  # in the hand-over thread, once it put the share
+            import ray
+
+            try:
+                copied.set_result(on_host(state, ray.get(put.result())))
+            except BaseException as error:
+                copied.set_exception(error)
+
+        put.add_done_callback(from_store)
+        return HostCopy(copied, rng)
 
     def answers(self, method: str, *args: Any) -> Iterator[Any]:
         """What each keeper answers to `method`, its own node's first; one lost with its
