@@ -9,6 +9,7 @@ switches are set before anything imports `datasets`, so that no call waits on it
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -62,11 +63,13 @@ def task_manager(tasks: Sequence[str], include_paths: Sequence[str], key: str = 
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on every custom task
+    data = str(Path(data_dir).absolute()) if data_dir else None
     options = dict(include_path=[str(raytron_tasks()), *include_paths],
-                   metadata={"data_dir": str(Path(data_dir).absolute())} if data_dir else None)
+                   metadata=index_metadata(data))
     manager = TaskManager(include_defaults=False, **options)  # ~0.1 s against lm_eval's
     if not all(task in manager.all_tasks for task in tasks):  # 14,000 tasks' ~12 s
-        manager = TaskManager(**options)  # a stock task, or a YAML file that may name one
+        # a stock task, or a YAML file that may name one
+        manager = TaskManager(**options) if include_paths else whole_index(data)
     unknown = [task for task in tasks if task not in manager.all_tasks and not
                Path(task).is_file()]
     if unknown:
@@ -77,6 +80,21 @@ def task_manager(tasks: Sequence[str], include_paths: Sequence[str], key: str = 
                            "raytron_last_word; mtnlg and its mtnlg_* tasks), a task YAML "
                            f"file, or the folder of your task YAMLs with {where}."])
     return manager
+
+
+def index_metadata(data_dir: str | None) -> dict | None:
+    """What the `mtnlg` tasks' YAMLs read their data folder from."""
+    return {"data_dir": data_dir} if data_dir else None
+
+
+@functools.lru_cache(maxsize=2)
+def whole_index(data_dir: str | None):
+    """lm_eval's whole index and raytron's tasks, built once per process and absolute
+    `data_dir`: neither changes while it runs (a user's folder of YAMLs may, and is
+    indexed anew each time)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(raytron_tasks())], metadata=index_metadata(data_dir))
 
 
 def score_tasks(model, tasks: Sequence[str], manager, num_fewshot: int | None,
