@@ -294,15 +294,15 @@ def test_failures_restart_a_run_from_its_last_step_and_change_nothing(root, whol
     snapshot of the last finished step (none computed twice, though the checkpoints are 6
     steps apart), and the losses of the uninterrupted one-worker run. (Tensor parallelism
     restarts in the elastic run below.)"""
-    drills = ("faults.inject=[kill rank 1 at step 4, hang rank 0 at step 9, "
-              "raise in rank 1 during checkpoint at step 12]")
+    drills = ("faults.inject=[kill rank 1 at step 4, hang rank 1 at step 9, "
+              "raise in rank 0 during checkpoint at step 12]")
     output = run_to_end(root, "faulty", ("parallel.dp=2", drills, "faults.hang_timeout_s=10",
                                          "faults.restart_backoff_s=0.5"))
     assert output.count("restarting from step") == 3
     for finished in (3, 8, 12):  # before the kill at 4, the hang at 9, the raise at 12's save
         assert f"restarting from step {finished} (in-memory snapshot) in" in output, output
         assert f"Resuming from step {finished} (in-memory snapshot)" in output
-    assert "rank 0 (pp=0, dp=0, tp=0)" in output  # failures name ranks and coordinates
+    assert "rank 1 (pp=0, dp=1, tp=0)" in output  # failures name ranks and coordinates
     assert_only_raytron_lines(output)
     run = assert_losses_match(root, "faulty")
     assert run.data.metrics["restarts"] == 3 and run.info.status == "FINISHED"
