@@ -47,7 +47,7 @@ def run(*argv: str) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-@settings(max_examples=int(os.environ.get("RAYTRON_FUZZ_EXAMPLES", "400")), deadline=None,
+@settings(max_examples=int(os.environ.get("RAYTRON_FUZZ_EXAMPLES", "200")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(LEAF_KEYS), value=VALUES, command=st.sampled_from(["config", "plan"]))
 @example(key="parallel.tp", value="0", command="plan")

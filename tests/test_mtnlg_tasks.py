@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("hub_offline")  # no call may wait on the H
 
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from raytron.platform.models.task_eval import raytron_tasks  # noqa: E402
+from raytron.platform.models.task_eval import raytron_tasks, whole_index  # noqa: E402
 
 from model_runs import run_cli, small_model, small_tokenizer, write_run  # noqa: E402
 
@@ -142,12 +142,12 @@ def stock_tasks(tmp_path_factory) -> TaskManager:
     folder = tmp_path_factory.mktemp("stock")
     (folder / "hub_docs.json").write_text(json.dumps(HUB_DOCS))
     (folder / "hub_docs.py").write_text(HUB_LOADER)
-    index = TaskManager().task_index
+    index = whole_index(None).task_index  # lm_eval's whole index: once in this process
     for name in HUB_DOCS:
         (folder / f"stock_{name}.yaml").write_text(
             f"include: {index[name].yaml_path}\ntask: stock_{name}\n"
             f"custom_dataset: !function hub_docs.{name}\n")
-    return TaskManager(include_path=str(folder))
+    return TaskManager(include_defaults=False, include_path=str(folder))
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,8 @@ CONFIG_ONLY = {
                                      "tests/test_task_scoring.py trains a run on one",
     "run.name=sft-epoch": "sft-tiny with train.steps=auto: tests/test_train_e2e.py "
                           "fine-tunes for one epoch (python -m pytest -m learning)",
-    "run.name=tiny-continued": "tests/test_train_e2e.py trains on from an export",
+    "run.name=tiny-continued": "tests/test_train_e2e.py fine-tunes from an export; "
+                               "tests/test_parallel.py starts every layout from one",
     "configs/sft-tiny.yaml  #": "tests/test_train_e2e.py fine-tunes with it",
     "configs/dpo-tiny.yaml": "tests/test_adapt_e2e.py trains it, killed once",
 }

@@ -7,7 +7,6 @@ submitted for serving answers the `openai` client."""
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from process_trees import kill_tree
 
 from raytron.platform.cli import EXIT_CONFIG_ERROR, main
 from raytron.platform.config.load import load_config
@@ -222,12 +222,8 @@ def cluster():
         wait_for(f"{address}/api/version", head)
         yield address, env, base / "runs"
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        kill_tree(head.pid)  # at once: SIGTERM would have Ray drain its node first
+        head.wait()
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -4,9 +4,9 @@ so do runs that survive failure drills, resize with their cluster and are preemp
 resumed run applies a new schedule, refuses a new source list, never starts over when its
 checkpoints cannot be read, and keeps credentials out of everything it writes. An
 imported Mistral fine-tunes in its own chat template; that one epoch of it teaches the
-model its task takes minutes, and is marked `learning` (`python -m pytest -m learning`)."""
+model its task takes minutes, and is marked `learning` (`python -m pytest -m learning`);
+a replica run through a dozen failures takes two, and is marked `stress`."""
 
-import contextlib
 import json
 import os
 import re
@@ -16,11 +16,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from process_trees import kill_tree
 
 from raytron.platform.config.layout import Layout
 from raytron.platform.config.load import load_config
@@ -106,20 +107,9 @@ def run_and_kill_after_first_checkpoint(root: Path, name: str) -> None:
     assert_refused_beside(second, name)
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process, its process group and every descendant: Ray's worker processes
-    have process groups of their own, and would otherwise train on for the moment they
-    take to notice that Ray is gone (with cached data, a tiny run to its end)."""
-    tree = psutil.Process(pid)
-    processes = [tree, *tree.children(recursive=True)]
-    os.killpg(pid, signal.SIGKILL)
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-
-
 RAYTRON_LINE = re.compile(
     r"(|Training a \d+-token byte-level BPE tokenizer on the corpus|Starting run '|Continuing run '"
+    r"|Using the \d+-token tokenizer trained on the same corpus before \("
     r"|Preparing train\.eval_tasks: |model\.init_from has \d+ token embeddings "
     r"|  applied from the resumed step on: |MLflow run |  http://127\.0\.0\.1:\d+/#/experiments/"
     r"|Layout pp=|Ray's and the workers' own output: |Ray dashboard: http://127\.0\.0\.1:\d+$"
@@ -207,33 +197,85 @@ def test_the_run_learns_checkpoints_and_is_tracked(root, whole):
     assert committed == ["step_00000018", "step_00000024"]  # keep_last=2
 
 
+@dataclass
+class Interrupted:
+    """A run SIGKILLed after its first checkpoint (a second training beside it refused),
+    resumed and stopped by Ctrl-C, then run again to its end."""
+    ctrl_c: int  # the exit status of the resumed run that got Ctrl-C
+    ctrl_c_output: str
+    status: str  # `raytron status` after the Ctrl-C
+    output: str  # of the last run, to the end
+
+
+def ctrl_c_delivered() -> None:
+    """In the child before it runs: SIGINT raises KeyboardInterrupt there even when these
+    tests run where it is ignored (a background job of a script, under nohup), as a
+    terminal's foreground command has it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def resume_and_ctrl_c(root: Path, name: str) -> tuple[int, str]:
+    """The run resumed, and SIGINT (Ctrl-C) sent once it has trained a step: the exit
+    status and the output."""
+    log_file = root / f"{name}-ctrl-c.log"
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(command(root, name), cwd=root, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=ctrl_c_delivered)
+    trained = re.compile(r"Resuming from step \d+.*\nstep +\d+/24 ", re.DOTALL)
+    deadline = time.time() + 300
+    while not trained.search(log_file.read_text()) and process.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    return process.wait(timeout=120), log_file.read_text()
+
+
 @pytest.fixture(scope="module")
-def killed(root, whole) -> str:
-    """A run killed after its first checkpoint, then run again to the end; the output of
-    the second run."""
+def killed(root, whole) -> Interrupted:
     run_and_kill_after_first_checkpoint(root, "killed")
-    return run_to_end(root, "killed")
+    code, output = resume_and_ctrl_c(root, "killed")
+    status = cli(root, "status", str(root / "killed")).stdout
+    return Interrupted(code, output, status, run_to_end(root, "killed"))
 
 
 def test_a_killed_run_resumes_with_the_uninterrupted_losses(root, killed):
     """... after a second training beside it was refused; its lease, left by the killed
-    process, is taken over by the resume."""
-    resumed_output = killed
-    assert "Took over the lease of " in resumed_output and "is gone" in resumed_output
-    resumed_from = int(resumed_output.split("Resuming from step ")[1].split()[0])
+    process, is taken over by the resume. Every loss logged, before the kill, between the
+    resume and Ctrl-C, and after the last resume, is the uninterrupted run's."""
+    assert "Took over the lease of " in killed.ctrl_c_output
+    assert "is gone" in killed.ctrl_c_output
+    resumed_from = int(killed.ctrl_c_output.split("Resuming from step ")[1].split()[0])
     assert resumed_from in (6, 12, 18)
+    again = int(killed.output.split("Resuming from step ")[1].split()[0])
+    assert again >= resumed_from and "Took over" not in killed.output
     _, _, whole = loss_history(root, "whole")
-    _, run, killed = loss_history(root, "killed")
+    _, run, killed_losses = loss_history(root, "killed")
     expected = {m.step: m.value for m in whole}
-    seen_steps = {m.step for m in killed}
-    assert seen_steps == set(expected)
-    for metric in killed:  # before the kill, and again after the resume: always the same
+    assert {m.step for m in killed_losses} == set(expected)
+    for metric in killed_losses:  # whenever it was computed: always the same
         assert metric.value == pytest.approx(expected[metric.step], rel=1e-5, abs=1e-6), metric
     assert run.info.status == "FINISHED"
-    assert run.data.tags["raytron.resumed_from_step"] == str(resumed_from)
-    resume, = events(run, "resume")
-    assert f"resume 1: from step {resumed_from}, " in resume
-    assert len(events(run, "launch")) == 2
+    assert run.data.tags["raytron.resumed_from_step"] == str(again)
+    resumes = events(run, "resume")
+    assert f"resume 1: from step {resumed_from}, " in resumes[0] and len(resumes) == 2
+    assert len(events(run, "launch")) == 3
+
+
+def test_ctrl_c_stops_the_run_says_where_and_the_same_command_resumes_it(killed):
+    """SIGINT (Ctrl-C) to the resumed run: exit status 130, one line saying where the run
+    stopped and how it goes on, the stop in `raytron status` (the lease given back); the
+    same command then finishes (above, with the uninterrupted run's losses: the steps
+    after the last checkpoint are computed again)."""
+    assert killed.ctrl_c == 130, killed.ctrl_c_output[-3000:]
+    stopped = re.search(r"Stopped at step (\d+); the last checkpoint is step (\d+); run the "
+                        r"same command to resume\.", killed.ctrl_c_output)
+    assert stopped, killed.ctrl_c_output[-3000:]
+    assert int(stopped.group(2)) in (6, 12, 18, 24) and int(stopped.group(1)) >= 7
+    assert_only_raytron_lines(killed.ctrl_c_output)
+    assert "state        KILLED" in killed.status and "(Ctrl-C)" in killed.status
+    assert "writer       none" in killed.status
+    assert "Finished 24 steps" in killed.output
 
 
 def test_running_a_finished_run_again_changes_nothing(root, whole):
@@ -247,9 +289,10 @@ def cli(root: Path, *argv: str) -> subprocess.CompletedProcess:
     return result
 
 
-def test_a_trained_run_generates_evaluates_exports_and_starts_another(root, whole):
-    """The README's "Use the model" commands on a finished run, and a run started from its
-    export in another layout: it begins where the first one ended, not at random."""
+def test_a_trained_run_generates_and_evaluates(root, whole):
+    """The README's "Use the model" commands on a finished run (its export trains on in
+    the Mistral fine-tuning below; tests/test_parallel.py starts every layout from a
+    Hugging Face folder's weights)."""
     generated = cli(root, "generate", "whole", "--prompt", "The ", "--greedy",
                     "--max-new-tokens", "16")
     assert generated.stdout.startswith("The ") and "tokens/s" in generated.stderr
@@ -264,12 +307,6 @@ def test_a_trained_run_generates_evaluates_exports_and_starts_another(root, whol
     for metric in ("acc", "acc_norm"):  # in process as during training, to the last digit
         assert scored["results"]["raytron_word_choice"][f"{metric},none"] == \
             client.get_run(run.info.run_id).data.metrics[f"Eval/raytron_word_choice/{metric}"]
-    cli(root, "export", "whole", "whole-hf")
-    output = run_to_end(root, "tuned", (f"model.init_from={root / 'whole-hf'}",
-                                        "parallel.dp=2", "train.steps=4"))
-    assert "Finished 4 steps" in output
-    _, _, tuned = loss_history(root, "tuned")
-    assert min(tuned, key=lambda m: m.step).value < first_loss - 0.7
 
 
 def assert_losses_match(root: Path, name: str, rel: float = 1e-4,
@@ -363,6 +400,7 @@ def calm(root) -> str:
     return run_to_end(root, "calm", LONGER)
 
 
+@pytest.mark.stress
 def test_a_dozen_failures_in_a_replica_run_change_no_loss(root, calm):
     """faults.mode=replicas, dp=4, twelve drills in 200 steps on every replica, the
     leader included: kills, hangs and a raise (a drill whose replica is still being
@@ -384,41 +422,6 @@ def test_a_dozen_failures_in_a_replica_run_change_no_loss(root, calm):
     client = loss_history(root, "dozen")[0]
     replicas = client.get_metric_history(run.info.run_id, names.REPLICAS)
     assert min(m.value for m in replicas) < 4
-
-
-def ctrl_c_delivered() -> None:
-    """In the child before it runs: SIGINT raises KeyboardInterrupt there even when these
-    tests run where it is ignored (a background job of a script, under nohup), as a
-    terminal's foreground command has it."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def test_ctrl_c_stops_the_run_says_where_and_the_same_command_resumes_it(root, whole):
-    """SIGINT (Ctrl-C) after the first checkpoint: exit status 130, one line saying where
-    the run stopped and how it goes on, the stop in MLflow and `raytron status`; the same
-    command then finishes with the uninterrupted run's losses."""
-    marker = root / "interrupted" / "checkpoints" / "step_00000006" / COMMIT_MARKER
-    with open(root / "interrupted.log", "w") as log:
-        process = subprocess.Popen(command(root, "interrupted"), cwd=root, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True,
-                                   preexec_fn=ctrl_c_delivered)
-    deadline = time.time() + 300
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=120) == 130
-    output = (root / "interrupted.log").read_text()
-    stopped = re.search(r"Stopped at step (\d+); the last checkpoint is step (\d+); run the "
-                        r"same command to resume\.", output)
-    assert stopped, output[-3000:]
-    assert int(stopped.group(2)) in (6, 12, 18, 24) and int(stopped.group(1)) >= 6
-    assert_only_raytron_lines(output)
-    status = cli(root, "status", str(root / "interrupted")).stdout
-    assert "state        KILLED" in status and "(Ctrl-C)" in status
-    assert "writer       none" in status
-    run_to_end(root, "interrupted")
-    run = assert_losses_match(root, "interrupted", computed_once=False)  # no checkpoint on
-    assert run.info.status == "FINISHED"  # Ctrl-C: the steps after the last are computed again
 
 
 LIMITED = ("faults.max_restarts=0", "faults.inject=[kill rank 0 at step 8]")

@@ -129,12 +129,16 @@ def train_tokenizer(config: RaytronConfig, spec: StreamSpec,
     of the training documents, each source contributing its weight's share. The bar
     counts what is read (the budget is a cap, not the work: no total); the tokenizers
     library's own bars stay off."""
-    budget = config.data.tokenizer_sample_mb * 2**20
-    texts = tokenizer_sample(spec, budget)
+    texts = tokenizer_sample(spec, sample_bytes(config))
     if show_progress:
         texts = counted(texts, tqdm(unit="B", unit_scale=True, desc="reading the corpus",
                                     disable=None))  # no bar when output is no terminal
     return train_bpe(texts, config.data.vocab_size, show_progress=False)
+
+
+def sample_bytes(config: RaytronConfig) -> int:
+    """The most corpus bytes a tokenizer is trained on."""
+    return config.data.tokenizer_sample_mb * 2**20
 
 
 def counted(texts: Iterator[str], bar: tqdm) -> Iterator[str]:

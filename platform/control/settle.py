@@ -22,6 +22,7 @@ from raytron.pipelines.file_lists import resumed_spec
 from raytron.pipelines.sources import CHAT, sample_kind
 from raytron.pipelines.stream import StreamSpec
 from raytron.pipelines.tokenizer import load
+from raytron.pipelines.tokenizer_cache import keep_tokenizer, kept_path, kept_tokenizer, sample_key
 from raytron.platform.config.load import flatten, to_dict
 from raytron.platform.config.redact import redact_text, redacted
 from raytron.platform.config.resolve import resolve_model
@@ -38,7 +39,12 @@ from raytron.platform.config.validate import (
     snapshot_problems,
     tokenizer_problems,
 )
-from raytron.platform.control.corpus import stream_spec, train_tokenizer, with_tokenizer
+from raytron.platform.control.corpus import (
+    sample_bytes,
+    stream_spec,
+    train_tokenizer,
+    with_tokenizer,
+)
 from raytron.platform.control.placement import node_resources, with_tokenizer_workers, worker_gpus
 from raytron.platform.models.initial import initial_chat_template, with_room_for
 from raytron.platform.models.lora_base import check_base
@@ -190,8 +196,17 @@ def run_tokenizer(config: RaytronConfig, paths: RunPaths, spec: StreamSpec,
                            "missing: a new tokenizer would give the checkpoints other tokens. "
                            "Fix: put the run's tokenizer.json back, or set data.tokenizer to "
                            "it."])
-    print(f"Training a {config.data.vocab_size}-token byte-level BPE tokenizer on the corpus")
-    return train_tokenizer(config, spec)
+    vocabulary = config.data.vocab_size
+    key = sample_key(spec, vocabulary, sample_bytes(config))
+    if key and (kept := kept_tokenizer(spec.cache, key)):
+        print(f"Using the {vocabulary}-token tokenizer trained on the same corpus before "
+              f"({kept_path(spec.cache, key)})")
+        return kept
+    print(f"Training a {vocabulary}-token byte-level BPE tokenizer on the corpus")
+    tokenizer = train_tokenizer(config, spec)
+    if key:
+        keep_tokenizer(spec.cache, key, tokenizer)
+    return tokenizer
 
 
 def with_absolute_locations(config: RaytronConfig) -> RaytronConfig:
