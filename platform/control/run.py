@@ -5,6 +5,7 @@ while settling it, before any Ray resource is taken."""
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -20,6 +21,7 @@ from raytron.platform.config.resume import changes
 from raytron.platform.config.schema import AUTO, ConfigError, RaytronConfig
 from raytron.platform.control.actors import run_actors
 from raytron.platform.control.console import Console
+from raytron.platform.control.placement import start_ray
 from raytron.platform.control.run_log import LOG_FILE, RunLog
 from raytron.platform.control.settle import SettledRun, settle
 from raytron.platform.control.supervisor import Supervisor, not_retried
@@ -68,11 +70,13 @@ def train_holding(config: RaytronConfig, leases: RunLeases, log: RunLog) -> int:
         record_base(store, base_reference(c))
     run.tokenizer.save(str(paths.tokenizer_file))
     save_chat_template(run.spec.chat_template, paths.dir)
-    tracking, run_id, reopened = open_tracking(run, last_start)
+    (tracking, run_id, reopened), ray_error = opened_while_ray_starts(run, last_start)
     print(describe_start(run, tracking, run_id, reopened))
     console = Console(None if auto else c.train.steps, done)
     status, code, message = "FINISHED", 0, ""
     try:
+        if ray_error is not None:  # handled as if Ray had failed to start below
+            raise ray_error
         start = store.newest_intact(run.committed)
         with run_actors(c, run.spec, run.tokenizer.to_str(), tracking.uri, run_id, console,
                         log) as actors:
@@ -109,6 +113,21 @@ def train_holding(config: RaytronConfig, leases: RunLeases, log: RunLog) -> int:
     print(message or f"Finished {c.train.steps} steps. Checkpoints: {paths.checkpoints}\n"
                      f"MLflow run {run_id} in {tracking.uri}\n{run_page(tracking, run_id)}")
     return code
+
+
+def opened_while_ray_starts(run: SettledRun, last_start: dict | None
+                            ) -> tuple[tuple[RunTracking, str, bool], BaseException | None]:
+    """`open_tracking` in a thread while Ray starts here (each takes seconds of a run's
+    start; Ray's signal handlers want the main thread): the opened run, and what Ray's
+    start raised (Ctrl-C too), for the run to end as it would have."""
+    with ThreadPoolExecutor(1) as pool:
+        opening = pool.submit(open_tracking, run, last_start)
+        try:
+            start_ray(run.config)
+            error = None
+        except BaseException as raised:  # noqa: BLE001 (re-raised once the run is open)
+            error = raised
+        return opening.result(), error
 
 
 def read_ahead(feeder, store: CheckpointStore, start: int | None) -> None:
