@@ -70,14 +70,20 @@ def train_holding(config: RaytronConfig, leases: RunLeases, log: RunLog) -> int:
         record_base(store, base_reference(c))
     run.tokenizer.save(str(paths.tokenizer_file))
     save_chat_template(run.spec.chat_template, paths.dir)
-    (tracking, run_id, reopened), ray_error = opened_while_ray_starts(run, last_start)
+    try:
+        start, failure = store.newest_intact(run.committed), None
+    except CheckpointUnreadable as error:  # known before Ray starts; the run ends below
+        start, failure = None, error
+    if failure is None:
+        (tracking, run_id, reopened), failure = opened_while_ray_starts(run, last_start)
+    else:
+        tracking, run_id, reopened = open_tracking(run, last_start)
     print(describe_start(run, tracking, run_id, reopened))
     console = Console(None if auto else c.train.steps, done)
     status, code, message = "FINISHED", 0, ""
     try:
-        if ray_error is not None:  # handled as if Ray had failed to start below
-            raise ray_error
-        start = store.newest_intact(run.committed)
+        if failure is not None:  # as if raised here: the run ends failed or stopped
+            raise failure
         with run_actors(c, run.spec, run.tokenizer.to_str(), tracking.uri, run_id, console,
                         log) as actors:
             if auto:
