@@ -283,7 +283,8 @@ class DataConfig:
     tokenizer_workers: int | str = key(AUTO, count_or(
         (AUTO,), "use e.g. 2, or auto to use the CPUs the training workers leave"), FREE)
     # tokenized files, kept for every later epoch, restart and run with the same file and
-    # tokenizer (a path or URI); null: off
+    # tokenizer, and trained tokenizers, kept for runs on the same sample (a path or URI);
+    # null: off
     cache: str | None = key("${run.root}/token_cache", text(optional=True), FREE)
     # global batches prepared ahead of training
     prefetch_steps: int = key(4, count(), FREE)
