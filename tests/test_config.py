@@ -73,13 +73,15 @@ def run_cli(capsys, *args):
     (["faults.mode=sometimes"], ["faults.mode='sometimes' is unknown"]),
     (["faults.mode=replicas", "parallel.dp=3"],
      ["faults.mode=replicas: train.global_batch=16 makes 2 micro-batches of "
-      "train.micro_batch=8, fewer than the parallel.dp=3 replicas",
+      "train.micro_batch=8, fewer than the 3 replicas of parallel.dp=3",
       "Fix: set train.micro_batch=4 (or less, dividing the batch)."]),
     (["faults.mode=replicas", "parallel.tp=2", "parallel.dp=auto", "cluster.workers=4",
       "checkpoint.memory_interval=0"],
      ["faults.mode=replicas with parallel.tp=2: a replica is one worker holding the whole "
-      "model", "faults.mode=replicas with parallel.dp=auto", "faults.mode=replicas with "
-      "checkpoint.memory_interval=0: a replacement loads"]),
+      "model", "faults.mode=replicas with checkpoint.memory_interval=0: a replacement loads"]),
+    (["faults.mode=replicas", "parallel.dp=auto", "cluster.workers=4"],
+     ["train.global_batch=16 makes 2 micro-batches of train.micro_batch=8, fewer than the 4 "
+      "replicas of cluster.workers=4 (parallel.dp=auto)"]),
     (["checkpoint.memory_interval=often"], ["checkpoint.memory_interval='often' must be a whole "
                                             "number of 0 or more or auto. Fix: use e.g. 1"]),
     (["train.lr=-1"], ["train.lr=-1.0 must be a finite number more than 0", "e.g. 0.001"]),

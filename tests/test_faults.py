@@ -50,6 +50,20 @@ def test_an_elastic_run_takes_only_sizes_that_keep_the_global_batch():
     assert sizing.candidates() == [4, 2, 1]  # 3 replicas cannot split 8 sequences evenly
     assert sizing.candidates(above=1) == [4, 2]
     assert Sizing(Layout(1, 6, 1), 2, 24, 4, {"CPU": 1}).candidates() == [6, 3, 2]
+    # replicas split a step by whole micro-batches, unevenly where they must
+    assert Sizing(Layout(1, 6, 1), 2, 20, 4, {"CPU": 1}, uneven=True).candidates() == [5, 4,
+                                                                                      3, 2]
+
+
+def test_the_coordinator_knows_where_each_rank_runs_now():
+    """A replaced worker (replica mode) joins again under its rank, maybe elsewhere: a
+    drain of its old node no longer concerns it, and the group's size stays its size."""
+    from raytron.platform.control.coordination import Coordinator
+
+    coordinator = Coordinator()
+    for rank, node in ((0, "a"), (1, "b"), (1, "c")):
+        coordinator.join(rank, node)
+    assert coordinator.nodes() == {"a": [0], "c": [1]}
 
 
 def test_an_elastic_run_resizes_only_dp_and_keeps_each_replica_pp_cp_tp():

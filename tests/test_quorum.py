@@ -134,6 +134,24 @@ def test_a_replacement_loads_the_finished_step_and_joins_at_the_next():
         assert not quorum.snapshot_coming(1)  # its leader died: it never comes
 
 
+def test_a_request_to_stop_stops_every_member_and_every_later_replica_at_one_step():
+    """Asked mid-step, the quorum lets the step be applied and forms the next as a stop
+    for all members (a joiner being waited for is not); whoever comes later stops too."""
+    with running([0, 1], 2) as (quorum, beats, pool):
+        arrive_all(pool, quorum, [0, 1], 1)
+        beats.add(2)
+        joined = pool.submit(quorum.join, 2)
+        quorum.ask_to_stop("node abc is being preempted")
+        assert vote_all(pool, quorum, {0: True, 1: True}, 0) == {0: True, 1: True}
+        stop = Membership(0, 2, (0, 1), before=(0, 1), before_step=1,
+                          stop="node abc is being preempted")
+        assert set(arrive_all(pool, quorum, [0, 1], 2).values()) == {stop}
+        assert joined.result(timeout=2) is None  # not told to load: nothing trains on
+        assert quorum.arrive(2, 1) == stop  # it stops as well, at whatever step
+        quorum.ask_to_stop("another reason")  # the first one holds
+        assert quorum.arrive(0, 2).stop == "node abc is being preempted"
+
+
 def test_a_replacement_that_loaded_but_hangs_is_evicted_after_the_hang_timeout():
     """Loading may take up to JOIN_WAIT_S; once loaded, a joiner that does not arrive is
     waited for no longer than a hung member."""

@@ -16,8 +16,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -621,35 +623,36 @@ def test_an_elastic_run_shrinks_and_grows_with_its_nodes(root, whole):
         assert text in status.stdout, status.stdout
 
 
-def lose_a_node(root: Path, name: str, extra: tuple[str, ...], then_add_one: str) -> str:
-    """A dp=2 run over two single-worker nodes (and a head without workers) that loses
-    the last rank's node (its raylet killed) at step 8; a node joins once a console line
-    starts with `then_add_one`. The run's output, once it ended well."""
+ONE_WORKER_NODE = {"num_cpus": 2, "resources": {"trainer": 1}}
+
+
+def lose_a_node(root: Path, name: str, extra: tuple[str, ...],
+                react: Callable[[str, Any, list], None]) -> list[str]:
+    """A run over two single-worker nodes (and a head without workers) that loses the
+    last rank's node (its raylet killed) at step 8; `react(line, cluster, nodes)` sees
+    each line of its output as it comes (to add or drain nodes). Its lines, once it
+    ended well."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": False,
         "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
-    worker_node = {"num_cpus": 2, "resources": {"trainer": 1}}
-    for _ in range(2):
-        cluster.add_node(**worker_node)
+    nodes = [cluster.add_node(**ONE_WORKER_NODE) for _ in range(2)]
     process = subprocess.Popen(
         command(root, name, (
-            f"cluster.address={cluster.address}", "parallel.dp=2",
-            "cluster.worker_resources={trainer: 1}", "data.tokenizer_workers=1",
-            "faults.inject=[lose a node at step 8]", *extra)),
+            f"cluster.address={cluster.address}", "cluster.worker_resources={trainer: 1}",
+            "data.tokenizer_workers=1", "faults.inject=[lose a node at step 8]", *extra)),
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     try:
         for line in process.stdout:
             lines.append(line)
-            if line.startswith(then_add_one):
-                cluster.add_node(**worker_node)  # capacity returns
+            react(line, cluster, nodes)
         assert process.wait(timeout=60) == 0, "".join(lines)[-5000:]
     finally:
         process.kill()
         cluster.shutdown()
-    return "".join(lines)
+    return lines
 
 
 def test_a_lost_node_costs_no_step_when_the_next_node_holds_its_snapshot(root, whole):
@@ -658,8 +661,13 @@ def test_a_lost_node_costs_no_step_when_the_next_node_holds_its_snapshot(root, w
     node that joins, loads rank 1's share from the copy the next node's keeper took: it
     starts at step 7, computes no finished step again, and ends with the losses of the
     uninterrupted one-worker run."""
-    output = lose_a_node(root, "node-lost", ("cluster.workers=2",
-                                             "faults.restart_backoff_s=0.5"), "failure 1: ")
+    def add_a_node_after_the_failure(line: str, cluster, nodes: list) -> None:
+        if line.startswith("failure 1: "):
+            nodes.append(cluster.add_node(**ONE_WORKER_NODE))  # capacity returns
+
+    output = "".join(lose_a_node(root, "node-lost", (
+        "parallel.dp=2", "cluster.workers=2", "faults.restart_backoff_s=0.5"),
+        add_a_node_after_the_failure))
     assert "injected loss of the node of the last rank at step 8" in output
     assert "restarting from step 7 (in-memory snapshot) in" in output, output[-5000:]
     assert "Resuming from step 7 (in-memory snapshot)" in output
@@ -667,15 +675,32 @@ def test_a_lost_node_costs_no_step_when_the_next_node_holds_its_snapshot(root, w
     assert run.data.metrics["restarts"] == 1 and run.info.status == "FINISHED"
 
 
-def test_a_lost_node_costs_a_replica_run_nothing_but_its_replica(root, calm):
-    """faults.mode=replicas with two replicas, one per node, for LONGER's 200 steps: the
-    last replica's node is lost at the start of step 8 (its raylet killed). Replica 0
-    computes step 8 alone, with both halves of the batch, and trains on; a node joins,
-    Ray Train places the replacement there, and it joins replica 0 with the state of the
-    step before from the snapshot keeper of replica 0's node, while replica 0 trains on.
-    Nothing restarts, and the losses are the one-worker run's."""
-    output = lose_a_node(root, "replica-node", ("faults.mode=replicas", *LONGER),
-                         "replica 1 lost")
+def test_a_replica_run_loses_a_node_lives_and_resizes_with_its_nodes(root, calm):
+    """faults.mode=replicas, parallel.dp=auto over two single-worker nodes, for LONGER's
+    200 steps. The last replica's node is lost at the start of step 8 (its raylet killed):
+    replica 0 computes step 8 alone, with both halves of the batch, and trains on; a node
+    joins, Ray Train places the replacement there, and it joins replica 0 with the state
+    of the step before from the snapshot keeper of replica 0's node. That node is then
+    drained (its preemption notice): the quorum stops both replicas after one step, which
+    is committed, and the run relaunches with the one replica that fits; a node joins and
+    the run grows back to two. The losses are the one-worker run's, none logged twice."""
+    shrunk: list[str] = []
+
+    def add_and_drain_nodes(line: str, cluster, nodes: list) -> None:
+        if line.startswith("replica 1 lost"):
+            nodes.append(cluster.add_node(**ONE_WORKER_NODE))  # capacity returns
+        if line.startswith("replica 1 joined:"):
+            drain(cluster, nodes[-1])  # the replacement's node will be preempted
+        if line.startswith("resizing: dp 2 -> 1"):
+            shrunk.append(line)
+        elif shrunk and line.startswith("step ") and len(nodes) == 3:  # one replica trains:
+            nodes.append(cluster.add_node(**ONE_WORKER_NODE))  # capacity returns again
+
+    lines = lose_a_node(root, "replica-nodes", (
+        "faults.mode=replicas", "parallel.dp=auto", "cluster.workers=2",
+        "faults.schedule_timeout_s=3", "faults.capacity_check_s=1", *LONGER),
+        add_and_drain_nodes)
+    output = "".join(lines)
     assert "injected loss of the node of the last rank at step 8" in output
     assert "replica 1 lost: 1 replica from step 8 on" in output, output[-5000:]
     joined = re.search(r"replica 1 joined at step (\d+), with the state of step (\d+) from "
@@ -683,9 +708,18 @@ def test_a_lost_node_costs_a_replica_run_nothing_but_its_replica(root, calm):
     assert joined, output[-5000:]
     assert 8 < int(joined.group(1)) <= 200 and int(joined.group(2)) == int(joined.group(1)) - 1
     assert f"replica 1 joined: 2 replicas from step {joined.group(1)} on" in output
-    assert "Resuming" not in output and "restarting" not in output
-    run = assert_losses_match(root, "replica-node", rel=1e-5, reference="calm")
-    assert run.info.status == "FINISHED" and len(events(run, "launch")) == 1
+    stopped = re.search(r"stopped at step (\d+): node \w+ \(ranks 1\) is being preempted",
+                        output)
+    assert stopped and int(stopped.group(1)) >= int(joined.group(1)), output[-5000:]
+    resizes = [line.split("resizing: ")[1].split(" (")[0] for line in lines
+               if line.startswith("resizing: ")]
+    assert resizes == [f"dp 2 -> 1 at step {stopped.group(1)}", resizes[1]], output[-5000:]
+    assert resizes[1].startswith("dp 1 -> 2 at step ")
+    assert not re.search(r"^failure \d", output, re.M) and "restarting" not in output
+    run = assert_losses_match(root, "replica-nodes", rel=1e-5, reference="calm")
+    assert run.info.status == "FINISHED" and "restarts" not in run.data.metrics
+    layouts = [launch.split(" dp=")[1].split()[0] for launch in events(run, "launch")]
+    assert layouts == ["2", "1", "2"], layouts
 
 
 def reverse_words_exact_matches(run_dir: Path) -> int:

@@ -371,6 +371,7 @@ class FaultsConfig:
     # what a failed worker costs: restart: the worker group restarts from the newest
     # in-memory snapshot or checkpoint | replicas: each worker is a data-parallel
     # replica; the others go on without a lost one, which is replaced and joins again
+    # (with parallel.dp=auto they start as many as fit and relaunch to grow)
     mode: str = key("restart", one_of(FAULT_MODES), FREE)
     # worker-group restarts from the last checkpoint before the run fails (replicas: the
     # replicas Ray Train replaces in one worker group, each lost replica counting one)

@@ -352,25 +352,25 @@ def fault_problems(config: RaytronConfig) -> list[str]:
 
 
 def replica_problems(config: RaytronConfig) -> list[str]:
-    """faults.mode=replicas: each worker is a whole replica (pp, tp, cp of 1), fixed in
-    number, healed from the in-memory snapshots."""
+    """faults.mode=replicas: each worker is a whole replica (pp, tp, cp of 1), healed
+    from the in-memory snapshots; with dp=auto, up to cluster.workers of them."""
     p, t, problems = config.parallel, config.train, []
+    dp = Layout.of(config).dp
+    replicas = f"parallel.dp={dp}" if p.dp != AUTO else \
+        f"cluster.workers={config.cluster.workers} (parallel.dp=auto)"
     split = [f"parallel.{name}={getattr(p, name)}" for name in ("pp", "tp", "cp")
              if getattr(p, name) > 1]
     if split:
         problems.append(f"faults.mode=replicas with {', '.join(split)}: a replica is one "
                         "worker holding the whole model. Fix: set parallel.pp, parallel.tp "
                         "and parallel.cp to 1, or use faults.mode=restart.")
-    if p.dp == AUTO:
-        problems.append("faults.mode=replicas with parallel.dp=auto: replicas keep their "
-                        "number, replacing lost ones. Fix: set parallel.dp to a number.")
-    elif t.global_batch // t.micro_batch < p.dp:
-        fitting = max(d for d in range(1, max(1, t.global_batch // p.dp) + 1)
+    if t.global_batch // t.micro_batch < dp:
+        fitting = max(d for d in range(1, max(1, t.global_batch // dp) + 1)
                       if t.global_batch % d == 0)
         problems.append(f"faults.mode=replicas: train.global_batch={t.global_batch} makes "
                         f"{t.global_batch // t.micro_batch} micro-batches of "
-                        f"train.micro_batch={t.micro_batch}, fewer than the parallel.dp="
-                        f"{p.dp} replicas, which take one each at least. Fix: set "
+                        f"train.micro_batch={t.micro_batch}, fewer than the {dp} replicas "
+                        f"of {replicas}, which take one each at least. Fix: set "
                         f"train.micro_batch={fitting} (or less, dividing the batch).")
     if config.checkpoint.memory_interval not in (1, AUTO):
         problems.append(f"faults.mode=replicas with checkpoint.memory_interval="

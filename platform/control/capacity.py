@@ -3,8 +3,9 @@
 With `parallel.dp=auto` the run's size follows the cluster: pp and tp stay fixed and dp
 is the largest value that (a) the free resources can place, (b) is at least
 `faults.min_dp` and at most what cluster.workers allow, and (c) divides the global batch
-into whole micro-batches per replica, so that the global batch, the data order and the
-LR schedule never change; only the gradient-accumulation steps per replica do.
+into whole micro-batches per replica (in replica mode, leaves each replica one at least:
+they split a step unevenly where they must), so that the global batch, the data order
+and the LR schedule never change; only the gradient-accumulation steps per replica do.
 
 Capacity is asked of Ray itself: a placement group with one bundle per tensor-parallel
 group (a bundle sits on one node, as a tp group must). Waiting for it is also how an
@@ -17,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from raytron.platform.config.layout import Layout
-from raytron.platform.config.schema import RaytronConfig
+from raytron.platform.config.schema import REPLICAS, RaytronConfig
 from raytron.platform.config.validate import worker_request
 
 QUICK_PROBE_S = 1.0  # capacity that is there now places within this
@@ -30,13 +31,15 @@ class Sizing:
     global_batch: int
     micro_batch: int
     group: dict[str, float]  # the resources of one tensor-parallel group
+    uneven: bool = False  # replica mode: replicas may take unequal numbers of micro-batches
 
     @classmethod
     def of(cls, config: RaytronConfig, gpus: float) -> Sizing:
         tp = config.parallel.tp
         return cls(Layout.of(config), config.faults.min_dp, config.train.global_batch,
                    config.train.micro_batch,
-                   {name: amount * tp for name, amount in worker_request(config, gpus).items()})
+                   {name: amount * tp for name, amount in worker_request(config, gpus).items()},
+                   config.faults.mode == REPLICAS)
 
     @property
     def max_dp(self) -> int:
@@ -45,6 +48,9 @@ class Sizing:
     def candidates(self, above: int = 0) -> list[int]:
         """The dp values the run may take, largest first."""
         lowest = max(self.min_dp, above + 1)
+        if self.uneven:
+            return list(range(min(self.max_dp, self.global_batch // self.micro_batch),
+                              lowest - 1, -1))
         return [dp for dp in range(self.max_dp, lowest - 1, -1)
                 if self.global_batch % (self.micro_batch * dp) == 0]
 

@@ -27,7 +27,7 @@ class Coordinator:
 
     def reset(self) -> None:
         self.reason: str | None = None
-        self.node_ranks: dict[str, list[int]] = {}
+        self.rank_nodes: dict[int, str] = {}  # a replaced worker's rank moves
         self.error: BaseException | None = None
 
     def end_run(self, error: BaseException) -> None:
@@ -40,10 +40,14 @@ class Coordinator:
         return self.error
 
     def join(self, rank: int, node_id: str) -> None:
-        self.node_ranks.setdefault(node_id, []).append(rank)
+        self.rank_nodes[rank] = node_id
 
     def nodes(self) -> dict[str, list[int]]:
-        return self.node_ranks
+        """Node id -> the ranks (replica mode: the replicas) that started there."""
+        nodes: dict[str, list[int]] = {}
+        for rank, node in sorted(self.rank_nodes.items()):
+            nodes.setdefault(node, []).append(rank)
+        return nodes
 
     def ask_to_stop(self, reason: str) -> None:
         if self.reason is None:
@@ -57,11 +61,13 @@ class LaunchWatcher:
     """The controller's side, while one worker group runs: asks it to stop when a node
     that hosts its workers is draining, or (elastic runs below their largest size) when
     `room_to_grow` finds capacity, looked for every `capacity_check_s` once all `world`
-    workers have joined (before, the group's own resources would look free)."""
+    workers have joined (before, the group's own resources would look free). The request
+    goes to the coordinator and, in replica mode, to the `quorum` that stops the replicas."""
 
     def __init__(self, coordinator, world: int, capacity_check_s: float,
-                 room_to_grow: Callable[[], str | None] | None):
+                 room_to_grow: Callable[[], str | None] | None, quorum=None):
         self.coordinator, self.world, self.room_to_grow = coordinator, world, room_to_grow
+        self.quorum = quorum
         self.capacity_check_s = capacity_check_s
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.watch, daemon=True)
@@ -81,7 +87,9 @@ class LaunchWatcher:
                 reason = f"the run can grow to {room}" if room else None
                 next_capacity_check = time.monotonic() + self.capacity_check_s
             if reason is not None:
-                self.coordinator.ask_to_stop.remote(reason)
+                for told in (self.coordinator, self.quorum):
+                    if told is not None:
+                        told.ask_to_stop.remote(reason)
                 return
 
     def stop(self) -> None:

@@ -12,6 +12,10 @@ step boundary: the members wait for it to load the state of the step they finish
 (from the snapshot keepers), and it takes its share from the next step on. The first
 quorum of a worker group waits for every replica to start, but not for one that died
 first; a replica that has loaded its state is waited for no longer than a member.
+
+A request to stop the worker group (a node drains, an elastic run can grow) reaches the
+quorum too: the next quorum forms as a stop, so that every member stops after the same
+step, which the leader commits, and so does every replica that comes later.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Membership:
     members: tuple[int, ...]  # replica ids (their world ranks), ascending
     before: tuple[int, ...] = ()  # the members of the quorum before (none for the first)
     before_step: int | None = None  # the step that quorum computed
+    stop: str | None = None  # set: do not compute `step`; stop after step - 1, for this
 
     def index(self, replica: int) -> int:
         return self.members.index(replica)
@@ -68,6 +73,7 @@ class Quorum:
         self.asked_to_load = 0.0  # when the joiners were last told which step to load
         self.applied: tuple[int, int] | None = None  # the last applied step and its leader
         self.store: Any = None  # the TCP store of the members' gradient groups
+        self.stop_reason: str | None = None  # the worker group is asked to stop
 
     def store_address(self) -> tuple[str, int]:
         """Where the replicas find each other for their gradient groups: a TCP store in
@@ -80,6 +86,17 @@ class Quorum:
                 self.store = dist.TCPStore("0.0.0.0", 0, is_master=True,
                                            wait_for_workers=False)
             return ray.util.get_node_ip_address(), self.store.port
+
+    def ask_to_stop(self, reason: str) -> None:
+        """Stop the worker group at a step boundary: the next quorum is a stop."""
+        with self.changed:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+                self.changed.notify_all()
+
+    def stopping(self) -> bool:
+        """The last quorum formed was a stop: nothing is computed any more."""
+        return self.current is not None and self.current.stop is not None
 
     # -- liveness ---------------------------------------------------------------------
 
@@ -138,7 +155,8 @@ class Quorum:
                 return None
             self.joining[replica] = None
             self.changed.notify_all()
-            while self.joining.get(replica) is None and self.training():
+            while self.joining.get(replica) is None and self.training() \
+                    and not self.stopping():
                 self.changed.wait(WAKE_S)
                 self.beats[replica] = time.monotonic()
             if self.joining.get(replica) is None:  # the members have gone meanwhile
@@ -165,6 +183,9 @@ class Quorum:
             self.arrivals[replica] = step
             self.changed.notify_all()
             while replica in self.arrivals:
+                if self.stopping():  # the members stopped: so does every later replica
+                    self.arrivals.pop(replica, None)
+                    return self.current
                 if replica in self.evicted or self.training() and step != self.next_step():
                     self.arrivals.pop(replica, None)
                     return None
@@ -196,7 +217,7 @@ class Quorum:
                 self.evicted.update(missing)  # hung: not waited for any longer
                 say(f"step {step}: evicted replicas {missing}: not there within "
                     f"{self.hang_timeout_s:g} s")
-            if not self.joiners_ready(step, waiting):
+            if self.stop_reason is None and not self.joiners_ready(step, waiting):
                 return False
             members = {m for m in waiting if m in last or m in self.joining}
         if not members:
@@ -212,9 +233,13 @@ class Quorum:
         epoch = 0 if last_quorum is None else last_quorum.epoch + (0 if same else 1)
         self.current = Membership(epoch, step, ordered,
                                   before=last_quorum.members if last_quorum else (),
-                                  before_step=last_quorum.step if last_quorum else None)
+                                  before_step=last_quorum.step if last_quorum else None,
+                                  stop=self.stop_reason)
         self.outcome = None
-        if not same:
+        if self.stop_reason is not None:
+            say(f"step {step}: replicas {list(ordered)} stop after step {step - 1}: "
+                f"{self.stop_reason}")
+        elif not same:
             say(f"step {step}: replicas {list(ordered)} (epoch {epoch})")
         self.since, self.votes = now, {}
         for replica in waiting:

@@ -88,14 +88,15 @@ class Supervisor:
                 continue
             coordinator = self.actors["coordinator"]
             ray.get(coordinator.reset.remote())
-            grow = self.elastic and launch.parallel.dp < self.sizing.max_dp
-            watcher = LaunchWatcher(
-                coordinator, launch.cluster.workers, self.config.faults.capacity_check_s,
-                (lambda dp=launch.parallel.dp: self.sizing.room_to_grow(dp)) if grow else None)
-            committed = self.store.committed_steps()  # listed once: every rank tries these
             actors = self.actors
             if self.config.faults.mode == REPLICAS:
                 actors = {**actors, "quorum": quorum_actor(launch)}
+            grow = self.elastic and launch.parallel.dp < self.sizing.max_dp
+            watcher = LaunchWatcher(
+                coordinator, launch.cluster.workers, self.config.faults.capacity_check_s,
+                (lambda dp=launch.parallel.dp: self.sizing.room_to_grow(dp)) if grow else None,
+                actors.get("quorum"))
+            committed = self.store.committed_steps()  # listed once: every rank tries these
             try:
                 fit_beside(worker_group(launch, self.paths, self.gpus, actors,
                                         self.leases, committed,

@@ -4,7 +4,9 @@ each rank's side.
 Rank 0 polls the controller's `Coordinator` actor in the background and, between two
 steps, broadcasts one decision to every rank on a gloo group: stop now (after a
 checkpoint), and whether a background checkpoint write has finished and may be
-committed. Every rank thus acts at the same step, which a collective save needs.
+committed. Every rank thus acts at the same step, which a collective save needs. In
+replica mode each replica is a group of its own: the quorum says when to stop
+(`StopHere`), for all replicas at once, and the boundary polls nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ import torch.distributed as dist
 POLL_S = 0.5  # how often rank 0 looks for a request to stop
 
 
+class StopHere(Exception):
+    """Replica mode: the quorum stops the worker group before this step (the replicas'
+    `StepBoundary` decides no stop of its own)."""
+
+
 @dataclass(frozen=True)
 class Decision:
     commit: bool  # the background checkpoint write finished on every rank: commit it
@@ -28,11 +35,13 @@ class StepBoundary:
     """A rank's side: `agree` is collective, called by every rank after every step."""
 
     def __init__(self, coordinator, rank: int):
+        """`coordinator`: None where requests to stop come another way (`StopHere`)."""
         self.rank, self.coordinator = rank, coordinator
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self.reason: str | None = None
         self.done = threading.Event()
-        self.poller = threading.Thread(target=self.poll, daemon=True) if rank == 0 else None
+        self.poller = threading.Thread(target=self.poll, daemon=True) \
+            if rank == 0 and coordinator is not None else None
         if self.poller is not None:
             self.poller.start()
 

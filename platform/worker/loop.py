@@ -28,7 +28,7 @@ from raytron.platform.config.resolve import step_flops_per_token
 from raytron.platform.config.schema import AUTO, RaytronConfig
 from raytron.platform.storage import metric_names as names
 from raytron.platform.storage.checkpoint import CheckpointStore, PendingSave, Resumed
-from raytron.platform.worker.boundary import StepBoundary
+from raytron.platform.worker.boundary import StepBoundary, StopHere
 from raytron.platform.worker.faults import FaultInjector, Watchdog
 from raytron.platform.worker.hardware import (
     limit_compile_workers,
@@ -74,6 +74,8 @@ def train_loop(args: dict) -> None:
     (Ray Train's `WorkerGroupError.worker_failures`), which names the rank."""
     context = ray.train.get_context()
     worker = WorkerArgs(**args)
+    worker.coordinator.join.remote(context.get_world_rank(),
+                                   ray.get_runtime_context().get_node_id())
     if worker.quorum is not None:
         from raytron.platform.worker.replica_loop import ReplicaLoop
 
@@ -109,11 +111,10 @@ class WorkerLoop:
         self.references: ReferenceTable | None = None  # a full fine-tune's DPO reference
         self.task_requests: list | None = None  # train.eval_tasks' pairs, asked once
         self.staged: StagedBatch | None = None  # the next step's batch, fetched early
-        node = ray.get_runtime_context().get_node_id()
-        args.coordinator.join.remote(rank, node)
         self.snapshots = None if not args.keepers else Snapshotter(
-            args.keepers, node, rank, repr(self.layout))
-        self.boundary = StepBoundary(args.coordinator, rank)
+            args.keepers, ray.get_runtime_context().get_node_id(), rank, repr(self.layout))
+        # in replica mode the quorum says when to stop (StopHere)
+        self.boundary = StepBoundary(args.coordinator if args.quorum is None else None, rank)
         self.unsaved: PendingSave | None = None  # written in the background, not committed
         self.committed_step = 0
         self.watchdog: Watchdog | None = None
@@ -178,6 +179,10 @@ class WorkerLoop:
                 loss, grad_norm, wait = self.train_step(step)
             except (DataExhausted, DataUnusable) as error:
                 self.end_of_data(step, tokens_seen, error)
+                return
+            except StopHere:
+                with self.saving():
+                    self.stop(step, tokens_seen)
                 return
             step += 1
             tokens_seen += tokens_per_step

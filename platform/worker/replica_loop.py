@@ -24,6 +24,7 @@ from raytron.platform.config.layout import Layout
 from raytron.platform.config.resolve import replica_config
 from raytron.platform.control.quorum import JOIN_WAIT_S, Membership
 from raytron.platform.storage import metric_names as names
+from raytron.platform.worker.boundary import StopHere
 from raytron.platform.worker.faults import FIRST_STEP_GRACE_S, FaultInjector
 from raytron.platform.worker.loop import WorkerArgs, WorkerLoop
 from raytron.platform.worker.replica_sync import ReplicaSync, StepNotApplied
@@ -104,6 +105,8 @@ class ReplicaLoop(WorkerLoop):
         while True:
             with self.waiting("waited for the other replicas"):
                 self.membership = self.sync.arrive(step + 1)
+            if self.membership.stop is not None:
+                raise StopHere(self.membership.stop)
             if self.joining is not None:  # said once it is a member
                 self.args.tracker.note.remote(step, "replicas", self.joining)
                 self.joining = None
