@@ -38,9 +38,11 @@ CONCURRENT = 8
 SHAPES = {  # name: (shape arguments, vocabulary, samples of each task)
     "tiny (1.3M)": (dict(n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, ffn_hidden=384,
                          max_seq_len=256, tie_embeddings=False), 2048, None),
-    "gpt2-124m shape (88M)": (dict(n_layers=12, d_model=768, n_heads=12, n_kv_heads=12,
-                                   ffn_hidden=2048, max_seq_len=512), 4096, 60),
+    # the gpt2-124m preset's vocabulary (its tokenizer here has 4,096 tokens of them)
+    "gpt2-124m shape (124M)": (dict(n_layers=12, d_model=768, n_heads=12, n_kv_heads=12,
+                                    ffn_hidden=2048, max_seq_len=512), 50304, 60),
 }
+TOKENIZER_VOCAB = 4096  # at most: a BPE trained on the Python reference's text
 
 
 def run_of(root: Path, name: str, arguments: dict, vocab: int) -> Path:
@@ -49,7 +51,8 @@ def run_of(root: Path, name: str, arguments: dict, vocab: int) -> Path:
     from model_runs import small_tokenizer, write_run
 
     shape = GPTShape(vocab_size=vocab, **arguments)
-    return write_run(root, name, GPT(shape, seed=0).eval(), small_tokenizer(vocab))
+    return write_run(root, name, GPT(shape, seed=0).eval(),
+                     small_tokenizer(min(vocab, TOKENIZER_VOCAB)))
 
 
 def timed(model, task: str, limit: int | None) -> tuple[float, dict]:
@@ -165,7 +168,8 @@ long shared context and short choices, as in MMLU or ARC), raytron_last_sentence
 paragraph and 4 sentences that may end it: choices of many tokens, as in HellaSwag),
 raytron_next_line (a line and 4 lines that may follow it: short contexts) and
 raytron_last_word (one continuation), on random weights (all samples of each at the tiny
-shape, the first {SHAPES["gpt2-124m shape (88M)"][2]} at the gpt2-124m shape), timed once
+shape, the first {SHAPES["gpt2-124m shape (124M)"][2]} at the gpt2-124m shape, with that
+preset's vocabulary of 50,304), timed once
 each: lm_eval's `raytron` model in process, lm_eval's `hf` model on `raytron export`'s
 folder (both batch {BATCH}), and lm_eval's `local-completions` against `raytron serve`
 ({CONCURRENT} requests in flight, tokenizing through the server). Gaps: the largest
@@ -176,13 +180,17 @@ with the same numbers.
 {table}
 
 On a CPU both models are bound by the same matrix products, so speed comes from
-computing less: raytron computes a context its choices share once, into a KV cache each
-choice reads, where the choices are shorter than the context; lm_eval's `hf` model does
-so only for choices of one token (its logits cache). Hence the gain on
-raytron_last_sentence (choices of many tokens), less on raytron_word_choice (mostly
-one-token choices, which `hf` shares too), and none where nothing is shared
-(raytron_last_word) or the context is short (raytron_next_line). Through the server,
-each choice is a request of its own and the context is computed for each.
+computing less. raytron computes the output head (a matmul of the width by the
+vocabulary: 31% of the gpt2-124m shape's work per position, 25% of the tiny one's) only
+at the positions that predict a continuation, where lm_eval's `hf` model computes it,
+and a log-softmax over the vocabulary, at every position; and it computes a context its
+choices share once, into a KV cache each choice reads, where the choices are shorter
+than the context (`hf` shares one only for choices of one token, its logits cache).
+Hence the largest gain on raytron_last_sentence (long contexts, choices of many tokens)
+and the least where the context is short and the continuations long
+(raytron_next_line): there the head is needed at most positions and nothing is worth
+sharing. Through the server, each choice is a request of its own and the context is
+computed for each.
 """)
 
 

@@ -231,11 +231,12 @@ class GPT(nn.Module):
         `tokens` continue each cached sequence (all of a prompt, then one at a time).
         With `positions` (batch, seq), each token's position in its own sample of a
         packed sequence: a sample starts at 0 and attends only within itself. With
-        `logits_at` (batch,), the logits of that position of each row alone (batch, 1,
-        vocab): a prompt's prefill needs only its last, and the head is a large matmul
-        per position. With `order` (batch, seq), the tokens are this rank's share of
-        sequences split over `context_group`, each at that index of its sequence (its
-        position too, unless `positions` says otherwise), and `documents` (batch, seq),
+        `logits_at` (batch,) or (batch, k), the logits of those positions of each row
+        alone (batch, 1 or k, vocab): a prompt's prefill needs only its last, scoring a
+        continuation only its own, and the head is a large matmul per position. With
+        `order` (batch, seq), the tokens are this rank's share of sequences split over
+        `context_group`, each at that index of its sequence (its position too, unless
+        `positions` says otherwise), and `documents` (batch, seq),
         when given, is the sample of each: attention spans the whole sequences. With
         `labels` (batch, seq), a stage with the head returns each row's summed loss
         (batch,) instead of logits, which never all exist at once (`row_losses`)."""
@@ -252,7 +253,8 @@ class GPT(nn.Module):
         for index, layer in self.layers.items():
             x = layer(x, cos, sin, mask, None if cache is None else cache.layers[int(index)])
         if logits_at is not None:
-            x = x[torch.arange(len(x), device=x.device), logits_at][:, None]
+            at = logits_at if logits_at.dim() == 2 else logits_at[:, None]
+            x = x[torch.arange(len(x), device=x.device)[:, None], at]
         if self.norm is not None:
             x = self.norm(x)
         if self.output is None:

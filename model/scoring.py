@@ -59,12 +59,12 @@ def continuation_scores(model: GPT, pairs: Sequence[tuple[Sequence[int], Sequenc
     for start in range(0, len(alone), batch_size):
         batch = alone[start : start + batch_size]
         chosen = [rows[i] for i in batch]
+        lengths = [len(pairs[i][1]) for i in batch]
         with torch.inference_mode():
             logits = model(padded([row[:-1] for row in chosen],
-                                  max(len(row) for row in chosen) - 1).to(device))
-        for index, score in zip(batch, row_scores(logits, chosen,
-                                                  [len(pairs[i][1]) for i in batch]),
-                                strict=True):
+                                  max(len(row) for row in chosen) - 1).to(device),
+                           logits_at=continuation_positions(chosen, lengths).to(device))
+        for index, score in zip(batch, row_scores(logits, chosen, lengths), strict=True):
             scores[index] = score
         if on_batch is not None:
             on_batch(len(batch))
@@ -151,16 +151,23 @@ def padded(rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
     return inputs
 
 
+def continuation_positions(rows: Sequence[Sequence[int]], continuations: Sequence[int]
+                           ) -> torch.Tensor:
+    """(rows, longest continuation): the input positions whose logits predict each row's
+    continuation (of the given length), first to last, the last repeated to fill the
+    row. The model's inputs are each row but its last id: position len(row) - 2 predicts
+    the last token."""
+    width = max(continuations)
+    return torch.tensor([[len(row) - 1 - length + min(j, length - 1) for j in range(width)]
+                         for row, length in zip(rows, continuations, strict=True)])
+
+
 def row_scores(logits: torch.Tensor, rows: Sequence[Sequence[int]],
                continuations: Sequence[int]) -> list[ContinuationScore]:
     """The scores of `rows` (each ending with a continuation of the given length) from
-    the logits of their inputs, all but each row's last id, `padded` (any rows past
-    `rows` are ignored)."""
-    scores = []
-    for index, (row, length) in enumerate(zip(rows, continuations, strict=True)):
-        end = len(row) - 1  # the inputs' length: position end - 1 predicts the last token
-        scores.append(score_of(logits[index, end - length : end], row[-length:]))
-    return scores
+    the logits at their `continuation_positions` (any rows past `rows` are ignored)."""
+    return [score_of(logits[index, :length], row[-length:])
+            for index, (row, length) in enumerate(zip(rows, continuations, strict=True))]
 
 
 def score_of(logits: torch.Tensor, continuation: Sequence[int]) -> ContinuationScore:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from raytron.model.scoring import padded, row_scores, scored_rows
+from raytron.model.scoring import continuation_positions, padded, row_scores, scored_rows
 from raytron.platform.worker.trainer import Sequences, Trainer
 
 
@@ -44,7 +44,10 @@ def score_in_layout(trainer: Trainer, pairs: Sequence[tuple[Sequence[int], Seque
             if logits is None:
                 continue
             if scorer and chunk:
-                scores = row_scores(logits, chunk, lengths[start : start + len(chunk)])
+                scored = lengths[start : start + len(chunk)]
+                at = continuation_positions(chunk, scored).to(logits.device)
+                scores = row_scores(logits[torch.arange(len(chunk), device=logits.device)[:, None],
+                                           at], chunk, scored)
                 results[start : start + len(chunk)] = torch.tensor(
                     [(score.logprob, float(score.greedy)) for score in scores],
                     dtype=torch.float64)
