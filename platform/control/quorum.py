@@ -42,7 +42,7 @@ class Membership:
     members: tuple[int, ...]  # replica ids (their world ranks), ascending
     before: tuple[int, ...] = ()  # the members of the quorum before (none for the first)
     before_step: int | None = None  # the step that quorum computed
-    stop: str | None = None  # set: do not compute `step`; stop after step - 1, for this
+    stop: str | None = None  # why no member computes `step`: all stop after step - 1
 
     def index(self, replica: int) -> int:
         return self.members.index(replica)
