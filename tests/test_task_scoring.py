@@ -80,6 +80,22 @@ def test_one_process_scores_as_the_model_scored_alone(pairs, single, checkpoints
     assert [greedy for _, greedy in ours] == [score.greedy for score in alone]
 
 
+def test_scores_are_the_log_softmax_of_every_position_of_a_whole_forward(pairs):
+    """Scoring computes the head only where a continuation is predicted, and shares a
+    long context between choices: the same numbers as each pair's own whole forward."""
+    model = GPT(gpt_shape(config([]).model), seed=3).eval()
+    got = continuation_scores(model, pairs, batch_size=5, max_length=SEQ_LEN)
+    for (context, continuation), score in zip(pairs, got, strict=True):
+        row = (context + continuation)[-(SEQ_LEN + 1):]
+        with torch.inference_mode():
+            logprobs = model(torch.tensor([row[:-1]]))[0].log_softmax(-1)
+        predicting = logprobs[-len(continuation):]
+        targets = torch.tensor(continuation)
+        assert score.logprob == pytest.approx(
+            float(predicting.gather(-1, targets[:, None]).sum()), abs=1e-4)
+        assert score.greedy == bool((predicting.argmax(-1) == targets).all())
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_every_layout_gives_the_scores_and_accuracies_of_one_process(name, judge, pairs,
                                                                     single):
