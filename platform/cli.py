@@ -63,7 +63,8 @@ of the whole model, the others compute a lost replica's step again without it, a
 Train's replacement joins from the snapshot keepers (up to faults.max_restarts
 replacements). faults.inject='[kill rank 1 at step 7]' runs a failure drill. Elastic: with
 parallel.dp=auto the run shrinks when capacity drops and grows back when it returns
-(faults.min_dp, faults.schedule_timeout_s, faults.capacity_check_s); a node Ray drains
+(faults.min_dp, faults.schedule_timeout_s, faults.capacity_check_s), replicas too (the
+others go on; a relaunch grows it); a node Ray drains
 (preemption) is checkpointed away from first. checkpoint.async_save=true writes
 checkpoints in the background. `raytron status RUN_DIR` shows where a run stands.
 
